@@ -1,0 +1,78 @@
+//! Native mode: mic runs on this host, in its own process group, output into the job log.
+
+use super::{BuildEnd, JobLog, find_image, job_dir, ks_path, log_path, make_job_dir, mic, planned_urls, url_for};
+use crate::config::WorkerConfig;
+use crate::process::{self, Output, Run};
+use crate::workitem::Spec;
+use crossbeam_channel::Receiver;
+
+pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
+    let mut urls = planned_urls(w, spec);
+    let dir = job_dir(w, spec);
+    if let Err(e) = make_job_dir(&dir) {
+        return BuildEnd::failed(format!("cannot create job directory {}: {e}", dir.display()), urls);
+    }
+    let ks = ks_path(w, spec);
+    if let Err(e) = crate::durable::write_atomic(&ks, spec.kickstart.as_bytes(), 0o644) {
+        return BuildEnd::failed(format!("cannot write the kickstart: {e}"), urls);
+    }
+    let log_file = log_path(w, spec);
+    let mut log = match JobLog::open(&log_file) {
+        Ok(l) => l,
+        Err(e) => {
+            return BuildEnd::failed(format!("cannot open job log {}: {e}", log_file.display()), urls);
+        }
+    };
+    let argv = mic::mic_command(spec, &ks, &dir, w);
+    let out = match log.line(&format!("$ {}", mic::display(&argv))).and_then(|_| log.for_child()) {
+        Ok(f) => f,
+        Err(e) => {
+            return BuildEnd::failed(format!("cannot write job log {}: {e}", log_file.display()), urls);
+        }
+    };
+    let outcome = process::run(Run {
+        argv: &argv,
+        env: vec![],
+        stdin: None,
+        output: Output::File(out),
+        timeout: w.timeout(),
+        cancel: Some(cancel),
+    });
+    let tool = argv
+        .iter()
+        .find(|a| *a != "sudo" && *a != "-n")
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = log.line(&format!("error: {e}"));
+            return BuildEnd::failed(e.to_string(), urls);
+        }
+    };
+    let _ = log.line(&format!("{tool} {}", outcome.describe(w.timeout())));
+    if outcome == process::Outcome::Cancelled {
+        return BuildEnd::Cancelled;
+    }
+    if !outcome.success() {
+        let tail = log.tail(4);
+        return BuildEnd::failed(
+            format!("{tool} {}; last output: {tail}", outcome.describe(w.timeout())),
+            urls,
+        );
+    }
+    match find_image(&dir, &[ks.clone(), log_file.clone()]) {
+        Some(image) => {
+            urls.image_url = url_for(w, &image);
+            BuildEnd::Finished {
+                result: true,
+                error: None,
+                urls,
+            }
+        }
+        None => BuildEnd::failed(
+            format!("{tool} exited with status 0 but left no image file under {}", dir.display()),
+            urls,
+        ),
+    }
+}

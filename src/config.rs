@@ -1,0 +1,313 @@
+//! The TOML configuration: every key optional with a working default, unknown keys rejected.
+//!
+//! `[worker]` keeps the original IMG names and meanings (see REFERENCE.md); `[spool]` and `[hooks]`
+//! are this program's own. Times in `[worker]` and `[hooks]` are whole seconds, `[spool]` times are
+//! milliseconds, as their names say.
+
+use serde::{Deserialize, Deserializer};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config value: {0}")]
+    Value(String),
+}
+
+/// Which image creator the workitems are built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ict {
+    Mic,
+    Mic2,
+}
+
+/// How `incoming/` is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    /// inotify plus a periodic full rescan (the rescan covers NFS, where inotify is blind).
+    Auto,
+    /// Periodic rescan only.
+    Poll,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub worker: WorkerConfig,
+    pub spool: SpoolConfig,
+    pub hooks: HooksConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    pub base_dir: PathBuf,
+    pub base_url: String,
+    pub use_kvm: bool,
+    pub ict: Ict,
+    /// Path of the image creator; default `/usr/bin/mic` (mic) or `mic-image-creator` (mic2).
+    pub mic_path: Option<PathBuf>,
+    /// Extra options appended to every mic command line. A TOML list, or the original
+    /// colon-separated string.
+    #[serde(deserialize_with = "list_or_colon_string")]
+    pub mic_opts: Vec<String>,
+    /// Added as `--pack-to=<fs_pack>` for image_type `fs` (mic itself expands `@NAME@`).
+    pub fs_pack: String,
+    pub img_tmp: PathBuf,
+    pub vm_kernel: Option<PathBuf>,
+    pub vm_initrd: Option<PathBuf>,
+    pub vm_append: String,
+    pub vm_memory: String,
+    pub vm_smp: u32,
+    pub vm_ssh_key: Option<PathBuf>,
+    pub vm_base_img: Option<PathBuf>,
+    /// Per-command timeout, seconds.
+    pub timeout: u64,
+    pub use_9p_cache: bool,
+    pub mic_cachedir: PathBuf,
+    /// Seconds to wait for the guest's ssh.
+    pub vm_wait: u64,
+    /// Run mic through `sudo -n`.
+    pub sudo: bool,
+    /// Build slots.
+    pub workers: usize,
+    /// Attempts of one job before an interrupted build is answered with an error.
+    pub max_attempts: u32,
+    /// Seconds a stopping daemon lets running builds finish before it kills them.
+    pub grace: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            base_dir: PathBuf::from("/var/www/images"),
+            base_url: "http://localhost/images".to_string(),
+            use_kvm: false,
+            ict: Ict::Mic,
+            mic_path: None,
+            mic_opts: Vec::new(),
+            fs_pack: "@NAME@.tar.bz2".to_string(),
+            img_tmp: PathBuf::from("/var/tmp"),
+            vm_kernel: None,
+            vm_initrd: None,
+            vm_append: "root=/dev/vda panic=1 quiet rw elevator=noop ip=dhcp".to_string(),
+            vm_memory: "1G".to_string(),
+            vm_smp: 2,
+            vm_ssh_key: None,
+            vm_base_img: None,
+            timeout: 3600,
+            use_9p_cache: false,
+            mic_cachedir: PathBuf::from("/var/tmp/mic/cache"),
+            vm_wait: 20,
+            sudo: true,
+            workers: 1,
+            max_attempts: 2,
+            grace: 7200,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The image creator's path, by `ict` when `mic_path` is not set.
+    pub fn mic_path(&self) -> PathBuf {
+        match (&self.mic_path, self.ict) {
+            (Some(p), _) => p.clone(),
+            (None, Ict::Mic) => PathBuf::from("/usr/bin/mic"),
+            (None, Ict::Mic2) => PathBuf::from("mic-image-creator"),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub watch: WatchMode,
+    pub poll_interval_ms: u64,
+    pub min_age_ms: u64,
+    pub max_bytes: u64,
+    /// Default: the host name.
+    pub worker_id: Option<String>,
+    /// Default: `<dir>/state/<worker_id>`.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: PathBuf::from("spool"),
+            watch: WatchMode::Auto,
+            poll_interval_ms: 2000,
+            min_age_ms: 1000,
+            max_bytes: 16 * 1024 * 1024,
+            worker_id: None,
+            state_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksConfig {
+    /// Path of the push utility, run as `<push> <STATUS>`; none: statuses are only logged.
+    pub push: Option<PathBuf>,
+    /// Seconds one push may take.
+    pub timeout: u64,
+    /// Further attempts after a failed push.
+    pub retries: u32,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            push: None,
+            timeout: 60,
+            retries: 3,
+        }
+    }
+}
+
+fn list_or_colon_string<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Opts {
+        List(Vec<String>),
+        Colon(String),
+    }
+    Ok(match Opts::deserialize(d)? {
+        Opts::List(v) => v,
+        Opts::Colon(s) => s
+            .split(':')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+impl Config {
+    /// Parses a config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.worker.workers == 0 {
+            return Err(ConfigError::Value("[worker] workers must be at least 1".into()));
+        }
+        if self.worker.max_attempts == 0 {
+            return Err(ConfigError::Value("[worker] max_attempts must be at least 1".into()));
+        }
+        if self.spool.poll_interval_ms == 0 {
+            return Err(ConfigError::Value("[spool] poll_interval_ms must be at least 1".into()));
+        }
+        if let Some(id) = &self.spool.worker_id
+            && !is_safe_component(id)
+        {
+            return Err(ConfigError::Value(format!(
+                "[spool] worker_id {id:?} must be one file name ([A-Za-z0-9._-], not starting with '.')"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The worker id: configured, else the host name made safe as a file name.
+    pub fn worker_id(&self) -> String {
+        if let Some(id) = &self.spool.worker_id {
+            return id.clone();
+        }
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        let safe: String = host
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+            .collect();
+        let safe = safe.trim_start_matches('.').to_string();
+        if safe.is_empty() { "worker".to_string() } else { safe }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        match &self.spool.state_dir {
+            Some(d) => d.clone(),
+            None => self.spool.dir.join("state").join(self.worker_id()),
+        }
+    }
+}
+
+fn is_safe_component(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('.')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_has_defaults() {
+        let cfg = Config::parse("", Path::new("x.toml")).unwrap();
+        assert_eq!(cfg.spool.dir, PathBuf::from("spool"));
+        assert_eq!(cfg.worker.workers, 1);
+        assert!(cfg.worker.sudo);
+        assert_eq!(cfg.worker.mic_path(), PathBuf::from("/usr/bin/mic"));
+        assert_eq!(cfg.worker.fs_pack, "@NAME@.tar.bz2");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let err = Config::parse("[worker]\nbase_dirr = \"/x\"\n", Path::new("c.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("base_dirr"), "{msg}");
+        assert!(msg.contains("c.toml"), "{msg}");
+        assert!(Config::parse("[nope]\n", Path::new("c.toml")).is_err());
+    }
+
+    #[test]
+    fn mic_opts_list_or_colon_string() {
+        let a = Config::parse("[worker]\nmic_opts = \"--pack-to=@NAME@.tar.bz2:--copy-kernel\"\n", Path::new("a")).unwrap();
+        assert_eq!(a.worker.mic_opts, vec!["--pack-to=@NAME@.tar.bz2", "--copy-kernel"]);
+        let b = Config::parse("[worker]\nmic_opts = [\"--a=b:c\", \"--d\"]\n", Path::new("b")).unwrap();
+        assert_eq!(b.worker.mic_opts, vec!["--a=b:c", "--d"]);
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(Config::parse("[worker]\nworkers = 0\n", Path::new("a")).is_err());
+        assert!(Config::parse("[spool]\nworker_id = \"../x\"\n", Path::new("a")).is_err());
+        assert!(Config::parse("[spool]\nwatch = \"sometimes\"\n", Path::new("a")).is_err());
+    }
+
+    #[test]
+    fn mic2_default_path() {
+        let c = Config::parse("[worker]\nict = \"mic2\"\n", Path::new("a")).unwrap();
+        assert_eq!(c.worker.mic_path(), PathBuf::from("mic-image-creator"));
+    }
+}

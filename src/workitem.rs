@@ -1,0 +1,499 @@
+//! Workitems: the JSON upstream tools drop, normalised into a typed [`Spec`], and the reply built
+//! from the input plus the documented OUT fields.
+//!
+//! Invariant: the reply is the input with only `fields.image.{result,files_url,image_url,
+//! logfile_url,error}`, `fields.result`, `fields.msg` and `fields.__error__` changed or added;
+//! every other key, and the envelope/bare and new/old API form, is kept as given.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A workitem file that parsed as JSON but cannot be answered as a workitem is rejected;
+/// one that is a workitem but fails validation is answered with an error.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WorkitemError {
+    #[error("not a workitem: {0}")]
+    NotAWorkitem(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The normalised job, as recorded in the `queued` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    /// image_id as given.
+    pub image_id: String,
+    /// image_id stripped to `[A-Za-z0-9_-]`: the job directory's name.
+    pub dir_id: String,
+    pub kickstart: String,
+    pub image_type: String,
+    pub name: String,
+    pub arch: String,
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenmap: Option<String>,
+    #[serde(default)]
+    pub extra_opts: Vec<String>,
+}
+
+pub const DEFAULT_PREFIX: &str = "requests";
+const KNOWN_IN: [&str; 9] = [
+    "image_id",
+    "kickstart",
+    "image_type",
+    "name",
+    "arch",
+    "prefix",
+    "release",
+    "extra_opts",
+    "tokenmap",
+];
+
+/// Parses the bytes of a dropped file into a JSON object. Anything else is not a workitem.
+pub fn parse_object(bytes: &[u8]) -> Result<Value, WorkitemError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(WorkitemError::NotAWorkitem("empty file".into()));
+    }
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| WorkitemError::NotAWorkitem(format!("not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(WorkitemError::NotAWorkitem(format!(
+            "JSON {} where a workitem object was expected",
+            json_type(&v)
+        )));
+    }
+    Ok(v)
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Is this the Ruote envelope (`fields` object around the fields) or bare fields?
+fn fields(input: &Value) -> Option<&Map<String, Value>> {
+    let obj = input.as_object()?;
+    match obj.get("fields") {
+        Some(Value::Object(f)) => Some(f),
+        _ => Some(obj),
+    }
+}
+
+fn fields_mut(input: &mut Value) -> Option<&mut Map<String, Value>> {
+    let obj = input.as_object_mut()?;
+    if matches!(obj.get("fields"), Some(Value::Object(_))) {
+        obj.get_mut("fields").and_then(Value::as_object_mut)
+    } else {
+        Some(obj)
+    }
+}
+
+/// The image namespace (`fields.image`, new API) or, when absent, the flat fields (old API).
+fn image_fields(f: &Map<String, Value>) -> &Map<String, Value> {
+    match f.get("image") {
+        Some(Value::Object(img)) => img,
+        _ => f,
+    }
+}
+
+/// The image_id as given, if it is a string, for naming a job whose workitem is invalid.
+pub fn raw_image_id(input: &Value) -> Option<String> {
+    let img = image_fields(fields(input)?);
+    img.get("image_id").and_then(Value::as_str).map(str::to_string)
+}
+
+/// Strips an image id to `[A-Za-z0-9_-]`, as the original did for the directory name.
+pub fn sanitise_id(id: &str) -> String {
+    id.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .collect()
+}
+
+/// Validates a workitem object and normalises it.
+pub fn normalise(input: &Value) -> Result<Spec, WorkitemError> {
+    let f = fields(input).ok_or_else(|| WorkitemError::NotAWorkitem("not an object".into()))?;
+    let img = image_fields(f);
+
+    let mut missing = Vec::new();
+    let mut problems = Vec::new();
+    let mut text = |key: &str, mandatory: bool| -> Option<String> {
+        match img.get(key) {
+            None | Some(Value::Null) => {
+                if mandatory {
+                    missing.push(key.to_string());
+                }
+                None
+            }
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                if mandatory {
+                    missing.push(key.to_string());
+                }
+                None
+            }
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                problems.push(format!("{key} must be a string, not {}", json_type(other)));
+                None
+            }
+        }
+    };
+    let image_id = text("image_id", true);
+    let kickstart = text("kickstart", true);
+    let image_type = text("image_type", true);
+    let name = text("name", true);
+    let arch = text("arch", true);
+    let prefix = text("prefix", false);
+    let release = text("release", false);
+    let tokenmap = text("tokenmap", false);
+
+    let extra_opts = match img.get("extra_opts") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            let mut opts = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) => opts.push(s.clone()),
+                    other => problems.push(format!(
+                        "extra_opts[{i}] must be a string, not {}",
+                        json_type(other)
+                    )),
+                }
+            }
+            opts
+        }
+        Some(other) => {
+            problems.push(format!(
+                "extra_opts must be a list of strings, not {}",
+                json_type(other)
+            ));
+            Vec::new()
+        }
+    };
+
+    let mut errors = Vec::new();
+    if !missing.is_empty() {
+        errors.push(format!(
+            "missing mandatory fields: {} (a workitem needs image_id, kickstart, image_type, name and arch)",
+            missing.join(", ")
+        ));
+    }
+    errors.extend(problems);
+
+    let dir_id = image_id.as_deref().map(sanitise_id);
+    if let (Some(id), Some(dir)) = (&image_id, &dir_id)
+        && dir.is_empty()
+    {
+        errors.push(format!(
+            "image_id {id:?} has no character of [A-Za-z0-9_-] to name its directory"
+        ));
+    }
+    if let Some(n) = &name
+        && let Err(e) = check_component(n)
+    {
+        errors.push(format!("name {n:?} {e}"));
+    }
+    if let Some(r) = &release
+        && let Err(e) = check_component(r)
+    {
+        errors.push(format!("release {r:?} {e}"));
+    }
+    let prefix = prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
+    if let Err(e) = check_prefix(&prefix) {
+        errors.push(format!("prefix {prefix:?} {e}"));
+    }
+    for (key, value) in [("image_type", &image_type), ("arch", &arch)] {
+        if let Some(v) = value
+            && !is_word(v)
+        {
+            errors.push(format!(
+                "{key} {v:?} must be a word of [A-Za-z0-9._-] not starting with '-'"
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(WorkitemError::Invalid(errors.join("; ")));
+    }
+    match (image_id, dir_id, kickstart, image_type, name, arch) {
+        (Some(image_id), Some(dir_id), Some(kickstart), Some(image_type), Some(name), Some(arch)) => {
+            Ok(Spec {
+                image_id,
+                dir_id,
+                kickstart,
+                image_type,
+                name,
+                arch,
+                prefix,
+                release,
+                tokenmap,
+                extra_opts,
+            })
+        }
+        _ => Err(WorkitemError::Invalid("mandatory field missing".into())),
+    }
+}
+
+fn is_word(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('-')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// One path component: not empty, not `.`/`..`, no `/`, no NUL, not hidden.
+fn check_component(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        Err("is empty")
+    } else if s == "." || s == ".." {
+        Err("must not be '.' or '..'")
+    } else if s.contains('/') {
+        Err("must be one path component (no '/')")
+    } else if s.contains('\0') {
+        Err("must not contain NUL")
+    } else if s.starts_with('.') {
+        Err("must not start with '.'")
+    } else {
+        Ok(())
+    }
+}
+
+/// A relative path of safe components.
+fn check_prefix(p: &str) -> Result<(), &'static str> {
+    if p.starts_with('/') {
+        return Err("must be a relative path");
+    }
+    for part in p.split('/') {
+        if part.is_empty() {
+            return Err("must not have an empty component");
+        }
+        if part == ".." || part == "." {
+            return Err("must not have a '.' or '..' component");
+        }
+        if part.contains('\0') {
+            return Err("must not contain NUL");
+        }
+    }
+    Ok(())
+}
+
+/// What a finished job tells upstream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Urls {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logfile_url: Option<String>,
+}
+
+/// The human summary line appended to `msg`, exactly one per reply.
+pub fn summary(name: Option<&str>, arch: Option<&str>, result: bool, error: Option<&str>, urls: &Urls) -> String {
+    let name = name.unwrap_or("(unnamed)");
+    let arch = arch.unwrap_or("(unknown)");
+    if result {
+        format!(
+            "Image {name} build for arch {arch} succeeded: image {} (files {}, log {})",
+            urls.image_url.as_deref().unwrap_or("-"),
+            urls.files_url.as_deref().unwrap_or("-"),
+            urls.logfile_url.as_deref().unwrap_or("-"),
+        )
+    } else {
+        let mut s = format!(
+            "Image {name} build for arch {arch} failed: {}",
+            error.unwrap_or("unknown error")
+        );
+        if let Some(log) = &urls.logfile_url {
+            s.push_str(&format!(" (log {log})"));
+        }
+        s
+    }
+}
+
+/// The input with the OUT fields set. `status_only` leaves msg/__error__/result alone
+/// (used for the BUILDING push, which carries logfile_url only).
+pub fn reply(input: &Value, result: Option<bool>, error: Option<&str>, urls: &Urls) -> Value {
+    let mut out = input.clone();
+    let Some(f) = fields_mut(&mut out) else {
+        return out;
+    };
+    // Old API: the original copied the flat keys into fields.image before answering.
+    if !matches!(f.get("image"), Some(Value::Object(_))) {
+        let mut img = Map::new();
+        for key in KNOWN_IN {
+            if let Some(v) = f.get(key) {
+                img.insert(key.to_string(), v.clone());
+            }
+        }
+        f.insert("image".to_string(), Value::Object(img));
+    }
+    let (name, arch) = {
+        let img = image_fields(f);
+        (
+            img.get("name").and_then(Value::as_str).map(str::to_string),
+            img.get("arch").and_then(Value::as_str).map(str::to_string),
+        )
+    };
+    if let Some(Value::Object(img)) = f.get_mut("image") {
+        for (k, v) in [
+            ("files_url", &urls.files_url),
+            ("image_url", &urls.image_url),
+            ("logfile_url", &urls.logfile_url),
+        ] {
+            if let Some(v) = v {
+                img.insert(k.to_string(), Value::String(v.clone()));
+            }
+        }
+        if let Some(r) = result {
+            img.insert("result".into(), Value::Bool(r));
+            if let Some(e) = error {
+                img.insert("error".into(), Value::String(e.to_string()));
+            }
+        }
+    }
+    if let Some(r) = result {
+        f.insert("result".into(), Value::Bool(r));
+        let line = summary(name.as_deref(), arch.as_deref(), r, error, urls);
+        let msg = f.entry("msg").or_insert_with(|| Value::Array(Vec::new()));
+        match msg {
+            Value::Array(items) => items.push(Value::String(line)),
+            other => {
+                let old = other.take();
+                *other = Value::Array(vec![old, Value::String(line)]);
+            }
+        }
+        if !r {
+            f.insert(
+                "__error__".into(),
+                Value::String(format!(
+                    "Image build FAILED: {}",
+                    error.unwrap_or("unknown error")
+                )),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn bare(img: Value) -> Value {
+        json!({"image": img, "msg": [], "params": {}})
+    }
+
+    fn good() -> Value {
+        json!({"image_id": "7-1", "kickstart": "lang en_US\n", "image_type": "fs", "name": "mer-core", "arch": "i586"})
+    }
+
+    #[test]
+    fn parses_objects_only() {
+        assert!(parse_object(b"{}").is_ok());
+        for (bytes, want) in [
+            (&b""[..], "empty"),
+            (b"  \n", "empty"),
+            (b"[1,2]", "array"),
+            (b"\"s\"", "string"),
+            (b"{garbage", "not valid JSON"),
+        ] {
+            let e = parse_object(bytes).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn new_api_envelope_and_bare() {
+        let env = json!({"fei": {"wfid": "x"}, "participant_name": "build_image", "fields": bare(good())});
+        let s = normalise(&env).unwrap();
+        assert_eq!(s.image_id, "7-1");
+        assert_eq!(s.prefix, "requests");
+        assert_eq!(normalise(&bare(good())).unwrap(), s);
+        // old API: flat in fields, bare and in envelope
+        assert_eq!(normalise(&good()).unwrap(), s);
+        assert_eq!(normalise(&json!({"fields": good()})).unwrap(), s);
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let e = normalise(&json!({"image": {"image_id": "x", "kickstart": ""}})).unwrap_err().to_string();
+        let named = e.split(" (a workitem").next().unwrap();
+        assert_eq!(named.trim(), "missing mandatory fields: kickstart, image_type, name, arch", "{e}");
+    }
+
+    #[test]
+    fn extra_opts_must_be_list_of_strings() {
+        let mut w = good();
+        w["extra_opts"] = json!("--foo");
+        assert!(normalise(&w).unwrap_err().to_string().contains("extra_opts must be a list"));
+        w["extra_opts"] = json!(["--a", 3]);
+        assert!(normalise(&w).unwrap_err().to_string().contains("extra_opts[1]"));
+        w["extra_opts"] = json!(["--a", "--b=c d"]);
+        assert_eq!(normalise(&w).unwrap().extra_opts, vec!["--a", "--b=c d"]);
+    }
+
+    #[test]
+    fn paths_are_checked() {
+        let cases = [
+            ("prefix", json!("../etc")),
+            ("prefix", json!("/abs")),
+            ("prefix", json!("a//b")),
+            ("prefix", json!("a/../b")),
+            ("name", json!("a/b")),
+            ("name", json!("..")),
+            ("name", json!(".hidden")),
+            ("release", json!("../x")),
+            ("image_id", json!("../..")),
+            ("image_type", json!("--help")),
+            ("arch", json!("i586 x")),
+        ];
+        for (key, val) in cases {
+            let mut w = good();
+            w[key] = val.clone();
+            let e = normalise(&w).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}={val}: {e}");
+        }
+        let mut w = good();
+        w["prefix"] = json!("queue/user");
+        w["image_id"] = json!("a b/../c!");
+        let s = normalise(&w).unwrap();
+        assert_eq!(s.prefix, "queue/user");
+        assert_eq!(s.dir_id, "abc");
+    }
+
+    #[test]
+    fn reply_keeps_form_and_unknown_keys() {
+        let env = json!({"fei": {"wfid": "x"}, "participant_name": "build_image",
+            "fields": {"image": good(), "msg": ["earlier"], "custom": {"k": [1, 2]}}});
+        let urls = Urls {
+            files_url: Some("http://h/requests/7-1".into()),
+            image_url: Some("http://h/requests/7-1/a.img".into()),
+            logfile_url: Some("http://h/requests/7-1/mer-core.log".into()),
+        };
+        let r = reply(&env, Some(true), None, &urls);
+        assert_eq!(r["fei"], env["fei"]);
+        assert_eq!(r["fields"]["custom"], json!({"k": [1, 2]}));
+        assert_eq!(r["fields"]["result"], json!(true));
+        assert_eq!(r["fields"]["image"]["result"], json!(true));
+        assert_eq!(r["fields"]["image"]["image_url"], json!("http://h/requests/7-1/a.img"));
+        assert_eq!(r["fields"]["msg"][0], json!("earlier"));
+        assert!(r["fields"]["msg"][1].as_str().unwrap().contains("succeeded"));
+        assert!(r["fields"].get("__error__").is_none());
+
+        let old = good();
+        let r = reply(&old, Some(false), Some("mic exited with status 1"), &urls);
+        assert_eq!(r["image_id"], json!("7-1"));
+        assert_eq!(r["image"]["image_id"], json!("7-1"));
+        assert_eq!(r["image"]["error"], json!("mic exited with status 1"));
+        assert_eq!(r["result"], json!(false));
+        assert_eq!(r["__error__"], json!("Image build FAILED: mic exited with status 1"));
+        assert!(r["msg"][0].as_str().unwrap().contains("failed: mic exited"));
+    }
+}
