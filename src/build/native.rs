@@ -50,12 +50,12 @@ pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
             return BuildEnd::failed(e.to_string(), urls);
         }
     };
+    let tail = log.tail(3);
     let _ = log.line(&format!("{tool} {}", outcome.describe(w.timeout())));
     if outcome == process::Outcome::Cancelled {
         return BuildEnd::Cancelled;
     }
     if !outcome.success() {
-        let tail = log.tail(4);
         return BuildEnd::failed(
             format!("{tool} {}; last output: {tail}", outcome.describe(w.timeout())),
             urls,

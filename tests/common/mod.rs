@@ -1,0 +1,218 @@
+//! Test helpers: a temp spool + base_dir with the mic and push fixtures, the daemon run
+//! in-process, and waits on conditions (never fixed sleeps).
+#![allow(dead_code)]
+
+use build_image::config::Config;
+use build_image::journal::{Event, Journal};
+use crossbeam_channel::{Sender, bounded};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use build_image::wait::wait_for;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+pub struct Farm {
+    pub dir: tempfile::TempDir,
+    pub cfg: Config,
+}
+
+impl Farm {
+    /// A spool, a base_dir, the mic fixture (no sudo), and the push fixture copied beside it.
+    pub fn new() -> Farm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let push = root.join("hook/push");
+        std::fs::create_dir_all(root.join("hook")).unwrap();
+        std::fs::copy(fixtures().join("push"), &push).unwrap();
+        let toml = format!(
+            r#"
+[worker]
+base_dir = "{base}"
+base_url = "http://img.test/images"
+mic_path = "{mic}"
+sudo = false
+workers = 2
+timeout = 30
+grace = 30
+
+[spool]
+dir = "{spool}"
+worker_id = "w1"
+poll_interval_ms = 100
+min_age_ms = 50
+
+[hooks]
+push = "{push}"
+timeout = 5
+"#,
+            base = root.join("images").display(),
+            mic = fixtures().join("mic").display(),
+            spool = root.join("spool").display(),
+            push = push.display(),
+        );
+        let cfg = Config::parse(&toml, Path::new("test.toml")).expect("test config");
+        Farm { dir, cfg }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn spool(&self) -> PathBuf {
+        self.cfg.spool.dir.clone()
+    }
+    pub fn base(&self) -> PathBuf {
+        self.cfg.worker.base_dir.clone()
+    }
+    pub fn incoming(&self) -> PathBuf {
+        self.spool().join("incoming")
+    }
+    pub fn outbox(&self) -> PathBuf {
+        self.spool().join("outbox")
+    }
+    pub fn rejected(&self) -> PathBuf {
+        self.spool().join("rejected")
+    }
+    pub fn active(&self) -> PathBuf {
+        self.spool().join("active/w1")
+    }
+    pub fn hook_dir(&self) -> PathBuf {
+        self.root().join("hook")
+    }
+
+    /// Starts the daemon in-process.
+    pub fn start(&self) -> Daemon {
+        let (tx, rx) = bounded(1);
+        let cfg = self.cfg.clone();
+        let handle = std::thread::spawn(move || build_image::daemon::run(cfg, rx));
+        Daemon {
+            stop: tx,
+            handle: Some(handle),
+        }
+    }
+
+    /// Drops a workitem the safe way (tmp + rename).
+    pub fn drop_json(&self, name: &str, v: &Value) {
+        build_image::cli::drop_file(&self.spool(), name, &serde_json::to_vec_pretty(v).unwrap())
+            .expect("drop");
+    }
+
+    pub fn outbox_file(&self, name: &str) -> Option<Value> {
+        let bytes = std::fs::read(self.outbox().join(name)).ok()?;
+        Some(serde_json::from_slice(&bytes).expect("outbox file is JSON"))
+    }
+
+    /// Waits for outbox/<name>, and parses it.
+    pub fn wait_outbox(&self, name: &str, timeout: Duration) -> Value {
+        let p = self.outbox().join(name);
+        assert!(wait_for(timeout, || p.exists()), "no outbox/{name} within {timeout:?}; outbox has {:?}", list(&self.outbox()));
+        self.outbox_file(name).unwrap()
+    }
+
+    /// Pushes recorded by the push fixture, in order: (status, stdin JSON, env text).
+    pub fn pushes(&self) -> Vec<(String, Value, String)> {
+        let dir = self.hook_dir().join("pushes");
+        let mut names: Vec<String> = list(&dir).into_iter().filter(|n| n.ends_with(".json")).collect();
+        names.sort_by_key(|n| n.split('-').next().unwrap_or("0").parse::<u128>().unwrap_or(0));
+        names
+            .into_iter()
+            .map(|n| {
+                let status = n.trim_end_matches(".json").split('-').nth(1).unwrap_or("").to_string();
+                let v: Value = serde_json::from_slice(&std::fs::read(dir.join(&n)).unwrap()).expect("push stdin is JSON");
+                let env = std::fs::read_to_string(dir.join(n.replace(".json", ".env"))).unwrap_or_default();
+                (status, v, env)
+            })
+            .collect()
+    }
+
+    /// The pushes made for one image_id.
+    pub fn pushes_for(&self, image_id: &str) -> Vec<(String, Value)> {
+        self.pushes()
+            .into_iter()
+            .filter(|(_, _, env)| env.contains(&format!("BUILD_IMAGE_ID={image_id}\n")))
+            .map(|(s, v, _)| (s, v))
+            .collect()
+    }
+
+    /// All events of the log (the daemon must be stopped).
+    pub fn events(&self) -> Vec<Event> {
+        let j = Journal::open(&self.cfg.state_dir()).expect("open log");
+        j.since(0).collect::<Result<_, _>>().expect("read log")
+    }
+}
+
+pub fn list(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Every file below `dir`, relative, sorted.
+pub fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub struct Daemon {
+    stop: Sender<()>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Daemon {
+    /// Asks it to stop and waits; returns its result.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.handle.take().unwrap().join().expect("daemon thread panicked")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = self.stop.send(());
+            let _ = h.join();
+        }
+    }
+}
+
+/// A minimal valid workitem (new API, bare fields).
+pub fn workitem(id: &str, ks: &str) -> Value {
+    serde_json::json!({
+        "image": {"image_id": id, "kickstart": ks, "image_type": "loop", "name": format!("img-{id}"), "arch": "i586"},
+        "msg": []
+    })
+}
+
+/// The mic argv the fixture printed into a job log.
+pub fn fixture_argv(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("mic-fixture arg: "))
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn init_log() {
+    let _ = env_logger::builder().is_test(true).filter_level(log::LevelFilter::Info).try_init();
+}
