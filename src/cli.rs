@@ -35,9 +35,11 @@ pub struct Global {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: watch incoming/, build, answer in outbox/.
-    #[command(after_help = "Examples:\n  build-image run\n  build-image --config /etc/build-image.toml run\n\n\
+    #[command(
+        after_help = "Examples:\n  build-image run\n  build-image --config /etc/build-image.toml run\n\n\
                             SIGTERM or SIGINT: stop claiming, let running builds finish (up to [worker] grace seconds), exit 0.\n\
-                            Exit codes: 0 stopped cleanly, 2 configuration error, 1 any other failure to start.")]
+                            Exit codes: 0 stopped cleanly, 2 configuration error, 1 any other failure to start."
+    )]
     Run,
     /// Drop workitem files into incoming/ safely (copy to tmp/, then rename).
     #[command(after_help = "Examples:\n  build-image submit job1.json job2.json\n\n\
@@ -75,7 +77,7 @@ pub fn main() -> i32 {
     let cfg = match load_config(&cli.global) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("build-image: {e:#}");
+            eprintln!("build-image: {}", describe(&e));
             return 2;
         }
     };
@@ -86,10 +88,25 @@ pub fn main() -> i32 {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("build-image: {e:#}");
+            eprintln!("build-image: {}", describe(&e));
             1
         }
     }
+}
+
+/// An error and its causes on one line, leaving out a cause its parent already quotes.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn run(cfg: Config) -> anyhow::Result<i32> {
@@ -113,7 +130,16 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
 pub fn drop_file(spool_dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
     let tmp_dir = spool_dir.join("tmp");
     let incoming = spool_dir.join("incoming");
-    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("cannot create {}", tmp_dir.display()))?;
+    for d in [&tmp_dir, &incoming] {
+        anyhow::ensure!(
+            d.is_dir(),
+            "spool {} has no {} folder: is --spool (or [spool] dir) right, and has the daemon run once?",
+            spool_dir.display(),
+            d.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        );
+    }
     let tmp = tmp_dir.join(name);
     crate::durable::write_atomic(&tmp, bytes, 0o644)?;
     let target = incoming.join(name);
@@ -133,14 +159,16 @@ fn submit(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<i32> {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .filter(|n| !crate::spool::ignored_name(n))
-                .with_context(|| format!("{}: not a usable file name for incoming/", f.display()))?;
+                .with_context(|| {
+                    format!("{}: not a usable file name for incoming/", f.display())
+                })?;
             drop_file(&cfg.spool.dir, name, &bytes)?;
             Ok(id)
         })();
         match res {
             Ok(id) => println!("{id}"),
             Err(e) => {
-                eprintln!("build-image: {e:#}");
+                eprintln!("build-image: {}", describe(&e));
                 code = 1;
             }
         }

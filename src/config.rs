@@ -218,13 +218,19 @@ impl Config {
 
     fn check(&self) -> Result<(), ConfigError> {
         if self.worker.workers == 0 {
-            return Err(ConfigError::Value("[worker] workers must be at least 1".into()));
+            return Err(ConfigError::Value(
+                "[worker] workers must be at least 1".into(),
+            ));
         }
         if self.worker.max_attempts == 0 {
-            return Err(ConfigError::Value("[worker] max_attempts must be at least 1".into()));
+            return Err(ConfigError::Value(
+                "[worker] max_attempts must be at least 1".into(),
+            ));
         }
         if self.spool.poll_interval_ms == 0 {
-            return Err(ConfigError::Value("[spool] poll_interval_ms must be at least 1".into()));
+            return Err(ConfigError::Value(
+                "[spool] poll_interval_ms must be at least 1".into(),
+            ));
         }
         if let Some(id) = &self.spool.worker_id
             && !is_safe_component(id)
@@ -247,10 +253,20 @@ impl Config {
             .unwrap_or_default();
         let safe: String = host
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let safe = safe.trim_start_matches('.').to_string();
-        if safe.is_empty() { "worker".to_string() } else { safe }
+        if safe.is_empty() {
+            "worker".to_string()
+        } else {
+            safe
+        }
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -264,7 +280,8 @@ impl Config {
 fn is_safe_component(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with('.')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 #[cfg(test)]
@@ -292,9 +309,20 @@ mod tests {
 
     #[test]
     fn mic_opts_list_or_colon_string() {
-        let a = Config::parse("[worker]\nmic_opts = \"--pack-to=@NAME@.tar.bz2:--copy-kernel\"\n", Path::new("a")).unwrap();
-        assert_eq!(a.worker.mic_opts, vec!["--pack-to=@NAME@.tar.bz2", "--copy-kernel"]);
-        let b = Config::parse("[worker]\nmic_opts = [\"--a=b:c\", \"--d\"]\n", Path::new("b")).unwrap();
+        let a = Config::parse(
+            "[worker]\nmic_opts = \"--pack-to=@NAME@.tar.bz2:--copy-kernel\"\n",
+            Path::new("a"),
+        )
+        .unwrap();
+        assert_eq!(
+            a.worker.mic_opts,
+            vec!["--pack-to=@NAME@.tar.bz2", "--copy-kernel"]
+        );
+        let b = Config::parse(
+            "[worker]\nmic_opts = [\"--a=b:c\", \"--d\"]\n",
+            Path::new("b"),
+        )
+        .unwrap();
         assert_eq!(b.worker.mic_opts, vec!["--a=b:c", "--d"]);
     }
 

@@ -56,7 +56,10 @@ pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
     drop(queue);
     let grace = Duration::from_secs(stage.cfg.worker.grace);
     pool.close(grace, || {
-        log::warn!("grace period of {} s over: killing running builds", grace.as_secs());
+        log::warn!(
+            "grace period of {} s over: killing running builds",
+            grace.as_secs()
+        );
         stage.cancel_running();
     });
     stage.journal.flush()?;
@@ -70,7 +73,11 @@ fn recover(stage: &Stage, queue: &Sender<u64>) -> anyhow::Result<()> {
     // Which job, if any, a file in active/ belongs to: the newest job that names it.
     let mut by_file: HashMap<&str, &crate::journal::Job> = HashMap::new();
     for job in jobs.values() {
-        if job.worker.as_deref().is_some_and(|w| w != stage.spool.worker) {
+        if job
+            .worker
+            .as_deref()
+            .is_some_and(|w| w != stage.spool.worker)
+        {
             continue;
         }
         if let Some(f) = &job.file {
@@ -100,7 +107,11 @@ fn recover(stage: &Stage, queue: &Sender<u64>) -> anyhow::Result<()> {
         if job.is_settled() {
             continue;
         }
-        if job.worker.as_deref().is_some_and(|w| w != stage.spool.worker) {
+        if job
+            .worker
+            .as_deref()
+            .is_some_and(|w| w != stage.spool.worker)
+        {
             continue;
         }
         match stage.advance(id) {
@@ -168,7 +179,8 @@ fn claim_loop(stage: &Stage, queue: &Sender<u64>, stop: &Receiver<()>) -> anyhow
                         notify::event::RenameMode::To | notify::event::RenameMode::Both
                     ))
                 );
-                if moved_in && let Some(path) = ev.paths.last()
+                if moved_in
+                    && let Some(path) = ev.paths.last()
                     && path.parent() == Some(incoming.as_path())
                     && let Some(name) = path.file_name().and_then(|n| n.to_str())
                     && let Some(ready) = spool::moved_in_ready(&incoming, name, cfg.max_bytes)
@@ -176,35 +188,37 @@ fn claim_loop(stage: &Stage, queue: &Sender<u64>, stop: &Receiver<()>) -> anyhow
                     take(stage, queue, &mut scanner, ready);
                 } else if !moved_in {
                     // A write in progress: look again when it may have become stable.
-                    next_scan = next_scan.min(Instant::now() + Duration::from_millis(cfg.min_age_ms));
+                    next_scan =
+                        next_scan.min(Instant::now() + Duration::from_millis(cfg.min_age_ms));
                 }
             }
             Wake::Fs(Err(e)) => {
                 log::warn!("inotify error ({e}); rescanning");
                 next_scan = Instant::now();
             }
-            Wake::Timer => {
-                match scanner.scan(&incoming) {
-                    Ok((ready, due)) => {
-                        for r in ready {
-                            if stop.try_recv().is_ok() {
-                                return Ok(());
-                            }
-                            take(stage, queue, &mut scanner, r);
+            Wake::Timer => match scanner.scan(&incoming) {
+                Ok((ready, due)) => {
+                    for r in ready {
+                        if stop.try_recv().is_ok() {
+                            return Ok(());
                         }
-                        next_scan = Instant::now() + due.map_or(poll, |d| d.min(poll));
+                        take(stage, queue, &mut scanner, r);
                     }
-                    Err(e) => {
-                        log::warn!("{e}; retrying in {} ms", cfg.poll_interval_ms);
-                        next_scan = Instant::now() + poll;
-                    }
+                    next_scan = Instant::now() + due.map_or(poll, |d| d.min(poll));
                 }
-            }
+                Err(e) => {
+                    log::warn!("{e}; retrying in {} ms", cfg.poll_interval_ms);
+                    next_scan = Instant::now() + poll;
+                }
+            },
         }
     }
 }
 
-fn start_watcher(dir: &std::path::Path, tx: Sender<notify::Result<notify::Event>>) -> notify::Result<notify::RecommendedWatcher> {
+fn start_watcher(
+    dir: &std::path::Path,
+    tx: Sender<notify::Result<notify::Event>>,
+) -> notify::Result<notify::RecommendedWatcher> {
     let mut w = notify::recommended_watcher(move |ev| {
         let _ = tx.send(ev);
     })?;

@@ -54,7 +54,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableE
             .map_err(|e| DurableError::new("cannot write", &tmp, e))?;
         f.sync_all()
             .map_err(|e| DurableError::new("cannot fsync", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| DurableError::new("cannot rename into", path, e))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| DurableError::new("cannot rename into", path, e))?;
         sync_dir(dir)
     })();
     if result.is_err() {
@@ -96,7 +97,10 @@ mod tests {
         write_atomic(&p, b"one", 0o644).unwrap();
         write_atomic(&p, b"two", 0o644).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
         let e = write_atomic(&d.path().join("missing/x"), b"", 0o644).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");

@@ -91,7 +91,10 @@ mod tests {
     #[test]
     fn command_line() {
         let v = push_command(Path::new("/usr/bin/img-push"), Status::Done);
-        assert_eq!(v, vec![OsString::from("/usr/bin/img-push"), OsString::from("DONE")]);
+        assert_eq!(
+            v,
+            vec![OsString::from("/usr/bin/img-push"), OsString::from("DONE")]
+        );
     }
 
     #[test]
@@ -99,7 +102,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let log = d.path().join("hooks.log");
         let wi = serde_json::json!({"image": {"image_id": "x"}});
-        let mut h = HooksConfig { push: None, timeout: 5, retries: 0 };
+        let mut h = HooksConfig {
+            push: None,
+            timeout: 5,
+            retries: 0,
+        };
         assert_eq!(push_status(&h, Status::Done, &wi, "x", &log), None);
         h.push = Some(d.path().join("nope"));
         let p = push_status(&h, Status::Done, &wi, "x", &log).unwrap();
@@ -107,12 +114,18 @@ mod tests {
         assert!(p.error.unwrap().contains("not found"));
         let script = d.path().join("push");
         std::fs::write(&script, "#!/bin/sh\ncat > \"$0.$1.json\"; echo \"$BUILD_IMAGE_STATUS $BUILD_IMAGE_ID\" > \"$0.env\"; exit 0\n").unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         h.push = Some(script.clone());
         let p = push_status(&h, Status::Done, &wi, "x", &log).unwrap();
         assert!(p.ok, "{p:?}");
-        let got: Value = serde_json::from_slice(&std::fs::read(d.path().join("push.DONE.json")).unwrap()).unwrap();
+        let got: Value =
+            serde_json::from_slice(&std::fs::read(d.path().join("push.DONE.json")).unwrap())
+                .unwrap();
         assert_eq!(got, wi);
-        assert_eq!(std::fs::read_to_string(d.path().join("push.env")).unwrap(), "DONE x\n");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("push.env")).unwrap(),
+            "DONE x\n"
+        );
     }
 }

@@ -184,9 +184,21 @@ fn kill_group(pgid: Pid) {
     }
 }
 
-/// Is any process still in the group `pgid`? (For tests and checks: signal 0 probes.)
+/// Is any live (not zombie) process still in the group `pgid`? Reads /proc.
 pub fn group_alive(pgid: i32) -> bool {
-    killpg(Pid::from_raw(pgid), None).is_ok()
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return killpg(Pid::from_raw(pgid), None).is_ok();
+    };
+    rd.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        // pid (comm) state ppid pgrp ...: comm may contain spaces, so split after the last ')'
+        let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let state = rest.next();
+        let pgrp = rest.nth(1).and_then(|p| p.parse::<i32>().ok());
+        pgrp == Some(pgid) && state != Some("Z")
+    })
 }
 
 #[cfg(test)]
@@ -211,8 +223,14 @@ mod tests {
 
     #[test]
     fn exit_codes() {
-        assert_eq!(run_simple(&["true"], Duration::from_secs(10)).unwrap(), Outcome::Exited(0));
-        assert_eq!(run_simple(&["sh", "-c", "exit 3"], Duration::from_secs(10)).unwrap(), Outcome::Exited(3));
+        assert_eq!(
+            run_simple(&["true"], Duration::from_secs(10)).unwrap(),
+            Outcome::Exited(0)
+        );
+        assert_eq!(
+            run_simple(&["sh", "-c", "exit 3"], Duration::from_secs(10)).unwrap(),
+            Outcome::Exited(3)
+        );
         assert!(matches!(
             run_simple(&["/nonexistent/mic"], Duration::from_secs(1)),
             Err(ProcessError::NotFound { .. })
@@ -228,7 +246,11 @@ mod tests {
         let out = run_simple(&["sh", "-c", &script], Duration::from_millis(500)).unwrap();
         assert_eq!(out, Outcome::TimedOut);
         assert!(started.elapsed() < Duration::from_secs(30));
-        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         // the grandchild was in the group and was killed (and, reparented to init, reaped)
         let gone = crate::wait::wait_for(Duration::from_secs(10), || {
             nix::sys::signal::kill(Pid::from_raw(pid), None).is_err()
@@ -244,14 +266,33 @@ mod tests {
         let (tx, rx) = bounded(1);
         tx.send(()).unwrap();
         let a = argv(&["sleep", "300"]);
-        let out = run(Run { argv: &a, env: vec![], stdin: None, output: Output::Null, timeout: Duration::from_secs(60), cancel: Some(&rx) }).unwrap();
+        let out = run(Run {
+            argv: &a,
+            env: vec![],
+            stdin: None,
+            output: Output::Null,
+            timeout: Duration::from_secs(60),
+            cancel: Some(&rx),
+        })
+        .unwrap();
         assert_eq!(out, Outcome::Cancelled);
 
         let dir = tempfile::tempdir().unwrap();
         let f = File::create(dir.path().join("out")).unwrap();
         let a = argv(&["sh", "-c", "cat; echo \"$X\""]);
-        let out = run(Run { argv: &a, env: vec![("X".into(), "y".into())], stdin: Some(b"hello ".to_vec()), output: Output::File(f), timeout: Duration::from_secs(10), cancel: None }).unwrap();
+        let out = run(Run {
+            argv: &a,
+            env: vec![("X".into(), "y".into())],
+            stdin: Some(b"hello ".to_vec()),
+            output: Output::File(f),
+            timeout: Duration::from_secs(10),
+            cancel: None,
+        })
+        .unwrap();
         assert_eq!(out, Outcome::Exited(0));
-        assert_eq!(std::fs::read_to_string(dir.path().join("out")).unwrap(), "hello y\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out")).unwrap(),
+            "hello y\n"
+        );
     }
 }

@@ -86,7 +86,13 @@ impl Spool {
 
     /// Creates the spool's folders that are missing.
     pub fn create_dirs(&self) -> Result<(), SpoolError> {
-        for d in [&self.incoming, &self.tmp, &self.active, &self.outbox, &self.rejected] {
+        for d in [
+            &self.incoming,
+            &self.tmp,
+            &self.active,
+            &self.outbox,
+            &self.rejected,
+        ] {
             std::fs::create_dir_all(d).map_err(|source| SpoolError::Create {
                 path: d.clone(),
                 source,
@@ -150,7 +156,11 @@ impl Spool {
         let mut bytes = Vec::with_capacity(meta.len() as usize);
         f.take(max_bytes + 1).read_to_end(&mut bytes).map_err(err)?;
         if bytes.len() as u64 > max_bytes {
-            return Ok(unreadable(name, &path, too_big(bytes.len() as u64, max_bytes)));
+            return Ok(unreadable(
+                name,
+                &path,
+                too_big(bytes.len() as u64, max_bytes),
+            ));
         }
         let sha256 = hex(&Sha256::digest(&bytes));
         Ok(Claimed {
@@ -168,7 +178,11 @@ impl Spool {
         let mut target = name.to_string();
         let mut n = 1;
         while self.rejected.join(&target).symlink_metadata().is_ok()
-            || self.rejected.join(format!("{target}.reason")).symlink_metadata().is_ok()
+            || self
+                .rejected
+                .join(format!("{target}.reason"))
+                .symlink_metadata()
+                .is_ok()
         {
             target = format!("{name}.{n}");
             n += 1;
@@ -320,7 +334,10 @@ pub fn moved_in_ready(incoming: &Path, name: &str, max_bytes: u64) -> Option<Rea
         return Some(Ready::Reject(name.to_string(), why));
     }
     if meta.len() > max_bytes {
-        return Some(Ready::Reject(name.to_string(), too_big(meta.len(), max_bytes)));
+        return Some(Ready::Reject(
+            name.to_string(),
+            too_big(meta.len(), max_bytes),
+        ));
     }
     Some(Ready::File(name.to_string()))
 }
@@ -330,7 +347,11 @@ mod tests {
     use super::*;
 
     fn cfg(min_age_ms: u64) -> SpoolConfig {
-        SpoolConfig { min_age_ms, max_bytes: 100, ..SpoolConfig::default() }
+        SpoolConfig {
+            min_age_ms,
+            max_bytes: 100,
+            ..SpoolConfig::default()
+        }
     }
 
     #[test]
@@ -350,17 +371,37 @@ mod tests {
         std::fs::write(inc.join("w.part"), b"{").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", inc.join("link.json")).unwrap();
         std::fs::create_dir(inc.join("dir.json")).unwrap();
-        nix::unistd::mkfifo(&inc.join("fifo.json"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        nix::unistd::mkfifo(
+            &inc.join("fifo.json"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
         let mut s = Scanner::new(&cfg(0));
         let (mut ready, _) = s.scan(inc).unwrap();
         ready.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
         let names: Vec<String> = ready.iter().map(|r| format!("{r:?}")).collect();
         assert_eq!(ready.len(), 5, "{names:?}");
         assert!(ready.contains(&Ready::File("ok.json".into())));
-        assert!(names.iter().any(|n| n.contains("big.json") && n.contains("too big")));
-        assert!(names.iter().any(|n| n.contains("link.json") && n.contains("symlink")));
-        assert!(names.iter().any(|n| n.contains("dir.json") && n.contains("directory")));
-        assert!(names.iter().any(|n| n.contains("fifo.json") && n.contains("fifo")));
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("big.json") && n.contains("too big"))
+        );
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("link.json") && n.contains("symlink"))
+        );
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("dir.json") && n.contains("directory"))
+        );
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("fifo.json") && n.contains("fifo"))
+        );
     }
 
     #[test]
@@ -383,13 +424,21 @@ mod tests {
         assert!(!sp.claim("a.json").unwrap(), "gone");
         let c = sp.read_claimed("a.json", 100).unwrap();
         assert_eq!(c.bytes, b"{}");
-        assert_eq!(c.sha256, "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a");
+        assert_eq!(
+            c.sha256,
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
         let got = sp.reject(&c.path, "a.json", "not JSON").unwrap();
         assert_eq!(got, "a.json");
         std::fs::write(sp.active.join("a.json"), b"x").unwrap();
-        let got = sp.reject(&sp.active.join("a.json"), "a.json", "again").unwrap();
+        let got = sp
+            .reject(&sp.active.join("a.json"), "a.json", "again")
+            .unwrap();
         assert_eq!(got, "a.json.1");
-        assert_eq!(std::fs::read_to_string(sp.rejected.join("a.json.1.reason")).unwrap(), "again\n");
+        assert_eq!(
+            std::fs::read_to_string(sp.rejected.join("a.json.1.reason")).unwrap(),
+            "again\n"
+        );
         assert!(sp.active_files().unwrap().is_empty());
     }
 }

@@ -15,8 +15,8 @@ use crossbeam_channel::{Sender, bounded};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -121,7 +121,7 @@ impl Stage {
     pub fn input(&self, job: &Job) -> Result<(Value, Option<Spec>)> {
         let seq = job.input_seq.ok_or(StageError::NoInput(job.id))?;
         match self.journal.get(seq)?.map(|e| e.kind) {
-            Some(EventKind::Queued { spec, input, .. }) => Ok((input, Some(spec))),
+            Some(EventKind::Queued { spec, input, .. }) => Ok((input, Some(*spec))),
             Some(EventKind::Invalid { input, .. }) => Ok((input, None)),
             _ => Err(StageError::NoInput(job.id)),
         }
@@ -217,12 +217,8 @@ impl Stage {
                     }
                     if !job.final_pushed && job.final_push_attempts == 0 {
                         let (input, _) = self.input(&job)?;
-                        let reply = workitem::reply(
-                            &input,
-                            job.result,
-                            job.error.as_deref(),
-                            &job.urls,
-                        );
+                        let reply =
+                            workitem::reply(&input, job.result, job.error.as_deref(), &job.urls);
                         self.push(&job, job.final_status(), &reply)?;
                     }
                     return Ok(Next::Nothing);
@@ -250,7 +246,9 @@ impl Stage {
             Err(crate::spool::SpoolError::Read { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                return reject("the claimed file disappeared from active/ before it was read".into());
+                return reject(
+                    "the claimed file disappeared from active/ before it was read".into(),
+                );
             }
             Err(e) => return Err(e.into()),
         };
@@ -267,7 +265,7 @@ impl Stage {
                     Some(job.id),
                     EventKind::Queued {
                         image_id: spec.image_id.clone(),
-                        spec,
+                        spec: Box::new(spec),
                         input,
                     },
                 )?;
@@ -291,7 +289,10 @@ impl Stage {
     fn deliver(&self, job: &Job) -> Result<()> {
         let (input, _) = self.input(job)?;
         let reply = workitem::reply(&input, job.result, job.error.as_deref(), &job.urls);
-        let name = job.file.clone().unwrap_or_else(|| format!("job-{}.json", job.id));
+        let name = job
+            .file
+            .clone()
+            .unwrap_or_else(|| format!("job-{}.json", job.id));
         let mut bytes = serde_json::to_vec_pretty(&reply).unwrap_or_default();
         bytes.push(b'\n');
         crate::durable::write_atomic(&self.spool.outbox.join(&name), &bytes, 0o644)?;
@@ -302,7 +303,9 @@ impl Stage {
     /// Runs the push utility once and records the attempt.
     fn push(&self, job: &Job, status: Status, workitem: &Value) -> Result<()> {
         let image_id = job.image_id.clone().unwrap_or_default();
-        if let Some(p) = hooks::push_status(&self.cfg.hooks, status, workitem, &image_id, &self.hook_log) {
+        if let Some(p) =
+            hooks::push_status(&self.cfg.hooks, status, workitem, &image_id, &self.hook_log)
+        {
             if let Some(e) = &p.error {
                 log::warn!("job {} push {} failed: {e}", job.id, status.as_str());
             }
@@ -351,8 +354,19 @@ impl Stage {
             }
             let end = build::build(w, &spec, &cancel_rx);
             match end {
-                BuildEnd::Finished { result, error, urls } => {
-                    self.record(Some(id), EventKind::Finished { result, error, urls })?;
+                BuildEnd::Finished {
+                    result,
+                    error,
+                    urls,
+                } => {
+                    self.record(
+                        Some(id),
+                        EventKind::Finished {
+                            result,
+                            error,
+                            urls,
+                        },
+                    )?;
                 }
                 BuildEnd::Cancelled if self.stopping() => {
                     self.record(
@@ -403,7 +417,9 @@ fn log_event(ev: &Event) {
             format!("result={result} {}", error.as_deref().unwrap_or(""))
         }
         EventKind::Delivered { outbox } => format!("outbox/{outbox}"),
-        EventKind::Pushed { status, ok, error, .. } => format!(
+        EventKind::Pushed {
+            status, ok, error, ..
+        } => format!(
             "{} ok={ok} {}",
             status.as_str(),
             error.as_deref().unwrap_or("")
@@ -412,5 +428,11 @@ fn log_event(ev: &Event) {
         | EventKind::Requeued { reason }
         | EventKind::Interrupted { reason } => reason.clone(),
     };
-    log::info!("seq {} job {} {} {}", ev.seq, ev.job, ev.kind.name(), detail.trim_end());
+    log::info!(
+        "seq {} job {} {} {}",
+        ev.seq,
+        ev.job,
+        ev.kind.name(),
+        detail.trim_end()
+    );
 }

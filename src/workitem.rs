@@ -107,7 +107,9 @@ fn image_fields(f: &Map<String, Value>) -> &Map<String, Value> {
 /// The image_id as given, if it is a string, for naming a job whose workitem is invalid.
 pub fn raw_image_id(input: &Value) -> Option<String> {
     let img = image_fields(fields(input)?);
-    img.get("image_id").and_then(Value::as_str).map(str::to_string)
+    img.get("image_id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 /// Strips an image id to `[A-Za-z0-9_-]`, as the original did for the directory name.
@@ -222,20 +224,25 @@ pub fn normalise(input: &Value) -> Result<Spec, WorkitemError> {
         return Err(WorkitemError::Invalid(errors.join("; ")));
     }
     match (image_id, dir_id, kickstart, image_type, name, arch) {
-        (Some(image_id), Some(dir_id), Some(kickstart), Some(image_type), Some(name), Some(arch)) => {
-            Ok(Spec {
-                image_id,
-                dir_id,
-                kickstart,
-                image_type,
-                name,
-                arch,
-                prefix,
-                release,
-                tokenmap,
-                extra_opts,
-            })
-        }
+        (
+            Some(image_id),
+            Some(dir_id),
+            Some(kickstart),
+            Some(image_type),
+            Some(name),
+            Some(arch),
+        ) => Ok(Spec {
+            image_id,
+            dir_id,
+            kickstart,
+            image_type,
+            name,
+            arch,
+            prefix,
+            release,
+            tokenmap,
+            extra_opts,
+        }),
         _ => Err(WorkitemError::Invalid("mandatory field missing".into())),
     }
 }
@@ -243,7 +250,8 @@ pub fn normalise(input: &Value) -> Result<Spec, WorkitemError> {
 fn is_word(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with('-')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 /// One path component: not empty, not `.`/`..`, no `/`, no NUL, not hidden.
@@ -294,7 +302,13 @@ pub struct Urls {
 }
 
 /// The human summary line appended to `msg`, exactly one per reply.
-pub fn summary(name: Option<&str>, arch: Option<&str>, result: bool, error: Option<&str>, urls: &Urls) -> String {
+pub fn summary(
+    name: Option<&str>,
+    arch: Option<&str>,
+    result: bool,
+    error: Option<&str>,
+    urls: &Urls,
+) -> String {
     let name = name.unwrap_or("(unnamed)");
     let arch = arch.unwrap_or("(unknown)");
     if result {
@@ -423,18 +437,34 @@ mod tests {
 
     #[test]
     fn missing_fields_are_named() {
-        let e = normalise(&json!({"image": {"image_id": "x", "kickstart": ""}})).unwrap_err().to_string();
+        let e = normalise(&json!({"image": {"image_id": "x", "kickstart": ""}}))
+            .unwrap_err()
+            .to_string();
         let named = e.split(" (a workitem").next().unwrap();
-        assert_eq!(named.trim(), "missing mandatory fields: kickstart, image_type, name, arch", "{e}");
+        assert_eq!(
+            named.trim(),
+            "missing mandatory fields: kickstart, image_type, name, arch",
+            "{e}"
+        );
     }
 
     #[test]
     fn extra_opts_must_be_list_of_strings() {
         let mut w = good();
         w["extra_opts"] = json!("--foo");
-        assert!(normalise(&w).unwrap_err().to_string().contains("extra_opts must be a list"));
+        assert!(
+            normalise(&w)
+                .unwrap_err()
+                .to_string()
+                .contains("extra_opts must be a list")
+        );
         w["extra_opts"] = json!(["--a", 3]);
-        assert!(normalise(&w).unwrap_err().to_string().contains("extra_opts[1]"));
+        assert!(
+            normalise(&w)
+                .unwrap_err()
+                .to_string()
+                .contains("extra_opts[1]")
+        );
         w["extra_opts"] = json!(["--a", "--b=c d"]);
         assert_eq!(normalise(&w).unwrap().extra_opts, vec!["--a", "--b=c d"]);
     }
@@ -482,9 +512,17 @@ mod tests {
         assert_eq!(r["fields"]["custom"], json!({"k": [1, 2]}));
         assert_eq!(r["fields"]["result"], json!(true));
         assert_eq!(r["fields"]["image"]["result"], json!(true));
-        assert_eq!(r["fields"]["image"]["image_url"], json!("http://h/requests/7-1/a.img"));
+        assert_eq!(
+            r["fields"]["image"]["image_url"],
+            json!("http://h/requests/7-1/a.img")
+        );
         assert_eq!(r["fields"]["msg"][0], json!("earlier"));
-        assert!(r["fields"]["msg"][1].as_str().unwrap().contains("succeeded"));
+        assert!(
+            r["fields"]["msg"][1]
+                .as_str()
+                .unwrap()
+                .contains("succeeded")
+        );
         assert!(r["fields"].get("__error__").is_none());
 
         let old = good();
@@ -493,7 +531,10 @@ mod tests {
         assert_eq!(r["image"]["image_id"], json!("7-1"));
         assert_eq!(r["image"]["error"], json!("mic exited with status 1"));
         assert_eq!(r["result"], json!(false));
-        assert_eq!(r["__error__"], json!("Image build FAILED: mic exited with status 1"));
+        assert_eq!(
+            r["__error__"],
+            json!("Image build FAILED: mic exited with status 1")
+        );
         assert!(r["msg"][0].as_str().unwrap().contains("failed: mic exited"));
     }
 }

@@ -12,8 +12,26 @@ fn read_shared(rel: &str) -> String {
     std::fs::read_to_string(shared().join(rel)).unwrap_or_else(|e| panic!("../shared/{rel}: {e}"))
 }
 
+/// What a successful job must show.
+struct Expect<'a> {
+    id: &'a str,
+    dir_rel: &'a str,
+    name: &'a str,
+    ty: &'a str,
+    release: Option<&'a str>,
+    extra: &'a [&'a str],
+}
+
 /// Checks a successful reply: OUT fields, job dir, ks, log with the command line, exact argv.
-fn check_success(farm: &Farm, reply: &Value, fields: &Value, id: &str, dir_rel: &str, name: &str, ty: &str, release: Option<&str>, extra: &[&str]) {
+fn check_success(farm: &Farm, reply: &Value, fields: &Value, x: Expect<'_>) {
+    let Expect {
+        id,
+        dir_rel,
+        name,
+        ty,
+        release,
+        extra,
+    } = x;
     let img = &fields["image"];
     assert_eq!(img["result"], json!(true), "{reply:#}");
     assert_eq!(fields["result"], json!(true));
@@ -22,18 +40,32 @@ fn check_success(farm: &Farm, reply: &Value, fields: &Value, id: &str, dir_rel: 
     assert_eq!(img["files_url"], json!(files_url));
     assert_eq!(img["logfile_url"], json!(format!("{files_url}/{name}.log")));
     let image_url = img["image_url"].as_str().unwrap();
-    assert!(image_url.starts_with(&format!("{files_url}/")), "{image_url}");
+    assert!(
+        image_url.starts_with(&format!("{files_url}/")),
+        "{image_url}"
+    );
     // the image URL names a real file, the largest one
-    let image_path = farm.base().join(image_url.trim_start_matches("http://img.test/images/"));
-    assert_eq!(std::fs::metadata(&image_path).unwrap().len(), 65536, "{image_path:?}");
+    let image_path = farm
+        .base()
+        .join(image_url.trim_start_matches("http://img.test/images/"));
+    assert_eq!(
+        std::fs::metadata(&image_path).unwrap().len(),
+        65536,
+        "{image_path:?}"
+    );
     if let Some(r) = release {
-        assert!(image_url.contains(&format!("/{r}/images/{name}/")), "{image_url}");
+        assert!(
+            image_url.contains(&format!("/{r}/images/{name}/")),
+            "{image_url}"
+        );
     }
     let msg = fields["msg"].as_array().unwrap();
     let last = msg.last().unwrap().as_str().unwrap();
     assert_eq!(
         last,
-        format!("Image {name} build for arch i586 succeeded: image {image_url} (files {files_url}, log {files_url}/{name}.log)")
+        format!(
+            "Image {name} build for arch i586 succeeded: image {image_url} (files {files_url}, log {files_url}/{name}.log)"
+        )
     );
     let job_dir = farm.base().join(dir_rel);
     let ks = std::fs::read_to_string(job_dir.join(format!("{name}.ks"))).unwrap();
@@ -56,9 +88,12 @@ fn check_success(farm: &Farm, reply: &Value, fields: &Value, id: &str, dir_rel: 
     want.extend(extra.iter().map(|s| s.to_string()));
     assert_eq!(fixture_argv(&log), want, "argv of {id}");
     let cmdline = format!("] $ {} create {ty} ", mic.display());
-    assert!(log.contains(&cmdline), "log lacks the command line {cmdline:?}:\n{log}");
+    assert!(
+        log.contains(&cmdline),
+        "log lacks the command line {cmdline:?}:\n{log}"
+    );
     // pushes: BUILDING (with logfile_url, no result yet) then DONE with the reply
-    let pushes = farm.pushes_for(id);
+    let pushes = farm.wait_pushes(id, 2);
     let statuses: Vec<&str> = pushes.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(statuses, vec!["BUILDING", "DONE"], "pushes of {id}");
     let building = &pushes[0].1;
@@ -76,7 +111,8 @@ fn shared_workitems_and_kickstarts_end_to_end() {
 
     let bare: Value = serde_json::from_str(&read_shared("workitems/bare-old-api.json")).unwrap();
     let env: Value = serde_json::from_str(&read_shared("workitems/envelope-new-api.json")).unwrap();
-    let invalid: Value = serde_json::from_str(&read_shared("workitems/invalid-missing-fields.json")).unwrap();
+    let invalid: Value =
+        serde_json::from_str(&read_shared("workitems/invalid-missing-fields.json")).unwrap();
     farm.drop_json("bare-old-api.json", &bare);
     farm.drop_json("envelope-new-api.json", &env);
     farm.drop_json("invalid-missing-fields.json", &invalid);
@@ -98,10 +134,26 @@ fn shared_workitems_and_kickstarts_end_to_end() {
 
     // old API, bare fields, fs with release
     let r = farm.wait_outbox("bare-old-api.json", T);
-    check_success(&farm, &r, &r, "ci-nightly-0001", "requests/ci-nightly-0001", "mer-core-i586-sdkvm", "fs", Some("0.20111020.1"), &[]);
+    check_success(
+        &farm,
+        &r,
+        &r,
+        Expect {
+            id: "ci-nightly-0001",
+            dir_rel: "requests/ci-nightly-0001",
+            name: "mer-core-i586-sdkvm",
+            ty: "fs",
+            release: Some("0.20111020.1"),
+            extra: &[],
+        },
+    );
     assert_eq!(r["kickstart"], bare["kickstart"], "flat keys kept");
     assert_eq!(r["msg"][0], json!("queued by nightly cron"));
-    assert_eq!(r["image"]["image_id"], json!("ci-nightly-0001"), "old API copied into image");
+    assert_eq!(
+        r["image"]["image_id"],
+        json!("ci-nightly-0001"),
+        "old API copied into image"
+    );
 
     // envelope, new API, prefix with a slash, empty release, extra_opts
     let r = farm.wait_outbox("envelope-new-api.json", T);
@@ -109,7 +161,19 @@ fn shared_workitems_and_kickstarts_end_to_end() {
     assert_eq!(r["participant_name"], json!("build_image"));
     assert_eq!(r["fields"]["params"], json!({}));
     assert_eq!(r["fields"]["ev"], json!({}));
-    check_success(&farm, &r, &r["fields"], "42-1700000000", "web/alice/42-1700000000", "meego-core-ia32-mint", "loop", None, &["--save-kernel"]);
+    check_success(
+        &farm,
+        &r,
+        &r["fields"],
+        Expect {
+            id: "42-1700000000",
+            dir_rel: "web/alice/42-1700000000",
+            name: "meego-core-ia32-mint",
+            ty: "loop",
+            release: None,
+            extra: &["--save-kernel"],
+        },
+    );
 
     // invalid: answered, not rejected, with the missing fields named; ERROR pushed
     let r = farm.wait_outbox("invalid-missing-fields.json", T);
@@ -120,31 +184,91 @@ fn shared_workitems_and_kickstarts_end_to_end() {
     assert!(err.contains("image_type, arch"), "{err}");
     assert!(err.contains("extra_opts must be a list"), "{err}");
     assert_eq!(f["__error__"], json!(format!("Image build FAILED: {err}")));
-    assert!(f["msg"].as_array().unwrap().last().unwrap().as_str().unwrap().contains("failed"));
-    assert_eq!(f["image"]["extra_opts"], json!("--oops"), "input kept as given");
-    let statuses: Vec<String> = farm.pushes_for("7-1").into_iter().map(|(s, _)| s).collect();
+    assert!(
+        f["msg"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .contains("failed")
+    );
+    assert_eq!(
+        f["image"]["extra_opts"],
+        json!("--oops"),
+        "input kept as given"
+    );
+    let statuses: Vec<String> = farm
+        .wait_pushes("7-1", 1)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
     assert_eq!(statuses, vec!["ERROR"]);
-    assert!(!farm.base().join("requests/7-1").exists(), "no job dir for an invalid workitem");
+    assert!(
+        !farm.base().join("requests/7-1").exists(),
+        "no job dir for an invalid workitem"
+    );
 
     for (id, name, wi) in &kickstarts {
         let r = farm.wait_outbox(&format!("{id}.json"), T);
         assert_eq!(r["fei"], wi["fei"]);
         assert_eq!(r["fields"]["custom"], json!({"keep": [1, "two", null]}));
-        check_success(&farm, &r, &r["fields"], id, &format!("requests/{id}"), name, "raw", Some("0.1"),
-            &["--tokenmap=RELEASE:0.1", "--pkgmgr=zypp", "--record-pkgs=name; touch /tmp/owned"]);
+        check_success(
+            &farm,
+            &r,
+            &r["fields"],
+            Expect {
+                id,
+                dir_rel: &format!("requests/{id}"),
+                name,
+                ty: "raw",
+                release: Some("0.1"),
+                extra: &[
+                    "--tokenmap=RELEASE:0.1",
+                    "--pkgmgr=zypp",
+                    "--record-pkgs=name; touch /tmp/owned",
+                ],
+            },
+        );
     }
 
     d.stop().expect("clean stop");
-    assert!(list(&farm.incoming()).iter().all(|n| n.starts_with('.')), "incoming empty");
-    assert!(list(&farm.active()).is_empty(), "active empty: {:?}", list(&farm.active()));
+    assert!(
+        list(&farm.incoming()).iter().all(|n| n.starts_with('.')),
+        "incoming empty"
+    );
+    assert!(
+        list(&farm.active()).is_empty(),
+        "active empty: {:?}",
+        list(&farm.active())
+    );
     // the log tells each job's story in order
     let events = farm.events();
     let kinds_of = |file: &str| -> Vec<String> {
         let job = events.iter().find(|e| matches!(&e.kind, build_image::journal::EventKind::Claimed { file: f, .. } if f == file)).unwrap().job;
-        events.iter().filter(|e| e.job == job).map(|e| e.kind.name().to_string()).collect()
+        events
+            .iter()
+            .filter(|e| e.job == job)
+            .map(|e| e.kind.name().to_string())
+            .collect()
     };
-    assert_eq!(kinds_of("bare-old-api.json"), ["claimed", "queued", "started", "pushed", "finished", "delivered", "pushed"]);
-    assert_eq!(kinds_of("invalid-missing-fields.json"), ["claimed", "invalid", "delivered", "pushed"]);
+    assert_eq!(
+        kinds_of("bare-old-api.json"),
+        [
+            "claimed",
+            "queued",
+            "started",
+            "pushed",
+            "finished",
+            "delivered",
+            "pushed"
+        ]
+    );
+    assert_eq!(
+        kinds_of("invalid-missing-fields.json"),
+        ["claimed", "invalid", "delivered", "pushed"]
+    );
     for w in events.windows(2) {
         assert!(w[0].seq < w[1].seq);
     }
@@ -157,7 +281,10 @@ fn mic_cases_from_the_mic_test_suite() {
     farm.cfg.worker.mic_opts = vec!["--copy-kernel".into()];
     let d = farm.start();
     let cases_dir = shared().join("testdata/mic_cases");
-    let mut cases: Vec<_> = std::fs::read_dir(&cases_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut cases: Vec<_> = std::fs::read_dir(&cases_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     cases.sort();
     assert!(cases.len() >= 14);
     for (i, case) in cases.iter().enumerate() {
@@ -178,7 +305,11 @@ fn mic_cases_from_the_mic_test_suite() {
         let argv = fixture_argv(&log);
         assert_eq!(argv[..2], ["create".to_string(), ty.to_string()]);
         assert_eq!(argv[3], "--arch=armv7hl");
-        assert_eq!(argv.last().unwrap(), "--copy-kernel", "worker mic_opts last");
+        assert_eq!(
+            argv.last().unwrap(),
+            "--copy-kernel",
+            "worker mic_opts last"
+        );
         assert_eq!(argv[argv.len() - 2], "--pkgmgr=zypp");
     }
     d.stop().unwrap();

@@ -60,7 +60,10 @@ fn join_opt(opt: &str, p: &Path) -> OsString {
 
 /// A command line as one shell-quoted line, for logs.
 pub fn display(argv: &[OsString]) -> String {
-    let words: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let words: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     shell_words::join(words)
 }
 
@@ -96,15 +99,25 @@ mod tests {
         assert_eq!(
             s(&mic_command(&spec(), &ks, &out, &w)),
             vec![
-                "sudo", "-n", "/usr/bin/mic", "create", "fs", "/srv/img/requests/7-1/mer-core.ks",
-                "--arch=i586", "--outdir=/srv/img/requests/7-1", "--pack-to=@NAME@.tar.bz2"
+                "sudo",
+                "-n",
+                "/usr/bin/mic",
+                "create",
+                "fs",
+                "/srv/img/requests/7-1/mer-core.ks",
+                "--arch=i586",
+                "--outdir=/srv/img/requests/7-1",
+                "--pack-to=@NAME@.tar.bz2"
             ]
         );
     }
 
     #[test]
     fn mic_release_tokenmap_extra_and_worker_opts() {
-        let mut w = WorkerConfig { sudo: false, ..WorkerConfig::default() };
+        let mut w = WorkerConfig {
+            sudo: false,
+            ..WorkerConfig::default()
+        };
         w.mic_opts = vec!["--copy-kernel".into()];
         let mut sp = spec();
         sp.image_type = "loop".into();
@@ -114,23 +127,42 @@ mod tests {
         assert_eq!(
             s(&mic_command(&sp, Path::new("k.ks"), Path::new("/o"), &w)),
             vec![
-                "/usr/bin/mic", "create", "loop", "k.ks", "--arch=i586", "--outdir=/o",
-                "--release=0.2011", "--tokenmap=RELEASE:1.0", "--pkgmgr=zypp", "; touch /x", "--copy-kernel"
+                "/usr/bin/mic",
+                "create",
+                "loop",
+                "k.ks",
+                "--arch=i586",
+                "--outdir=/o",
+                "--release=0.2011",
+                "--tokenmap=RELEASE:1.0",
+                "--pkgmgr=zypp",
+                "; touch /x",
+                "--copy-kernel"
             ]
         );
     }
 
     #[test]
     fn mic2_line() {
-        let w = WorkerConfig { sudo: true, ict: Ict::Mic2, ..WorkerConfig::default() };
+        let w = WorkerConfig {
+            sudo: true,
+            ict: Ict::Mic2,
+            ..WorkerConfig::default()
+        };
         let mut sp = spec();
         sp.release = Some("r1".into());
         sp.tokenmap = Some("ignored".into());
         assert_eq!(
             s(&mic_command(&sp, Path::new("/j/n.ks"), Path::new("/j"), &w)),
             vec![
-                "sudo", "-n", "mic-image-creator", "--format=fs", "--config=/j/n.ks", "--arch=i586",
-                "--outdir=/j", "--release=r1"
+                "sudo",
+                "-n",
+                "mic-image-creator",
+                "--format=fs",
+                "--config=/j/n.ks",
+                "--arch=i586",
+                "--outdir=/j",
+                "--release=r1"
             ]
         );
     }

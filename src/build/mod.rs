@@ -190,7 +190,10 @@ mod tests {
         std::fs::write(p.join("rel/images/n/n.ks"), vec![0u8; 10]).unwrap();
         std::fs::write(p.join(".big"), vec![0u8; 9000]).unwrap();
         std::fs::write(p.join(".hidden/x"), vec![0u8; 9000]).unwrap();
-        assert_eq!(find_image(p, &[p.join("n.log")]), Some(p.join("rel/images/n/n.img")));
+        assert_eq!(
+            find_image(p, &[p.join("n.log")]),
+            Some(p.join("rel/images/n/n.img"))
+        );
         assert_eq!(find_image(&p.join("none"), &[]), None);
     }
 }

@@ -1,6 +1,9 @@
 //! Native mode: mic runs on this host, in its own process group, output into the job log.
 
-use super::{BuildEnd, JobLog, find_image, job_dir, ks_path, log_path, make_job_dir, mic, planned_urls, url_for};
+use super::{
+    BuildEnd, JobLog, find_image, job_dir, ks_path, log_path, make_job_dir, mic, planned_urls,
+    url_for,
+};
 use crate::config::WorkerConfig;
 use crate::process::{self, Output, Run};
 use crate::workitem::Spec;
@@ -10,7 +13,10 @@ pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
     let mut urls = planned_urls(w, spec);
     let dir = job_dir(w, spec);
     if let Err(e) = make_job_dir(&dir) {
-        return BuildEnd::failed(format!("cannot create job directory {}: {e}", dir.display()), urls);
+        return BuildEnd::failed(
+            format!("cannot create job directory {}: {e}", dir.display()),
+            urls,
+        );
     }
     let ks = ks_path(w, spec);
     if let Err(e) = crate::durable::write_atomic(&ks, spec.kickstart.as_bytes(), 0o644) {
@@ -20,14 +26,23 @@ pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
     let mut log = match JobLog::open(&log_file) {
         Ok(l) => l,
         Err(e) => {
-            return BuildEnd::failed(format!("cannot open job log {}: {e}", log_file.display()), urls);
+            return BuildEnd::failed(
+                format!("cannot open job log {}: {e}", log_file.display()),
+                urls,
+            );
         }
     };
     let argv = mic::mic_command(spec, &ks, &dir, w);
-    let out = match log.line(&format!("$ {}", mic::display(&argv))).and_then(|_| log.for_child()) {
+    let out = match log
+        .line(&format!("$ {}", mic::display(&argv)))
+        .and_then(|_| log.for_child())
+    {
         Ok(f) => f,
         Err(e) => {
-            return BuildEnd::failed(format!("cannot write job log {}: {e}", log_file.display()), urls);
+            return BuildEnd::failed(
+                format!("cannot write job log {}: {e}", log_file.display()),
+                urls,
+            );
         }
     };
     let outcome = process::run(Run {
@@ -57,7 +72,10 @@ pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
     }
     if !outcome.success() {
         return BuildEnd::failed(
-            format!("{tool} {}; last output: {tail}", outcome.describe(w.timeout())),
+            format!(
+                "{tool} {}; last output: {tail}",
+                outcome.describe(w.timeout())
+            ),
             urls,
         );
     }
@@ -71,7 +89,10 @@ pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
             }
         }
         None => BuildEnd::failed(
-            format!("{tool} exited with status 0 but left no image file under {}", dir.display()),
+            format!(
+                "{tool} exited with status 0 but left no image file under {}",
+                dir.display()
+            ),
             urls,
         ),
     }

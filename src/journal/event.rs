@@ -52,7 +52,10 @@ pub enum EventKind {
         sha256: String,
     },
     /// The input is not a workitem at all; it goes to `rejected/`.
-    Rejected { file: String, reason: String },
+    Rejected {
+        file: String,
+        reason: String,
+    },
     /// A workitem that fails validation; it is answered with an error.
     Invalid {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,10 +66,13 @@ pub enum EventKind {
     /// A valid workitem waiting for a build slot.
     Queued {
         image_id: String,
-        spec: Spec,
+        spec: Box<Spec>,
         input: Value,
     },
-    Started { mode: Mode, attempt: u32 },
+    Started {
+        mode: Mode,
+        attempt: u32,
+    },
     Finished {
         result: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,7 +80,9 @@ pub enum EventKind {
         urls: Urls,
     },
     /// The reply was written to `outbox/<outbox>`.
-    Delivered { outbox: String },
+    Delivered {
+        outbox: String,
+    },
     Pushed {
         status: Status,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,10 +91,16 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
-    Cancelled { reason: String },
-    Requeued { reason: String },
+    Cancelled {
+        reason: String,
+    },
+    Requeued {
+        reason: String,
+    },
     /// A build was stopped by the daemon stopping or dying under it.
-    Interrupted { reason: String },
+    Interrupted {
+        reason: String,
+    },
 }
 
 impl EventKind {

@@ -141,7 +141,11 @@ impl Job {
                 self.attempts = *attempt;
                 self.started_at = Some(ev.ts.clone());
             }
-            EventKind::Finished { result, error, urls } => {
+            EventKind::Finished {
+                result,
+                error,
+                urls,
+            } => {
                 self.state = State::Finished;
                 self.result = Some(*result);
                 self.error = error.clone();
@@ -241,11 +245,49 @@ mod tests {
     fn happy_path() {
         let events = vec![
             ev(1, 1, claimed()),
-            ev(2, 1, EventKind::Queued { image_id: "7-1".into(), spec: spec(), input: json!({}) }),
-            ev(3, 1, EventKind::Started { mode: Mode::Native, attempt: 1 }),
-            ev(4, 1, EventKind::Pushed { status: Status::Building, exit: Some(0), ok: true, error: None }),
-            ev(5, 1, EventKind::Finished { result: true, error: None, urls: Urls::default() }),
-            ev(6, 1, EventKind::Delivered { outbox: "a.json".into() }),
+            ev(
+                2,
+                1,
+                EventKind::Queued {
+                    image_id: "7-1".into(),
+                    spec: Box::new(spec()),
+                    input: json!({}),
+                },
+            ),
+            ev(
+                3,
+                1,
+                EventKind::Started {
+                    mode: Mode::Native,
+                    attempt: 1,
+                },
+            ),
+            ev(
+                4,
+                1,
+                EventKind::Pushed {
+                    status: Status::Building,
+                    exit: Some(0),
+                    ok: true,
+                    error: None,
+                },
+            ),
+            ev(
+                5,
+                1,
+                EventKind::Finished {
+                    result: true,
+                    error: None,
+                    urls: Urls::default(),
+                },
+            ),
+            ev(
+                6,
+                1,
+                EventKind::Delivered {
+                    outbox: "a.json".into(),
+                },
+            ),
         ];
         let jobs = fold(&events);
         let j = &jobs[&1];
@@ -255,10 +297,34 @@ mod tests {
         assert!(!j.is_settled(), "final status not pushed yet");
         assert_eq!(j.final_status(), Status::Done);
         let mut jobs = jobs;
-        apply(&mut jobs, &ev(7, 1, EventKind::Pushed { status: Status::Done, exit: Some(1), ok: false, error: None }));
+        apply(
+            &mut jobs,
+            &ev(
+                7,
+                1,
+                EventKind::Pushed {
+                    status: Status::Done,
+                    exit: Some(1),
+                    ok: false,
+                    error: None,
+                },
+            ),
+        );
         assert!(!jobs[&1].is_settled());
         assert_eq!(jobs[&1].final_push_attempts, 1);
-        apply(&mut jobs, &ev(8, 1, EventKind::Pushed { status: Status::Done, exit: Some(0), ok: true, error: None }));
+        apply(
+            &mut jobs,
+            &ev(
+                8,
+                1,
+                EventKind::Pushed {
+                    status: Status::Done,
+                    exit: Some(0),
+                    ok: true,
+                    error: None,
+                },
+            ),
+        );
         assert!(jobs[&1].is_settled());
     }
 
@@ -267,11 +333,46 @@ mod tests {
         let events = vec![
             ev(1, 1, claimed()),
             ev(2, 2, claimed()),
-            ev(3, 2, EventKind::Rejected { file: "b".into(), reason: "empty file".into() }),
-            ev(4, 1, EventKind::Queued { image_id: "7-1".into(), spec: spec(), input: json!({}) }),
-            ev(5, 1, EventKind::Started { mode: Mode::Native, attempt: 1 }),
-            ev(6, 1, EventKind::Interrupted { reason: "daemon stopped".into() }),
-            ev(7, 9, EventKind::Rejected { file: "c".into(), reason: "symlink".into() }),
+            ev(
+                3,
+                2,
+                EventKind::Rejected {
+                    file: "b".into(),
+                    reason: "empty file".into(),
+                },
+            ),
+            ev(
+                4,
+                1,
+                EventKind::Queued {
+                    image_id: "7-1".into(),
+                    spec: Box::new(spec()),
+                    input: json!({}),
+                },
+            ),
+            ev(
+                5,
+                1,
+                EventKind::Started {
+                    mode: Mode::Native,
+                    attempt: 1,
+                },
+            ),
+            ev(
+                6,
+                1,
+                EventKind::Interrupted {
+                    reason: "daemon stopped".into(),
+                },
+            ),
+            ev(
+                7,
+                9,
+                EventKind::Rejected {
+                    file: "c".into(),
+                    reason: "symlink".into(),
+                },
+            ),
         ];
         let jobs = fold(&events);
         assert_eq!(jobs.len(), 3);
@@ -286,7 +387,15 @@ mod tests {
     fn invalid_is_finished_with_error() {
         let jobs = fold(&[
             ev(1, 1, claimed()),
-            ev(2, 1, EventKind::Invalid { image_id: Some("x".into()), error: "missing".into(), input: json!({}) }),
+            ev(
+                2,
+                1,
+                EventKind::Invalid {
+                    image_id: Some("x".into()),
+                    error: "missing".into(),
+                    input: json!({}),
+                },
+            ),
         ]);
         assert_eq!(jobs[&1].state, State::Finished);
         assert_eq!(jobs[&1].result, Some(false));
@@ -295,9 +404,19 @@ mod tests {
 
     #[test]
     fn event_json_shape() {
-        let e = ev(5, 1, EventKind::Started { mode: Mode::Native, attempt: 2 });
+        let e = ev(
+            5,
+            1,
+            EventKind::Started {
+                mode: Mode::Native,
+                attempt: 2,
+            },
+        );
         let v = serde_json::to_value(&e).unwrap();
-        assert_eq!(v, json!({"seq": 5, "ts": "2026-11-24T00:00:05Z", "job": 1, "kind": "started", "mode": "native", "attempt": 2}));
+        assert_eq!(
+            v,
+            json!({"seq": 5, "ts": "2026-11-24T00:00:05Z", "job": 1, "kind": "started", "mode": "native", "attempt": 2})
+        );
         let back: Event = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
     }

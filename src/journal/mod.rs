@@ -87,7 +87,8 @@ impl Journal {
     /// Appends one event and flushes it. `job = None` opens a new job whose id is this seq.
     pub fn append(&self, job: Option<u64>, kind: EventKind) -> Result<Event> {
         let mut out = self.append_batch(vec![(job, kind)])?;
-        out.pop().ok_or_else(|| JournalError::Sled(sled::Error::Unsupported("empty batch".into())))
+        out.pop()
+            .ok_or_else(|| JournalError::Sled(sled::Error::Unsupported("empty batch".into())))
     }
 
     /// Appends several events with one flush (group commit).
@@ -173,12 +174,23 @@ mod tests {
         {
             let j = Journal::open(dir.path()).unwrap();
             let a = j
-                .append(None, EventKind::Rejected { file: "x".into(), reason: "empty file".into() })
+                .append(
+                    None,
+                    EventKind::Rejected {
+                        file: "x".into(),
+                        reason: "empty file".into(),
+                    },
+                )
                 .unwrap();
             assert_eq!((a.seq, a.job), (1, 1));
-            let b = j.append(Some(1), EventKind::Cancelled { reason: "r".into() }).unwrap();
+            let b = j
+                .append(Some(1), EventKind::Cancelled { reason: "r".into() })
+                .unwrap();
             assert_eq!((b.seq, b.job), (2, 1));
-            assert!(matches!(Journal::open(dir.path()), Err(JournalError::Locked(_))));
+            assert!(matches!(
+                Journal::open(dir.path()),
+                Err(JournalError::Locked(_))
+            ));
         }
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(j.next_seq(), 3);
@@ -187,8 +199,23 @@ mod tests {
         assert_eq!(j.get(2).unwrap().unwrap().kind.name(), "cancelled");
         assert_eq!(j.fold_all().unwrap()[&1].state, State::Rejected);
         let batch = j
-            .append_batch((0..3).map(|i| (None, EventKind::Rejected { file: format!("f{i}"), reason: "r".into() })).collect())
+            .append_batch(
+                (0..3)
+                    .map(|i| {
+                        (
+                            None,
+                            EventKind::Rejected {
+                                file: format!("f{i}"),
+                                reason: "r".into(),
+                            },
+                        )
+                    })
+                    .collect(),
+            )
             .unwrap();
-        assert_eq!(batch.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
     }
 }

@@ -93,6 +93,11 @@ timeout = 5
         let (tx, rx) = bounded(1);
         let cfg = self.cfg.clone();
         let handle = std::thread::spawn(move || build_image::daemon::run(cfg, rx));
+        let (inc, act) = (self.incoming(), self.active());
+        assert!(
+            wait_for(Duration::from_secs(10), || inc.is_dir() && act.is_dir()),
+            "daemon did not create the spool"
+        );
         Daemon {
             stop: tx,
             handle: Some(handle),
@@ -113,21 +118,41 @@ timeout = 5
     /// Waits for outbox/<name>, and parses it.
     pub fn wait_outbox(&self, name: &str, timeout: Duration) -> Value {
         let p = self.outbox().join(name);
-        assert!(wait_for(timeout, || p.exists()), "no outbox/{name} within {timeout:?}; outbox has {:?}", list(&self.outbox()));
+        assert!(
+            wait_for(timeout, || p.exists()),
+            "no outbox/{name} within {timeout:?}; outbox has {:?}",
+            list(&self.outbox())
+        );
         self.outbox_file(name).unwrap()
     }
 
     /// Pushes recorded by the push fixture, in order: (status, stdin JSON, env text).
     pub fn pushes(&self) -> Vec<(String, Value, String)> {
         let dir = self.hook_dir().join("pushes");
-        let mut names: Vec<String> = list(&dir).into_iter().filter(|n| n.ends_with(".json")).collect();
-        names.sort_by_key(|n| n.split('-').next().unwrap_or("0").parse::<u128>().unwrap_or(0));
+        let mut names: Vec<String> = list(&dir)
+            .into_iter()
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        names.sort_by_key(|n| {
+            n.split('-')
+                .next()
+                .unwrap_or("0")
+                .parse::<u128>()
+                .unwrap_or(0)
+        });
         names
             .into_iter()
             .map(|n| {
-                let status = n.trim_end_matches(".json").split('-').nth(1).unwrap_or("").to_string();
-                let v: Value = serde_json::from_slice(&std::fs::read(dir.join(&n)).unwrap()).expect("push stdin is JSON");
-                let env = std::fs::read_to_string(dir.join(n.replace(".json", ".env"))).unwrap_or_default();
+                let status = n
+                    .trim_end_matches(".json")
+                    .split('-')
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                let v: Value = serde_json::from_slice(&std::fs::read(dir.join(&n)).unwrap())
+                    .expect("push stdin is JSON");
+                let env = std::fs::read_to_string(dir.join(n.replace(".json", ".env")))
+                    .unwrap_or_default();
                 (status, v, env)
             })
             .collect()
@@ -142,6 +167,20 @@ timeout = 5
             .collect()
     }
 
+    /// Waits until `n` pushes were made for image_id, and returns them.
+    pub fn wait_pushes(&self, image_id: &str, n: usize) -> Vec<(String, Value)> {
+        assert!(
+            wait_for(Duration::from_secs(30), || self.pushes_for(image_id).len()
+                >= n),
+            "fewer than {n} pushes for {image_id}: {:?}",
+            self.pushes_for(image_id)
+                .into_iter()
+                .map(|p| p.0)
+                .collect::<Vec<_>>()
+        );
+        self.pushes_for(image_id)
+    }
+
     /// All events of the log (the daemon must be stopped).
     pub fn events(&self) -> Vec<Event> {
         let j = Journal::open(&self.cfg.state_dir()).expect("open log");
@@ -151,7 +190,11 @@ timeout = 5
 
 pub fn list(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -184,7 +227,11 @@ impl Daemon {
     /// Asks it to stop and waits; returns its result.
     pub fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
-        self.handle.take().unwrap().join().expect("daemon thread panicked")
+        self.handle
+            .take()
+            .unwrap()
+            .join()
+            .expect("daemon thread panicked")
     }
 }
 
@@ -214,5 +261,32 @@ pub fn fixture_argv(log: &str) -> Vec<String> {
 }
 
 pub fn init_log() {
-    let _ = env_logger::builder().is_test(true).filter_level(log::LevelFilter::Info).try_init();
+    let _ = env_logger::builder()
+        .is_test(true)
+        .filter_level(log::LevelFilter::Info)
+        .try_init();
+}
+
+/// Is the process alive (present and not a zombie)?
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// The pids the mic fixture printed into a job log (its own, then its child's).
+pub fn fixture_pids(log: &str) -> Vec<i32> {
+    log.lines()
+        .filter_map(|l| {
+            l.strip_prefix("mic-fixture pid: ")
+                .or_else(|| l.strip_prefix("mic-fixture child pid: "))
+        })
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
 }

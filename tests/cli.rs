@@ -1,0 +1,265 @@
+//! The binary, used as an operator would: start with no config, stop with SIGTERM, bad config,
+//! submit, a second daemon on the same state dir.
+
+mod common;
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_build-image"));
+    c.env_remove("BUILD_IMAGE_CONFIG").env("RUST_LOG", "info");
+    c
+}
+
+/// Waits for the child to exit; kills it if it does not in time.
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let mut status = None;
+    let done = wait_for(timeout, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if !done {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    status.and_then(|s| s.code())
+}
+
+fn sigterm(child: &Child) {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+}
+
+/// Writes the farm's config as TOML for the binary.
+fn write_config(farm: &Farm, extra_worker: &str) -> std::path::PathBuf {
+    let c = &farm.cfg;
+    let toml = format!(
+        "[worker]\nbase_dir = {:?}\nbase_url = \"http://img.test/images\"\nmic_path = {:?}\nsudo = false\n{extra_worker}\n\
+         [spool]\ndir = {:?}\nworker_id = \"w1\"\npoll_interval_ms = 100\nmin_age_ms = 50\n\n[hooks]\npush = {:?}\ntimeout = 5\n",
+        c.worker.base_dir,
+        c.worker.mic_path.as_ref().unwrap(),
+        c.spool.dir,
+        c.hooks.push.as_ref().unwrap()
+    );
+    let p = farm.root().join("build-image.toml");
+    std::fs::write(&p, toml).unwrap();
+    p
+}
+
+#[test]
+fn run_with_no_config_starts_on_dot_spool_and_sigterm_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = bin()
+        .arg("run")
+        .current_dir(dir.path())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let spool = dir.path().join("spool");
+    let up = wait_for(Duration::from_secs(20), || {
+        spool.join("incoming").is_dir()
+            && spool.join("outbox").is_dir()
+            && spool.join("rejected").is_dir()
+            && std::fs::read_dir(spool.join("state"))
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false)
+    });
+    assert!(up, "daemon did not set up ./spool");
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(20)), Some(0));
+}
+
+#[test]
+fn bad_config_is_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[worker]\nbase_dirr = \"/x\"\n").unwrap();
+    let out = bin()
+        .args(["--config", cfg.to_str().unwrap(), "run"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("base_dirr") && err.contains("c.toml"), "{err}");
+    let out = bin()
+        .args(["--config", "/nonexistent.toml", "run"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml"));
+    let out = bin().arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn submit_drops_files_and_prints_ids() {
+    let farm = Farm::new();
+    let f = farm.root().join("job.json");
+    std::fs::write(&f, b"{}").unwrap();
+    let out = bin()
+        .args([
+            "--spool",
+            farm.spool().to_str().unwrap(),
+            "submit",
+            f.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has no tmp folder"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    build_image::spool::Spool::new(&farm.spool(), "w1")
+        .create_dirs()
+        .unwrap();
+    std::fs::write(&f, serde_json::to_vec(&workitem("sub-1", "ks")).unwrap()).unwrap();
+    let out = bin()
+        .args([
+            "--spool",
+            farm.spool().to_str().unwrap(),
+            "submit",
+            f.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sub-1\n");
+    assert_eq!(list(&farm.incoming()), vec!["job.json"]);
+    assert!(list(&farm.spool().join("tmp")).is_empty());
+    std::fs::write(farm.root().join("junk.json"), b"[1]").unwrap();
+    let out = bin()
+        .args([
+            "--spool",
+            farm.spool().to_str().unwrap(),
+            "submit",
+            farm.root().join("junk.json").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a workitem"));
+}
+
+#[test]
+fn sigterm_lets_a_running_build_finish() {
+    let farm = Farm::new();
+    let cfg = write_config(&farm, "grace = 60");
+    let mut child = bin()
+        .args(["--config", cfg.to_str().unwrap(), "run"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || farm
+        .incoming()
+        .is_dir()));
+    farm.drop_json("slow.json", &workitem("slow", "# mic-fixture: sleep 2\n"));
+    let log = farm.base().join("requests/slow/img-slow.log");
+    assert!(wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .map(|l| l.contains("sleeping"))
+            .unwrap_or(false)
+    }));
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(60)), Some(0));
+    let r = farm.outbox_file("slow.json").expect("finished before exit");
+    assert_eq!(r["image"]["result"], json!(true));
+}
+
+#[test]
+fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
+    let farm = Farm::new();
+    let cfg = write_config(&farm, "grace = 1\nmax_attempts = 1");
+    let mut child = bin()
+        .args(["--config", cfg.to_str().unwrap(), "run"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || farm
+        .incoming()
+        .is_dir()));
+    farm.drop_json("hang.json", &workitem("hang", "# mic-fixture: sleep 300\n"));
+    let log = farm.base().join("requests/hang/img-hang.log");
+    assert!(wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .map(|l| l.contains("sleeping"))
+            .unwrap_or(false)
+    }));
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), Some(0));
+    let pids = fixture_pids(&std::fs::read_to_string(&log).unwrap());
+    assert!(
+        !build_image::process::group_alive(pids[0]),
+        "mic's group outlived the daemon"
+    );
+    assert!(
+        farm.outbox_file("hang.json").is_none(),
+        "interrupted, not answered"
+    );
+    let kinds: Vec<String> = farm
+        .events()
+        .iter()
+        .map(|e| e.kind.name().to_string())
+        .collect();
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("interrupted"),
+        "{kinds:?}"
+    );
+
+    // the next start answers it: interrupted once, max_attempts = 1
+    let mut child = bin()
+        .args(["--config", cfg.to_str().unwrap(), "run"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || farm
+        .outbox()
+        .join("hang.json")
+        .exists()));
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), Some(0));
+    let r = farm.outbox_file("hang.json").unwrap();
+    assert_eq!(r["image"]["result"], json!(false));
+    let err = r["image"]["error"].as_str().unwrap();
+    assert!(err.contains("interrupted 1 time"), "{err}");
+    assert!(list(&farm.active()).is_empty());
+}
+
+#[test]
+fn second_daemon_on_the_same_state_dir_refuses() {
+    let farm = Farm::new();
+    let cfg = write_config(&farm, "");
+    let mut first = bin()
+        .args(["--config", cfg.to_str().unwrap(), "run"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = farm.cfg.state_dir();
+    assert!(wait_for(Duration::from_secs(20), || state
+        .join("db")
+        .exists()
+        || state.join("conf").exists()));
+    let out = bin()
+        .args(["--config", cfg.to_str().unwrap(), "run"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("locked by another process"), "{err}");
+    sigterm(&first);
+    assert_eq!(wait_exit(&mut first, Duration::from_secs(20)), Some(0));
+    assert!(Path::new(&state).exists());
+}
