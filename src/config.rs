@@ -168,6 +168,8 @@ pub struct HooksConfig {
     pub timeout: u64,
     /// Further attempts after a failed push.
     pub retries: u32,
+    /// Delay before the first retry, in milliseconds; each further retry waits twice as long.
+    pub retry_delay_ms: u64,
 }
 
 impl Default for HooksConfig {
@@ -176,6 +178,7 @@ impl Default for HooksConfig {
             push: None,
             timeout: 60,
             retries: 3,
+            retry_delay_ms: 10_000,
         }
     }
 }

@@ -1,22 +1,41 @@
 //! The daemon: recovery on start, the claim loop over `incoming/` (inotify plus periodic
-//! rescans), the build pool, and an orderly stop.
+//! rescans), the build pool, the retry thread (push retries, stalled jobs), and an orderly stop.
 //!
 //! Invariant: claiming stops as soon as a stop is asked for; running builds get `grace` to
 //! finish and are then killed and recorded as `interrupted`; queued jobs stay queued in the log
 //! and are built by the next start.
 
 use crate::config::{Config, WatchMode};
-use crate::journal::{Journal, State};
+use crate::journal::{Journal, JournalError, State};
 use crate::pool::Pool;
 use crate::spool::{self, Ready, Scanner, Spool};
 use crate::stage::{Next, Stage};
 use anyhow::Context;
-use crossbeam_channel::{Receiver, Sender, select, unbounded};
+use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use notify::Watcher;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Opens the log, waiting a little while another process (an operator command reading the log
+/// directly) holds it.
+pub fn open_journal(state_dir: &Path, patience: Duration) -> Result<Journal, JournalError> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match Journal::open(state_dir) {
+            Err(JournalError::Locked(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The folder where running child process groups are registered (see `process`).
+pub fn groups_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("groups")
+}
 
 /// Runs the daemon until `stop` receives a message (or is disconnected).
 pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
@@ -26,7 +45,7 @@ pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
     let state_dir = cfg.state_dir();
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
-    let journal = Journal::open(&state_dir)?;
+    let journal = open_journal(&state_dir, Duration::from_secs(5))?;
     log::info!(
         "build-image {} worker {worker} spool {} state {} ({} build slot(s), {:?} mode)",
         env!("CARGO_PKG_VERSION"),
@@ -35,24 +54,50 @@ pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
         cfg.worker.workers,
         crate::build::mode(&cfg.worker),
     );
+    // Children of an earlier life of this daemon (SIGKILLed) must not build beside the new one.
+    let groups = groups_dir(&state_dir);
+    let killed = crate::process::kill_registered_groups(&groups);
+    if !killed.is_empty() {
+        log::warn!(
+            "killed {} process group(s) left by the previous run",
+            killed.len()
+        );
+    }
     let stage = Arc::new(Stage::new(cfg, spool, journal, state_dir)?);
 
     let worker_stage = Arc::clone(&stage);
     let pool = Pool::start(
         stage.cfg.worker.workers,
         Arc::new(move |id| {
+            crate::process::register_groups_in(&groups_dir(&worker_stage.state_dir));
             if let Err(e) = worker_stage.build(id) {
-                log::error!("job {id}: {e}");
+                worker_stage.stall(id, &e);
             }
         }),
     )?;
     let queue = pool.sender().context("build pool has no queue")?;
 
+    crate::process::register_groups_in(&groups_dir(&stage.state_dir));
     recover(&stage, &queue)?;
+
+    let (retry_stop_tx, retry_stop) = bounded::<()>(1);
+    let retry_thread = {
+        let stage = Arc::clone(&stage);
+        let queue = queue.clone();
+        std::thread::Builder::new()
+            .name("retries".into())
+            .spawn(move || {
+                crate::process::register_groups_in(&groups_dir(&stage.state_dir));
+                stage.run_retries(&retry_stop, &queue)
+            })?
+    };
+
     let result = claim_loop(&stage, &queue, &stop);
 
     log::info!("stopping: no more claims; waiting for running builds");
     stage.set_stopping();
+    drop(retry_stop_tx);
+    let _ = retry_thread.join();
     drop(queue);
     let grace = Duration::from_secs(stage.cfg.worker.grace);
     pool.close(grace, || {
@@ -67,26 +112,24 @@ pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
     result
 }
 
-/// Reconciles the log with the spool, then moves every unsettled job forward.
+/// Reconciles the log with the spool, then moves every unsettled job forward: the normal steps,
+/// run again.
 fn recover(stage: &Stage, queue: &Sender<u64>) -> anyhow::Result<()> {
     let jobs = stage.all_jobs();
+    let mine = |job: &crate::journal::Job| {
+        job.worker
+            .as_deref()
+            .is_none_or(|w| w == stage.spool.worker)
+    };
     // Which job, if any, a file in active/ belongs to: the newest job that names it.
     let mut by_file: HashMap<&str, &crate::journal::Job> = HashMap::new();
-    for job in jobs.values() {
-        if job
-            .worker
-            .as_deref()
-            .is_some_and(|w| w != stage.spool.worker)
-        {
-            continue;
-        }
+    for job in jobs.values().filter(|j| mine(j)) {
         if let Some(f) = &job.file {
             by_file.insert(f.as_str(), job);
         }
     }
     for name in stage.spool.active_files()? {
-        let owner = by_file.get(name.as_str());
-        let unlogged = match owner {
+        let unlogged = match by_file.get(name.as_str()) {
             None => true,
             Some(job) if job.state == State::Delivered || job.state == State::Rejected => {
                 // Settled: a leftover of that job only if it is the same content.
@@ -97,21 +140,19 @@ fn recover(stage: &Stage, queue: &Sender<u64>) -> anyhow::Result<()> {
         };
         if unlogged {
             log::info!("recovery: {name} in active/ has no job: claiming it");
-            if let Next::Build(id) = stage.claimed(&name)? {
-                let _ = queue.send(id);
+            match stage.claimed(&name) {
+                Ok(Next::Build(id)) => {
+                    let _ = queue.send(id);
+                }
+                Ok(Next::Nothing) => {}
+                Err(e) => log::error!("recovery: claiming {name}: {e}"),
             }
         }
     }
+    let retries = stage.cfg.hooks.retries;
     let mut queued = 0;
     for (id, job) in jobs {
-        if job.is_settled() {
-            continue;
-        }
-        if job
-            .worker
-            .as_deref()
-            .is_some_and(|w| w != stage.spool.worker)
-        {
+        if job.is_settled(retries) || !mine(&job) {
             continue;
         }
         match stage.advance(id) {
@@ -119,8 +160,14 @@ fn recover(stage: &Stage, queue: &Sender<u64>) -> anyhow::Result<()> {
                 queued += 1;
                 let _ = queue.send(id);
             }
-            Ok(Next::Nothing) => {}
-            Err(e) => log::error!("recovery of job {id}: {e}"),
+            Ok(Next::Nothing) => {
+                // A final push that failed before the restart is tried again now.
+                if job.state == State::Delivered && !job.final_pushed && job.final_push_attempts > 0
+                {
+                    stage.schedule_push(id, job.final_status(), job.final_push_attempts + 1);
+                }
+            }
+            Err(e) => stage.stall(id, &e),
         }
     }
     if queued > 0 {
@@ -139,23 +186,14 @@ fn claim_loop(stage: &Stage, queue: &Sender<u64>, stop: &Receiver<()>) -> anyhow
     let cfg = &stage.cfg.spool;
     let incoming = stage.spool.incoming.clone();
     let (fs_tx, fs_rx) = unbounded();
-    let _watcher = match cfg.watch {
-        WatchMode::Poll => None,
-        WatchMode::Auto => match start_watcher(&incoming, fs_tx) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                log::warn!(
-                    "cannot watch {} with inotify ({e}); rescanning every {} ms only",
-                    incoming.display(),
-                    cfg.poll_interval_ms
-                );
-                None
-            }
-        },
-    };
+    // Kept alive for its inotify watch; replaced when the folder comes back after vanishing.
+    let mut _watcher = watch(cfg.watch, &incoming, &fs_tx);
+    // Files renamed into active/ whose claim could not be recorded yet (e.g. the disk was full).
+    let mut unrecorded: Vec<String> = Vec::new();
     let poll = Duration::from_millis(cfg.poll_interval_ms);
     let mut scanner = Scanner::new(cfg);
     let mut next_scan = Instant::now();
+    let mut scan_failing = false;
     loop {
         let wait = next_scan.saturating_duration_since(Instant::now());
         let wake = select! {
@@ -170,6 +208,7 @@ fn claim_loop(stage: &Stage, queue: &Sender<u64>, stop: &Receiver<()>) -> anyhow
             Wake::Stop => return Ok(()),
             Wake::Fs(Ok(ev)) => {
                 if ev.need_rescan() {
+                    log::info!("inotify queue overflowed: rescanning");
                     next_scan = Instant::now();
                     continue;
                 }
@@ -185,7 +224,7 @@ fn claim_loop(stage: &Stage, queue: &Sender<u64>, stop: &Receiver<()>) -> anyhow
                     && let Some(name) = path.file_name().and_then(|n| n.to_str())
                     && let Some(ready) = spool::moved_in_ready(&incoming, name, cfg.max_bytes)
                 {
-                    take(stage, queue, &mut scanner, ready);
+                    take(stage, queue, &mut scanner, ready, &mut unrecorded);
                 } else if !moved_in {
                     // A write in progress: look again when it may have become stable.
                     next_scan =
@@ -198,16 +237,29 @@ fn claim_loop(stage: &Stage, queue: &Sender<u64>, stop: &Receiver<()>) -> anyhow
             }
             Wake::Timer => match scanner.scan(&incoming) {
                 Ok((ready, due)) => {
+                    if scan_failing {
+                        log::info!("{} is readable again", incoming.display());
+                        scan_failing = false;
+                        // The old watch died with the folder: watch the new one.
+                        _watcher = watch(cfg.watch, &incoming, &fs_tx);
+                    }
+                    for name in std::mem::take(&mut unrecorded) {
+                        record_claim(stage, queue, name, &mut unrecorded);
+                    }
                     for r in ready {
                         if stop.try_recv().is_ok() {
                             return Ok(());
                         }
-                        take(stage, queue, &mut scanner, r);
+                        take(stage, queue, &mut scanner, r, &mut unrecorded);
                     }
                     next_scan = Instant::now() + due.map_or(poll, |d| d.min(poll));
                 }
                 Err(e) => {
-                    log::warn!("{e}; retrying in {} ms", cfg.poll_interval_ms);
+                    if !scan_failing {
+                        log::warn!("{e}; retrying every {} ms", cfg.poll_interval_ms);
+                    }
+                    scan_failing = true;
+                    _watcher = None;
                     next_scan = Instant::now() + poll;
                 }
             },
@@ -215,19 +267,42 @@ fn claim_loop(stage: &Stage, queue: &Sender<u64>, stop: &Receiver<()>) -> anyhow
     }
 }
 
-fn start_watcher(
-    dir: &std::path::Path,
-    tx: Sender<notify::Result<notify::Event>>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    let mut w = notify::recommended_watcher(move |ev| {
+fn watch(
+    mode: WatchMode,
+    dir: &Path,
+    tx: &Sender<notify::Result<notify::Event>>,
+) -> Option<notify::RecommendedWatcher> {
+    if mode == WatchMode::Poll {
+        return None;
+    }
+    let tx = tx.clone();
+    let started = notify::recommended_watcher(move |ev| {
         let _ = tx.send(ev);
-    })?;
-    w.watch(dir, notify::RecursiveMode::NonRecursive)?;
-    Ok(w)
+    })
+    .and_then(|mut w| {
+        w.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        Ok(w)
+    });
+    match started {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn!(
+                "cannot watch {} with inotify ({e}); rescanning only",
+                dir.display()
+            );
+            None
+        }
+    }
 }
 
 /// Claims or rejects one ready name; errors are logged and the file stays for a later scan.
-fn take(stage: &Stage, queue: &Sender<u64>, scanner: &mut Scanner, ready: Ready) {
+fn take(
+    stage: &Stage,
+    queue: &Sender<u64>,
+    scanner: &mut Scanner,
+    ready: Ready,
+    unrecorded: &mut Vec<String>,
+) {
     match ready {
         Ready::Reject(name, why) => {
             scanner.forget(&name);
@@ -238,13 +313,7 @@ fn take(stage: &Stage, queue: &Sender<u64>, scanner: &mut Scanner, ready: Ready)
         Ready::File(name) => {
             scanner.forget(&name);
             match stage.spool.claim(&name) {
-                Ok(true) => match stage.claimed(&name) {
-                    Ok(Next::Build(id)) => {
-                        let _ = queue.send(id);
-                    }
-                    Ok(Next::Nothing) => {}
-                    Err(e) => log::error!("claimed {name}: {e}"),
-                },
+                Ok(true) => record_claim(stage, queue, name, unrecorded),
                 Ok(false) => {}
                 Err(e) => log::error!("{e}"),
             }
@@ -252,7 +321,17 @@ fn take(stage: &Stage, queue: &Sender<u64>, scanner: &mut Scanner, ready: Ready)
     }
 }
 
-/// The state dir a config uses (for commands that open the log).
-pub fn state_dir(cfg: &Config) -> PathBuf {
-    cfg.state_dir()
+/// Records a file now in active/ as a job and moves it forward; if that fails the name is kept
+/// for the next scan.
+fn record_claim(stage: &Stage, queue: &Sender<u64>, name: String, unrecorded: &mut Vec<String>) {
+    match stage.claimed(&name) {
+        Ok(Next::Build(id)) => {
+            let _ = queue.send(id);
+        }
+        Ok(Next::Nothing) => {}
+        Err(e) => {
+            log::error!("claimed {name} but cannot record it yet: {e}");
+            unrecorded.push(name);
+        }
+    }
 }

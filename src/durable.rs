@@ -26,6 +26,11 @@ impl DurableError {
         }
     }
 
+    /// Was a file or folder missing?
+    pub fn is_not_found(&self) -> bool {
+        self.source.kind() == std::io::ErrorKind::NotFound
+    }
+
     /// Did the disk fill up?
     pub fn is_no_space(&self) -> bool {
         self.source.raw_os_error() == Some(nix::libc::ENOSPC)

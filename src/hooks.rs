@@ -106,6 +106,7 @@ mod tests {
             push: None,
             timeout: 5,
             retries: 0,
+            retry_delay_ms: 0,
         };
         assert_eq!(push_status(&h, Status::Done, &wi, "x", &log), None);
         h.push = Some(d.path().join("nope"));

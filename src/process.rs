@@ -3,6 +3,11 @@
 //!
 //! Invariant: nothing else in the program sends signals. The group is killed while the leader is
 //! still an unreaped zombie (`waitid(WNOWAIT)`), so its pgid cannot have been reused.
+//!
+//! A thread may name a registry directory (`register_groups_in`): every group it starts is then
+//! written there (`<pgid>` holding the leader's start time) until it is gone, so that a daemon
+//! restarted after SIGKILL can kill the groups its previous life left running
+//! (`kill_registered_groups`).
 
 use crossbeam_channel::{Receiver, bounded, never, select};
 use nix::sys::signal::{Signal, killpg};
@@ -12,6 +17,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -84,6 +90,98 @@ pub struct Run<'a> {
     pub cancel: Option<&'a Receiver<()>>,
 }
 
+thread_local! {
+    static REGISTRY: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Children started by this thread from now on are registered in `dir` while they run.
+pub fn register_groups_in(dir: &Path) {
+    REGISTRY.with(|r| *r.borrow_mut() = Some(dir.to_path_buf()));
+}
+
+/// The start time (clock ticks since boot) of a process, from /proc.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Live (not zombie) members of a process group, with their start times.
+fn group_members(pgid: i32) -> Vec<(i32, u64)> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+            // state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+            // cutime cstime priority nice threads itrealvalue starttime
+            let pgrp: i32 = fields.get(2)?.parse().ok()?;
+            let start: u64 = fields.get(19)?.parse().ok()?;
+            (pgrp == pgid && fields.first() != Some(&"Z")).then_some((pid, start))
+        })
+        .collect()
+}
+
+/// Kills the groups registered in `dir` by an earlier life of this daemon that are still
+/// running, and empties the registry. A group is killed only if its members all started no
+/// earlier than the registered leader (so a reused id is left alone). Returns the pgids killed.
+pub fn kill_registered_groups(dir: &Path) -> Vec<i32> {
+    let mut killed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return killed;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let pgid: Option<i32> = e.file_name().to_str().and_then(|n| n.parse().ok());
+        let start: Option<u64> = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        if let (Some(pgid), Some(start)) = (pgid, start) {
+            let members = group_members(pgid);
+            if !members.is_empty() && members.iter().all(|(_, st)| *st >= start) {
+                log::warn!("killing process group {pgid} left running by an earlier daemon");
+                kill_group(Pid::from_raw(pgid));
+                killed.push(pgid);
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    killed
+}
+
+struct Registered(Option<PathBuf>);
+
+impl Registered {
+    fn new(pid: i32) -> Registered {
+        let dir = REGISTRY.with(|r| r.borrow().clone());
+        let path = dir.and_then(|d| {
+            let _ = std::fs::create_dir_all(&d);
+            let path = d.join(pid.to_string());
+            let start = start_time(pid)?;
+            crate::durable::write_atomic(&path, start.to_string().as_bytes(), 0o644)
+                .map_err(|e| log::warn!("cannot register process group {pid}: {e}"))
+                .ok()?;
+            Some(path)
+        });
+        Registered(path)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Runs a command to its end in its own process group.
 pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
     let (program, args) = r.argv.split_first().ok_or(ProcessError::Empty)?;
@@ -123,6 +221,7 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
         },
     })?;
     let pid = Pid::from_raw(child.id() as i32);
+    let _registered = Registered::new(pid.as_raw());
 
     if let (Some(data), Some(mut stdin)) = (r.stdin, child.stdin.take()) {
         // A child that does not read its stdin must not block us: write from a thread and
@@ -186,19 +285,7 @@ fn kill_group(pgid: Pid) {
 
 /// Is any live (not zombie) process still in the group `pgid`? Reads /proc.
 pub fn group_alive(pgid: i32) -> bool {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return killpg(Pid::from_raw(pgid), None).is_ok();
-    };
-    rd.flatten().any(|e| {
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            return false;
-        };
-        // pid (comm) state ppid pgrp ...: comm may contain spaces, so split after the last ')'
-        let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-        let state = rest.next();
-        let pgrp = rest.nth(1).and_then(|p| p.parse::<i32>().ok());
-        pgrp == Some(pgid) && state != Some("Z")
-    })
+    !group_members(pgid).is_empty()
 }
 
 #[cfg(test)]
@@ -259,6 +346,52 @@ mod tests {
                     .unwrap_or(true)
         });
         assert!(gone, "grandchild {pid} survived");
+    }
+
+    #[test]
+    fn registered_groups_are_killed_by_the_next_life() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = dir.path().join("groups");
+        let pidfile = dir.path().join("pid");
+        let script = format!("echo $$ > {}; sleep 300", pidfile.display());
+        let a = argv(&["sh", "-c", &script]);
+        let (tx, rx) = bounded::<()>(1);
+        let reg2 = reg.clone();
+        // a thread that runs the child and is then abandoned, as a SIGKILLed daemon would
+        let t = std::thread::spawn(move || {
+            register_groups_in(&reg2);
+            run(Run {
+                argv: &a,
+                env: vec![],
+                stdin: None,
+                output: Output::Null,
+                timeout: Duration::from_secs(600),
+                cancel: Some(&rx),
+            })
+        });
+        assert!(crate::wait::wait_for(Duration::from_secs(10), || pidfile
+            .exists()
+            && std::fs::read_dir(&reg)
+                .map(|d| d.count() == 1)
+                .unwrap_or(false)));
+        let pgid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(group_alive(pgid));
+        let killed = kill_registered_groups(&reg);
+        assert_eq!(killed, vec![pgid]);
+        assert!(crate::wait::wait_for(Duration::from_secs(10), || {
+            !group_alive(pgid)
+        }));
+        assert_eq!(std::fs::read_dir(&reg).unwrap().count(), 0);
+        drop(tx);
+        let _ = t.join();
+        // an entry whose group is gone is only removed
+        std::fs::write(reg.join("999999"), "1").unwrap();
+        assert!(kill_registered_groups(&reg).is_empty());
+        assert_eq!(std::fs::read_dir(&reg).unwrap().count(), 0);
     }
 
     #[test]

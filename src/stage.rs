@@ -11,12 +11,14 @@ use crate::hooks;
 use crate::journal::{Event, EventKind, Job, Jobs, Journal, JournalError, State, Status};
 use crate::spool::Spool;
 use crate::workitem::{self, Spec, WorkitemError};
-use crossbeam_channel::{Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded, select};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -38,10 +40,45 @@ pub struct Stage {
     pub cfg: Config,
     pub spool: Spool,
     pub journal: Journal,
-    jobs: Mutex<Jobs>,
+    pub state_dir: PathBuf,
+    memory: Mutex<Memory>,
     hook_log: PathBuf,
     running: Mutex<HashMap<u64, Sender<()>>>,
     stopping: AtomicBool,
+    /// Pushes to try again: (due, job, status, attempt).
+    push_retries: Mutex<BinaryHeap<Reverse<(Instant, u64, Status, u32)>>>,
+    /// Jobs whose last step failed (I/O: disk full, a folder gone): job -> (due, delay).
+    stalled: Mutex<BTreeMap<u64, (Instant, Duration)>>,
+    wake: (Sender<()>, Receiver<()>),
+}
+
+/// The fold of the log, with lookups by image_id and by content.
+#[derive(Default)]
+struct Memory {
+    jobs: Jobs,
+    by_image: HashMap<String, Vec<u64>>,
+    by_sha: HashMap<String, Vec<u64>>,
+}
+
+impl Memory {
+    fn apply(&mut self, ev: &Event) {
+        crate::journal::fold::apply(&mut self.jobs, ev);
+        match &ev.kind {
+            EventKind::Claimed { sha256, .. } => {
+                self.by_sha.entry(sha256.clone()).or_default().push(ev.job)
+            }
+            EventKind::Queued { image_id, .. }
+            | EventKind::Invalid {
+                image_id: Some(image_id),
+                ..
+            } => self
+                .by_image
+                .entry(image_id.clone())
+                .or_default()
+                .push(ev.job),
+            _ => {}
+        }
+    }
 }
 
 /// What a step left to do for a job.
@@ -54,21 +91,43 @@ pub enum Next {
 }
 
 impl Stage {
+    /// Folds the log (repairing the stored projections that disagree with it).
     pub fn new(cfg: Config, spool: Spool, journal: Journal, state_dir: PathBuf) -> Result<Stage> {
-        let jobs = journal.fold_all()?;
+        let started = Instant::now();
+        let mut memory = Memory::default();
+        let mut n = 0u64;
+        for ev in journal.since(0) {
+            memory.apply(&ev?);
+            n += 1;
+        }
+        let repaired = journal.repair_projections(&memory.jobs)?;
+        log::info!(
+            "log replayed: {n} events, {} jobs in {:?}{}",
+            memory.jobs.len(),
+            started.elapsed(),
+            if repaired > 0 {
+                format!(", {repaired} projection(s) repaired")
+            } else {
+                String::new()
+            }
+        );
         Ok(Stage {
             cfg,
             spool,
             journal,
-            jobs: Mutex::new(jobs),
             hook_log: state_dir.join("hooks.log"),
+            state_dir,
+            memory: Mutex::new(memory),
             running: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
+            push_retries: Mutex::new(BinaryHeap::new()),
+            stalled: Mutex::new(BTreeMap::new()),
+            wake: bounded(1),
         })
     }
 
-    fn jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Makes one event durable, then applies it to the fold.
@@ -89,16 +148,89 @@ impl Stage {
 
     fn apply(&self, ev: &Event) {
         log_event(ev);
-        crate::journal::fold::apply(&mut self.jobs(), ev);
+        let job = {
+            let mut m = self.memory();
+            m.apply(ev);
+            m.jobs.get(&ev.job).cloned()
+        };
+        if let Some(job) = job
+            && let Err(e) = self.journal.put_projection(&job)
+        {
+            log::warn!(
+                "job {}: cannot store its projection ({e}); replay will repair it",
+                job.id
+            );
+        }
     }
 
     pub fn job(&self, id: u64) -> Option<Job> {
-        self.jobs().get(&id).cloned()
+        self.memory().jobs.get(&id).cloned()
     }
 
     /// A snapshot of every job.
     pub fn all_jobs(&self) -> Jobs {
-        self.jobs().clone()
+        self.memory().jobs.clone()
+    }
+
+    /// The jobs that carry an image_id, oldest first.
+    pub fn jobs_for_image(&self, image_id: &str) -> Vec<u64> {
+        self.memory()
+            .by_image
+            .get(image_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// An earlier job that makes `job` a duplicate: same content or same image_id, and queued,
+    /// building or built successfully. Says why.
+    fn duplicate_of(&self, job: &Job, image_id: &str) -> Option<String> {
+        let m = self.memory();
+        let blocking = |other: &Job| {
+            other.id != job.id
+                && match other.state {
+                    State::Claimed | State::Rejected => false,
+                    State::Queued | State::Building | State::Interrupted => true,
+                    State::Finished | State::Delivered => other.result == Some(true),
+                }
+        };
+        let describe = |other: &Job| {
+            let state = match other.state {
+                State::Finished | State::Delivered => "built".to_string(),
+                s => s.as_str().to_string(),
+            };
+            format!(
+                "job {} (file {}, {state})",
+                other.id,
+                other.file.as_deref().unwrap_or("?")
+            )
+        };
+        if let Some(sha) = &job.sha256
+            && let Some(other) = m
+                .by_sha
+                .get(sha)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| m.jobs.get(id))
+                .find(|o| blocking(o))
+        {
+            return Some(format!(
+                "duplicate: the same file content (sha256 {}) was dropped before as {}",
+                &sha[..sha.len().min(12)],
+                describe(other)
+            ));
+        }
+        m.by_image
+            .get(image_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| m.jobs.get(id))
+            .find(|o| blocking(o))
+            .map(|other| {
+                format!(
+                    "duplicate: image_id {image_id:?} is already taken by {}",
+                    describe(other)
+                )
+            })
     }
 
     pub fn stopping(&self) -> bool {
@@ -127,7 +259,8 @@ impl Stage {
         }
     }
 
-    /// Records a file just renamed into active/ as a new job and reads it.
+    /// Records a file just renamed into active/ as a new job and reads it. An error means the
+    /// claim was not recorded (the caller keeps the name and tries again).
     pub fn claimed(&self, name: &str) -> Result<Next> {
         let c = self.spool.read_claimed(name, self.cfg.spool.max_bytes)?;
         let ev = self.record(
@@ -139,7 +272,14 @@ impl Stage {
                 sha256: c.sha256.clone(),
             },
         )?;
-        self.advance(ev.job)
+        // The claim is recorded: from here on a failure stalls the job, to be retried.
+        match self.advance(ev.job) {
+            Ok(next) => Ok(next),
+            Err(e) => {
+                self.stall(ev.job, &e);
+                Ok(Next::Nothing)
+            }
+        }
     }
 
     /// Rejects a name in incoming/ unread (symlink, fifo, directory, too big).
@@ -259,8 +399,22 @@ impl Stage {
             Ok(v) => v,
             Err(e) => return reject(e.to_string()),
         };
-        match workitem::normalise(&input) {
-            Ok(spec) => {
+        let normalised = workitem::normalise(&input).map(|spec| {
+            let dup = self.duplicate_of(job, &spec.image_id);
+            (spec, dup)
+        });
+        match normalised {
+            Ok((spec, Some(error))) => {
+                self.record(
+                    Some(job.id),
+                    EventKind::Invalid {
+                        image_id: Some(spec.image_id),
+                        error,
+                        input,
+                    },
+                )?;
+            }
+            Ok((spec, None)) => {
                 self.record(
                     Some(job.id),
                     EventKind::Queued {
@@ -295,19 +449,48 @@ impl Stage {
             .unwrap_or_else(|| format!("job-{}.json", job.id));
         let mut bytes = serde_json::to_vec_pretty(&reply).unwrap_or_default();
         bytes.push(b'\n');
-        crate::durable::write_atomic(&self.spool.outbox.join(&name), &bytes, 0o644)?;
+        let target = self.spool.outbox.join(&name);
+        if let Err(e) = crate::durable::write_atomic(&target, &bytes, 0o644) {
+            if !e.is_not_found() {
+                return Err(e.into());
+            }
+            log::warn!("{} is gone: creating it again", self.spool.outbox.display());
+            std::fs::create_dir_all(&self.spool.outbox).map_err(|e| {
+                crate::durable::DurableError::new("cannot create", &self.spool.outbox, e)
+            })?;
+            crate::durable::write_atomic(&target, &bytes, 0o644)?;
+        }
         self.record(Some(job.id), EventKind::Delivered { outbox: name })?;
         Ok(())
     }
 
-    /// Runs the push utility once and records the attempt.
+    /// Runs the push utility once (attempt 1) and records it; a failure is retried later.
     fn push(&self, job: &Job, status: Status, workitem: &Value) -> Result<()> {
+        self.push_attempt(job, status, workitem, 1)
+    }
+
+    /// One push attempt; on failure the next one is scheduled with back-off while
+    /// `[hooks] retries` allow.
+    fn push_attempt(
+        &self,
+        job: &Job,
+        status: Status,
+        workitem: &Value,
+        attempt: u32,
+    ) -> Result<()> {
         let image_id = job.image_id.clone().unwrap_or_default();
         if let Some(p) =
             hooks::push_status(&self.cfg.hooks, status, workitem, &image_id, &self.hook_log)
         {
             if let Some(e) = &p.error {
-                log::warn!("job {} push {} failed: {e}", job.id, status.as_str());
+                log::warn!(
+                    "job {} push {} attempt {attempt} failed: {e}",
+                    job.id,
+                    status.as_str()
+                );
+                if attempt <= self.cfg.hooks.retries {
+                    self.schedule_push(job.id, status, attempt + 1);
+                }
             }
             self.record(
                 Some(job.id),
@@ -320,6 +503,126 @@ impl Stage {
             )?;
         }
         Ok(())
+    }
+
+    /// Schedules push attempt `attempt` (2, 3, ...) after a back-off of
+    /// `retry_delay * 2^(attempt - 2)` seconds.
+    pub fn schedule_push(&self, job: u64, status: Status, attempt: u32) {
+        let base = Duration::from_millis(self.cfg.hooks.retry_delay_ms);
+        let delay = base.saturating_mul(1u32 << attempt.saturating_sub(2).min(16));
+        self.push_retries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Reverse((Instant::now() + delay, job, status, attempt)));
+        let _ = self.wake.0.try_send(());
+    }
+
+    /// Marks a job whose step failed (disk full, a folder gone, ...) to be moved forward again
+    /// later, with a doubling delay from poll_interval_ms up to a minute.
+    pub fn stall(&self, id: u64, why: &StageError) {
+        let mut stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        let first = Duration::from_millis(self.cfg.spool.poll_interval_ms);
+        let delay = stalled
+            .get(&id)
+            .map_or(first, |(_, d)| (*d * 2).min(Duration::from_secs(60)));
+        log::error!("job {id}: {why}; trying again in {delay:?}");
+        stalled.insert(id, (Instant::now() + delay, delay));
+        let _ = self.wake.0.try_send(());
+    }
+
+    /// Runs due push retries and re-advances stalled jobs until `stop` fires. Jobs that need
+    /// a build again are sent to `queue`.
+    pub fn run_retries(&self, stop: &Receiver<()>, queue: &Sender<u64>) {
+        loop {
+            let now = Instant::now();
+            let next_push = self
+                .push_retries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .peek()
+                .map(|Reverse((due, ..))| *due);
+            let next_stall = self
+                .stalled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|(due, _)| *due)
+                .min();
+            let next = [next_push, next_stall].into_iter().flatten().min();
+            let wait = next.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(now)
+            });
+            select! {
+                recv(stop) -> _ => return,
+                recv(self.wake.1) -> _ => continue,
+                default(wait) => {}
+            }
+            self.run_due_pushes();
+            self.run_due_stalled(queue);
+        }
+    }
+
+    fn run_due_pushes(&self) {
+        loop {
+            let due = {
+                let mut heap = self.push_retries.lock().unwrap_or_else(|p| p.into_inner());
+                match heap.peek() {
+                    Some(Reverse((due, ..))) if *due <= Instant::now() => heap.pop(),
+                    _ => None,
+                }
+            };
+            let Some(Reverse((_, id, status, attempt))) = due else {
+                return;
+            };
+            if let Err(e) = self.retry_push(id, status, attempt) {
+                log::error!("job {id}: push retry failed: {e}");
+            }
+        }
+    }
+
+    fn retry_push(&self, id: u64, status: Status, attempt: u32) -> Result<()> {
+        let job = self.job(id).ok_or(StageError::NoJob(id))?;
+        let (input, spec) = self.input(&job)?;
+        let reply = match status {
+            // A BUILDING status that a later one has superseded is not sent any more.
+            Status::Building if job.state != State::Building => return Ok(()),
+            Status::Building => {
+                let urls = spec
+                    .map(|s| build::planned_urls(&self.cfg.worker, &s))
+                    .unwrap_or_default();
+                workitem::reply(&input, None, None, &urls)
+            }
+            _ if job.state != State::Delivered || job.final_pushed => return Ok(()),
+            _ => workitem::reply(&input, job.result, job.error.as_deref(), &job.urls),
+        };
+        self.push_attempt(&job, status, &reply, attempt)
+    }
+
+    fn run_due_stalled(&self, queue: &Sender<u64>) {
+        let due: Vec<u64> = {
+            let stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            stalled
+                .iter()
+                .filter(|(_, (d, _))| *d <= now)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in due {
+            match self.advance(id) {
+                Ok(next) => {
+                    self.stalled
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    log::info!("job {id}: moving again");
+                    if let Next::Build(id) = next {
+                        let _ = queue.send(id);
+                    }
+                }
+                Err(e) => self.stall(id, &e),
+            }
+        }
     }
 
     /// Builds a queued job in this (pool) thread, then delivers and pushes.

@@ -5,10 +5,10 @@
 
 use super::event::{Event, EventKind, Mode, Status};
 use crate::workitem::Urls;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Claimed, not yet read.
@@ -42,7 +42,8 @@ impl State {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Job {
     pub id: u64,
     pub state: State,
@@ -84,11 +85,12 @@ impl Job {
         }
     }
 
-    /// Nothing is left to do for this job.
-    pub fn is_settled(&self) -> bool {
+    /// Nothing is left to do for this job: rejected, or answered and its final status pushed
+    /// (or every push attempt, 1 + `push_retries`, spent).
+    pub fn is_settled(&self, push_retries: u32) -> bool {
         match self.state {
             State::Rejected => true,
-            State::Delivered => self.final_pushed,
+            State::Delivered => self.final_pushed || self.final_push_attempts > push_retries,
             _ => false,
         }
     }
@@ -294,7 +296,7 @@ mod tests {
         assert_eq!(j.state, State::Delivered);
         assert_eq!(j.input_seq, Some(2));
         assert_eq!(j.attempts, 1);
-        assert!(!j.is_settled(), "final status not pushed yet");
+        assert!(!j.is_settled(0), "final status not pushed yet");
         assert_eq!(j.final_status(), Status::Done);
         let mut jobs = jobs;
         apply(
@@ -310,7 +312,11 @@ mod tests {
                 },
             ),
         );
-        assert!(!jobs[&1].is_settled());
+        assert!(!jobs[&1].is_settled(1));
+        assert!(
+            jobs[&1].is_settled(0),
+            "no retries: one failed attempt settles it"
+        );
         assert_eq!(jobs[&1].final_push_attempts, 1);
         apply(
             &mut jobs,
@@ -325,7 +331,7 @@ mod tests {
                 },
             ),
         );
-        assert!(jobs[&1].is_settled());
+        assert!(jobs[&1].is_settled(1));
     }
 
     #[test]
@@ -379,7 +385,7 @@ mod tests {
         assert_eq!(jobs[&1].state, State::Interrupted);
         assert_eq!(jobs[&1].interruptions, 1);
         assert_eq!(jobs[&2].state, State::Rejected);
-        assert!(jobs[&2].is_settled());
+        assert!(jobs[&2].is_settled(0));
         assert_eq!(jobs[&9].file.as_deref(), Some("c"));
     }
 

@@ -33,10 +33,19 @@ pub enum JournalError {
 pub type Result<T> = std::result::Result<T, JournalError>;
 
 const EVENTS: &str = "events";
+const BY_JOB: &str = "by_job";
+const BY_IMAGE: &str = "by_image";
+const JOBS: &str = "jobs";
 
+/// The log and its indexes. `events` is the truth; `by_job` (job ++ seq), `by_image`
+/// (image_id ++ 0 ++ job) and `jobs` (job -> its folded state, the projection) are derived from it
+/// and can be rebuilt by folding `events` (`build-image replay` checks them).
 pub struct Journal {
     db: sled::Db,
     events: sled::Tree,
+    by_job: sled::Tree,
+    by_image: sled::Tree,
+    jobs: sled::Tree,
     next_seq: Mutex<u64>,
     path: PathBuf,
 }
@@ -73,6 +82,9 @@ impl Journal {
             None => 1,
         };
         Ok(Journal {
+            by_job: db.open_tree(BY_JOB)?,
+            by_image: db.open_tree(BY_IMAGE)?,
+            jobs: db.open_tree(JOBS)?,
             db,
             events,
             next_seq: Mutex::new(next),
@@ -97,6 +109,8 @@ impl Journal {
         {
             let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
             let mut batch = sled::Batch::default();
+            let mut by_job = sled::Batch::default();
+            let mut by_image = sled::Batch::default();
             let mut seq = *next;
             for (job, kind) in items {
                 let ev = Event {
@@ -107,9 +121,17 @@ impl Journal {
                 };
                 let bytes = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
                 batch.insert(&seq.to_be_bytes(), bytes);
+                by_job.insert(job_seq_key(ev.job, seq).as_slice(), &[]);
+                if let Some(id) = image_id_of(&ev.kind) {
+                    by_image.insert(image_key(id, ev.job), &[]);
+                }
                 out.push(ev);
                 seq += 1;
             }
+            // Indexes first: a crash between leaves an index entry without its event, which
+            // readers skip, never an event missing from an index.
+            self.by_job.apply_batch(by_job)?;
+            self.by_image.apply_batch(by_image)?;
             self.events.apply_batch(batch)?;
             *next = seq;
         }
@@ -133,6 +155,83 @@ impl Journal {
         })
     }
 
+    /// The events of one job, in order (through the by_job index).
+    pub fn job_events(&self, job: u64) -> Result<Vec<Event>> {
+        let mut out = Vec::new();
+        for item in self.by_job.scan_prefix(job.to_be_bytes()) {
+            let (k, _) = item?;
+            let seq = key_seq(&k[8..]);
+            if let Some(ev) = self.get(seq)? {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The jobs that carry this image_id, oldest first (through the by_image index).
+    pub fn jobs_for_image(&self, image_id: &str) -> Result<Vec<u64>> {
+        let mut prefix = image_id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.by_image.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            out.push(key_seq(&k[prefix.len()..]));
+        }
+        Ok(out)
+    }
+
+    /// Stores a job's folded state (the projection). Not flushed on its own: it is derived, and
+    /// made durable by the next event's flush.
+    pub fn put_projection(&self, job: &Job) -> Result<()> {
+        let bytes = serde_json::to_vec(job).map_err(JournalError::Encode)?;
+        self.jobs.insert(job.id.to_be_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// The stored projection of one job.
+    pub fn projection(&self, job: u64) -> Result<Option<Job>> {
+        match self.jobs.get(job.to_be_bytes())? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|source| JournalError::Corrupt { seq: job, source }),
+            None => Ok(None),
+        }
+    }
+
+    /// Every stored projection.
+    pub fn projections(&self) -> Result<Jobs> {
+        let mut out = Jobs::new();
+        for item in self.jobs.iter() {
+            let (k, v) = item?;
+            let id = key_seq(&k);
+            let job: Job = serde_json::from_slice(&v)
+                .map_err(|source| JournalError::Corrupt { seq: id, source })?;
+            out.insert(id, job);
+        }
+        Ok(out)
+    }
+
+    /// Rewrites the projections that differ from `jobs` (and drops the ones not in it);
+    /// returns how many were rewritten.
+    pub fn repair_projections(&self, jobs: &Jobs) -> Result<usize> {
+        let stored = self.projections()?;
+        let mut fixed = 0;
+        for (id, job) in jobs {
+            if stored.get(id) != Some(job) {
+                self.put_projection(job)?;
+                fixed += 1;
+            }
+        }
+        for id in stored.keys().filter(|id| !jobs.contains_key(id)) {
+            self.jobs.remove(id.to_be_bytes())?;
+            fixed += 1;
+        }
+        if fixed > 0 {
+            self.db.flush()?;
+        }
+        Ok(fixed)
+    }
+
     /// The seq the next event will get.
     pub fn next_seq(&self) -> u64 {
         *self.next_seq.lock().unwrap_or_else(|p| p.into_inner())
@@ -150,6 +249,29 @@ impl Journal {
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+fn job_seq_key(job: u64, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&job.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn image_key(image_id: &str, job: u64) -> Vec<u8> {
+    let mut k = image_id.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&job.to_be_bytes());
+    k
+}
+
+/// The image_id an event ties its job to, for the by_image index.
+fn image_id_of(kind: &EventKind) -> Option<&str> {
+    match kind {
+        EventKind::Queued { image_id, .. } => Some(image_id),
+        EventKind::Invalid { image_id, .. } => image_id.as_deref(),
+        _ => None,
     }
 }
 
@@ -217,5 +339,28 @@ mod tests {
             batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
+        let jobs = j.fold_all().unwrap();
+        assert_eq!(j.repair_projections(&jobs).unwrap(), 4);
+        assert_eq!(j.projections().unwrap(), jobs);
+        assert_eq!(j.repair_projections(&jobs).unwrap(), 0);
+        let seqs: Vec<u64> = j.job_events(1).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 2]);
+    }
+
+    #[test]
+    fn image_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let inv = |id: &str| EventKind::Invalid {
+            image_id: Some(id.into()),
+            error: "e".into(),
+            input: serde_json::json!({}),
+        };
+        j.append(None, inv("a")).unwrap();
+        j.append(None, inv("ab")).unwrap();
+        j.append(None, inv("a")).unwrap();
+        assert_eq!(j.jobs_for_image("a").unwrap(), vec![1, 3]);
+        assert_eq!(j.jobs_for_image("ab").unwrap(), vec![2]);
+        assert!(j.jobs_for_image("b").unwrap().is_empty());
     }
 }
