@@ -2,6 +2,8 @@
 //!
 //! Exit codes: 0 success, 1 failure (a build failed, a check failed), 2 usage or config error.
 
+pub mod doctor;
+
 use crate::config::Config;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -50,6 +52,11 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites.
+    #[command(after_help = "Examples:\n  build-image doctor\n  build-image --config /etc/build-image.toml doctor\n\n\
+                            One line per check: ok, WARN or FAIL, with what was checked.\n\
+                            Exit codes: 0 no check failed (warnings allowed), 1 a check failed, 2 usage or config error.")]
+    Doctor,
 }
 
 /// Loads the config named on the command line (or the defaults) and applies `--spool`.
@@ -84,6 +91,7 @@ pub fn main() -> i32 {
     let res = match cli.command {
         Command::Run => run(cfg),
         Command::Submit { files } => submit(&cfg, &files),
+        Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
     };
     match res {
         Ok(code) => code,
