@@ -75,30 +75,31 @@ pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
             }
         }),
     )?;
-    let queue = pool.sender().context("build pool has no queue")?;
+    stage.set_queue(pool.sender());
 
     crate::process::register_groups_in(&groups_dir(&stage.state_dir));
-    recover(&stage, &queue)?;
+    recover(&stage)?;
 
     let (retry_stop_tx, retry_stop) = bounded::<()>(1);
     let retry_thread = {
         let stage = Arc::clone(&stage);
-        let queue = queue.clone();
         std::thread::Builder::new()
             .name("retries".into())
             .spawn(move || {
                 crate::process::register_groups_in(&groups_dir(&stage.state_dir));
-                stage.run_retries(&retry_stop, &queue)
+                stage.run_retries(&retry_stop)
             })?
     };
+    let control = crate::control::Server::start(Arc::clone(&stage))?;
 
-    let result = claim_loop(&stage, &queue, &stop);
+    let result = claim_loop(&stage, &stop);
 
     log::info!("stopping: no more claims; waiting for running builds");
     stage.set_stopping();
+    control.stop();
     drop(retry_stop_tx);
     let _ = retry_thread.join();
-    drop(queue);
+    stage.set_queue(None);
     let grace = Duration::from_secs(stage.cfg.worker.grace);
     pool.close(grace, || {
         log::warn!(
@@ -114,7 +115,8 @@ pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
 
 /// Reconciles the log with the spool, then moves every unsettled job forward: the normal steps,
 /// run again.
-fn recover(stage: &Stage, queue: &Sender<u64>) -> anyhow::Result<()> {
+fn recover(stage: &Stage) -> anyhow::Result<()> {
+    crate::build::kvm::recover_orphans(&stage.cfg.worker);
     let jobs = stage.all_jobs();
     let mine = |job: &crate::journal::Job| {
         job.worker
@@ -142,7 +144,7 @@ fn recover(stage: &Stage, queue: &Sender<u64>) -> anyhow::Result<()> {
             log::info!("recovery: {name} in active/ has no job: claiming it");
             match stage.claimed(&name) {
                 Ok(Next::Build(id)) => {
-                    let _ = queue.send(id);
+                    stage.enqueue(id);
                 }
                 Ok(Next::Nothing) => {}
                 Err(e) => log::error!("recovery: claiming {name}: {e}"),
@@ -158,7 +160,7 @@ fn recover(stage: &Stage, queue: &Sender<u64>) -> anyhow::Result<()> {
         match stage.advance(id) {
             Ok(Next::Build(id)) => {
                 queued += 1;
-                let _ = queue.send(id);
+                stage.enqueue(id);
             }
             Ok(Next::Nothing) => {
                 // A final push that failed before the restart is tried again now.
@@ -182,7 +184,7 @@ enum Wake {
     Timer,
 }
 
-fn claim_loop(stage: &Stage, queue: &Sender<u64>, stop: &Receiver<()>) -> anyhow::Result<()> {
+fn claim_loop(stage: &Stage, stop: &Receiver<()>) -> anyhow::Result<()> {
     let cfg = &stage.cfg.spool;
     let incoming = stage.spool.incoming.clone();
     let (fs_tx, fs_rx) = unbounded();
@@ -224,7 +226,7 @@ fn claim_loop(stage: &Stage, queue: &Sender<u64>, stop: &Receiver<()>) -> anyhow
                     && let Some(name) = path.file_name().and_then(|n| n.to_str())
                     && let Some(ready) = spool::moved_in_ready(&incoming, name, cfg.max_bytes)
                 {
-                    take(stage, queue, &mut scanner, ready, &mut unrecorded);
+                    take(stage, &mut scanner, ready, &mut unrecorded);
                 } else if !moved_in {
                     // A write in progress: look again when it may have become stable.
                     next_scan =
@@ -244,13 +246,13 @@ fn claim_loop(stage: &Stage, queue: &Sender<u64>, stop: &Receiver<()>) -> anyhow
                         _watcher = watch(cfg.watch, &incoming, &fs_tx);
                     }
                     for name in std::mem::take(&mut unrecorded) {
-                        record_claim(stage, queue, name, &mut unrecorded);
+                        record_claim(stage, name, &mut unrecorded);
                     }
                     for r in ready {
                         if stop.try_recv().is_ok() {
                             return Ok(());
                         }
-                        take(stage, queue, &mut scanner, r, &mut unrecorded);
+                        take(stage, &mut scanner, r, &mut unrecorded);
                     }
                     next_scan = Instant::now() + due.map_or(poll, |d| d.min(poll));
                 }
@@ -298,7 +300,6 @@ fn watch(
 /// Claims or rejects one ready name; errors are logged and the file stays for a later scan.
 fn take(
     stage: &Stage,
-    queue: &Sender<u64>,
     scanner: &mut Scanner,
     ready: Ready,
     unrecorded: &mut Vec<String>,
@@ -313,7 +314,7 @@ fn take(
         Ready::File(name) => {
             scanner.forget(&name);
             match stage.spool.claim(&name) {
-                Ok(true) => record_claim(stage, queue, name, unrecorded),
+                Ok(true) => record_claim(stage, name, unrecorded),
                 Ok(false) => {}
                 Err(e) => log::error!("{e}"),
             }
@@ -323,10 +324,10 @@ fn take(
 
 /// Records a file now in active/ as a job and moves it forward; if that fails the name is kept
 /// for the next scan.
-fn record_claim(stage: &Stage, queue: &Sender<u64>, name: String, unrecorded: &mut Vec<String>) {
+fn record_claim(stage: &Stage, name: String, unrecorded: &mut Vec<String>) {
     match stage.claimed(&name) {
         Ok(Next::Build(id)) => {
-            let _ = queue.send(id);
+            stage.enqueue(id);
         }
         Ok(Next::Nothing) => {}
         Err(e) => {

@@ -7,10 +7,12 @@
 pub mod build;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod durable;
 pub mod hooks;
 pub mod journal;
+pub mod ops;
 pub mod pool;
 pub mod process;
 pub mod spool;

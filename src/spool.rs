@@ -110,6 +110,11 @@ impl Spool {
         list(&self.active)
     }
 
+    /// The worker ids that have a folder in `active/`.
+    pub fn workers(&self) -> Result<Vec<String>, SpoolError> {
+        list(&self.root.join("active"))
+    }
+
     /// Claims `incoming/<name>` by renaming it into `active/<worker>/`. `Ok(false)` when the file
     /// is gone (another daemon took it) or a file of that name is still being worked on here.
     pub fn claim(&self, name: &str) -> Result<bool, SpoolError> {
@@ -229,6 +234,11 @@ fn not_regular(ft: &std::fs::FileType) -> Option<String> {
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The non-hidden names in a folder, sorted.
+pub fn list_names(dir: &Path) -> Result<Vec<String>, SpoolError> {
+    list(dir)
 }
 
 fn list(dir: &Path) -> Result<Vec<String>, SpoolError> {

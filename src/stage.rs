@@ -32,6 +32,8 @@ pub enum StageError {
     NoInput(u64),
     #[error("job {0} is not in the log")]
     NoJob(u64),
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub type Result<T> = std::result::Result<T, StageError>;
@@ -50,6 +52,12 @@ pub struct Stage {
     /// Jobs whose last step failed (I/O: disk full, a folder gone): job -> (due, delay).
     stalled: Mutex<BTreeMap<u64, (Instant, Duration)>>,
     wake: (Sender<()>, Receiver<()>),
+    /// The build pool's queue while the daemon runs (None offline and once stopping).
+    queue: Mutex<Option<Sender<u64>>>,
+    /// Running builds an operator cancelled (as opposed to a stop killing them).
+    cancelled_by_operator: Mutex<std::collections::HashSet<u64>>,
+    /// Serialises "is it still queued? then start it" against "is it queued? then cancel it".
+    start_lock: Mutex<()>,
 }
 
 /// The fold of the log, with lookups by image_id and by content.
@@ -123,6 +131,9 @@ impl Stage {
             push_retries: Mutex::new(BinaryHeap::new()),
             stalled: Mutex::new(BTreeMap::new()),
             wake: bounded(1),
+            queue: Mutex::new(None),
+            cancelled_by_operator: Mutex::new(Default::default()),
+            start_lock: Mutex::new(()),
         })
     }
 
@@ -130,37 +141,28 @@ impl Stage {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes one event durable, then applies it to the fold.
+    /// Makes one event durable (with the job's new projection), then applies it to the fold.
     pub fn record(&self, job: Option<u64>, kind: EventKind) -> Result<Event> {
-        let ev = self.journal.append(job, kind)?;
-        self.apply(&ev);
-        Ok(ev)
+        let mut evs = self.record_batch(vec![(job, kind)])?;
+        evs.pop().ok_or(StageError::NoInput(0))
     }
 
-    /// Several events with one flush.
+    /// Several events with one flush. The in-memory fold changes only once they are durable.
     pub fn record_batch(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
-        let evs = self.journal.append_batch(items)?;
+        let mut pending: HashMap<u64, Job> = HashMap::new();
+        let evs = self.journal.append_projected(items, |ev| {
+            let job = pending.entry(ev.job).or_insert_with(|| {
+                self.memory().jobs.get(&ev.job).cloned().unwrap_or_default()
+            });
+            job.apply(ev);
+            Some(job.clone())
+        })?;
+        let mut m = self.memory();
         for ev in &evs {
-            self.apply(ev);
+            log_event(ev);
+            m.apply(ev);
         }
         Ok(evs)
-    }
-
-    fn apply(&self, ev: &Event) {
-        log_event(ev);
-        let job = {
-            let mut m = self.memory();
-            m.apply(ev);
-            m.jobs.get(&ev.job).cloned()
-        };
-        if let Some(job) = job
-            && let Err(e) = self.journal.put_projection(&job)
-        {
-            log::warn!(
-                "job {}: cannot store its projection ({e}); replay will repair it",
-                job.id
-            );
-        }
     }
 
     pub fn job(&self, id: u64) -> Option<Job> {
@@ -188,7 +190,7 @@ impl Stage {
         let blocking = |other: &Job| {
             other.id != job.id
                 && match other.state {
-                    State::Claimed | State::Rejected => false,
+                    State::Claimed | State::Rejected | State::Moved => false,
                     State::Queued | State::Building | State::Interrupted => true,
                     State::Finished | State::Delivered => other.result == Some(true),
                 }
@@ -231,6 +233,32 @@ impl Stage {
                     describe(other)
                 )
             })
+    }
+
+    /// Connects the build pool's queue (None disconnects it, so the pool can drain).
+    pub fn set_queue(&self, queue: Option<Sender<u64>>) {
+        *self.queue.lock().unwrap_or_else(|p| p.into_inner()) = queue;
+    }
+
+    /// Hands a job to the build pool; false when no pool runs (offline, or stopping): the job
+    /// stays queued in the log and the next daemon start builds it.
+    pub fn enqueue(&self, id: u64) -> bool {
+        match &*self.queue.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(q) => q.send(id).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Moves a job forward and hands it to the pool when it needs a build; a failing step
+    /// stalls it (to be retried).
+    pub fn advance_and_enqueue(&self, id: u64) {
+        match self.advance(id) {
+            Ok(Next::Build(id)) => {
+                self.enqueue(id);
+            }
+            Ok(Next::Nothing) => {}
+            Err(e) => self.stall(id, &e),
+        }
     }
 
     pub fn stopping(&self) -> bool {
@@ -305,6 +333,7 @@ impl Stage {
             let job = self.job(id).ok_or(StageError::NoJob(id))?;
             match job.state {
                 State::Claimed => self.read_input(&job)?,
+                State::Moved => return Ok(Next::Nothing),
                 State::Rejected => {
                     if let Some(file) = &job.file {
                         let path = self.spool.active_path(file);
@@ -530,9 +559,8 @@ impl Stage {
         let _ = self.wake.0.try_send(());
     }
 
-    /// Runs due push retries and re-advances stalled jobs until `stop` fires. Jobs that need
-    /// a build again are sent to `queue`.
-    pub fn run_retries(&self, stop: &Receiver<()>, queue: &Sender<u64>) {
+    /// Runs due push retries and re-advances stalled jobs until `stop` fires.
+    pub fn run_retries(&self, stop: &Receiver<()>) {
         loop {
             let now = Instant::now();
             let next_push = self
@@ -558,7 +586,7 @@ impl Stage {
                 default(wait) => {}
             }
             self.run_due_pushes();
-            self.run_due_stalled(queue);
+            self.run_due_stalled();
         }
     }
 
@@ -598,7 +626,7 @@ impl Stage {
         self.push_attempt(&job, status, &reply, attempt)
     }
 
-    fn run_due_stalled(&self, queue: &Sender<u64>) {
+    fn run_due_stalled(&self) {
         let due: Vec<u64> = {
             let stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
@@ -617,7 +645,7 @@ impl Stage {
                         .remove(&id);
                     log::info!("job {id}: moving again");
                     if let Next::Build(id) = next {
-                        let _ = queue.send(id);
+                        self.enqueue(id);
                     }
                 }
                 Err(e) => self.stall(id, &e),
@@ -625,11 +653,118 @@ impl Stage {
         }
     }
 
+    /// `retry`: a finished job is queued again (the same workitem; its next build is attempt
+    /// + 1). Returns whether a build pool took it now (else the next start builds it).
+    pub fn retry(&self, id: u64) -> Result<bool> {
+        let job = self.job(id).ok_or(StageError::NoJob(id))?;
+        if !matches!(job.state, State::Finished | State::Delivered) || job.input_seq.is_none() {
+            return Err(StageError::Refused(format!(
+                "job {id} is {}: only a finished job can be retried",
+                job.state.as_str()
+            )));
+        }
+        self.record(
+            Some(id),
+            EventKind::Requeued {
+                reason: format!("retry by the operator (attempt {})", job.attempts + 1),
+                file: None,
+                from_worker: None,
+            },
+        )?;
+        Ok(self.enqueue(id))
+    }
+
+    /// `cancel`: a queued job is never built; a running one has its process group killed.
+    /// Both are answered in the outbox with the error "cancelled" and ERROR is pushed.
+    /// Returns true when the job was already answered, false when a running build was told
+    /// to stop (its build thread answers it).
+    pub fn cancel(&self, id: u64) -> Result<bool> {
+        let guard = self.start_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let job = self.job(id).ok_or(StageError::NoJob(id))?;
+        match job.state {
+            State::Queued | State::Interrupted | State::Building => {}
+            s => {
+                return Err(StageError::Refused(format!(
+                    "job {id} is {}: only a queued or running job can be cancelled",
+                    s.as_str()
+                )));
+            }
+        }
+        if job.state == State::Building {
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(tx) = running.get(&id) {
+                self.cancelled_by_operator
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id);
+                let _ = tx.try_send(());
+                return Ok(false);
+            }
+        }
+        let urls = job.urls.clone();
+        let events = self.record_batch(vec![
+            (
+                Some(id),
+                EventKind::Cancelled {
+                    reason: "cancelled by the operator".into(),
+                },
+            ),
+            (
+                Some(id),
+                EventKind::Finished {
+                    result: false,
+                    error: Some("cancelled".into()),
+                    urls,
+                },
+            ),
+        ]);
+        drop(guard);
+        events?;
+        self.advance(id)?;
+        Ok(true)
+    }
+
+    /// `requeue --worker W`: moves the files of another (dead) worker's `active/W/` back to
+    /// incoming/, each recorded first. Returns the names moved.
+    pub fn requeue_worker(&self, worker: &str) -> Result<Vec<String>> {
+        if worker == self.spool.worker {
+            return Err(StageError::Refused(format!(
+                "{worker} is this daemon's own worker id: its files are recovered on start"
+            )));
+        }
+        if worker.is_empty() || worker.starts_with('.') || worker.contains('/') {
+            return Err(StageError::Refused(format!("{worker:?} is not a worker id")));
+        }
+        let dir = self.spool.root.join("active").join(worker);
+        let names = crate::spool::list_names(&dir)?;
+        let mut moved = Vec::new();
+        for name in names {
+            let mut target = name.clone();
+            let mut n = 1;
+            while self.spool.incoming.join(&target).symlink_metadata().is_ok() {
+                target = format!("requeued-{n}-{name}");
+                n += 1;
+            }
+            self.record(
+                None,
+                EventKind::Requeued {
+                    reason: format!("moved active/{worker}/{name} back to incoming/{target}"),
+                    file: Some(name.clone()),
+                    from_worker: Some(worker.to_string()),
+                },
+            )?;
+            crate::durable::rename(&dir.join(&name), &self.spool.incoming.join(&target))?;
+            moved.push(target);
+        }
+        Ok(moved)
+    }
+
     /// Builds a queued job in this (pool) thread, then delivers and pushes.
     pub fn build(&self, id: u64) -> Result<()> {
         if self.stopping() {
             return Ok(());
         }
+        let guard = self.start_lock.lock().unwrap_or_else(|p| p.into_inner());
         let job = self.job(id).ok_or(StageError::NoJob(id))?;
         if !matches!(job.state, State::Queued | State::Interrupted) {
             return Ok(());
@@ -642,14 +777,16 @@ impl Stage {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, cancel_tx);
+        let started = self.record(
+            Some(id),
+            EventKind::Started {
+                mode: build::mode(w),
+                attempt: job.attempts + 1,
+            },
+        );
+        drop(guard);
         let result = (|| {
-            self.record(
-                Some(id),
-                EventKind::Started {
-                    mode: build::mode(w),
-                    attempt: job.attempts + 1,
-                },
-            )?;
+            started?;
             let planned = build::planned_urls(w, &spec);
             let building = workitem::reply(&input, None, None, &planned);
             if let Some(job) = self.job(id) {
@@ -671,7 +808,13 @@ impl Stage {
                         },
                     )?;
                 }
-                BuildEnd::Cancelled if self.stopping() => {
+                BuildEnd::Cancelled
+                    if !self
+                        .cancelled_by_operator
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id) =>
+                {
                     self.record(
                         Some(id),
                         EventKind::Interrupted {
@@ -728,7 +871,7 @@ fn log_event(ev: &Event) {
             error.as_deref().unwrap_or("")
         ),
         EventKind::Cancelled { reason }
-        | EventKind::Requeued { reason }
+        | EventKind::Requeued { reason, .. }
         | EventKind::Interrupted { reason } => reason.clone(),
     };
     log::info!(

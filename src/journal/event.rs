@@ -94,9 +94,17 @@ pub enum EventKind {
     Cancelled {
         reason: String,
     },
+    /// An operator asked for the job to be built again (`retry`), or (with `file`) moved a dead
+    /// worker's claimed file back to incoming/ (`requeue --worker`; the event opens a job of its
+    /// own, settled at once).
     Requeued {
         reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_worker: Option<String>,
     },
+
     /// A build was stopped by the daemon stopping or dying under it.
     Interrupted {
         reason: String,

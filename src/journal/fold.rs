@@ -26,6 +26,8 @@ pub enum State {
     Finished,
     /// The reply is in the outbox.
     Delivered,
+    /// A dead worker's claimed file handed back to incoming/ (`requeue --worker`).
+    Moved,
 }
 
 impl State {
@@ -38,6 +40,7 @@ impl State {
             State::Interrupted => "interrupted",
             State::Finished => "finished",
             State::Delivered => "delivered",
+            State::Moved => "moved",
         }
     }
 }
@@ -89,7 +92,7 @@ impl Job {
     /// (or every push attempt, 1 + `push_retries`, spent).
     pub fn is_settled(&self, push_retries: u32) -> bool {
         match self.state {
-            State::Rejected => true,
+            State::Rejected | State::Moved => true,
             State::Delivered => self.final_pushed || self.final_push_attempts > push_retries,
             _ => false,
         }
@@ -169,14 +172,26 @@ impl Job {
             EventKind::Cancelled { reason } => {
                 self.reason = Some(reason.clone());
             }
-            EventKind::Requeued { reason } => {
+            EventKind::Requeued {
+                reason,
+                file: Some(file),
+                from_worker,
+            } if self.input_seq.is_none() => {
+                self.state = State::Moved;
+                self.file = Some(file.clone());
+                self.worker = from_worker.clone();
+                self.reason = Some(reason.clone());
+            }
+            EventKind::Requeued { reason, .. } => {
                 self.state = State::Queued;
                 self.reason = Some(reason.clone());
                 self.result = None;
                 self.error = None;
+                self.urls = Urls::default();
                 self.outbox = None;
                 self.final_pushed = false;
                 self.final_push_attempts = 0;
+                self.finished_at = None;
             }
             EventKind::Interrupted { reason } => {
                 self.state = State::Interrupted;

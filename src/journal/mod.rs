@@ -105,12 +105,23 @@ impl Journal {
 
     /// Appends several events with one flush (group commit).
     pub fn append_batch(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
+        self.append_projected(items, |_| None)
+    }
+
+    /// Appends events with one flush; `project` gives, for each event, the job's state after it,
+    /// which is stored as the job's projection in the same flush.
+    pub fn append_projected(
+        &self,
+        items: Vec<(Option<u64>, EventKind)>,
+        mut project: impl FnMut(&Event) -> Option<Job>,
+    ) -> Result<Vec<Event>> {
         let mut out = Vec::with_capacity(items.len());
         {
             let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
             let mut batch = sled::Batch::default();
             let mut by_job = sled::Batch::default();
             let mut by_image = sled::Batch::default();
+            let mut jobs = sled::Batch::default();
             let mut seq = *next;
             for (job, kind) in items {
                 let ev = Event {
@@ -125,6 +136,10 @@ impl Journal {
                 if let Some(id) = image_id_of(&ev.kind) {
                     by_image.insert(image_key(id, ev.job), &[]);
                 }
+                if let Some(j) = project(&ev) {
+                    let bytes = serde_json::to_vec(&j).map_err(JournalError::Encode)?;
+                    jobs.insert(&j.id.to_be_bytes(), bytes);
+                }
                 out.push(ev);
                 seq += 1;
             }
@@ -133,6 +148,7 @@ impl Journal {
             self.by_job.apply_batch(by_job)?;
             self.by_image.apply_batch(by_image)?;
             self.events.apply_batch(batch)?;
+            self.jobs.apply_batch(jobs)?;
             *next = seq;
         }
         self.db.flush()?;

@@ -1,0 +1,353 @@
+//! What operators ask of the log: job listings, one job's story, the events, and the replay
+//! check. Pure functions of the journal and the spool, so a running daemon (over its control
+//! socket) and a command that opened the log itself give the same answers.
+
+use crate::build;
+use crate::config::Config;
+use crate::journal::{Event, EventKind, Job, Jobs, Journal, JournalError, State};
+use crate::spool::Spool;
+use crate::workitem;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::time::{Instant, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("no job with image_id or job number {0:?}")]
+    NotFound(String),
+}
+
+pub type Result<T> = std::result::Result<T, OpsError>;
+
+/// One line of `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusRow {
+    pub job: u64,
+    pub image_id: Option<String>,
+    /// claimed, queued, building, interrupted, finished (not yet answered), done, error,
+    /// rejected, moved.
+    pub state: String,
+    pub name: Option<String>,
+    pub arch: Option<String>,
+    pub image_type: Option<String>,
+    pub worker: Option<String>,
+    pub file: Option<String>,
+    pub started: Option<String>,
+    /// Seconds from start to finish (or to now, while building).
+    pub duration: Option<f64>,
+    pub attempts: u32,
+    pub result: Option<bool>,
+    pub error: Option<String>,
+}
+
+/// The state word operators see.
+pub fn display_state(job: &Job) -> &'static str {
+    match job.state {
+        State::Delivered if job.result == Some(true) => "done",
+        State::Delivered => "error",
+        s => s.as_str(),
+    }
+}
+
+fn seconds_between(from: &str, to: Option<&str>) -> Option<f64> {
+    let start = humantime::parse_rfc3339(from).ok()?;
+    let end = match to {
+        Some(t) => humantime::parse_rfc3339(t).ok()?,
+        None => SystemTime::now(),
+    };
+    end.duration_since(start).ok().map(|d| d.as_secs_f64())
+}
+
+pub fn status_row(job: &Job) -> StatusRow {
+    let duration = job.started_at.as_deref().and_then(|s| {
+        let end = match job.state {
+            State::Building => None,
+            _ => Some(job.finished_at.as_deref().unwrap_or(s)),
+        };
+        seconds_between(s, end)
+    });
+    StatusRow {
+        job: job.id,
+        image_id: job.image_id.clone(),
+        state: display_state(job).to_string(),
+        name: job.name.clone(),
+        arch: job.arch.clone(),
+        image_type: job.image_type.clone(),
+        worker: job.worker.clone(),
+        file: job.file.clone(),
+        started: job.started_at.clone(),
+        duration,
+        attempts: job.attempts,
+        result: job.result,
+        error: job.error.clone(),
+    }
+}
+
+/// `status`: newest first, filtered by display state, at most `limit` rows.
+pub fn status(jobs: &Jobs, state: Option<&str>, limit: Option<usize>) -> Vec<StatusRow> {
+    jobs.values()
+        .rev()
+        .filter(|j| state.is_none_or(|s| display_state(j) == s))
+        .take(limit.unwrap_or(usize::MAX))
+        .map(status_row)
+        .collect()
+}
+
+/// Finds a job: the newest with this image_id, else the job number.
+pub fn resolve(journal: &Journal, id: &str) -> Result<u64> {
+    if let Some(job) = journal.jobs_for_image(id)?.last() {
+        return Ok(*job);
+    }
+    if let Ok(n) = id.trim_start_matches('#').parse::<u64>()
+        && !journal.job_events(n)?.is_empty()
+    {
+        return Ok(n);
+    }
+    Err(OpsError::NotFound(id.to_string()))
+}
+
+/// `show`: one job's events, state and current workitem.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub job: Job,
+    pub events: Vec<Event>,
+    /// The workitem as the outbox has it (or will have it: before the end, with the URLs known
+    /// so far and no result).
+    pub workitem: Option<Value>,
+    pub log_path: Option<String>,
+    pub logfile_url: Option<String>,
+}
+
+pub fn show(journal: &Journal, cfg: &Config, id: &str) -> Result<JobView> {
+    let job_id = resolve(journal, id)?;
+    let events = journal.job_events(job_id)?;
+    let job = crate::journal::fold::fold(&events)
+        .remove(&job_id)
+        .ok_or_else(|| OpsError::NotFound(id.to_string()))?;
+    let mut workitem = None;
+    let mut log_path = None;
+    let mut logfile_url = None;
+    for ev in &events {
+        match &ev.kind {
+            EventKind::Queued { spec, input, .. } => {
+                let path = build::log_path(&cfg.worker, spec);
+                logfile_url = build::url_for(&cfg.worker, &path);
+                log_path = Some(path.display().to_string());
+                let urls = if job.result.is_some() {
+                    job.urls.clone()
+                } else {
+                    build::planned_urls(&cfg.worker, spec)
+                };
+                workitem = Some(workitem::reply(input, job.result, job.error.as_deref(), &urls));
+            }
+            EventKind::Invalid { input, .. } => {
+                workitem = Some(workitem::reply(input, job.result, job.error.as_deref(), &job.urls));
+            }
+            _ => {}
+        }
+    }
+    Ok(JobView {
+        job,
+        events,
+        workitem,
+        log_path,
+        logfile_url,
+    })
+}
+
+/// Which events `events` prints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventFilter {
+    pub since: u64,
+    pub image: Option<String>,
+    pub kind: Option<String>,
+}
+
+/// The events matching `f`, in order, from seq `f.since` on.
+pub fn events(journal: &Journal, f: &EventFilter) -> Result<Vec<Event>> {
+    let keep = |e: &Event| f.kind.as_deref().is_none_or(|k| e.kind.name() == k);
+    match &f.image {
+        Some(image) => {
+            let mut out = Vec::new();
+            for job in journal.jobs_for_image(image)? {
+                out.extend(
+                    journal
+                        .job_events(job)?
+                        .into_iter()
+                        .filter(|e| e.seq >= f.since && keep(e)),
+                );
+            }
+            out.sort_by_key(|e| e.seq);
+            Ok(out)
+        }
+        None => {
+            let mut out = Vec::new();
+            for e in journal.since(f.since) {
+                let e = e?;
+                if keep(&e) {
+                    out.push(e);
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// One event as a line for people.
+pub fn event_line(e: &Event) -> String {
+    let detail = match &e.kind {
+        EventKind::Claimed {
+            file,
+            worker,
+            bytes,
+            sha256,
+        } => format!("{file} by {worker}, {bytes} bytes, sha256 {}", &sha256[..sha256.len().min(12)]),
+        EventKind::Rejected { file, reason } => format!("{file}: {reason}"),
+        EventKind::Invalid {
+            image_id, error, ..
+        } => format!("{} {error}", image_id.as_deref().unwrap_or("-")),
+        EventKind::Queued { image_id, spec, .. } => format!(
+            "{image_id} {} {} {} prefix {}",
+            spec.name, spec.arch, spec.image_type, spec.prefix
+        ),
+        EventKind::Started { mode, attempt } => format!("{mode:?} attempt {attempt}"),
+        EventKind::Finished { result, error, urls } => match (result, error) {
+            (true, _) => format!("ok {}", urls.image_url.as_deref().unwrap_or("")),
+            (false, e) => format!("failed: {}", e.as_deref().unwrap_or("")),
+        },
+        EventKind::Delivered { outbox } => format!("outbox/{outbox}"),
+        EventKind::Pushed {
+            status,
+            exit,
+            ok,
+            error,
+        } => format!(
+            "{} {}{}",
+            status.as_str(),
+            if *ok { "ok" } else { "FAILED" },
+            match (exit, error) {
+                (_, Some(e)) => format!(": {e}"),
+                (Some(c), None) if *c != 0 => format!(" (exit {c})"),
+                _ => String::new(),
+            }
+        ),
+        EventKind::Cancelled { reason }
+        | EventKind::Interrupted { reason }
+        | EventKind::Requeued { reason, .. } => reason.clone(),
+    };
+    format!("{:>8} {} job {:<6} {:<11} {detail}", e.seq, e.ts, e.job, e.kind.name())
+}
+
+/// What `replay` found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplayReport {
+    pub events: u64,
+    pub jobs: usize,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub disagreements: Vec<String>,
+}
+
+/// Folds the whole log from empty and compares it with the stored projections and with the
+/// spool of `spool.worker`.
+pub fn replay(journal: &Journal, spool: &Spool) -> Result<ReplayReport> {
+    let horizon = journal.next_seq();
+    let started = Instant::now();
+    let mut jobs = Jobs::new();
+    let mut n = 0u64;
+    for ev in journal.since(0) {
+        let ev = ev?;
+        if ev.seq >= horizon {
+            break;
+        }
+        crate::journal::fold::apply(&mut jobs, &ev);
+        n += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut d = Vec::new();
+
+    // Projections.
+    let stored = journal.projections()?;
+    for (id, job) in &jobs {
+        match stored.get(id) {
+            None => d.push(format!("job {id}: no stored projection")),
+            Some(p) if p.last_seq >= horizon => {} // written after we started: newer, not wrong
+            Some(p) if p != job => d.push(format!(
+                "job {id}: the stored projection says {} (seq {}), the log says {} (seq {})",
+                p.state.as_str(),
+                p.last_seq,
+                job.state.as_str(),
+                job.last_seq
+            )),
+            Some(_) => {}
+        }
+    }
+    for id in stored.keys().filter(|id| !jobs.contains_key(id)) {
+        d.push(format!("job {id}: a stored projection with no events"));
+    }
+
+    // The spool.
+    let worker = &spool.worker;
+    let mine: Vec<&Job> = jobs
+        .values()
+        .filter(|j| j.worker.as_deref() == Some(worker.as_str()))
+        .collect();
+    let mut newest_by_file: HashMap<&str, &Job> = HashMap::new();
+    for j in &mine {
+        if let Some(f) = &j.file {
+            newest_by_file.insert(f, j);
+        }
+    }
+    let live = |j: &Job| {
+        matches!(
+            j.state,
+            State::Claimed | State::Queued | State::Building | State::Interrupted | State::Finished
+        )
+    };
+    let active = spool.active_files().unwrap_or_default();
+    let active_set: HashSet<&str> = active.iter().map(String::as_str).collect();
+    for name in &active {
+        match newest_by_file.get(name.as_str()) {
+            Some(j) if live(j) => {}
+            Some(j) => d.push(format!(
+                "active/{worker}/{name}: its job {} is {}, yet the file is still there",
+                j.id,
+                j.state.as_str()
+            )),
+            None => d.push(format!("active/{worker}/{name}: no job claims it")),
+        }
+    }
+    for j in mine.iter().filter(|j| live(j)) {
+        if let Some(f) = &j.file
+            && !active_set.contains(f.as_str())
+        {
+            d.push(format!(
+                "job {} ({}) is {}, but its file active/{worker}/{f} is gone",
+                j.id,
+                j.image_id.as_deref().unwrap_or("-"),
+                j.state.as_str()
+            ));
+        }
+    }
+    let delivered: HashSet<&str> = mine.iter().filter_map(|j| j.outbox.as_deref()).collect();
+    let claimed_here: HashSet<&str> = mine.iter().filter_map(|j| j.file.as_deref()).collect();
+    for name in crate::spool::list_names(&spool.outbox).unwrap_or_default() {
+        if claimed_here.contains(name.as_str()) && !delivered.contains(name.as_str()) {
+            d.push(format!(
+                "outbox/{name}: this worker claimed {name} but the log has no delivered event for it"
+            ));
+        }
+    }
+    Ok(ReplayReport {
+        events: n,
+        jobs: jobs.len(),
+        seconds,
+        events_per_second: if seconds > 0.0 { n as f64 / seconds } else { 0.0 },
+        disagreements: d,
+    })
+}
