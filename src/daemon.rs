@@ -39,83 +39,169 @@ pub fn groups_dir(state_dir: &Path) -> PathBuf {
 
 /// Runs the daemon until `stop` receives a message (or is disconnected).
 pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
-    let worker = cfg.worker_id();
-    let spool = Spool::new(&cfg.spool.dir, &worker);
-    spool.create_dirs()?;
-    let state_dir = cfg.state_dir();
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
-    let journal = open_journal(&state_dir, Duration::from_secs(5))?;
-    log::info!(
-        "build-image {} worker {worker} spool {} state {} ({} build slot(s), {:?} mode)",
-        env!("CARGO_PKG_VERSION"),
-        spool.root.display(),
-        state_dir.display(),
-        cfg.worker.workers,
-        crate::build::mode(&cfg.worker),
-    );
-    // Children of an earlier life of this daemon (SIGKILLed) must not build beside the new one.
-    let groups = groups_dir(&state_dir);
-    let killed = crate::process::kill_registered_groups(&groups);
-    if !killed.is_empty() {
-        log::warn!(
-            "killed {} process group(s) left by the previous run",
-            killed.len()
-        );
-    }
-    let stage = Arc::new(Stage::new(cfg, spool, journal, state_dir)?);
-
-    let worker_stage = Arc::clone(&stage);
-    let pool = Pool::start(
-        stage.cfg.worker.workers,
-        Arc::new(move |id| {
-            crate::process::register_groups_in(&groups_dir(&worker_stage.state_dir));
-            if let Err(e) = worker_stage.build(id) {
-                worker_stage.stall(id, &e);
-            }
-        }),
-    )?;
-    stage.set_queue(pool.sender());
-
-    crate::process::register_groups_in(&groups_dir(&stage.state_dir));
-    recover(&stage)?;
-
-    let (retry_stop_tx, retry_stop) = bounded::<()>(1);
-    let retry_thread = {
-        let stage = Arc::clone(&stage);
-        std::thread::Builder::new()
-            .name("retries".into())
-            .spawn(move || {
-                crate::process::register_groups_in(&groups_dir(&stage.state_dir));
-                stage.run_retries(&retry_stop)
-            })?
-    };
-    let control = crate::control::Server::start(Arc::clone(&stage))?;
-
-    let result = claim_loop(&stage, &stop);
-
-    log::info!("stopping: no more claims; waiting for running builds");
-    stage.set_stopping();
-    control.stop();
-    drop(retry_stop_tx);
-    let _ = retry_thread.join();
-    stage.set_queue(None);
-    let grace = Duration::from_secs(stage.cfg.worker.grace);
-    pool.close(grace, || {
-        log::warn!(
-            "grace period of {} s over: killing running builds",
-            grace.as_secs()
-        );
-        stage.cancel_running();
-    });
-    stage.journal.flush()?;
-    log::info!("stopped");
+    let running = Running::start(cfg)?;
+    let result = claim_loop(&running.stage, &stop, None);
+    running.shutdown()?;
     result
+}
+
+/// `run --once`: claims what is in incoming/ when it starts (and finishes what an earlier run
+/// left unfinished), waits for those jobs to be answered, and stops. Ok(true) when every one of
+/// them succeeded. A stop signal ends it early (Ok(false)).
+pub fn run_once(cfg: Config, stop: Receiver<()>) -> anyhow::Result<bool> {
+    let first_new = {
+        // Jobs opened from here on are this run's.
+        let running = Running::start(cfg)?;
+        let first_new = running.first_seq;
+        let initial: std::collections::HashSet<String> =
+            crate::spool::list_names(&running.stage.spool.incoming)?
+                .into_iter()
+                .filter(|n| !spool::ignored_name(n))
+                .collect();
+        log::info!("--once: {} file(s) in incoming/", initial.len());
+        let result = claim_loop(&running.stage, &stop, Some(initial));
+        let stage = Arc::clone(&running.stage);
+        let tracked: Vec<u64> = running.unsettled_at_start.clone();
+        let push = stage.cfg.hooks.push.is_some();
+        let done = |j: &crate::journal::Job| {
+            matches!(j.state, State::Delivered | State::Rejected | State::Moved)
+                && (!push
+                    || j.state != State::Delivered
+                    || j.final_pushed
+                    || j.final_push_attempts > 0)
+        };
+        let mut ok = result.is_ok();
+        let mut stopped = false;
+        loop {
+            let jobs = stage.all_jobs();
+            let mine: Vec<&crate::journal::Job> = jobs
+                .values()
+                .filter(|j| j.id >= first_new || tracked.contains(&j.id))
+                .filter(|j| j.worker.as_deref().is_none_or(|w| w == stage.spool.worker))
+                .collect();
+            if mine.iter().all(|j| done(j)) {
+                let failed = mine.iter().filter(|j| j.result != Some(true)).count();
+                log::info!("--once: {} job(s), {failed} failed", mine.len());
+                ok &= failed == 0;
+                break;
+            }
+            select! {
+                recv(stop) -> _ => { stopped = true; break; }
+                default(Duration::from_millis(50)) => {}
+            }
+        }
+        running.shutdown()?;
+        result?;
+        (ok && !stopped, first_new)
+    };
+    Ok(first_new.0)
+}
+
+/// A started daemon: the stage, its pool, the retry thread and the control socket.
+struct Running {
+    stage: Arc<Stage>,
+    pool: Pool,
+    retry_stop: Sender<()>,
+    retry_thread: std::thread::JoinHandle<()>,
+    control: crate::control::Server,
+    /// The first seq of this run: jobs with a higher id were opened by it.
+    first_seq: u64,
+    /// Jobs recovery found unfinished.
+    unsettled_at_start: Vec<u64>,
+}
+
+impl Running {
+    fn start(cfg: Config) -> anyhow::Result<Running> {
+        let worker = cfg.worker_id();
+        let spool = Spool::new(&cfg.spool.dir, &worker);
+        spool.create_dirs()?;
+        let state_dir = cfg.state_dir();
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
+        let journal = open_journal(&state_dir, Duration::from_secs(5))?;
+        log::info!(
+            "build-image {} worker {worker} spool {} state {} ({} build slot(s), {:?} mode)",
+            env!("CARGO_PKG_VERSION"),
+            spool.root.display(),
+            state_dir.display(),
+            cfg.worker.workers,
+            crate::build::mode(&cfg.worker),
+        );
+        // Children of an earlier life of this daemon (SIGKILLed) must not build beside the new one.
+        let groups = groups_dir(&state_dir);
+        let killed = crate::process::kill_registered_groups(&groups);
+        if !killed.is_empty() {
+            log::warn!(
+                "killed {} process group(s) left by the previous run",
+                killed.len()
+            );
+        }
+        let stage = Arc::new(Stage::new(cfg, spool, journal, state_dir)?);
+        let first_seq = stage.journal.next_seq();
+
+        let worker_stage = Arc::clone(&stage);
+        let pool = Pool::start(
+            stage.cfg.worker.workers,
+            Arc::new(move |id| {
+                crate::process::register_groups_in(&groups_dir(&worker_stage.state_dir));
+                if let Err(e) = worker_stage.build(id) {
+                    worker_stage.stall(id, &e);
+                }
+            }),
+        )?;
+        stage.set_queue(pool.sender());
+
+        crate::process::register_groups_in(&groups_dir(&stage.state_dir));
+        let unsettled_at_start = recover(&stage)?;
+
+        let (retry_stop, retry_rx) = bounded::<()>(1);
+        let retry_thread = {
+            let stage = Arc::clone(&stage);
+            std::thread::Builder::new()
+                .name("retries".into())
+                .spawn(move || {
+                    crate::process::register_groups_in(&groups_dir(&stage.state_dir));
+                    stage.run_retries(&retry_rx)
+                })?
+        };
+        let control = crate::control::Server::start(Arc::clone(&stage))?;
+        Ok(Running {
+            stage,
+            pool,
+            retry_stop,
+            retry_thread,
+            control,
+            first_seq,
+            unsettled_at_start,
+        })
+    }
+
+    fn shutdown(self) -> anyhow::Result<()> {
+        let stage = self.stage;
+        log::info!("stopping: no more claims; waiting for running builds");
+        stage.set_stopping();
+        self.control.stop();
+        drop(self.retry_stop);
+        let _ = self.retry_thread.join();
+        stage.set_queue(None);
+        let grace = Duration::from_secs(stage.cfg.worker.grace);
+        self.pool.close(grace, || {
+            log::warn!(
+                "grace period of {} s over: killing running builds",
+                grace.as_secs()
+            );
+            stage.cancel_running();
+        });
+        stage.journal.flush()?;
+        log::info!("stopped");
+        Ok(())
+    }
 }
 
 /// Reconciles the log with the spool, then moves every unsettled job forward: the normal steps,
 /// run again.
-fn recover(stage: &Stage) -> anyhow::Result<()> {
+/// Returns the jobs it found unsettled.
+fn recover(stage: &Stage) -> anyhow::Result<Vec<u64>> {
     crate::build::kvm::recover_orphans(&stage.cfg.worker);
     let jobs = stage.all_jobs();
     let mine = |job: &crate::journal::Job| {
@@ -153,10 +239,12 @@ fn recover(stage: &Stage) -> anyhow::Result<()> {
     }
     let retries = stage.cfg.hooks.retries;
     let mut queued = 0;
+    let mut unsettled = Vec::new();
     for (id, job) in jobs {
         if job.is_settled(retries) || !mine(&job) {
             continue;
         }
+        unsettled.push(id);
         match stage.advance(id) {
             Ok(Next::Build(id)) => {
                 queued += 1;
@@ -175,7 +263,7 @@ fn recover(stage: &Stage) -> anyhow::Result<()> {
     if queued > 0 {
         log::info!("recovery: {queued} job(s) queued again");
     }
-    Ok(())
+    Ok(unsettled)
 }
 
 enum Wake {
@@ -184,7 +272,13 @@ enum Wake {
     Timer,
 }
 
-fn claim_loop(stage: &Stage, stop: &Receiver<()>) -> anyhow::Result<()> {
+/// Claims until `stop`; with `only`, claims just those names and returns once none of them is
+/// left in incoming/.
+fn claim_loop(
+    stage: &Stage,
+    stop: &Receiver<()>,
+    mut only: Option<std::collections::HashSet<String>>,
+) -> anyhow::Result<()> {
     let cfg = &stage.cfg.spool;
     let incoming = stage.spool.incoming.clone();
     let (fs_tx, fs_rx) = unbounded();
@@ -221,6 +315,7 @@ fn claim_loop(stage: &Stage, stop: &Receiver<()>) -> anyhow::Result<()> {
                     ))
                 );
                 if moved_in
+                    && only.is_none()
                     && let Some(path) = ev.paths.last()
                     && path.parent() == Some(incoming.as_path())
                     && let Some(name) = path.file_name().and_then(|n| n.to_str())
@@ -252,7 +347,21 @@ fn claim_loop(stage: &Stage, stop: &Receiver<()>) -> anyhow::Result<()> {
                         if stop.try_recv().is_ok() {
                             return Ok(());
                         }
+                        if let Some(names) = &only {
+                            let name = match &r {
+                                Ready::File(n) | Ready::Reject(n, _) => n,
+                            };
+                            if !names.contains(name) {
+                                continue;
+                            }
+                        }
                         take(stage, &mut scanner, r, &mut unrecorded);
+                    }
+                    if let Some(names) = &mut only {
+                        names.retain(|n| stage.spool.incoming.join(n).symlink_metadata().is_ok());
+                        if names.is_empty() && unrecorded.is_empty() {
+                            return Ok(());
+                        }
                     }
                     next_scan = Instant::now() + due.map_or(poll, |d| d.min(poll));
                 }

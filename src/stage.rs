@@ -48,7 +48,7 @@ pub struct Stage {
     running: Mutex<HashMap<u64, Sender<()>>>,
     stopping: AtomicBool,
     /// Pushes to try again: (due, job, status, attempt).
-    push_retries: Mutex<BinaryHeap<Reverse<(Instant, u64, Status, u32)>>>,
+    push_retries: Mutex<BinaryHeap<Reverse<PushRetry>>>,
     /// Jobs whose last step failed (I/O: disk full, a folder gone): job -> (due, delay).
     stalled: Mutex<BTreeMap<u64, (Instant, Duration)>>,
     wake: (Sender<()>, Receiver<()>),
@@ -59,6 +59,9 @@ pub struct Stage {
     /// Serialises "is it still queued? then start it" against "is it queued? then cancel it".
     start_lock: Mutex<()>,
 }
+
+/// A push to try again: (due, job, status, attempt).
+type PushRetry = (Instant, u64, Status, u32);
 
 /// The fold of the log, with lookups by image_id and by content.
 #[derive(Default)]

@@ -1,20 +1,26 @@
-//! The command line: parses arguments, loads the config, and calls the library.
+//! The command line: parses arguments, loads the config, and calls the library. One file per
+//! command family; the dispatcher is a flat match.
 //!
-//! Exit codes: 0 success, 1 failure (a build failed, a check failed), 2 usage or config error.
+//! Exit codes: 0 success, 1 failure (a build failed, a check failed, a disagreement), 2 usage or
+//! config error, 3 `submit --wait` timed out.
 
+pub mod access;
+pub mod actions;
 pub mod doctor;
+pub mod query;
+pub mod submit;
 
 use crate::config::Config;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "build-image",
     version,
     about = "Builds OS images with mic from workitems dropped into a spool directory",
-    after_help = "Exit codes: 0 success, 1 failure, 2 usage or configuration error.\n\
+    after_help = "Exit codes: 0 success, 1 failure, 2 usage or configuration error (see each command's --help).\n\
                   Logging: RUST_LOG=info (default), debug, warn."
 )]
 pub struct Cli {
@@ -37,20 +43,97 @@ pub struct Global {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: watch incoming/, build, answer in outbox/.
-    #[command(
-        after_help = "Examples:\n  build-image run\n  build-image --config /etc/build-image.toml run\n\n\
+    #[command(after_help = "Examples:\n  build-image run\n  build-image --config /etc/build-image.toml run\n  \
+                            build-image run --once        # from cron: drain incoming/ and exit\n\n\
                             SIGTERM or SIGINT: stop claiming, let running builds finish (up to [worker] grace seconds), exit 0.\n\
-                            Exit codes: 0 stopped cleanly, 2 configuration error, 1 any other failure to start."
-    )]
-    Run,
-    /// Drop workitem files into incoming/ safely (copy to tmp/, then rename).
-    #[command(after_help = "Examples:\n  build-image submit job1.json job2.json\n\n\
-                            Prints the image_id of each workitem dropped.\n\
-                            Exit codes: 0 all dropped, 1 a file could not be read or dropped, 2 usage error.")]
-    Submit {
-        /// Workitem JSON files.
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
+                            Exit codes: 0 stopped cleanly (--once: every job succeeded), 1 a job failed (--once) or the daemon \
+                            could not start (e.g. another daemon holds the state dir), 2 configuration error.")]
+    Run {
+        /// Claim what is in incoming/ now, wait for those builds, exit (0 all succeeded, 1 otherwise).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Drop workitems into incoming/ safely (write to tmp/, then rename).
+    #[command(after_help = "Examples:\n  build-image submit job1.json job2.json\n  \
+                            build-image submit --kickstart mer.ks --name mer-core --arch i586 --type fs --wait\n  \
+                            build-image submit --kickstart ks --name n --arch armv7hl --type loop --release 0.1 \
+                            --extra-opt=--pkgmgr=zypp --id nightly-42\n\n\
+                            Prints the image_id of each workitem dropped (generated when --id is not given).\n\
+                            Exit codes: 0 dropped (with --wait: built successfully), 1 a file could not be dropped \
+                            (with --wait: the build failed or the input was rejected), 2 usage error, 3 --wait timed out.")]
+    Submit(submit::SubmitArgs),
+    /// One line per job: id, state, name, arch, type, worker, started, duration, result.
+    #[command(after_help = "Examples:\n  build-image status\n  build-image status --state building\n  \
+                            build-image status --json --limit 20\n\n\
+                            States: claimed, queued, building, interrupted, finished (answer not yet in the outbox), \
+                            done, error, rejected, moved.\nExit codes: 0, 1 the log cannot be read, 2 usage.")]
+    Status {
+        /// A JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only jobs in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many jobs (newest first).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// A job's events and its current workitem fields (by image_id, or job number).
+    #[command(after_help = "Examples:\n  build-image show 42-1700000000\n  build-image show 17 --json\n\n\
+                            Exit codes: 0, 1 no such job, 2 usage.")]
+    Show {
+        /// image_id (the newest job with it) or job number.
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The event log, as text or JSON Lines.
+    #[command(after_help = "Examples:\n  build-image events --since 1000\n  build-image events --image 42-1700000000 --json\n  \
+                            build-image events --kind finished --follow\n\n\
+                            --follow keeps printing new events until interrupted.\nExit codes: 0, 1 the log cannot be read, 2 usage.")]
+    Events {
+        /// Start at this seq.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Only the events of jobs with this image_id.
+        #[arg(long)]
+        image: Option<String>,
+        /// Only events of this kind (claimed, queued, started, finished, delivered, pushed, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Keep printing new events.
+        #[arg(long)]
+        follow: bool,
+        /// JSON Lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fold the log from empty; compare it with the stored projections and the spool.
+    #[command(after_help = "Examples:\n  build-image replay\n  build-image replay --json\n\n\
+                            Prints each disagreement (files in active/ no job claims, jobs whose file is gone, outbox \
+                            files with no delivered event, projections that differ from the log) and the replay speed.\n\
+                            Exit codes: 0 no disagreement, 1 disagreements (or the log cannot be read), 2 usage.")]
+    Replay {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a finished job again (same workitem, attempt + 1).
+    #[command(after_help = "Examples:\n  build-image retry 42-1700000000\n\n\
+                            Without a running daemon the job is queued in the log and built by the next start.\n\
+                            Exit codes: 0 queued, 1 no such job or it is not finished, 2 usage.")]
+    Retry { id: String },
+    /// Cancel a queued job (never built) or a running one (its process group is killed).
+    #[command(after_help = "Examples:\n  build-image cancel 42-1700000000\n\n\
+                            The job is answered in the outbox with the error \"cancelled\" and ERROR is pushed.\n\
+                            Exit codes: 0 cancelled, 1 no such job or it is not queued/running, 2 usage.")]
+    Cancel { id: String },
+    /// Move a dead worker's claimed files (active/W/) back to incoming/.
+    #[command(after_help = "Examples:\n  build-image requeue --worker buildhost2\n\n\
+                            Only for a host that is down for good: its daemon must not be running.\n\
+                            Exit codes: 0 moved (or nothing to move), 1 failure, 2 usage.")]
+    Requeue {
+        #[arg(long)]
+        worker: String,
     },
     /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites.
     #[command(after_help = "Examples:\n  build-image doctor\n  build-image --config /etc/build-image.toml doctor\n\n\
@@ -89,8 +172,26 @@ pub fn main() -> i32 {
         }
     };
     let res = match cli.command {
-        Command::Run => run(cfg),
-        Command::Submit { files } => submit(&cfg, &files),
+        Command::Run { once } => run(cfg, once),
+        Command::Submit(args) => submit::run(&cfg, &args),
+        Command::Status { json, state, limit } => query::status(&cfg, json, state, limit),
+        Command::Show { id, json } => query::show(&cfg, &id, json),
+        Command::Events {
+            since,
+            image,
+            kind,
+            follow,
+            json,
+        } => query::events(
+            &cfg,
+            crate::ops::EventFilter { since, image, kind },
+            follow,
+            json,
+        ),
+        Command::Replay { json } => query::replay(&cfg, json),
+        Command::Retry { id } => actions::retry(&cfg, &id),
+        Command::Cancel { id } => actions::cancel(&cfg, &id),
+        Command::Requeue { worker } => actions::requeue(&cfg, &worker),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
     };
     match res {
@@ -117,7 +218,8 @@ pub fn describe(e: &anyhow::Error) -> String {
     out
 }
 
-fn run(cfg: Config) -> anyhow::Result<i32> {
+/// A channel that fires on SIGTERM or SIGINT.
+pub fn stop_on_signals() -> anyhow::Result<crossbeam_channel::Receiver<()>> {
     let (tx, rx) = crossbeam_channel::bounded::<()>(1);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -130,12 +232,21 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
             let _ = tx.send(());
         }
     });
-    crate::daemon::run(cfg, rx)?;
+    Ok(rx)
+}
+
+fn run(cfg: Config, once: bool) -> anyhow::Result<i32> {
+    let stop = stop_on_signals()?;
+    if once {
+        let all_ok = crate::daemon::run_once(cfg, stop)?;
+        return Ok(if all_ok { 0 } else { 1 });
+    }
+    crate::daemon::run(cfg, stop)?;
     Ok(0)
 }
 
-/// Drops one workitem file: copy into tmp/, fsync, rename into incoming/.
-pub fn drop_file(spool_dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+/// Drops one workitem file: write into tmp/, fsync, rename into incoming/.
+pub fn drop_file(spool_dir: &std::path::Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
     let tmp_dir = spool_dir.join("tmp");
     let incoming = spool_dir.join("incoming");
     for d in [&tmp_dir, &incoming] {
@@ -143,9 +254,7 @@ pub fn drop_file(spool_dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<P
             d.is_dir(),
             "spool {} has no {} folder: is --spool (or [spool] dir) right, and has the daemon run once?",
             spool_dir.display(),
-            d.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
+            d.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
         );
     }
     let tmp = tmp_dir.join(name);
@@ -153,33 +262,4 @@ pub fn drop_file(spool_dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<P
     let target = incoming.join(name);
     crate::durable::rename(&tmp, &target)?;
     Ok(target)
-}
-
-fn submit(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<i32> {
-    let mut code = 0;
-    for f in files {
-        let res = (|| -> anyhow::Result<String> {
-            let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-            let v = crate::workitem::parse_object(&bytes)
-                .with_context(|| format!("{} is not a workitem", f.display()))?;
-            let id = crate::workitem::raw_image_id(&v).unwrap_or_default();
-            let name = f
-                .file_name()
-                .and_then(|n| n.to_str())
-                .filter(|n| !crate::spool::ignored_name(n))
-                .with_context(|| {
-                    format!("{}: not a usable file name for incoming/", f.display())
-                })?;
-            drop_file(&cfg.spool.dir, name, &bytes)?;
-            Ok(id)
-        })();
-        match res {
-            Ok(id) => println!("{id}"),
-            Err(e) => {
-                eprintln!("build-image: {}", describe(&e));
-                code = 1;
-            }
-        }
-    }
-    Ok(code)
 }

@@ -1,0 +1,170 @@
+//! `status`, `show`, `events`, `replay`: reading the log, through the daemon or directly.
+
+use super::access::{open_log, query};
+use crate::config::Config;
+use crate::control::{Client, Request};
+use crate::ops::{self, EventFilter, JobView, ReplayReport, StatusRow};
+use comfy_table::{Table, presets::NOTHING};
+use std::time::Duration;
+
+pub fn status(
+    cfg: &Config,
+    json: bool,
+    state: Option<String>,
+    limit: Option<usize>,
+) -> anyhow::Result<i32> {
+    let req = Request::Status {
+        state: state.clone(),
+        limit,
+    };
+    let rows: Vec<StatusRow> = query(cfg, &req, |_| true, |journal, _| {
+        Ok(ops::status(&journal.projections()?, state.as_deref(), limit))
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", status_table(&rows));
+    }
+    Ok(0)
+}
+
+/// The aligned table people read.
+pub fn status_table(rows: &[StatusRow]) -> String {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(vec![
+        "JOB", "IMAGE_ID", "STATE", "NAME", "ARCH", "TYPE", "WORKER", "STARTED", "DURATION", "RESULT",
+    ]);
+    let dash = || "-".to_string();
+    for r in rows {
+        let result = match (r.result, &r.error) {
+            (Some(true), _) => "ok".to_string(),
+            (Some(false), Some(e)) => {
+                let e: String = e.chars().take(60).collect();
+                format!("error: {e}")
+            }
+            (Some(false), None) => "error".to_string(),
+            (None, _) => dash(),
+        };
+        t.add_row(vec![
+            r.job.to_string(),
+            r.image_id.clone().unwrap_or_else(dash),
+            r.state.clone(),
+            r.name.clone().unwrap_or_else(dash),
+            r.arch.clone().unwrap_or_else(dash),
+            r.image_type.clone().unwrap_or_else(dash),
+            r.worker.clone().unwrap_or_else(dash),
+            r.started.clone().unwrap_or_else(dash),
+            r.duration.map(|d| format!("{d:.1}s")).unwrap_or_else(dash),
+            result,
+        ]);
+    }
+    format!("{t}\n")
+}
+
+pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
+    let req = Request::Show { id: id.to_string() };
+    let view: JobView = query(cfg, &req, |_| true, |journal, _| {
+        Ok(ops::show(journal, cfg, id)?)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(0);
+    }
+    let j = &view.job;
+    let row = ops::status_row(j);
+    println!("job        {}", j.id);
+    println!("image_id   {}", j.image_id.as_deref().unwrap_or("-"));
+    println!("state      {}", row.state);
+    println!("file       {}", j.file.as_deref().unwrap_or("-"));
+    println!("worker     {}", j.worker.as_deref().unwrap_or("-"));
+    println!("attempts   {}", j.attempts);
+    if let Some(e) = &j.error {
+        println!("error      {e}");
+    }
+    println!("log        {}", view.log_path.as_deref().unwrap_or("-"));
+    println!("log url    {}", view.logfile_url.as_deref().unwrap_or("-"));
+    println!("\nevents:");
+    for e in &view.events {
+        println!("{}", ops::event_line(e));
+    }
+    if let Some(w) = &view.workitem {
+        println!("\nworkitem:\n{}", serde_json::to_string_pretty(w)?);
+    }
+    Ok(0)
+}
+
+pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> anyhow::Result<i32> {
+    let print = |e: &crate::journal::Event| -> bool {
+        let line = if json {
+            serde_json::to_string(e).unwrap_or_default()
+        } else {
+            ops::event_line(e)
+        };
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
+    };
+    let mut next = filter.since;
+    loop {
+        let f = EventFilter {
+            since: next,
+            ..filter.clone()
+        };
+        let req = Request::Events {
+            filter: f.clone(),
+            follow,
+        };
+        // Through a daemon: it streams (and, with --follow, keeps streaming while it runs).
+        if let Some(client) = Client::connect(&cfg.state_dir()) {
+            let res = client.call(&req, |e| {
+                next = e.seq + 1;
+                print(&e)
+            });
+            match res {
+                Ok(reply) if !reply.ok => {
+                    anyhow::bail!(reply.error.unwrap_or_default())
+                }
+                Ok(_) if !follow => return Ok(0),
+                Ok(_) => {} // the daemon stopped: go on reading the log directly
+                Err(e) if !follow => return Err(e),
+                Err(_) => {}
+            }
+        } else if let Some(journal) = open_log(cfg)? {
+            let evs = ops::events(&journal, &f)?;
+            drop(journal); // never hold the lock a starting daemon needs
+            for e in &evs {
+                next = e.seq + 1;
+                if !print(e) {
+                    return Ok(0);
+                }
+            }
+            if !follow {
+                return Ok(0);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn replay(cfg: &Config, json: bool) -> anyhow::Result<i32> {
+    let report: ReplayReport = query(cfg, &Request::Replay, |_| true, |journal, spool| {
+        Ok(ops::replay(journal, spool)?)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for d in &report.disagreements {
+            println!("DISAGREE {d}");
+        }
+        println!(
+            "replayed {} events ({} jobs) in {:.3} s: {:.0} events/s; {} disagreement(s)",
+            report.events,
+            report.jobs,
+            report.seconds,
+            report.events_per_second,
+            report.disagreements.len()
+        );
+    }
+    Ok(if report.disagreements.is_empty() { 0 } else { 1 })
+}

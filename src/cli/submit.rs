@@ -1,0 +1,194 @@
+//! `submit`: drop workitem files, or build one from a kickstart, safely (tmp + rename); with
+//! `--wait`, block until the answer is in the outbox and exit with the build's result.
+
+use super::drop_file;
+use crate::config::Config;
+use anyhow::Context;
+use clap::Args;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// Workitem JSON files (or use --kickstart and its companions).
+    #[arg(required_unless_present = "kickstart", conflicts_with = "kickstart")]
+    pub files: Vec<PathBuf>,
+    /// Kickstart file to build a workitem from.
+    #[arg(long, requires_all = ["name", "arch", "image_type"])]
+    pub kickstart: Option<PathBuf>,
+    /// Image name ($VERTICAL-$ARCH-$VARIANT).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Architecture (i586, armv7hl, ...).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// mic image type (fs, loop, raw, livecd, ...).
+    #[arg(long = "type", id = "image_type")]
+    pub image_type: Option<String>,
+    /// image_id (default: generated from the name and the time).
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long)]
+    pub release: Option<String>,
+    /// Directory layer under base_dir (default "requests").
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// An option passed to mic verbatim (repeat for more).
+    #[arg(long = "extra-opt", allow_hyphen_values = true)]
+    pub extra_opts: Vec<String>,
+    /// Wait for the answer and exit with the build's result.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds (exit 3).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
+/// A generated image_id: name, UTC time and a few random-ish hex digits.
+fn generate_id(name: &str) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .replace(['-', ':', 'T', 'Z'], "");
+    let salt = (now.subsec_nanos() ^ std::process::id().rotate_left(16)) & 0xffff;
+    crate::workitem::sanitise_id(&format!("{name}-{stamp}-{salt:04x}"))
+}
+
+/// The workitem `submit --kickstart` drops (bare fields, new API).
+pub fn workitem_from(args: &SubmitArgs, kickstart: &str, id: &str) -> Value {
+    let mut image = json!({
+        "image_id": id,
+        "kickstart": kickstart,
+        "image_type": args.image_type,
+        "name": args.name,
+        "arch": args.arch,
+    });
+    if let Some(r) = &args.release {
+        image["release"] = json!(r);
+    }
+    if let Some(p) = &args.prefix {
+        image["prefix"] = json!(p);
+    }
+    if !args.extra_opts.is_empty() {
+        image["extra_opts"] = json!(args.extra_opts);
+    }
+    json!({"image": image, "msg": []})
+}
+
+pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
+    let spool = &cfg.spool.dir;
+    let mut dropped: Vec<String> = Vec::new();
+    let mut code = 0;
+    if let Some(ks_path) = &args.kickstart {
+        let ks = std::fs::read_to_string(ks_path)
+            .with_context(|| format!("cannot read kickstart {}", ks_path.display()))?;
+        let name = args.name.clone().unwrap_or_default();
+        let id = args.id.clone().unwrap_or_else(|| generate_id(&name));
+        let wi = workitem_from(args, &ks, &id);
+        crate::workitem::normalise(&wi).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let file = format!("{}.json", crate::workitem::sanitise_id(&id));
+        anyhow::ensure!(
+            !spool.join("outbox").join(&file).exists(),
+            "outbox/{file} exists already (an earlier job with this id): choose another --id"
+        );
+        drop_file(spool, &file, &serde_json::to_vec_pretty(&wi)?)?;
+        println!("{id}");
+        dropped.push(file);
+    } else {
+        for f in &args.files {
+            let res = (|| -> anyhow::Result<String> {
+                let bytes =
+                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+                let v = crate::workitem::parse_object(&bytes)
+                    .with_context(|| format!("{} is not a workitem", f.display()))?;
+                let id = crate::workitem::raw_image_id(&v).unwrap_or_default();
+                let name = f
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .filter(|n| !crate::spool::ignored_name(n))
+                    .with_context(|| {
+                        format!("{}: not a usable file name for incoming/", f.display())
+                    })?;
+                drop_file(spool, name, &bytes)?;
+                dropped.push(name.to_string());
+                Ok(id)
+            })();
+            match res {
+                Ok(id) => println!("{id}"),
+                Err(e) => {
+                    eprintln!("build-image: {}", super::describe(&e));
+                    code = 1;
+                }
+            }
+        }
+    }
+    if !args.wait || code != 0 {
+        return Ok(code);
+    }
+    let deadline = args.timeout.map(|s| Instant::now() + Duration::from_secs(s));
+    for file in &dropped {
+        match wait_answer(spool, file, deadline)? {
+            Answer::Result(true) => {}
+            Answer::Result(false) => code = code.max(1),
+            Answer::Rejected(reason) => {
+                eprintln!("build-image: {file} was rejected: {reason}");
+                code = code.max(1);
+            }
+            Answer::TimedOut => {
+                eprintln!("build-image: no answer for {file} in time");
+                return Ok(3);
+            }
+        }
+    }
+    Ok(code)
+}
+
+enum Answer {
+    Result(bool),
+    Rejected(String),
+    TimedOut,
+}
+
+/// The result of an outbox answer: `image.result` (envelope or bare).
+pub fn answer_result(v: &Value) -> bool {
+    let f = v.get("fields").unwrap_or(v);
+    f.get("image")
+        .and_then(|i| i.get("result"))
+        .or_else(|| f.get("result"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+fn wait_answer(spool: &Path, file: &str, deadline: Option<Instant>) -> anyhow::Result<Answer> {
+    let out = spool.join("outbox").join(file);
+    let reason = spool.join("rejected").join(format!("{file}.reason"));
+    loop {
+        if let Ok(bytes) = std::fs::read(&out)
+            && let Ok(v) = serde_json::from_slice::<Value>(&bytes)
+        {
+            let ok = answer_result(&v);
+            let f = v.get("fields").unwrap_or(&v);
+            let img = f.get("image").unwrap_or(f);
+            if ok {
+                eprintln!(
+                    "{file}: built: {}",
+                    img.get("image_url").and_then(Value::as_str).unwrap_or("-")
+                );
+            } else {
+                eprintln!(
+                    "{file}: FAILED: {}",
+                    img.get("error").and_then(Value::as_str).unwrap_or("-")
+                );
+            }
+            return Ok(Answer::Result(ok));
+        }
+        if let Ok(r) = std::fs::read_to_string(&reason) {
+            return Ok(Answer::Rejected(r.trim().to_string()));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Answer::TimedOut);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
