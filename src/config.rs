@@ -4,7 +4,7 @@
 //! are this program's own. Times in `[worker]` and `[hooks]` are whole seconds, `[spool]` times are
 //! milliseconds, as their names say.
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,6 +29,18 @@ pub enum Ict {
     Mic2,
 }
 
+/// Which qemu accelerator a KVM-mode build uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmAccel {
+    /// `kvm` when /dev/kvm is usable (opens read-write and the CPU has vmx or svm), else `tcg`.
+    Auto,
+    /// Hardware virtualisation; a build fails with a clear error when /dev/kvm is not usable.
+    Kvm,
+    /// Software emulation (slow, but works anywhere).
+    Tcg,
+}
+
 /// How `incoming/` is watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -39,7 +51,7 @@ pub enum WatchMode {
     Poll,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub worker: WorkerConfig,
@@ -47,7 +59,7 @@ pub struct Config {
     pub hooks: HooksConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     pub base_dir: PathBuf,
@@ -55,6 +67,7 @@ pub struct WorkerConfig {
     pub use_kvm: bool,
     pub ict: Ict,
     /// Path of the image creator; default `/usr/bin/mic` (mic) or `mic-image-creator` (mic2).
+    #[serde(deserialize_with = "empty_is_none")]
     pub mic_path: Option<PathBuf>,
     /// Extra options appended to every mic command line. A TOML list, or the original
     /// colon-separated string.
@@ -63,13 +76,19 @@ pub struct WorkerConfig {
     /// Added as `--pack-to=<fs_pack>` for image_type `fs` (mic itself expands `@NAME@`).
     pub fs_pack: String,
     pub img_tmp: PathBuf,
+    #[serde(deserialize_with = "empty_is_none")]
     pub vm_kernel: Option<PathBuf>,
+    #[serde(deserialize_with = "empty_is_none")]
     pub vm_initrd: Option<PathBuf>,
     pub vm_append: String,
     pub vm_memory: String,
     pub vm_smp: u32,
+    #[serde(deserialize_with = "empty_is_none")]
     pub vm_ssh_key: Option<PathBuf>,
+    #[serde(deserialize_with = "empty_is_none")]
     pub vm_base_img: Option<PathBuf>,
+    /// qemu accelerator: auto, kvm or tcg.
+    pub vm_accel: VmAccel,
     /// Per-command timeout, seconds.
     pub timeout: u64,
     pub use_9p_cache: bool,
@@ -104,6 +123,7 @@ impl Default for WorkerConfig {
             vm_smp: 2,
             vm_ssh_key: None,
             vm_base_img: None,
+            vm_accel: VmAccel::Auto,
             timeout: 3600,
             use_9p_cache: false,
             mic_cachedir: PathBuf::from("/var/tmp/mic/cache"),
@@ -131,7 +151,7 @@ impl WorkerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     pub dir: PathBuf,
@@ -142,6 +162,7 @@ pub struct SpoolConfig {
     /// Default: the host name.
     pub worker_id: Option<String>,
     /// Default: `<dir>/state/<worker_id>`.
+    #[serde(deserialize_with = "empty_is_none")]
     pub state_dir: Option<PathBuf>,
 }
 
@@ -159,10 +180,11 @@ impl Default for SpoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HooksConfig {
     /// Path of the push utility, run as `<push> <STATUS>`; none: statuses are only logged.
+    #[serde(deserialize_with = "empty_is_none")]
     pub push: Option<PathBuf>,
     /// Seconds one push may take.
     pub timeout: u64,
@@ -181,6 +203,12 @@ impl Default for HooksConfig {
             retry_delay_ms: 10_000,
         }
     }
+}
+
+/// An empty string means "not set", as in the original INI file.
+fn empty_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s: Option<PathBuf> = Option::deserialize(d)?;
+    Ok(s.filter(|p| !p.as_os_str().is_empty()))
 }
 
 fn list_or_colon_string<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -334,6 +362,29 @@ mod tests {
         assert!(Config::parse("[worker]\nworkers = 0\n", Path::new("a")).is_err());
         assert!(Config::parse("[spool]\nworker_id = \"../x\"\n", Path::new("a")).is_err());
         assert!(Config::parse("[spool]\nwatch = \"sometimes\"\n", Path::new("a")).is_err());
+    }
+
+    #[test]
+    fn vm_accel_values() {
+        let c = Config::parse("", Path::new("a")).unwrap();
+        assert_eq!(c.worker.vm_accel, VmAccel::Auto);
+        let c = Config::parse("[worker]\nvm_accel = \"tcg\"\n", Path::new("a")).unwrap();
+        assert_eq!(c.worker.vm_accel, VmAccel::Tcg);
+        let c = Config::parse("[worker]\nvm_accel = \"kvm\"\n", Path::new("a")).unwrap();
+        assert_eq!(c.worker.vm_accel, VmAccel::Kvm);
+        assert!(Config::parse("[worker]\nvm_accel = \"xen\"\n", Path::new("a")).is_err());
+    }
+
+    #[test]
+    fn empty_paths_are_unset() {
+        let c = Config::parse(
+            "[worker]\nvm_initrd = \"\"\nmic_path = \"\"\n[hooks]\npush = \"\"\n",
+            Path::new("a"),
+        )
+        .unwrap();
+        assert_eq!(c.worker.vm_initrd, None);
+        assert_eq!(c.hooks.push, None);
+        assert_eq!(c.worker.mic_path(), PathBuf::from("/usr/bin/mic"));
     }
 
     #[test]

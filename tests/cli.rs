@@ -4,53 +4,10 @@
 mod common;
 
 use common::*;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::json;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_build-image"));
-    c.env_remove("BUILD_IMAGE_CONFIG").env("RUST_LOG", "info");
-    c
-}
-
-/// Waits for the child to exit; kills it if it does not in time.
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
-    let mut status = None;
-    let done = wait_for(timeout, || {
-        status = child.try_wait().ok().flatten();
-        status.is_some()
-    });
-    if !done {
-        let _ = child.kill();
-        let _ = child.wait();
-        return None;
-    }
-    status.and_then(|s| s.code())
-}
-
-fn sigterm(child: &Child) {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-}
-
-/// Writes the farm's config as TOML for the binary.
-fn write_config(farm: &Farm, extra_worker: &str) -> std::path::PathBuf {
-    let c = &farm.cfg;
-    let toml = format!(
-        "[worker]\nbase_dir = {:?}\nbase_url = \"http://img.test/images\"\nmic_path = {:?}\nsudo = false\n{extra_worker}\n\
-         [spool]\ndir = {:?}\nworker_id = \"w1\"\npoll_interval_ms = 100\nmin_age_ms = 50\n\n[hooks]\npush = {:?}\ntimeout = 5\n",
-        c.worker.base_dir,
-        c.worker.mic_path.as_ref().unwrap(),
-        c.spool.dir,
-        c.hooks.push.as_ref().unwrap()
-    );
-    let p = farm.root().join("build-image.toml");
-    std::fs::write(&p, toml).unwrap();
-    p
-}
 
 #[test]
 fn run_with_no_config_starts_on_dot_spool_and_sigterm_exits_0() {
@@ -155,8 +112,9 @@ fn submit_drops_files_and_prints_ids() {
 
 #[test]
 fn sigterm_lets_a_running_build_finish() {
-    let farm = Farm::new();
-    let cfg = write_config(&farm, "grace = 60");
+    let mut farm = Farm::new();
+    farm.cfg.worker.grace = 60;
+    let cfg = farm.config_file();
     let mut child = bin()
         .args(["--config", cfg.to_str().unwrap(), "run"])
         .stderr(Stdio::null())
@@ -180,8 +138,10 @@ fn sigterm_lets_a_running_build_finish() {
 
 #[test]
 fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
-    let farm = Farm::new();
-    let cfg = write_config(&farm, "grace = 1\nmax_attempts = 1");
+    let mut farm = Farm::new();
+    farm.cfg.worker.grace = 1;
+    farm.cfg.worker.max_attempts = 1;
+    let cfg = farm.config_file();
     let mut child = bin()
         .args(["--config", cfg.to_str().unwrap(), "run"])
         .stderr(Stdio::null())
@@ -241,7 +201,7 @@ fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
 #[test]
 fn second_daemon_on_the_same_state_dir_refuses() {
     let farm = Farm::new();
-    let cfg = write_config(&farm, "");
+    let cfg = farm.config_file();
     let mut first = bin()
         .args(["--config", cfg.to_str().unwrap(), "run"])
         .stderr(Stdio::null())

@@ -290,3 +290,59 @@ pub fn fixture_pids(log: &str) -> Vec<i32> {
         .filter_map(|p| p.trim().parse().ok())
         .collect()
 }
+
+impl Farm {
+    /// Writes the farm's config as a TOML file, for the binary.
+    pub fn config_file(&self) -> PathBuf {
+        let p = self.root().join("build-image.toml");
+        std::fs::write(&p, toml::to_string(&self.cfg).expect("config as TOML")).unwrap();
+        p
+    }
+
+    /// The binary with this farm's config.
+    pub fn bin(&self) -> std::process::Command {
+        let mut c = bin();
+        c.arg("--config").arg(self.config_file());
+        c
+    }
+}
+
+/// The built binary, with no config from the environment.
+pub fn bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_build-image"));
+    c.env_remove("BUILD_IMAGE_CONFIG").env("RUST_LOG", "warn");
+    c
+}
+
+/// Runs a command to its end: (exit code, stdout, stderr).
+pub fn output(cmd: &mut std::process::Command) -> (i32, String, String) {
+    let out = cmd.output().expect("run the binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Waits for a child to exit; kills it if it does not in time.
+pub fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+    let mut status = None;
+    let done = wait_for(timeout, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if !done {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    status.and_then(|s| s.code())
+}
+
+pub fn sigterm(child: &std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
