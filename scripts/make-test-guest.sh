@@ -6,10 +6,12 @@
 # CACHE_DIR (default $BUILD_IMAGE_GUEST_CACHE, else ~/.cache/build-image/test-guest) keeps the
 # downloaded .debs (debs/) and the finished guest (guest/):
 #   guest/base.qcow2    the root file system (ext4 on the whole disk, /dev/vda), qcow2
-#   guest/vmlinuz       the guest kernel (Debian's linux-image-cloud-amd64)
+#   guest/vmlinuz       the guest kernel (Debian's linux-image-cloud-amd64: small, quick to boot)
 #   guest/initrd.img    its initrd (virtio drivers are modules)
+#   guest/vmlinuz-9p    a kernel with 9p over virtio (the cloud one when it has 9p, else
+#   guest/initrd-9p.img Debian's generic linux-image-amd64), and its initrd
 #   guest/id_ed25519    the private key root@guest accepts (mode 0600)
-#   guest/has-9p        "yes" when the kernel has 9p over virtio (CONFIG_9P_FS, CONFIG_NET_9P_VIRTIO)
+#   guest/has-9p        "yes" when vmlinuz-9p has 9p over virtio (CONFIG_9P_FS, CONFIG_NET_9P_VIRTIO)
 #   guest/stamp         what the guest was built from; a run with the same inputs does nothing
 #
 # The guest: debootstrap minbase + systemd + openssh-server + the cloud kernel; a static address
@@ -22,7 +24,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${1:-${BUILD_IMAGE_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/build-image/test-guest}}
 suite=${SUITE:-bookworm}
-packages=systemd-sysv,udev,kmod,iproute2,openssh-server,linux-image-cloud-amd64,initramfs-tools
+packages=systemd-sysv,udev,kmod,iproute2,openssh-server,initramfs-tools,linux-image-cloud-amd64,linux-image-amd64
 
 die() { echo "make-test-guest: $*" >&2; exit 1; }
 
@@ -57,7 +59,8 @@ flock 9
 
 ready() {
     [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ] &&
-        for f in base.qcow2 vmlinuz initrd.img id_ed25519 has-9p; do [ -s "$out/$f" ] || return 1; done
+        for f in base.qcow2 vmlinuz initrd.img id_ed25519 has-9p; do [ -s "$out/$f" ] || return 1; done &&
+        { [ "$(cat "$out/has-9p")" != yes ] || [ -s "$out/vmlinuz-9p" ]; }
 }
 if ready; then
     echo "make-test-guest: $out is up to date"
@@ -119,19 +122,35 @@ printf 'PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\
 install -m 0755 "$here/tests/fixtures/mic" "$root/usr/bin/mic"
 mkdir -p "$root/etc/mic" "$root/etc/sysconfig"
 
-kernel=$(ls "$root"/boot/vmlinuz-* | sort -V | tail -n 1)
-initrd=$(ls "$root"/boot/initrd.img-* | sort -V | tail -n 1)
-config=$(ls "$root"/boot/config-* | sort -V | tail -n 1)
-[ -s "$kernel" ] && [ -s "$initrd" ] || die "no kernel or initrd under $root/boot"
-if grep -Eq '^CONFIG_9P_FS=(y|m)' "$config" && grep -Eq '^CONFIG_NET_9P_VIRTIO=(y|m)' "$config"; then
-    has9p=yes
-else
-    has9p=no
-fi
+# Small initrds: only what finds the root disk (and the network and 9p devices). Both kernels
+# keep all their modules in the root file system.
+echo MODULES=list >"$root/etc/initramfs-tools/conf.d/build-image-test"
+printf '%s\n' virtio_pci virtio_blk virtio_net virtio_rng ext4 >>"$root/etc/initramfs-tools/modules"
+chroot "$root" update-initramfs -u -k all >"$work/initramfs.log" 2>&1 ||
+    { tail -n 20 "$work/initramfs.log" >&2; die "update-initramfs failed (log above)"; }
+
+has_9p() { grep -Eq '^CONFIG_9P_FS=(y|m)' "$1" && grep -Eq '^CONFIG_NET_9P_VIRTIO=(y|m)' "$1"; }
+kernel="" initrd="" kernel9p="" initrd9p=""
+for config in $(ls "$root"/boot/config-* | sort -V); do
+    version=${config##*/config-}
+    k=$root/boot/vmlinuz-$version i=$root/boot/initrd.img-$version
+    [ -s "$k" ] && [ -s "$i" ] || die "no kernel or initrd for $version under $root/boot"
+    case "$version" in *-cloud-*) kernel=$k initrd=$i ;; esac
+    if has_9p "$config" && { [ -z "$kernel9p" ] || [[ "$version" == *-cloud-* ]]; }; then
+        kernel9p=$k initrd9p=$i
+    fi
+done
+[ -n "$kernel" ] || die "no cloud kernel under $root/boot"
+has9p=no
+[ -n "$kernel9p" ] && has9p=yes
 
 mkdir -p "$work/guest"
 cp "$kernel" "$work/guest/vmlinuz"
 cp "$initrd" "$work/guest/initrd.img"
+if [ "$has9p" = yes ]; then
+    cp "$kernel9p" "$work/guest/vmlinuz-9p"
+    cp "$initrd9p" "$work/guest/initrd-9p.img"
+fi
 install -m 0600 "$work/id_ed25519" "$work/guest/id_ed25519"
 echo "$has9p" >"$work/guest/has-9p"
 rm -f "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*_* 2>/dev/null || true
@@ -147,4 +166,4 @@ echo "$stamp" >"$work/guest/stamp"
 
 rm -rf "$out"
 mv "$work/guest" "$out"
-echo "make-test-guest: $out ready in $(($(date +%s) - started)) s (kernel $(basename "$kernel"), 9p: $has9p)"
+echo "make-test-guest: $out ready in $(($(date +%s) - started)) s (kernel $(basename "$kernel"); 9p: $has9p${kernel9p:+, $(basename "$kernel9p")})"

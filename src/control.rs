@@ -169,7 +169,9 @@ fn handle(stage: &Stage, req: Request, out: &mut UnixStream) -> Result<Option<Va
         Request::Status { state, limit } => {
             to_value(ops::status(&stage.all_jobs(), state.as_deref(), limit))
         }
-        Request::Show { id } => to_value(ops::show(&stage.journal, &stage.cfg, &id).map_err(|e| s(&e))?),
+        Request::Show { id } => {
+            to_value(ops::show(&stage.journal, &stage.cfg, &id).map_err(|e| s(&e))?)
+        }
         Request::Events { filter, follow } => {
             let mut next = filter.since;
             loop {
@@ -201,9 +203,7 @@ fn handle(stage: &Stage, req: Request, out: &mut UnixStream) -> Result<Option<Va
             let answered = stage.cancel(job).map_err(|e| s(&e))?;
             to_value(serde_json::json!({"job": job, "answered": answered}))
         }
-        Request::Requeue { worker } => {
-            to_value(stage.requeue_worker(&worker).map_err(|e| s(&e))?)
-        }
+        Request::Requeue { worker } => to_value(stage.requeue_worker(&worker).map_err(|e| s(&e))?),
     }
 }
 

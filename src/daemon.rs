@@ -254,7 +254,12 @@ fn recover(stage: &Stage) -> anyhow::Result<Vec<u64>> {
                 // A final push that failed before the restart is tried again now.
                 if job.state == State::Delivered && !job.final_pushed && job.final_push_attempts > 0
                 {
-                    stage.schedule_push(id, job.final_status(), job.final_push_attempts + 1);
+                    stage.schedule_push_at(
+                        id,
+                        job.final_status(),
+                        job.final_push_attempts + 1,
+                        Instant::now(),
+                    );
                 }
             }
             Err(e) => stage.stall(id, &e),
@@ -407,12 +412,7 @@ fn watch(
 }
 
 /// Claims or rejects one ready name; errors are logged and the file stays for a later scan.
-fn take(
-    stage: &Stage,
-    scanner: &mut Scanner,
-    ready: Ready,
-    unrecorded: &mut Vec<String>,
-) {
+fn take(stage: &Stage, scanner: &mut Scanner, ready: Ready, unrecorded: &mut Vec<String>) {
     match ready {
         Ready::Reject(name, why) => {
             scanner.forget(&name);

@@ -143,10 +143,20 @@ pub fn show(journal: &Journal, cfg: &Config, id: &str) -> Result<JobView> {
                 } else {
                     build::planned_urls(&cfg.worker, spec)
                 };
-                workitem = Some(workitem::reply(input, job.result, job.error.as_deref(), &urls));
+                workitem = Some(workitem::reply(
+                    input,
+                    job.result,
+                    job.error.as_deref(),
+                    &urls,
+                ));
             }
             EventKind::Invalid { input, .. } => {
-                workitem = Some(workitem::reply(input, job.result, job.error.as_deref(), &job.urls));
+                workitem = Some(workitem::reply(
+                    input,
+                    job.result,
+                    job.error.as_deref(),
+                    &job.urls,
+                ));
             }
             _ => {}
         }
@@ -206,7 +216,10 @@ pub fn event_line(e: &Event) -> String {
             worker,
             bytes,
             sha256,
-        } => format!("{file} by {worker}, {bytes} bytes, sha256 {}", &sha256[..sha256.len().min(12)]),
+        } => format!(
+            "{file} by {worker}, {bytes} bytes, sha256 {}",
+            &sha256[..sha256.len().min(12)]
+        ),
         EventKind::Rejected { file, reason } => format!("{file}: {reason}"),
         EventKind::Invalid {
             image_id, error, ..
@@ -216,7 +229,11 @@ pub fn event_line(e: &Event) -> String {
             spec.name, spec.arch, spec.image_type, spec.prefix
         ),
         EventKind::Started { mode, attempt } => format!("{mode:?} attempt {attempt}"),
-        EventKind::Finished { result, error, urls } => match (result, error) {
+        EventKind::Finished {
+            result,
+            error,
+            urls,
+        } => match (result, error) {
             (true, _) => format!("ok {}", urls.image_url.as_deref().unwrap_or("")),
             (false, e) => format!("failed: {}", e.as_deref().unwrap_or("")),
         },
@@ -240,7 +257,13 @@ pub fn event_line(e: &Event) -> String {
         | EventKind::Interrupted { reason }
         | EventKind::Requeued { reason, .. } => reason.clone(),
     };
-    format!("{:>8} {} job {:<6} {:<11} {detail}", e.seq, e.ts, e.job, e.kind.name())
+    format!(
+        "{:>8} {} job {:<6} {:<11} {detail}",
+        e.seq,
+        e.ts,
+        e.job,
+        e.kind.name()
+    )
 }
 
 /// What `replay` found.
@@ -347,7 +370,11 @@ pub fn replay(journal: &Journal, spool: &Spool) -> Result<ReplayReport> {
         events: n,
         jobs: jobs.len(),
         seconds,
-        events_per_second: if seconds > 0.0 { n as f64 / seconds } else { 0.0 },
+        events_per_second: if seconds > 0.0 {
+            n as f64 / seconds
+        } else {
+            0.0
+        },
         disagreements: d,
     })
 }

@@ -283,6 +283,32 @@ fn kill_group(pgid: Pid) {
     }
 }
 
+/// Kills (SIGKILL) the one process `pid` if its command line (`/proc/<pid>/cmdline`, the
+/// arguments NUL-separated) satisfies `matches`; says whether it sent the signal.
+///
+/// For a daemon that left our process groups (qemu `-daemonize` calls setsid) and is known only
+/// by its pid file: the command-line check makes sure a pid reused by an unrelated process is
+/// never hit. pid 0, 1 and negative pids (groups) are refused; a zombie has an empty command
+/// line and is left alone.
+pub fn kill_pid_if(pid: i32, matches: impl FnOnce(&[u8]) -> bool) -> std::io::Result<bool> {
+    if pid <= 1 {
+        return Ok(false);
+    }
+    let cmdline = match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if cmdline.is_empty() || !matches(&cmdline) {
+        return Ok(false);
+    }
+    match nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::ESRCH) => Ok(false),
+        Err(e) => Err(std::io::Error::from(e)),
+    }
+}
+
 /// Is any live (not zombie) process still in the group `pgid`? Reads /proc.
 pub fn group_alive(pgid: i32) -> bool {
     !group_members(pgid).is_empty()
@@ -427,5 +453,29 @@ mod tests {
             std::fs::read_to_string(dir.path().join("out")).unwrap(),
             "hello y\n"
         );
+    }
+
+    #[test]
+    fn kill_pid_if_checks_the_command_line() {
+        let mut child = Command::new("sleep").arg("301").spawn().unwrap();
+        let pid = child.id() as i32;
+        let has =
+            |needle: &'static [u8]| move |c: &[u8]| c.windows(needle.len()).any(|w| w == needle);
+        // until the child has exec'd, its command line is ours
+        assert!(crate::wait::wait_for(Duration::from_secs(10), || {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| has(b"sleep\x00301")(&c))
+        }));
+        assert!(!kill_pid_if(pid, has(b"qemu-system")).unwrap());
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "a non-matching pid was killed"
+        );
+        assert!(!kill_pid_if(1, |_| true).unwrap());
+        assert!(!kill_pid_if(0, |_| true).unwrap());
+        assert!(kill_pid_if(pid, has(b"sleep\x00301")).unwrap());
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9));
+        // reaped: gone
+        assert!(!kill_pid_if(pid, has(b"sleep\x00301")).unwrap());
     }
 }

@@ -34,6 +34,8 @@ pub enum StageError {
     NoJob(u64),
     #[error("{0}")]
     Refused(String),
+    #[error("deferred: {0}")]
+    Deferred(String),
 }
 
 pub type Result<T> = std::result::Result<T, StageError>;
@@ -58,6 +60,8 @@ pub struct Stage {
     cancelled_by_operator: Mutex<std::collections::HashSet<u64>>,
     /// Serialises "is it still queued? then start it" against "is it queued? then cancel it".
     start_lock: Mutex<()>,
+    /// Claimed files that did not parse: the content seen and since when (see `read_input`).
+    settling: Mutex<HashMap<u64, (String, Instant)>>,
 }
 
 /// A push to try again: (due, job, status, attempt).
@@ -137,6 +141,7 @@ impl Stage {
             queue: Mutex::new(None),
             cancelled_by_operator: Mutex::new(Default::default()),
             start_lock: Mutex::new(()),
+            settling: Mutex::new(HashMap::new()),
         })
     }
 
@@ -154,9 +159,9 @@ impl Stage {
     pub fn record_batch(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
         let mut pending: HashMap<u64, Job> = HashMap::new();
         let evs = self.journal.append_projected(items, |ev| {
-            let job = pending.entry(ev.job).or_insert_with(|| {
-                self.memory().jobs.get(&ev.job).cloned().unwrap_or_default()
-            });
+            let job = pending
+                .entry(ev.job)
+                .or_insert_with(|| self.memory().jobs.get(&ev.job).cloned().unwrap_or_default());
             job.apply(ev);
             Some(job.clone())
         })?;
@@ -272,12 +277,13 @@ impl Stage {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
-    /// Cancels every running build (their process groups are killed).
+    /// Cancels every running build (their process groups are killed). Dropping a build's
+    /// sender disconnects its cancel channel, which every later child of that build sees too.
     pub fn cancel_running(&self) {
-        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        for tx in running.values() {
-            let _ = tx.try_send(());
-        }
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// The input workitem (and spec, for a valid one) of a job, from its event.
@@ -399,6 +405,27 @@ impl Stage {
         }
     }
 
+    /// Has this content of a claimed file changed within the last min_age (so it may still be
+    /// being written)?
+    fn still_settling(&self, id: u64, sha: &str) -> bool {
+        let mut settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
+        let min_age = Duration::from_millis(self.cfg.spool.min_age_ms);
+        match settling.get(&id) {
+            Some((seen, since)) if seen == sha => {
+                if since.elapsed() >= min_age {
+                    settling.remove(&id);
+                    false
+                } else {
+                    true
+                }
+            }
+            _ => {
+                settling.insert(id, (sha.to_string(), Instant::now()));
+                true
+            }
+        }
+    }
+
     fn read_input(&self, job: &Job) -> Result<()> {
         let Some(file) = &job.file else {
             return Err(StageError::NoInput(job.id));
@@ -429,8 +456,36 @@ impl Stage {
         }
         let input = match workitem::parse_object(&c.bytes) {
             Ok(v) => v,
-            Err(e) => return reject(e.to_string()),
+            Err(e) => {
+                // A writer that does not rename may still be writing (over NFS or FUSE the
+                // size and mtime the claim relied on can be cached and stale). A prefix of a
+                // JSON object never parses, so read it again until its content has stood
+                // still for min_age; only then is it not a workitem.
+                if self.still_settling(job.id, &c.sha256) {
+                    return Err(StageError::Deferred(format!(
+                        "{file} does not parse yet ({e}): reading it again in case it is still being written"
+                    )));
+                }
+                return reject(e.to_string());
+            }
         };
+        self.settling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job.id);
+        if job.sha256.as_deref() != Some(c.sha256.as_str()) {
+            // It grew after the claim: record what is actually read.
+            self.record(
+                Some(job.id),
+                EventKind::Claimed {
+                    file: file.clone(),
+                    worker: self.spool.worker.clone(),
+                    bytes: c.bytes.len() as u64,
+                    sha256: c.sha256.clone(),
+                },
+            )?;
+        }
+        let job = &self.job(job.id).ok_or(StageError::NoJob(job.id))?;
         let normalised = workitem::normalise(&input).map(|spec| {
             let dup = self.duplicate_of(job, &spec.image_id);
             (spec, dup)
@@ -542,10 +597,15 @@ impl Stage {
     pub fn schedule_push(&self, job: u64, status: Status, attempt: u32) {
         let base = Duration::from_millis(self.cfg.hooks.retry_delay_ms);
         let delay = base.saturating_mul(1u32 << attempt.saturating_sub(2).min(16));
+        self.schedule_push_at(job, status, attempt, Instant::now() + delay);
+    }
+
+    /// Schedules push attempt `attempt` at `due` (recovery: now).
+    pub fn schedule_push_at(&self, job: u64, status: Status, attempt: u32, due: Instant) {
         self.push_retries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Reverse((Instant::now() + delay, job, status, attempt)));
+            .push(Reverse((due, job, status, attempt)));
         let _ = self.wake.0.try_send(());
     }
 
@@ -557,7 +617,10 @@ impl Stage {
         let delay = stalled
             .get(&id)
             .map_or(first, |(_, d)| (*d * 2).min(Duration::from_secs(60)));
-        log::error!("job {id}: {why}; trying again in {delay:?}");
+        match why {
+            StageError::Deferred(_) => log::info!("job {id}: {why}; trying again in {delay:?}"),
+            _ => log::error!("job {id}: {why}; trying again in {delay:?}"),
+        }
         stalled.insert(id, (Instant::now() + delay, delay));
         let _ = self.wake.0.try_send(());
     }
@@ -694,13 +757,14 @@ impl Stage {
             }
         }
         if job.state == State::Building {
-            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(tx) = running.get(&id) {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running.contains_key(&id) {
                 self.cancelled_by_operator
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(id);
-                let _ = tx.try_send(());
+                // Disconnecting the channel cancels the running child and any later one.
+                running.remove(&id);
                 return Ok(false);
             }
         }
@@ -736,7 +800,9 @@ impl Stage {
             )));
         }
         if worker.is_empty() || worker.starts_with('.') || worker.contains('/') {
-            return Err(StageError::Refused(format!("{worker:?} is not a worker id")));
+            return Err(StageError::Refused(format!(
+                "{worker:?} is not a worker id"
+            )));
         }
         let dir = self.spool.root.join("active").join(worker);
         let names = crate::spool::list_names(&dir)?;
@@ -767,7 +833,6 @@ impl Stage {
         if self.stopping() {
             return Ok(());
         }
-        let guard = self.start_lock.lock().unwrap_or_else(|p| p.into_inner());
         let job = self.job(id).ok_or(StageError::NoJob(id))?;
         if !matches!(job.state, State::Queued | State::Interrupted) {
             return Ok(());
@@ -775,6 +840,26 @@ impl Stage {
         let (input, spec) = self.input(&job)?;
         let spec = spec.ok_or(StageError::NoInput(id))?;
         let w = &self.cfg.worker;
+        if let Err(e) = build::prepare(w, &spec, job.attempts + 1) {
+            if e.is_no_space() {
+                // Not the job's fault: it stays queued and is tried again when space returns.
+                return Err(StageError::Deferred(e.to_string()));
+            }
+            self.record(
+                Some(id),
+                EventKind::Finished {
+                    result: false,
+                    error: Some(e.to_string()),
+                    urls: build::planned_urls(w, &spec),
+                },
+            )?;
+            return self.advance(id).map(|_| ());
+        }
+        let guard = self.start_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let job = self.job(id).ok_or(StageError::NoJob(id))?;
+        if !matches!(job.state, State::Queued | State::Interrupted) {
+            return Ok(());
+        }
         let (cancel_tx, cancel_rx) = bounded::<()>(1);
         self.running
             .lock()

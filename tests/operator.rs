@@ -55,15 +55,24 @@ fn status_show_events_the_same_with_and_without_a_daemon() {
     // status: newest first, one row per job
     let rows = online_status.as_array().unwrap();
     assert_eq!(rows.len(), 2);
-    assert_eq!(rows[0]["image_id"], json!("op-b"));
-    assert_eq!(rows[0]["state"], json!("error"));
-    assert!(rows[0]["error"].as_str().unwrap().contains("status 4"));
-    assert_eq!(rows[1]["image_id"], json!("op-a"));
-    assert_eq!(rows[1]["state"], json!("done"));
-    assert_eq!(rows[1]["result"], json!(true));
-    assert_eq!(rows[1]["worker"], json!("w1"));
-    assert_eq!(rows[1]["name"], json!("img-op-a"));
-    assert!(rows[1]["duration"].as_f64().unwrap() >= 0.0);
+    assert!(
+        rows[0]["job"].as_u64() > rows[1]["job"].as_u64(),
+        "newest first"
+    );
+    let row = |id: &str| {
+        rows.iter()
+            .find(|r| r["image_id"] == json!(id))
+            .unwrap()
+            .clone()
+    };
+    let (a, b) = (row("op-a"), row("op-b"));
+    assert_eq!(b["state"], json!("error"));
+    assert!(b["error"].as_str().unwrap().contains("status 4"));
+    assert_eq!(a["state"], json!("done"));
+    assert_eq!(a["result"], json!(true));
+    assert_eq!(a["worker"], json!("w1"));
+    assert_eq!(a["name"], json!("img-op-a"));
+    assert!(a["duration"].as_f64().unwrap() >= 0.0);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,

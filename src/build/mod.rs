@@ -5,6 +5,7 @@
 //! validated by `workitem::normalise`; a build's result is what mic really did (exit status and
 //! an image file on disk), never assumed.
 
+pub mod kvm;
 pub mod mic;
 pub mod native;
 
@@ -108,6 +109,61 @@ pub fn find_image(dir: &Path, skip: &[PathBuf]) -> Option<PathBuf> {
     best.map(|(_, p)| p)
 }
 
+/// Why a job directory could not be prepared.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {source}")]
+pub struct PrepareError {
+    pub what: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl PrepareError {
+    /// The disk (or quota) is full: worth waiting for, not a reason to fail the job.
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self.source.raw_os_error(),
+            Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT)
+        )
+    }
+}
+
+/// Makes the job directory, writes the kickstart and starts the job log, before a build starts.
+pub fn prepare(w: &WorkerConfig, spec: &Spec, attempt: u32) -> Result<(), PrepareError> {
+    let dir = job_dir(w, spec);
+    make_job_dir(&dir).map_err(|source| PrepareError {
+        what: "cannot create job directory",
+        path: dir.clone(),
+        source,
+    })?;
+    let ks = ks_path(w, spec);
+    crate::durable::write_atomic(&ks, spec.kickstart.as_bytes(), 0o644).map_err(|e| {
+        PrepareError {
+            what: "cannot write the kickstart",
+            path: ks.clone(),
+            source: e.source,
+        }
+    })?;
+    let log = log_path(w, spec);
+    JobLog::open(&log)
+        .and_then(|mut l| {
+            l.line(&format!(
+                "build of {} ({} {} {}), attempt {attempt}, {:?} mode",
+                spec.image_id,
+                spec.name,
+                spec.arch,
+                spec.image_type,
+                mode(w)
+            ))
+        })
+        .map_err(|source| PrepareError {
+            what: "cannot write the job log",
+            path: log.clone(),
+            source,
+        })
+}
+
 /// Creates the job directory (and missing parents) group-writable, as the original did.
 pub fn make_job_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
@@ -158,7 +214,11 @@ impl JobLog {
 
 /// Runs the build for `spec` with the configured mode. `cancel` stops it.
 pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
-    native::build(w, spec, cancel)
+    if w.use_kvm {
+        kvm::build(w, spec, cancel)
+    } else {
+        native::build(w, spec, cancel)
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,6 @@
 //! Native mode: mic runs on this host, in its own process group, output into the job log.
 
-use super::{
-    BuildEnd, JobLog, find_image, job_dir, ks_path, log_path, make_job_dir, mic, planned_urls,
-    url_for,
-};
+use super::{BuildEnd, JobLog, find_image, job_dir, ks_path, log_path, mic, planned_urls, url_for};
 use crate::config::WorkerConfig;
 use crate::process::{self, Output, Run};
 use crate::workitem::Spec;
@@ -11,17 +8,9 @@ use crossbeam_channel::Receiver;
 
 pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
     let mut urls = planned_urls(w, spec);
+    // The job directory and the kickstart were made by `super::prepare`.
     let dir = job_dir(w, spec);
-    if let Err(e) = make_job_dir(&dir) {
-        return BuildEnd::failed(
-            format!("cannot create job directory {}: {e}", dir.display()),
-            urls,
-        );
-    }
     let ks = ks_path(w, spec);
-    if let Err(e) = crate::durable::write_atomic(&ks, spec.kickstart.as_bytes(), 0o644) {
-        return BuildEnd::failed(format!("cannot write the kickstart: {e}"), urls);
-    }
     let log_file = log_path(w, spec);
     let mut log = match JobLog::open(&log_file) {
         Ok(l) => l,

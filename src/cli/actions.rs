@@ -46,6 +46,9 @@ pub fn requeue(cfg: &Config, worker: &str) -> anyhow::Result<i32> {
     for m in &moved {
         println!("incoming/{m}");
     }
-    println!("{} file(s) of worker {worker} moved back to incoming/", moved.len());
+    println!(
+        "{} file(s) of worker {worker} moved back to incoming/",
+        moved.len()
+    );
     Ok(0)
 }

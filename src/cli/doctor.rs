@@ -1,11 +1,1174 @@
 //! `build-image doctor`: checks the configuration and the host, one line per check.
+//!
+//! Each check is a small function that returns a [`Check`] (status, what, detail); [`report`]
+//! formats the list and [`exit_code`] judges it. Invariant: a check only looks. The one thing
+//! doctor writes is the rename test's hidden temp file (`tmp/.doctor-<pid>.tmp`, a name the
+//! daemon ignores), removed before the check returns; missing folders are reported, never
+//! created. Every child (`mic --version`, `sudo -n true`, `qemu-img --version`, ...) runs through
+//! [`crate::process::run`] with [`CHILD_TIMEOUT`].
 
-use crate::config::Config;
-use std::path::Path;
+use crate::config::{Config, HooksConfig, Ict, VmAccel, WatchMode, WorkerConfig};
+use crate::process::{Output, Run};
+use crate::spool::Spool;
+use nix::unistd::AccessFlags;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long one probe (`--version`, `sudo -n true`) may take.
+const CHILD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Output of a probe kept for the report (the first or last line of it).
+const CAPTURE_BYTES: u64 = 8192;
+const DETAIL_LINE_CHARS: usize = 160;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Status {
+    fn label(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Check {
+    status: Status,
+    what: String,
+    detail: String,
+}
+
+impl Check {
+    fn new(status: Status, what: &str, detail: impl Into<String>) -> Check {
+        Check {
+            status,
+            what: what.to_string(),
+            detail: detail.into(),
+        }
+    }
+    fn ok(what: &str, detail: impl Into<String>) -> Check {
+        Check::new(Status::Ok, what, detail)
+    }
+    fn warn(what: &str, detail: impl Into<String>) -> Check {
+        Check::new(Status::Warn, what, detail)
+    }
+    fn fail(what: &str, detail: impl Into<String>) -> Check {
+        Check::new(Status::Fail, what, detail)
+    }
+}
 
 /// Runs every check, prints one line each, returns the exit code (0 ok, 1 a check failed).
 pub fn run(cfg: &Config, config_path: Option<&Path>) -> i32 {
-    let _ = (cfg, config_path);
-    println!("doctor: not implemented yet");
-    1
+    let checks = all_checks(cfg, config_path);
+    // A closed stdout (`doctor | head -1`) must not turn into a panic: the exit code still tells.
+    let _ = std::io::stdout()
+        .lock()
+        .write_all(report(&checks).as_bytes());
+    exit_code(&checks)
+}
+
+fn all_checks(cfg: &Config, config_path: Option<&Path>) -> Vec<Check> {
+    let w = &cfg.worker;
+    let mut checks = vec![
+        check_config(config_path),
+        check_mic_opts(w),
+        check_mic(w),
+        check_sudo(w),
+        check_base_dir(&w.base_dir),
+    ];
+    checks.extend(check_spool(cfg));
+    checks.extend(check_state_dir(&cfg.state_dir()));
+    checks.push(check_push(&cfg.hooks));
+    if w.use_kvm {
+        checks.extend(check_kvm(w));
+    }
+    checks
+}
+
+/// The report: one aligned line per check, then the summary line.
+fn report(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        out.push_str(&format!(
+            "{:<6}{}: {}\n",
+            c.status.label(),
+            one_line(&c.what),
+            one_line(&c.detail)
+        ));
+    }
+    let count = |s: Status| checks.iter().filter(|c| c.status == s).count();
+    out.push_str(&format!(
+        "{} checks: {} ok, {} warnings, {} failed\n",
+        checks.len(),
+        count(Status::Ok),
+        count(Status::Warn),
+        count(Status::Fail)
+    ));
+    out
+}
+
+fn exit_code(checks: &[Check]) -> i32 {
+    if checks.iter().any(|c| c.status == Status::Fail) {
+        1
+    } else {
+        0
+    }
+}
+
+/// Control characters (a child's newlines, a path's tab) would break the one-line-per-check form.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// config, mic, sudo
+
+fn check_config(config_path: Option<&Path>) -> Check {
+    match config_path {
+        Some(p) => Check::ok("config", format!("{} (parsed)", p.display())),
+        None => Check::ok(
+            "config",
+            "built-in defaults (no --config, no BUILD_IMAGE_CONFIG)",
+        ),
+    }
+}
+
+fn check_mic_opts(w: &WorkerConfig) -> Check {
+    if w.mic_opts.is_empty() {
+        Check::ok("mic_opts", "none")
+    } else {
+        Check::ok("mic_opts", shell_words::join(&w.mic_opts))
+    }
+}
+
+fn ict_name(ict: Ict) -> &'static str {
+    match ict {
+        Ict::Mic => "mic",
+        Ict::Mic2 => "mic2",
+    }
+}
+
+fn check_mic(w: &WorkerConfig) -> Check {
+    let what = ict_name(w.ict);
+    let mic = w.mic_path();
+    if w.use_kvm {
+        // In KVM mode the image creator runs inside the guest, over ssh: the host needs none.
+        return Check::ok(
+            what,
+            format!(
+                "not run on this host: with use_kvm = true, {} runs inside the guest",
+                mic.display()
+            ),
+        );
+    }
+    let argv = [mic.clone().into_os_string(), OsString::from("--version")];
+    match probe(&argv) {
+        Ok(line) if line.is_empty() => Check::ok(what, format!("{} runs", mic.display())),
+        Ok(line) => Check::ok(what, format!("{}: {line}", mic.display())),
+        Err(e) => Check::fail(what, e),
+    }
+}
+
+fn check_sudo(w: &WorkerConfig) -> Check {
+    if !w.sudo {
+        return Check::ok("sudo", "not used (sudo = false)");
+    }
+    if find_on_path(Path::new("sudo")).is_none() {
+        return Check::fail(
+            "sudo",
+            "sudo not found on PATH (sudo = true): install it, or set sudo = false",
+        );
+    }
+    let argv = [OsString::from("sudo"), "-n".into(), "true".into()];
+    let err = match probe(&argv) {
+        Ok(_) => return Check::ok("sudo", "`sudo -n true` works"),
+        Err(e) => e,
+    };
+    // A sudoers rule may allow mic alone without a password: ask sudo (it runs nothing).
+    let mic = w.mic_path();
+    let list = [
+        OsString::from("sudo"),
+        "-n".into(),
+        "-l".into(),
+        mic.clone().into_os_string(),
+    ];
+    if probe(&list).is_ok() {
+        return Check::ok(
+            "sudo",
+            format!(
+                "`sudo -n {}` is allowed (`sudo -n true` is not)",
+                mic.display()
+            ),
+        );
+    }
+    let needs = if w.use_kvm {
+        "sudo = true".to_string()
+    } else {
+        format!("mic runs as `sudo -n {}`", mic.display())
+    };
+    Check::fail(
+        "sudo",
+        format!(
+            "{err}; {needs}: allow it without a password (NOPASSWD in sudoers) or set sudo = false"
+        ),
+    )
+}
+
+/// Runs a short command; `Ok(first line of its output)` when it exits 0, else why not, with
+/// the last line of its output.
+fn probe(argv: &[OsString]) -> Result<String, String> {
+    let capture = capture_file();
+    let output = match capture.as_ref().and_then(|f| f.try_clone().ok()) {
+        Some(f) => Output::File(f),
+        None => Output::Null,
+    };
+    let outcome = crate::process::run(Run {
+        argv,
+        env: vec![],
+        stdin: None,
+        output,
+        timeout: CHILD_TIMEOUT,
+        cancel: None,
+    })
+    .map_err(|e| e.to_string())?;
+    let text = capture.map(read_capture).unwrap_or_default();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    if outcome.success() {
+        return Ok(shorten(lines.next().unwrap_or("")));
+    }
+    let shown: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut msg = format!(
+        "`{}` {}",
+        shell_words::join(&shown),
+        outcome.describe(CHILD_TIMEOUT)
+    );
+    if let Some(last) = lines.next_back() {
+        msg.push_str(": ");
+        msg.push_str(&shorten(last));
+    }
+    Err(msg)
+}
+
+/// An anonymous in-memory file for a probe's output (nothing on disk); `None` if unavailable.
+fn capture_file() -> Option<File> {
+    nix::sys::memfd::memfd_create(
+        c"build-image-doctor",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    )
+    .ok()
+    .map(File::from)
+}
+
+fn read_capture(mut f: File) -> String {
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(0)).is_err() {
+        return String::new();
+    }
+    let _ = f.take(CAPTURE_BYTES).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn shorten(line: &str) -> String {
+    if line.chars().count() <= DETAIL_LINE_CHARS {
+        line.to_string()
+    } else {
+        let mut s: String = line.chars().take(DETAIL_LINE_CHARS).collect();
+        s.push('…');
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// directories
+
+/// The path itself if it exists, else its nearest existing ancestor ("." for a relative path
+/// whose first component is missing). `Err` names an ancestor that exists but is no directory.
+fn nearest_existing(p: &Path) -> Result<PathBuf, PathBuf> {
+    let mut cur = Some(p);
+    while let Some(c) = cur {
+        let c = if c.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            c
+        };
+        match std::fs::metadata(c) {
+            Ok(m) if m.is_dir() || c == p => return Ok(c.to_path_buf()),
+            Ok(_) => return Err(c.to_path_buf()),
+            Err(_) => {}
+        }
+        if c == Path::new(".") {
+            break;
+        }
+        cur = c.parent();
+    }
+    Ok(PathBuf::from("/"))
+}
+
+fn writable_dir(p: &Path) -> Result<(), String> {
+    nix::unistd::access(p, AccessFlags::W_OK | AccessFlags::X_OK)
+        .map_err(|e| format!("{} is not writable: {}", p.display(), e.desc()))
+}
+
+/// A directory the program writes into, which it creates (with its parents) when missing.
+/// `missing` is the status when it does not exist yet but could be created.
+fn check_dir_to_write(what: &str, dir: &Path, missing: Status, why_missing: &str) -> Check {
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => {
+            return Check::fail(what, format!("{} is not a directory", dir.display()));
+        }
+        Ok(_) => {
+            return match writable_dir(dir) {
+                Ok(()) => Check::ok(what, format!("{} (writable)", dir.display())),
+                Err(e) => Check::fail(what, e),
+            };
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            // ENOTDIR (a file on the way) is looked at below; anything else is reported.
+            if e.raw_os_error() != Some(nix::libc::ENOTDIR) {
+                return Check::fail(what, format!("cannot look at {}: {e}", dir.display()));
+            }
+        }
+        Err(_) => {}
+    }
+    match nearest_existing(dir) {
+        Err(file) => Check::fail(
+            what,
+            format!(
+                "{} cannot be created: {} is not a directory",
+                dir.display(),
+                file.display()
+            ),
+        ),
+        Ok(ancestor) => match writable_dir(&ancestor) {
+            Ok(()) => Check::new(
+                missing,
+                what,
+                format!(
+                    "{} does not exist yet; {why_missing} (under {}, which is writable)",
+                    dir.display(),
+                    ancestor.display()
+                ),
+            ),
+            Err(e) => Check::fail(
+                what,
+                format!(
+                    "{} does not exist and cannot be created: {e}",
+                    dir.display()
+                ),
+            ),
+        },
+    }
+}
+
+fn check_base_dir(dir: &Path) -> Check {
+    check_dir_to_write("base_dir", dir, Status::Warn, "the first build creates it")
+}
+
+fn check_state_dir(dir: &Path) -> Vec<Check> {
+    vec![
+        check_dir_to_write(
+            "state_dir",
+            dir,
+            Status::Ok,
+            "the daemon creates it on start",
+        ),
+        check_fs_type("state_dir filesystem", dir, state_fs_verdict),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// the spool
+
+fn check_spool(cfg: &Config) -> Vec<Check> {
+    let spool = Spool::new(&cfg.spool.dir, &cfg.worker_id());
+    let active_label = format!("active/{}/", spool.worker);
+    let folders: Vec<(&str, &Path)> = vec![
+        ("incoming/", &spool.incoming),
+        ("tmp/", &spool.tmp),
+        (&active_label, &spool.active),
+        ("outbox/", &spool.outbox),
+        ("rejected/", &spool.rejected),
+    ];
+    let mut checks = vec![check_spool_folders(&spool.root, &folders)];
+    let present: Vec<(&str, &Path)> = folders
+        .iter()
+        .copied()
+        .filter(|(_, p)| p.is_dir())
+        .collect();
+    if present.len() >= 2 {
+        checks.push(check_same_filesystem(&present));
+    }
+    if spool.tmp.is_dir() && spool.incoming.is_dir() {
+        checks.push(check_rename(&spool.tmp, &spool.incoming));
+    }
+    let watch = cfg.spool.watch;
+    checks.push(check_fs_type(
+        "spool filesystem",
+        &spool.root,
+        |path, magic| spool_fs_verdict(path, magic, watch),
+    ));
+    checks
+}
+
+/// The spool's folders exist and are writable. Never creates them.
+fn check_spool_folders(root: &Path, folders: &[(&str, &Path)]) -> Check {
+    let mut missing = Vec::new();
+    let mut problems = Vec::new();
+    for (_, p) in folders {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => {
+                if let Err(e) = writable_dir(p) {
+                    problems.push(e);
+                }
+            }
+            Ok(_) => problems.push(format!("{} is not a directory", p.display())),
+            Err(_) => missing.push(p.display().to_string()),
+        }
+    }
+    if missing.is_empty() && problems.is_empty() {
+        let names: Vec<&str> = folders.iter().map(|(n, _)| *n).collect();
+        return Check::ok(
+            "spool folders",
+            format!("{} under {}", names.join(" "), root.display()),
+        );
+    }
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!(
+            "missing {} (run the daemon once, or create them)",
+            missing.join(", ")
+        ));
+    }
+    parts.extend(problems);
+    Check::fail("spool folders", parts.join("; "))
+}
+
+/// The claim, the outbox and the reject all rename between the folders: one filesystem.
+fn check_same_filesystem(folders: &[(&str, &Path)]) -> Check {
+    let what = "spool same filesystem";
+    let mut devs = Vec::new();
+    for (name, p) in folders {
+        match std::fs::metadata(p) {
+            Ok(m) => devs.push((*name, *p, m.dev())),
+            Err(e) => return Check::fail(what, format!("cannot stat {}: {e}", p.display())),
+        }
+    }
+    let Some(&(first_name, first_path, first_dev)) = devs.first() else {
+        return Check::ok(what, "no folders to compare");
+    };
+    let others: Vec<String> = devs
+        .iter()
+        .filter(|(_, _, d)| *d != first_dev)
+        .map(|(n, p, _)| format!("{n} ({})", p.display()))
+        .collect();
+    if others.is_empty() {
+        let names: Vec<&str> = devs.iter().map(|(n, _, _)| *n).collect();
+        Check::ok(
+            what,
+            format!(
+                "{} on one filesystem (device {first_dev:#x})",
+                names.join(" ")
+            ),
+        )
+    } else {
+        Check::fail(
+            what,
+            format!(
+                "{} not on the filesystem of {first_name} ({}): rename(2) between them fails; put all spool folders on one filesystem",
+                others.join(", "),
+                first_path.display()
+            ),
+        )
+    }
+}
+
+/// Really renames a hidden temp file from tmp/ into incoming/ (the `submit` path), then
+/// removes it.
+fn check_rename(tmp: &Path, incoming: &Path) -> Check {
+    let what = "spool rename";
+    let name = format!(".doctor-{}.tmp", std::process::id());
+    let from = tmp.join(&name);
+    let to = incoming.join(&name);
+    if let Err(e) = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&from)
+    {
+        return Check::fail(what, format!("cannot create {}: {e}", from.display()));
+    }
+    let renamed = std::fs::rename(&from, &to);
+    let left = if renamed.is_ok() { &to } else { &from };
+    let removed = std::fs::remove_file(left);
+    match (renamed, removed) {
+        (Ok(()), Ok(())) => Check::ok(
+            what,
+            format!("tmp/ -> incoming/ works (tested with {name}, removed)"),
+        ),
+        (Ok(()), Err(e)) => Check::warn(
+            what,
+            format!(
+                "tmp/ -> incoming/ works, but the test file {} could not be removed: {e}; remove it by hand",
+                to.display()
+            ),
+        ),
+        (Err(e), removed) => {
+            let mut msg = format!("cannot rename {} to {}: {e}", from.display(), to.display());
+            if let Err(r) = removed {
+                msg.push_str(&format!(
+                    "; the test file could not be removed either ({r}): remove it by hand"
+                ));
+            }
+            Check::fail(what, msg)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// filesystem types
+
+/// What a filesystem type means for the spool and the event log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FsKind {
+    Local,
+    Network,
+    /// FUSE: sshfs and the like are remote, fuse-overlayfs is local; cannot tell.
+    Fuse,
+}
+
+/// The name and kind of a `statfs` `f_type` magic number.
+fn fs_kind(magic: u32) -> (String, FsKind) {
+    let (name, kind) = match magic {
+        0x6969 => ("nfs", FsKind::Network),
+        0xFF53_4D42 => ("cifs", FsKind::Network),
+        0xFE53_4D42 => ("smb2", FsKind::Network),
+        0x517B => ("smb", FsKind::Network),
+        0x5346_414F => ("afs", FsKind::Network),
+        0x00C3_6400 => ("ceph", FsKind::Network),
+        0x7375_7245 => ("coda", FsKind::Network),
+        0x0102_1997 => ("9p", FsKind::Network),
+        0x7461_636F => ("ocfs2", FsKind::Network),
+        0x0116_1970 => ("gfs2", FsKind::Network),
+        0x0BD0_0BD0 => ("lustre", FsKind::Network),
+        0x4750_4653 => ("gpfs", FsKind::Network),
+        0x564C => ("ncp", FsKind::Network),
+        0x6573_5546 => ("fuse", FsKind::Fuse),
+        0xEF53 => ("ext2/ext3/ext4", FsKind::Local),
+        0x5846_5342 => ("xfs", FsKind::Local),
+        0x9123_683E => ("btrfs", FsKind::Local),
+        0x0102_1994 => ("tmpfs", FsKind::Local),
+        0x794C_7630 => ("overlayfs", FsKind::Local),
+        0x2FC1_2FC1 => ("zfs", FsKind::Local),
+        0xF2F5_2010 => ("f2fs", FsKind::Local),
+        _ => return (format!("type {magic:#x}"), FsKind::Local),
+    };
+    (name.to_string(), kind)
+}
+
+/// Reads the filesystem type of `path` (or of its nearest existing ancestor) and judges it.
+/// `verdict` gets the path to show (saying which ancestor was looked at when `path` does not
+/// exist yet) and the magic number.
+fn check_fs_type(what: &str, path: &Path, verdict: impl FnOnce(&str, u32) -> Check) -> Check {
+    let at = match nearest_existing(path) {
+        Ok(p) => p,
+        Err(file) => file,
+    };
+    let shown = if at == path {
+        path.display().to_string()
+    } else {
+        format!(
+            "{} (not there yet; looked at {})",
+            path.display(),
+            at.display()
+        )
+    };
+    match nix::sys::statfs::statfs(&at) {
+        // f_type is a 32-bit magic number, whatever the width of the C type holding it.
+        Ok(st) => verdict(&shown, st.filesystem_type().0 as u64 as u32),
+        Err(e) => Check::warn(
+            what,
+            format!(
+                "cannot read the filesystem type of {}: {}",
+                at.display(),
+                e.desc()
+            ),
+        ),
+    }
+}
+
+fn spool_fs_verdict(path: &str, magic: u32, watch: WatchMode) -> Check {
+    let what = "spool filesystem";
+    let (name, kind) = fs_kind(magic);
+    match (kind, watch) {
+        (FsKind::Local, _) => Check::ok(what, format!("{path} is on {name} (local)")),
+        (_, WatchMode::Poll) => Check::ok(
+            what,
+            format!("{path} is on {name}; watch = \"poll\" suits it"),
+        ),
+        (_, WatchMode::Auto) => Check::warn(
+            what,
+            format!(
+                "{path} is on {name}, {}: inotify does not see files other hosts write; set [spool] watch = \"poll\"",
+                if kind == FsKind::Fuse {
+                    "possibly a network filesystem"
+                } else {
+                    "a network filesystem"
+                }
+            ),
+        ),
+    }
+}
+
+fn state_fs_verdict(path: &str, magic: u32) -> Check {
+    let what = "state_dir filesystem";
+    let (name, kind) = fs_kind(magic);
+    match kind {
+        FsKind::Local => Check::ok(what, format!("{path} is on {name} (local)")),
+        FsKind::Network => Check::fail(
+            what,
+            format!(
+                "{path} is on {name}, a network filesystem: the sled event log must be on local disk; set [spool] state_dir to a local directory"
+            ),
+        ),
+        FsKind::Fuse => Check::warn(
+            what,
+            format!(
+                "{path} is on {name}, possibly a network filesystem: the sled event log must be on local disk"
+            ),
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the push utility
+
+fn check_push(hooks: &HooksConfig) -> Check {
+    let what = "push";
+    let Some(push) = &hooks.push else {
+        return Check::ok(what, "not set: statuses are only logged");
+    };
+    if push.as_os_str().is_empty() {
+        return Check::warn(
+            what,
+            "push = \"\" is set but empty: every push will fail; remove the key to only log statuses",
+        );
+    }
+    let path = if push.components().count() == 1 && !push.is_absolute() {
+        match find_on_path(push) {
+            Some(p) => p,
+            None => {
+                return Check::fail(what, format!("{} not found on PATH", push.display()));
+            }
+        }
+    } else {
+        push.clone()
+    };
+    match std::fs::metadata(&path) {
+        Err(e) => Check::fail(what, format!("{}: {e}", path.display())),
+        Ok(m) if !m.is_file() => Check::fail(what, format!("{} is not a file", path.display())),
+        Ok(m) => match nix::unistd::access(&path, AccessFlags::X_OK) {
+            Ok(()) => Check::ok(what, format!("{} is executable (not run)", path.display())),
+            Err(e) => Check::fail(
+                what,
+                format!(
+                    "{} is not executable (mode {:04o}): {}",
+                    path.display(),
+                    m.permissions().mode() & 0o7777,
+                    e.desc()
+                ),
+            ),
+        },
+    }
+}
+
+/// A bare program name looked up on PATH, as `Command` will.
+fn find_on_path(name: &Path) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+// ---------------------------------------------------------------------------------------------
+// KVM mode
+
+fn check_kvm(w: &WorkerConfig) -> Vec<Check> {
+    let mut checks = vec![kvm_verdict(w.vm_accel, crate::build::kvm::kvm_usable())];
+    for (what, argv) in [
+        ("qemu-system-x86_64", ["qemu-system-x86_64", "--version"]),
+        ("qemu-img", ["qemu-img", "--version"]),
+        ("ssh", ["ssh", "-V"]),
+    ] {
+        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        checks.push(match probe(&argv) {
+            Ok(line) => Check::ok(what, line),
+            Err(e) => Check::fail(what, e),
+        });
+    }
+    checks.push(match find_on_path(Path::new("scp")) {
+        Some(p) => Check::ok("scp", p.display().to_string()),
+        None => Check::fail(
+            "scp",
+            "scp not found on PATH (results are copied back with it)",
+        ),
+    });
+    checks.push(check_vm_file("vm_base_img", w.vm_base_img.as_deref(), true));
+    checks.push(check_vm_file("vm_kernel", w.vm_kernel.as_deref(), true));
+    checks.push(check_vm_file("vm_initrd", w.vm_initrd.as_deref(), false));
+    checks.push(check_ssh_key(w.vm_ssh_key.as_deref()));
+    checks.push(check_img_tmp(&w.img_tmp));
+    checks
+}
+
+fn kvm_verdict(accel: VmAccel, usable: Result<(), String>) -> Check {
+    let what = "/dev/kvm";
+    match (usable, accel) {
+        (Ok(()), VmAccel::Tcg) => Check::ok(what, "usable, but vm_accel = \"tcg\" does not use it"),
+        (Ok(()), _) => Check::ok(what, "usable (opens read-write, CPU has vmx/svm)"),
+        (Err(e), VmAccel::Kvm) => Check::fail(
+            what,
+            format!("{e}; vm_accel = \"kvm\" needs it (or set vm_accel = \"auto\" or \"tcg\")"),
+        ),
+        (Err(e), VmAccel::Auto) => Check::warn(
+            what,
+            format!("{e}; vm_accel = \"auto\" falls back to tcg, much slower"),
+        ),
+        (Err(e), VmAccel::Tcg) => Check::ok(what, format!("not used (vm_accel = \"tcg\"): {e}")),
+    }
+}
+
+/// The configured path, or the check that says it is unset (a FAIL when `required`) or empty
+/// (always a FAIL: a build reads `vm_initrd = ""` as a path, it does not mean "unset").
+fn configured<'a>(what: &str, p: Option<&'a Path>, required: bool) -> Result<&'a Path, Check> {
+    match p {
+        None if required => Err(Check::fail(what, "not set (needed with use_kvm = true)")),
+        None => Err(Check::ok(what, "not set (optional)")),
+        Some(p) if p.as_os_str().is_empty() => Err(Check::fail(
+            what,
+            format!(
+                "{what} = \"\" is an empty path, which a build tries to use; {}",
+                if required {
+                    "set it (needed with use_kvm = true)"
+                } else {
+                    "remove the key to leave it unset"
+                }
+            ),
+        )),
+        Some(p) => Ok(p),
+    }
+}
+
+/// A file qemu reads: a regular file or a block device (an LVM volume for the base image).
+fn check_vm_file(what: &str, path: Option<&Path>, required: bool) -> Check {
+    let path = match configured(what, path, required) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let m = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Check::fail(what, format!("{}: {e}", path.display())),
+    };
+    let kind = if m.is_file() {
+        format!("file, {} bytes", m.len())
+    } else if m.file_type().is_block_device() {
+        "block device".to_string()
+    } else {
+        return Check::fail(
+            what,
+            format!("{} is neither a file nor a block device", path.display()),
+        );
+    };
+    match nix::unistd::access(path, AccessFlags::R_OK) {
+        Ok(()) => Check::ok(what, format!("{} ({kind})", path.display())),
+        Err(e) => Check::fail(
+            what,
+            format!("{} is not readable: {}", path.display(), e.desc()),
+        ),
+    }
+}
+
+/// ssh refuses a private key that group or others may read: mode 0600 or stricter.
+fn key_mode_verdict(mode: u32) -> Result<(), String> {
+    if mode & 0o077 == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "mode {:04o}: group/other bits set, ssh refuses such a key",
+            mode & 0o7777
+        ))
+    }
+}
+
+fn check_ssh_key(path: Option<&Path>) -> Check {
+    let what = "vm_ssh_key";
+    let path = match configured(what, path, true) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let m = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Check::fail(what, format!("{}: {e}", path.display())),
+    };
+    if !m.is_file() {
+        return Check::fail(what, format!("{} is not a file", path.display()));
+    }
+    let mode = m.permissions().mode();
+    if let Err(e) = key_mode_verdict(mode) {
+        return Check::fail(
+            what,
+            format!("{}: {e}; chmod 600 {}", path.display(), path.display()),
+        );
+    }
+    match File::open(path) {
+        Ok(_) => Check::ok(
+            what,
+            format!("{} (mode {:04o}, readable)", path.display(), mode & 0o7777),
+        ),
+        Err(e) => Check::fail(what, format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn check_img_tmp(dir: &Path) -> Check {
+    check_dir_to_write(
+        "img_tmp",
+        dir,
+        Status::Ok,
+        "the first KVM build creates it for its overlay images",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[test]
+    fn report_is_aligned_with_a_summary() {
+        let checks = vec![
+            Check::ok("config", "a.toml"),
+            Check::warn("spool filesystem", "nfs"),
+            Check::fail("mic", "/usr/bin/mic not found\nsecond line"),
+        ];
+        let text = report(&checks);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            vec![
+                "ok    config: a.toml",
+                "WARN  spool filesystem: nfs",
+                "FAIL  mic: /usr/bin/mic not found second line",
+                "3 checks: 1 ok, 1 warnings, 1 failed",
+            ]
+        );
+        assert_eq!(exit_code(&checks), 1);
+        assert_eq!(exit_code(&checks[..2]), 0);
+        assert_eq!(report(&[]), "0 checks: 0 ok, 0 warnings, 0 failed\n");
+    }
+
+    #[test]
+    fn config_and_mic_opts() {
+        assert_eq!(
+            check_config(Some(Path::new("/etc/b.toml"))),
+            Check::ok("config", "/etc/b.toml (parsed)")
+        );
+        assert!(check_config(None).detail.contains("built-in defaults"));
+        let mut w = WorkerConfig::default();
+        assert_eq!(check_mic_opts(&w).detail, "none");
+        w.mic_opts = vec!["--copy-kernel".into(), "--pack-to=a b".into()];
+        assert_eq!(check_mic_opts(&w).detail, "--copy-kernel '--pack-to=a b'");
+    }
+
+    #[test]
+    fn mic_is_run_with_version() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = WorkerConfig {
+            mic_path: Some(script(d.path(), "mic", "echo \"mic 1.2.3\"; exit 0")),
+            use_kvm: false,
+            ..WorkerConfig::default()
+        };
+        let c = check_mic(&w);
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert!(c.detail.ends_with(": mic 1.2.3"), "{c:?}");
+
+        w.mic_path = Some(script(d.path(), "bad", "echo usage >&2; exit 2"));
+        let c = check_mic(&w);
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(c.detail.contains("exited with status 2: usage"), "{c:?}");
+
+        w.mic_path = Some(d.path().join("nope"));
+        let c = check_mic(&w);
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("nope not found"), "{c:?}");
+
+        w.ict = Ict::Mic2;
+        w.use_kvm = true;
+        let c = check_mic(&w);
+        assert_eq!((c.status, c.what.as_str()), (Status::Ok, "mic2"));
+    }
+
+    #[test]
+    fn sudo_not_used() {
+        let w = WorkerConfig {
+            sudo: false,
+            ..WorkerConfig::default()
+        };
+        assert_eq!(check_sudo(&w).status, Status::Ok);
+    }
+
+    #[test]
+    fn base_dir_states() {
+        let d = tempfile::tempdir().unwrap();
+        let c = check_base_dir(d.path());
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+
+        let missing = d.path().join("a/b/images");
+        let c = check_base_dir(&missing);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(!missing.parent().unwrap().exists(), "created something");
+
+        let file = d.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let c = check_base_dir(&file.join("images"));
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(
+            c.detail
+                .contains(&format!("{} is not a directory", file.display())),
+            "{c:?}"
+        );
+        let c = check_base_dir(&file);
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+    }
+
+    #[test]
+    fn nearest_existing_ancestor() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(nearest_existing(&d.path().join("x/y")), Ok(d.path().into()));
+        assert_eq!(nearest_existing(d.path()), Ok(d.path().into()));
+        assert_eq!(
+            nearest_existing(Path::new("surely-not-here-doctor/x")),
+            Ok(PathBuf::from("."))
+        );
+        let f = d.path().join("f");
+        std::fs::write(&f, "").unwrap();
+        assert_eq!(nearest_existing(&f.join("x")), Err(f.clone()));
+        assert_eq!(nearest_existing(&f), Ok(f));
+    }
+
+    fn spool_folders(root: &Path) -> Vec<(&'static str, PathBuf)> {
+        ["incoming", "tmp", "active/w1", "outbox", "rejected"]
+            .iter()
+            .map(|n| (*n, root.join(n)))
+            .collect()
+    }
+
+    #[test]
+    fn spool_folders_missing_are_named_and_not_created() {
+        let d = tempfile::tempdir().unwrap();
+        let folders = spool_folders(d.path());
+        std::fs::create_dir_all(&folders[0].1).unwrap();
+        let refs: Vec<(&str, &Path)> = folders.iter().map(|(n, p)| (*n, p.as_path())).collect();
+        let c = check_spool_folders(d.path(), &refs);
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        for (_, p) in &folders[1..] {
+            assert!(c.detail.contains(&p.display().to_string()), "{c:?}");
+            assert!(!p.exists());
+        }
+        assert!(c.detail.contains("run the daemon once, or create them"));
+
+        for (_, p) in &folders {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        let c = check_spool_folders(d.path(), &refs);
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert_eq!(check_same_filesystem(&refs).status, Status::Ok);
+    }
+
+    #[test]
+    fn different_filesystems_fail() {
+        let d = tempfile::tempdir().unwrap();
+        let c = check_same_filesystem(&[("incoming/", d.path()), ("outbox/", Path::new("/proc"))]);
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(c.detail.starts_with("outbox/ (/proc)"), "{c:?}");
+    }
+
+    #[test]
+    fn rename_test_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let (tmp, incoming) = (d.path().join("tmp"), d.path().join("incoming"));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::create_dir_all(&incoming).unwrap();
+        let c = check_rename(&tmp, &incoming);
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(&incoming).unwrap().count(), 0);
+
+        // the target folder is gone: the rename fails, the temp file is still removed
+        let c = check_rename(&tmp, &d.path().join("nope"));
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn filesystem_verdicts() {
+        let p = "/s";
+        assert_eq!(
+            spool_fs_verdict(p, 0xEF53, WatchMode::Auto).status,
+            Status::Ok
+        );
+        let c = spool_fs_verdict(p, 0x6969, WatchMode::Auto);
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.detail.contains("nfs") && c.detail.contains("watch = \"poll\""));
+        assert_eq!(
+            spool_fs_verdict(p, 0x6969, WatchMode::Poll).status,
+            Status::Ok
+        );
+        assert_eq!(
+            spool_fs_verdict(p, 0xFF53_4D42, WatchMode::Auto).status,
+            Status::Warn
+        );
+        assert_eq!(
+            spool_fs_verdict(p, 0x6573_5546, WatchMode::Auto).status,
+            Status::Warn
+        );
+        assert_eq!(state_fs_verdict(p, 0x0102_1994).status, Status::Ok);
+        assert_eq!(state_fs_verdict(p, 0x6969).status, Status::Fail);
+        assert_eq!(state_fs_verdict(p, 0xFE53_4D42).status, Status::Fail);
+        assert_eq!(state_fs_verdict(p, 0x6573_5546).status, Status::Warn);
+        assert_eq!(fs_kind(0x1234).0, "type 0x1234");
+        // this host's temp dir can be read
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("not/yet");
+        let c = check_fs_type("x", &missing, |shown, _| Check::ok("x", shown));
+        assert_eq!(
+            c.detail,
+            format!(
+                "{} (not there yet; looked at {})",
+                missing.display(),
+                d.path().display()
+            )
+        );
+        let c = check_fs_type("x", d.path(), |shown, _| Check::ok("x", shown));
+        assert_eq!(c.detail, d.path().display().to_string());
+    }
+
+    #[test]
+    fn push_states() {
+        let d = tempfile::tempdir().unwrap();
+        let mut h = HooksConfig::default();
+        assert_eq!(check_push(&h).status, Status::Ok);
+        h.push = Some(PathBuf::new());
+        assert_eq!(check_push(&h).status, Status::Warn);
+        h.push = Some(d.path().join("nope"));
+        let c = check_push(&h);
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("nope"));
+        let plain = d.path().join("plain");
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+        h.push = Some(plain);
+        let c = check_push(&h);
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("not executable (mode 0644)"), "{c:?}");
+        h.push = Some(script(d.path(), "push", "exit 0"));
+        assert_eq!(check_push(&h).status, Status::Ok);
+        h.push = Some("sh".into());
+        assert_eq!(check_push(&h).status, Status::Ok, "found on PATH");
+    }
+
+    #[test]
+    fn kvm_verdicts() {
+        let no = || Err("cannot open /dev/kvm read-write: No such file".to_string());
+        assert_eq!(kvm_verdict(VmAccel::Kvm, Ok(())).status, Status::Ok);
+        assert_eq!(kvm_verdict(VmAccel::Auto, Ok(())).status, Status::Ok);
+        assert_eq!(kvm_verdict(VmAccel::Kvm, no()).status, Status::Fail);
+        assert_eq!(kvm_verdict(VmAccel::Auto, no()).status, Status::Warn);
+        assert_eq!(kvm_verdict(VmAccel::Tcg, no()).status, Status::Ok);
+    }
+
+    #[test]
+    fn ssh_key_mode() {
+        assert!(key_mode_verdict(0o100600).is_ok());
+        assert!(key_mode_verdict(0o100400).is_ok());
+        assert!(key_mode_verdict(0o100700).is_ok());
+        assert!(key_mode_verdict(0o100640).is_err());
+        assert!(key_mode_verdict(0o100604).is_err());
+        assert!(key_mode_verdict(0o100644).unwrap_err().contains("0644"));
+
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("id");
+        std::fs::write(&key, "key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let c = check_ssh_key(Some(&key));
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("chmod 600"), "{c:?}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(check_ssh_key(Some(&key)).status, Status::Ok);
+        assert_eq!(check_ssh_key(None).status, Status::Fail);
+        assert_eq!(check_ssh_key(Some(Path::new(""))).status, Status::Fail);
+    }
+
+    #[test]
+    fn vm_files() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("vmlinuz");
+        std::fs::write(&f, "k").unwrap();
+        assert_eq!(
+            check_vm_file("vm_kernel", Some(&f), true).status,
+            Status::Ok
+        );
+        assert_eq!(check_vm_file("vm_kernel", None, true).status, Status::Fail);
+        assert_eq!(check_vm_file("vm_initrd", None, false).status, Status::Ok);
+        let c = check_vm_file("vm_kernel", Some(&d.path().join("nope")), true);
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("nope"));
+        assert_eq!(
+            check_vm_file("vm_kernel", Some(d.path()), true).status,
+            Status::Fail
+        );
+        assert_eq!(
+            check_vm_file("vm_initrd", Some(Path::new("")), false).status,
+            Status::Fail
+        );
+        assert_eq!(check_img_tmp(d.path()).status, Status::Ok);
+        assert_eq!(check_img_tmp(&d.path().join("new")).status, Status::Ok);
+        assert!(!d.path().join("new").exists());
+        assert_eq!(check_img_tmp(&f).status, Status::Fail);
+    }
+
+    #[test]
+    fn probe_reports_output() {
+        let argv = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            probe(&argv(&["sh", "-c", "echo; echo first; echo second"])),
+            Ok("first".to_string())
+        );
+        let e = probe(&argv(&["sh", "-c", "echo one; echo last >&2; exit 4"])).unwrap_err();
+        assert_eq!(
+            e,
+            "`sh -c 'echo one; echo last >&2; exit 4'` exited with status 4: last"
+        );
+    }
 }

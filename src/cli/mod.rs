@@ -43,11 +43,13 @@ pub struct Global {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: watch incoming/, build, answer in outbox/.
-    #[command(after_help = "Examples:\n  build-image run\n  build-image --config /etc/build-image.toml run\n  \
+    #[command(
+        after_help = "Examples:\n  build-image run\n  build-image --config /etc/build-image.toml run\n  \
                             build-image run --once        # from cron: drain incoming/ and exit\n\n\
                             SIGTERM or SIGINT: stop claiming, let running builds finish (up to [worker] grace seconds), exit 0.\n\
                             Exit codes: 0 stopped cleanly (--once: every job succeeded), 1 a job failed (--once) or the daemon \
-                            could not start (e.g. another daemon holds the state dir), 2 configuration error.")]
+                            could not start (e.g. another daemon holds the state dir), 2 configuration error."
+    )]
     Run {
         /// Claim what is in incoming/ now, wait for those builds, exit (0 all succeeded, 1 otherwise).
         #[arg(long)]
@@ -63,10 +65,12 @@ pub enum Command {
                             (with --wait: the build failed or the input was rejected), 2 usage error, 3 --wait timed out.")]
     Submit(submit::SubmitArgs),
     /// One line per job: id, state, name, arch, type, worker, started, duration, result.
-    #[command(after_help = "Examples:\n  build-image status\n  build-image status --state building\n  \
+    #[command(
+        after_help = "Examples:\n  build-image status\n  build-image status --state building\n  \
                             build-image status --json --limit 20\n\n\
                             States: claimed, queued, building, interrupted, finished (answer not yet in the outbox), \
-                            done, error, rejected, moved.\nExit codes: 0, 1 the log cannot be read, 2 usage.")]
+                            done, error, rejected, moved.\nExit codes: 0, 1 the log cannot be read, 2 usage."
+    )]
     Status {
         /// A JSON array instead of a table.
         #[arg(long)]
@@ -79,8 +83,10 @@ pub enum Command {
         limit: Option<usize>,
     },
     /// A job's events and its current workitem fields (by image_id, or job number).
-    #[command(after_help = "Examples:\n  build-image show 42-1700000000\n  build-image show 17 --json\n\n\
-                            Exit codes: 0, 1 no such job, 2 usage.")]
+    #[command(
+        after_help = "Examples:\n  build-image show 42-1700000000\n  build-image show 17 --json\n\n\
+                            Exit codes: 0, 1 no such job, 2 usage."
+    )]
     Show {
         /// image_id (the newest job with it) or job number.
         id: String,
@@ -88,9 +94,11 @@ pub enum Command {
         json: bool,
     },
     /// The event log, as text or JSON Lines.
-    #[command(after_help = "Examples:\n  build-image events --since 1000\n  build-image events --image 42-1700000000 --json\n  \
+    #[command(
+        after_help = "Examples:\n  build-image events --since 1000\n  build-image events --image 42-1700000000 --json\n  \
                             build-image events --kind finished --follow\n\n\
-                            --follow keeps printing new events until interrupted.\nExit codes: 0, 1 the log cannot be read, 2 usage.")]
+                            --follow keeps printing new events until interrupted.\nExit codes: 0, 1 the log cannot be read, 2 usage."
+    )]
     Events {
         /// Start at this seq.
         #[arg(long, default_value_t = 0)]
@@ -109,10 +117,12 @@ pub enum Command {
         json: bool,
     },
     /// Fold the log from empty; compare it with the stored projections and the spool.
-    #[command(after_help = "Examples:\n  build-image replay\n  build-image replay --json\n\n\
+    #[command(
+        after_help = "Examples:\n  build-image replay\n  build-image replay --json\n\n\
                             Prints each disagreement (files in active/ no job claims, jobs whose file is gone, outbox \
                             files with no delivered event, projections that differ from the log) and the replay speed.\n\
-                            Exit codes: 0 no disagreement, 1 disagreements (or the log cannot be read), 2 usage.")]
+                            Exit codes: 0 no disagreement, 1 disagreements (or the log cannot be read), 2 usage."
+    )]
     Replay {
         #[arg(long)]
         json: bool,
@@ -128,17 +138,21 @@ pub enum Command {
                             Exit codes: 0 cancelled, 1 no such job or it is not queued/running, 2 usage.")]
     Cancel { id: String },
     /// Move a dead worker's claimed files (active/W/) back to incoming/.
-    #[command(after_help = "Examples:\n  build-image requeue --worker buildhost2\n\n\
+    #[command(
+        after_help = "Examples:\n  build-image requeue --worker buildhost2\n\n\
                             Only for a host that is down for good: its daemon must not be running.\n\
-                            Exit codes: 0 moved (or nothing to move), 1 failure, 2 usage.")]
+                            Exit codes: 0 moved (or nothing to move), 1 failure, 2 usage."
+    )]
     Requeue {
         #[arg(long)]
         worker: String,
     },
     /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites.
-    #[command(after_help = "Examples:\n  build-image doctor\n  build-image --config /etc/build-image.toml doctor\n\n\
+    #[command(
+        after_help = "Examples:\n  build-image doctor\n  build-image --config /etc/build-image.toml doctor\n\n\
                             One line per check: ok, WARN or FAIL, with what was checked.\n\
-                            Exit codes: 0 no check failed (warnings allowed), 1 a check failed, 2 usage or config error.")]
+                            Exit codes: 0 no check failed (warnings allowed), 1 a check failed, 2 usage or config error."
+    )]
     Doctor,
 }
 
@@ -254,7 +268,9 @@ pub fn drop_file(spool_dir: &std::path::Path, name: &str, bytes: &[u8]) -> anyho
             d.is_dir(),
             "spool {} has no {} folder: is --spool (or [spool] dir) right, and has the daemon run once?",
             spool_dir.display(),
-            d.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            d.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
         );
     }
     let tmp = tmp_dir.join(name);

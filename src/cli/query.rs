@@ -17,9 +17,18 @@ pub fn status(
         state: state.clone(),
         limit,
     };
-    let rows: Vec<StatusRow> = query(cfg, &req, |_| true, |journal, _| {
-        Ok(ops::status(&journal.projections()?, state.as_deref(), limit))
-    })?;
+    let rows: Vec<StatusRow> = query(
+        cfg,
+        &req,
+        |_| true,
+        |journal, _| {
+            Ok(ops::status(
+                &journal.projections()?,
+                state.as_deref(),
+                limit,
+            ))
+        },
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
@@ -33,7 +42,8 @@ pub fn status_table(rows: &[StatusRow]) -> String {
     let mut t = Table::new();
     t.load_preset(NOTHING);
     t.set_header(vec![
-        "JOB", "IMAGE_ID", "STATE", "NAME", "ARCH", "TYPE", "WORKER", "STARTED", "DURATION", "RESULT",
+        "JOB", "IMAGE_ID", "STATE", "NAME", "ARCH", "TYPE", "WORKER", "STARTED", "DURATION",
+        "RESULT",
     ]);
     let dash = || "-".to_string();
     for r in rows {
@@ -64,9 +74,12 @@ pub fn status_table(rows: &[StatusRow]) -> String {
 
 pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
     let req = Request::Show { id: id.to_string() };
-    let view: JobView = query(cfg, &req, |_| true, |journal, _| {
-        Ok(ops::show(journal, cfg, id)?)
-    })?;
+    let view: JobView = query(
+        cfg,
+        &req,
+        |_| true,
+        |journal, _| Ok(ops::show(journal, cfg, id)?),
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
         return Ok(0);
@@ -148,9 +161,12 @@ pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> an
 }
 
 pub fn replay(cfg: &Config, json: bool) -> anyhow::Result<i32> {
-    let report: ReplayReport = query(cfg, &Request::Replay, |_| true, |journal, spool| {
-        Ok(ops::replay(journal, spool)?)
-    })?;
+    let report: ReplayReport = query(
+        cfg,
+        &Request::Replay,
+        |_| true,
+        |journal, spool| Ok(ops::replay(journal, spool)?),
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -166,5 +182,9 @@ pub fn replay(cfg: &Config, json: bool) -> anyhow::Result<i32> {
             report.disagreements.len()
         );
     }
-    Ok(if report.disagreements.is_empty() { 0 } else { 1 })
+    Ok(if report.disagreements.is_empty() {
+        0
+    } else {
+        1
+    })
 }

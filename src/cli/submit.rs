@@ -47,7 +47,9 @@ pub struct SubmitArgs {
 
 /// A generated image_id: name, UTC time and a few random-ish hex digits.
 fn generate_id(name: &str) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
         .to_string()
         .replace(['-', ':', 'T', 'Z'], "");
@@ -126,7 +128,9 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
     if !args.wait || code != 0 {
         return Ok(code);
     }
-    let deadline = args.timeout.map(|s| Instant::now() + Duration::from_secs(s));
+    let deadline = args
+        .timeout
+        .map(|s| Instant::now() + Duration::from_secs(s));
     for file in &dropped {
         match wait_answer(spool, file, deadline)? {
             Answer::Result(true) => {}

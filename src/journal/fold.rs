@@ -114,7 +114,8 @@ impl Job {
                 self.worker = Some(worker.clone());
                 self.bytes = *bytes;
                 self.sha256 = Some(sha256.clone());
-                self.claimed_at = Some(ev.ts.clone());
+                // A file read again after it grew is claimed again; it was claimed first then.
+                self.claimed_at.get_or_insert_with(|| ev.ts.clone());
             }
             EventKind::Rejected { file, reason } => {
                 self.state = State::Rejected;

@@ -346,3 +346,13 @@ pub fn sigterm(child: &std::process::Child) {
     )
     .unwrap();
 }
+
+/// A child process that is SIGKILLed when dropped (so a failing test leaves no daemon behind).
+pub struct Guard(pub std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

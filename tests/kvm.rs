@@ -1,0 +1,555 @@
+//! KVM mode. The checks made before a guest is started run everywhere; the rest boot a real
+//! guest (scripts/make-test-guest.sh: Debian minbase + sshd + the cloud kernel, the mic stand-in
+//! as /usr/bin/mic) under TCG, so they are `#[ignore]`d for a plain `cargo test` and run by
+//! `.ci/run` as `cargo test --test kvm -- --ignored --test-threads=1`.
+
+mod common;
+
+use build_image::build::{BuildEnd, kvm};
+use build_image::config::{VmAccel, WorkerConfig};
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The test guest, built (or found up to date) by the script.
+struct Guest {
+    dir: PathBuf,
+    has_9p: bool,
+}
+
+fn guest() -> Guest {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-test-guest.sh");
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/make-test-guest.sh");
+    assert!(
+        out.status.success(),
+        "scripts/make-test-guest.sh failed (it needs root, debootstrap, e2fsprogs, qemu-utils):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{} ({:.0} s)", text.trim(), started.elapsed().as_secs_f64());
+    let dir = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("make-test-guest: "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(PathBuf::from)
+        .find(|p| p.join("base.qcow2").is_file())
+        .expect("the script names the guest directory");
+    let has_9p = std::fs::read_to_string(dir.join("has-9p"))
+        .map(|s| s.trim() == "yes")
+        .unwrap_or(false);
+    Guest { dir, has_9p }
+}
+
+/// A farm whose builds run in the test guest, under TCG (one build slot: 2 cores).
+fn kvm_farm(g: &Guest) -> Farm {
+    init_log();
+    let mut farm = Farm::new();
+    let root = farm.root().to_path_buf();
+    let w = &mut farm.cfg.worker;
+    w.use_kvm = true;
+    w.mic_path = None; // /usr/bin/mic, in the guest
+    w.sudo = false;
+    w.workers = 1;
+    w.timeout = 300;
+    w.img_tmp = root.join("vmtmp");
+    w.vm_base_img = Some(g.dir.join("base.qcow2"));
+    w.vm_kernel = Some(g.dir.join("vmlinuz"));
+    w.vm_initrd = Some(g.dir.join("initrd.img"));
+    w.vm_ssh_key = Some(g.dir.join("id_ed25519"));
+    w.vm_append = "root=/dev/vda rw console=ttyS0 panic=1".into();
+    w.vm_accel = VmAccel::Tcg;
+    w.vm_wait = 240;
+    w.mic_cachedir = root.join("mic-cache");
+    farm
+}
+
+/// What a KVM build left in img_tmp (nothing, once it is over).
+fn vm_leftovers(w: &WorkerConfig) -> Vec<String> {
+    list(&w.img_tmp)
+        .into_iter()
+        .filter(|n| n.contains("build-image-vm-"))
+        .collect()
+}
+
+/// Is the process alive (present and not a zombie)?
+fn running(pid: i32) -> bool {
+    alive(pid)
+}
+
+/// The qemu pids a job log names ("guest running: qemu pid N, ...").
+fn qemu_pids(log: &str) -> Vec<i32> {
+    log.lines()
+        .filter_map(|l| l.split("qemu pid ").nth(1))
+        .filter_map(|r| r.split(',').next()?.trim().parse().ok())
+        .collect()
+}
+
+fn job_log(farm: &Farm, id: &str, name: &str) -> String {
+    std::fs::read_to_string(
+        farm.base()
+            .join("requests")
+            .join(id)
+            .join(format!("{name}.log")),
+    )
+    .unwrap_or_default()
+}
+
+fn kvm_item(id: &str, ks: &str, extra: &[&str]) -> Value {
+    json!({
+        "image": {"image_id": id, "kickstart": ks, "image_type": "loop",
+                  "name": format!("kvm-{id}"), "arch": "i586", "extra_opts": extra},
+        "msg": []
+    })
+}
+
+// ---- before any guest: clear errors, nothing left behind -------------------------------------
+
+fn spec(id: &str) -> build_image::workitem::Spec {
+    build_image::workitem::normalise(&kvm_item(id, "# ks\n", &[])).unwrap()
+}
+
+/// Runs kvm::build directly and returns its error.
+fn preflight_error(w: &WorkerConfig, id: &str) -> String {
+    let (_tx, rx) = crossbeam_channel::bounded::<()>(1);
+    match kvm::build(w, &spec(id), &rx) {
+        BuildEnd::Finished {
+            result: false,
+            error: Some(e),
+            ..
+        } => e,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn kvm_missing_things_are_clear_errors_and_leave_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    std::fs::write(p.join("vmlinuz"), b"k").unwrap();
+    std::fs::write(p.join("base.qcow2"), b"b").unwrap();
+    std::fs::write(p.join("key"), b"k").unwrap();
+    std::fs::set_permissions(p.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let good = WorkerConfig {
+        base_dir: p.join("images"),
+        use_kvm: true,
+        img_tmp: p.join("vmtmp"),
+        vm_base_img: Some(p.join("base.qcow2")),
+        vm_kernel: Some(p.join("vmlinuz")),
+        vm_ssh_key: Some(p.join("key")),
+        vm_accel: VmAccel::Tcg,
+        ..WorkerConfig::default()
+    };
+
+    let w = WorkerConfig {
+        vm_base_img: Some(p.join("nope.qcow2")),
+        ..good.clone()
+    };
+    let e = preflight_error(&w, "a1");
+    assert!(
+        e.contains("base image (vm_base_img)")
+            && e.contains(&*p.join("nope.qcow2").to_string_lossy()),
+        "{e}"
+    );
+    let w = WorkerConfig {
+        vm_kernel: Some(p.join("no-kernel")),
+        ..good.clone()
+    };
+    let e = preflight_error(&w, "a2");
+    assert!(
+        e.contains("guest kernel (vm_kernel)") && e.contains("no-kernel"),
+        "{e}"
+    );
+    let w = WorkerConfig {
+        vm_initrd: Some(p.join("no-initrd")),
+        ..good.clone()
+    };
+    let e = preflight_error(&w, "a3");
+    assert!(e.contains("vm_initrd") && e.contains("no-initrd"), "{e}");
+    let w = WorkerConfig {
+        vm_ssh_key: None,
+        ..good.clone()
+    };
+    assert!(preflight_error(&w, "a4").contains("vm_ssh_key is not set"));
+    let w = WorkerConfig {
+        vm_ssh_key: Some(p.join("no-key")),
+        ..good.clone()
+    };
+    let e = preflight_error(&w, "a5");
+    assert!(
+        e.contains("ssh key (vm_ssh_key)") && e.contains("no-key"),
+        "{e}"
+    );
+    std::fs::set_permissions(p.join("key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = preflight_error(&good, "a6");
+    assert!(
+        e.contains("ssh key (vm_ssh_key)") && e.contains("0644") && e.contains("chmod 600"),
+        "{e}"
+    );
+    std::fs::set_permissions(p.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // vm_accel = "kvm" where /dev/kvm cannot run a guest (as on this CI host: no vmx/svm)
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let kvm_host = kvm::commands::cpu_has_virt(&cpuinfo)
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+    if !kvm_host {
+        let w = WorkerConfig {
+            vm_accel: VmAccel::Kvm,
+            ..good.clone()
+        };
+        let e = preflight_error(&w, "a7");
+        assert!(
+            e.contains("/dev/kvm is not usable") && e.contains("vm_accel"),
+            "{e}"
+        );
+    }
+
+    // the error is in the job log too; nothing was made in img_tmp
+    let log = std::fs::read_to_string(p.join("images/requests/a6/kvm-a6.log")).unwrap();
+    assert!(log.contains("error: ssh key (vm_ssh_key)"), "{log}");
+    assert!(vm_leftovers(&good).is_empty(), "{:?}", vm_leftovers(&good));
+}
+
+#[test]
+fn kvm_bad_base_image_fails_at_the_overlay_and_removes_it() {
+    // a base that qemu-img cannot read: the overlay step fails, nothing stays in img_tmp
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        eprintln!("qemu-img not installed: skipped");
+        return;
+    }
+    std::fs::write(p.join("vmlinuz"), b"k").unwrap();
+    std::fs::create_dir(p.join("base-is-a-dir")).unwrap();
+    std::fs::write(p.join("key"), b"k").unwrap();
+    std::fs::set_permissions(p.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let w = WorkerConfig {
+        base_dir: p.join("images"),
+        use_kvm: true,
+        img_tmp: p.join("vmtmp"),
+        vm_base_img: Some(p.join("base-is-a-dir")),
+        vm_kernel: Some(p.join("vmlinuz")),
+        vm_ssh_key: Some(p.join("key")),
+        vm_accel: VmAccel::Tcg,
+        ..WorkerConfig::default()
+    };
+    let e = preflight_error(&w, "b1");
+    assert!(
+        e.contains("qemu-img info") && e.contains("base-is-a-dir"),
+        "{e}"
+    );
+    assert!(vm_leftovers(&w).is_empty(), "{:?}", vm_leftovers(&w));
+}
+
+// ---- with a real guest -------------------------------------------------------------------------
+
+/// The guest is gone and img_tmp is clean, once the job is answered.
+fn assert_cleaned_up(farm: &Farm, log: &str) {
+    let pids = qemu_pids(log);
+    assert!(!pids.is_empty(), "no qemu pid in the job log:\n{log}");
+    for pid in pids {
+        assert!(
+            wait_for(Duration::from_secs(10), || !running(pid)),
+            "qemu pid {pid} still runs"
+        );
+    }
+    let w = &farm.cfg.worker;
+    assert!(
+        wait_for(Duration::from_secs(90), || vm_leftovers(w).is_empty()),
+        "left in img_tmp: {:?}",
+        vm_leftovers(w)
+    );
+}
+
+#[test]
+#[ignore = "boots a real guest under TCG (minutes); .ci/run runs it"]
+fn kvm_build_in_a_real_guest_through_the_daemon() {
+    let g = guest();
+    let farm = kvm_farm(&g);
+    let daemon = farm.start();
+    let started = Instant::now();
+    // mic (and its stand-in) take options only: the hostile words ride in option values
+    let hostile = [
+        "--pkgmgr=zypp",
+        "--x='; touch /x'",
+        "--y=$(touch /tmp/pwned) `id`; reboot",
+        "--z=a\"b\\ c",
+    ];
+    farm.drop_json(
+        "k1.json",
+        &kvm_item("k1", "# kickstart\n# mic-fixture: bytes 70000\n", &hostile),
+    );
+    let out = farm.wait_outbox("k1.json", Duration::from_secs(900));
+    eprintln!(
+        "kvm build answered in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    daemon.stop().unwrap();
+
+    let img = &out["image"];
+    let log = job_log(&farm, "k1", "kvm-k1");
+    assert_eq!(out["result"], json!(true), "{out:#}\n{log}");
+    assert_eq!(img["result"], json!(true));
+    assert_eq!(
+        img["files_url"],
+        json!("http://img.test/images/requests/k1")
+    );
+    assert_eq!(
+        img["image_url"],
+        json!("http://img.test/images/requests/k1/kvm-k1.img")
+    );
+    assert_eq!(
+        img["logfile_url"],
+        json!("http://img.test/images/requests/k1/kvm-k1.log")
+    );
+    assert!(img.get("error").is_none_or(|e| e.is_null()), "{out:#}");
+
+    // the image was copied back from the guest, and the job dir opened up as the original did
+    let dir = farm.base().join("requests/k1");
+    let image = dir.join("kvm-k1.img");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 70000);
+    assert!(dir.join("kvm-k1.packages").is_file());
+    let mode = std::fs::metadata(&image).unwrap().permissions().mode();
+    assert_eq!(mode & 0o066, 0o066, "{mode:o}");
+
+    // mic ran in the guest with its real argument vector: hostile words arrived whole
+    let argv = fixture_argv(&log);
+    assert_eq!(
+        argv,
+        vec![
+            "create",
+            "loop",
+            "/var/tmp/build-image/k1/kvm-k1.ks",
+            "--arch=i586",
+            "--outdir=/var/tmp/build-image/k1",
+            "--pkgmgr=zypp",
+            "--x='; touch /x'",
+            "--y=$(touch /tmp/pwned) `id`; reboot",
+            "--z=a\"b\\ c",
+        ],
+        "{log}"
+    );
+
+    // the job log tells every step, with timestamps
+    for step in [
+        "accel tcg (vm_accel = \"tcg\")",
+        "$ qemu-img info",
+        "$ qemu-img create -f qcow2 -F qcow2 -b",
+        "$ qemu-system-x86_64 -machine 'accel=tcg'",
+        "guest's ssh answered after",
+        "$ ssh ",
+        "$ scp ",
+        "/usr/bin/mic exited with status 0 in the guest",
+        "sync; poweroff",
+        "overlay ",
+    ] {
+        assert!(log.contains(step), "job log lacks {step:?}:\n{log}");
+    }
+    assert!(log.lines().filter(|l| l.starts_with("[20")).count() > 10);
+    assert_cleaned_up(&farm, &log);
+
+    let pushes: Vec<String> = farm.wait_pushes("k1", 2).into_iter().map(|p| p.0).collect();
+    assert_eq!(pushes, vec!["BUILDING", "DONE"]);
+}
+
+#[test]
+#[ignore = "boots a real guest under TCG (minutes); .ci/run runs it"]
+fn kvm_mic_failing_in_the_guest_is_an_error_and_the_guest_is_cleaned_up() {
+    let g = guest();
+    let farm = kvm_farm(&g);
+    let _daemon = farm.start();
+    farm.drop_json("k2.json", &kvm_item("k2", "# mic-fixture: fail 3\n", &[]));
+    let out = farm.wait_outbox("k2.json", Duration::from_secs(900));
+    let log = job_log(&farm, "k2", "kvm-k2");
+    assert_eq!(out["result"], json!(false), "{out:#}");
+    let err = out["image"]["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("/usr/bin/mic failed in the guest: exited with status 3")
+            && err.contains("mic-fixture: fail 3"),
+        "{err}"
+    );
+    assert!(
+        log.contains("error: /usr/bin/mic failed in the guest"),
+        "{log}"
+    );
+    assert_cleaned_up(&farm, &log);
+}
+
+#[test]
+#[ignore = "boots a real guest under TCG (minutes); .ci/run runs it"]
+fn kvm_ssh_never_coming_up_is_an_error_and_the_guest_is_killed() {
+    let g = guest();
+    let mut farm = kvm_farm(&g);
+    farm.cfg.worker.vm_wait = 3; // TCG needs ~20 s to reach sshd
+    let _daemon = farm.start();
+    farm.drop_json("k3.json", &kvm_item("k3", "# ks\n", &[]));
+    let out = farm.wait_outbox("k3.json", Duration::from_secs(300));
+    let log = job_log(&farm, "k3", "kvm-k3");
+    let err = out["image"]["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("ssh on 127.0.0.1:")
+            && err.contains("did not answer within vm_wait = 3 s")
+            && err.contains("id_ed25519"),
+        "{err}"
+    );
+    assert!(log.contains("guest console (last lines):"), "{log}");
+    assert!(log.contains("killed"), "{log}");
+    assert_cleaned_up(&farm, &log);
+}
+
+#[test]
+#[ignore = "boots a real guest under TCG (minutes); .ci/run runs it"]
+fn kvm_mic_hanging_past_the_timeout_is_killed_and_the_guest_cleaned_up() {
+    let g = guest();
+    let mut farm = kvm_farm(&g);
+    farm.cfg.worker.timeout = 40; // per command: mic over ssh is cut off after 40 s
+    let _daemon = farm.start();
+    farm.drop_json(
+        "k6.json",
+        &kvm_item("k6", "# mic-fixture: sleep 600\n", &[]),
+    );
+    let out = farm.wait_outbox("k6.json", Duration::from_secs(600));
+    let log = job_log(&farm, "k6", "kvm-k6");
+    let err = out["image"]["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("/usr/bin/mic failed in the guest: timed out after 40 s"),
+        "{err}\n{log}"
+    );
+    assert!(log.contains("mic-fixture: sleeping 600 s"), "{log}");
+    assert_cleaned_up(&farm, &log);
+}
+
+#[test]
+#[ignore = "boots a real guest under TCG (minutes); .ci/run runs it"]
+fn kvm_build_cancelled_by_a_stopping_daemon_cleans_up_the_guest() {
+    let g = guest();
+    let mut farm = kvm_farm(&g);
+    farm.cfg.worker.grace = 1; // a stop kills running builds after 1 s
+    let daemon = farm.start();
+    farm.drop_json(
+        "k7.json",
+        &kvm_item("k7", "# mic-fixture: sleep 600\n", &[]),
+    );
+    assert!(
+        wait_for(Duration::from_secs(600), || job_log(&farm, "k7", "kvm-k7")
+            .contains("mic-fixture: sleeping")),
+        "mic never started in the guest:\n{}",
+        job_log(&farm, "k7", "kvm-k7")
+    );
+    daemon.stop().unwrap();
+    let log = job_log(&farm, "k7", "kvm-k7");
+    assert!(log.contains("build cancelled"), "{log}");
+    assert!(
+        farm.outbox_file("k7.json").is_none(),
+        "interrupted, not answered"
+    );
+    assert_cleaned_up(&farm, &log);
+}
+
+#[test]
+#[ignore = "boots a real guest under TCG (minutes); .ci/run runs it"]
+fn kvm_build_with_the_9p_cache() {
+    let g = guest();
+    if !g.has_9p {
+        eprintln!(
+            "the test guest has no kernel with 9p (CONFIG_9P_FS / CONFIG_NET_9P_VIRTIO): skipped"
+        );
+        return;
+    }
+    let mut farm = kvm_farm(&g);
+    farm.cfg.worker.use_9p_cache = true;
+    // the cloud kernel has no 9p: the script adds Debian's generic kernel for this
+    farm.cfg.worker.vm_kernel = Some(g.dir.join("vmlinuz-9p"));
+    farm.cfg.worker.vm_initrd = Some(g.dir.join("initrd-9p.img"));
+    let _daemon = farm.start();
+    farm.drop_json("k4.json", &kvm_item("k4", "# ks\n", &["--copy-kernel"]));
+    let out = farm.wait_outbox("k4.json", Duration::from_secs(900));
+    let log = job_log(&farm, "k4", "kvm-k4");
+    assert_eq!(out["result"], json!(true), "{out:#}\n{log}");
+    assert!(farm.base().join("requests/k4/kvm-k4.img").is_file());
+    assert!(log.contains("mount -t 9p"), "{log}");
+    assert!(
+        !log.contains(" -r -P "),
+        "9p output needs no copy back (no scp -r):\n{log}"
+    );
+    assert!(log.contains("-virtfs"), "{log}");
+    assert_cleaned_up(&farm, &log);
+}
+
+#[test]
+#[ignore = "boots a real guest under TCG (minutes); .ci/run runs it"]
+fn kvm_daemon_killed_during_a_build_leaves_no_guest_after_restart() {
+    let g = guest();
+    let mut farm = kvm_farm(&g);
+    farm.cfg.worker.max_attempts = 1; // the restarted daemon answers instead of booting again
+    let w = farm.cfg.worker.clone();
+    let toml = format!(
+        "[worker]\nbase_dir = {base:?}\nbase_url = \"http://img.test/images\"\nuse_kvm = true\n\
+         sudo = false\nworkers = 1\nmax_attempts = 1\ntimeout = 300\nimg_tmp = {tmp:?}\n\
+         vm_base_img = {img:?}\nvm_kernel = {k:?}\nvm_initrd = {i:?}\nvm_ssh_key = {key:?}\n\
+         vm_append = {app:?}\nvm_accel = \"tcg\"\nvm_wait = 240\n\n\
+         [spool]\ndir = {spool:?}\nworker_id = \"w1\"\npoll_interval_ms = 100\nmin_age_ms = 50\n",
+        base = w.base_dir,
+        tmp = w.img_tmp,
+        img = w.vm_base_img.as_ref().unwrap(),
+        k = w.vm_kernel.as_ref().unwrap(),
+        i = w.vm_initrd.as_ref().unwrap(),
+        key = w.vm_ssh_key.as_ref().unwrap(),
+        app = w.vm_append,
+        spool = farm.spool(),
+    );
+    let cfg = farm.root().join("kvm.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_build-image"))
+        .args(["--config", cfg.to_str().unwrap(), "run"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let inc = farm.incoming();
+    assert!(wait_for(Duration::from_secs(20), || inc.is_dir()));
+    farm.drop_json(
+        "k5.json",
+        &kvm_item("k5", "# mic-fixture: sleep 600\n", &[]),
+    );
+    // mic runs in the guest: then the daemon dies
+    let running_mic = wait_for(Duration::from_secs(600), || {
+        job_log(&farm, "k5", "kvm-k5").contains("mic-fixture: sleeping")
+    });
+    let log = job_log(&farm, "k5", "kvm-k5");
+    assert!(running_mic, "mic never started in the guest:\n{log}");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    let pid = *qemu_pids(&log).first().expect("qemu pid in the log");
+    assert!(running(pid), "the guest should outlive the killed daemon");
+    assert!(!vm_leftovers(&w).is_empty());
+
+    // a new daemon: recovery kills the orphaned guest, removes its overlay, answers the job
+    let daemon = farm.start();
+    let out = farm.wait_outbox("k5.json", Duration::from_secs(120));
+    assert_eq!(out["result"], json!(false), "{out:#}");
+    assert!(
+        wait_for(Duration::from_secs(30), || !running(pid)),
+        "qemu pid {pid} survived the restart"
+    );
+    assert!(
+        vm_leftovers(&w).is_empty(),
+        "left in img_tmp: {:?}",
+        vm_leftovers(&w)
+    );
+    daemon.stop().unwrap();
+}
