@@ -164,6 +164,9 @@ pub struct SpoolConfig {
     /// Default: `<dir>/state/<worker_id>`.
     #[serde(deserialize_with = "empty_is_none")]
     pub state_dir: Option<PathBuf>,
+    /// The event log's page cache, MiB: more makes start-up replay of a long log faster,
+    /// less keeps an idle daemon small.
+    pub log_cache_mb: u64,
 }
 
 impl Default for SpoolConfig {
@@ -176,6 +179,7 @@ impl Default for SpoolConfig {
             max_bytes: 16 * 1024 * 1024,
             worker_id: None,
             state_dir: None,
+            log_cache_mb: 8,
         }
     }
 }

@@ -61,6 +61,9 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 /// The daemon's side.
 pub struct Server {
     path: PathBuf,
+    /// The listening socket, kept to shut it down: that ends a blocked accept() even when the
+    /// socket file is gone and nobody can connect to wake it.
+    listener: UnixListener,
     accept: Option<JoinHandle<()>>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     stage: Arc<Stage>,
@@ -73,6 +76,7 @@ impl Server {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let accepting = listener.try_clone()?;
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = {
             let stage = Arc::clone(&stage);
@@ -80,11 +84,15 @@ impl Server {
             std::thread::Builder::new()
                 .name("control".into())
                 .spawn(move || {
-                    for conn in listener.incoming() {
+                    for conn in accepting.incoming() {
                         if stage.stopping() {
                             break;
                         }
-                        let Ok(conn) = conn else { continue };
+                        let Ok(conn) = conn else {
+                            // e.g. out of file descriptors: do not spin
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        };
                         let stage = Arc::clone(&stage);
                         let h = std::thread::spawn(move || serve(&stage, conn));
                         let mut all = conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -95,6 +103,7 @@ impl Server {
         };
         Ok(Server {
             path,
+            listener,
             accept: Some(accept),
             conns,
             stage,
@@ -105,6 +114,10 @@ impl Server {
     /// the daemon stopping). Call after `Stage::set_stopping`.
     pub fn stop(mut self) {
         // Wake the accept loop so it sees the stop.
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.listener),
+            nix::sys::socket::Shutdown::Both,
+        );
         let _ = UnixStream::connect(&self.path);
         if let Some(h) = self.accept.take() {
             let _ = h.join();

@@ -20,10 +20,14 @@ use std::time::{Duration, Instant};
 
 /// Opens the log, waiting a little while another process (an operator command reading the log
 /// directly) holds it.
-pub fn open_journal(state_dir: &Path, patience: Duration) -> Result<Journal, JournalError> {
+pub fn open_journal(
+    state_dir: &Path,
+    cache_bytes: u64,
+    patience: Duration,
+) -> Result<Journal, JournalError> {
     let deadline = Instant::now() + patience;
     loop {
-        match Journal::open(state_dir) {
+        match Journal::open_with_cache(state_dir, cache_bytes) {
             Err(JournalError::Locked(_)) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -118,7 +122,11 @@ impl Running {
         let state_dir = cfg.state_dir();
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
-        let journal = open_journal(&state_dir, Duration::from_secs(5))?;
+        let journal = open_journal(
+            &state_dir,
+            cfg.spool.log_cache_mb * 1024 * 1024,
+            Duration::from_secs(5),
+        )?;
         log::info!(
             "build-image {} worker {worker} spool {} state {} ({} build slot(s), {:?} mode)",
             env!("CARGO_PKG_VERSION"),
@@ -216,6 +224,7 @@ fn recover(stage: &Stage) -> anyhow::Result<Vec<u64>> {
             by_file.insert(f.as_str(), job);
         }
     }
+    let mut unlogged_files = Vec::new();
     for name in stage.spool.active_files()? {
         let unlogged = match by_file.get(name.as_str()) {
             None => true,
@@ -228,14 +237,13 @@ fn recover(stage: &Stage) -> anyhow::Result<Vec<u64>> {
         };
         if unlogged {
             log::info!("recovery: {name} in active/ has no job: claiming it");
-            match stage.claimed(&name) {
-                Ok(Next::Build(id)) => {
-                    stage.enqueue(id);
-                }
-                Ok(Next::Nothing) => {}
-                Err(e) => log::error!("recovery: claiming {name}: {e}"),
-            }
+            unlogged_files.push(name);
         }
+    }
+    if !unlogged_files.is_empty()
+        && let Err(e) = stage.intake(&unlogged_files)
+    {
+        log::error!("recovery: cannot record the claims of {unlogged_files:?}: {e}");
     }
     let retries = stage.cfg.hooks.retries;
     let mut queued = 0;
@@ -308,30 +316,52 @@ fn claim_loop(
         match wake {
             Wake::Stop => return Ok(()),
             Wake::Fs(Ok(ev)) => {
-                if ev.need_rescan() {
+                // A burst of renames arrives as a burst of events: take them all, then claim
+                // them as one batch (one flush).
+                let mut ready = Vec::new();
+                let mut rescan = false;
+                let mut writing = false;
+                let mut next = Some(ev);
+                while let Some(ev) = next.take() {
+                    rescan |= ev.need_rescan();
+                    let moved_in = matches!(
+                        ev.kind,
+                        notify::EventKind::Modify(notify::event::ModifyKind::Name(
+                            notify::event::RenameMode::To | notify::event::RenameMode::Both
+                        ))
+                    );
+                    if moved_in
+                        && only.is_none()
+                        && let Some(path) = ev.paths.last()
+                        && path.parent() == Some(incoming.as_path())
+                        && let Some(name) = path.file_name().and_then(|n| n.to_str())
+                        && let Some(r) = spool::moved_in_ready(&incoming, name, cfg.max_bytes)
+                    {
+                        ready.push(r);
+                    } else if !moved_in {
+                        writing = true;
+                    }
+                    while next.is_none() && ready.len() < MAX_BATCH {
+                        match fs_rx.try_recv() {
+                            Ok(Ok(ev)) => next = Some(ev),
+                            Ok(Err(e)) => {
+                                log::warn!("inotify error ({e}); rescanning");
+                                rescan = true;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                if rescan {
                     log::info!("inotify queue overflowed: rescanning");
                     next_scan = Instant::now();
-                    continue;
                 }
-                let moved_in = matches!(
-                    ev.kind,
-                    notify::EventKind::Modify(notify::event::ModifyKind::Name(
-                        notify::event::RenameMode::To | notify::event::RenameMode::Both
-                    ))
-                );
-                if moved_in
-                    && only.is_none()
-                    && let Some(path) = ev.paths.last()
-                    && path.parent() == Some(incoming.as_path())
-                    && let Some(name) = path.file_name().and_then(|n| n.to_str())
-                    && let Some(ready) = spool::moved_in_ready(&incoming, name, cfg.max_bytes)
-                {
-                    take(stage, &mut scanner, ready, &mut unrecorded);
-                } else if !moved_in {
+                if writing {
                     // A write in progress: look again when it may have become stable.
                     next_scan =
                         next_scan.min(Instant::now() + Duration::from_millis(cfg.min_age_ms));
                 }
+                take(stage, &mut scanner, ready, &mut unrecorded);
             }
             Wake::Fs(Err(e)) => {
                 log::warn!("inotify error ({e}); rescanning");
@@ -345,22 +375,24 @@ fn claim_loop(
                         // The old watch died with the folder: watch the new one.
                         _watcher = watch(cfg.watch, &incoming, &fs_tx);
                     }
-                    for name in std::mem::take(&mut unrecorded) {
-                        record_claim(stage, name, &mut unrecorded);
+                    if !unrecorded.is_empty() {
+                        let names = std::mem::take(&mut unrecorded);
+                        record_claims(stage, names, &mut unrecorded);
                     }
-                    for r in ready {
+                    let ready: Vec<Ready> = ready
+                        .into_iter()
+                        .filter(|r| {
+                            let name = match r {
+                                Ready::File(n) | Ready::Reject(n, _) => n,
+                            };
+                            only.as_ref().is_none_or(|names| names.contains(name))
+                        })
+                        .collect();
+                    for chunk in ready.chunks(MAX_BATCH) {
                         if stop.try_recv().is_ok() {
                             return Ok(());
                         }
-                        if let Some(names) = &only {
-                            let name = match &r {
-                                Ready::File(n) | Ready::Reject(n, _) => n,
-                            };
-                            if !names.contains(name) {
-                                continue;
-                            }
-                        }
-                        take(stage, &mut scanner, r, &mut unrecorded);
+                        take(stage, &mut scanner, chunk.to_vec(), &mut unrecorded);
                     }
                     if let Some(names) = &mut only {
                         names.retain(|n| stage.spool.incoming.join(n).symlink_metadata().is_ok());
@@ -411,37 +443,48 @@ fn watch(
     }
 }
 
-/// Claims or rejects one ready name; errors are logged and the file stays for a later scan.
-fn take(stage: &Stage, scanner: &mut Scanner, ready: Ready, unrecorded: &mut Vec<String>) {
-    match ready {
-        Ready::Reject(name, why) => {
-            scanner.forget(&name);
-            if let Err(e) = stage.reject_unread(&name, &format!("not a workitem: {why}")) {
-                log::error!("cannot reject {name}: {e}");
+/// The most files claimed with one flush.
+const MAX_BATCH: usize = 1000;
+
+/// Claims (renames into active/, one directory fsync for all) or rejects the ready names;
+/// errors are logged and a file stays for a later scan.
+fn take(stage: &Stage, scanner: &mut Scanner, ready: Vec<Ready>, unrecorded: &mut Vec<String>) {
+    let mut claimed = Vec::new();
+    for r in ready {
+        match r {
+            Ready::Reject(name, why) => {
+                scanner.forget(&name);
+                if let Err(e) = stage.reject_unread(&name, &format!("not a workitem: {why}")) {
+                    log::error!("cannot reject {name}: {e}");
+                }
             }
-        }
-        Ready::File(name) => {
-            scanner.forget(&name);
-            match stage.spool.claim(&name) {
-                Ok(true) => record_claim(stage, name, unrecorded),
-                Ok(false) => {}
-                Err(e) => log::error!("{e}"),
+            Ready::File(name) => {
+                scanner.forget(&name);
+                match stage.spool.claim(&name) {
+                    Ok(true) => claimed.push(name),
+                    Ok(false) => {}
+                    Err(e) => log::error!("{e}"),
+                }
             }
         }
     }
+    if claimed.is_empty() {
+        return;
+    }
+    if let Err(e) = crate::durable::sync_dir(&stage.spool.active) {
+        log::error!("{e}");
+    }
+    record_claims(stage, claimed, unrecorded);
 }
 
-/// Records a file now in active/ as a job and moves it forward; if that fails the name is kept
-/// for the next scan.
-fn record_claim(stage: &Stage, name: String, unrecorded: &mut Vec<String>) {
-    match stage.claimed(&name) {
-        Ok(Next::Build(id)) => {
-            stage.enqueue(id);
-        }
-        Ok(Next::Nothing) => {}
-        Err(e) => {
-            log::error!("claimed {name} but cannot record it yet: {e}");
-            unrecorded.push(name);
-        }
+/// Records files now in active/ as jobs and moves them forward; if that fails the names are
+/// kept for the next scan.
+fn record_claims(stage: &Stage, names: Vec<String>, unrecorded: &mut Vec<String>) {
+    if let Err(e) = stage.intake(&names) {
+        log::error!(
+            "claimed {} file(s) but cannot record them yet: {e}",
+            names.len()
+        );
+        unrecorded.extend(names);
     }
 }

@@ -132,9 +132,10 @@ pub fn show(journal: &Journal, cfg: &Config, id: &str) -> Result<JobView> {
     let mut workitem = None;
     let mut log_path = None;
     let mut logfile_url = None;
+    let input = journal.input(job_id)?;
     for ev in &events {
-        match &ev.kind {
-            EventKind::Queued { spec, input, .. } => {
+        match (&ev.kind, &input) {
+            (EventKind::Queued { spec, .. }, Some(input)) => {
                 let path = build::log_path(&cfg.worker, spec);
                 logfile_url = build::url_for(&cfg.worker, &path);
                 log_path = Some(path.display().to_string());
@@ -150,7 +151,7 @@ pub fn show(journal: &Journal, cfg: &Config, id: &str) -> Result<JobView> {
                     &urls,
                 ));
             }
-            EventKind::Invalid { input, .. } => {
+            (EventKind::Invalid { .. }, Some(input)) => {
                 workitem = Some(workitem::reply(
                     input,
                     job.result,
@@ -282,15 +283,9 @@ pub fn replay(journal: &Journal, spool: &Spool) -> Result<ReplayReport> {
     let horizon = journal.next_seq();
     let started = Instant::now();
     let mut jobs = Jobs::new();
-    let mut n = 0u64;
-    for ev in journal.since(0) {
-        let ev = ev?;
-        if ev.seq >= horizon {
-            break;
-        }
-        crate::journal::fold::apply(&mut jobs, &ev);
-        n += 1;
-    }
+    let n = journal.fold_range(0, Some(horizon), |ev| {
+        crate::journal::fold::apply(&mut jobs, ev)
+    })?;
     let seconds = started.elapsed().as_secs_f64();
     let mut d = Vec::new();
 

@@ -117,6 +117,7 @@ impl Spool {
 
     /// Claims `incoming/<name>` by renaming it into `active/<worker>/`. `Ok(false)` when the file
     /// is gone (another daemon took it) or a file of that name is still being worked on here.
+    /// The caller makes the rename durable (`durable::sync_dir(&self.active)`, once per batch).
     pub fn claim(&self, name: &str) -> Result<bool, SpoolError> {
         let to = self.active_path(name);
         if to.symlink_metadata().is_ok() {
@@ -129,7 +130,6 @@ impl Spool {
                 return Err(DurableError::new("cannot claim", &self.incoming.join(name), e).into());
             }
         }
-        durable::sync_dir(&self.active)?;
         Ok(true)
     }
 

@@ -8,6 +8,7 @@
 use crate::build::{self, BuildEnd};
 use crate::config::Config;
 use crate::hooks;
+use crate::journal::fold::EventView;
 use crate::journal::{Event, EventKind, Job, Jobs, Journal, JournalError, State, Status};
 use crate::spool::Spool;
 use crate::workitem::{self, Spec, WorkitemError};
@@ -64,6 +65,20 @@ pub struct Stage {
     settling: Mutex<HashMap<u64, (String, Instant)>>,
 }
 
+/// Jobs queued earlier in the same intake batch (not yet in the fold): key -> (job, file).
+#[derive(Default)]
+struct BatchSeen {
+    image_ids: HashMap<String, (u64, String)>,
+    shas: HashMap<String, (u64, String)>,
+}
+
+/// What reading a claimed file decided.
+enum Intake {
+    Events(Vec<EventKind>),
+    /// Not yet: the file may still be being written.
+    Defer(String),
+}
+
 /// A push to try again: (due, job, status, attempt).
 type PushRetry = (Instant, u64, Status, u32);
 
@@ -76,22 +91,32 @@ struct Memory {
 }
 
 impl Memory {
-    fn apply(&mut self, ev: &Event) {
+    /// Applies one event in its stored form, keeping the lookups in step with the fold.
+    fn apply_view(&mut self, ev: &EventView<'_>) {
         crate::journal::fold::apply(&mut self.jobs, ev);
-        match &ev.kind {
-            EventKind::Claimed { sha256, .. } => {
-                self.by_sha.entry(sha256.clone()).or_default().push(ev.job)
+        match &*ev.kind {
+            "claimed" => {
+                if let Some(sha) = &ev.sha256 {
+                    self.by_sha.entry(sha.to_string()).or_default().push(ev.job);
+                }
             }
-            EventKind::Queued { image_id, .. }
-            | EventKind::Invalid {
-                image_id: Some(image_id),
-                ..
-            } => self
-                .by_image
-                .entry(image_id.clone())
-                .or_default()
-                .push(ev.job),
+            "queued" | "invalid" => {
+                if let Some(id) = &ev.image_id {
+                    self.by_image
+                        .entry(id.to_string())
+                        .or_default()
+                        .push(ev.job);
+                }
+            }
             _ => {}
+        }
+    }
+
+    fn apply(&mut self, ev: &Event) {
+        if let Ok(bytes) = serde_json::to_vec(ev)
+            && let Ok(view) = serde_json::from_slice::<EventView<'_>>(&bytes)
+        {
+            self.apply_view(&view);
         }
     }
 }
@@ -111,10 +136,10 @@ impl Stage {
         let started = Instant::now();
         let mut memory = Memory::default();
         let mut n = 0u64;
-        for ev in journal.since(0) {
-            memory.apply(&ev?);
+        journal.fold_range(0, None, |ev| {
+            memory.apply_view(ev);
             n += 1;
-        }
+        })?;
         let repaired = journal.repair_projections(&memory.jobs)?;
         log::info!(
             "log replayed: {n} events, {} jobs in {:?}{}",
@@ -162,7 +187,7 @@ impl Stage {
             let job = pending
                 .entry(ev.job)
                 .or_insert_with(|| self.memory().jobs.get(&ev.job).cloned().unwrap_or_default());
-            job.apply(ev);
+            job.apply_event(ev);
             Some(job.clone())
         })?;
         let mut m = self.memory();
@@ -191,12 +216,29 @@ impl Stage {
             .unwrap_or_default()
     }
 
-    /// An earlier job that makes `job` a duplicate: same content or same image_id, and queued,
-    /// building or built successfully. Says why.
-    fn duplicate_of(&self, job: &Job, image_id: &str) -> Option<String> {
+    /// An earlier job that makes job `id` a duplicate: the same content or the same image_id,
+    /// and queued, building or built successfully (or queued earlier in this batch). Says why.
+    fn duplicate_of(
+        &self,
+        id: u64,
+        sha: &str,
+        image_id: &str,
+        batch: &BatchSeen,
+    ) -> Option<String> {
+        if let Some((other, file)) = batch.shas.get(sha) {
+            return Some(format!(
+                "duplicate: the same file content (sha256 {}) was dropped before as job {other} (file {file}, queued)",
+                &sha[..sha.len().min(12)]
+            ));
+        }
+        if let Some((other, file)) = batch.image_ids.get(image_id) {
+            return Some(format!(
+                "duplicate: image_id {image_id:?} is already taken by job {other} (file {file}, queued)"
+            ));
+        }
         let m = self.memory();
         let blocking = |other: &Job| {
-            other.id != job.id
+            other.id != id
                 && match other.state {
                     State::Claimed | State::Rejected | State::Moved => false,
                     State::Queued | State::Building | State::Interrupted => true,
@@ -214,14 +256,13 @@ impl Stage {
                 other.file.as_deref().unwrap_or("?")
             )
         };
-        if let Some(sha) = &job.sha256
-            && let Some(other) = m
-                .by_sha
-                .get(sha)
-                .into_iter()
-                .flatten()
-                .filter_map(|id| m.jobs.get(id))
-                .find(|o| blocking(o))
+        if let Some(other) = m
+            .by_sha
+            .get(sha)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| m.jobs.get(id))
+            .find(|o| blocking(o))
         {
             return Some(format!(
                 "duplicate: the same file content (sha256 {}) was dropped before as {}",
@@ -289,34 +330,77 @@ impl Stage {
     /// The input workitem (and spec, for a valid one) of a job, from its event.
     pub fn input(&self, job: &Job) -> Result<(Value, Option<Spec>)> {
         let seq = job.input_seq.ok_or(StageError::NoInput(job.id))?;
+        let input = self
+            .journal
+            .input(job.id)?
+            .ok_or(StageError::NoInput(job.id))?;
         match self.journal.get(seq)?.map(|e| e.kind) {
-            Some(EventKind::Queued { spec, input, .. }) => Ok((input, Some(*spec))),
-            Some(EventKind::Invalid { input, .. }) => Ok((input, None)),
+            Some(EventKind::Queued { spec, .. }) => {
+                let spec = spec.with_kickstart_from(&input);
+                Ok((input, Some(spec)))
+            }
+            Some(EventKind::Invalid { .. }) => Ok((input, None)),
             _ => Err(StageError::NoInput(job.id)),
         }
     }
 
-    /// Records a file just renamed into active/ as a new job and reads it. An error means the
-    /// claim was not recorded (the caller keeps the name and tries again).
-    pub fn claimed(&self, name: &str) -> Result<Next> {
-        let c = self.spool.read_claimed(name, self.cfg.spool.max_bytes)?;
-        let ev = self.record(
-            None,
-            EventKind::Claimed {
-                file: name.to_string(),
-                worker: self.spool.worker.clone(),
-                bytes: c.bytes.len() as u64,
-                sha256: c.sha256.clone(),
-            },
+    /// Records files just renamed into active/ as new jobs and reads them, with one flush for
+    /// all their `claimed` events and one for what reading them decided (group commit). An
+    /// error means no claim was recorded (the caller keeps the names and tries again); once
+    /// recorded, a job whose next step fails is stalled and retried.
+    pub fn intake(&self, names: &[String]) -> Result<()> {
+        let mut read = Vec::with_capacity(names.len());
+        for name in names {
+            let c = self.spool.read_claimed(name, self.cfg.spool.max_bytes)?;
+            read.push(c);
+        }
+        let evs = self.record_batch(
+            read.iter()
+                .map(|c| {
+                    (
+                        None,
+                        EventKind::Claimed {
+                            file: c.name.clone(),
+                            worker: self.spool.worker.clone(),
+                            bytes: c.bytes.len() as u64,
+                            sha256: c.sha256.clone(),
+                        },
+                    )
+                })
+                .collect(),
         )?;
-        // The claim is recorded: from here on a failure stalls the job, to be retried.
-        match self.advance(ev.job) {
-            Ok(next) => Ok(next),
-            Err(e) => {
-                self.stall(ev.job, &e);
-                Ok(Next::Nothing)
+        let mut batch = BatchSeen::default();
+        let mut outcomes = Vec::new();
+        let mut deferred = Vec::new();
+        for (ev, c) in evs.iter().zip(read) {
+            let Some(job) = self.job(ev.job) else {
+                continue;
+            };
+            match self.decide(&job, Ok(c), &mut batch) {
+                Ok(Intake::Events(kinds)) => {
+                    outcomes.extend(kinds.into_iter().map(|k| (Some(job.id), k)))
+                }
+                Ok(Intake::Defer(why)) => deferred.push((job.id, StageError::Deferred(why))),
+                Err(e) => deferred.push((job.id, e)),
             }
         }
+        let ids: Vec<u64> = evs.iter().map(|e| e.job).collect();
+        if let Err(e) = self.record_batch(outcomes) {
+            // The claims are recorded; the jobs are read again later.
+            for id in &ids {
+                self.stall(*id, &e);
+            }
+            return Ok(());
+        }
+        for (id, why) in &deferred {
+            self.stall(*id, why);
+        }
+        for id in ids {
+            if !deferred.iter().any(|(d, _)| *d == id) {
+                self.advance_and_enqueue(id);
+            }
+        }
+        Ok(())
     }
 
     /// Rejects a name in incoming/ unread (symlink, fifo, directory, too big).
@@ -426,21 +510,37 @@ impl Stage {
         }
     }
 
+    /// Reads a claimed job's file again (recovery, or after it was deferred) and records what
+    /// that decides.
     fn read_input(&self, job: &Job) -> Result<()> {
-        let Some(file) = &job.file else {
-            return Err(StageError::NoInput(job.id));
+        let file = job.file.as_deref().ok_or(StageError::NoInput(job.id))?;
+        let c = self.spool.read_claimed(file, self.cfg.spool.max_bytes);
+        match self.decide(job, c, &mut BatchSeen::default())? {
+            Intake::Events(kinds) => {
+                self.record_batch(kinds.into_iter().map(|k| (Some(job.id), k)).collect())?;
+                Ok(())
+            }
+            Intake::Defer(why) => Err(StageError::Deferred(why)),
+        }
+    }
+
+    /// What the content of a claimed file makes of its job: rejected (not a workitem), invalid
+    /// (answered with an error), a duplicate (likewise), or queued; or, while the file may still
+    /// be being written, nothing yet. Records nothing.
+    fn decide(
+        &self,
+        job: &Job,
+        read: std::result::Result<crate::spool::Claimed, crate::spool::SpoolError>,
+        batch: &mut BatchSeen,
+    ) -> Result<Intake> {
+        let file = job.file.clone().unwrap_or_default();
+        let reject = |reason: String| {
+            Ok(Intake::Events(vec![EventKind::Rejected {
+                file: file.clone(),
+                reason,
+            }]))
         };
-        let reject = |reason: String| -> Result<()> {
-            self.record(
-                Some(job.id),
-                EventKind::Rejected {
-                    file: file.clone(),
-                    reason,
-                },
-            )?;
-            Ok(())
-        };
-        let c = match self.spool.read_claimed(file, self.cfg.spool.max_bytes) {
+        let c = match read {
             Ok(c) => c,
             Err(crate::spool::SpoolError::Read { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
@@ -462,7 +562,7 @@ impl Stage {
                 // JSON object never parses, so read it again until its content has stood
                 // still for min_age; only then is it not a workitem.
                 if self.still_settling(job.id, &c.sha256) {
-                    return Err(StageError::Deferred(format!(
+                    return Ok(Intake::Defer(format!(
                         "{file} does not parse yet ({e}): reading it again in case it is still being written"
                     )));
                 }
@@ -473,57 +573,43 @@ impl Stage {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&job.id);
+        let mut events = Vec::new();
         if job.sha256.as_deref() != Some(c.sha256.as_str()) {
             // It grew after the claim: record what is actually read.
-            self.record(
-                Some(job.id),
-                EventKind::Claimed {
-                    file: file.clone(),
-                    worker: self.spool.worker.clone(),
-                    bytes: c.bytes.len() as u64,
-                    sha256: c.sha256.clone(),
-                },
-            )?;
+            events.push(EventKind::Claimed {
+                file: file.clone(),
+                worker: self.spool.worker.clone(),
+                bytes: c.bytes.len() as u64,
+                sha256: c.sha256.clone(),
+            });
         }
-        let job = &self.job(job.id).ok_or(StageError::NoJob(job.id))?;
-        let normalised = workitem::normalise(&input).map(|spec| {
-            let dup = self.duplicate_of(job, &spec.image_id);
-            (spec, dup)
-        });
-        match normalised {
-            Ok((spec, Some(error))) => {
-                self.record(
-                    Some(job.id),
-                    EventKind::Invalid {
-                        image_id: Some(spec.image_id),
-                        error,
-                        input,
-                    },
-                )?;
-            }
-            Ok((spec, None)) => {
-                self.record(
-                    Some(job.id),
-                    EventKind::Queued {
+        match workitem::normalise(&input) {
+            Ok(spec) => match self.duplicate_of(job.id, &c.sha256, &spec.image_id, batch) {
+                Some(error) => events.push(EventKind::Invalid {
+                    image_id: Some(spec.image_id),
+                    error,
+                    input,
+                }),
+                None => {
+                    batch
+                        .image_ids
+                        .insert(spec.image_id.clone(), (job.id, file.clone()));
+                    batch.shas.insert(c.sha256.clone(), (job.id, file.clone()));
+                    events.push(EventKind::Queued {
                         image_id: spec.image_id.clone(),
                         spec: Box::new(spec),
                         input,
-                    },
-                )?;
-            }
+                    });
+                }
+            },
             Err(WorkitemError::NotAWorkitem(e)) => return reject(e),
-            Err(WorkitemError::Invalid(error)) => {
-                self.record(
-                    Some(job.id),
-                    EventKind::Invalid {
-                        image_id: workitem::raw_image_id(&input),
-                        error: format!("invalid workitem: {error}"),
-                        input,
-                    },
-                )?;
-            }
+            Err(WorkitemError::Invalid(error)) => events.push(EventKind::Invalid {
+                image_id: workitem::raw_image_id(&input),
+                error: format!("invalid workitem: {error}"),
+                input,
+            }),
         }
-        Ok(())
+        Ok(Intake::Events(events))
     }
 
     /// Writes the reply to outbox/ (idempotent: same name, tmp + rename) and records it.

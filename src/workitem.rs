@@ -25,6 +25,9 @@ pub struct Spec {
     pub image_id: String,
     /// image_id stripped to `[A-Za-z0-9_-]`: the job directory's name.
     pub dir_id: String,
+    /// Not stored in the log's `queued` event (the input workitem there holds it): see
+    /// [`Spec::with_kickstart_from`].
+    #[serde(default, skip_serializing)]
     pub kickstart: String,
     pub image_type: String,
     pub name: String,
@@ -36,6 +39,21 @@ pub struct Spec {
     pub tokenmap: Option<String>,
     #[serde(default)]
     pub extra_opts: Vec<String>,
+}
+
+impl Spec {
+    /// A spec read back from the log gets its kickstart from the input it was made from.
+    pub fn with_kickstart_from(mut self, input: &Value) -> Spec {
+        if self.kickstart.is_empty()
+            && let Some(ks) = fields(input)
+                .map(image_fields)
+                .and_then(|img| img.get("kickstart"))
+                .and_then(Value::as_str)
+        {
+            self.kickstart = ks.to_string();
+        }
+        self
+    }
 }
 
 pub const DEFAULT_PREFIX: &str = "requests";

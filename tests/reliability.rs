@@ -315,6 +315,23 @@ fn a_full_image_disk_defers_the_build_until_space_returns() {
 }
 
 #[test]
+fn a_daemon_whose_spool_and_state_dir_vanished_still_stops() {
+    init_log();
+    let farm = Farm::new();
+    let d = farm.start();
+    let sock = farm.cfg.state_dir().join("control.sock");
+    assert!(wait_for(T, || sock.exists()), "daemon up");
+    std::fs::remove_dir_all(farm.spool()).unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(format!("{:?}", d.stop()));
+    });
+    // It stops (an error about its lost state dir is fair; hanging is not).
+    let res = rx.recv_timeout(T).expect("the daemon did not stop");
+    eprintln!("stop: {res}");
+}
+
+#[test]
 fn incoming_vanishing_is_survived() {
     init_log();
     let farm = Farm::new();

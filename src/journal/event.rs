@@ -61,12 +61,17 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         image_id: Option<String>,
         error: String,
+        /// The workitem as given. Stored beside the event (the log's `inputs` tree, same
+        /// flush), not in it, so the event log stays small and quick to fold.
+        #[serde(skip)]
         input: Value,
     },
     /// A valid workitem waiting for a build slot.
     Queued {
         image_id: String,
         spec: Box<Spec>,
+        /// As in `Invalid`: stored in the `inputs` tree.
+        #[serde(skip)]
         input: Value,
     },
     Started {

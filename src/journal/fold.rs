@@ -1,11 +1,13 @@
-//! Job state as a pure fold of events: no I/O, no clock, nothing but `apply`.
+//! Job state as a pure fold of events: no I/O, no clock, nothing but `apply`, which reads each
+//! event in its stored form (`EventView`), so replay and the live daemon fold the same bytes.
 //!
 //! The fold keeps what status listings and the recovery decisions need; bulky payloads (the
 //! input workitem, the spec) stay in the log and are read by seq (`input_seq`) when needed.
 
-use super::event::{Event, EventKind, Mode, Status};
+use super::event::{Event, Mode, Status};
 use crate::workitem::Urls;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -98,94 +100,81 @@ impl Job {
         }
     }
 
-    /// Applies one event of this job. The only place job state changes.
-    pub fn apply(&mut self, ev: &Event) {
+    /// Applies one event of this job (as stored). The only place job state changes.
+    pub fn apply(&mut self, ev: &EventView<'_>) {
+        let s = |c: &Option<Cow<'_, str>>| c.as_deref().map(str::to_string);
+        let ts = || Some(ev.ts.to_string());
         self.id = ev.job;
         self.last_seq = ev.seq;
-        match &ev.kind {
-            EventKind::Claimed {
-                file,
-                worker,
-                bytes,
-                sha256,
-            } => {
+        match &*ev.kind {
+            "claimed" => {
                 self.state = State::Claimed;
-                self.file = Some(file.clone());
-                self.worker = Some(worker.clone());
-                self.bytes = *bytes;
-                self.sha256 = Some(sha256.clone());
+                self.file = s(&ev.file);
+                self.worker = s(&ev.worker);
+                self.bytes = ev.bytes.unwrap_or_default();
+                self.sha256 = s(&ev.sha256);
                 // A file read again after it grew is claimed again; it was claimed first then.
-                self.claimed_at.get_or_insert_with(|| ev.ts.clone());
+                self.claimed_at.get_or_insert_with(|| ev.ts.to_string());
             }
-            EventKind::Rejected { file, reason } => {
+            "rejected" => {
                 self.state = State::Rejected;
-                self.file.get_or_insert_with(|| file.clone());
-                self.reason = Some(reason.clone());
-                self.claimed_at.get_or_insert_with(|| ev.ts.clone());
+                if self.file.is_none() {
+                    self.file = s(&ev.file);
+                }
+                self.reason = s(&ev.reason);
+                self.claimed_at.get_or_insert_with(|| ev.ts.to_string());
             }
-            EventKind::Invalid {
-                image_id, error, ..
-            } => {
+            "invalid" => {
                 self.state = State::Finished;
-                self.image_id = image_id.clone();
+                self.image_id = s(&ev.image_id);
                 self.input_seq = Some(ev.seq);
                 self.result = Some(false);
-                self.error = Some(error.clone());
-                self.finished_at = Some(ev.ts.clone());
+                self.error = s(&ev.error);
+                self.finished_at = ts();
             }
-            EventKind::Queued { image_id, spec, .. } => {
+            "queued" => {
                 self.state = State::Queued;
-                self.image_id = Some(image_id.clone());
-                self.name = Some(spec.name.clone());
-                self.arch = Some(spec.arch.clone());
-                self.image_type = Some(spec.image_type.clone());
+                self.image_id = s(&ev.image_id);
+                if let Some(spec) = &ev.spec {
+                    self.name = Some(spec.name.to_string());
+                    self.arch = Some(spec.arch.to_string());
+                    self.image_type = Some(spec.image_type.to_string());
+                }
                 self.input_seq = Some(ev.seq);
             }
-            EventKind::Started { mode, attempt } => {
+            "started" => {
                 self.state = State::Building;
-                self.mode = Some(*mode);
-                self.attempts = *attempt;
-                self.started_at = Some(ev.ts.clone());
+                self.mode = ev.mode;
+                self.attempts = ev.attempt.unwrap_or(self.attempts + 1);
+                self.started_at = ts();
             }
-            EventKind::Finished {
-                result,
-                error,
-                urls,
-            } => {
+            "finished" => {
                 self.state = State::Finished;
-                self.result = Some(*result);
-                self.error = error.clone();
-                self.urls = urls.clone();
-                self.finished_at = Some(ev.ts.clone());
+                self.result = ev.result;
+                self.error = s(&ev.error);
+                self.urls = ev.urls.clone().unwrap_or_default();
+                self.finished_at = ts();
             }
-            EventKind::Delivered { outbox } => {
+            "delivered" => {
                 self.state = State::Delivered;
-                self.outbox = Some(outbox.clone());
+                self.outbox = s(&ev.outbox);
             }
-            EventKind::Pushed { status, ok, .. } => {
-                if *status != Status::Building && self.state == State::Delivered {
-                    self.final_push_attempts += 1;
-                    if *ok {
-                        self.final_pushed = true;
-                    }
+            "pushed" if ev.status != Some(Status::Building) && self.state == State::Delivered => {
+                self.final_push_attempts += 1;
+                if ev.ok == Some(true) {
+                    self.final_pushed = true;
                 }
             }
-            EventKind::Cancelled { reason } => {
-                self.reason = Some(reason.clone());
-            }
-            EventKind::Requeued {
-                reason,
-                file: Some(file),
-                from_worker,
-            } if self.input_seq.is_none() => {
+            "cancelled" => self.reason = s(&ev.reason),
+            "requeued" if ev.file.is_some() && self.input_seq.is_none() => {
                 self.state = State::Moved;
-                self.file = Some(file.clone());
-                self.worker = from_worker.clone();
-                self.reason = Some(reason.clone());
+                self.file = s(&ev.file);
+                self.worker = s(&ev.from_worker);
+                self.reason = s(&ev.reason);
             }
-            EventKind::Requeued { reason, .. } => {
+            "requeued" => {
                 self.state = State::Queued;
-                self.reason = Some(reason.clone());
+                self.reason = s(&ev.reason);
                 self.result = None;
                 self.error = None;
                 self.urls = Urls::default();
@@ -194,28 +183,97 @@ impl Job {
                 self.final_push_attempts = 0;
                 self.finished_at = None;
             }
-            EventKind::Interrupted { reason } => {
+            "interrupted" => {
                 self.state = State::Interrupted;
                 self.interruptions += 1;
-                self.reason = Some(reason.clone());
+                self.reason = s(&ev.reason);
             }
+            _ => {} // a kind from a newer version: nothing this one knows to change
         }
     }
+
+    /// Applies an event given as the typed value (the same as its stored form).
+    pub fn apply_event(&mut self, ev: &Event) {
+        if let Ok(bytes) = serde_json::to_vec(ev)
+            && let Ok(view) = serde_json::from_slice::<EventView<'_>>(&bytes)
+        {
+            self.apply(&view);
+        }
+    }
+}
+
+/// An event as the fold reads it: borrowed from the stored JSON, only the fields the fold
+/// uses (deserialising the typed [`Event`] costs several times more, see docs/PERFORMANCE.md).
+#[derive(Debug, Default, Deserialize)]
+pub struct EventView<'a> {
+    pub seq: u64,
+    pub job: u64,
+    #[serde(borrow)]
+    pub ts: Cow<'a, str>,
+    #[serde(borrow)]
+    pub kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub file: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub worker: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    #[serde(borrow, default)]
+    pub sha256: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub reason: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub image_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub error: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub spec: Option<SpecView<'a>>,
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub attempt: Option<u32>,
+    #[serde(default)]
+    pub result: Option<bool>,
+    #[serde(default)]
+    pub urls: Option<Urls>,
+    #[serde(borrow, default)]
+    pub outbox: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub status: Option<Status>,
+    #[serde(default)]
+    pub ok: Option<bool>,
+    #[serde(borrow, default)]
+    pub from_worker: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SpecView<'a> {
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+    #[serde(borrow)]
+    pub arch: Cow<'a, str>,
+    #[serde(borrow)]
+    pub image_type: Cow<'a, str>,
 }
 
 /// Every job of a log, by job id.
 pub type Jobs = BTreeMap<u64, Job>;
 
-/// Applies one event to the map of jobs.
-pub fn apply(jobs: &mut Jobs, ev: &Event) {
+/// Applies one event (as stored) to the map of jobs.
+pub fn apply(jobs: &mut Jobs, ev: &EventView<'_>) {
     jobs.entry(ev.job).or_default().apply(ev);
+}
+
+/// Applies one typed event to the map of jobs.
+pub fn apply_event(jobs: &mut Jobs, ev: &Event) {
+    jobs.entry(ev.job).or_default().apply_event(ev);
 }
 
 /// Folds a sequence of events from empty.
 pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Jobs {
     let mut jobs = Jobs::new();
     for ev in events {
-        apply(&mut jobs, ev);
+        apply_event(&mut jobs, ev);
     }
     jobs
 }
@@ -223,6 +281,7 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Jobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::event::EventKind;
     use crate::workitem::Spec;
     use serde_json::json;
 
@@ -315,7 +374,7 @@ mod tests {
         assert!(!j.is_settled(0), "final status not pushed yet");
         assert_eq!(j.final_status(), Status::Done);
         let mut jobs = jobs;
-        apply(
+        apply_event(
             &mut jobs,
             &ev(
                 7,
@@ -334,7 +393,7 @@ mod tests {
             "no retries: one failed attempt settles it"
         );
         assert_eq!(jobs[&1].final_push_attempts, 1);
-        apply(
+        apply_event(
             &mut jobs,
             &ev(
                 8,

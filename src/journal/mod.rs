@@ -32,10 +32,14 @@ pub enum JournalError {
 
 pub type Result<T> = std::result::Result<T, JournalError>;
 
+/// sled's page cache by default: small, so an idle daemon stays small.
+pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
 const EVENTS: &str = "events";
 const BY_JOB: &str = "by_job";
 const BY_IMAGE: &str = "by_image";
 const JOBS: &str = "jobs";
+const INPUTS: &str = "inputs";
 
 /// The log and its indexes. `events` is the truth; `by_job` (job ++ seq), `by_image`
 /// (image_id ++ 0 ++ job) and `jobs` (job -> its folded state, the projection) are derived from it
@@ -46,6 +50,7 @@ pub struct Journal {
     by_job: sled::Tree,
     by_image: sled::Tree,
     jobs: sled::Tree,
+    inputs: sled::Tree,
     next_seq: Mutex<u64>,
     path: PathBuf,
 }
@@ -56,12 +61,18 @@ pub fn now_ts() -> String {
 }
 
 impl Journal {
-    /// Opens (or creates) the log in `dir`. Fails with [`JournalError::Locked`] when another
-    /// process holds it.
+    /// Opens (or creates) the log in `dir` with the default cache (8 MiB). Fails with
+    /// [`JournalError::Locked`] when another process holds it.
     pub fn open(dir: &Path) -> Result<Journal> {
+        Journal::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens the log with a page cache of `cache_bytes` (sled's cache: memory against replay
+    /// speed; see docs/PERFORMANCE.md).
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Journal> {
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(8 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .flush_every_ms(None)
             .open()
             .map_err(|e| match &e {
@@ -85,6 +96,7 @@ impl Journal {
             by_job: db.open_tree(BY_JOB)?,
             by_image: db.open_tree(BY_IMAGE)?,
             jobs: db.open_tree(JOBS)?,
+            inputs: db.open_tree(INPUTS)?,
             db,
             events,
             next_seq: Mutex::new(next),
@@ -122,6 +134,7 @@ impl Journal {
             let mut by_job = sled::Batch::default();
             let mut by_image = sled::Batch::default();
             let mut jobs = sled::Batch::default();
+            let mut inputs = sled::Batch::default();
             let mut seq = *next;
             for (job, kind) in items {
                 let ev = Event {
@@ -136,6 +149,11 @@ impl Journal {
                 if let Some(id) = image_id_of(&ev.kind) {
                     by_image.insert(image_key(id, ev.job), &[]);
                 }
+                if let EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } = &ev.kind
+                {
+                    let bytes = serde_json::to_vec(input).map_err(JournalError::Encode)?;
+                    inputs.insert(&ev.job.to_be_bytes(), bytes);
+                }
                 if let Some(j) = project(&ev) {
                     let bytes = serde_json::to_vec(&j).map_err(JournalError::Encode)?;
                     jobs.insert(&j.id.to_be_bytes(), bytes);
@@ -143,10 +161,11 @@ impl Journal {
                 out.push(ev);
                 seq += 1;
             }
-            // Indexes first: a crash between leaves an index entry without its event, which
-            // readers skip, never an event missing from an index.
+            // Indexes and inputs first: a crash between leaves an index entry (or an input)
+            // without its event, which readers skip, never an event missing its index entry.
             self.by_job.apply_batch(by_job)?;
             self.by_image.apply_batch(by_image)?;
+            self.inputs.apply_batch(inputs)?;
             self.events.apply_batch(batch)?;
             self.jobs.apply_batch(jobs)?;
             *next = seq;
@@ -182,6 +201,16 @@ impl Journal {
             }
         }
         Ok(out)
+    }
+
+    /// The input workitem of a job (stored with its `queued` or `invalid` event).
+    pub fn input(&self, job: u64) -> Result<Option<serde_json::Value>> {
+        match self.inputs.get(job.to_be_bytes())? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|source| JournalError::Corrupt { seq: job, source }),
+            None => Ok(None),
+        }
     }
 
     /// The jobs that carry this image_id, oldest first (through the by_image index).
@@ -256,10 +285,32 @@ impl Journal {
     /// Folds the whole log from empty.
     pub fn fold_all(&self) -> Result<Jobs> {
         let mut jobs = Jobs::new();
-        for ev in self.since(0) {
-            fold::apply(&mut jobs, &ev?);
-        }
+        self.fold_range(0, None, |ev| fold::apply(&mut jobs, ev))?;
         Ok(jobs)
+    }
+
+    /// Calls `f` with each stored event from seq `since` up to (not including) `until`, read
+    /// in its stored form without building the typed event (the fast path of replay). Returns
+    /// how many it read.
+    pub fn fold_range(
+        &self,
+        since: u64,
+        until: Option<u64>,
+        mut f: impl FnMut(&fold::EventView<'_>),
+    ) -> Result<u64> {
+        let mut n = 0;
+        let end = until.unwrap_or(u64::MAX);
+        for item in self.events.range(since.to_be_bytes()..end.to_be_bytes()) {
+            let (k, v) = item?;
+            let view: fold::EventView<'_> =
+                serde_json::from_slice(&v).map_err(|source| JournalError::Corrupt {
+                    seq: key_seq(&k),
+                    source,
+                })?;
+            f(&view);
+            n += 1;
+        }
+        Ok(n)
     }
 
     pub fn flush(&self) -> Result<()> {
