@@ -241,7 +241,7 @@ pub fn append_jobs(journal: &Journal, jobs: u64, worker: &str, w: &WorkerConfig)
         let evs = journal.append_batch(items).expect("append a batch");
         let mut projections: HashMap<u64, Job> = HashMap::new();
         for ev in &evs {
-            projections.entry(ev.job).or_default().apply(ev);
+            projections.entry(ev.job).or_default().apply_event(ev);
         }
         for job in projections.values() {
             journal.put_projection(job).expect("store a projection");
