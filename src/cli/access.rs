@@ -27,35 +27,60 @@ pub fn open_log(cfg: &Config) -> anyhow::Result<Option<Journal>> {
     }
 }
 
-/// Asks the running daemon, or computes the answer from the log itself.
-/// `on_event` receives streamed events (from the daemon).
-pub fn query<T: DeserializeOwned + Serialize>(
-    cfg: &Config,
-    req: &Request,
-    mut on_event: impl FnMut(Event) -> bool,
-    local: impl Fn(&Journal, &Spool) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
+/// The way to the log: the running daemon, or the log itself.
+enum Reach {
+    Daemon(Client),
+    Log(Journal),
+}
+
+/// Connects to the daemon, or opens the log when none runs. While the log is locked but no socket
+/// answers (a daemon starting), tries again for a while.
+fn reach(cfg: &Config) -> anyhow::Result<Reach> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(client) = Client::connect(&cfg.state_dir()) {
-            let reply = client.call(req, &mut on_event)?;
-            if !reply.ok {
-                anyhow::bail!(reply.error.unwrap_or_else(|| "the daemon refused".into()));
-            }
-            let data = reply.data.unwrap_or(serde_json::Value::Null);
-            return serde_json::from_value(data).context("unexpected answer from the daemon");
+            return Ok(Reach::Daemon(client));
         }
         if let Some(journal) = open_log(cfg)? {
-            let spool = Spool::new(&cfg.spool.dir, &cfg.worker_id());
-            return local(&journal, &spool);
+            return Ok(Reach::Log(journal));
         }
-        // Locked, but no socket yet: a daemon is starting. Ask it in a moment.
         anyhow::ensure!(
             Instant::now() < deadline,
             "the event log in {} is locked, but no daemon answers on its control socket",
             cfg.state_dir().display()
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends a request to the daemon and decodes its answer.
+fn ask<T: DeserializeOwned>(
+    client: Client,
+    req: &Request,
+    on_event: impl FnMut(Event) -> bool,
+) -> anyhow::Result<T> {
+    let reply = client.call(req, on_event)?;
+    if !reply.ok {
+        anyhow::bail!(reply.error.unwrap_or_else(|| "the daemon refused".into()));
+    }
+    let data = reply.data.unwrap_or(serde_json::Value::Null);
+    serde_json::from_value(data).context("unexpected answer from the daemon")
+}
+
+/// Asks the running daemon, or computes the answer from the log itself.
+/// `on_event` receives streamed events (from the daemon).
+pub fn query<T: DeserializeOwned + Serialize>(
+    cfg: &Config,
+    req: &Request,
+    on_event: impl FnMut(Event) -> bool,
+    local: impl Fn(&Journal, &Spool) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    match reach(cfg)? {
+        Reach::Daemon(client) => ask(client, req, on_event),
+        Reach::Log(journal) => {
+            let spool = Spool::new(&cfg.spool.dir, &cfg.worker_id());
+            local(&journal, &spool)
+        }
     }
 }
 
@@ -66,26 +91,12 @@ pub fn act<T: DeserializeOwned + Serialize>(
     req: &Request,
     local: impl Fn(&Stage) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(client) = Client::connect(&cfg.state_dir()) {
-            let reply = client.call(req, |_| true)?;
-            if !reply.ok {
-                anyhow::bail!(reply.error.unwrap_or_else(|| "the daemon refused".into()));
-            }
-            let data = reply.data.unwrap_or(serde_json::Value::Null);
-            return serde_json::from_value(data).context("unexpected answer from the daemon");
-        }
-        if let Some(journal) = open_log(cfg)? {
+    match reach(cfg)? {
+        Reach::Daemon(client) => ask(client, req, |_| true),
+        Reach::Log(journal) => {
             let spool = Spool::new(&cfg.spool.dir, &cfg.worker_id());
             let stage = Stage::new(cfg.clone(), spool, journal, cfg.state_dir())?;
-            return local(&stage);
+            local(&stage)
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the event log in {} is locked, but no daemon answers on its control socket",
-            cfg.state_dir().display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
