@@ -559,3 +559,66 @@ fn events_follow_shows_a_new_event_within_a_second() {
     let _ = child.wait();
     d.stop().unwrap();
 }
+
+#[test]
+fn cancel_with_no_daemon_and_requeue_with_one() {
+    init_log();
+    let mut farm = Farm::new();
+    farm.cfg.worker.workers = 1;
+    farm.cfg.worker.grace = 0;
+    let d = farm.start();
+    farm.drop_json(
+        "hang.json",
+        &workitem("co-hang", "# mic-fixture: sleep 300\n"),
+    );
+    let log = farm.base().join("requests/co-hang/img-co-hang.log");
+    assert!(wait_for(T, || std::fs::read_to_string(&log)
+        .is_ok_and(|l| l.contains("sleeping"))));
+    farm.drop_json("q.json", &workitem("co-queued", "ks\n"));
+    assert!(wait_for(T, || json_out(
+        &farm,
+        &["status", "--json", "--state", "queued"]
+    )
+    .as_array()
+    .unwrap()
+    .len()
+        == 1));
+    d.stop().unwrap(); // the queued job stays queued in the log
+
+    // no daemon: the queued job is cancelled and answered at once
+    let (code, out, err) = output(farm.bin().args(["cancel", "co-queued"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cancelled and answered"), "{out}");
+    let r = farm.outbox_file("q.json").expect("answered offline");
+    assert_eq!(r["image"]["error"], json!("cancelled"));
+    assert_eq!(
+        farm.wait_pushes("co-queued", 1)
+            .into_iter()
+            .map(|p| p.0)
+            .collect::<Vec<_>>(),
+        ["ERROR"]
+    );
+
+    // a daemon runs: requeue hands a dead worker's file back and it is built
+    let dead = farm.spool().join("active/deadhost");
+    std::fs::create_dir_all(&dead).unwrap();
+    std::fs::write(
+        dead.join("lost.json"),
+        serde_json::to_vec(&workitem("co-lost", "ks\n")).unwrap(),
+    )
+    .unwrap();
+    let mut farm2 = Farm {
+        dir: tempfile::tempdir().unwrap(),
+        cfg: farm.cfg.clone(),
+    };
+    farm2.cfg.worker.max_attempts = 1; // the interrupted hanging build is answered, not rebuilt
+    let d = farm2.start();
+    let (code, out, err) = output(farm.bin().args(["requeue", "--worker", "deadhost"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("incoming/lost.json"), "{out}");
+    assert_eq!(
+        farm.wait_outbox("lost.json", T)["image"]["result"],
+        json!(true)
+    );
+    d.stop().unwrap();
+}
