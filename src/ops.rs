@@ -282,10 +282,7 @@ pub struct ReplayReport {
 pub fn replay(journal: &Journal, spool: &Spool) -> Result<ReplayReport> {
     let horizon = journal.next_seq();
     let started = Instant::now();
-    let mut jobs = Jobs::new();
-    let n = journal.fold_range(0, Some(horizon), |ev| {
-        crate::journal::fold::apply(&mut jobs, ev)
-    })?;
+    let (jobs, n) = journal.fold_jobs(Some(horizon))?;
     let seconds = started.elapsed().as_secs_f64();
     let mut d = Vec::new();
 

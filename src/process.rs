@@ -208,7 +208,19 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
     } else {
         Stdio::null()
     });
-    let mut child = cmd.spawn().map_err(|source| match source.kind() {
+    // ETXTBSY: the program file is still open for writing somewhere (being installed, or a
+    // descriptor inherited by a concurrently forked child for an instant): try again shortly.
+    let mut spawned = cmd.spawn();
+    for _ in 0..50 {
+        match &spawned {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(20));
+                spawned = cmd.spawn();
+            }
+            _ => break,
+        }
+    }
+    let mut child = spawned.map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => ProcessError::NotFound {
             program: name.clone(),
         },
@@ -395,11 +407,18 @@ mod tests {
                 cancel: Some(&rx),
             })
         });
-        assert!(crate::wait::wait_for(Duration::from_secs(10), || pidfile
-            .exists()
-            && std::fs::read_dir(&reg)
-                .map(|d| d.count() == 1)
-                .unwrap_or(false)));
+        assert!(crate::wait::wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string(&pidfile).is_ok_and(|p| p.trim().parse::<i32>().is_ok())
+                && std::fs::read_dir(&reg)
+                    .map(|d| {
+                        // the entry itself, not write_atomic's hidden temporary file
+                        d.flatten()
+                            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                            .count()
+                            == 1
+                    })
+                    .unwrap_or(false)
+        }));
         let pgid: i32 = std::fs::read_to_string(&pidfile)
             .unwrap()
             .trim()

@@ -284,9 +284,54 @@ impl Journal {
 
     /// Folds the whole log from empty.
     pub fn fold_all(&self) -> Result<Jobs> {
-        let mut jobs = Jobs::new();
-        self.fold_range(0, None, |ev| fold::apply(&mut jobs, ev))?;
-        Ok(jobs)
+        Ok(self.fold_jobs(None)?.0)
+    }
+
+    /// Folds the events below seq `until` (all: None) from empty; returns the jobs and how many
+    /// events were read. Jobs are independent, so the work is split by job id over the cores:
+    /// each thread reads the log and fully decodes only its own jobs' events (the job id is
+    /// taken from the front of the stored JSON, where the encoder puts it).
+    pub fn fold_jobs(&self, until: Option<u64>) -> Result<(Jobs, u64)> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 4) as u64;
+        let end = until.unwrap_or(u64::MAX);
+        let part = |me: u64| -> Result<(Jobs, u64)> {
+            let mut jobs = Jobs::new();
+            let mut n = 0;
+            for item in self.events.range(0u64.to_be_bytes()..end.to_be_bytes()) {
+                let (k, v) = item?;
+                n += 1;
+                let job = match quick_job(&v) {
+                    Some(job) => job,
+                    None => decode_view(&k, &v)?.job,
+                };
+                if job % threads != me {
+                    continue;
+                }
+                fold::apply(&mut jobs, &decode_view(&k, &v)?);
+            }
+            Ok((jobs, n))
+        };
+        if threads == 1 {
+            return part(0);
+        }
+        let parts: Vec<Result<(Jobs, u64)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|me| s.spawn(move || part(me))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Ok((Jobs::new(), 0))))
+                .collect()
+        });
+        let mut all = Jobs::new();
+        let mut n = 0;
+        for p in parts {
+            let (mut jobs, count) = p?;
+            all.append(&mut jobs);
+            n = count;
+        }
+        Ok((all, n))
     }
 
     /// Calls `f` with each stored event from seq `since` up to (not including) `until`, read
@@ -340,6 +385,25 @@ fn image_id_of(kind: &EventKind) -> Option<&str> {
         EventKind::Invalid { image_id, .. } => image_id.as_deref(),
         _ => None,
     }
+}
+
+/// The job id from the front of a stored event (`{"seq":N,"ts":"...","job":M,...`), without
+/// decoding the rest; None when it is not where the encoder puts it.
+fn quick_job(v: &[u8]) -> Option<u64> {
+    let head = &v[..v.len().min(96)];
+    let at = head.windows(6).position(|w| w == b"\"job\":")? + 6;
+    let digits = head[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&head[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn decode_view<'a>(k: &[u8], v: &'a [u8]) -> Result<fold::EventView<'a>> {
+    serde_json::from_slice(v).map_err(|source| JournalError::Corrupt {
+        seq: key_seq(k),
+        source,
+    })
 }
 
 fn key_seq(k: &[u8]) -> u64 {
