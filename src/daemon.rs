@@ -161,6 +161,13 @@ impl Running {
 
         crate::process::register_groups_in(&groups_dir(&stage.state_dir));
         let unsettled_at_start = recover(&stage)?;
+        // The replay's temporary memory is freed; hand it back to the system rather than keep it
+        // for the daemon's whole (mostly idle) life.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+        unsafe {
+            nix::libc::malloc_trim(0);
+        }
 
         let (retry_stop, retry_rx) = bounded::<()>(1);
         let retry_thread = {
