@@ -84,14 +84,15 @@ impl Spool {
         }
     }
 
-    /// Creates the spool's folders that are missing.
+    /// Creates the spool's folders that are missing; `incoming/` last, so that once it exists the
+    /// whole spool does (writers and tests may take it as the sign the spool is ready).
     pub fn create_dirs(&self) -> Result<(), SpoolError> {
         for d in [
-            &self.incoming,
             &self.tmp,
             &self.active,
             &self.outbox,
             &self.rejected,
+            &self.incoming,
         ] {
             std::fs::create_dir_all(d).map_err(|source| SpoolError::Create {
                 path: d.clone(),
