@@ -745,7 +745,8 @@ fn p3(bin: &Path) -> Vec<String> {
 
 /// Latencies (ms) of `n` single drops, each written in tmp/ then renamed into incoming/ (the
 /// clock starts just before the rename) and waited for until its job's final push, then a
-/// pseudo-random pause of 0–40 ms so the drops fall at every phase of the rescan timer.
+/// pseudo-random pause (0–40 ms with inotify; 0 to the poll interval when polling, so the drops
+/// fall at every phase of the rescan timer).
 fn p3_once(bin: &Path, n: usize, run: usize, timing: Timing) -> Vec<f64> {
     let farm = Farm::new();
     farm.create_spool();
@@ -775,7 +776,14 @@ fn p3_once(bin: &Path, n: usize, run: usize, timing: Timing) -> Vec<f64> {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(rng % 41));
+        // Drops follow claims, so without a pause as long as the rescan period they would
+        // fall at one phase of the rescan timer.
+        let spread = if timing.watch == "poll" {
+            timing.poll_ms.max(41)
+        } else {
+            41
+        };
+        std::thread::sleep(Duration::from_millis(rng % spread));
     }
     d.stop();
     let c = census(&farm.journal());

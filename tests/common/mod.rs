@@ -183,7 +183,13 @@ timeout = 5
 
     /// All events of the log (the daemon must be stopped).
     pub fn events(&self) -> Vec<Event> {
-        let j = Journal::open(&self.cfg.state_dir()).expect("open log");
+        // On a FUSE file system the lock of a just-closed log is released asynchronously.
+        let mut opened = None;
+        wait_for(Duration::from_secs(10), || {
+            opened = Journal::open(&self.cfg.state_dir()).ok();
+            opened.is_some()
+        });
+        let j = opened.unwrap_or_else(|| Journal::open(&self.cfg.state_dir()).expect("open log"));
         j.since(0).collect::<Result<_, _>>().expect("read log")
     }
 }
