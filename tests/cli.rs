@@ -12,12 +12,14 @@ use std::time::Duration;
 #[test]
 fn run_with_no_config_starts_on_dot_spool_and_sigterm_exits_0() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = bin()
-        .arg("run")
-        .current_dir(dir.path())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Guard(
+        bin()
+            .arg("run")
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let spool = dir.path().join("spool");
     let up = wait_for(Duration::from_secs(20), || {
         spool.join("incoming").is_dir()
@@ -28,8 +30,8 @@ fn run_with_no_config_starts_on_dot_spool_and_sigterm_exits_0() {
                 .unwrap_or(false)
     });
     assert!(up, "daemon did not set up ./spool");
-    sigterm(&child);
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(20)), Some(0));
+    sigterm(&child.0);
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(20)), Some(0));
 }
 
 #[test]
@@ -115,11 +117,13 @@ fn sigterm_lets_a_running_build_finish() {
     let mut farm = Farm::new();
     farm.cfg.worker.grace = 60;
     let cfg = farm.config_file();
-    let mut child = bin()
-        .args(["--config", cfg.to_str().unwrap(), "run"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Guard(
+        bin()
+            .args(["--config", cfg.to_str().unwrap(), "run"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     assert!(wait_for(Duration::from_secs(20), || farm
         .incoming()
         .is_dir()));
@@ -130,8 +134,8 @@ fn sigterm_lets_a_running_build_finish() {
             .map(|l| l.contains("sleeping"))
             .unwrap_or(false)
     }));
-    sigterm(&child);
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(60)), Some(0));
+    sigterm(&child.0);
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(60)), Some(0));
     let r = farm.outbox_file("slow.json").expect("finished before exit");
     assert_eq!(r["image"]["result"], json!(true));
 }
@@ -142,11 +146,13 @@ fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
     farm.cfg.worker.grace = 1;
     farm.cfg.worker.max_attempts = 1;
     let cfg = farm.config_file();
-    let mut child = bin()
-        .args(["--config", cfg.to_str().unwrap(), "run"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Guard(
+        bin()
+            .args(["--config", cfg.to_str().unwrap(), "run"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     assert!(wait_for(Duration::from_secs(20), || farm
         .incoming()
         .is_dir()));
@@ -157,8 +163,8 @@ fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
             .map(|l| l.contains("sleeping"))
             .unwrap_or(false)
     }));
-    sigterm(&child);
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), Some(0));
+    sigterm(&child.0);
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(30)), Some(0));
     let pids = fixture_pids(&std::fs::read_to_string(&log).unwrap());
     assert!(
         !build_image::process::group_alive(pids[0]),
@@ -180,17 +186,19 @@ fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
     );
 
     // the next start answers it: interrupted once, max_attempts = 1
-    let mut child = bin()
-        .args(["--config", cfg.to_str().unwrap(), "run"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Guard(
+        bin()
+            .args(["--config", cfg.to_str().unwrap(), "run"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     assert!(wait_for(Duration::from_secs(20), || farm
         .outbox()
         .join("hang.json")
         .exists()));
-    sigterm(&child);
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), Some(0));
+    sigterm(&child.0);
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(30)), Some(0));
     let r = farm.outbox_file("hang.json").unwrap();
     assert_eq!(r["image"]["result"], json!(false));
     let err = r["image"]["error"].as_str().unwrap();
@@ -202,11 +210,13 @@ fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
 fn second_daemon_on_the_same_state_dir_refuses() {
     let farm = Farm::new();
     let cfg = farm.config_file();
-    let mut first = bin()
-        .args(["--config", cfg.to_str().unwrap(), "run"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = Guard(
+        bin()
+            .args(["--config", cfg.to_str().unwrap(), "run"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let state = farm.cfg.state_dir();
     assert!(wait_for(Duration::from_secs(20), || state
         .join("db")
@@ -219,7 +229,7 @@ fn second_daemon_on_the_same_state_dir_refuses() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("locked by another process"), "{err}");
-    sigterm(&first);
-    assert_eq!(wait_exit(&mut first, Duration::from_secs(20)), Some(0));
+    sigterm(&first.0);
+    assert_eq!(wait_exit(&mut first.0, Duration::from_secs(20)), Some(0));
     assert!(Path::new(&state).exists());
 }
