@@ -515,13 +515,14 @@ fn events_follow_shows_a_new_event_within_a_second() {
     let d = farm.start();
     farm.drop_json("first.json", &workitem("f-1", "ks\n"));
     farm.wait_pushes("f-1", 2);
-    let mut child = farm
-        .bin()
-        .args(["events", "--follow", "--json"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = Guard(
+        farm.bin()
+            .args(["events", "--follow", "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
     let (tx, rx) = crossbeam_channel::unbounded::<(SystemTime, Value)>();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines() {
@@ -555,8 +556,7 @@ fn events_follow_shows_a_new_event_within_a_second() {
         lag < Duration::from_secs(1),
         "event shown {lag:?} after it was appended"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child); // killed
     d.stop().unwrap();
 }
 
