@@ -321,6 +321,20 @@ pub fn kill_pid_if(pid: i32, matches: impl FnOnce(&[u8]) -> bool) -> std::io::Re
     }
 }
 
+/// Is the process present and not a zombie? (A daemonized or orphaned child is reaped by init,
+/// or by nobody in a container, so "exists" alone is not "runs".) Reads /proc.
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
 /// Is any live (not zombie) process still in the group `pgid`? Reads /proc.
 pub fn group_alive(pgid: i32) -> bool {
     !group_members(pgid).is_empty()

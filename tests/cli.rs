@@ -116,24 +116,9 @@ fn submit_drops_files_and_prints_ids() {
 fn sigterm_lets_a_running_build_finish() {
     let mut farm = Farm::new();
     farm.cfg.worker.grace = 60;
-    let cfg = farm.config_file();
-    let mut child = Guard(
-        bin()
-            .args(["--config", cfg.to_str().unwrap(), "run"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(wait_for(Duration::from_secs(20), || farm
-        .incoming()
-        .is_dir()));
+    let mut child = farm.start_binary();
     farm.drop_json("slow.json", &workitem("slow", "# mic-fixture: sleep 2\n"));
-    let log = farm.base().join("requests/slow/img-slow.log");
-    assert!(wait_for(Duration::from_secs(20), || {
-        std::fs::read_to_string(&log)
-            .map(|l| l.contains("sleeping"))
-            .unwrap_or(false)
-    }));
+    farm.wait_mic_running("slow");
     sigterm(&child.0);
     assert_eq!(wait_exit(&mut child.0, Duration::from_secs(60)), Some(0));
     let r = farm.outbox_file("slow.json").expect("finished before exit");
@@ -145,24 +130,9 @@ fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
     let mut farm = Farm::new();
     farm.cfg.worker.grace = 1;
     farm.cfg.worker.max_attempts = 1;
-    let cfg = farm.config_file();
-    let mut child = Guard(
-        bin()
-            .args(["--config", cfg.to_str().unwrap(), "run"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(wait_for(Duration::from_secs(20), || farm
-        .incoming()
-        .is_dir()));
+    let mut child = farm.start_binary();
     farm.drop_json("hang.json", &workitem("hang", "# mic-fixture: sleep 300\n"));
-    let log = farm.base().join("requests/hang/img-hang.log");
-    assert!(wait_for(Duration::from_secs(20), || {
-        std::fs::read_to_string(&log)
-            .map(|l| l.contains("sleeping"))
-            .unwrap_or(false)
-    }));
+    let log = farm.wait_mic_running("hang");
     sigterm(&child.0);
     assert_eq!(wait_exit(&mut child.0, Duration::from_secs(30)), Some(0));
     let pids = fixture_pids(&std::fs::read_to_string(&log).unwrap());
@@ -186,13 +156,7 @@ fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
     );
 
     // the next start answers it: interrupted once, max_attempts = 1
-    let mut child = Guard(
-        bin()
-            .args(["--config", cfg.to_str().unwrap(), "run"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = farm.start_binary();
     assert!(wait_for(Duration::from_secs(20), || farm
         .outbox()
         .join("hang.json")
@@ -209,23 +173,13 @@ fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
 #[test]
 fn second_daemon_on_the_same_state_dir_refuses() {
     let farm = Farm::new();
-    let cfg = farm.config_file();
-    let mut first = Guard(
-        bin()
-            .args(["--config", cfg.to_str().unwrap(), "run"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut first = farm.start_binary();
     let state = farm.cfg.state_dir();
     assert!(wait_for(Duration::from_secs(20), || state
         .join("db")
         .exists()
         || state.join("conf").exists()));
-    let out = bin()
-        .args(["--config", cfg.to_str().unwrap(), "run"])
-        .output()
-        .unwrap();
+    let out = farm.bin().arg("run").output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("locked by another process"), "{err}");

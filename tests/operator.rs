@@ -23,6 +23,16 @@ fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Waits until `n` jobs are queued, as `status` says.
+fn wait_queued(farm: &Farm, n: usize) {
+    assert!(wait_for(T, || json_out(
+        farm,
+        &["status", "--json", "--state", "queued"]
+    )
+    .as_array()
+    .is_some_and(|a| a.len() == n)));
+}
+
 fn kinds(view: &Value) -> Vec<String> {
     view["events"]
         .as_array()
@@ -286,18 +296,9 @@ fn cancel_a_queued_and_a_running_build() {
     farm.cfg.worker.workers = 1;
     let d = farm.start();
     farm.drop_json("run.json", &workitem("c-run", "# mic-fixture: sleep 300\n"));
-    let log = farm.base().join("requests/c-run/img-c-run.log");
-    assert!(wait_for(T, || std::fs::read_to_string(&log)
-        .is_ok_and(|l| l.contains("sleeping"))));
+    let log = farm.wait_mic_running("c-run");
     farm.drop_json("queued.json", &workitem("c-queued", "ks\n"));
-    assert!(wait_for(T, || json_out(
-        &farm,
-        &["status", "--json", "--state", "queued"]
-    )
-    .as_array()
-    .unwrap()
-    .len()
-        == 1));
+    wait_queued(&farm, 1);
 
     let (code, out, err) = output(farm.bin().args(["cancel", "c-queued"]));
     assert_eq!(code, 0, "{err}");
@@ -456,18 +457,9 @@ fn replay_consistent_then_tampered() {
         "hang.json",
         &workitem("rp-hang", "# mic-fixture: sleep 300\n"),
     );
-    let log = farm.base().join("requests/rp-hang/img-rp-hang.log");
-    assert!(wait_for(T, || std::fs::read_to_string(&log)
-        .is_ok_and(|l| l.contains("sleeping"))));
+    farm.wait_mic_running("rp-hang");
     farm.drop_json("queued.json", &workitem("rp-queued", "ks\n"));
-    assert!(wait_for(T, || json_out(
-        &farm,
-        &["status", "--json", "--state", "queued"]
-    )
-    .as_array()
-    .unwrap()
-    .len()
-        == 1));
+    wait_queued(&farm, 1);
     d.stop().unwrap(); // grace 0: the hanging build is interrupted; the queued one stays queued
 
     let (code, out, _) = output(farm.bin().args(["replay"]));
@@ -571,18 +563,9 @@ fn cancel_with_no_daemon_and_requeue_with_one() {
         "hang.json",
         &workitem("co-hang", "# mic-fixture: sleep 300\n"),
     );
-    let log = farm.base().join("requests/co-hang/img-co-hang.log");
-    assert!(wait_for(T, || std::fs::read_to_string(&log)
-        .is_ok_and(|l| l.contains("sleeping"))));
+    farm.wait_mic_running("co-hang");
     farm.drop_json("q.json", &workitem("co-queued", "ks\n"));
-    assert!(wait_for(T, || json_out(
-        &farm,
-        &["status", "--json", "--state", "queued"]
-    )
-    .as_array()
-    .unwrap()
-    .len()
-        == 1));
+    wait_queued(&farm, 1);
     d.stop().unwrap(); // the queued job stays queued in the log
 
     // no daemon: the queued job is cancelled and answered at once

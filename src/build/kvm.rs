@@ -511,7 +511,7 @@ impl Builder<'_> {
                 Err(TryRecvError::Empty) => {}
             }
             if let Some(pid) = self.qemu_pid
-                && !pid_alive(pid)
+                && !crate::process::pid_alive(pid)
             {
                 self.qemu_pid = None;
                 let console = self.console_tail(20);
@@ -646,11 +646,11 @@ impl Builder<'_> {
                     "waiting up to {} s for qemu (pid {pid}) to end",
                     short.as_secs()
                 ));
-                if crate::wait::wait_for(short, || !pid_alive(pid)) {
+                if crate::wait::wait_for(short, || !crate::process::pid_alive(pid)) {
                     self.note("guest powered off");
                 }
             }
-            if pid_alive(pid) {
+            if crate::process::pid_alive(pid) {
                 self.kill_qemu(pid);
             }
         }
@@ -727,7 +727,7 @@ fn kill_vm(pid: i32, marker: &[u8]) -> std::io::Result<bool> {
             && cmdline.windows(4).any(|w| w == b"qemu")
     })?;
     if killed {
-        crate::wait::wait_for(Duration::from_secs(10), || !pid_alive(pid));
+        crate::wait::wait_for(Duration::from_secs(10), || !crate::process::pid_alive(pid));
     }
     Ok(killed)
 }
@@ -884,19 +884,6 @@ fn read_pid(path: &Path) -> Option<i32> {
         .parse()
         .ok()
         .filter(|p| *p > 1)
-}
-
-/// Present and not a zombie (a daemonized qemu is reaped by init, or by nobody in a container).
-fn pid_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
 }
 
 /// Random bits from the kernel (the time and pid when /dev/urandom cannot be read).

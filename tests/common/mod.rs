@@ -275,15 +275,7 @@ pub fn init_log() {
 
 /// Is the process alive (present and not a zombie)?
 pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
+    build_image::process::pid_alive(pid)
 }
 
 /// The pids the mic fixture printed into a job log (its own, then its child's).
@@ -360,5 +352,37 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl Farm {
+    /// Waits until the mic fixture of `image_id` (default name `img-<id>`) is sleeping, i.e. a
+    /// build is running; returns its job log path.
+    pub fn wait_mic_running(&self, image_id: &str) -> PathBuf {
+        let log = self
+            .base()
+            .join(format!("requests/{image_id}/img-{image_id}.log"));
+        assert!(
+            wait_for(Duration::from_secs(60), || std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains("mic-fixture: sleeping"))),
+            "mic of {image_id} never ran"
+        );
+        log
+    }
+
+    /// Starts the binary as a daemon with this farm's config, and waits for its spool.
+    pub fn start_binary(&self) -> Guard {
+        let child = self
+            .bin()
+            .arg("run")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the daemon");
+        let inc = self.incoming();
+        assert!(
+            wait_for(Duration::from_secs(20), || inc.is_dir()),
+            "daemon did not set up the spool"
+        );
+        Guard(child)
     }
 }
