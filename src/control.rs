@@ -180,7 +180,8 @@ fn handle(stage: &Stage, req: Request, out: &mut UnixStream) -> Result<Option<Va
     let s = |e: &dyn std::fmt::Display| e.to_string();
     match req {
         Request::Status { state, limit } => {
-            to_value(ops::status(&stage.all_jobs(), state.as_deref(), limit))
+            let jobs = stage.all_jobs().map_err(|e| s(&e))?;
+            to_value(ops::status(&jobs, state.as_deref(), limit))
         }
         Request::Show { id } => {
             to_value(ops::show(&stage.journal, &stage.cfg, &id).map_err(|e| s(&e))?)

@@ -77,10 +77,17 @@ pub fn run_once(cfg: Config, stop: Receiver<()>) -> anyhow::Result<bool> {
         let mut ok = result.is_ok();
         let mut stopped = false;
         loop {
-            let jobs = stage.all_jobs();
+            let mut jobs = stage.jobs_from(first_new).unwrap_or_else(|e| {
+                log::error!("--once: {e}");
+                Default::default()
+            });
+            for id in &tracked {
+                if let Some(job) = stage.job(*id) {
+                    jobs.insert(*id, job);
+                }
+            }
             let mine: Vec<&crate::journal::Job> = jobs
                 .values()
-                .filter(|j| j.id >= first_new || tracked.contains(&j.id))
                 .filter(|j| j.worker.as_deref().is_none_or(|w| w == stage.spool.worker))
                 .collect();
             if mine.iter().all(|j| done(j)) {
@@ -218,13 +225,13 @@ impl Running {
 /// Returns the jobs it found unsettled.
 fn recover(stage: &Stage) -> anyhow::Result<Vec<u64>> {
     crate::build::kvm::recover_orphans(&stage.cfg.worker);
-    let jobs = stage.all_jobs();
+    let jobs = stage.open_jobs();
     let mine = |job: &crate::journal::Job| {
         job.worker
             .as_deref()
             .is_none_or(|w| w == stage.spool.worker)
     };
-    // Which job, if any, a file in active/ belongs to: the newest job that names it.
+    // Which open job, if any, a file in active/ belongs to: the newest one that names it.
     let mut by_file: HashMap<&str, &crate::journal::Job> = HashMap::new();
     for job in jobs.values().filter(|j| mine(j)) {
         if let Some(f) = &job.file {
@@ -232,19 +239,36 @@ fn recover(stage: &Stage) -> anyhow::Result<Vec<u64>> {
         }
     }
     let mut unlogged_files = Vec::new();
+    let mut leftovers = Vec::new();
     for name in stage.spool.active_files()? {
-        let unlogged = match by_file.get(name.as_str()) {
-            None => true,
-            Some(job) if job.state == State::Delivered || job.state == State::Rejected => {
-                // Settled: a leftover of that job only if it is the same content.
-                let c = stage.spool.read_claimed(&name, stage.cfg.spool.max_bytes)?;
-                c.unreadable.is_none() && Some(&c.sha256) != job.sha256.as_ref()
-            }
-            Some(_) => false,
+        if by_file.contains_key(name.as_str()) {
+            continue;
+        }
+        // No open job: the leftover of a settled job of this worker with the same name and
+        // content (a crash undid its removal), or a file claimed but never recorded.
+        let c = stage.spool.read_claimed(&name, stage.cfg.spool.max_bytes)?;
+        let settled = match c.unreadable {
+            Some(_) => None,
+            None => stage
+                .journal
+                .jobs_for_sha(&c.sha256)?
+                .into_iter()
+                .rev()
+                .filter_map(|id| stage.job(id))
+                .find(|j| mine(j) && j.file.as_deref() == Some(name.as_str())),
         };
-        if unlogged {
-            log::info!("recovery: {name} in active/ has no job: claiming it");
-            unlogged_files.push(name);
+        match settled {
+            Some(job) => leftovers.push(job.id),
+            None => {
+                log::info!("recovery: {name} in active/ has no job: claiming it");
+                unlogged_files.push(name);
+            }
+        }
+    }
+    for id in leftovers {
+        // Its own step again: a delivered job removes the file, a rejected one moves it.
+        if let Err(e) = stage.advance(id) {
+            stage.stall(id, &e);
         }
     }
     if !unlogged_files.is_empty()

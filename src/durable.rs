@@ -39,6 +39,17 @@ impl DurableError {
 
 /// Writes `bytes` to `path` atomically and durably, with file mode `mode`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
+    write_replacing(path, bytes, mode, true)
+}
+
+/// Writes `bytes` to `path` atomically (tmp + rename: a reader sees the old or the new file,
+/// never half of one) but without the fsyncs: only for files derived from the event log and
+/// written again from it before they are used after a crash (the kickstart of a build).
+pub fn write_atomic_unsynced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
+    write_replacing(path, bytes, mode, false)
+}
+
+fn write_replacing(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<(), DurableError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -57,11 +68,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableE
             .map_err(|e| DurableError::new("cannot create", &tmp, e))?;
         f.write_all(bytes)
             .map_err(|e| DurableError::new("cannot write", &tmp, e))?;
-        f.sync_all()
-            .map_err(|e| DurableError::new("cannot fsync", &tmp, e))?;
+        if sync {
+            f.sync_all()
+                .map_err(|e| DurableError::new("cannot fsync", &tmp, e))?;
+        }
         std::fs::rename(&tmp, path)
             .map_err(|e| DurableError::new("cannot rename into", path, e))?;
-        sync_dir(dir)
+        if sync {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -1,14 +1,18 @@
 //! The pipeline stage: the shared state of a running daemon (config, spool, log, the fold of
 //! the log) and the steps that move one job forward.
 //!
-//! Invariant: job state changes only through `record`, which makes the event durable and then
-//! applies it to the in-memory fold; every step reads the fold, acts, and records, and can be
+//! Invariant: job state changes only through `record`, which appends the event, applies it to
+//! the fold and makes it durable before returning (the kinds that record a step already done
+//! and harmless to repeat, `delivered` and `pushed`, are flushed with the next flush instead,
+//! see `EventKind::needs_flush`); every step reads the fold, acts, and records, and can be
 //! repeated after a crash (recovery runs these same steps).
+//!
+//! Memory is bounded: the stage keeps only the open (unsettled) jobs; a settled job is read
+//! from its stored projection when asked for, and the duplicate checks use the log's indexes.
 
 use crate::build::{self, BuildEnd};
 use crate::config::Config;
 use crate::hooks;
-use crate::journal::fold::EventView;
 use crate::journal::{Event, EventKind, Job, Jobs, Journal, JournalError, State, Status};
 use crate::spool::Spool;
 use crate::workitem::{self, Spec, WorkitemError};
@@ -63,6 +67,8 @@ pub struct Stage {
     start_lock: Mutex<()>,
     /// Claimed files that did not parse: the content seen and since when (see `read_input`).
     settling: Mutex<HashMap<u64, (String, Instant)>>,
+    /// When events appended without a flush are to be flushed (see `LAZY_FLUSH`).
+    lazy_flush: Mutex<Option<Instant>>,
 }
 
 /// Jobs queued earlier in the same intake batch (not yet in the fold): key -> (job, file).
@@ -82,43 +88,20 @@ enum Intake {
 /// A push to try again: (due, job, status, attempt).
 type PushRetry = (Instant, u64, Status, u32);
 
-/// The fold of the log, with lookups by image_id and by content.
+/// The open (unsettled) jobs, as folded from the log; settled ones live in the log only.
 #[derive(Default)]
 struct Memory {
     jobs: Jobs,
-    by_image: HashMap<String, Vec<u64>>,
-    by_sha: HashMap<String, Vec<u64>>,
 }
 
-impl Memory {
-    /// Applies one event in its stored form, keeping the lookups in step with the fold.
-    fn apply_view(&mut self, ev: &EventView<'_>) {
-        crate::journal::fold::apply(&mut self.jobs, ev);
-        match &*ev.kind {
-            "claimed" => {
-                if let Some(sha) = &ev.sha256 {
-                    self.by_sha.entry(sha.to_string()).or_default().push(ev.job);
-                }
-            }
-            "queued" | "invalid" => {
-                if let Some(id) = &ev.image_id {
-                    self.by_image
-                        .entry(id.to_string())
-                        .or_default()
-                        .push(ev.job);
-                }
-            }
-            _ => {}
-        }
-    }
+/// How soon an event that needs no flush of its own is flushed when nothing else flushes.
+const LAZY_FLUSH: Duration = Duration::from_millis(100);
 
-    fn apply(&mut self, ev: &Event) {
-        if let Ok(bytes) = serde_json::to_vec(ev)
-            && let Ok(view) = serde_json::from_slice::<EventView<'_>>(&bytes)
-        {
-            self.apply_view(&view);
-        }
-    }
+/// Is a job still open for this daemon: not rejected, moved, or delivered with its final
+/// push made (or given up, or no push utility configured)?
+pub fn is_open(cfg: &Config, job: &Job) -> bool {
+    !(job.is_settled(cfg.hooks.retries)
+        || (job.state == State::Delivered && cfg.hooks.push.is_none()))
 }
 
 /// What a step left to do for a job.
@@ -131,25 +114,52 @@ pub enum Next {
 }
 
 impl Stage {
-    /// Folds the log (repairing the stored projections that disagree with it).
+    /// Loads the open jobs from their stored projections and folds the events appended after
+    /// the last stored projection (a crash can leave a few), storing what they change. A log
+    /// with no projection mark (written before projections were kept) is folded whole once.
     pub fn new(cfg: Config, spool: Spool, journal: Journal, state_dir: PathBuf) -> Result<Stage> {
         let started = Instant::now();
         let mut memory = Memory::default();
-        let mut n = 0u64;
-        journal.fold_range(0, None, |ev| {
-            memory.apply_view(ev);
-            n += 1;
+        for id in journal.open_jobs()? {
+            if let Some(job) = journal.projection(id)? {
+                memory.jobs.insert(id, job);
+            }
+        }
+        let upto = journal.projected_upto()?;
+        let mut tail_jobs = std::collections::BTreeSet::new();
+        journal.fold_range(upto + 1, None, |ev| {
+            tail_jobs.insert(ev.job);
         })?;
-        let repaired = journal.repair_projections(&memory.jobs)?;
+        let mut tail = Jobs::new();
+        for id in &tail_jobs {
+            let job = match memory.jobs.remove(id) {
+                Some(job) => job,
+                None => journal.projection(*id)?.unwrap_or_default(),
+            };
+            tail.insert(*id, job);
+        }
+        let n = journal.fold_range(upto + 1, None, |ev| {
+            if let Some(job) = tail.get_mut(&ev.job)
+                && ev.seq > job.last_seq
+            {
+                job.apply(ev);
+            }
+        })?;
+        for (id, job) in tail {
+            let open = is_open(&cfg, &job);
+            journal.put_projection(&job, open)?;
+            if open {
+                memory.jobs.insert(id, job);
+            }
+        }
+        if n > 0 {
+            journal.set_projected_upto(journal.next_seq() - 1)?;
+            journal.flush()?;
+        }
         log::info!(
-            "log replayed: {n} events, {} jobs in {:?}{}",
+            "log opened: {} open job(s), {n} event(s) folded after the stored projections, in {:?}",
             memory.jobs.len(),
             started.elapsed(),
-            if repaired > 0 {
-                format!(", {repaired} projection(s) repaired")
-            } else {
-                String::new()
-            }
         );
         Ok(Stage {
             cfg,
@@ -167,6 +177,7 @@ impl Stage {
             cancelled_by_operator: Mutex::new(Default::default()),
             start_lock: Mutex::new(()),
             settling: Mutex::new(HashMap::new()),
+            lazy_flush: Mutex::new(None),
         })
     }
 
@@ -174,46 +185,103 @@ impl Stage {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes one event durable (with the job's new projection), then applies it to the fold.
+    /// Records one event (see `record_batch`).
     pub fn record(&self, job: Option<u64>, kind: EventKind) -> Result<Event> {
         let mut evs = self.record_batch(vec![(job, kind)])?;
         evs.pop().ok_or(StageError::NoInput(0))
     }
 
-    /// Several events with one flush. The in-memory fold changes only once they are durable.
+    /// Appends events (with each job's new projection) and applies them to the fold, under one
+    /// lock, so the fold is always the fold of the log; then makes them durable with one flush
+    /// (shared with the other threads flushing at that moment), unless none of them needs it.
     pub fn record_batch(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
-        let mut pending: HashMap<u64, Job> = HashMap::new();
-        let evs = self.journal.append_projected(items, |ev| {
-            let job = pending
-                .entry(ev.job)
-                .or_insert_with(|| self.memory().jobs.get(&ev.job).cloned().unwrap_or_default());
-            job.apply_event(ev);
-            Some(job.clone())
-        })?;
-        let mut m = self.memory();
+        let evs = self.append(items)?;
+        let Some(last) = evs.last() else {
+            return Ok(evs);
+        };
+        if evs.iter().any(|e| e.kind.needs_flush()) {
+            self.journal.sync(last.seq + 1)?;
+        } else {
+            self.flush_soon();
+        }
         for ev in &evs {
             log_event(ev);
-            m.apply(ev);
         }
         Ok(evs)
     }
 
+    /// Appends events and applies them to the fold, without flushing.
+    fn append(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
+        let mut m = self.memory();
+        let mut pending: HashMap<u64, Job> = HashMap::new();
+        let mut failed = None;
+        let evs = self.journal.append_with(items, |ev, view| {
+            let job = pending.entry(ev.job).or_insert_with(|| {
+                if ev.seq == ev.job {
+                    return Job::default();
+                }
+                match m.jobs.get(&ev.job) {
+                    Some(job) => Some(job.clone()),
+                    None => self.journal.projection(ev.job).unwrap_or_else(|e| {
+                        failed = Some(e);
+                        None
+                    }),
+                }
+                .unwrap_or_default()
+            });
+            job.apply(view);
+            (job.clone(), is_open(&self.cfg, job))
+        })?;
+        for (id, job) in pending {
+            if is_open(&self.cfg, &job) {
+                m.jobs.insert(id, job);
+            } else {
+                m.jobs.remove(&id);
+            }
+        }
+        if let Some(e) = failed {
+            // The events are in the log; the projection is repaired by the next start.
+            log::error!("cannot read a stored projection while recording: {e}");
+        }
+        Ok(evs)
+    }
+
+    /// Asks the retry thread to flush what was appended without a flush, soon.
+    fn flush_soon(&self) {
+        let mut due = self.lazy_flush.lock().unwrap_or_else(|p| p.into_inner());
+        if due.is_none() {
+            *due = Some(Instant::now() + LAZY_FLUSH);
+            let _ = self.wake.0.try_send(());
+        }
+    }
+
+    /// A job, open (from memory) or settled (from its stored projection).
     pub fn job(&self, id: u64) -> Option<Job> {
-        self.memory().jobs.get(&id).cloned()
+        if let Some(job) = self.memory().jobs.get(&id) {
+            return Some(job.clone());
+        }
+        match self.journal.projection(id) {
+            Ok(job) => job,
+            Err(e) => {
+                log::error!("job {id}: {e}");
+                None
+            }
+        }
     }
 
-    /// A snapshot of every job.
-    pub fn all_jobs(&self) -> Jobs {
+    /// A snapshot of every job (read from the stored projections).
+    pub fn all_jobs(&self) -> Result<Jobs> {
+        Ok(self.journal.projections()?)
+    }
+
+    /// The jobs with an id of at least `first` (read from the stored projections).
+    pub fn jobs_from(&self, first: u64) -> Result<Jobs> {
+        Ok(self.journal.projections_from(first)?)
+    }
+
+    /// A snapshot of the open jobs.
+    pub fn open_jobs(&self) -> Jobs {
         self.memory().jobs.clone()
-    }
-
-    /// The jobs that carry an image_id, oldest first.
-    pub fn jobs_for_image(&self, image_id: &str) -> Vec<u64> {
-        self.memory()
-            .by_image
-            .get(image_id)
-            .cloned()
-            .unwrap_or_default()
     }
 
     /// An earlier job that makes job `id` a duplicate: the same content or the same image_id,
@@ -236,7 +304,6 @@ impl Stage {
                 "duplicate: image_id {image_id:?} is already taken by job {other} (file {file}, queued)"
             ));
         }
-        let m = self.memory();
         let blocking = |other: &Job| {
             other.id != id
                 && match other.state {
@@ -256,32 +323,28 @@ impl Stage {
                 other.file.as_deref().unwrap_or("?")
             )
         };
-        if let Some(other) = m
-            .by_sha
-            .get(sha)
+        let first_blocking = |ids: std::result::Result<Vec<u64>, JournalError>| {
+            ids.unwrap_or_else(|e| {
+                log::error!("duplicate check: {e}");
+                Vec::new()
+            })
             .into_iter()
-            .flatten()
-            .filter_map(|id| m.jobs.get(id))
+            .filter_map(|id| self.job(id))
             .find(|o| blocking(o))
-        {
+        };
+        if let Some(other) = first_blocking(self.journal.jobs_for_sha(sha)) {
             return Some(format!(
                 "duplicate: the same file content (sha256 {}) was dropped before as {}",
                 &sha[..sha.len().min(12)],
-                describe(other)
+                describe(&other)
             ));
         }
-        m.by_image
-            .get(image_id)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| m.jobs.get(id))
-            .find(|o| blocking(o))
-            .map(|other| {
-                format!(
-                    "duplicate: image_id {image_id:?} is already taken by {}",
-                    describe(other)
-                )
-            })
+        first_blocking(self.journal.jobs_for_image(image_id)).map(|other| {
+            format!(
+                "duplicate: image_id {image_id:?} is already taken by {}",
+                describe(&other)
+            )
+        })
     }
 
     /// Connects the build pool's queue (None disconnects it, so the pool can drain).
@@ -345,16 +408,17 @@ impl Stage {
     }
 
     /// Records files just renamed into active/ as new jobs and reads them, with one flush for
-    /// all their `claimed` events and one for what reading them decided (group commit). An
+    /// all their `claimed` events and what reading them decided (group commit: nothing acts on
+    /// a claim before that flush, and the log lines of the claims are written after it). An
     /// error means no claim was recorded (the caller keeps the names and tries again); once
-    /// recorded, a job whose next step fails is stalled and retried.
+    /// appended, a job whose next step fails is stalled and retried.
     pub fn intake(&self, names: &[String]) -> Result<()> {
         let mut read = Vec::with_capacity(names.len());
         for name in names {
             let c = self.spool.read_claimed(name, self.cfg.spool.max_bytes)?;
             read.push(c);
         }
-        let evs = self.record_batch(
+        let claims = self.append(
             read.iter()
                 .map(|c| {
                     (
@@ -369,10 +433,11 @@ impl Stage {
                 })
                 .collect(),
         )?;
+        let ids: Vec<u64> = claims.iter().map(|e| e.job).collect();
         let mut batch = BatchSeen::default();
         let mut outcomes = Vec::new();
         let mut deferred = Vec::new();
-        for (ev, c) in evs.iter().zip(read) {
+        for (ev, c) in claims.iter().zip(read) {
             let Some(job) = self.job(ev.job) else {
                 continue;
             };
@@ -384,13 +449,26 @@ impl Stage {
                 Err(e) => deferred.push((job.id, e)),
             }
         }
-        let ids: Vec<u64> = evs.iter().map(|e| e.job).collect();
-        if let Err(e) = self.record_batch(outcomes) {
-            // The claims are recorded; the jobs are read again later.
-            for id in &ids {
-                self.stall(*id, &e);
+        let decided = self.append(outcomes);
+        let synced = self
+            .journal
+            .sync(self.journal.next_seq())
+            .map_err(StageError::from);
+        for ev in &claims {
+            log_event(ev);
+        }
+        let decided = match (decided, synced) {
+            (Ok(evs), Ok(())) => evs,
+            (Err(e), _) | (_, Err(e)) => {
+                // The claims are in the log; the jobs are read again later.
+                for id in &ids {
+                    self.stall(*id, &e);
+                }
+                return Ok(());
             }
-            return Ok(());
+        };
+        for ev in &decided {
+            log_event(ev);
         }
         for (id, why) in &deferred {
             self.stall(*id, why);
@@ -471,10 +549,11 @@ impl Stage {
                     if let Some(file) = &job.file {
                         let path = self.spool.active_path(file);
                         if path.symlink_metadata().is_ok() {
+                            // Not fsynced: if a crash undoes the removal, recovery finds the
+                            // file again and this settled job removes it again.
                             std::fs::remove_file(&path).map_err(|e| {
                                 crate::durable::DurableError::new("cannot remove", &path, e)
                             })?;
-                            crate::durable::sync_dir(&self.spool.active)?;
                         }
                     }
                     if !job.final_pushed && job.final_push_attempts == 0 {
@@ -728,7 +807,11 @@ impl Stage {
                 .values()
                 .map(|(due, _)| *due)
                 .min();
-            let next = [next_push, next_stall].into_iter().flatten().min();
+            let next_flush = *self.lazy_flush.lock().unwrap_or_else(|p| p.into_inner());
+            let next = [next_push, next_stall, next_flush]
+                .into_iter()
+                .flatten()
+                .min();
             let wait = next.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(now)
             });
@@ -739,6 +822,20 @@ impl Stage {
             }
             self.run_due_pushes();
             self.run_due_stalled();
+            self.run_due_flush();
+        }
+    }
+
+    /// Flushes the events appended without a flush, once their time has come.
+    fn run_due_flush(&self) {
+        let mut due = self.lazy_flush.lock().unwrap_or_else(|p| p.into_inner());
+        if due.is_some_and(|d| d <= Instant::now()) {
+            *due = None;
+            drop(due);
+            if let Err(e) = self.journal.flush() {
+                log::error!("cannot flush the event log: {e}");
+                self.flush_soon();
+            }
         }
     }
 

@@ -64,7 +64,8 @@ pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
         );
     }
     let ks = ks_path(w, spec);
-    if let Err(e) = crate::durable::write_atomic(&ks, spec.kickstart.as_bytes(), 0o644) {
+    // Not fsynced: the kickstart is in the log and written again before every attempt.
+    if let Err(e) = crate::durable::write_atomic_unsynced(&ks, spec.kickstart.as_bytes(), 0o644) {
         return BuildEnd::failed(
             format!("cannot write the kickstart {}: {e}", ks.display()),
             urls,

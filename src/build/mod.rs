@@ -138,7 +138,8 @@ pub fn prepare(w: &WorkerConfig, spec: &Spec, attempt: u32) -> Result<(), Prepar
         source,
     })?;
     let ks = ks_path(w, spec);
-    crate::durable::write_atomic(&ks, spec.kickstart.as_bytes(), 0o644).map_err(|e| {
+    // Not fsynced: the kickstart is in the log and written again before every attempt.
+    crate::durable::write_atomic_unsynced(&ks, spec.kickstart.as_bytes(), 0o644).map_err(|e| {
         PrepareError {
             what: "cannot write the kickstart",
             path: ks.clone(),

@@ -117,6 +117,16 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Must the event be flushed before the caller goes on? Every kind but two records a
+    /// decision that later steps act on, so it is durable before they do. `delivered` and
+    /// `pushed` record a step already done (the reply is fsynced in outbox/ before `delivered`
+    /// is appended) whose repetition is harmless: if a crash loses them, recovery writes the
+    /// same reply again and pushes the status again (at least once). They are flushed by the
+    /// next flush of any thread, or within 100 ms.
+    pub fn needs_flush(&self) -> bool {
+        !matches!(self, EventKind::Delivered { .. } | EventKind::Pushed { .. })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::Claimed { .. } => "claimed",

@@ -1,8 +1,11 @@
 //! The event log: one sled tree, key = big-endian u64 seq, value = the event as JSON.
 //!
-//! Invariant: `append` returns only after the event is flushed, so a caller acts on a step only
-//! once its event is durable. Seqs are handed out under one lock, so the log is totally ordered
-//! and a reader that has seen seq N has seen every event before it.
+//! Invariant: `append` and `append_batch` return only after the events are flushed, so a caller
+//! acts on a step only once its event is durable. `append_with` appends without flushing;
+//! `sync` then makes everything appended so far durable with one flush shared by every thread
+//! waiting at that moment (group commit). Seqs are handed out under one lock, so the log is
+//! totally ordered, a reader that has seen seq N has seen every event before it, and a flush
+//! covers every event appended before it (sled has one log for all its trees).
 
 pub mod event;
 pub mod fold;
@@ -11,7 +14,7 @@ pub use event::{Event, EventKind, Mode, Status};
 pub use fold::{Job, Jobs, State};
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::SystemTime;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,20 +43,41 @@ const BY_JOB: &str = "by_job";
 const BY_IMAGE: &str = "by_image";
 const JOBS: &str = "jobs";
 const INPUTS: &str = "inputs";
+const BY_SHA: &str = "by_sha";
+const OPEN: &str = "open";
+/// Key (in the default tree) of the highest seq whose job projection is stored.
+const PROJECTED_UPTO: &[u8] = b"projected_upto";
 
 /// The log and its indexes. `events` is the truth; `by_job` (job ++ seq), `by_image`
-/// (image_id ++ 0 ++ job) and `jobs` (job -> its folded state, the projection) are derived from it
-/// and can be rebuilt by folding `events` (`build-image replay` checks them).
+/// (image_id ++ 0 ++ job), `by_sha` (sha256 of the claimed file ++ 0 ++ job), `jobs` (job -> its
+/// folded state, the projection) and `open` (the jobs not settled yet) are derived from it and
+/// can be rebuilt by folding `events` (`build-image replay` checks the projections). The
+/// projections are a snapshot of the fold: `projected_upto` says up to which seq they are
+/// stored, so a start folds only the events after it.
 pub struct Journal {
     db: sled::Db,
     events: sled::Tree,
     by_job: sled::Tree,
     by_image: sled::Tree,
+    by_sha: sled::Tree,
     jobs: sled::Tree,
+    open: sled::Tree,
     inputs: sled::Tree,
     next_seq: Mutex<u64>,
+    commit: Mutex<Commit>,
+    committed: Condvar,
     path: PathBuf,
 }
+
+/// Group commit: events below `durable` are flushed; `flushing` while a thread flushes for all.
+#[derive(Default)]
+struct Commit {
+    durable: u64,
+    flushing: bool,
+}
+
+/// The job's state after an event, and whether the job is still open (not settled).
+pub type Projected = (Job, bool);
 
 /// Now, as the RFC 3339 UTC text events carry.
 pub fn now_ts() -> String {
@@ -87,21 +111,43 @@ impl Journal {
                     source: e,
                 },
             })?;
+        let had_by_sha = db.tree_names().iter().any(|n| n.as_ref() == BY_SHA.as_bytes());
         let events = db.open_tree(EVENTS)?;
         let next = match events.last()? {
             Some((k, _)) => key_seq(&k) + 1,
             None => 1,
         };
-        Ok(Journal {
+        let journal = Journal {
             by_job: db.open_tree(BY_JOB)?,
             by_image: db.open_tree(BY_IMAGE)?,
+            by_sha: db.open_tree(BY_SHA)?,
             jobs: db.open_tree(JOBS)?,
+            open: db.open_tree(OPEN)?,
             inputs: db.open_tree(INPUTS)?,
             db,
             events,
             next_seq: Mutex::new(next),
+            commit: Mutex::new(Commit {
+                durable: next,
+                flushing: false,
+            }),
+            committed: Condvar::new(),
             path: dir.to_path_buf(),
-        })
+        };
+        if !had_by_sha && next > 1 {
+            // A log written before the content index existed: build it once.
+            let mut batch = sled::Batch::default();
+            journal.fold_range(0, None, |ev| {
+                if ev.kind == "claimed"
+                    && let Some(sha) = &ev.sha256
+                {
+                    batch.insert(sha_key(sha, ev.job), &[]);
+                }
+            })?;
+            journal.by_sha.apply_batch(batch)?;
+            journal.db.flush()?;
+        }
+        Ok(journal)
     }
 
     pub fn path(&self) -> &Path {
@@ -115,63 +161,146 @@ impl Journal {
             .ok_or_else(|| JournalError::Sled(sled::Error::Unsupported("empty batch".into())))
     }
 
-    /// Appends several events with one flush (group commit).
+    /// Appends several events with one flush (group commit), storing each job's projection
+    /// folded from its stored one (a job is open until it is rejected, moved, or delivered and
+    /// pushed).
     pub fn append_batch(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
-        self.append_projected(items, |_| None)
+        let mut pending: std::collections::HashMap<u64, Job> = Default::default();
+        let evs = self.append_with(items, |ev, view| {
+            let job = pending
+                .entry(ev.job)
+                .or_insert_with(|| self.projection(ev.job).ok().flatten().unwrap_or_default());
+            job.apply(view);
+            let settled = matches!(job.state, State::Rejected | State::Moved)
+                || (job.state == State::Delivered && job.final_pushed);
+            let open = !settled;
+            (job.clone(), open)
+        })?;
+        if let Some(last) = evs.last() {
+            self.sync(last.seq + 1)?;
+        }
+        Ok(evs)
     }
 
-    /// Appends events with one flush; `project` gives, for each event, the job's state after it,
-    /// which is stored as the job's projection in the same flush.
-    pub fn append_projected(
+    /// Appends events without flushing them (see `sync`). `project` is called for each event,
+    /// in order, under the append lock, with the event and its stored form, and gives the
+    /// job's state after it, stored as the job's projection.
+    pub fn append_with(
         &self,
         items: Vec<(Option<u64>, EventKind)>,
-        mut project: impl FnMut(&Event) -> Option<Job>,
+        mut project: impl FnMut(&Event, &fold::EventView<'_>) -> Projected,
     ) -> Result<Vec<Event>> {
         let mut out = Vec::with_capacity(items.len());
-        {
-            let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
-            let mut batch = sled::Batch::default();
-            let mut by_job = sled::Batch::default();
-            let mut by_image = sled::Batch::default();
-            let mut jobs = sled::Batch::default();
-            let mut inputs = sled::Batch::default();
-            let mut seq = *next;
-            for (job, kind) in items {
-                let ev = Event {
-                    seq,
-                    ts: now_ts(),
-                    job: job.unwrap_or(seq),
-                    kind,
-                };
-                let bytes = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
-                batch.insert(&seq.to_be_bytes(), bytes);
-                by_job.insert(job_seq_key(ev.job, seq).as_slice(), &[]);
-                if let Some(id) = image_id_of(&ev.kind) {
-                    by_image.insert(image_key(id, ev.job), &[]);
+        let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch = sled::Batch::default();
+        let mut by_job = sled::Batch::default();
+        let mut by_image = sled::Batch::default();
+        let mut by_sha = sled::Batch::default();
+        let mut jobs = sled::Batch::default();
+        let mut open = sled::Batch::default();
+        let mut inputs = sled::Batch::default();
+        let mut seq = *next;
+        let mut projected: std::collections::HashMap<u64, Projected> = Default::default();
+        for (job, kind) in items {
+            let ev = Event {
+                seq,
+                ts: now_ts(),
+                job: job.unwrap_or(seq),
+                kind,
+            };
+            let bytes = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
+            let view = decode_view(&seq.to_be_bytes(), &bytes)?;
+            projected.insert(ev.job, project(&ev, &view));
+            by_job.insert(job_seq_key(ev.job, seq).as_slice(), &[]);
+            match &ev.kind {
+                EventKind::Queued { image_id, .. } => {
+                    by_image.insert(image_key(image_id, ev.job), &[]);
                 }
-                if let EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } = &ev.kind
-                {
-                    let bytes = serde_json::to_vec(input).map_err(JournalError::Encode)?;
-                    inputs.insert(&ev.job.to_be_bytes(), bytes);
+                EventKind::Invalid {
+                    image_id: Some(image_id),
+                    ..
+                } => {
+                    by_image.insert(image_key(image_id, ev.job), &[]);
                 }
-                if let Some(j) = project(&ev) {
-                    let bytes = serde_json::to_vec(&j).map_err(JournalError::Encode)?;
-                    jobs.insert(&j.id.to_be_bytes(), bytes);
+                EventKind::Claimed { sha256, .. } => {
+                    by_sha.insert(sha_key(sha256, ev.job), &[]);
                 }
-                out.push(ev);
-                seq += 1;
+                _ => {}
             }
-            // Indexes and inputs first: a crash between leaves an index entry (or an input)
-            // without its event, which readers skip, never an event missing its index entry.
-            self.by_job.apply_batch(by_job)?;
-            self.by_image.apply_batch(by_image)?;
-            self.inputs.apply_batch(inputs)?;
-            self.events.apply_batch(batch)?;
-            self.jobs.apply_batch(jobs)?;
-            *next = seq;
+            if let EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } = &ev.kind {
+                let bytes = serde_json::to_vec(input).map_err(JournalError::Encode)?;
+                inputs.insert(&ev.job.to_be_bytes(), bytes);
+            }
+            batch.insert(&seq.to_be_bytes(), bytes);
+            out.push(ev);
+            seq += 1;
         }
-        self.db.flush()?;
+        for (id, (job, is_open)) in &projected {
+            let bytes = serde_json::to_vec(job).map_err(JournalError::Encode)?;
+            jobs.insert(&id.to_be_bytes(), bytes);
+            if *is_open {
+                open.insert(&id.to_be_bytes(), &[]);
+            } else {
+                open.remove(&id.to_be_bytes());
+            }
+        }
+        // Indexes and inputs first, then the events, then the projections: sled recovers a
+        // prefix of what was written, so a crash leaves an index entry without its event
+        // (readers skip it) or events newer than `projected_upto` (folded at the next start),
+        // never an event missing from its indexes.
+        self.by_job.apply_batch(by_job)?;
+        self.by_image.apply_batch(by_image)?;
+        self.by_sha.apply_batch(by_sha)?;
+        self.inputs.apply_batch(inputs)?;
+        self.events.apply_batch(batch)?;
+        self.jobs.apply_batch(jobs)?;
+        self.open.apply_batch(open)?;
+        if seq > *next {
+            self.db.insert(PROJECTED_UPTO, &(seq - 1).to_be_bytes())?;
+        }
+        *next = seq;
         Ok(out)
+    }
+
+    /// Makes every event below seq `end` durable. Group commit: when another thread is already
+    /// flushing, waits for it and flushes only if that did not cover `end`; one flush covers
+    /// everything appended before it started, for every thread waiting.
+    pub fn sync(&self, end: u64) -> Result<()> {
+        let mut c = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if c.durable >= end {
+                return Ok(());
+            }
+            if !c.flushing {
+                break;
+            }
+            c = self
+                .committed
+                .wait(c)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        c.flushing = true;
+        drop(c);
+        let target = self.next_seq();
+        let flushed = self.db.flush();
+        let mut c = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        c.flushing = false;
+        if flushed.is_ok() {
+            c.durable = c.durable.max(target);
+        }
+        self.committed.notify_all();
+        flushed?;
+        Ok(())
+    }
+
+    /// Whether some appended event is not flushed yet.
+    pub fn unsynced(&self) -> bool {
+        let next = self.next_seq();
+        self.commit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .durable
+            < next
     }
 
     /// The event with this seq.
@@ -225,11 +354,28 @@ impl Journal {
         Ok(out)
     }
 
-    /// Stores a job's folded state (the projection). Not flushed on its own: it is derived, and
-    /// made durable by the next event's flush.
-    pub fn put_projection(&self, job: &Job) -> Result<()> {
+    /// The jobs that carry this file content (the sha256 of a claimed file), oldest first.
+    pub fn jobs_for_sha(&self, sha256: &str) -> Result<Vec<u64>> {
+        let mut prefix = sha256.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.by_sha.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            out.push(key_seq(&k[prefix.len()..]));
+        }
+        Ok(out)
+    }
+
+    /// Stores a job's folded state (the projection) and whether it is open. Not flushed on its
+    /// own: it is derived, and made durable by the next flush.
+    pub fn put_projection(&self, job: &Job, open: bool) -> Result<()> {
         let bytes = serde_json::to_vec(job).map_err(JournalError::Encode)?;
         self.jobs.insert(job.id.to_be_bytes(), bytes)?;
+        if open {
+            self.open.insert(job.id.to_be_bytes(), &[])?;
+        } else {
+            self.open.remove(job.id.to_be_bytes())?;
+        }
         Ok(())
     }
 
@@ -245,8 +391,13 @@ impl Journal {
 
     /// Every stored projection.
     pub fn projections(&self) -> Result<Jobs> {
+        self.projections_from(0)
+    }
+
+    /// The stored projections of the jobs with an id of at least `first`.
+    pub fn projections_from(&self, first: u64) -> Result<Jobs> {
         let mut out = Jobs::new();
-        for item in self.jobs.iter() {
+        for item in self.jobs.range(first.to_be_bytes()..) {
             let (k, v) = item?;
             let id = key_seq(&k);
             let job: Job = serde_json::from_slice(&v)
@@ -256,25 +407,28 @@ impl Journal {
         Ok(out)
     }
 
-    /// Rewrites the projections that differ from `jobs` (and drops the ones not in it);
-    /// returns how many were rewritten.
-    pub fn repair_projections(&self, jobs: &Jobs) -> Result<usize> {
-        let stored = self.projections()?;
-        let mut fixed = 0;
-        for (id, job) in jobs {
-            if stored.get(id) != Some(job) {
-                self.put_projection(job)?;
-                fixed += 1;
-            }
-        }
-        for id in stored.keys().filter(|id| !jobs.contains_key(id)) {
-            self.jobs.remove(id.to_be_bytes())?;
-            fixed += 1;
-        }
-        if fixed > 0 {
-            self.db.flush()?;
-        }
-        Ok(fixed)
+    /// The jobs marked open (not settled) when their last event was appended.
+    pub fn open_jobs(&self) -> Result<Vec<u64>> {
+        self.open
+            .iter()
+            .keys()
+            .map(|k| Ok(key_seq(&k?)))
+            .collect()
+    }
+
+    /// The highest seq whose projection is stored (0: none, e.g. a log from before
+    /// projections were kept this way).
+    pub fn projected_upto(&self) -> Result<u64> {
+        Ok(self
+            .db
+            .get(PROJECTED_UPTO)?
+            .map_or(0, |v| key_seq(&v)))
+    }
+
+    /// Records that the projections are stored up to seq `upto` (after a repair).
+    pub fn set_projected_upto(&self, upto: u64) -> Result<()> {
+        self.db.insert(PROJECTED_UPTO, &upto.to_be_bytes())?;
+        Ok(())
     }
 
     /// The seq the next event will get.
@@ -358,9 +512,9 @@ impl Journal {
         Ok(n)
     }
 
+    /// Flushes everything appended so far.
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
-        Ok(())
+        self.sync(self.next_seq())
     }
 }
 
@@ -378,13 +532,8 @@ fn image_key(image_id: &str, job: u64) -> Vec<u8> {
     k
 }
 
-/// The image_id an event ties its job to, for the by_image index.
-fn image_id_of(kind: &EventKind) -> Option<&str> {
-    match kind {
-        EventKind::Queued { image_id, .. } => Some(image_id),
-        EventKind::Invalid { image_id, .. } => image_id.as_deref(),
-        _ => None,
-    }
+fn sha_key(sha256: &str, job: u64) -> Vec<u8> {
+    image_key(sha256, job)
 }
 
 /// The job id from the front of a stored event (`{"seq":N,"ts":"...","job":M,...`), without
@@ -470,10 +619,11 @@ mod tests {
             batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
+        // append_batch stores each job's projection: they are the fold of the log
         let jobs = j.fold_all().unwrap();
-        assert_eq!(j.repair_projections(&jobs).unwrap(), 4);
         assert_eq!(j.projections().unwrap(), jobs);
-        assert_eq!(j.repair_projections(&jobs).unwrap(), 0);
+        assert_eq!(j.projected_upto().unwrap(), 5);
+        assert!(j.open_jobs().unwrap().is_empty(), "rejected jobs are settled");
         let seqs: Vec<u64> = j.job_events(1).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![1, 2]);
     }
@@ -491,7 +641,58 @@ mod tests {
         j.append(None, inv("ab")).unwrap();
         j.append(None, inv("a")).unwrap();
         assert_eq!(j.jobs_for_image("a").unwrap(), vec![1, 3]);
+        assert_eq!(j.open_jobs().unwrap(), vec![1, 2, 3], "answered, not delivered yet");
         assert_eq!(j.jobs_for_image("ab").unwrap(), vec![2]);
         assert!(j.jobs_for_image("b").unwrap().is_empty());
+    }
+
+    #[test]
+    fn content_index_and_group_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = std::sync::Arc::new(Journal::open(dir.path()).unwrap());
+        let claimed = |sha: &str| EventKind::Claimed {
+            file: "f".into(),
+            worker: "w".into(),
+            bytes: 1,
+            sha256: sha.into(),
+        };
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let j = std::sync::Arc::clone(&j);
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let sha = if i % 2 == 0 { "aa" } else { "ab" };
+                        let evs = j
+                            .append_with(vec![(None, claimed(sha))], |_, v| {
+                                let mut job = Job::default();
+                                job.apply(v);
+                                (job, true)
+                            })
+                            .unwrap();
+                        j.sync(evs[0].seq + 1).unwrap();
+                        assert!(evs[0].seq >= 1, "thread {t}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(!j.unsynced());
+        assert_eq!(j.jobs_for_sha("aa").unwrap().len(), 100);
+        assert_eq!(j.jobs_for_sha("ab").unwrap().len(), 100);
+        assert!(j.jobs_for_sha("a").unwrap().is_empty());
+        assert_eq!(j.open_jobs().unwrap().len(), 200);
+        assert_eq!(j.projected_upto().unwrap(), 200);
+        j.append_with(vec![(None, claimed("cc"))], |_, v| {
+            let mut job = Job::default();
+            job.apply(v);
+            (job, false)
+        })
+        .unwrap();
+        assert!(j.unsynced());
+        j.flush().unwrap();
+        assert!(!j.unsynced());
+        assert_eq!(j.open_jobs().unwrap().len(), 200);
     }
 }
