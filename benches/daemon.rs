@@ -74,6 +74,19 @@ fn main() {
     for l in lines {
         println!("{l}");
     }
+    remove_farms();
+}
+
+/// Farms made by this run, removed at its end (see `Farm::new`).
+static FARMS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn remove_farms() {
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        return;
+    }
+    for dir in FARMS.lock().unwrap().drain(..) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// The daemon binary: BUILD_IMAGE_BIN, else the one cargo built for this bench.
@@ -120,11 +133,16 @@ const DEFAULT_TIMING: Timing = Timing {
 
 impl Farm {
     fn new() -> Farm {
+        // Kept until the whole run ends, not removed after each measurement: on ext4 (without a
+        // journal) creating files soon after thousands were deleted is several times slower
+        // (the allocator skips recently deleted inodes), which would slow whichever measurement
+        // follows a removal.
         let dir = tempfile::Builder::new()
             .prefix("build-image-bench-")
-            .disable_cleanup(std::env::var_os("BENCH_KEEP").is_some())
+            .disable_cleanup(true)
             .tempdir()
             .expect("tempdir");
+        FARMS.lock().unwrap().push(dir.path().to_path_buf());
         let bin = dir.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
         let script = |name: &str, text: &str| {

@@ -5,9 +5,11 @@
 //! still an unreaped zombie (`waitid(WNOWAIT)`), so its pgid cannot have been reused.
 //!
 //! A thread may name a registry directory (`register_groups_in`): every group it starts is then
-//! written there (`<pgid>` holding the leader's start time) until it is gone, so that a daemon
-//! restarted after SIGKILL can kill the groups its previous life left running
-//! (`kill_registered_groups`).
+//! written there (the thread's file `t<tid>` holding the pgid and the leader's start time,
+//! blanked once the group is gone) so that a daemon restarted after SIGKILL can kill the groups
+//! its previous life left running (`kill_registered_groups`). One file per thread, written in
+//! place: no file is created or deleted per child (on ext4, creating and deleting an inode per
+//! child costs more than the child's own spawn).
 
 use crossbeam_channel::{Receiver, bounded, never, select};
 use nix::sys::signal::{Signal, killpg};
@@ -90,13 +92,50 @@ pub struct Run<'a> {
     pub cancel: Option<&'a Receiver<()>>,
 }
 
+/// A thread's registry file, removed when the thread ends.
+struct Slot {
+    dir: PathBuf,
+    path: PathBuf,
+    file: Option<File>,
+    busy: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 thread_local! {
-    static REGISTRY: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+    static REGISTRY: std::cell::RefCell<Option<Slot>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A registry record: fixed width, so a rewrite in place replaces the whole of the last one.
+fn record(pgid: i32, start: u64) -> String {
+    format!("{pgid:>10} {start:>20}\n")
+}
+
+/// A blank record, as long as `record`'s.
+fn blank() -> String {
+    format!("{:31}\n", "")
 }
 
 /// Children started by this thread from now on are registered in `dir` while they run.
 pub fn register_groups_in(dir: &Path) {
-    REGISTRY.with(|r| *r.borrow_mut() = Some(dir.to_path_buf()));
+    let tid = nix::unistd::gettid();
+    REGISTRY.with(|r| {
+        if r.borrow().as_ref().is_some_and(|s| s.dir == dir) {
+            return;
+        }
+        *r.borrow_mut() = Some(Slot {
+            dir: dir.to_path_buf(),
+            path: dir.join(format!("t{tid}")),
+            file: None,
+            busy: false,
+        })
+    });
 }
 
 /// The start time (clock ticks since boot) of a process, from /proc.
@@ -139,10 +178,17 @@ pub fn kill_registered_groups(dir: &Path) -> Vec<i32> {
     };
     for e in rd.flatten() {
         let path = e.path();
-        let pgid: Option<i32> = e.file_name().to_str().and_then(|n| n.parse().ok());
-        let start: Option<u64> = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
+        // `t<tid>`: "pgid start" (or blank); an older daemon's `<pgid>`: "start".
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let (pgid, start): (Option<i32>, Option<u64>) = match fields.as_slice() {
+            [pgid, start] => (pgid.parse().ok(), start.parse().ok()),
+            [start] => (
+                e.file_name().to_str().and_then(|n| n.parse().ok()),
+                start.parse().ok(),
+            ),
+            _ => (None, None),
+        };
         if let (Some(pgid), Some(start)) = (pgid, start) {
             let members = group_members(pgid);
             if !members.is_empty() && members.iter().all(|(_, st)| *st >= start) {
@@ -156,28 +202,92 @@ pub fn kill_registered_groups(dir: &Path) -> Vec<i32> {
     killed
 }
 
-struct Registered(Option<PathBuf>);
+/// A running group's registration: the thread's record, or (for a child started while the
+/// thread's record is in use) a file of its own.
+enum Registered {
+    None,
+    Slot,
+    Own(PathBuf),
+}
 
 impl Registered {
     fn new(pid: i32) -> Registered {
-        let dir = REGISTRY.with(|r| r.borrow().clone());
-        let path = dir.and_then(|d| {
-            let _ = std::fs::create_dir_all(&d);
-            let path = d.join(pid.to_string());
-            let start = start_time(pid)?;
-            crate::durable::write_atomic(&path, start.to_string().as_bytes(), 0o644)
-                .map_err(|e| log::warn!("cannot register process group {pid}: {e}"))
-                .ok()?;
-            Some(path)
-        });
-        Registered(path)
+        let Some(start) = start_time(pid) else {
+            return Registered::None;
+        };
+        REGISTRY.with(|r| {
+            let mut r = r.borrow_mut();
+            let Some(slot) = r.as_mut() else {
+                return Registered::None;
+            };
+            if slot.busy {
+                let _ = std::fs::create_dir_all(&slot.dir);
+                // Not fsynced (neither is the thread's record): the registry is for a daemon
+                // that was killed while the machine ran on; a machine that went down took every
+                // process group with it.
+                let path = slot.dir.join(pid.to_string());
+                return match crate::durable::write_atomic_unsynced(
+                    &path,
+                    start.to_string().as_bytes(),
+                    0o644,
+                ) {
+                    Ok(()) => Registered::Own(path),
+                    Err(e) => {
+                        log::warn!("cannot register process group {pid}: {e}");
+                        Registered::None
+                    }
+                };
+            }
+            if slot.file.is_none() {
+                let _ = std::fs::create_dir_all(&slot.dir);
+                match std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&slot.path)
+                {
+                    Ok(f) => slot.file = Some(f),
+                    Err(e) => {
+                        log::warn!("cannot register process group {pid}: {e}");
+                        return Registered::None;
+                    }
+                }
+            }
+            let written = slot.file.as_ref().map(|f| {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(record(pid, start).as_bytes(), 0)
+            });
+            match written {
+                Some(Ok(())) => {
+                    slot.busy = true;
+                    Registered::Slot
+                }
+                Some(Err(e)) => {
+                    log::warn!("cannot register process group {pid}: {e}");
+                    Registered::None
+                }
+                None => Registered::None,
+            }
+        })
     }
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_file(p);
+        match self {
+            Registered::None => {}
+            Registered::Own(path) => {
+                let _ = std::fs::remove_file(path);
+            }
+            Registered::Slot => REGISTRY.with(|r| {
+                if let Some(slot) = r.borrow_mut().as_mut() {
+                    if let Some(f) = &slot.file {
+                        use std::os::unix::fs::FileExt;
+                        let _ = f.write_all_at(blank().as_bytes(), 0);
+                    }
+                    slot.busy = false;
+                }
+            }),
         }
     }
 }
@@ -235,45 +345,29 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
     let pid = Pid::from_raw(child.id() as i32);
     let _registered = Registered::new(pid.as_raw());
 
-    if let (Some(data), Some(mut stdin)) = (r.stdin, child.stdin.take()) {
-        // A child that does not read its stdin must not block us: write from a thread and
-        // ignore EPIPE.
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(&data);
-        });
+    if let (Some(data), Some(stdin)) = (r.stdin, child.stdin.take()) {
+        feed_stdin(stdin, data);
     }
-
-    let (done_tx, done_rx) = bounded::<std::io::Result<()>>(1);
-    std::thread::spawn(move || {
-        let res = loop {
-            match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
-                Ok(_) => break Ok(()),
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => break Err(std::io::Error::from(e)),
-            }
-        };
-        let _ = done_tx.send(res);
-    });
 
     let deadline = Instant::now() + r.timeout;
     let never_rx = never();
     let cancel = r.cancel.unwrap_or(&never_rx);
-    let stopped = select! {
-        recv(done_rx) -> res => {
-            if let Ok(Err(source)) = res {
-                kill_group(pid);
-                return Err(ProcessError::Wait { program: name, source });
-            }
-            None
+    let waited = match pidfd_open(pid) {
+        Some(fd) => wait_pidfd(&fd, deadline, cancel),
+        None => wait_thread(pid, deadline, cancel),
+    };
+    let stopped = match waited {
+        Ok(stopped) => stopped,
+        Err(source) => {
+            kill_group(pid);
+            return Err(ProcessError::Wait {
+                program: name,
+                source,
+            });
         }
-        recv(cancel) -> _ => Some(Outcome::Cancelled),
-        default(deadline.saturating_duration_since(Instant::now())) => Some(Outcome::TimedOut),
     };
     // Whatever happened, nothing of the group may outlive the call.
     kill_group(pid);
-    if stopped.is_some() {
-        let _ = done_rx.recv();
-    }
     let status = child.wait().map_err(|source| ProcessError::Wait {
         program: name.clone(),
         source,
@@ -286,6 +380,110 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
             (None, None) => Outcome::Signalled(0),
         },
     })
+}
+
+/// Writes a child's stdin without blocking us: what the pipe takes at once is written here (a
+/// workitem usually fits), the rest from a thread; EPIPE (a child that does not read) is
+/// ignored.
+fn feed_stdin(mut stdin: std::process::ChildStdin, data: Vec<u8>) {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let mut written = 0;
+    if fcntl(&stdin, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_ok() {
+        while written < data.len() {
+            match stdin.write(&data[written..]) {
+                Ok(0) => return,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return,
+            }
+        }
+        if written == data.len() || fcntl(&stdin, FcntlArg::F_SETFL(OFlag::empty())).is_err() {
+            return;
+        }
+    }
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(&data[written..]);
+    });
+}
+
+/// A pidfd for the child (Linux 5.3+), which becomes readable when the child exits (without
+/// reaping it); None where the kernel has none.
+fn pidfd_open(pid: Pid) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new file descriptor (or -1); the
+    // descriptor is owned by nobody else, so OwnedFd may take it.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: fd is a valid descriptor just returned to us and not owned elsewhere.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// How often a waiting child's cancel channel is looked at.
+const CANCEL_CHECK: Duration = Duration::from_millis(50);
+
+/// Waits on the pidfd until the child exits (None), the deadline passes or cancel fires.
+fn wait_pidfd(
+    fd: &std::os::fd::OwnedFd,
+    deadline: Instant,
+    cancel: &Receiver<()>,
+) -> std::io::Result<Option<Outcome>> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(Some(Outcome::TimedOut));
+        }
+        match cancel.try_recv() {
+            Ok(()) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                return Ok(Some(Outcome::Cancelled));
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+        }
+        let slice = (deadline - now).min(CANCEL_CHECK);
+        let timeout = PollTimeout::try_from(slice).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(n) if n > 0 => return Ok(None),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(std::io::Error::from(e)),
+        }
+    }
+}
+
+/// Without pidfds: a thread waits for the child's exit (without reaping it).
+fn wait_thread(
+    pid: Pid,
+    deadline: Instant,
+    cancel: &Receiver<()>,
+) -> std::io::Result<Option<Outcome>> {
+    let (done_tx, done_rx) = bounded::<std::io::Result<()>>(1);
+    std::thread::spawn(move || {
+        let res = loop {
+            match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                Ok(_) => break Ok(()),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => break Err(std::io::Error::from(e)),
+            }
+        };
+        let _ = done_tx.send(res);
+    });
+    let stopped = select! {
+        recv(done_rx) -> res => {
+            if let Ok(Err(e)) = res {
+                return Err(e);
+            }
+            None
+        }
+        recv(cancel) -> _ => Some(Outcome::Cancelled),
+        default(deadline.saturating_duration_since(Instant::now())) => Some(Outcome::TimedOut),
+    };
+    if stopped.is_some() {
+        kill_group(pid);
+        let _ = done_rx.recv();
+    }
+    Ok(stopped)
 }
 
 fn kill_group(pgid: Pid) {
@@ -510,5 +708,27 @@ mod tests {
         assert_eq!(status.signal(), Some(9));
         // reaped: gone
         assert!(!kill_pid_if(pid, has(b"sleep\x00301")).unwrap());
+    }
+
+    #[test]
+    fn stdin_larger_than_a_pipe_is_fed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let script = format!("cat > {}", out.display());
+        let a = argv(&["sh", "-c", &script]);
+        for len in [10usize, 1 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let o = run(Run {
+                argv: &a,
+                env: vec![],
+                stdin: Some(data.clone()),
+                output: Output::Null,
+                timeout: Duration::from_secs(60),
+                cancel: None,
+            })
+            .unwrap();
+            assert_eq!(o, Outcome::Exited(0));
+            assert_eq!(std::fs::read(&out).unwrap(), data, "{len} bytes");
+        }
     }
 }

@@ -54,7 +54,11 @@ pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
             return BuildEnd::failed(e.to_string(), urls);
         }
     };
-    let tail = log.tail(3);
+    let tail = if outcome.success() {
+        String::new()
+    } else {
+        log.tail(3)
+    };
     let _ = log.line(&format!("{tool} {}", outcome.describe(w.timeout())));
     if outcome == process::Outcome::Cancelled {
         return BuildEnd::Cancelled;

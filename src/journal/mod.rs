@@ -111,7 +111,10 @@ impl Journal {
                     source: e,
                 },
             })?;
-        let had_by_sha = db.tree_names().iter().any(|n| n.as_ref() == BY_SHA.as_bytes());
+        let had_by_sha = db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == BY_SHA.as_bytes());
         let events = db.open_tree(EVENTS)?;
         let next = match events.last()? {
             Some((k, _)) => key_seq(&k) + 1,
@@ -192,13 +195,14 @@ impl Journal {
     ) -> Result<Vec<Event>> {
         let mut out = Vec::with_capacity(items.len());
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
-        let mut batch = sled::Batch::default();
-        let mut by_job = sled::Batch::default();
-        let mut by_image = sled::Batch::default();
-        let mut by_sha = sled::Batch::default();
-        let mut jobs = sled::Batch::default();
-        let mut open = sled::Batch::default();
-        let mut inputs = sled::Batch::default();
+        type Items = Vec<(Vec<u8>, Vec<u8>)>;
+        let mut batch: Items = Vec::new();
+        let mut by_job: Items = Vec::new();
+        let mut by_image: Items = Vec::new();
+        let mut by_sha: Items = Vec::new();
+        let mut jobs: Items = Vec::new();
+        let mut open: Vec<([u8; 8], bool)> = Vec::new();
+        let mut inputs: Items = Vec::new();
         let mut seq = *next;
         let mut projected: std::collections::HashMap<u64, Projected> = Default::default();
         for (job, kind) in items {
@@ -211,50 +215,60 @@ impl Journal {
             let bytes = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
             let view = decode_view(&seq.to_be_bytes(), &bytes)?;
             projected.insert(ev.job, project(&ev, &view));
-            by_job.insert(job_seq_key(ev.job, seq).as_slice(), &[]);
+            by_job.push((job_seq_key(ev.job, seq).to_vec(), Vec::new()));
             match &ev.kind {
                 EventKind::Queued { image_id, .. } => {
-                    by_image.insert(image_key(image_id, ev.job), &[]);
+                    by_image.push((image_key(image_id, ev.job), Vec::new()));
                 }
                 EventKind::Invalid {
                     image_id: Some(image_id),
                     ..
                 } => {
-                    by_image.insert(image_key(image_id, ev.job), &[]);
+                    by_image.push((image_key(image_id, ev.job), Vec::new()));
                 }
                 EventKind::Claimed { sha256, .. } => {
-                    by_sha.insert(sha_key(sha256, ev.job), &[]);
+                    by_sha.push((sha_key(sha256, ev.job), Vec::new()));
                 }
                 _ => {}
             }
             if let EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } = &ev.kind {
                 let bytes = serde_json::to_vec(input).map_err(JournalError::Encode)?;
-                inputs.insert(&ev.job.to_be_bytes(), bytes);
+                inputs.push((ev.job.to_be_bytes().to_vec(), bytes));
             }
-            batch.insert(&seq.to_be_bytes(), bytes);
+            batch.push((seq.to_be_bytes().to_vec(), bytes));
             out.push(ev);
             seq += 1;
         }
         for (id, (job, is_open)) in &projected {
             let bytes = serde_json::to_vec(job).map_err(JournalError::Encode)?;
-            jobs.insert(&id.to_be_bytes(), bytes);
-            if *is_open {
-                open.insert(&id.to_be_bytes(), &[]);
-            } else {
-                open.remove(&id.to_be_bytes());
-            }
+            jobs.push((id.to_be_bytes().to_vec(), bytes));
+            open.push((id.to_be_bytes(), *is_open));
         }
         // Indexes and inputs first, then the events, then the projections: sled recovers a
         // prefix of what was written, so a crash leaves an index entry without its event
         // (readers skip it) or events newer than `projected_upto` (folded at the next start),
-        // never an event missing from its indexes.
-        self.by_job.apply_batch(by_job)?;
-        self.by_image.apply_batch(by_image)?;
-        self.by_sha.apply_batch(by_sha)?;
-        self.inputs.apply_batch(inputs)?;
-        self.events.apply_batch(batch)?;
-        self.jobs.apply_batch(jobs)?;
-        self.open.apply_batch(open)?;
+        // never an event missing from its indexes. Plain inserts, not sled batches: each
+        // `apply_batch` makes sled seal and write its buffer (a pwrite and a sync_file_range),
+        // and the prefix is all the atomicity needed here.
+        for (tree, items) in [
+            (&self.by_job, by_job),
+            (&self.by_image, by_image),
+            (&self.by_sha, by_sha),
+            (&self.inputs, inputs),
+            (&self.events, batch),
+            (&self.jobs, jobs),
+        ] {
+            for (k, v) in items {
+                tree.insert(k, v)?;
+            }
+        }
+        for (k, is_open) in open {
+            if is_open {
+                self.open.insert(k, &[])?;
+            } else {
+                self.open.remove(k)?;
+            }
+        }
         if seq > *next {
             self.db.insert(PROJECTED_UPTO, &(seq - 1).to_be_bytes())?;
         }
@@ -274,10 +288,7 @@ impl Journal {
             if !c.flushing {
                 break;
             }
-            c = self
-                .committed
-                .wait(c)
-                .unwrap_or_else(|p| p.into_inner());
+            c = self.committed.wait(c).unwrap_or_else(|p| p.into_inner());
         }
         c.flushing = true;
         drop(c);
@@ -409,20 +420,13 @@ impl Journal {
 
     /// The jobs marked open (not settled) when their last event was appended.
     pub fn open_jobs(&self) -> Result<Vec<u64>> {
-        self.open
-            .iter()
-            .keys()
-            .map(|k| Ok(key_seq(&k?)))
-            .collect()
+        self.open.iter().keys().map(|k| Ok(key_seq(&k?))).collect()
     }
 
     /// The highest seq whose projection is stored (0: none, e.g. a log from before
     /// projections were kept this way).
     pub fn projected_upto(&self) -> Result<u64> {
-        Ok(self
-            .db
-            .get(PROJECTED_UPTO)?
-            .map_or(0, |v| key_seq(&v)))
+        Ok(self.db.get(PROJECTED_UPTO)?.map_or(0, |v| key_seq(&v)))
     }
 
     /// Records that the projections are stored up to seq `upto` (after a repair).
@@ -623,7 +627,10 @@ mod tests {
         let jobs = j.fold_all().unwrap();
         assert_eq!(j.projections().unwrap(), jobs);
         assert_eq!(j.projected_upto().unwrap(), 5);
-        assert!(j.open_jobs().unwrap().is_empty(), "rejected jobs are settled");
+        assert!(
+            j.open_jobs().unwrap().is_empty(),
+            "rejected jobs are settled"
+        );
         let seqs: Vec<u64> = j.job_events(1).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![1, 2]);
     }
@@ -641,7 +648,11 @@ mod tests {
         j.append(None, inv("ab")).unwrap();
         j.append(None, inv("a")).unwrap();
         assert_eq!(j.jobs_for_image("a").unwrap(), vec![1, 3]);
-        assert_eq!(j.open_jobs().unwrap(), vec![1, 2, 3], "answered, not delivered yet");
+        assert_eq!(
+            j.open_jobs().unwrap(),
+            vec![1, 2, 3],
+            "answered, not delivered yet"
+        );
         assert_eq!(j.jobs_for_image("ab").unwrap(), vec![2]);
         assert!(j.jobs_for_image("b").unwrap().is_empty());
     }
