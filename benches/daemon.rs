@@ -836,7 +836,7 @@ fn p5(bin: &Path) -> String {
     format!(
         "P5 idle: {secs} s idle with {} finished jobs ({} events) in the log: CPU {} per idle \
          second (ratio; {:.3} CPU s per {secs} s), peak RSS (VmHWM) {}, RSS at the end {}; \
-         start (replay of the log) to ready {} (median of {runs} runs, min–max); \
+         start (log opened: open jobs and the events after the stored projections) to ready {} (median of {runs} runs, min–max); \
          goal ~0 CPU (< 0.001 s/s): {}, RSS < 30 MB: {}",
         big(jobs as f64),
         big((jobs * common::EVENTS_PER_JOB) as f64),

@@ -274,8 +274,13 @@ impl BenchLog {
         image_id_of(1 + (self.jobs / 2) * EVENTS_PER_JOB)
     }
 
+    /// Opens the log with sled's cache at `P4_CACHE_MB` (default: the daemon's 8 MB).
     pub fn open(&self) -> Journal {
-        Journal::open(&self.db()).expect("open the generated log")
+        let mb: u64 = std::env::var("P4_CACHE_MB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8);
+        Journal::open_with_cache(&self.db(), mb * 1024 * 1024).expect("open the generated log")
     }
 }
 
