@@ -164,8 +164,8 @@ pub struct SpoolConfig {
     /// Default: `<dir>/state/<worker_id>`.
     #[serde(deserialize_with = "empty_is_none")]
     pub state_dir: Option<PathBuf>,
-    /// The event log's page cache, MiB: more makes start-up replay of a long log faster,
-    /// less keeps an idle daemon small.
+    /// The event log's page cache, MiB: more makes `replay` and `status` over a long log
+    /// faster, less keeps an idle daemon small.
     pub log_cache_mb: u64,
 }
 
