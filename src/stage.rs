@@ -50,7 +50,8 @@ pub struct Stage {
     pub spool: Spool,
     pub journal: Journal,
     pub state_dir: PathBuf,
-    memory: Mutex<Memory>,
+    /// The open (unsettled) jobs, as folded from the log; settled ones live in the log only.
+    open: Mutex<Jobs>,
     hook_log: PathBuf,
     running: Mutex<HashMap<u64, Sender<()>>>,
     stopping: AtomicBool,
@@ -88,12 +89,6 @@ enum Intake {
 /// A push to try again: (due, job, status, attempt).
 type PushRetry = (Instant, u64, Status, u32);
 
-/// The open (unsettled) jobs, as folded from the log; settled ones live in the log only.
-#[derive(Default)]
-struct Memory {
-    jobs: Jobs,
-}
-
 /// How soon an event that needs no flush of its own is flushed when nothing else flushes.
 const LAZY_FLUSH: Duration = Duration::from_millis(100);
 
@@ -119,37 +114,41 @@ impl Stage {
     /// with no projection mark (written before projections were kept) is folded whole once.
     pub fn new(cfg: Config, spool: Spool, journal: Journal, state_dir: PathBuf) -> Result<Stage> {
         let started = Instant::now();
-        let mut memory = Memory::default();
+        let mut open = Jobs::new();
         for id in journal.open_jobs()? {
             if let Some(job) = journal.projection(id)? {
-                memory.jobs.insert(id, job);
+                open.insert(id, job);
             }
         }
         let upto = journal.projected_upto()?;
-        let mut tail_jobs = std::collections::BTreeSet::new();
-        journal.fold_range(upto + 1, None, |ev| {
-            tail_jobs.insert(ev.job);
-        })?;
+        // The events after the snapshot, applied to their jobs (open ones from memory, the
+        // others from their projections), in one pass.
         let mut tail = Jobs::new();
-        for id in &tail_jobs {
-            let job = match memory.jobs.remove(id) {
-                Some(job) => job,
-                None => journal.projection(*id)?.unwrap_or_default(),
-            };
-            tail.insert(*id, job);
-        }
+        let mut failed = None;
         let n = journal.fold_range(upto + 1, None, |ev| {
-            if let Some(job) = tail.get_mut(&ev.job)
-                && ev.seq > job.last_seq
-            {
+            let job = tail.entry(ev.job).or_insert_with(|| {
+                open.remove(&ev.job).unwrap_or_else(|| {
+                    journal
+                        .projection(ev.job)
+                        .unwrap_or_else(|e| {
+                            failed.get_or_insert(e);
+                            None
+                        })
+                        .unwrap_or_default()
+                })
+            });
+            if ev.seq > job.last_seq {
                 job.apply(ev);
             }
         })?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
         for (id, job) in tail {
-            let open = is_open(&cfg, &job);
-            journal.put_projection(&job, open)?;
-            if open {
-                memory.jobs.insert(id, job);
+            let is_open = is_open(&cfg, &job);
+            journal.put_projection(&job, is_open)?;
+            if is_open {
+                open.insert(id, job);
             }
         }
         if n > 0 {
@@ -158,7 +157,7 @@ impl Stage {
         }
         log::info!(
             "log opened: {} open job(s), {n} event(s) folded after the stored projections, in {:?}",
-            memory.jobs.len(),
+            open.len(),
             started.elapsed(),
         );
         Ok(Stage {
@@ -167,7 +166,7 @@ impl Stage {
             journal,
             hook_log: state_dir.join("hooks.log"),
             state_dir,
-            memory: Mutex::new(memory),
+            open: Mutex::new(open),
             running: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             push_retries: Mutex::new(BinaryHeap::new()),
@@ -181,8 +180,8 @@ impl Stage {
         })
     }
 
-    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
-        self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    fn open(&self) -> std::sync::MutexGuard<'_, Jobs> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records one event (see `record_batch`).
@@ -212,7 +211,7 @@ impl Stage {
 
     /// Appends events and applies them to the fold, without flushing.
     fn append(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
-        let mut m = self.memory();
+        let mut m = self.open();
         let mut pending: HashMap<u64, Job> = HashMap::new();
         let mut failed = None;
         let evs = self.journal.append_with(items, |ev, view| {
@@ -220,7 +219,7 @@ impl Stage {
                 if ev.seq == ev.job {
                     return Job::default();
                 }
-                match m.jobs.get(&ev.job) {
+                match m.get(&ev.job) {
                     Some(job) => Some(job.clone()),
                     None => self.journal.projection(ev.job).unwrap_or_else(|e| {
                         failed = Some(e);
@@ -234,9 +233,9 @@ impl Stage {
         })?;
         for (id, job) in pending {
             if is_open(&self.cfg, &job) {
-                m.jobs.insert(id, job);
+                m.insert(id, job);
             } else {
-                m.jobs.remove(&id);
+                m.remove(&id);
             }
         }
         if let Some(e) = failed {
@@ -257,7 +256,7 @@ impl Stage {
 
     /// A job, open (from memory) or settled (from its stored projection).
     pub fn job(&self, id: u64) -> Option<Job> {
-        if let Some(job) = self.memory().jobs.get(&id) {
+        if let Some(job) = self.open().get(&id) {
             return Some(job.clone());
         }
         match self.journal.projection(id) {
@@ -281,7 +280,7 @@ impl Stage {
 
     /// A snapshot of the open jobs.
     pub fn open_jobs(&self) -> Jobs {
-        self.memory().jobs.clone()
+        self.open().clone()
     }
 
     /// An earlier job that makes job `id` a duplicate: the same content or the same image_id,

@@ -174,10 +174,8 @@ impl Journal {
                 .entry(ev.job)
                 .or_insert_with(|| self.projection(ev.job).ok().flatten().unwrap_or_default());
             job.apply(view);
-            let settled = matches!(job.state, State::Rejected | State::Moved)
-                || (job.state == State::Delivered && job.final_pushed);
-            let open = !settled;
-            (job.clone(), open)
+            // No retry limit known here: a delivered job is open until its final push is made.
+            (job.clone(), !job.is_settled(u32::MAX))
         })?;
         if let Some(last) = evs.last() {
             self.sync(last.seq + 1)?;
