@@ -103,6 +103,8 @@ pub struct WorkerConfig {
     pub max_attempts: u32,
     /// Seconds a stopping daemon lets running builds finish before it kills them.
     pub grace: u64,
+    /// The most a job log keeps, in MiB: beyond it, its head and its tail are kept.
+    pub job_log_max_mb: u64,
 }
 
 impl Default for WorkerConfig {
@@ -132,6 +134,7 @@ impl Default for WorkerConfig {
             workers: 1,
             max_attempts: 2,
             grace: 7200,
+            job_log_max_mb: 64,
         }
     }
 }
@@ -196,6 +199,8 @@ pub struct HooksConfig {
     pub retries: u32,
     /// Delay before the first retry, in milliseconds; each further retry waits twice as long.
     pub retry_delay_ms: u64,
+    /// `hooks.log` is rotated (to `hooks.log.1`) when it grows past this many MiB.
+    pub log_max_mb: u64,
 }
 
 impl Default for HooksConfig {
@@ -205,6 +210,7 @@ impl Default for HooksConfig {
             timeout: 60,
             retries: 3,
             retry_delay_ms: 10_000,
+            log_max_mb: 16,
         }
     }
 }

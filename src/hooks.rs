@@ -107,6 +107,7 @@ mod tests {
             timeout: 5,
             retries: 0,
             retry_delay_ms: 0,
+            log_max_mb: 1,
         };
         assert_eq!(push_status(&h, Status::Done, &wi, "x", &log), None);
         h.push = Some(d.path().join("nope"));
