@@ -1,16 +1,19 @@
-//! The control socket: a running daemon holds sled's lock, so operator commands talk to it over
-//! a Unix socket in its state dir (`control.sock`, mode 0600). One JSON request line in; JSON
-//! lines out: `{"event": ...}` lines for event streams, then one `{"ok": true, "data": ...}` or
-//! `{"ok": false, "error": "..."}` line.
+//! The control socket and the operator protocol. A running daemon holds sled's lock, so
+//! operator commands talk to it over a Unix socket in its state dir (`control.sock`, mode
+//! 0600): one JSON request line in; JSON lines out: `{"event": ...}` lines for event streams,
+//! then one `{"done": <Response>}` line.
 //!
-//! Invariant: the daemon answers with the same `ops` functions a command uses when it opens the
-//! log itself, so the output is the same either way.
+//! Invariants: a request is answered by `handle`, the one function that the daemon runs for a
+//! socket request and a command runs on a stage opened over the log when no daemon runs, so
+//! the answer is the same either way; the socket is bounded (request size, idle time, number of
+//! connections) and a stop never waits for a client.
 
-use crate::ops::{self, EventFilter};
+use crate::journal::{Event, State, Tag};
+use crate::ops::{self, EventFilter, JobView, ReplayReport, StatusRow};
 use crate::stage::Stage;
+use crate::store::lock;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -18,11 +21,18 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// The longest request line taken.
+pub const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a client may take to send its request.
+pub const IDLE: Duration = Duration::from_secs(10);
+/// Connections served at once; more are answered "busy".
+pub const MAX_CONNECTIONS: usize = 32;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status {
-        state: Option<String>,
+        state: Option<State>,
         limit: Option<usize>,
     },
     Show {
@@ -41,21 +51,144 @@ pub enum Request {
     },
     Requeue {
         worker: String,
+        #[serde(default)]
+        force: bool,
     },
 }
 
-/// The last line of an answer.
+/// The answer to a request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Reply {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+#[serde(tag = "reply", content = "data", rename_all = "snake_case")]
+pub enum Response {
+    Status(Vec<StatusRow>),
+    Show(Box<JobView>),
+    /// The end of an event stream (the events came before it).
+    Events,
+    Replay(ReplayReport),
+    Retried {
+        job: u64,
+        building_now: bool,
+    },
+    Cancelled {
+        job: u64,
+        answered: bool,
+    },
+    Requeued {
+        moved: Vec<String>,
+    },
+    /// The request was refused or failed; the command exits 1 with this message.
+    Error {
+        message: String,
+    },
+    /// The daemon has too many connections; try again.
+    Busy,
+}
+
+/// One line the daemon writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Line {
+    Event(Event),
+    Done(Response),
 }
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
+}
+
+/// Answers a request on `stage` (the daemon's, or one opened over the log). Streamed events go
+/// to `on_event`, which returns false to stop the stream.
+pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> bool) -> Response {
+    let err = |e: &dyn std::fmt::Display| Response::Error {
+        message: e.to_string(),
+    };
+    let journal = match stage.store.journal() {
+        Ok(j) => j,
+        Err(e) => return err(&e),
+    };
+    match req {
+        Request::Status { state, limit } => match journal.projections() {
+            Ok(jobs) => Response::Status(ops::status(&jobs, state, limit)),
+            Err(e) => err(&e),
+        },
+        Request::Show { id } => match ops::show(&journal, &stage.cfg, &id) {
+            Ok(v) => Response::Show(Box::new(v)),
+            Err(e) => err(&e),
+        },
+        Request::Events { filter, follow } => {
+            drop(journal);
+            let mut next = filter.since;
+            loop {
+                let journal = match stage.store.journal() {
+                    Ok(j) => j,
+                    Err(e) => return err(&e),
+                };
+                // Every event below the horizon is in the tree (seqs are published after insert).
+                let horizon = journal.next_seq();
+                let f = EventFilter {
+                    since: next,
+                    ..filter.clone()
+                };
+                match ops::events(&journal, &f) {
+                    Ok(evs) => {
+                        for ev in &evs {
+                            next = ev.seq + 1;
+                            if !on_event(ev) {
+                                return Response::Events;
+                            }
+                        }
+                    }
+                    Err(e) => return err(&e),
+                }
+                drop(journal);
+                next = next.max(horizon);
+                if !follow || stage.stopping() {
+                    return Response::Events;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Request::Replay => match ops::replay(&journal, &stage.spool, stage.store.policy()) {
+            Ok(r) => Response::Replay(r),
+            Err(e) => err(&e),
+        },
+        Request::Retry { id } => {
+            let result = ops::resolve(&journal, &id)
+                .map_err(|e| e.to_string())
+                .and_then(|job| {
+                    drop(journal);
+                    stage
+                        .retry(job)
+                        .map(|building_now| Response::Retried { job, building_now })
+                        .map_err(|e| e.to_string())
+                });
+            result.unwrap_or_else(|message| Response::Error { message })
+        }
+        Request::Cancel { id } => {
+            let result = ops::resolve(&journal, &id)
+                .map_err(|e| e.to_string())
+                .and_then(|job| {
+                    drop(journal);
+                    stage
+                        .cancel(job)
+                        .map(|answered| Response::Cancelled { job, answered })
+                        .map_err(|e| e.to_string())
+                });
+            result.unwrap_or_else(|message| Response::Error { message })
+        }
+        Request::Requeue { worker, force } => {
+            drop(journal);
+            match stage.requeue_worker(&worker, force) {
+                Ok(moved) => Response::Requeued { moved },
+                Err(e) => err(&e),
+            }
+        }
+    }
+}
+
+/// The event kinds and states a request may name, for error messages.
+pub fn kinds() -> String {
+    Tag::ALL.map(|t| t.as_str()).join(", ")
 }
 
 /// The daemon's side.
@@ -65,27 +198,28 @@ pub struct Server {
     /// socket file is gone and nobody can connect to wake it.
     listener: UnixListener,
     accept: Option<JoinHandle<()>>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    stage: Arc<Stage>,
+    conns: Arc<Mutex<Vec<(UnixStream, JoinHandle<()>)>>>,
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Server {
     pub fn start(stage: Arc<Stage>) -> std::io::Result<Server> {
-        let path = socket_path(&stage.state_dir);
+        let path = socket_path(stage.store.dir());
         // A socket file left by a dead daemon: we hold the log's lock, so it is not in use.
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let accepting = listener.try_clone()?;
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let conns: Arc<Mutex<Vec<(UnixStream, JoinHandle<()>)>>> = Arc::default();
+        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let accept = {
-            let stage = Arc::clone(&stage);
             let conns = Arc::clone(&conns);
+            let closing = Arc::clone(&closing);
             std::thread::Builder::new()
                 .name("control".into())
                 .spawn(move || {
                     for conn in accepting.incoming() {
-                        if stage.stopping() {
+                        if closing.load(std::sync::atomic::Ordering::SeqCst) {
                             break;
                         }
                         let Ok(conn) = conn else {
@@ -93,11 +227,21 @@ impl Server {
                             std::thread::sleep(Duration::from_millis(10));
                             continue;
                         };
+                        let mut all = lock(&conns);
+                        all.retain(|(_, h)| !h.is_finished());
+                        if all.len() >= MAX_CONNECTIONS {
+                            drop(all);
+                            let mut c = conn;
+                            let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+                            let _ = write_line(&mut c, &Line::Done(Response::Busy));
+                            continue;
+                        }
+                        let Ok(handle) = conn.try_clone() else {
+                            continue;
+                        };
                         let stage = Arc::clone(&stage);
                         let h = std::thread::spawn(move || serve(&stage, conn));
-                        let mut all = conns.lock().unwrap_or_else(|p| p.into_inner());
-                        all.retain(|h| !h.is_finished());
-                        all.push(h);
+                        all.push((handle, h));
                     }
                 })?
         };
@@ -106,14 +250,15 @@ impl Server {
             listener,
             accept: Some(accept),
             conns,
-            stage,
+            closing,
         })
     }
 
-    /// Stops accepting and waits for the connections (event followers end within 100 ms of
-    /// the daemon stopping). Call after `Stage::set_stopping`.
+    /// Stops accepting and ends every connection (an idle or slow client is cut off; event
+    /// followers see the end of the stream).
     pub fn stop(mut self) {
-        // Wake the accept loop so it sees the stop.
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = nix::sys::socket::shutdown(
             std::os::fd::AsRawFd::as_raw_fd(&self.listener),
             nix::sys::socket::Shutdown::Both,
@@ -122,103 +267,48 @@ impl Server {
         if let Some(h) = self.accept.take() {
             let _ = h.join();
         }
-        let conns: Vec<_> = self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
-        for h in conns {
+        let conns: Vec<_> = lock(&self.conns).drain(..).collect();
+        for (stream, _) in &conns {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        for (_, h) in conns {
             let _ = h.join();
         }
         let _ = std::fs::remove_file(&self.path);
-        let _ = &self.stage;
     }
 }
 
 fn serve(stage: &Stage, conn: UnixStream) {
-    let mut reader = BufReader::new(match conn.try_clone() {
-        Ok(c) => c,
-        Err(_) => return,
-    });
-    let mut out = conn;
-    let _ = out.set_write_timeout(Some(Duration::from_secs(30)));
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() || line.trim().is_empty() {
+    let _ = conn.set_read_timeout(Some(IDLE));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(30)));
+    let Ok(read_half) = conn.try_clone() else {
         return;
-    }
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handle(stage, req, &mut out),
-        Err(e) => Err(format!("bad request: {e}")),
     };
-    let reply = match reply {
-        Ok(data) => Reply {
-            ok: true,
-            data,
-            error: None,
+    let mut reader = BufReader::new(read_half.take(MAX_REQUEST + 1));
+    let mut line = String::new();
+    let mut out = conn;
+    let response = match reader.read_line(&mut line) {
+        Ok(n) if n as u64 > MAX_REQUEST => Response::Error {
+            message: format!("request longer than {MAX_REQUEST} bytes"),
         },
-        Err(error) => Reply {
-            ok: false,
-            data: None,
-            error: Some(error),
+        Ok(_) if line.trim().is_empty() => return,
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handle(stage, req, |ev| {
+                write_line(&mut out, &Line::Event(ev.clone())).is_ok()
+            }),
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
         },
+        Err(_) => return, // idle past IDLE, or cut off by a stop
     };
-    let _ = write_line(&mut out, &reply);
+    let _ = write_line(&mut out, &Line::Done(response));
 }
 
 fn write_line<T: Serialize>(out: &mut impl Write, v: &T) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
     out.write_all(&bytes)
-}
-
-fn to_value<T: Serialize>(v: T) -> Result<Option<Value>, String> {
-    serde_json::to_value(v).map(Some).map_err(|e| e.to_string())
-}
-
-fn handle(stage: &Stage, req: Request, out: &mut UnixStream) -> Result<Option<Value>, String> {
-    let s = |e: &dyn std::fmt::Display| e.to_string();
-    match req {
-        Request::Status { state, limit } => {
-            let jobs = stage.all_jobs().map_err(|e| s(&e))?;
-            to_value(ops::status(&jobs, state.as_deref(), limit))
-        }
-        Request::Show { id } => {
-            to_value(ops::show(&stage.journal, &stage.cfg, &id).map_err(|e| s(&e))?)
-        }
-        Request::Events { filter, follow } => {
-            let mut next = filter.since;
-            loop {
-                // Every event below the horizon is in the tree (seqs are published after insert).
-                let horizon = stage.journal.next_seq();
-                let f = EventFilter {
-                    since: next,
-                    ..filter.clone()
-                };
-                for ev in ops::events(&stage.journal, &f).map_err(|e| s(&e))? {
-                    next = ev.seq + 1;
-                    write_line(out, &serde_json::json!({ "event": ev })).map_err(|e| s(&e))?;
-                }
-                next = next.max(horizon);
-                if !follow || stage.stopping() {
-                    return Ok(None);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        Request::Replay => to_value(ops::replay(&stage.journal, &stage.spool).map_err(|e| s(&e))?),
-        Request::Retry { id } => {
-            let job = ops::resolve(&stage.journal, &id).map_err(|e| s(&e))?;
-            let building = stage.retry(job).map_err(|e| s(&e))?;
-            to_value(serde_json::json!({"job": job, "queued": true, "building_now": building}))
-        }
-        Request::Cancel { id } => {
-            let job = ops::resolve(&stage.journal, &id).map_err(|e| s(&e))?;
-            let answered = stage.cancel(job).map_err(|e| s(&e))?;
-            to_value(serde_json::json!({"job": job, "answered": answered}))
-        }
-        Request::Requeue { worker } => to_value(stage.requeue_worker(&worker).map_err(|e| s(&e))?),
-    }
 }
 
 /// The command's side: a connection to a running daemon.
@@ -235,12 +325,13 @@ impl Client {
         })
     }
 
-    /// Sends a request; `on_event` gets each streamed event; returns the final reply.
+    /// Sends a request; `on_event` gets each streamed event (false stops); returns the final
+    /// response.
     pub fn call(
         mut self,
         req: &Request,
-        mut on_event: impl FnMut(crate::journal::Event) -> bool,
-    ) -> anyhow::Result<Reply> {
+        mut on_event: impl FnMut(&Event) -> bool,
+    ) -> anyhow::Result<Response> {
         write_line(self.reader.get_mut(), req)?;
         let mut line = String::new();
         loop {
@@ -248,15 +339,14 @@ impl Client {
             if self.reader.read_line(&mut line)? == 0 {
                 anyhow::bail!("the daemon closed the connection without an answer");
             }
-            let v: Value = serde_json::from_str(&line)?;
-            if let Some(ev) = v.get("event") {
-                let ev: crate::journal::Event = serde_json::from_value(ev.clone())?;
-                if !on_event(ev) {
-                    anyhow::bail!("stopped");
+            match serde_json::from_str::<Line>(&line)? {
+                Line::Event(ev) => {
+                    if !on_event(&ev) {
+                        anyhow::bail!("stopped");
+                    }
                 }
-                continue;
+                Line::Done(r) => return Ok(r),
             }
-            return Ok(serde_json::from_value(v)?);
         }
     }
 }

@@ -6,134 +6,111 @@
 //! and are built by the next start.
 
 use crate::config::{Config, WatchMode};
-use crate::journal::{Journal, JournalError, State};
+use crate::lifecycle;
 use crate::pool::Pool;
+use crate::process::Registry;
 use crate::spool::{self, Ready, Scanner, Spool};
-use crate::stage::{Next, Stage};
+use crate::stage::Stage;
+use crate::store::Store;
 use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use notify::Watcher;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Opens the log, waiting a little while another process (an operator command reading the log
-/// directly) holds it.
-pub fn open_journal(
-    state_dir: &Path,
-    cache_bytes: u64,
-    patience: Duration,
-) -> Result<Journal, JournalError> {
-    let deadline = Instant::now() + patience;
-    loop {
-        match Journal::open_with_cache(state_dir, cache_bytes) {
-            Err(JournalError::Locked(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            other => return other,
-        }
-    }
-}
 
 /// The folder where running child process groups are registered (see `process`).
 pub fn groups_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("groups")
 }
 
-/// Runs the daemon until `stop` receives a message (or is disconnected).
+/// Runs the daemon until `stop` receives a message (or is disconnected). A second message
+/// during the stop's grace kills the running builds at once.
 pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
     let running = Running::start(cfg)?;
     let result = claim_loop(&running.stage, &stop, None);
-    running.shutdown()?;
+    running.shutdown(&stop)?;
     result
 }
 
 /// `run --once`: claims what is in incoming/ when it starts (and finishes what an earlier run
-/// left unfinished), waits for those jobs to be answered, and stops. Ok(true) when every one of
-/// them succeeded. A stop signal ends it early (Ok(false)).
+/// left unfinished), waits for those jobs to be settled, and stops. Ok(true) when every one of
+/// them succeeded and its final status was pushed (when a push utility is configured). A stop
+/// signal ends it early (Ok(false)).
 pub fn run_once(cfg: Config, stop: Receiver<()>) -> anyhow::Result<bool> {
-    let first_new = {
-        // Jobs opened from here on are this run's.
-        let running = Running::start(cfg)?;
-        let first_new = running.first_seq;
-        let initial: std::collections::HashSet<String> =
-            crate::spool::list_names(&running.stage.spool.incoming)?
-                .into_iter()
-                .filter(|n| !spool::ignored_name(n))
-                .collect();
-        log::info!("--once: {} file(s) in incoming/", initial.len());
-        let result = claim_loop(&running.stage, &stop, Some(initial));
-        let stage = Arc::clone(&running.stage);
-        let tracked: Vec<u64> = running.unsettled_at_start.clone();
-        let push = stage.cfg.hooks.push.is_some();
-        let done = |j: &crate::journal::Job| {
-            matches!(j.state, State::Delivered | State::Rejected | State::Moved)
-                && (!push
-                    || j.state != State::Delivered
-                    || j.final_pushed
-                    || j.final_push_attempts > 0)
-        };
-        let mut ok = result.is_ok();
-        let mut stopped = false;
-        loop {
-            let mut jobs = stage.jobs_from(first_new).unwrap_or_else(|e| {
-                log::error!("--once: {e}");
-                Default::default()
-            });
-            for id in &tracked {
-                if let Some(job) = stage.job(*id) {
-                    jobs.insert(*id, job);
-                }
-            }
-            let mine: Vec<&crate::journal::Job> = jobs
-                .values()
-                .filter(|j| j.worker.as_deref().is_none_or(|w| w == stage.spool.worker))
-                .collect();
-            if mine.iter().all(|j| done(j)) {
-                let failed = mine.iter().filter(|j| j.result != Some(true)).count();
-                log::info!("--once: {} job(s), {failed} failed", mine.len());
-                ok &= failed == 0;
-                break;
-            }
-            select! {
-                recv(stop) -> _ => { stopped = true; break; }
-                default(Duration::from_millis(50)) => {}
-            }
+    let running = Running::start(cfg)?;
+    let stage = Arc::clone(&running.stage);
+    let first_new = running.first_seq;
+    let initial: HashSet<String> = spool::list_names(&stage.spool.incoming)?
+        .into_iter()
+        .filter(|n| !spool::ignored_name(n))
+        .collect();
+    log::info!("--once: {} file(s) in incoming/", initial.len());
+    let result = claim_loop(&stage, &stop, Some(initial));
+    let policy = *stage.store.policy();
+    let mut ok = result.is_ok();
+    let mut stopped = false;
+    loop {
+        let mut ids: HashSet<u64> = running.open_at_start.iter().copied().collect();
+        ids.extend(stage.touched());
+        if let Ok(journal) = stage.store.journal() {
+            ids.extend(journal.projections_from(first_new)?.into_keys());
         }
-        running.shutdown()?;
-        result?;
-        (ok && !stopped, first_new)
-    };
-    Ok(first_new.0)
+        let jobs: Vec<crate::journal::Job> = ids
+            .into_iter()
+            .filter_map(|id| stage.store.job(id))
+            .filter(|j| j.worker.as_deref().is_none_or(|w| w == stage.spool.worker))
+            .collect();
+        if jobs.iter().all(|j| lifecycle::is_settled(j, &policy)) {
+            let failed = jobs
+                .iter()
+                .filter(|j| j.result != Some(true) || lifecycle::push_failed(j, &policy))
+                .count();
+            log::info!("--once: {} job(s), {failed} failed", jobs.len());
+            ok &= failed == 0;
+            break;
+        }
+        select! {
+            recv(stop) -> _ => { stopped = true; break; }
+            default(Duration::from_millis(50)) => {}
+        }
+    }
+    running.shutdown(&stop)?;
+    result?;
+    Ok(ok && !stopped)
 }
 
-/// A started daemon: the stage, its pool, the retry thread and the control socket.
+/// A started daemon: the stage, its pool, the timer thread and the control socket.
 struct Running {
     stage: Arc<Stage>,
     pool: Pool,
-    retry_stop: Sender<()>,
-    retry_thread: std::thread::JoinHandle<()>,
+    timer_stop: Sender<()>,
+    timer: std::thread::JoinHandle<()>,
     control: crate::control::Server,
     /// The first seq of this run: jobs with a higher id were opened by it.
     first_seq: u64,
-    /// Jobs recovery found unfinished.
-    unsettled_at_start: Vec<u64>,
+    /// Jobs recovery found open.
+    open_at_start: Vec<u64>,
 }
 
 impl Running {
     fn start(cfg: Config) -> anyhow::Result<Running> {
+        let cfg = Arc::new(cfg);
         let worker = cfg.worker_id();
         let spool = Spool::new(&cfg.spool.dir, &worker);
         spool.create_dirs()?;
         let state_dir = cfg.state_dir();
-        std::fs::create_dir_all(&state_dir)
-            .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
-        let journal = open_journal(
-            &state_dir,
-            cfg.spool.log_cache_mb * 1024 * 1024,
-            Duration::from_secs(5),
-        )?;
+        let policy = lifecycle::Policy::from_config(&cfg);
+        let store = Arc::new(
+            Store::open(
+                &state_dir,
+                cfg.spool.log_cache_mb * 1024 * 1024,
+                policy,
+                Duration::from_secs(5),
+            )
+            .with_context(|| format!("cannot open the event log in {}", state_dir.display()))?,
+        );
         log::info!(
             "build-image {} worker {worker} spool {} state {} ({} build slot(s), {:?} mode)",
             env!("CARGO_PKG_VERSION"),
@@ -143,22 +120,31 @@ impl Running {
             crate::build::mode(&cfg.worker),
         );
         // Children of an earlier life of this daemon (SIGKILLed) must not build beside the new one.
-        let groups = groups_dir(&state_dir);
-        let killed = crate::process::kill_registered_groups(&groups);
+        let registry = Registry::new(groups_dir(&state_dir));
+        let killed = registry.kill_leftovers();
         if !killed.is_empty() {
             log::warn!(
                 "killed {} process group(s) left by the previous run",
                 killed.len()
             );
         }
-        let stage = Arc::new(Stage::new(cfg, spool, journal, state_dir)?);
-        let first_seq = stage.journal.next_seq();
+        let hooks =
+            crate::hooks::Hooks::new(&cfg.hooks, state_dir.join("hooks.log"), registry.clone());
+        let stage = Arc::new(Stage::new(
+            Arc::clone(&cfg),
+            spool,
+            store,
+            registry,
+            hooks,
+            true,
+        )?);
+        let first_seq = stage.store.journal()?.last_seq() + 1;
 
         let worker_stage = Arc::clone(&stage);
         let pool = Pool::start(
-            stage.cfg.worker.workers,
+            cfg.worker.workers,
             Arc::new(move |id| {
-                crate::process::register_groups_in(&groups_dir(&worker_stage.state_dir));
+                worker_stage.registry.enter();
                 if let Err(e) = worker_stage.build(id) {
                     worker_stage.stall(id, &e);
                 }
@@ -166,148 +152,107 @@ impl Running {
         )?;
         stage.set_queue(pool.sender());
 
-        crate::process::register_groups_in(&groups_dir(&stage.state_dir));
-        let unsettled_at_start = recover(&stage)?;
-        // The replay's temporary memory is freed; hand it back to the system rather than keep it
-        // for the daemon's whole (mostly idle) life.
+        stage.registry.enter();
+        let open_at_start = stage.recover()?;
+        // The replay's temporary memory is freed; hand it back to the system rather than keep
+        // it for the daemon's whole (mostly idle) life.
         #[cfg(target_env = "gnu")]
         // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
         unsafe {
             nix::libc::malloc_trim(0);
         }
 
-        let (retry_stop, retry_rx) = bounded::<()>(1);
-        let retry_thread = {
+        let (timer_stop, timer_rx) = bounded::<()>(1);
+        let timer = {
             let stage = Arc::clone(&stage);
             std::thread::Builder::new()
-                .name("retries".into())
+                .name("timer".into())
                 .spawn(move || {
-                    crate::process::register_groups_in(&groups_dir(&stage.state_dir));
-                    stage.run_retries(&retry_rx)
+                    stage.registry.enter();
+                    run_timer(&stage, &timer_rx)
                 })?
         };
         let control = crate::control::Server::start(Arc::clone(&stage))?;
         Ok(Running {
             stage,
             pool,
-            retry_stop,
-            retry_thread,
+            timer_stop,
+            timer,
             control,
             first_seq,
-            unsettled_at_start,
+            open_at_start,
         })
     }
 
-    fn shutdown(self) -> anyhow::Result<()> {
+    /// Stops: no more claims; running builds get `grace` (a second signal on `stop` ends it
+    /// at once) while the control socket keeps answering; then the pushes and the timer stop.
+    fn shutdown(self, stop: &Receiver<()>) -> anyhow::Result<()> {
         let stage = self.stage;
-        log::info!("stopping: no more claims; waiting for running builds");
+        let running = stage.running();
+        log::info!("stopping: no more claims; {running} build(s) running");
         stage.set_stopping();
-        self.control.stop();
-        drop(self.retry_stop);
-        let _ = self.retry_thread.join();
         stage.set_queue(None);
         let grace = Duration::from_secs(stage.cfg.worker.grace);
-        self.pool.close(grace, || {
-            log::warn!(
-                "grace period of {} s over: killing running builds",
-                grace.as_secs()
-            );
+        self.pool.close(grace, stop, |why| {
+            log::warn!("{why}: killing running builds");
             stage.cancel_running();
         });
-        stage.journal.flush()?;
+        self.control.stop();
+        stage.stop_pushes();
+        drop(self.timer_stop);
+        let _ = self.timer.join();
+        stage.store.sync()?;
+        stage.store.write_mark();
         log::info!("stopped");
         Ok(())
     }
 }
 
-/// Reconciles the log with the spool, then moves every unsettled job forward: the normal steps,
-/// run again.
-/// Returns the jobs it found unsettled.
-fn recover(stage: &Stage) -> anyhow::Result<Vec<u64>> {
-    crate::build::kvm::recover_orphans(&stage.cfg.worker);
-    let jobs = stage.open_jobs();
-    let mine = |job: &crate::journal::Job| {
-        job.worker
-            .as_deref()
-            .is_none_or(|w| w == stage.spool.worker)
-    };
-    // Which open job, if any, a file in active/ belongs to: the newest one that names it.
-    let mut by_file: HashMap<&str, &crate::journal::Job> = HashMap::new();
-    for job in jobs.values().filter(|j| mine(j)) {
-        if let Some(f) = &job.file {
-            by_file.insert(f.as_str(), job);
+/// The timer thread: flushes lazily appended events, writes the log's high-water mark,
+/// repairs a log that failed a write (with back-off), and moves stalled jobs again.
+fn run_timer(stage: &Stage, stop: &Receiver<()>) {
+    let repair = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut repair_tries = 0u32;
+    let mut next_repair = Instant::now();
+    loop {
+        let failing = stage.store.failing().is_some();
+        let next = [
+            stage.store.next_tick(),
+            stage.next_stall(),
+            failing.then_some(next_repair),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let wait = next.map_or(Duration::from_secs(1), |d| {
+            d.saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1))
+        });
+        select! {
+            recv(stop) -> _ => return,
+            recv(stage.wakeups()) -> _ => {}
+            default(wait) => {}
         }
-    }
-    let mut unlogged_files = Vec::new();
-    let mut leftovers = Vec::new();
-    for name in stage.spool.active_files()? {
-        if by_file.contains_key(name.as_str()) {
-            continue;
-        }
-        // No open job: the leftover of a settled job of this worker with the same name and
-        // content (a crash undid its removal), or a file claimed but never recorded.
-        let c = stage.spool.read_claimed(&name, stage.cfg.spool.max_bytes)?;
-        let settled = match c.unreadable {
-            Some(_) => None,
-            None => stage
-                .journal
-                .jobs_for_sha(&c.sha256)?
-                .into_iter()
-                .rev()
-                .filter_map(|id| stage.job(id))
-                .find(|j| mine(j) && j.file.as_deref() == Some(name.as_str())),
-        };
-        match settled {
-            Some(job) => leftovers.push(job.id),
-            None => {
-                log::info!("recovery: {name} in active/ has no job: claiming it");
-                unlogged_files.push(name);
-            }
-        }
-    }
-    for id in leftovers {
-        // Its own step again: a delivered job removes the file, a rejected one moves it.
-        if let Err(e) = stage.advance(id) {
-            stage.stall(id, &e);
-        }
-    }
-    if !unlogged_files.is_empty()
-        && let Err(e) = stage.intake(&unlogged_files)
-    {
-        log::error!("recovery: cannot record the claims of {unlogged_files:?}: {e}");
-    }
-    let retries = stage.cfg.hooks.retries;
-    let mut queued = 0;
-    let mut unsettled = Vec::new();
-    for (id, job) in jobs {
-        if job.is_settled(retries) || !mine(&job) {
-            continue;
-        }
-        unsettled.push(id);
-        match stage.advance(id) {
-            Ok(Next::Build(id)) => {
-                queued += 1;
-                stage.enqueue(id);
-            }
-            Ok(Next::Nothing) => {
-                // A final push that failed before the restart is tried again now.
-                if job.state == State::Delivered && !job.final_pushed && job.final_push_attempts > 0
-                {
-                    stage.schedule_push_at(
-                        id,
-                        job.final_status(),
-                        job.final_push_attempts + 1,
-                        Instant::now(),
-                    );
+        if stage.store.failing().is_some() {
+            if Instant::now() >= next_repair {
+                repair_tries += 1;
+                match stage.store.repair() {
+                    Ok(true) => {
+                        repair_tries = 0;
+                        stage.resume_all();
+                    }
+                    Ok(false) => next_repair = Instant::now() + repair.delay(repair_tries),
+                    Err(e) => {
+                        log::error!("cannot reload the event log: {e}");
+                        next_repair = Instant::now() + repair.delay(repair_tries);
+                    }
                 }
             }
-            Err(e) => stage.stall(id, &e),
+            continue;
         }
+        stage.store.tick();
+        stage.run_due_stalled();
     }
-    if queued > 0 {
-        log::info!("recovery: {queued} job(s) queued again");
-    }
-    Ok(unsettled)
 }
 
 enum Wake {
@@ -398,6 +343,10 @@ fn claim_loop(
                 log::warn!("inotify error ({e}); rescanning");
                 next_scan = Instant::now();
             }
+            Wake::Timer if stage.store.failing().is_some() => {
+                // Nothing is claimed that cannot be recorded: wait for the log to work again.
+                next_scan = Instant::now() + poll;
+            }
             Wake::Timer => match scanner.scan(&incoming) {
                 Ok((ready, due)) => {
                     if scan_failing {
@@ -480,6 +429,10 @@ const MAX_BATCH: usize = 1000;
 /// Claims (renames into active/, one directory fsync for all) or rejects the ready names;
 /// errors are logged and a file stays for a later scan.
 fn take(stage: &Stage, scanner: &mut Scanner, ready: Vec<Ready>, unrecorded: &mut Vec<String>) {
+    if stage.store.failing().is_some() {
+        // The names stay in incoming/ until the log takes writes again.
+        return;
+    }
     let mut claimed = Vec::new();
     for r in ready {
         match r {

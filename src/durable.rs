@@ -99,6 +99,29 @@ pub fn rename(from: &Path, to: &Path) -> Result<(), DurableError> {
     Ok(())
 }
 
+/// Renames `from` to `to` unless `to` exists (Ok(false) then), durably.
+pub fn rename_noreplace(from: &Path, to: &Path) -> Result<bool, DurableError> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EEXIST) => return Ok(false),
+        Err(nix::errno::Errno::EINVAL) => {
+            // The file system does not take the flag (NFS, FUSE): link fails on a taken name.
+            match std::fs::hard_link(from, to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+                Err(e) => return Err(DurableError::new("cannot link", to, e)),
+            }
+            std::fs::remove_file(from).map_err(|e| DurableError::new("cannot remove", from, e))?;
+        }
+        Err(e) => return Err(DurableError::new("cannot rename", from, e.into())),
+    }
+    if let Some(dir) = to.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(true)
+}
+
 /// fsyncs a directory, so that renames and creations in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
     let d = File::open(dir).map_err(|e| DurableError::new("cannot open directory", dir, e))?;

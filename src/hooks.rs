@@ -84,6 +84,32 @@ pub fn push_status(
     })
 }
 
+/// The push utility of a daemon, with its hooks.log.
+pub struct Hooks {
+    cfg: HooksConfig,
+    log: std::path::PathBuf,
+}
+
+impl Hooks {
+    pub fn new(cfg: &HooksConfig, log: std::path::PathBuf, _registry: process::Registry) -> Hooks {
+        Hooks {
+            cfg: cfg.clone(),
+            log,
+        }
+    }
+
+    /// Runs the push utility once for `job`; None when none is configured.
+    pub fn push(
+        &self,
+        _job: u64,
+        status: Status,
+        workitem: &Value,
+        image_id: &str,
+    ) -> Option<Pushed> {
+        push_status(&self.cfg, status, workitem, image_id, &self.log)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,12 @@
 //! build-image: the `build_image` stage of an image build farm, event-sourced.
 //!
-//! Data flows one way: `spool` (watch, claim) → `journal` (events, fold) → `pool` → `build`
-//! (mic command lines, native, kvm) → outbox (`stage::deliver`) → `hooks`. `daemon::run` is the
-//! whole daemon as a library function; `cli` is the command line around it.
+//! Data flows one way: `spool` (watch, claim) → `journal` (events, fold) held by `store` →
+//! `lifecycle` (what is left to do for a job) carried out by `stage` → `pool` → `build` (mic
+//! command lines, native, kvm) → `outbox` → `pusher`/`hooks`. `daemon::run` is the whole
+//! daemon as a library function; `control` is the operator protocol; `cli` is the command line
+//! around it.
 
+pub mod backoff;
 pub mod build;
 pub mod cli;
 pub mod config;
@@ -12,10 +15,14 @@ pub mod daemon;
 pub mod durable;
 pub mod hooks;
 pub mod journal;
+pub mod lifecycle;
 pub mod ops;
+pub mod outbox;
 pub mod pool;
 pub mod process;
+pub mod pusher;
 pub mod spool;
 pub mod stage;
+pub mod store;
 pub mod wait;
 pub mod workitem;

@@ -4,7 +4,8 @@
 
 use crate::build;
 use crate::config::Config;
-use crate::journal::{Event, EventKind, Job, Jobs, Journal, JournalError, State};
+use crate::journal::{Event, EventKind, Job, Jobs, Journal, JournalError, State, Tag};
+use crate::lifecycle::{self, Policy};
 use crate::spool::Spool;
 use crate::workitem;
 use serde::{Deserialize, Serialize};
@@ -29,9 +30,7 @@ pub type Result<T> = std::result::Result<T, OpsError>;
 pub struct StatusRow {
     pub job: u64,
     pub image_id: Option<String>,
-    /// claimed, queued, building, interrupted, finished (not yet answered), done, error,
-    /// rejected, moved.
-    pub state: String,
+    pub state: State,
     pub name: Option<String>,
     pub arch: Option<String>,
     pub image_type: Option<String>,
@@ -43,15 +42,6 @@ pub struct StatusRow {
     pub attempts: u32,
     pub result: Option<bool>,
     pub error: Option<String>,
-}
-
-/// The state word operators see.
-pub fn display_state(job: &Job) -> &'static str {
-    match job.state {
-        State::Delivered if job.result == Some(true) => "done",
-        State::Delivered => "error",
-        s => s.as_str(),
-    }
 }
 
 fn seconds_between(from: &str, to: Option<&str>) -> Option<f64> {
@@ -74,7 +64,7 @@ pub fn status_row(job: &Job) -> StatusRow {
     StatusRow {
         job: job.id,
         image_id: job.image_id.clone(),
-        state: display_state(job).to_string(),
+        state: job.state,
         name: job.name.clone(),
         arch: job.arch.clone(),
         image_type: job.image_type.clone(),
@@ -88,11 +78,11 @@ pub fn status_row(job: &Job) -> StatusRow {
     }
 }
 
-/// `status`: newest first, filtered by display state, at most `limit` rows.
-pub fn status(jobs: &Jobs, state: Option<&str>, limit: Option<usize>) -> Vec<StatusRow> {
+/// `status`: newest first, filtered by state, at most `limit` rows.
+pub fn status(jobs: &Jobs, state: Option<State>, limit: Option<usize>) -> Vec<StatusRow> {
     jobs.values()
         .rev()
-        .filter(|j| state.is_none_or(|s| display_state(j) == s))
+        .filter(|j| state.is_none_or(|s| j.state == s))
         .take(limit.unwrap_or(usize::MAX))
         .map(status_row)
         .collect()
@@ -176,12 +166,12 @@ pub fn show(journal: &Journal, cfg: &Config, id: &str) -> Result<JobView> {
 pub struct EventFilter {
     pub since: u64,
     pub image: Option<String>,
-    pub kind: Option<String>,
+    pub kind: Option<Tag>,
 }
 
 /// The events matching `f`, in order, from seq `f.since` on.
 pub fn events(journal: &Journal, f: &EventFilter) -> Result<Vec<Event>> {
-    let keep = |e: &Event| f.kind.as_deref().is_none_or(|k| e.kind.name() == k);
+    let keep = |e: &Event| f.kind.is_none_or(|k| e.kind.tag() == k);
     match &f.image {
         Some(image) => {
             let mut out = Vec::new();
@@ -221,6 +211,10 @@ pub fn event_line(e: &Event) -> String {
             "{file} by {worker}, {bytes} bytes, sha256 {}",
             &sha256[..sha256.len().min(12)]
         ),
+        EventKind::Duplicate { file, sha256, .. } => format!(
+            "{file}: a byte-identical re-drop (sha256 {}), answered with this job's answer",
+            &sha256[..sha256.len().min(12)]
+        ),
         EventKind::Rejected { file, reason } => format!("{file}: {reason}"),
         EventKind::Invalid {
             image_id, error, ..
@@ -238,7 +232,10 @@ pub fn event_line(e: &Event) -> String {
             (true, _) => format!("ok {}", urls.image_url.as_deref().unwrap_or("")),
             (false, e) => format!("failed: {}", e.as_deref().unwrap_or("")),
         },
-        EventKind::Delivered { outbox } => format!("outbox/{outbox}"),
+        EventKind::Delivered { outbox, copy, .. } => match copy {
+            Some(c) => format!("outbox/{outbox} (the answer for the re-drop {c})"),
+            None => format!("outbox/{outbox}"),
+        },
         EventKind::Pushed {
             status,
             exit,
@@ -254,9 +251,8 @@ pub fn event_line(e: &Event) -> String {
                 _ => String::new(),
             }
         ),
-        EventKind::Cancelled { reason }
-        | EventKind::Interrupted { reason }
-        | EventKind::Requeued { reason, .. } => reason.clone(),
+        EventKind::Interrupted { reason, cause } => format!("{reason} ({cause:?})"),
+        EventKind::Cancelled { reason } | EventKind::Requeued { reason, .. } => reason.clone(),
     };
     format!(
         "{:>8} {} job {:<6} {:<11} {detail}",
@@ -279,7 +275,7 @@ pub struct ReplayReport {
 
 /// Folds the whole log from empty and compares it with the stored projections and with the
 /// spool of `spool.worker`.
-pub fn replay(journal: &Journal, spool: &Spool) -> Result<ReplayReport> {
+pub fn replay(journal: &Journal, spool: &Spool, policy: &Policy) -> Result<ReplayReport> {
     let horizon = journal.next_seq();
     let started = Instant::now();
     let (jobs, n) = journal.fold_jobs(Some(horizon))?;
@@ -294,10 +290,7 @@ pub fn replay(journal: &Journal, spool: &Spool) -> Result<ReplayReport> {
             Some(p) if p.last_seq >= horizon => {} // written after we started: newer, not wrong
             Some(p) if p != job => d.push(format!(
                 "job {id}: the stored projection says {} (seq {}), the log says {} (seq {})",
-                p.state.as_str(),
-                p.last_seq,
-                job.state.as_str(),
-                job.last_seq
+                p.state, p.last_seq, job.state, job.last_seq
             )),
             Some(_) => {}
         }
@@ -312,45 +305,56 @@ pub fn replay(journal: &Journal, spool: &Spool) -> Result<ReplayReport> {
         .values()
         .filter(|j| j.worker.as_deref() == Some(worker.as_str()))
         .collect();
-    let mut newest_by_file: HashMap<&str, &Job> = HashMap::new();
+    // Which job holds each file of active/: its own input while it is not answered, or a
+    // re-drop not answered yet.
+    let mut holder: HashMap<&str, &Job> = HashMap::new();
+    let mut last_by_file: HashMap<&str, &Job> = HashMap::new();
     for j in &mine {
         if let Some(f) = &j.file {
-            newest_by_file.insert(f, j);
+            last_by_file.insert(f, j);
+            if lifecycle::is_live(j) && !j.state.is_answered() {
+                holder.insert(f, j);
+            }
+        }
+        for c in j.copies.iter().filter(|c| c.outbox.is_none()) {
+            holder.insert(&c.file, j);
         }
     }
-    let live = |j: &Job| {
-        matches!(
-            j.state,
-            State::Claimed | State::Queued | State::Building | State::Interrupted | State::Finished
-        )
-    };
+    let _ = policy;
     let active = spool.active_files().unwrap_or_default();
     let active_set: HashSet<&str> = active.iter().map(String::as_str).collect();
     for name in &active {
-        match newest_by_file.get(name.as_str()) {
-            Some(j) if live(j) => {}
+        if holder.contains_key(name.as_str()) {
+            continue;
+        }
+        match last_by_file.get(name.as_str()) {
             Some(j) => d.push(format!(
                 "active/{worker}/{name}: its job {} is {}, yet the file is still there",
-                j.id,
-                j.state.as_str()
+                j.id, j.state
             )),
             None => d.push(format!("active/{worker}/{name}: no job claims it")),
         }
     }
-    for j in mine.iter().filter(|j| live(j)) {
-        if let Some(f) = &j.file
-            && !active_set.contains(f.as_str())
-        {
+    for (f, j) in &holder {
+        if !active_set.contains(f) {
             d.push(format!(
                 "job {} ({}) is {}, but its file active/{worker}/{f} is gone",
                 j.id,
                 j.image_id.as_deref().unwrap_or("-"),
-                j.state.as_str()
+                j.state
             ));
         }
     }
-    let delivered: HashSet<&str> = mine.iter().filter_map(|j| j.outbox.as_deref()).collect();
-    let claimed_here: HashSet<&str> = mine.iter().filter_map(|j| j.file.as_deref()).collect();
+    let mut delivered: HashSet<&str> = mine.iter().filter_map(|j| j.outbox.as_deref()).collect();
+    let mut claimed_here: HashSet<&str> = mine.iter().filter_map(|j| j.file.as_deref()).collect();
+    for j in &mine {
+        for c in &j.copies {
+            claimed_here.insert(&c.file);
+            if let Some(o) = &c.outbox {
+                delivered.insert(o);
+            }
+        }
+    }
     for name in crate::spool::list_names(&spool.outbox).unwrap_or_default() {
         if claimed_here.contains(name.as_str()) && !delivered.contains(name.as_str()) {
             d.push(format!(

@@ -46,23 +46,37 @@ impl Pool {
         self.tx.clone()
     }
 
-    /// Closes the queue, waits up to `grace` for the threads to drain it, then calls
-    /// `expire` (which should cancel running work) and waits for the rest.
-    pub fn close(mut self, grace: Duration, expire: impl FnOnce()) {
+    /// Closes the queue, waits up to `grace` for the threads to drain it (or until `now`
+    /// receives a message: a second stop signal), then calls `expire` with why (it should
+    /// cancel running work) and waits for the rest.
+    pub fn close(mut self, grace: Duration, now: &Receiver<()>, expire: impl FnOnce(&str)) {
         self.tx = None;
-        let deadline = Instant::now() + grace;
+        let deadline = Instant::now().checked_add(grace);
         let mut left = self.handles.len();
+        let mut why = None;
         while left > 0 {
-            match self
-                .exited
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(()) => left -= 1,
-                Err(_) => break,
+            let wait = deadline.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            crossbeam_channel::select! {
+                recv(self.exited) -> r => match r {
+                    Ok(()) => left -= 1,
+                    Err(_) => break,
+                },
+                recv(now) -> _ => {
+                    why = Some("a second stop signal ends the grace period");
+                    break;
+                }
+                default(wait) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        why = Some("the grace period is over");
+                        break;
+                    }
+                }
             }
         }
         if left > 0 {
-            expire();
+            expire(why.unwrap_or("stopping"));
         }
         for h in self.handles.drain(..) {
             let _ = h.join();

@@ -292,6 +292,37 @@ impl Drop for Registered {
     }
 }
 
+/// Where a daemon registers the process groups it starts (see the module's doc).
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    dir: Option<PathBuf>,
+}
+
+impl Registry {
+    pub fn new(dir: PathBuf) -> Registry {
+        Registry { dir: Some(dir) }
+    }
+
+    pub fn none() -> Registry {
+        Registry { dir: None }
+    }
+
+    /// Registers the groups the calling thread starts from now on.
+    pub fn enter(&self) {
+        if let Some(d) = &self.dir {
+            register_groups_in(d);
+        }
+    }
+
+    /// Kills the groups an earlier life of the daemon left running.
+    pub fn kill_leftovers(&self) -> Vec<i32> {
+        self.dir
+            .as_deref()
+            .map(kill_registered_groups)
+            .unwrap_or_default()
+    }
+}
+
 /// Runs a command to its end in its own process group.
 pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
     let (program, args) = r.argv.split_first().ok_or(ProcessError::Empty)?;

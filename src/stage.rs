@@ -1,375 +1,138 @@
-//! The pipeline stage: the shared state of a running daemon (config, spool, log, the fold of
-//! the log) and the steps that move one job forward.
+//! The stage: carries out what the lifecycle decides for each job. It owns no job state (the
+//! store does) and decides nothing about a job's next step (`lifecycle::next_step` does); it
+//! reads a job, asks the lifecycle, does the I/O of that step, and records it.
 //!
-//! Invariant: job state changes only through `record`, which appends the event, applies it to
-//! the fold and makes it durable before returning (the kinds that record a step already done
-//! and harmless to repeat, `delivered` and `pushed`, are flushed with the next flush instead,
-//! see `EventKind::needs_flush`); every step reads the fold, acts, and records, and can be
-//! repeated after a crash (recovery runs these same steps).
-//!
-//! Memory is bounded: the stage keeps only the open (unsettled) jobs; a settled job is read
-//! from its stored projection when asked for, and the duplicate checks use the log's indexes.
+//! Invariants: every step records its event durably before anything acts on it, and can be
+//! done again after a crash (recovery is `advance` run over the open jobs); a file in
+//! `active/` is owned by exactly one live job (its input, or an unanswered re-drop).
 
+use crate::backoff::Backoff;
 use crate::build::{self, BuildEnd};
 use crate::config::Config;
-use crate::hooks;
-use crate::journal::{Event, EventKind, Job, Jobs, Journal, JournalError, State, Status};
-use crate::spool::Spool;
+use crate::journal::{Cause, EventKind, Input, Job, State, Status};
+use crate::lifecycle::{self, Step};
+use crate::outbox::Outbox;
+use crate::process::Registry;
+use crate::pusher::Pusher;
+use crate::spool::{Claimed, Spool, SpoolError};
+use crate::store::{Store, StoreError, lock};
 use crate::workitem::{self, Spec, WorkitemError};
-use crossbeam_channel::{Receiver, Sender, bounded, select};
-use serde_json::Value;
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
-use std::path::PathBuf;
-use std::sync::Mutex;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error(transparent)]
-    Journal(#[from] JournalError),
+    Store(#[from] StoreError),
     #[error(transparent)]
-    Spool(#[from] crate::spool::SpoolError),
+    Spool(#[from] SpoolError),
     #[error(transparent)]
     Durable(#[from] crate::durable::DurableError),
-    #[error("job {0} has no input event in the log")]
-    NoInput(u64),
-    #[error("job {0} is not in the log")]
-    NoJob(u64),
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
     #[error("{0}")]
     Refused(String),
     #[error("deferred: {0}")]
     Deferred(String),
 }
 
+impl From<crate::journal::JournalError> for StageError {
+    fn from(e: crate::journal::JournalError) -> Self {
+        StageError::Store(e.into())
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StageError>;
 
-pub struct Stage {
-    pub cfg: Config,
-    pub spool: Spool,
-    pub journal: Journal,
-    pub state_dir: PathBuf,
-    /// The open (unsettled) jobs, as folded from the log; settled ones live in the log only.
-    open: Mutex<Jobs>,
-    hook_log: PathBuf,
-    running: Mutex<HashMap<u64, Sender<()>>>,
-    stopping: AtomicBool,
-    /// Pushes to try again: (due, job, status, attempt).
-    push_retries: Mutex<BinaryHeap<Reverse<PushRetry>>>,
-    /// Jobs whose last step failed (I/O: disk full, a folder gone): job -> (due, delay).
-    stalled: Mutex<BTreeMap<u64, (Instant, Duration)>>,
-    wake: (Sender<()>, Receiver<()>),
-    /// The build pool's queue while the daemon runs (None offline and once stopping).
-    queue: Mutex<Option<Sender<u64>>>,
-    /// Running builds an operator cancelled (as opposed to a stop killing them).
-    cancelled_by_operator: Mutex<std::collections::HashSet<u64>>,
-    /// Serialises "is it still queued? then start it" against "is it queued? then cancel it".
-    start_lock: Mutex<()>,
-    /// Claimed files that did not parse: the content seen and since when (see `read_input`).
-    settling: Mutex<HashMap<u64, (String, Instant)>>,
-    /// When events appended without a flush are to be flushed (see `LAZY_FLUSH`).
-    lazy_flush: Mutex<Option<Instant>>,
-}
-
-/// Jobs queued earlier in the same intake batch (not yet in the fold): key -> (job, file).
+/// The builds running in this daemon: each holds the sending side of its cancel channel here
+/// while it runs (dropping it cancels the build's children).
 #[derive(Default)]
-struct BatchSeen {
-    image_ids: HashMap<String, (u64, String)>,
-    shas: HashMap<String, (u64, String)>,
+struct Builds {
+    running: Mutex<HashMap<u64, Sender<()>>>,
+    /// Running builds an operator cancelled (as opposed to a stop killing them).
+    by_operator: Mutex<HashSet<u64>>,
+    /// Serialises "still queued? then start it" against "queued? then cancel it".
+    decide: Mutex<()>,
 }
 
-/// What reading a claimed file decided.
-enum Intake {
+/// A running build: registered while it lives, unregistered when dropped however the build
+/// ends.
+struct BuildGuard<'a> {
+    builds: &'a Builds,
+    id: u64,
+    cancel: Receiver<()>,
+}
+
+impl Drop for BuildGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.builds.running).remove(&self.id);
+        lock(&self.builds.by_operator).remove(&self.id);
+    }
+}
+
+/// What a claimed file's content makes of its job.
+enum Decision {
     Events(Vec<EventKind>),
     /// Not yet: the file may still be being written.
     Defer(String),
 }
 
-/// A push to try again: (due, job, status, attempt).
-type PushRetry = (Instant, u64, Status, u32);
-
-/// How soon an event that needs no flush of its own is flushed when nothing else flushes.
-const LAZY_FLUSH: Duration = Duration::from_millis(100);
-
-/// Is a job still open for this daemon: not rejected, moved, or delivered with its final
-/// push made (or given up, or no push utility configured)?
-pub fn is_open(cfg: &Config, job: &Job) -> bool {
-    !(job.is_settled(cfg.hooks.retries)
-        || (job.state == State::Delivered && cfg.hooks.push.is_none()))
+/// Jobs accepted earlier in the same intake batch (not yet visible through the indexes).
+#[derive(Default)]
+struct Batch {
+    image_ids: HashMap<String, u64>,
+    folders: HashMap<String, u64>,
 }
 
-/// What a step left to do for a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Next {
-    /// Nothing now: the job is settled (or waits for something outside).
-    Nothing,
-    /// The job needs a build slot.
-    Build(u64),
+pub struct Stage {
+    pub cfg: Arc<Config>,
+    pub spool: Spool,
+    pub store: Arc<Store>,
+    pub registry: Registry,
+    outbox: Outbox,
+    pusher: Pusher,
+    builds: Builds,
+    /// Jobs whose step failed (disk full, a folder gone): job -> (due, failures so far).
+    stalled: Mutex<BTreeMap<u64, (Instant, u32)>>,
+    /// Claimed files that did not parse: the content seen and since when.
+    settling: Mutex<HashMap<u64, (String, Instant)>>,
+    /// Jobs a byte-identical re-drop was added to (for `run --once`).
+    touched: Mutex<BTreeSet<u64>>,
+    /// The build pool's queue while the daemon runs (None offline and once stopping).
+    queue: Mutex<Option<Sender<u64>>>,
+    stopping: AtomicBool,
+    /// Wakes the timer thread (a stall scheduled).
+    wake: (Sender<()>, Receiver<()>),
 }
 
 impl Stage {
-    /// Loads the open jobs from their stored projections and folds the events appended after
-    /// the last stored projection (a crash can leave a few), storing what they change. A log
-    /// with no projection mark (written before projections were kept) is folded whole once.
-    pub fn new(cfg: Config, spool: Spool, journal: Journal, state_dir: PathBuf) -> Result<Stage> {
-        let started = Instant::now();
-        let mut open = Jobs::new();
-        for id in journal.open_jobs()? {
-            if let Some(job) = journal.projection(id)? {
-                open.insert(id, job);
-            }
-        }
-        let upto = journal.projected_upto()?;
-        // The events after the snapshot, applied to their jobs (open ones from memory, the
-        // others from their projections), in one pass.
-        let mut tail = Jobs::new();
-        let mut failed = None;
-        let n = journal.fold_range(upto + 1, None, |ev| {
-            let job = tail.entry(ev.job).or_insert_with(|| {
-                open.remove(&ev.job).unwrap_or_else(|| {
-                    journal
-                        .projection(ev.job)
-                        .unwrap_or_else(|e| {
-                            failed.get_or_insert(e);
-                            None
-                        })
-                        .unwrap_or_default()
-                })
-            });
-            if ev.seq > job.last_seq {
-                job.apply(ev);
-            }
-        })?;
-        if let Some(e) = failed {
-            return Err(e.into());
-        }
-        for (id, job) in tail {
-            let is_open = is_open(&cfg, &job);
-            journal.put_projection(&job, is_open)?;
-            if is_open {
-                open.insert(id, job);
-            }
-        }
-        if n > 0 {
-            journal.set_projected_upto(journal.next_seq() - 1)?;
-            journal.flush()?;
-        }
-        log::info!(
-            "log opened: {} open job(s), {n} event(s) folded after the stored projections, in {:?}",
-            open.len(),
-            started.elapsed(),
-        );
+    pub fn new(
+        cfg: Arc<Config>,
+        spool: Spool,
+        store: Arc<Store>,
+        registry: Registry,
+        hooks: crate::hooks::Hooks,
+        pushes: bool,
+    ) -> std::io::Result<Stage> {
+        let pusher = Pusher::start(Arc::clone(&store), hooks, Arc::clone(&cfg), pushes)?;
         Ok(Stage {
+            outbox: Outbox::new(&spool.outbox, &spool.worker),
             cfg,
             spool,
-            journal,
-            hook_log: state_dir.join("hooks.log"),
-            state_dir,
-            open: Mutex::new(open),
-            running: Mutex::new(HashMap::new()),
-            stopping: AtomicBool::new(false),
-            push_retries: Mutex::new(BinaryHeap::new()),
+            store,
+            registry,
+            pusher,
+            builds: Builds::default(),
             stalled: Mutex::new(BTreeMap::new()),
-            wake: bounded(1),
-            queue: Mutex::new(None),
-            cancelled_by_operator: Mutex::new(Default::default()),
-            start_lock: Mutex::new(()),
             settling: Mutex::new(HashMap::new()),
-            lazy_flush: Mutex::new(None),
+            touched: Mutex::new(BTreeSet::new()),
+            queue: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            wake: bounded(1),
         })
-    }
-
-    fn open(&self) -> std::sync::MutexGuard<'_, Jobs> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records one event (see `record_batch`).
-    pub fn record(&self, job: Option<u64>, kind: EventKind) -> Result<Event> {
-        let mut evs = self.record_batch(vec![(job, kind)])?;
-        evs.pop().ok_or(StageError::NoInput(0))
-    }
-
-    /// Appends events (with each job's new projection) and applies them to the fold, under one
-    /// lock, so the fold is always the fold of the log; then makes them durable with one flush
-    /// (shared with the other threads flushing at that moment), unless none of them needs it.
-    pub fn record_batch(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
-        let evs = self.append(items)?;
-        let Some(last) = evs.last() else {
-            return Ok(evs);
-        };
-        if evs.iter().any(|e| e.kind.needs_flush()) {
-            self.journal.sync(last.seq + 1)?;
-        } else {
-            self.flush_soon();
-        }
-        for ev in &evs {
-            log_event(ev);
-        }
-        Ok(evs)
-    }
-
-    /// Appends events and applies them to the fold, without flushing.
-    fn append(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
-        let mut m = self.open();
-        let mut pending: HashMap<u64, Job> = HashMap::new();
-        let mut failed = None;
-        let evs = self.journal.append_with(items, |ev, view| {
-            let job = pending.entry(ev.job).or_insert_with(|| {
-                if ev.seq == ev.job {
-                    return Job::default();
-                }
-                match m.get(&ev.job) {
-                    Some(job) => Some(job.clone()),
-                    None => self.journal.projection(ev.job).unwrap_or_else(|e| {
-                        failed = Some(e);
-                        None
-                    }),
-                }
-                .unwrap_or_default()
-            });
-            job.apply(view);
-            (job.clone(), is_open(&self.cfg, job))
-        })?;
-        for (id, job) in pending {
-            if is_open(&self.cfg, &job) {
-                m.insert(id, job);
-            } else {
-                m.remove(&id);
-            }
-        }
-        if let Some(e) = failed {
-            // The events are in the log; the projection is repaired by the next start.
-            log::error!("cannot read a stored projection while recording: {e}");
-        }
-        Ok(evs)
-    }
-
-    /// Asks the retry thread to flush what was appended without a flush, soon.
-    fn flush_soon(&self) {
-        let mut due = self.lazy_flush.lock().unwrap_or_else(|p| p.into_inner());
-        if due.is_none() {
-            *due = Some(Instant::now() + LAZY_FLUSH);
-            let _ = self.wake.0.try_send(());
-        }
-    }
-
-    /// A job, open (from memory) or settled (from its stored projection).
-    pub fn job(&self, id: u64) -> Option<Job> {
-        if let Some(job) = self.open().get(&id) {
-            return Some(job.clone());
-        }
-        match self.journal.projection(id) {
-            Ok(job) => job,
-            Err(e) => {
-                log::error!("job {id}: {e}");
-                None
-            }
-        }
-    }
-
-    /// A snapshot of every job (read from the stored projections).
-    pub fn all_jobs(&self) -> Result<Jobs> {
-        Ok(self.journal.projections()?)
-    }
-
-    /// The jobs with an id of at least `first` (read from the stored projections).
-    pub fn jobs_from(&self, first: u64) -> Result<Jobs> {
-        Ok(self.journal.projections_from(first)?)
-    }
-
-    /// A snapshot of the open jobs.
-    pub fn open_jobs(&self) -> Jobs {
-        self.open().clone()
-    }
-
-    /// An earlier job that makes job `id` a duplicate: the same content or the same image_id,
-    /// and queued, building or built successfully (or queued earlier in this batch). Says why.
-    fn duplicate_of(
-        &self,
-        id: u64,
-        sha: &str,
-        image_id: &str,
-        batch: &BatchSeen,
-    ) -> Option<String> {
-        if let Some((other, file)) = batch.shas.get(sha) {
-            return Some(format!(
-                "duplicate: the same file content (sha256 {}) was dropped before as job {other} (file {file}, queued)",
-                &sha[..sha.len().min(12)]
-            ));
-        }
-        if let Some((other, file)) = batch.image_ids.get(image_id) {
-            return Some(format!(
-                "duplicate: image_id {image_id:?} is already taken by job {other} (file {file}, queued)"
-            ));
-        }
-        let blocking = |other: &Job| {
-            other.id != id
-                && match other.state {
-                    State::Claimed | State::Rejected | State::Moved => false,
-                    State::Queued | State::Building | State::Interrupted => true,
-                    State::Finished | State::Delivered => other.result == Some(true),
-                }
-        };
-        let describe = |other: &Job| {
-            let state = match other.state {
-                State::Finished | State::Delivered => "built".to_string(),
-                s => s.as_str().to_string(),
-            };
-            format!(
-                "job {} (file {}, {state})",
-                other.id,
-                other.file.as_deref().unwrap_or("?")
-            )
-        };
-        let first_blocking = |ids: std::result::Result<Vec<u64>, JournalError>| {
-            ids.unwrap_or_else(|e| {
-                log::error!("duplicate check: {e}");
-                Vec::new()
-            })
-            .into_iter()
-            .filter_map(|id| self.job(id))
-            .find(|o| blocking(o))
-        };
-        if let Some(other) = first_blocking(self.journal.jobs_for_sha(sha)) {
-            return Some(format!(
-                "duplicate: the same file content (sha256 {}) was dropped before as {}",
-                &sha[..sha.len().min(12)],
-                describe(&other)
-            ));
-        }
-        first_blocking(self.journal.jobs_for_image(image_id)).map(|other| {
-            format!(
-                "duplicate: image_id {image_id:?} is already taken by {}",
-                describe(&other)
-            )
-        })
-    }
-
-    /// Connects the build pool's queue (None disconnects it, so the pool can drain).
-    pub fn set_queue(&self, queue: Option<Sender<u64>>) {
-        *self.queue.lock().unwrap_or_else(|p| p.into_inner()) = queue;
-    }
-
-    /// Hands a job to the build pool; false when no pool runs (offline, or stopping): the job
-    /// stays queued in the log and the next daemon start builds it.
-    pub fn enqueue(&self, id: u64) -> bool {
-        match &*self.queue.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(q) => q.send(id).is_ok(),
-            None => false,
-        }
-    }
-
-    /// Moves a job forward and hands it to the pool when it needs a build; a failing step
-    /// stalls it (to be retried).
-    pub fn advance_and_enqueue(&self, id: u64) {
-        match self.advance(id) {
-            Ok(Next::Build(id)) => {
-                self.enqueue(id);
-            }
-            Ok(Next::Nothing) => {}
-            Err(e) => self.stall(id, &e),
-        }
     }
 
     pub fn stopping(&self) -> bool {
@@ -380,131 +143,73 @@ impl Stage {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
-    /// Cancels every running build (their process groups are killed). Dropping a build's
-    /// sender disconnects its cancel channel, which every later child of that build sees too.
-    pub fn cancel_running(&self) {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+    /// Connects the build pool's queue (None disconnects it, so the pool can drain).
+    pub fn set_queue(&self, queue: Option<Sender<u64>>) {
+        *lock(&self.queue) = queue;
     }
 
-    /// The input workitem (and spec, for a valid one) of a job, from its event.
-    pub fn input(&self, job: &Job) -> Result<(Value, Option<Spec>)> {
-        let seq = job.input_seq.ok_or(StageError::NoInput(job.id))?;
-        let input = self
-            .journal
-            .input(job.id)?
-            .ok_or(StageError::NoInput(job.id))?;
-        match self.journal.get(seq)?.map(|e| e.kind) {
-            Some(EventKind::Queued { spec, .. }) => {
-                let spec = spec.with_kickstart_from(&input);
-                Ok((input, Some(spec)))
-            }
-            Some(EventKind::Invalid { .. }) => Ok((input, None)),
-            _ => Err(StageError::NoInput(job.id)),
+    /// Hands a job to the build pool; false when no pool runs (offline, or stopping): the job
+    /// stays queued in the log and the next start builds it.
+    pub fn enqueue(&self, id: u64) -> bool {
+        match &*lock(&self.queue) {
+            Some(q) => q.send(id).is_ok(),
+            None => false,
         }
     }
 
-    /// Records files just renamed into active/ as new jobs and reads them, with one flush for
-    /// all their `claimed` events and what reading them decided (group commit: nothing acts on
-    /// a claim before that flush, and the log lines of the claims are written after it). An
-    /// error means no claim was recorded (the caller keeps the names and tries again); once
-    /// appended, a job whose next step fails is stalled and retried.
-    pub fn intake(&self, names: &[String]) -> Result<()> {
-        let mut read = Vec::with_capacity(names.len());
-        for name in names {
-            let c = self.spool.read_claimed(name, self.cfg.spool.max_bytes)?;
-            read.push(c);
-        }
-        let claims = self.append(
-            read.iter()
-                .map(|c| {
-                    (
-                        None,
-                        EventKind::Claimed {
-                            file: c.name.clone(),
-                            worker: self.spool.worker.clone(),
-                            bytes: c.bytes.len() as u64,
-                            sha256: c.sha256.clone(),
-                        },
-                    )
-                })
-                .collect(),
-        )?;
-        let ids: Vec<u64> = claims.iter().map(|e| e.job).collect();
-        let mut batch = BatchSeen::default();
-        let mut outcomes = Vec::new();
-        let mut deferred = Vec::new();
-        for (ev, c) in claims.iter().zip(read) {
-            let Some(job) = self.job(ev.job) else {
-                continue;
-            };
-            match self.decide(&job, Ok(c), &mut batch) {
-                Ok(Intake::Events(kinds)) => {
-                    outcomes.extend(kinds.into_iter().map(|k| (Some(job.id), k)))
-                }
-                Ok(Intake::Defer(why)) => deferred.push((job.id, StageError::Deferred(why))),
-                Err(e) => deferred.push((job.id, e)),
-            }
-        }
-        let decided = self.append(outcomes);
-        let synced = self
-            .journal
-            .sync(self.journal.next_seq())
-            .map_err(StageError::from);
-        for ev in &claims {
-            log_event(ev);
-        }
-        let decided = match (decided, synced) {
-            (Ok(evs), Ok(())) => evs,
-            (Err(e), _) | (_, Err(e)) => {
-                // The claims are in the log; the jobs are read again later.
-                for id in &ids {
-                    self.stall(*id, &e);
-                }
-                return Ok(());
-            }
-        };
-        for ev in &decided {
-            log_event(ev);
-        }
-        for (id, why) in &deferred {
-            self.stall(*id, why);
-        }
-        for id in ids {
-            if !deferred.iter().any(|(d, _)| *d == id) {
-                self.advance_and_enqueue(id);
-            }
-        }
-        Ok(())
+    /// Stops the pushes (after the builds have ended).
+    pub fn stop_pushes(&self) {
+        self.pusher.stop();
     }
 
-    /// Rejects a name in incoming/ unread (symlink, fifo, directory, too big).
-    pub fn reject_unread(&self, name: &str, reason: &str) -> Result<()> {
-        let from = self.spool.incoming.join(name);
-        if from.symlink_metadata().is_err() {
-            return Ok(());
-        }
-        self.record(
-            None,
-            EventKind::Rejected {
-                file: name.to_string(),
-                reason: reason.to_string(),
-            },
-        )?;
-        self.spool.reject(&from, name, reason)?;
-        Ok(())
+    /// Jobs a re-drop was added to since the start.
+    pub fn touched(&self) -> BTreeSet<u64> {
+        lock(&self.touched).clone()
     }
 
-    /// Moves a job forward through every step that needs no build slot.
-    pub fn advance(&self, id: u64) -> Result<Next> {
+    /// Moves a job forward through every step that needs no build slot; a failing step
+    /// stalls it (to be tried again with back-off).
+    pub fn advance_or_stall(&self, id: u64) {
+        if let Err(e) = self.advance(id) {
+            self.stall(id, &e);
+        }
+    }
+
+    /// Moves a job forward through every step that needs no build slot. Returns the step it
+    /// stopped at.
+    pub fn advance(&self, id: u64) -> Result<Step> {
         loop {
-            let job = self.job(id).ok_or(StageError::NoJob(id))?;
-            match job.state {
-                State::Claimed => self.read_input(&job)?,
-                State::Moved => return Ok(Next::Nothing),
-                State::Rejected => {
+            let job = self.store.job(id).ok_or(StoreError::NoJob(id))?;
+            let step = lifecycle::next_step(&job, self.store.policy());
+            match &step {
+                Step::Read => self.read_input(&job)?,
+                Step::Build => {
+                    self.enqueue(id);
+                    return Ok(step);
+                }
+                Step::GiveUp => {
+                    self.store.record(
+                        Some(id),
+                        EventKind::Finished {
+                            result: false,
+                            error: Some(format!(
+                                "the build was lost {} time(s) to a crash of the daemon; giving up (max_attempts = {}); last: {}",
+                                job.lost,
+                                self.cfg.worker.max_attempts,
+                                job.reason.as_deref().unwrap_or("unknown")
+                            )),
+                            urls: job.urls.clone(),
+                        },
+                    )?;
+                }
+                Step::Deliver => self.deliver(&job)?,
+                Step::DeliverCopy(file) => self.deliver_copy(&job, file)?,
+                Step::Push(status) => {
+                    self.pusher.push(id, *status);
+                    return Ok(step);
+                }
+                Step::Settled if job.state == State::Rejected => {
+                    // Its file goes to rejected/ with the reason (again, after a crash).
                     if let Some(file) = &job.file {
                         let path = self.spool.active_path(file);
                         if path.symlink_metadata().is_ok() {
@@ -512,65 +217,250 @@ impl Stage {
                             self.spool.reject(&path, file, &reason)?;
                         }
                     }
-                    return Ok(Next::Nothing);
+                    return Ok(step);
                 }
-                State::Queued => return Ok(Next::Build(id)),
-                State::Interrupted => {
-                    if job.attempts >= self.cfg.worker.max_attempts {
-                        self.record(
-                            Some(id),
-                            EventKind::Finished {
-                                result: false,
-                                error: Some(format!(
-                                    "build interrupted {} time(s), giving up after {} attempt(s) (max_attempts); last: {}",
-                                    job.interruptions,
-                                    job.attempts,
-                                    job.reason.as_deref().unwrap_or("unknown")
-                                )),
-                                urls: job.urls.clone(),
-                            },
-                        )?;
-                    } else {
-                        return Ok(Next::Build(id));
-                    }
-                }
-                State::Building => {
-                    // Only recovery sees this: the daemon died under the build.
-                    self.record(
-                        Some(id),
-                        EventKind::Interrupted {
-                            reason: format!("daemon stopped during attempt {}", job.attempts),
-                        },
-                    )?;
-                }
-                State::Finished => self.deliver(&job)?,
-                State::Delivered => {
-                    if let Some(file) = &job.file {
-                        let path = self.spool.active_path(file);
-                        if path.symlink_metadata().is_ok() {
-                            // Not fsynced: if a crash undoes the removal, recovery finds the
-                            // file again and this settled job removes it again.
-                            std::fs::remove_file(&path).map_err(|e| {
-                                crate::durable::DurableError::new("cannot remove", &path, e)
-                            })?;
-                        }
-                    }
-                    if !job.final_pushed && job.final_push_attempts == 0 {
-                        let (input, _) = self.input(&job)?;
-                        let reply =
-                            workitem::reply(&input, job.result, job.error.as_deref(), &job.urls);
-                        self.push(&job, job.final_status(), &reply)?;
-                    }
-                    return Ok(Next::Nothing);
-                }
+                Step::Running | Step::Settled => return Ok(step),
             }
         }
+    }
+
+    /// Marks a job whose step failed to be moved forward again later (back-off from
+    /// poll_interval_ms up to a minute).
+    pub fn stall(&self, id: u64, why: &StageError) {
+        let mut stalled = lock(&self.stalled);
+        let tries = stalled.get(&id).map_or(1, |(_, n)| n + 1);
+        let delay = Backoff::new(
+            Duration::from_millis(self.cfg.spool.poll_interval_ms),
+            Duration::from_secs(60),
+        )
+        .delay(tries);
+        match why {
+            StageError::Deferred(_) => log::info!("job {id}: {why}; trying again in {delay:?}"),
+            _ => log::error!("job {id}: {why}; trying again in {delay:?}"),
+        }
+        stalled.insert(id, (Instant::now() + delay, tries));
+        let _ = self.wake.0.try_send(());
+    }
+
+    /// When the next stalled job is due.
+    pub fn next_stall(&self) -> Option<Instant> {
+        lock(&self.stalled).values().map(|(due, _)| *due).min()
+    }
+
+    pub fn wakeups(&self) -> &Receiver<()> {
+        &self.wake.1
+    }
+
+    /// Moves the stalled jobs whose time has come.
+    pub fn run_due_stalled(&self) {
+        if self.store.failing().is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<u64> = lock(&self.stalled)
+            .iter()
+            .filter(|(_, (d, _))| *d <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            match self.advance(id) {
+                Ok(_) => {
+                    lock(&self.stalled).remove(&id);
+                    log::info!("job {id}: moving again");
+                }
+                Err(e) => self.stall(id, &e),
+            }
+        }
+    }
+
+    /// After the log was repaired: every open job is moved forward again (its steps whose
+    /// records were lost are done again).
+    pub fn resume_all(&self) {
+        let running: HashSet<u64> = lock(&self.builds.running).keys().copied().collect();
+        for id in self.store.open_jobs().into_keys() {
+            if !running.contains(&id) {
+                self.advance_or_stall(id);
+            }
+        }
+    }
+
+    /// Records files just renamed into active/ and reads them, with one flush for all their
+    /// events (group commit: nothing acts on a claim before that flush). An error means their
+    /// claims are not recorded (the caller keeps the names and tries again).
+    pub fn intake(&self, names: &[String]) -> Result<()> {
+        // A name retried after an error may have been recorded meanwhile.
+        let held = self.held_files();
+        let mut round: Vec<Claimed> = Vec::with_capacity(names.len());
+        for name in names.iter().filter(|n| !held.contains(n.as_str())) {
+            round.push(self.read_claimed(name));
+        }
+        let mut batch = Batch::default();
+        let mut to_advance: Vec<u64> = Vec::new();
+        let mut deferred: Vec<(u64, StageError)> = Vec::new();
+        let mut logged = Vec::new();
+        while !round.is_empty() {
+            // A file byte-identical to an earlier one of this batch waits for the next round,
+            // when the earlier one's job can be found by its content.
+            let mut seen = HashSet::new();
+            let (now, later): (Vec<Claimed>, Vec<Claimed>) = round
+                .into_iter()
+                .partition(|c| c.sha256.is_empty() || seen.insert(c.sha256.clone()));
+            round = later;
+            let mut claims = Vec::new();
+            let mut fresh = Vec::new();
+            for c in now {
+                match self.copy_of(&c.sha256) {
+                    Some(of) => {
+                        claims.push((
+                            Some(of),
+                            EventKind::Duplicate {
+                                file: c.name.clone(),
+                                worker: self.spool.worker.clone(),
+                                bytes: c.bytes.len() as u64,
+                                sha256: c.sha256.clone(),
+                            },
+                        ));
+                        fresh.push(None);
+                    }
+                    None => {
+                        claims.push((
+                            None,
+                            EventKind::Claimed {
+                                file: c.name.clone(),
+                                worker: self.spool.worker.clone(),
+                                bytes: c.bytes.len() as u64,
+                                sha256: c.sha256.clone(),
+                            },
+                        ));
+                        fresh.push(Some(c));
+                    }
+                }
+            }
+            let evs = self.store.append(claims)?;
+            let mut outcomes = Vec::new();
+            for (ev, c) in evs.iter().zip(fresh) {
+                let Some(c) = c else {
+                    lock(&self.touched).insert(ev.job);
+                    to_advance.push(ev.job);
+                    continue;
+                };
+                to_advance.push(ev.job);
+                let name = c.name.clone();
+                match self.decide(ev.job, &name, Ok(c), &mut batch) {
+                    Ok(Decision::Events(kinds)) => {
+                        outcomes.extend(kinds.into_iter().map(|k| (Some(ev.job), k)))
+                    }
+                    Ok(Decision::Defer(why)) => deferred.push((ev.job, StageError::Deferred(why))),
+                    Err(e) => deferred.push((ev.job, e)),
+                }
+            }
+            logged.extend(evs);
+            logged.extend(self.store.append(outcomes)?);
+        }
+        self.store.sync()?;
+        for ev in &logged {
+            crate::store::log_event(ev);
+        }
+        let stalled: HashSet<u64> = deferred.iter().map(|(id, _)| *id).collect();
+        for (id, why) in &deferred {
+            self.stall(*id, why);
+        }
+        let mut seen = HashSet::new();
+        to_advance.retain(|id| seen.insert(*id) && !stalled.contains(id));
+        for id in to_advance {
+            self.advance_or_stall(id);
+        }
+        Ok(())
+    }
+
+    /// The files in active/ that open jobs hold.
+    fn held_files(&self) -> HashSet<String> {
+        let mut held = HashSet::new();
+        for job in self.store.open_jobs().values() {
+            if lifecycle::is_live(job)
+                && !job.state.is_answered()
+                && let Some(f) = &job.file
+            {
+                held.insert(f.clone());
+            }
+            for c in job.copies.iter().filter(|c| c.outbox.is_none()) {
+                held.insert(c.file.clone());
+            }
+        }
+        held
+    }
+
+    /// Reads a claimed file; a file that vanished or cannot be read becomes unreadable (and
+    /// is rejected with the reason).
+    fn read_claimed(&self, name: &str) -> Claimed {
+        match self.spool.read_claimed(name, self.cfg.spool.max_bytes) {
+            Ok(c) => c,
+            Err(e) => Claimed {
+                name: name.to_string(),
+                path: self.spool.active_path(name),
+                bytes: Vec::new(),
+                sha256: String::new(),
+                unreadable: Some(match &e {
+                    SpoolError::Read { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        "the claimed file disappeared from active/ before it was read".into()
+                    }
+                    _ => e.to_string(),
+                }),
+            },
+        }
+    }
+
+    /// The job a file with this content would be a byte-identical re-drop of: the oldest job
+    /// of this worker with that content whose input was read (valid or invalid).
+    fn copy_of(&self, sha: &str) -> Option<u64> {
+        if sha.is_empty() {
+            return None;
+        }
+        let journal = self.store.journal().ok()?;
+        let ids = journal.jobs_for_sha(sha).unwrap_or_else(|e| {
+            log::error!("content index: {e}");
+            Vec::new()
+        });
+        ids.into_iter().find(|id| {
+            self.store.job(*id).is_some_and(|j| {
+                j.input_seq.is_some()
+                    && j.sha256.as_deref() == Some(sha)
+                    && j.worker.as_deref() == Some(self.spool.worker.as_str())
+            })
+        })
+    }
+
+    /// The job holding this image_id or this job folder, other than `me`: the oldest job
+    /// accepted for building with it.
+    fn holder(&self, me: u64, spec: &Spec, batch: &Batch) -> Option<(u64, &'static str)> {
+        if let Some(j) = batch.image_ids.get(&spec.image_id) {
+            return Some((*j, "image_id"));
+        }
+        let folder = crate::journal::folder_key(spec);
+        if let Some(j) = batch.folders.get(&folder) {
+            return Some((*j, "job folder"));
+        }
+        let journal = self.store.journal().ok()?;
+        let accepted = |ids: std::result::Result<Vec<u64>, crate::journal::JournalError>| {
+            ids.unwrap_or_else(|e| {
+                log::error!("image index: {e}");
+                Vec::new()
+            })
+            .into_iter()
+            .find(|id| *id != me && self.store.job(*id).is_some_and(|j| j.accepted))
+        };
+        if let Some(j) = accepted(journal.jobs_for_image(&spec.image_id)) {
+            return Some((j, "image_id"));
+        }
+        accepted(journal.jobs_for_folder(spec)).map(|j| (j, "job folder"))
     }
 
     /// Has this content of a claimed file changed within the last min_age (so it may still be
     /// being written)?
     fn still_settling(&self, id: u64, sha: &str) -> bool {
-        let mut settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
+        let mut settling = lock(&self.settling);
         let min_age = Duration::from_millis(self.cfg.spool.min_age_ms);
         match settling.get(&id) {
             Some((seen, since)) if seen == sha => {
@@ -591,88 +481,98 @@ impl Stage {
     /// Reads a claimed job's file again (recovery, or after it was deferred) and records what
     /// that decides.
     fn read_input(&self, job: &Job) -> Result<()> {
-        let file = job.file.as_deref().ok_or(StageError::NoInput(job.id))?;
-        let c = self.spool.read_claimed(file, self.cfg.spool.max_bytes);
-        match self.decide(job, c, &mut BatchSeen::default())? {
-            Intake::Events(kinds) => {
-                self.record_batch(kinds.into_iter().map(|k| (Some(job.id), k)).collect())?;
+        let file = job.file.as_deref().unwrap_or_default();
+        let c = self.read_claimed(file);
+        match self.decide(job.id, file, Ok(c), &mut Batch::default())? {
+            Decision::Events(kinds) => {
+                self.store
+                    .record_batch(kinds.into_iter().map(|k| (Some(job.id), k)).collect())?;
                 Ok(())
             }
-            Intake::Defer(why) => Err(StageError::Deferred(why)),
+            Decision::Defer(why) => Err(StageError::Deferred(why)),
         }
     }
 
-    /// What the content of a claimed file makes of its job: rejected (not a workitem), invalid
-    /// (answered with an error), a duplicate (likewise), or queued; or, while the file may still
-    /// be being written, nothing yet. Records nothing.
+    /// What the content of a claimed file makes of job `id`: rejected (not a workitem),
+    /// invalid, a conflict (another job holds its image_id or folder), or queued; or, while
+    /// the file may still be being written, nothing yet. Records nothing.
     fn decide(
         &self,
-        job: &Job,
-        read: std::result::Result<crate::spool::Claimed, crate::spool::SpoolError>,
-        batch: &mut BatchSeen,
-    ) -> Result<Intake> {
-        let file = job.file.clone().unwrap_or_default();
+        id: u64,
+        file: &str,
+        read: std::result::Result<Claimed, SpoolError>,
+        batch: &mut Batch,
+    ) -> Result<Decision> {
         let reject = |reason: String| {
-            Ok(Intake::Events(vec![EventKind::Rejected {
-                file: file.clone(),
+            Ok(Decision::Events(vec![EventKind::Rejected {
+                file: file.to_string(),
                 reason,
             }]))
         };
-        let c = match read {
-            Ok(c) => c,
-            Err(crate::spool::SpoolError::Read { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return reject(
-                    "the claimed file disappeared from active/ before it was read".into(),
-                );
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let c = read?;
         if let Some(why) = c.unreadable {
             return reject(format!("not a workitem: {why}"));
         }
-        let input = match workitem::parse_object(&c.bytes) {
+        let value = match workitem::parse_object(&c.bytes) {
             Ok(v) => v,
             Err(e) => {
                 // A writer that does not rename may still be writing (over NFS or FUSE the
-                // size and mtime the claim relied on can be cached and stale). A prefix of a
-                // JSON object never parses, so read it again until its content has stood
-                // still for min_age; only then is it not a workitem.
-                if self.still_settling(job.id, &c.sha256) {
-                    return Ok(Intake::Defer(format!(
+                // size and mtime the claim relied on can be stale). A prefix of a JSON object
+                // never parses, so read it again until its content has stood still for
+                // min_age; only then is it not a workitem.
+                if self.still_settling(id, &c.sha256) {
+                    return Ok(Decision::Defer(format!(
                         "{file} does not parse yet ({e}): reading it again in case it is still being written"
                     )));
                 }
                 return reject(e.to_string());
             }
         };
-        self.settling
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job.id);
+        lock(&self.settling).remove(&id);
         let mut events = Vec::new();
-        if job.sha256.as_deref() != Some(c.sha256.as_str()) {
+        let job_sha = self.store.job(id).and_then(|j| j.sha256);
+        if job_sha.as_deref() != Some(c.sha256.as_str()) {
             // It grew after the claim: record what is actually read.
             events.push(EventKind::Claimed {
-                file: file.clone(),
+                file: file.to_string(),
                 worker: self.spool.worker.clone(),
                 bytes: c.bytes.len() as u64,
                 sha256: c.sha256.clone(),
             });
         }
-        match workitem::normalise(&input) {
-            Ok(spec) => match self.duplicate_of(job.id, &c.sha256, &spec.image_id, batch) {
-                Some(error) => events.push(EventKind::Invalid {
-                    image_id: Some(spec.image_id),
-                    error,
-                    input,
-                }),
+        let normalised = workitem::normalise(&value);
+        let raw_id = workitem::raw_image_id(&value);
+        drop(value);
+        let input = Input(c.bytes);
+        match normalised {
+            Ok(mut spec) => match self.holder(id, &spec, batch) {
+                Some((holder, what)) => {
+                    let desc = self
+                        .store
+                        .job(holder)
+                        .map(|h| {
+                            format!(
+                                "job {holder} (file {}, {})",
+                                h.file.as_deref().unwrap_or("?"),
+                                h.state
+                            )
+                        })
+                        .unwrap_or_else(|| format!("job {holder}"));
+                    events.push(EventKind::Invalid {
+                        image_id: Some(spec.image_id.clone()),
+                        error: format!(
+                            "conflict: the {what} of image_id {:?} ({}/{}) is held by {desc}; rebuilding an image is `build-image retry {holder}`",
+                            spec.image_id, spec.prefix, spec.dir_id
+                        ),
+                        held_by: Some(holder),
+                        input,
+                    });
+                }
                 None => {
-                    batch
-                        .image_ids
-                        .insert(spec.image_id.clone(), (job.id, file.clone()));
-                    batch.shas.insert(c.sha256.clone(), (job.id, file.clone()));
+                    batch.image_ids.insert(spec.image_id.clone(), id);
+                    batch.folders.insert(crate::journal::folder_key(&spec), id);
+                    // The kickstart is read from the stored input when a build needs it.
+                    spec.kickstart = String::new();
                     events.push(EventKind::Queued {
                         image_id: spec.image_id.clone(),
                         spec: Box::new(spec),
@@ -682,236 +582,311 @@ impl Stage {
             },
             Err(WorkitemError::NotAWorkitem(e)) => return reject(e),
             Err(WorkitemError::Invalid(error)) => events.push(EventKind::Invalid {
-                image_id: workitem::raw_image_id(&input),
+                image_id: raw_id,
                 error: format!("invalid workitem: {error}"),
+                held_by: None,
                 input,
             }),
         }
-        Ok(Intake::Events(events))
+        Ok(Decision::Events(events))
     }
 
-    /// Writes the reply to outbox/ (idempotent: same name, tmp + rename) and records it.
-    fn deliver(&self, job: &Job) -> Result<()> {
-        let (input, _) = self.input(job)?;
+    /// Rejects a name in incoming/ unread (symlink, fifo, directory, too big, hard link).
+    pub fn reject_unread(&self, name: &str, reason: &str) -> Result<()> {
+        let from = self.spool.incoming.join(name);
+        if from.symlink_metadata().is_err() {
+            return Ok(());
+        }
+        self.store.record(
+            None,
+            EventKind::Rejected {
+                file: name.to_string(),
+                reason: reason.to_string(),
+            },
+        )?;
+        self.spool.reject(&from, name, reason)?;
+        Ok(())
+    }
+
+    /// The answer of a job, as the outbox gets it.
+    fn answer(&self, job: &Job) -> Result<Vec<u8>> {
+        let (input, _) = self.store.input(job)?;
         let reply = workitem::reply(&input, job.result, job.error.as_deref(), &job.urls);
-        let name = job
+        drop(input);
+        let mut bytes = serde_json::to_vec_pretty(&reply).unwrap_or_default();
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
+
+    fn deliver_error(e: crate::outbox::OutboxError) -> StageError {
+        if e.is_no_space() {
+            StageError::Deferred(format!("outbox full: {e}"))
+        } else {
+            e.into()
+        }
+    }
+
+    /// Writes the answer to the outbox (never over another job's), records it, and removes
+    /// the input from active/.
+    fn deliver(&self, job: &Job) -> Result<()> {
+        let bytes = self.answer(job)?;
+        let file = job
             .file
             .clone()
             .unwrap_or_else(|| format!("job-{}.json", job.id));
-        let mut bytes = serde_json::to_vec_pretty(&reply).unwrap_or_default();
-        bytes.push(b'\n');
-        let target = self.spool.outbox.join(&name);
-        if let Err(e) = crate::durable::write_atomic(&target, &bytes, 0o644) {
-            if !e.is_not_found() {
-                return Err(e.into());
-            }
-            log::warn!("{} is gone: creating it again", self.spool.outbox.display());
-            std::fs::create_dir_all(&self.spool.outbox).map_err(|e| {
-                crate::durable::DurableError::new("cannot create", &self.spool.outbox, e)
-            })?;
-            crate::durable::write_atomic(&target, &bytes, 0o644)?;
+        let d = self
+            .outbox
+            .deliver(&file, job.id, &bytes, &job.answers)
+            .map_err(Self::deliver_error)?;
+        drop(bytes);
+        self.store.record(
+            Some(job.id),
+            EventKind::Delivered {
+                outbox: d.name,
+                copy: None,
+                sha256: Some(d.sha256),
+            },
+        )?;
+        self.remove_active(&file)
+    }
+
+    /// Answers a byte-identical re-drop with the job's answer.
+    fn deliver_copy(&self, job: &Job, file: &str) -> Result<()> {
+        let bytes = self.answer(job)?;
+        let d = self
+            .outbox
+            .deliver(file, job.id, &bytes, &job.answers)
+            .map_err(Self::deliver_error)?;
+        self.store.record(
+            Some(job.id),
+            EventKind::Delivered {
+                outbox: d.name,
+                copy: Some(file.to_string()),
+                sha256: Some(d.sha256),
+            },
+        )?;
+        self.remove_active(file)
+    }
+
+    /// Removes an answered input from active/. Not fsynced: if a crash undoes the removal,
+    /// recovery finds the file of a settled job and removes it again.
+    fn remove_active(&self, file: &str) -> Result<()> {
+        let path = self.spool.active_path(file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(crate::durable::DurableError::new("cannot remove", &path, e).into()),
         }
-        self.record(Some(job.id), EventKind::Delivered { outbox: name })?;
-        Ok(())
     }
 
-    /// Runs the push utility once (attempt 1) and records it; a failure is retried later.
-    fn push(&self, job: &Job, status: Status, workitem: &Value) -> Result<()> {
-        self.push_attempt(job, status, workitem, 1)
-    }
-
-    /// One push attempt; on failure the next one is scheduled with back-off while
-    /// `[hooks] retries` allow.
-    fn push_attempt(
-        &self,
-        job: &Job,
-        status: Status,
-        workitem: &Value,
-        attempt: u32,
-    ) -> Result<()> {
-        let image_id = job.image_id.clone().unwrap_or_default();
-        if let Some(p) =
-            hooks::push_status(&self.cfg.hooks, status, workitem, &image_id, &self.hook_log)
-        {
-            if let Some(e) = &p.error {
-                log::warn!(
-                    "job {} push {} attempt {attempt} failed: {e}",
-                    job.id,
-                    status.as_str()
-                );
-                if attempt <= self.cfg.hooks.retries {
-                    self.schedule_push(job.id, status, attempt + 1);
+    /// Reconciles the log with the spool, then moves every open job forward: the normal
+    /// steps, run again. Returns the open jobs it found.
+    pub fn recover(&self) -> Result<Vec<u64>> {
+        build::kvm::recover_orphans(&self.cfg.worker);
+        let jobs = self.store.open_jobs();
+        let me = self.spool.worker.as_str();
+        let mine = |job: &Job| job.worker.as_deref().is_none_or(|w| w == me);
+        let held = self.held_files();
+        let mut unlogged = Vec::new();
+        for name in self.spool.active_files()? {
+            if held.contains(&name) {
+                continue;
+            }
+            // No live job holds it: the leftover of a settled job (a crash undid its removal),
+            // or a file claimed but never recorded.
+            let c = self.read_claimed(&name);
+            let settled = match c.unreadable {
+                Some(_) => None,
+                None => self
+                    .store
+                    .journal()?
+                    .jobs_for_sha(&c.sha256)?
+                    .into_iter()
+                    .rev()
+                    .filter_map(|id| self.store.job(id))
+                    .find(|j| {
+                        mine(j)
+                            && (j.file.as_deref() == Some(name.as_str())
+                                || j.copies.iter().any(|k| k.file == name))
+                    }),
+            };
+            match settled {
+                Some(job) if job.state == State::Rejected => {
+                    let reason = job.reason.clone().unwrap_or_default();
+                    self.spool
+                        .reject(&self.spool.active_path(&name), &name, &reason)?;
+                }
+                Some(_) => self.remove_active(&name)?,
+                None => {
+                    log::info!("recovery: {name} in active/ has no job: claiming it");
+                    unlogged.push(name);
                 }
             }
-            self.record(
-                Some(job.id),
-                EventKind::Pushed {
-                    status,
-                    exit: p.exit,
-                    ok: p.ok,
-                    error: p.error,
+        }
+        if !unlogged.is_empty()
+            && let Err(e) = self.intake(&unlogged)
+        {
+            log::error!("recovery: cannot record the claims of {unlogged:?}: {e}");
+        }
+        let mut open = Vec::new();
+        let mut queued = 0;
+        for (id, job) in jobs.iter().filter(|(_, j)| mine(j)) {
+            open.push(*id);
+            if job.state == State::Building {
+                // Nothing runs at a start: the daemon died under this build.
+                if let Err(e) = self.store.record(
+                    Some(*id),
+                    EventKind::Interrupted {
+                        reason: format!("the daemon died during attempt {}", job.attempts),
+                        cause: Cause::Crash,
+                    },
+                ) {
+                    self.stall(*id, &e.into());
+                    continue;
+                }
+            }
+            match self.advance(*id) {
+                Ok(Step::Build) => queued += 1,
+                Ok(_) => {}
+                Err(e) => self.stall(*id, &e),
+            }
+        }
+        if queued > 0 {
+            log::info!("recovery: {queued} job(s) queued again");
+        }
+        Ok(open)
+    }
+
+    /// Builds a queued job in this (pool) thread, then delivers and pushes.
+    pub fn build(&self, id: u64) -> Result<()> {
+        if self.stopping() {
+            return Ok(());
+        }
+        let Some(job) = self.store.job(id) else {
+            return Ok(());
+        };
+        if lifecycle::next_step(&job, self.store.policy()) != Step::Build {
+            return Ok(());
+        }
+        let (_, spec) = self.store.input(&job)?;
+        let spec = spec.ok_or(StoreError::NoInput(id))?;
+        let w = &self.cfg.worker;
+        if let Err(e) = build::prepare(w, &spec, job.attempts + 1) {
+            if e.is_no_space() {
+                // Not the job's fault: it stays queued and is tried again when space returns.
+                return Err(StageError::Deferred(e.to_string()));
+            }
+            self.store.record(
+                Some(id),
+                EventKind::Finished {
+                    result: false,
+                    error: Some(e.to_string()),
+                    urls: build::planned_urls(w, &spec),
                 },
             )?;
+            return self.advance(id).map(|_| ());
         }
-        Ok(())
-    }
-
-    /// Schedules push attempt `attempt` (2, 3, ...) after a back-off of
-    /// `retry_delay * 2^(attempt - 2)` seconds.
-    pub fn schedule_push(&self, job: u64, status: Status, attempt: u32) {
-        let base = Duration::from_millis(self.cfg.hooks.retry_delay_ms);
-        let delay = base.saturating_mul(1u32 << attempt.saturating_sub(2).min(16));
-        self.schedule_push_at(job, status, attempt, Instant::now() + delay);
-    }
-
-    /// Schedules push attempt `attempt` at `due` (recovery: now).
-    pub fn schedule_push_at(&self, job: u64, status: Status, attempt: u32, due: Instant) {
-        self.push_retries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Reverse((due, job, status, attempt)));
-        let _ = self.wake.0.try_send(());
-    }
-
-    /// Marks a job whose step failed (disk full, a folder gone, ...) to be moved forward again
-    /// later, with a doubling delay from poll_interval_ms up to a minute.
-    pub fn stall(&self, id: u64, why: &StageError) {
-        let mut stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
-        let first = Duration::from_millis(self.cfg.spool.poll_interval_ms);
-        let delay = stalled
-            .get(&id)
-            .map_or(first, |(_, d)| (*d * 2).min(Duration::from_secs(60)));
-        match why {
-            StageError::Deferred(_) => log::info!("job {id}: {why}; trying again in {delay:?}"),
-            _ => log::error!("job {id}: {why}; trying again in {delay:?}"),
-        }
-        stalled.insert(id, (Instant::now() + delay, delay));
-        let _ = self.wake.0.try_send(());
-    }
-
-    /// Runs due push retries and re-advances stalled jobs until `stop` fires.
-    pub fn run_retries(&self, stop: &Receiver<()>) {
-        loop {
-            let now = Instant::now();
-            let next_push = self
-                .push_retries
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .peek()
-                .map(|Reverse((due, ..))| *due);
-            let next_stall = self
-                .stalled
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .map(|(due, _)| *due)
-                .min();
-            let next_flush = *self.lazy_flush.lock().unwrap_or_else(|p| p.into_inner());
-            let next = [next_push, next_stall, next_flush]
-                .into_iter()
-                .flatten()
-                .min();
-            let wait = next.map_or(Duration::from_secs(3600), |d| {
-                d.saturating_duration_since(now)
-            });
-            select! {
-                recv(stop) -> _ => return,
-                recv(self.wake.1) -> _ => continue,
-                default(wait) => {}
-            }
-            self.run_due_pushes();
-            self.run_due_stalled();
-            self.run_due_flush();
-        }
-    }
-
-    /// Flushes the events appended without a flush, once their time has come.
-    fn run_due_flush(&self) {
-        let mut due = self.lazy_flush.lock().unwrap_or_else(|p| p.into_inner());
-        if due.is_some_and(|d| d <= Instant::now()) {
-            *due = None;
-            drop(due);
-            if let Err(e) = self.journal.flush() {
-                log::error!("cannot flush the event log: {e}");
-                self.flush_soon();
-            }
-        }
-    }
-
-    fn run_due_pushes(&self) {
-        loop {
-            let due = {
-                let mut heap = self.push_retries.lock().unwrap_or_else(|p| p.into_inner());
-                match heap.peek() {
-                    Some(Reverse((due, ..))) if *due <= Instant::now() => heap.pop(),
-                    _ => None,
-                }
-            };
-            let Some(Reverse((_, id, status, attempt))) = due else {
-                return;
-            };
-            if let Err(e) = self.retry_push(id, status, attempt) {
-                log::error!("job {id}: push retry failed: {e}");
-            }
-        }
-    }
-
-    fn retry_push(&self, id: u64, status: Status, attempt: u32) -> Result<()> {
-        let job = self.job(id).ok_or(StageError::NoJob(id))?;
-        let (input, spec) = self.input(&job)?;
-        let reply = match status {
-            // A BUILDING status that a later one has superseded is not sent any more.
-            Status::Building if job.state != State::Building => return Ok(()),
-            Status::Building => {
-                let urls = spec
-                    .map(|s| build::planned_urls(&self.cfg.worker, &s))
-                    .unwrap_or_default();
-                workitem::reply(&input, None, None, &urls)
-            }
-            _ if job.state != State::Delivered || job.final_pushed => return Ok(()),
-            _ => workitem::reply(&input, job.result, job.error.as_deref(), &job.urls),
+        let Some(guard) = self.begin(id)? else {
+            return Ok(());
         };
-        self.push_attempt(&job, status, &reply, attempt)
+        self.pusher.push(id, Status::Building);
+        let end = build::build(w, &spec, &guard.cancel);
+        let cancelled_by_operator = lock(&self.builds.by_operator).contains(&id);
+        drop(guard);
+        let kinds = match end {
+            BuildEnd::Finished {
+                result,
+                error,
+                urls,
+            } => vec![EventKind::Finished {
+                result,
+                error,
+                urls,
+            }],
+            BuildEnd::Cancelled if cancelled_by_operator => vec![
+                EventKind::Cancelled {
+                    reason: "cancelled by the operator".into(),
+                },
+                EventKind::Finished {
+                    result: false,
+                    error: Some("cancelled".into()),
+                    urls: build::planned_urls(w, &spec),
+                },
+            ],
+            BuildEnd::Cancelled => vec![EventKind::Interrupted {
+                reason: "the daemon stopped: the build was killed".into(),
+                cause: Cause::Stop,
+            }],
+        };
+        self.record_retrying(id, kinds)?;
+        self.advance(id).map(|_| ())
     }
 
-    fn run_due_stalled(&self) {
-        let due: Vec<u64> = {
-            let stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            stalled
-                .iter()
-                .filter(|(_, (d, _))| *d <= now)
-                .map(|(id, _)| *id)
-                .collect()
+    /// Starts a build if the job is still waiting for one: records `started` under the lock
+    /// that `cancel` takes, and registers the build. None when it is not to be built now.
+    fn begin(&self, id: u64) -> Result<Option<BuildGuard<'_>>> {
+        let _decide = lock(&self.builds.decide);
+        let Some(job) = self.store.job(id) else {
+            return Ok(None);
         };
-        for id in due {
-            match self.advance(id) {
-                Ok(next) => {
-                    self.stalled
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&id);
-                    log::info!("job {id}: moving again");
-                    if let Next::Build(id) = next {
-                        self.enqueue(id);
+        if lifecycle::next_step(&job, self.store.policy()) != Step::Build || self.stopping() {
+            return Ok(None);
+        }
+        let (tx, rx) = bounded::<()>(1);
+        self.store.record(
+            Some(id),
+            EventKind::Started {
+                mode: build::mode(&self.cfg.worker),
+                attempt: job.attempts + 1,
+            },
+        )?;
+        lock(&self.builds.running).insert(id, tx);
+        Ok(Some(BuildGuard {
+            builds: &self.builds,
+            id,
+            cancel: rx,
+        }))
+    }
+
+    /// Records the end of a build; while the log cannot be written, tries again with back-off
+    /// (the build's outcome is not to be lost to a full disk) until the daemon stops.
+    fn record_retrying(&self, id: u64, kinds: Vec<EventKind>) -> Result<()> {
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut n = 0;
+        loop {
+            let items = kinds.iter().cloned().map(|k| (Some(id), k)).collect();
+            match self.store.record_batch(items) {
+                Ok(_) => return Ok(()),
+                Err(e) if self.stopping() => return Err(e.into()),
+                Err(e) => {
+                    n += 1;
+                    if n == 1 {
+                        log::error!("job {id}: cannot record the end of its build yet: {e}");
                     }
+                    std::thread::sleep(backoff.delay(n));
                 }
-                Err(e) => self.stall(id, &e),
             }
         }
     }
 
-    /// `retry`: a finished job is queued again (the same workitem; its next build is attempt
-    /// + 1). Returns whether a build pool took it now (else the next start builds it).
+    /// Kills every running build (a stop's grace is over): recorded as interrupted by a stop.
+    pub fn cancel_running(&self) {
+        lock(&self.builds.running).clear();
+    }
+
+    /// How many builds run.
+    pub fn running(&self) -> usize {
+        lock(&self.builds.running).len()
+    }
+
+    /// `retry`: a built job that is over is queued again (the same workitem; its next build is
+    /// attempt + 1). Returns whether a build pool took it now (else the next start builds it).
     pub fn retry(&self, id: u64) -> Result<bool> {
-        let job = self.job(id).ok_or(StageError::NoJob(id))?;
-        if !matches!(job.state, State::Finished | State::Delivered) || job.input_seq.is_none() {
-            return Err(StageError::Refused(format!(
-                "job {id} is {}: only a finished job can be retried",
-                job.state.as_str()
-            )));
+        let job = self.store.job(id).ok_or(StoreError::NoJob(id))?;
+        if let Some(why) = lifecycle::retry_refusal(&job) {
+            return Err(StageError::Refused(why));
         }
-        self.record(
+        self.store.record(
             Some(id),
             EventKind::Requeued {
                 reason: format!("retry by the operator (attempt {})", job.attempts + 1),
@@ -923,35 +898,26 @@ impl Stage {
     }
 
     /// `cancel`: a queued job is never built; a running one has its process group killed.
-    /// Both are answered in the outbox with the error "cancelled" and ERROR is pushed.
-    /// Returns true when the job was already answered, false when a running build was told
-    /// to stop (its build thread answers it).
+    /// Both are answered with the error "cancelled" (and ERROR pushed). Returns true when the
+    /// job was answered now, false when a running build was told to stop (its build thread
+    /// answers it).
     pub fn cancel(&self, id: u64) -> Result<bool> {
-        let guard = self.start_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let job = self.job(id).ok_or(StageError::NoJob(id))?;
-        match job.state {
-            State::Queued | State::Interrupted | State::Building => {}
-            s => {
-                return Err(StageError::Refused(format!(
-                    "job {id} is {}: only a queued or running job can be cancelled",
-                    s.as_str()
-                )));
-            }
+        let decide = lock(&self.builds.decide);
+        let job = self.store.job(id).ok_or(StoreError::NoJob(id))?;
+        if let Some(why) = lifecycle::cancel_refusal(&job) {
+            return Err(StageError::Refused(why));
         }
         if job.state == State::Building {
-            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            let mut running = lock(&self.builds.running);
             if running.contains_key(&id) {
-                self.cancelled_by_operator
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id);
+                lock(&self.builds.by_operator).insert(id);
                 // Disconnecting the channel cancels the running child and any later one.
                 running.remove(&id);
                 return Ok(false);
             }
         }
         let urls = job.urls.clone();
-        let events = self.record_batch(vec![
+        self.store.record_batch(vec![
             (
                 Some(id),
                 EventKind::Cancelled {
@@ -966,16 +932,16 @@ impl Stage {
                     urls,
                 },
             ),
-        ]);
-        drop(guard);
-        events?;
+        ])?;
+        drop(decide);
         self.advance(id)?;
         Ok(true)
     }
 
     /// `requeue --worker W`: moves the files of another (dead) worker's `active/W/` back to
     /// incoming/, each recorded first. Returns the names moved.
-    pub fn requeue_worker(&self, worker: &str) -> Result<Vec<String>> {
+    pub fn requeue_worker(&self, worker: &str, force: bool) -> Result<Vec<String>> {
+        let _ = force;
         if worker == self.spool.worker {
             return Err(StageError::Refused(format!(
                 "{worker} is this daemon's own worker id: its files are recovered on start"
@@ -996,7 +962,7 @@ impl Stage {
                 target = format!("requeued-{n}-{name}");
                 n += 1;
             }
-            self.record(
+            self.store.record(
                 None,
                 EventKind::Requeued {
                     reason: format!("moved active/{worker}/{name} back to incoming/{target}"),
@@ -1009,146 +975,4 @@ impl Stage {
         }
         Ok(moved)
     }
-
-    /// Builds a queued job in this (pool) thread, then delivers and pushes.
-    pub fn build(&self, id: u64) -> Result<()> {
-        if self.stopping() {
-            return Ok(());
-        }
-        let job = self.job(id).ok_or(StageError::NoJob(id))?;
-        if !matches!(job.state, State::Queued | State::Interrupted) {
-            return Ok(());
-        }
-        let (input, spec) = self.input(&job)?;
-        let spec = spec.ok_or(StageError::NoInput(id))?;
-        let w = &self.cfg.worker;
-        if let Err(e) = build::prepare(w, &spec, job.attempts + 1) {
-            if e.is_no_space() {
-                // Not the job's fault: it stays queued and is tried again when space returns.
-                return Err(StageError::Deferred(e.to_string()));
-            }
-            self.record(
-                Some(id),
-                EventKind::Finished {
-                    result: false,
-                    error: Some(e.to_string()),
-                    urls: build::planned_urls(w, &spec),
-                },
-            )?;
-            return self.advance(id).map(|_| ());
-        }
-        let guard = self.start_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let job = self.job(id).ok_or(StageError::NoJob(id))?;
-        if !matches!(job.state, State::Queued | State::Interrupted) {
-            return Ok(());
-        }
-        let (cancel_tx, cancel_rx) = bounded::<()>(1);
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, cancel_tx);
-        let started = self.record(
-            Some(id),
-            EventKind::Started {
-                mode: build::mode(w),
-                attempt: job.attempts + 1,
-            },
-        );
-        drop(guard);
-        let result = (|| {
-            started?;
-            let planned = build::planned_urls(w, &spec);
-            let building = workitem::reply(&input, None, None, &planned);
-            if let Some(job) = self.job(id) {
-                self.push(&job, Status::Building, &building)?;
-            }
-            let end = build::build(w, &spec, &cancel_rx);
-            match end {
-                BuildEnd::Finished {
-                    result,
-                    error,
-                    urls,
-                } => {
-                    self.record(
-                        Some(id),
-                        EventKind::Finished {
-                            result,
-                            error,
-                            urls,
-                        },
-                    )?;
-                }
-                BuildEnd::Cancelled
-                    if !self
-                        .cancelled_by_operator
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&id) =>
-                {
-                    self.record(
-                        Some(id),
-                        EventKind::Interrupted {
-                            reason: "daemon stopping: build killed after the grace period".into(),
-                        },
-                    )?;
-                    return Ok(());
-                }
-                BuildEnd::Cancelled => {
-                    self.record(
-                        Some(id),
-                        EventKind::Cancelled {
-                            reason: "cancelled by the operator".into(),
-                        },
-                    )?;
-                    self.record(
-                        Some(id),
-                        EventKind::Finished {
-                            result: false,
-                            error: Some("cancelled".into()),
-                            urls: planned,
-                        },
-                    )?;
-                }
-            }
-            self.advance(id).map(|_| ())
-        })();
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        result
-    }
-}
-
-fn log_event(ev: &Event) {
-    let detail = match &ev.kind {
-        EventKind::Claimed { file, bytes, .. } => format!("{file} ({bytes} bytes)"),
-        EventKind::Rejected { file, reason } => format!("{file}: {reason}"),
-        EventKind::Invalid { error, .. } => error.clone(),
-        EventKind::Queued { image_id, spec, .. } => {
-            format!("{image_id} {} {} {}", spec.name, spec.arch, spec.image_type)
-        }
-        EventKind::Started { mode, attempt } => format!("{mode:?} attempt {attempt}"),
-        EventKind::Finished { result, error, .. } => {
-            format!("result={result} {}", error.as_deref().unwrap_or(""))
-        }
-        EventKind::Delivered { outbox } => format!("outbox/{outbox}"),
-        EventKind::Pushed {
-            status, ok, error, ..
-        } => format!(
-            "{} ok={ok} {}",
-            status.as_str(),
-            error.as_deref().unwrap_or("")
-        ),
-        EventKind::Cancelled { reason }
-        | EventKind::Requeued { reason, .. }
-        | EventKind::Interrupted { reason } => reason.clone(),
-    };
-    log::info!(
-        "seq {} job {} {} {}",
-        ev.seq,
-        ev.job,
-        ev.kind.name(),
-        detail.trim_end()
-    );
 }

@@ -155,7 +155,21 @@ fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
         "{kinds:?}"
     );
 
-    // the next start answers it: interrupted once, max_attempts = 1
+    // A build interrupted by a stop does not count against max_attempts (= 1 here): the next
+    // start builds it again (attempt 2) instead of answering it.
+    let child = farm.start_binary();
+    assert!(
+        wait_for(Duration::from_secs(30), || std::fs::read_to_string(&log)
+            .is_ok_and(
+                |t| t.contains("attempt 2") && t.matches("mic-fixture: sleeping").count() == 2
+            )),
+        "not built again"
+    );
+    assert!(
+        farm.outbox_file("hang.json").is_none(),
+        "answered instead of built again"
+    );
+    drop(child); // SIGKILL: a crash, which does count
     let mut child = farm.start_binary();
     assert!(wait_for(Duration::from_secs(20), || farm
         .outbox()
@@ -166,7 +180,7 @@ fn sigterm_past_grace_kills_the_build_and_records_interrupted() {
     let r = farm.outbox_file("hang.json").unwrap();
     assert_eq!(r["image"]["result"], json!(false));
     let err = r["image"]["error"].as_str().unwrap();
-    assert!(err.contains("interrupted 1 time"), "{err}");
+    assert!(err.contains("lost 1 time(s) to a crash"), "{err}");
     assert!(list(&farm.active()).is_empty());
 }
 

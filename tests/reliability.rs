@@ -183,51 +183,6 @@ fn two_daemons_share_one_spool_and_build_each_file_once() {
 }
 
 #[test]
-fn duplicates_are_answered_with_an_error_naming_the_first() {
-    init_log();
-    let farm = Farm::new();
-    let d = farm.start();
-    let wi = workitem("dup-1", "ks\n");
-    farm.drop_json("first.json", &wi);
-    assert_eq!(
-        farm.wait_outbox("first.json", T)["image"]["result"],
-        json!(true)
-    );
-    // the same content again, and another file with the same image_id
-    farm.drop_json("again.json", &wi);
-    let mut other = workitem("dup-1", "other ks\n");
-    other["image"]["name"] = json!("other");
-    farm.drop_json("other.json", &other);
-    let r = farm.wait_outbox("again.json", T);
-    let err = r["image"]["error"].as_str().unwrap();
-    assert!(
-        err.contains("the same file content") && err.contains("file first.json"),
-        "{err}"
-    );
-    let r = farm.wait_outbox("other.json", T);
-    let err = r["image"]["error"].as_str().unwrap();
-    assert!(
-        err.contains("image_id \"dup-1\" is already taken by job")
-            && err.contains("file first.json, built"),
-        "{err}"
-    );
-    // a failed image_id may be dropped again
-    farm.drop_json("f1.json", &workitem("dup-2", "# mic-fixture: fail 1\n"));
-    assert_eq!(
-        farm.wait_outbox("f1.json", T)["image"]["result"],
-        json!(false)
-    );
-    farm.drop_json("f2.json", &workitem("dup-2", "ks\n"));
-    assert_eq!(
-        farm.wait_outbox("f2.json", T)["image"]["result"],
-        json!(true)
-    );
-    d.stop().unwrap();
-    let log = std::fs::read_to_string(farm.base().join("requests/dup-1/img-dup-1.log")).unwrap();
-    assert_eq!(log.matches("mic-fixture argc:").count(), 1, "built once");
-}
-
-#[test]
 fn the_outbox_removed_while_a_build_runs_is_made_again() {
     init_log();
     let farm = Farm::new();

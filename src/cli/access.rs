@@ -1,48 +1,79 @@
 //! How a command reaches the log: through a running daemon's control socket, or, when none
-//! runs, by opening the log itself (briefly: a daemon starting meanwhile waits for the lock).
+//! runs, by opening the log itself (briefly: a daemon starting meanwhile waits for the lock) and
+//! answering the request with the same `control::handle` the daemon runs.
 
 use crate::config::Config;
-use crate::control::{Client, Request};
-use crate::journal::{Event, Journal, JournalError};
+use crate::control::{self, Client, Request, Response};
+use crate::journal::{Event, JournalError};
+use crate::lifecycle::Policy;
+use crate::process::Registry;
 use crate::spool::Spool;
 use crate::stage::Stage;
-use anyhow::Context;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use crate::store::{Store, StoreError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Opens the log of `cfg` directly. Errors when it does not exist (no daemon ever ran with this
-/// config) rather than creating an empty one.
-pub fn open_log(cfg: &Config) -> anyhow::Result<Option<Journal>> {
+/// Is there a log for this config (has a daemon ever run with it)?
+pub fn ensure_log(cfg: &Config) -> anyhow::Result<()> {
     let dir = cfg.state_dir();
     anyhow::ensure!(
         dir.join("conf").exists() || dir.join("db").exists(),
         "no event log in {}: has a daemon run with this configuration (--config, --spool, [spool] worker_id)?",
         dir.display()
     );
-    match Journal::open(&dir) {
-        Ok(j) => Ok(Some(j)),
-        Err(JournalError::Locked(_)) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    Ok(())
 }
 
-/// The way to the log: the running daemon, or the log itself.
-enum Reach {
-    Daemon(Client),
-    Log(Journal),
+/// A stage over the log itself, when no daemon runs (None: the log is locked). It builds and
+/// pushes nothing: what an action leaves to do is done by the next daemon start.
+pub fn open_offline(cfg: &Config) -> anyhow::Result<Option<Stage>> {
+    ensure_log(cfg)?;
+    let dir = cfg.state_dir();
+    let store = match Store::open(
+        &dir,
+        crate::journal::DEFAULT_CACHE_BYTES,
+        Policy::from_config(cfg),
+        Duration::ZERO,
+    ) {
+        Ok(s) => s,
+        Err(StoreError::Journal(JournalError::Locked(_))) | Err(StoreError::Locked(_)) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let spool = Spool::new(&cfg.spool.dir, &cfg.worker_id());
+    let hooks = crate::hooks::Hooks::new(&cfg.hooks, dir.join("hooks.log"), Registry::none());
+    let stage = Stage::new(
+        Arc::new(cfg.clone()),
+        spool,
+        Arc::new(store),
+        Registry::none(),
+        hooks,
+        false,
+    )?;
+    Ok(Some(stage))
 }
 
-/// Connects to the daemon, or opens the log when none runs. While the log is locked but no socket
-/// answers (a daemon starting), tries again for a while.
-fn reach(cfg: &Config) -> anyhow::Result<Reach> {
+/// Asks the running daemon, or answers from the log itself when none runs. While the log is
+/// locked but no socket answers (a daemon starting), tries again for a while.
+pub fn call(
+    cfg: &Config,
+    req: Request,
+    mut on_event: impl FnMut(&Event) -> bool,
+) -> anyhow::Result<Response> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(client) = Client::connect(&cfg.state_dir()) {
-            return Ok(Reach::Daemon(client));
+            match client.call(&req, &mut on_event)? {
+                Response::Busy if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                r => return Ok(r),
+            }
         }
-        if let Some(journal) = open_log(cfg)? {
-            return Ok(Reach::Log(journal));
+        if let Some(stage) = open_offline(cfg)? {
+            return Ok(control::handle(&stage, req, on_event));
         }
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -53,50 +84,13 @@ fn reach(cfg: &Config) -> anyhow::Result<Reach> {
     }
 }
 
-/// Sends a request to the daemon and decodes its answer.
-fn ask<T: DeserializeOwned>(
-    client: Client,
-    req: &Request,
-    on_event: impl FnMut(Event) -> bool,
-) -> anyhow::Result<T> {
-    let reply = client.call(req, on_event)?;
-    if !reply.ok {
-        anyhow::bail!(reply.error.unwrap_or_else(|| "the daemon refused".into()));
-    }
-    let data = reply.data.unwrap_or(serde_json::Value::Null);
-    serde_json::from_value(data).context("unexpected answer from the daemon")
-}
-
-/// Asks the running daemon, or computes the answer from the log itself.
-/// `on_event` receives streamed events (from the daemon).
-pub fn query<T: DeserializeOwned + Serialize>(
-    cfg: &Config,
-    req: &Request,
-    on_event: impl FnMut(Event) -> bool,
-    local: impl Fn(&Journal, &Spool) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    match reach(cfg)? {
-        Reach::Daemon(client) => ask(client, req, on_event),
-        Reach::Log(journal) => {
-            let spool = Spool::new(&cfg.spool.dir, &cfg.worker_id());
-            local(&journal, &spool)
-        }
-    }
-}
-
-/// Runs an operator action in the running daemon, or, when none runs, on a stage opened over
-/// the log (its effects that need a build happen at the next daemon start).
-pub fn act<T: DeserializeOwned + Serialize>(
-    cfg: &Config,
-    req: &Request,
-    local: impl Fn(&Stage) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    match reach(cfg)? {
-        Reach::Daemon(client) => ask(client, req, |_| true),
-        Reach::Log(journal) => {
-            let spool = Spool::new(&cfg.spool.dir, &cfg.worker_id());
-            let stage = Stage::new(cfg.clone(), spool, journal, cfg.state_dir())?;
-            local(&stage)
-        }
+/// The response, or its error as an error (exit 1).
+pub fn expect(r: Response) -> anyhow::Result<Response> {
+    match r {
+        Response::Error { message } => Err(anyhow::anyhow!(message)),
+        Response::Busy => Err(anyhow::anyhow!(
+            "the daemon has too many operator connections; try again"
+        )),
+        r => Ok(r),
     }
 }

@@ -1,20 +1,19 @@
 //! `retry`, `cancel`, `requeue`: operator actions, each recorded as an event.
 
-use super::access::act;
+use super::access::{call, expect};
 use crate::config::Config;
-use crate::control::Request;
-use crate::ops;
-use serde_json::{Value, json};
+use crate::control::{Request, Response};
+
+fn unexpected(r: &Response) -> anyhow::Error {
+    anyhow::anyhow!("unexpected answer from the daemon: {r:?}")
+}
 
 pub fn retry(cfg: &Config, id: &str) -> anyhow::Result<i32> {
-    let req = Request::Retry { id: id.to_string() };
-    let out: Value = act(cfg, &req, |stage| {
-        let job = ops::resolve(&stage.journal, id)?;
-        let now = stage.retry(job)?;
-        Ok(json!({"job": job, "queued": true, "building_now": now}))
-    })?;
-    let job = out["job"].as_u64().unwrap_or_default();
-    if out["building_now"] == json!(true) {
+    let r = expect(call(cfg, Request::Retry { id: id.to_string() }, |_| true)?)?;
+    let Response::Retried { job, building_now } = r else {
+        return Err(unexpected(&r));
+    };
+    if building_now {
         println!("job {job} ({id}) queued again");
     } else {
         println!("job {job} ({id}) queued again; it is built when the daemon starts");
@@ -23,14 +22,11 @@ pub fn retry(cfg: &Config, id: &str) -> anyhow::Result<i32> {
 }
 
 pub fn cancel(cfg: &Config, id: &str) -> anyhow::Result<i32> {
-    let req = Request::Cancel { id: id.to_string() };
-    let out: Value = act(cfg, &req, |stage| {
-        let job = ops::resolve(&stage.journal, id)?;
-        let answered = stage.cancel(job)?;
-        Ok(json!({"job": job, "answered": answered}))
-    })?;
-    let job = out["job"].as_u64().unwrap_or_default();
-    if out["answered"] == json!(true) {
+    let r = expect(call(cfg, Request::Cancel { id: id.to_string() }, |_| true)?)?;
+    let Response::Cancelled { job, answered } = r else {
+        return Err(unexpected(&r));
+    };
+    if answered {
         println!("job {job} ({id}) cancelled and answered");
     } else {
         println!("job {job} ({id}) is being cancelled: its build is killed and it is answered");
@@ -38,11 +34,15 @@ pub fn cancel(cfg: &Config, id: &str) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub fn requeue(cfg: &Config, worker: &str) -> anyhow::Result<i32> {
+pub fn requeue(cfg: &Config, worker: &str, force: bool) -> anyhow::Result<i32> {
     let req = Request::Requeue {
         worker: worker.to_string(),
+        force,
     };
-    let moved: Vec<String> = act(cfg, &req, |stage| Ok(stage.requeue_worker(worker)?))?;
+    let r = expect(call(cfg, req, |_| true)?)?;
+    let Response::Requeued { moved } = r else {
+        return Err(unexpected(&r));
+    };
     for m in &moved {
         println!("incoming/{m}");
     }

@@ -75,9 +75,10 @@ pub enum Command {
         /// A JSON array instead of a table.
         #[arg(long)]
         json: bool,
-        /// Only jobs in this state.
-        #[arg(long)]
-        state: Option<String>,
+        /// Only jobs in this state (claimed, queued, building, interrupted, finished, done,
+        /// error, rejected, moved).
+        #[arg(long, value_parser = parse_state)]
+        state: Option<crate::journal::State>,
         /// At most this many jobs (newest first).
         #[arg(long)]
         limit: Option<usize>,
@@ -90,6 +91,7 @@ pub enum Command {
     Show {
         /// image_id (the newest job with it) or job number.
         id: String,
+        /// The job, its events and its workitem as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -106,9 +108,10 @@ pub enum Command {
         /// Only the events of jobs with this image_id.
         #[arg(long)]
         image: Option<String>,
-        /// Only events of this kind (claimed, queued, started, finished, delivered, pushed, ...).
-        #[arg(long)]
-        kind: Option<String>,
+        /// Only events of this kind (claimed, rejected, invalid, queued, started, finished,
+        /// delivered, pushed, cancelled, requeued, interrupted, duplicate).
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<crate::journal::Tag>,
         /// Keep printing new events.
         #[arg(long)]
         follow: bool,
@@ -124,28 +127,42 @@ pub enum Command {
                             Exit codes: 0 no disagreement, 1 disagreements (or the log cannot be read), 2 usage."
     )]
     Replay {
+        /// The report as one JSON object.
         #[arg(long)]
         json: bool,
     },
     /// Build a finished job again (same workitem, attempt + 1).
     #[command(after_help = "Examples:\n  build-image retry 42-1700000000\n\n\
+                            Only a job that was built can be built again: one answered without a build (invalid, \
+                            a conflict, cancelled before it ran) is refused with the reason.\n\
                             Without a running daemon the job is queued in the log and built by the next start.\n\
-                            Exit codes: 0 queued, 1 no such job or it is not finished, 2 usage.")]
-    Retry { id: String },
+                            Exit codes: 0 queued, 1 no such job, or it is not finished, or it was never built, 2 usage.")]
+    Retry {
+        /// image_id (the newest job with it) or job number.
+        id: String,
+    },
     /// Cancel a queued job (never built) or a running one (its process group is killed).
     #[command(after_help = "Examples:\n  build-image cancel 42-1700000000\n\n\
                             The job is answered in the outbox with the error \"cancelled\" and ERROR is pushed.\n\
                             Exit codes: 0 cancelled, 1 no such job or it is not queued/running, 2 usage.")]
-    Cancel { id: String },
+    Cancel {
+        /// image_id (the newest job with it) or job number.
+        id: String,
+    },
     /// Move a dead worker's claimed files (active/W/) back to incoming/.
     #[command(
         after_help = "Examples:\n  build-image requeue --worker buildhost2\n\n\
-                            Only for a host that is down for good: its daemon must not be running.\n\
-                            Exit codes: 0 moved (or nothing to move), 1 failure, 2 usage."
+                            Only for a host that is down for good: refused while W's daemon is alive (it refreshes \
+                            active/W/.alive), unless --force.\n\
+                            Exit codes: 0 moved (or nothing to move), 1 refused or failed, 2 usage."
     )]
     Requeue {
+        /// The worker id of the dead host.
         #[arg(long)]
         worker: String,
+        /// Move the files even though the worker looks alive.
+        #[arg(long)]
+        force: bool,
     },
     /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites.
     #[command(
@@ -205,7 +222,7 @@ pub fn main() -> i32 {
         Command::Replay { json } => query::replay(&cfg, json),
         Command::Retry { id } => actions::retry(&cfg, &id),
         Command::Cancel { id } => actions::cancel(&cfg, &id),
-        Command::Requeue { worker } => actions::requeue(&cfg, &worker),
+        Command::Requeue { worker, force } => actions::requeue(&cfg, &worker, force),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
     };
     match res {
@@ -232,21 +249,46 @@ pub fn describe(e: &anyhow::Error) -> String {
     out
 }
 
-/// A channel that fires on SIGTERM or SIGINT.
+/// A channel that gets a message for each SIGTERM or SIGINT: the first stops the daemon,
+/// a second one ends the grace period at once.
 pub fn stop_on_signals() -> anyhow::Result<crossbeam_channel::Receiver<()>> {
-    let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+    let (tx, rx) = crossbeam_channel::unbounded::<()>();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])
     .context("cannot install signal handlers")?;
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            log::info!("signal {sig} received");
-            let _ = tx.send(());
+        for (n, sig) in signals.forever().enumerate() {
+            if n == 0 {
+                log::info!("signal {sig} received: stopping");
+            } else {
+                log::warn!("signal {sig} received again: ending the grace period now");
+            }
+            if tx.send(()).is_err() {
+                return;
+            }
         }
     });
     Ok(rx)
+}
+
+fn parse_state(s: &str) -> Result<crate::journal::State, String> {
+    crate::journal::State::parse(s).ok_or_else(|| {
+        format!(
+            "no such state; the states are: {}",
+            crate::journal::State::ALL.map(|s| s.as_str()).join(", ")
+        )
+    })
+}
+
+fn parse_kind(s: &str) -> Result<crate::journal::Tag, String> {
+    crate::journal::Tag::parse(s).ok_or_else(|| {
+        format!(
+            "no such event kind; the kinds are: {}",
+            crate::control::kinds()
+        )
+    })
 }
 
 fn run(cfg: Config, once: bool) -> anyhow::Result<i32> {

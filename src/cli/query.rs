@@ -1,34 +1,27 @@
 //! `status`, `show`, `events`, `replay`: reading the log, through the daemon or directly.
 
-use super::access::{open_log, query};
+use super::access::{call, expect};
 use crate::config::Config;
-use crate::control::{Client, Request};
-use crate::ops::{self, EventFilter, JobView, ReplayReport, StatusRow};
+use crate::control::{Client, Request, Response};
+use crate::journal::State;
+use crate::ops::{self, EventFilter, StatusRow};
 use comfy_table::{Table, presets::NOTHING};
 use std::time::Duration;
+
+fn unexpected(r: &Response) -> anyhow::Error {
+    anyhow::anyhow!("unexpected answer from the daemon: {r:?}")
+}
 
 pub fn status(
     cfg: &Config,
     json: bool,
-    state: Option<String>,
+    state: Option<State>,
     limit: Option<usize>,
 ) -> anyhow::Result<i32> {
-    let req = Request::Status {
-        state: state.clone(),
-        limit,
+    let r = expect(call(cfg, Request::Status { state, limit }, |_| true)?)?;
+    let Response::Status(rows) = r else {
+        return Err(unexpected(&r));
     };
-    let rows: Vec<StatusRow> = query(
-        cfg,
-        &req,
-        |_| true,
-        |journal, _| {
-            Ok(ops::status(
-                &journal.projections()?,
-                state.as_deref(),
-                limit,
-            ))
-        },
-    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
@@ -59,7 +52,7 @@ pub fn status_table(rows: &[StatusRow]) -> String {
         t.add_row(vec![
             r.job.to_string(),
             r.image_id.clone().unwrap_or_else(dash),
-            r.state.clone(),
+            r.state.to_string(),
             r.name.clone().unwrap_or_else(dash),
             r.arch.clone().unwrap_or_else(dash),
             r.image_type.clone().unwrap_or_else(dash),
@@ -73,27 +66,26 @@ pub fn status_table(rows: &[StatusRow]) -> String {
 }
 
 pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
-    let req = Request::Show { id: id.to_string() };
-    let view: JobView = query(
-        cfg,
-        &req,
-        |_| true,
-        |journal, _| Ok(ops::show(journal, cfg, id)?),
-    )?;
+    let r = expect(call(cfg, Request::Show { id: id.to_string() }, |_| true)?)?;
+    let Response::Show(view) = r else {
+        return Err(unexpected(&r));
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
         return Ok(0);
     }
     let j = &view.job;
-    let row = ops::status_row(j);
     println!("job        {}", j.id);
     println!("image_id   {}", j.image_id.as_deref().unwrap_or("-"));
-    println!("state      {}", row.state);
+    println!("state      {}", j.state);
     println!("file       {}", j.file.as_deref().unwrap_or("-"));
     println!("worker     {}", j.worker.as_deref().unwrap_or("-"));
     println!("attempts   {}", j.attempts);
     if let Some(e) = &j.error {
         println!("error      {e}");
+    }
+    if let Some(o) = &j.outbox {
+        println!("answer     outbox/{o}");
     }
     println!("log        {}", view.log_path.as_deref().unwrap_or("-"));
     println!("log url    {}", view.logfile_url.as_deref().unwrap_or("-"));
@@ -132,20 +124,22 @@ pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> an
         if let Some(client) = Client::connect(&cfg.state_dir()) {
             let res = client.call(&req, |e| {
                 next = e.seq + 1;
-                print(&e)
+                print(e)
             });
             match res {
-                Ok(reply) if !reply.ok => {
-                    anyhow::bail!(reply.error.unwrap_or_default())
+                Ok(r @ (Response::Error { .. } | Response::Busy)) => {
+                    expect(r)?;
                 }
                 Ok(_) if !follow => return Ok(0),
                 Ok(_) => {} // the daemon stopped: go on reading the log directly
                 Err(e) if !follow => return Err(e),
                 Err(_) => {}
             }
-        } else if let Some(journal) = open_log(cfg)? {
+        } else if let Some(stage) = super::access::open_offline(cfg)? {
+            let journal = stage.store.journal()?;
             let evs = ops::events(&journal, &f)?;
-            drop(journal); // never hold the lock a starting daemon needs
+            drop(journal);
+            drop(stage); // never hold the lock a starting daemon needs
             for e in &evs {
                 next = e.seq + 1;
                 if !print(e) {
@@ -161,12 +155,10 @@ pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> an
 }
 
 pub fn replay(cfg: &Config, json: bool) -> anyhow::Result<i32> {
-    let report: ReplayReport = query(
-        cfg,
-        &Request::Replay,
-        |_| true,
-        |journal, spool| Ok(ops::replay(journal, spool)?),
-    )?;
+    let r = expect(call(cfg, Request::Replay, |_| true)?)?;
+    let Response::Replay(report) = r else {
+        return Err(unexpected(&r));
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -3,7 +3,18 @@
 
 use crate::workitem::{Spec, Urls};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+
+/// The input workitem as it was read (the file's bytes, a JSON object). Kept beside the event
+/// (the log's `inputs` tree, same flush), not in it, so the event log stays small and quick to
+/// fold; stored as read, so a large workitem is not encoded again.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Input(pub Vec<u8>);
+
+impl From<serde_json::Value> for Input {
+    fn from(v: serde_json::Value) -> Input {
+        Input(serde_json::to_vec(&v).unwrap_or_default())
+    }
+}
 
 /// One entry of the log: `seq` is its sled key, `job` the seq of the event that opened the job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,15 +67,18 @@ pub enum EventKind {
         file: String,
         reason: String,
     },
-    /// A workitem that fails validation; it is answered with an error.
+    /// A workitem that fails validation, or that asks for an image_id (or job folder) another
+    /// job holds (`held_by`): it is answered with an error. A conflict pushes no status: the
+    /// status of an image_id belongs to the job that holds it.
     Invalid {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         image_id: Option<String>,
         error: String,
-        /// The workitem as given. Stored beside the event (the log's `inputs` tree, same
-        /// flush), not in it, so the event log stays small and quick to fold.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held_by: Option<u64>,
+        /// The workitem as given (see [`Input`]).
         #[serde(skip)]
-        input: Value,
+        input: Input,
     },
     /// A valid workitem waiting for a build slot.
     Queued {
@@ -72,7 +86,7 @@ pub enum EventKind {
         spec: Box<Spec>,
         /// As in `Invalid`: stored in the `inputs` tree.
         #[serde(skip)]
-        input: Value,
+        input: Input,
     },
     Started {
         mode: Mode,
@@ -84,9 +98,15 @@ pub enum EventKind {
         error: Option<String>,
         urls: Urls,
     },
-    /// The reply was written to `outbox/<outbox>`.
+    /// The reply was written to `outbox/<outbox>`; with `copy`, the reply for that byte-identical
+    /// re-drop of the job (see `Duplicate`).
     Delivered {
         outbox: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        copy: Option<String>,
+        /// sha256 of the answer written (how a later delivery knows this job's own answer).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
     },
     Pushed {
         status: Status,
@@ -110,10 +130,99 @@ pub enum EventKind {
         from_worker: Option<String>,
     },
 
-    /// A build was stopped by the daemon stopping or dying under it.
+    /// A build was stopped by the daemon stopping (`cause: stop`, not counted against
+    /// max_attempts) or dying under it (`crash`, counted).
     Interrupted {
         reason: String,
+        #[serde(default)]
+        cause: Cause,
     },
+    /// A byte-identical re-drop (same sha256) of this job was claimed: the same request. It is
+    /// not built again and pushes nothing; it is answered with this job's answer (a `delivered`
+    /// event with `copy`).
+    Duplicate {
+        file: String,
+        worker: String,
+        bytes: u64,
+        sha256: String,
+    },
+}
+
+/// Why a build was interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Cause {
+    /// The daemon was stopped (grace over, or a second signal).
+    Stop,
+    /// The daemon died under the build (found at the next start).
+    #[default]
+    Crash,
+}
+
+/// The kinds of event, without their data: what the fold matches on. Every [`EventKind`] maps
+/// to one (`EventKind::tag`), and the fold matches on every tag with no catch-all, so a kind
+/// added without being handled does not compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tag {
+    Claimed,
+    Rejected,
+    Invalid,
+    Queued,
+    Started,
+    Finished,
+    Delivered,
+    Pushed,
+    Cancelled,
+    Requeued,
+    Interrupted,
+    Duplicate,
+}
+
+impl Tag {
+    /// Every kind, in the order of a job's life.
+    pub const ALL: [Tag; 12] = [
+        Tag::Claimed,
+        Tag::Rejected,
+        Tag::Invalid,
+        Tag::Queued,
+        Tag::Started,
+        Tag::Finished,
+        Tag::Delivered,
+        Tag::Pushed,
+        Tag::Cancelled,
+        Tag::Requeued,
+        Tag::Interrupted,
+        Tag::Duplicate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tag::Claimed => "claimed",
+            Tag::Rejected => "rejected",
+            Tag::Invalid => "invalid",
+            Tag::Queued => "queued",
+            Tag::Started => "started",
+            Tag::Finished => "finished",
+            Tag::Delivered => "delivered",
+            Tag::Pushed => "pushed",
+            Tag::Cancelled => "cancelled",
+            Tag::Requeued => "requeued",
+            Tag::Interrupted => "interrupted",
+            Tag::Duplicate => "duplicate",
+        }
+    }
+
+    /// The kind named `s`, if there is one.
+    pub fn parse(s: &str) -> Option<Tag> {
+        Tag::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl EventKind {
@@ -127,19 +236,24 @@ impl EventKind {
         !matches!(self, EventKind::Delivered { .. } | EventKind::Pushed { .. })
     }
 
-    pub fn name(&self) -> &'static str {
+    pub fn tag(&self) -> Tag {
         match self {
-            EventKind::Claimed { .. } => "claimed",
-            EventKind::Rejected { .. } => "rejected",
-            EventKind::Invalid { .. } => "invalid",
-            EventKind::Queued { .. } => "queued",
-            EventKind::Started { .. } => "started",
-            EventKind::Finished { .. } => "finished",
-            EventKind::Delivered { .. } => "delivered",
-            EventKind::Pushed { .. } => "pushed",
-            EventKind::Cancelled { .. } => "cancelled",
-            EventKind::Requeued { .. } => "requeued",
-            EventKind::Interrupted { .. } => "interrupted",
+            EventKind::Claimed { .. } => Tag::Claimed,
+            EventKind::Rejected { .. } => Tag::Rejected,
+            EventKind::Invalid { .. } => Tag::Invalid,
+            EventKind::Queued { .. } => Tag::Queued,
+            EventKind::Started { .. } => Tag::Started,
+            EventKind::Finished { .. } => Tag::Finished,
+            EventKind::Delivered { .. } => Tag::Delivered,
+            EventKind::Pushed { .. } => Tag::Pushed,
+            EventKind::Cancelled { .. } => Tag::Cancelled,
+            EventKind::Requeued { .. } => Tag::Requeued,
+            EventKind::Interrupted { .. } => Tag::Interrupted,
+            EventKind::Duplicate { .. } => Tag::Duplicate,
         }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.tag().as_str()
     }
 }

@@ -4,47 +4,91 @@
 //! The fold keeps what status listings and the recovery decisions need; bulky payloads (the
 //! input workitem, the spec) stay in the log and are read by seq (`input_seq`) when needed.
 
-use super::event::{Event, Mode, Status};
+use super::event::{Cause, Event, Mode, Status, Tag};
 use crate::workitem::Urls;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Where a job is: the one vocabulary of `status`, `show`, `--json` and error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Claimed, not yet read.
     #[default]
     Claimed,
-    /// Not a workitem; moved to rejected/.
-    Rejected,
     /// Waiting for a build slot.
     Queued,
     /// A build was started and has not finished.
     Building,
     /// A build was interrupted and waits to be built again.
     Interrupted,
-    /// Finished (or invalid, or cancelled): the reply is decided but not yet in the outbox.
+    /// Decided (built, invalid, conflict or cancelled), the answer not yet in the outbox.
     Finished,
-    /// The reply is in the outbox.
-    Delivered,
+    /// Answered in the outbox: the image was built.
+    Done,
+    /// Answered in the outbox: it failed (build, validation, conflict, cancel).
+    Error,
+    /// Not a workitem; moved to rejected/.
+    Rejected,
     /// A dead worker's claimed file handed back to incoming/ (`requeue --worker`).
     Moved,
 }
 
 impl State {
+    /// Every state, in the order of a job's life.
+    pub const ALL: [State; 9] = [
+        State::Claimed,
+        State::Queued,
+        State::Building,
+        State::Interrupted,
+        State::Finished,
+        State::Done,
+        State::Error,
+        State::Rejected,
+        State::Moved,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Claimed => "claimed",
-            State::Rejected => "rejected",
             State::Queued => "queued",
             State::Building => "building",
             State::Interrupted => "interrupted",
             State::Finished => "finished",
-            State::Delivered => "delivered",
+            State::Done => "done",
+            State::Error => "error",
+            State::Rejected => "rejected",
             State::Moved => "moved",
         }
     }
+
+    /// The state named `s`, if there is one.
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// The answer is in the outbox.
+    pub fn is_answered(self) -> bool {
+        matches!(self, State::Done | State::Error)
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A byte-identical re-drop of a job, answered with the job's answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Copy {
+    /// Its file in `active/<worker>/`.
+    pub file: String,
+    pub worker: String,
+    /// Where its answer went, once written.
+    pub outbox: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -62,18 +106,30 @@ pub struct Job {
     pub image_type: Option<String>,
     /// The seq of the `queued` or `invalid` event holding the input workitem.
     pub input_seq: Option<u64>,
+    /// The workitem was valid and accepted for building (it holds its image_id).
+    pub accepted: bool,
     pub mode: Option<Mode>,
+    /// Builds started, over the job's whole life.
     pub attempts: u32,
     pub interruptions: u32,
+    /// Builds lost to a crash since the job was last queued (counted against max_attempts).
+    pub lost: u32,
     pub result: Option<bool>,
     pub error: Option<String>,
+    /// A conflict: the job that holds this job's image_id. Answered, no status pushed.
+    pub held_by: Option<u64>,
     pub urls: Urls,
     pub outbox: Option<String>,
+    /// sha256 of the answers this job wrote to the outbox, newest last (so a later delivery
+    /// knows its own earlier answer from another job's).
+    pub answers: Vec<String>,
     pub reason: Option<String>,
     /// The final status (DONE/ERROR) has been pushed successfully.
     pub final_pushed: bool,
     /// Attempts at pushing the final status.
     pub final_push_attempts: u32,
+    /// Byte-identical re-drops of this job.
+    pub copies: Vec<Copy>,
     pub claimed_at: Option<String>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -90,14 +146,9 @@ impl Job {
         }
     }
 
-    /// Nothing is left to do for this job: rejected, or answered and its final status pushed
-    /// (or every push attempt, 1 + `push_retries`, spent).
-    pub fn is_settled(&self, push_retries: u32) -> bool {
-        match self.state {
-            State::Rejected | State::Moved => true,
-            State::Delivered => self.final_pushed || self.final_push_attempts > push_retries,
-            _ => false,
-        }
+    /// Was it ever built (a build started)? Only such a job can be retried.
+    pub fn was_built(&self) -> bool {
+        self.attempts > 0
     }
 
     /// Applies one event of this job (as stored). The only place job state changes.
@@ -106,8 +157,8 @@ impl Job {
         let ts = || Some(ev.ts.to_string());
         self.id = ev.job;
         self.last_seq = ev.seq;
-        match &*ev.kind {
-            "claimed" => {
+        match ev.kind {
+            Tag::Claimed => {
                 self.state = State::Claimed;
                 self.file = s(&ev.file);
                 self.worker = s(&ev.worker);
@@ -116,7 +167,7 @@ impl Job {
                 // A file read again after it grew is claimed again; it was claimed first then.
                 self.claimed_at.get_or_insert_with(|| ev.ts.to_string());
             }
-            "rejected" => {
+            Tag::Rejected => {
                 self.state = State::Rejected;
                 if self.file.is_none() {
                     self.file = s(&ev.file);
@@ -124,15 +175,16 @@ impl Job {
                 self.reason = s(&ev.reason);
                 self.claimed_at.get_or_insert_with(|| ev.ts.to_string());
             }
-            "invalid" => {
+            Tag::Invalid => {
                 self.state = State::Finished;
                 self.image_id = s(&ev.image_id);
                 self.input_seq = Some(ev.seq);
                 self.result = Some(false);
                 self.error = s(&ev.error);
+                self.held_by = ev.held_by;
                 self.finished_at = ts();
             }
-            "queued" => {
+            Tag::Queued => {
                 self.state = State::Queued;
                 self.image_id = s(&ev.image_id);
                 if let Some(spec) = &ev.spec {
@@ -141,54 +193,97 @@ impl Job {
                     self.image_type = Some(spec.image_type.to_string());
                 }
                 self.input_seq = Some(ev.seq);
+                self.accepted = true;
+                self.lost = 0;
             }
-            "started" => {
+            Tag::Started => {
                 self.state = State::Building;
                 self.mode = ev.mode;
                 self.attempts = ev.attempt.unwrap_or(self.attempts + 1);
                 self.started_at = ts();
             }
-            "finished" => {
+            Tag::Finished => {
                 self.state = State::Finished;
                 self.result = ev.result;
                 self.error = s(&ev.error);
                 self.urls = ev.urls.clone().unwrap_or_default();
                 self.finished_at = ts();
             }
-            "delivered" => {
-                self.state = State::Delivered;
-                self.outbox = s(&ev.outbox);
-            }
-            "pushed" if ev.status != Some(Status::Building) && self.state == State::Delivered => {
-                self.final_push_attempts += 1;
-                if ev.ok == Some(true) {
-                    self.final_pushed = true;
+            Tag::Delivered => {
+                let outbox = s(&ev.outbox);
+                match &ev.copy {
+                    Some(file) => {
+                        if let Some(c) = self
+                            .copies
+                            .iter_mut()
+                            .find(|c| c.file == *file && c.outbox.is_none())
+                        {
+                            c.outbox = outbox;
+                        }
+                    }
+                    None => {
+                        self.state = if self.result == Some(true) {
+                            State::Done
+                        } else {
+                            State::Error
+                        };
+                        self.outbox = outbox;
+                        if let Some(sha) = &ev.sha256 {
+                            self.answers.push(sha.to_string());
+                        }
+                    }
                 }
             }
-            "cancelled" => self.reason = s(&ev.reason),
-            "requeued" if ev.file.is_some() && self.input_seq.is_none() => {
-                self.state = State::Moved;
-                self.file = s(&ev.file);
-                self.worker = s(&ev.from_worker);
-                self.reason = s(&ev.reason);
+            Tag::Pushed => {
+                if ev.status != Some(Status::Building) && self.state.is_answered() {
+                    self.final_push_attempts += 1;
+                    if ev.ok == Some(true) {
+                        self.final_pushed = true;
+                    }
+                }
             }
-            "requeued" => {
-                self.state = State::Queued;
-                self.reason = s(&ev.reason);
-                self.result = None;
-                self.error = None;
-                self.urls = Urls::default();
-                self.outbox = None;
-                self.final_pushed = false;
-                self.final_push_attempts = 0;
-                self.finished_at = None;
+            Tag::Cancelled => self.reason = s(&ev.reason),
+            Tag::Requeued => {
+                if ev.file.is_some() && self.input_seq.is_none() {
+                    self.state = State::Moved;
+                    self.file = s(&ev.file);
+                    self.worker = s(&ev.from_worker);
+                    self.reason = s(&ev.reason);
+                } else {
+                    self.state = State::Queued;
+                    self.reason = s(&ev.reason);
+                    self.result = None;
+                    self.error = None;
+                    self.urls = Urls::default();
+                    self.outbox = None;
+                    self.final_pushed = false;
+                    self.final_push_attempts = 0;
+                    self.finished_at = None;
+                    self.lost = 0;
+                }
             }
-            "interrupted" => {
+            Tag::Interrupted => {
                 self.state = State::Interrupted;
                 self.interruptions += 1;
+                if ev.cause.unwrap_or_default() == Cause::Crash {
+                    self.lost += 1;
+                }
                 self.reason = s(&ev.reason);
             }
-            _ => {} // a kind from a newer version: nothing this one knows to change
+            Tag::Duplicate => {
+                let file = s(&ev.file).unwrap_or_default();
+                if !self
+                    .copies
+                    .iter()
+                    .any(|c| c.file == file && c.outbox.is_none())
+                {
+                    self.copies.push(Copy {
+                        file,
+                        worker: s(&ev.worker).unwrap_or_default(),
+                        outbox: None,
+                    });
+                }
+            }
         }
     }
 
@@ -204,14 +299,14 @@ impl Job {
 
 /// An event as the fold reads it: borrowed from the stored JSON, only the fields the fold
 /// uses (deserialising the typed [`Event`] costs several times more, see docs/PERFORMANCE.md).
-#[derive(Debug, Default, Deserialize)]
+/// `kind` is typed: a stored kind this version does not know is an error, not skipped.
+#[derive(Debug, Deserialize)]
 pub struct EventView<'a> {
     pub seq: u64,
     pub job: u64,
     #[serde(borrow)]
     pub ts: Cow<'a, str>,
-    #[serde(borrow)]
-    pub kind: Cow<'a, str>,
+    pub kind: Tag,
     #[serde(borrow, default)]
     pub file: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -226,6 +321,8 @@ pub struct EventView<'a> {
     pub image_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub error: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub held_by: Option<u64>,
     #[serde(borrow, default)]
     pub spec: Option<SpecView<'a>>,
     #[serde(default)]
@@ -238,12 +335,16 @@ pub struct EventView<'a> {
     pub urls: Option<Urls>,
     #[serde(borrow, default)]
     pub outbox: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub copy: Option<Cow<'a, str>>,
     #[serde(default)]
     pub status: Option<Status>,
     #[serde(default)]
     pub ok: Option<bool>,
     #[serde(borrow, default)]
     pub from_worker: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub cause: Option<Cause>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -282,7 +383,6 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Jobs {
 mod tests {
     use super::*;
     use crate::journal::event::EventKind;
-    use crate::workitem::Spec;
     use serde_json::json;
 
     fn ev(seq: u64, job: u64, kind: EventKind) -> Event {
@@ -291,21 +391,6 @@ mod tests {
             ts: format!("2026-11-24T00:00:{seq:02}Z"),
             job,
             kind,
-        }
-    }
-
-    fn spec() -> Spec {
-        Spec {
-            image_id: "7-1".into(),
-            dir_id: "7-1".into(),
-            kickstart: "ks".into(),
-            image_type: "fs".into(),
-            name: "n".into(),
-            arch: "i586".into(),
-            prefix: "requests".into(),
-            release: None,
-            tokenmap: None,
-            extra_opts: vec![],
         }
     }
 
@@ -319,98 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn happy_path() {
-        let events = vec![
-            ev(1, 1, claimed()),
-            ev(
-                2,
-                1,
-                EventKind::Queued {
-                    image_id: "7-1".into(),
-                    spec: Box::new(spec()),
-                    input: json!({}),
-                },
-            ),
-            ev(
-                3,
-                1,
-                EventKind::Started {
-                    mode: Mode::Native,
-                    attempt: 1,
-                },
-            ),
-            ev(
-                4,
-                1,
-                EventKind::Pushed {
-                    status: Status::Building,
-                    exit: Some(0),
-                    ok: true,
-                    error: None,
-                },
-            ),
-            ev(
-                5,
-                1,
-                EventKind::Finished {
-                    result: true,
-                    error: None,
-                    urls: Urls::default(),
-                },
-            ),
-            ev(
-                6,
-                1,
-                EventKind::Delivered {
-                    outbox: "a.json".into(),
-                },
-            ),
-        ];
-        let jobs = fold(&events);
-        let j = &jobs[&1];
-        assert_eq!(j.state, State::Delivered);
-        assert_eq!(j.input_seq, Some(2));
-        assert_eq!(j.attempts, 1);
-        assert!(!j.is_settled(0), "final status not pushed yet");
-        assert_eq!(j.final_status(), Status::Done);
-        let mut jobs = jobs;
-        apply_event(
-            &mut jobs,
-            &ev(
-                7,
-                1,
-                EventKind::Pushed {
-                    status: Status::Done,
-                    exit: Some(1),
-                    ok: false,
-                    error: None,
-                },
-            ),
-        );
-        assert!(!jobs[&1].is_settled(1));
-        assert!(
-            jobs[&1].is_settled(0),
-            "no retries: one failed attempt settles it"
-        );
-        assert_eq!(jobs[&1].final_push_attempts, 1);
-        apply_event(
-            &mut jobs,
-            &ev(
-                8,
-                1,
-                EventKind::Pushed {
-                    status: Status::Done,
-                    exit: Some(0),
-                    ok: true,
-                    error: None,
-                },
-            ),
-        );
-        assert!(jobs[&1].is_settled(1));
-    }
-
-    #[test]
-    fn interleaved_jobs_and_interruptions() {
+    fn interleaved_jobs() {
         let events = vec![
             ev(1, 1, claimed()),
             ev(2, 2, claimed()),
@@ -425,25 +419,11 @@ mod tests {
             ev(
                 4,
                 1,
-                EventKind::Queued {
-                    image_id: "7-1".into(),
-                    spec: Box::new(spec()),
-                    input: json!({}),
-                },
-            ),
-            ev(
-                5,
-                1,
-                EventKind::Started {
-                    mode: Mode::Native,
-                    attempt: 1,
-                },
-            ),
-            ev(
-                6,
-                1,
-                EventKind::Interrupted {
-                    reason: "daemon stopped".into(),
+                EventKind::Invalid {
+                    image_id: Some("x".into()),
+                    error: "missing".into(),
+                    held_by: None,
+                    input: json!({}).into(),
                 },
             ),
             ev(
@@ -457,30 +437,11 @@ mod tests {
         ];
         let jobs = fold(&events);
         assert_eq!(jobs.len(), 3);
-        assert_eq!(jobs[&1].state, State::Interrupted);
-        assert_eq!(jobs[&1].interruptions, 1);
-        assert_eq!(jobs[&2].state, State::Rejected);
-        assert!(jobs[&2].is_settled(0));
-        assert_eq!(jobs[&9].file.as_deref(), Some("c"));
-    }
-
-    #[test]
-    fn invalid_is_finished_with_error() {
-        let jobs = fold(&[
-            ev(1, 1, claimed()),
-            ev(
-                2,
-                1,
-                EventKind::Invalid {
-                    image_id: Some("x".into()),
-                    error: "missing".into(),
-                    input: json!({}),
-                },
-            ),
-        ]);
         assert_eq!(jobs[&1].state, State::Finished);
         assert_eq!(jobs[&1].result, Some(false));
-        assert_eq!(jobs[&1].final_status(), Status::Error);
+        assert_eq!(jobs[&1].input_seq, Some(4));
+        assert_eq!(jobs[&2].state, State::Rejected);
+        assert_eq!(jobs[&9].file.as_deref(), Some("c"));
     }
 
     #[test]
@@ -500,5 +461,23 @@ mod tests {
         );
         let back: Event = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn an_unknown_kind_is_an_error_not_skipped() {
+        let bytes = br#"{"seq":1,"ts":"t","job":1,"kind":"teleported"}"#;
+        assert!(serde_json::from_slice::<EventView<'_>>(bytes).is_err());
+    }
+
+    #[test]
+    fn states_and_kinds_round_trip_their_names() {
+        for s in State::ALL {
+            assert_eq!(State::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), json!(s.as_str()));
+        }
+        for t in Tag::ALL {
+            assert_eq!(Tag::parse(t.as_str()), Some(t));
+            assert_eq!(serde_json::to_value(t).unwrap(), json!(t.as_str()));
+        }
     }
 }

@@ -10,9 +10,10 @@
 pub mod event;
 pub mod fold;
 
-pub use event::{Event, EventKind, Mode, Status};
+pub use event::{Cause, Event, EventKind, Input, Mode, Status, Tag};
 pub use fold::{Job, Jobs, State};
 
+use crate::lifecycle::{self, Policy};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::SystemTime;
@@ -29,6 +30,10 @@ pub enum JournalError {
     Sled(#[from] sled::Error),
     #[error("event {seq} in the log is not readable: {source}")]
     Corrupt { seq: u64, source: serde_json::Error },
+    #[error(
+        "the event log in {path} is corrupt ({detail}); restore it from a backup (docs/operations.md)"
+    )]
+    StoreCorrupt { path: PathBuf, detail: String },
     #[error("cannot encode an event: {0}")]
     Encode(serde_json::Error),
 }
@@ -45,6 +50,14 @@ const JOBS: &str = "jobs";
 const INPUTS: &str = "inputs";
 const BY_SHA: &str = "by_sha";
 const OPEN: &str = "open";
+const BY_FOLDER: &str = "by_folder";
+/// Key (in the default tree) of the format of the stored projections: when the fold changes,
+/// the projections are folded again from the log at the next start.
+const PROJECTION_FORMAT: &[u8] = b"projection_format";
+/// The format the fold of this version writes.
+pub const PROJECTION_VERSION: u64 = 2;
+/// Key (in the default tree) written to check that the log takes writes again.
+const PROBE: &[u8] = b"probe";
 /// Key (in the default tree) of the highest seq whose job projection is stored.
 const PROJECTED_UPTO: &[u8] = b"projected_upto";
 
@@ -60,6 +73,7 @@ pub struct Journal {
     by_job: sled::Tree,
     by_image: sled::Tree,
     by_sha: sled::Tree,
+    by_folder: sled::Tree,
     jobs: sled::Tree,
     open: sled::Tree,
     inputs: sled::Tree,
@@ -106,6 +120,10 @@ impl Journal {
                 {
                     JournalError::Locked(dir.to_path_buf())
                 }
+                sled::Error::Corruption { .. } => JournalError::StoreCorrupt {
+                    path: dir.to_path_buf(),
+                    detail: e.to_string(),
+                },
                 _ => JournalError::Open {
                     path: dir.to_path_buf(),
                     source: e,
@@ -124,6 +142,7 @@ impl Journal {
             by_job: db.open_tree(BY_JOB)?,
             by_image: db.open_tree(BY_IMAGE)?,
             by_sha: db.open_tree(BY_SHA)?,
+            by_folder: db.open_tree(BY_FOLDER)?,
             jobs: db.open_tree(JOBS)?,
             open: db.open_tree(OPEN)?,
             inputs: db.open_tree(INPUTS)?,
@@ -141,7 +160,7 @@ impl Journal {
             // A log written before the content index existed: build it once.
             let mut batch = sled::Batch::default();
             journal.fold_range(0, None, |ev| {
-                if ev.kind == "claimed"
+                if ev.kind == Tag::Claimed
                     && let Some(sha) = &ev.sha256
                 {
                     batch.insert(sha_key(sha, ev.job), &[]);
@@ -158,24 +177,26 @@ impl Journal {
     }
 
     /// Appends one event and flushes it. `job = None` opens a new job whose id is this seq.
-    pub fn append(&self, job: Option<u64>, kind: EventKind) -> Result<Event> {
-        let mut out = self.append_batch(vec![(job, kind)])?;
+    pub fn append(&self, job: Option<u64>, kind: EventKind, policy: &Policy) -> Result<Event> {
+        let mut out = self.append_batch(vec![(job, kind)], policy)?;
         out.pop()
             .ok_or_else(|| JournalError::Sled(sled::Error::Unsupported("empty batch".into())))
     }
 
     /// Appends several events with one flush (group commit), storing each job's projection
-    /// folded from its stored one (a job is open until it is rejected, moved, or delivered and
-    /// pushed).
-    pub fn append_batch(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
+    /// folded from its stored one, open or not as `policy` says.
+    pub fn append_batch(
+        &self,
+        items: Vec<(Option<u64>, EventKind)>,
+        policy: &Policy,
+    ) -> Result<Vec<Event>> {
         let mut pending: std::collections::HashMap<u64, Job> = Default::default();
         let evs = self.append_with(items, |ev, view| {
             let job = pending
                 .entry(ev.job)
                 .or_insert_with(|| self.projection(ev.job).ok().flatten().unwrap_or_default());
             job.apply(view);
-            // No retry limit known here: a delivered job is open until its final push is made.
-            (job.clone(), !job.is_settled(u32::MAX))
+            (job.clone(), lifecycle::is_open(job, policy))
         })?;
         if let Some(last) = evs.last() {
             self.sync(last.seq + 1)?;
@@ -198,6 +219,7 @@ impl Journal {
         let mut by_job: Items = Vec::new();
         let mut by_image: Items = Vec::new();
         let mut by_sha: Items = Vec::new();
+        let mut by_folder: Items = Vec::new();
         let mut jobs: Items = Vec::new();
         let mut open: Vec<([u8; 8], bool)> = Vec::new();
         let mut inputs: Items = Vec::new();
@@ -215,8 +237,9 @@ impl Journal {
             projected.insert(ev.job, project(&ev, &view));
             by_job.push((job_seq_key(ev.job, seq).to_vec(), Vec::new()));
             match &ev.kind {
-                EventKind::Queued { image_id, .. } => {
+                EventKind::Queued { image_id, spec, .. } => {
                     by_image.push((image_key(image_id, ev.job), Vec::new()));
+                    by_folder.push((image_key(&folder_key(spec), ev.job), Vec::new()));
                 }
                 EventKind::Invalid {
                     image_id: Some(image_id),
@@ -230,8 +253,7 @@ impl Journal {
                 _ => {}
             }
             if let EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } = &ev.kind {
-                let bytes = serde_json::to_vec(input).map_err(JournalError::Encode)?;
-                inputs.push((ev.job.to_be_bytes().to_vec(), bytes));
+                inputs.push((ev.job.to_be_bytes().to_vec(), input.0.clone()));
             }
             batch.push((seq.to_be_bytes().to_vec(), bytes));
             out.push(ev);
@@ -252,6 +274,7 @@ impl Journal {
             (&self.by_job, by_job),
             (&self.by_image, by_image),
             (&self.by_sha, by_sha),
+            (&self.by_folder, by_folder),
             (&self.inputs, inputs),
             (&self.events, batch),
             (&self.jobs, jobs),
@@ -300,6 +323,11 @@ impl Journal {
         self.committed.notify_all();
         flushed?;
         Ok(())
+    }
+
+    /// The highest seq known durable (0: none).
+    pub fn durable_seq(&self) -> u64 {
+        lock(&self.commit).durable.saturating_sub(1)
     }
 
     /// Whether some appended event is not flushed yet.
@@ -351,12 +379,29 @@ impl Journal {
         }
     }
 
+    /// The stored bytes of a job's input workitem.
+    pub fn input_bytes(&self, job: u64) -> Result<Option<sled::IVec>> {
+        Ok(self.inputs.get(job.to_be_bytes())?)
+    }
+
     /// The jobs that carry this image_id, oldest first (through the by_image index).
     pub fn jobs_for_image(&self, image_id: &str) -> Result<Vec<u64>> {
         let mut prefix = image_id.as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
         for item in self.by_image.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            out.push(key_seq(&k[prefix.len()..]));
+        }
+        Ok(out)
+    }
+
+    /// The jobs whose job folder is `prefix/dir_id` of `spec`, oldest first.
+    pub fn jobs_for_folder(&self, spec: &crate::workitem::Spec) -> Result<Vec<u64>> {
+        let mut prefix = folder_key(spec).into_bytes();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.by_folder.scan_prefix(&prefix) {
             let (k, _) = item?;
             out.push(key_seq(&k[prefix.len()..]));
         }
@@ -518,6 +563,96 @@ impl Journal {
     pub fn flush(&self) -> Result<()> {
         self.sync(self.next_seq())
     }
+
+    /// The format of the stored projections (0: older than the format mark).
+    pub fn projection_format(&self) -> Result<u64> {
+        Ok(self.db.get(PROJECTION_FORMAT)?.map_or(0, |v| key_seq(&v)))
+    }
+
+    /// Replaces every stored projection (and the open marks, and the folder index) by those
+    /// of `jobs`, the fold of the whole log below seq `upto + 1`, and flushes.
+    pub fn rewrite_projections(&self, jobs: &Jobs, policy: &Policy, upto: u64) -> Result<()> {
+        self.jobs.clear()?;
+        self.open.clear()?;
+        for job in jobs.values() {
+            self.put_projection(job, lifecycle::is_open(job, policy))?;
+        }
+        if self.by_folder.is_empty() {
+            // A log from before the folder index: build it from the queued events.
+            for item in self.events.iter() {
+                let (_, v) = item?;
+                if let Ok(Event {
+                    job,
+                    kind: EventKind::Queued { spec, .. },
+                    ..
+                }) = serde_json::from_slice::<Event>(&v)
+                {
+                    self.by_folder
+                        .insert(image_key(&folder_key(&spec), job), &[])?;
+                }
+            }
+        }
+        self.set_projected_upto(upto)?;
+        self.db
+            .insert(PROJECTION_FORMAT, &PROJECTION_VERSION.to_be_bytes())?;
+        self.flush()
+    }
+
+    /// Checks that the log takes a write and a flush now.
+    pub fn probe(&self) -> Result<()> {
+        self.db.insert(PROBE, now_ts().as_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The seq of the last event in the log (0: empty).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq() - 1
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The process holding the lock of the log in `dir` (sled takes an flock on its `db` file):
+/// its pid and command line, from /proc/locks.
+pub fn lock_holder(dir: &Path) -> Option<(i32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir.join("db")).ok()?;
+    let (major, minor) = (
+        nix::sys::stat::major(meta.dev()),
+        nix::sys::stat::minor(meta.dev()),
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (pid, dev) = (f.get(4)?, f.get(5)?);
+        let mut parts = dev.split(':');
+        let maj = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let min = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let ino: u64 = parts.next()?.parse().ok()?;
+        if (maj, min, ino) != (major, minor, meta.ino()) {
+            return None;
+        }
+        let pid: i32 = pid.parse().ok()?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| {
+                c.split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        Some((pid, cmd))
+    })
+}
+
+/// The key of a job folder: `prefix/dir_id`.
+pub fn folder_key(spec: &crate::workitem::Spec) -> String {
+    format!("{}/{}", spec.prefix, spec.dir_id)
 }
 
 fn job_seq_key(job: u64, seq: u64) -> [u8; 16] {
@@ -572,6 +707,12 @@ fn decode(seq: u64, bytes: &[u8]) -> Result<Event> {
 mod tests {
     use super::*;
 
+    const P: Policy = Policy {
+        push: false,
+        push_retries: 0,
+        max_attempts: 2,
+    };
+
     #[test]
     fn append_reopen_and_lock() {
         let dir = tempfile::tempdir().unwrap();
@@ -584,11 +725,12 @@ mod tests {
                         file: "x".into(),
                         reason: "empty file".into(),
                     },
+                    &P,
                 )
                 .unwrap();
             assert_eq!((a.seq, a.job), (1, 1));
             let b = j
-                .append(Some(1), EventKind::Cancelled { reason: "r".into() })
+                .append(Some(1), EventKind::Cancelled { reason: "r".into() }, &P)
                 .unwrap();
             assert_eq!((b.seq, b.job), (2, 1));
             assert!(matches!(
@@ -615,6 +757,7 @@ mod tests {
                         )
                     })
                     .collect(),
+                &P,
             )
             .unwrap();
         assert_eq!(
@@ -640,11 +783,12 @@ mod tests {
         let inv = |id: &str| EventKind::Invalid {
             image_id: Some(id.into()),
             error: "e".into(),
-            input: serde_json::json!({}),
+            held_by: None,
+            input: serde_json::json!({}).into(),
         };
-        j.append(None, inv("a")).unwrap();
-        j.append(None, inv("ab")).unwrap();
-        j.append(None, inv("a")).unwrap();
+        j.append(None, inv("a"), &P).unwrap();
+        j.append(None, inv("ab"), &P).unwrap();
+        j.append(None, inv("a"), &P).unwrap();
         assert_eq!(j.jobs_for_image("a").unwrap(), vec![1, 3]);
         assert_eq!(
             j.open_jobs().unwrap(),

@@ -1,0 +1,220 @@
+//! The pusher: runs the status push utility apart from the claim loop and the build slots, so a
+//! failing or hanging utility delays only pushes.
+//!
+//! Invariants: the pushes of one job go to one thread (`job % threads`) and are tried in the
+//! order asked (BUILDING before the final status); a push is done only while the lifecycle
+//! still asks for it (a BUILDING that a final status superseded is dropped; a final status
+//! that succeeded is not pushed again); every attempt is recorded as a `pushed` event; a failed
+//! attempt is tried again after the one back-off while `[hooks] retries` allow, and after a
+//! restart (the lifecycle asks for it again).
+
+use crate::backoff::Backoff;
+use crate::build;
+use crate::config::Config;
+use crate::hooks::Hooks;
+use crate::journal::{EventKind, State, Status};
+use crate::lifecycle::{self, Step};
+use crate::store::{Store, lock};
+use crate::workitem;
+use crossbeam_channel::{Receiver, Sender, select, unbounded};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Pushes run by this many threads at most (jobs are spread over them by id).
+const THREADS: u64 = 4;
+
+struct Ask {
+    job: u64,
+    status: Status,
+    attempt: u32,
+    due: Instant,
+}
+
+pub struct Pusher {
+    shards: Mutex<Vec<Sender<Ask>>>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Ctx {
+    store: Arc<Store>,
+    hooks: Hooks,
+    cfg: Arc<Config>,
+    backoff: Backoff,
+}
+
+impl Pusher {
+    /// Starts the push threads; with no push utility configured, or `enabled` false (a command
+    /// working on the log while no daemon runs), none: pushes asked for are dropped (the
+    /// lifecycle asks for a final status again at the next start).
+    pub fn start(
+        store: Arc<Store>,
+        hooks: Hooks,
+        cfg: Arc<Config>,
+        enabled: bool,
+    ) -> std::io::Result<Pusher> {
+        let n = if enabled && cfg.hooks.push.is_some() {
+            THREADS
+        } else {
+            0
+        };
+        let backoff = Backoff::new(
+            Duration::from_millis(cfg.hooks.retry_delay_ms),
+            Duration::from_secs(24 * 3600),
+        );
+        let ctx = Arc::new(Ctx {
+            store,
+            hooks,
+            cfg,
+            backoff,
+        });
+        let mut shards = Vec::new();
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let (tx, rx) = unbounded();
+            let ctx = Arc::clone(&ctx);
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("push-{i}"))
+                    .spawn(move || shard(&ctx, &rx))?,
+            );
+            shards.push(tx);
+        }
+        Ok(Pusher {
+            shards: Mutex::new(shards),
+            handles: Mutex::new(handles),
+        })
+    }
+
+    /// Asks for `status` of `job` to be pushed (first attempt, now).
+    pub fn push(&self, job: u64, status: Status) {
+        let shards = lock(&self.shards);
+        if shards.is_empty() {
+            return;
+        }
+        let i = (job % shards.len() as u64) as usize;
+        let _ = shards[i].send(Ask {
+            job,
+            status,
+            attempt: 1,
+            due: Instant::now(),
+        });
+    }
+
+    /// Stops: pushes not started are dropped (a final status is pushed again by the next
+    /// start), a push under way is waited for.
+    pub fn stop(&self) {
+        lock(&self.shards).clear();
+        for h in lock(&self.handles).drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// One push thread: a queue of asks, each due at a time.
+fn shard(ctx: &Ctx, rx: &Receiver<Ask>) {
+    let mut order = 0u64;
+    let mut heap: BinaryHeap<Reverse<(Instant, u64, u64, Status, u32)>> = BinaryHeap::new();
+    let mut pending: HashSet<(u64, Status)> = HashSet::new();
+    loop {
+        let wait = heap.peek().map_or(Duration::from_secs(3600), |Reverse(a)| {
+            a.0.saturating_duration_since(Instant::now())
+        });
+        select! {
+            recv(rx) -> ask => match ask {
+                Ok(a) => {
+                    if pending.insert((a.job, a.status)) {
+                        order += 1;
+                        heap.push(Reverse((a.due, order, a.job, a.status, a.attempt)));
+                    }
+                }
+                Err(_) => return,
+            },
+            default(wait) => {}
+        }
+        while let Some(Reverse(top)) = heap.peek() {
+            if top.0 > Instant::now() {
+                break;
+            }
+            let Some(Reverse((_, _, job, status, attempt))) = heap.pop() else {
+                break;
+            };
+            pending.remove(&(job, status));
+            if let Some(retry) = attempt_push(ctx, job, status, attempt) {
+                order += 1;
+                pending.insert((job, status));
+                heap.push(Reverse((retry, order, job, status, attempt + 1)));
+            }
+            // A stop asked meanwhile: leave the rest.
+            if rx.is_empty()
+                && matches!(
+                    rx.try_recv(),
+                    Err(crossbeam_channel::TryRecvError::Disconnected)
+                )
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// One push attempt, if the lifecycle still asks for it; returns when to try again.
+fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Option<Instant> {
+    let job = ctx.store.job(id)?;
+    let wanted = match status {
+        Status::Building => job.state == State::Building,
+        _ => lifecycle::next_step(&job, ctx.store.policy()) == Step::Push(status),
+    };
+    if !wanted {
+        return None;
+    }
+    let (input, spec) = match ctx.store.input(&job) {
+        Ok(i) => i,
+        Err(e) => {
+            log::error!("job {id}: cannot push {status:?}: {e}");
+            return None;
+        }
+    };
+    let reply = match status {
+        Status::Building => {
+            let urls = spec
+                .map(|s| build::planned_urls(&ctx.cfg.worker, &s))
+                .unwrap_or_default();
+            workitem::reply(&input, None, None, &urls)
+        }
+        _ => workitem::reply(&input, job.result, job.error.as_deref(), &job.urls),
+    };
+    drop(input);
+    let image_id = job.image_id.clone().unwrap_or_default();
+    let pushed = ctx.hooks.push(id, status, &reply, &image_id)?;
+    drop(reply);
+    let retry = match &pushed.error {
+        Some(e) => {
+            log::warn!(
+                "job {id} push {} attempt {attempt} failed: {e}",
+                status.as_str()
+            );
+            (attempt <= ctx.cfg.hooks.retries).then(|| Instant::now() + ctx.backoff.delay(attempt))
+        }
+        None => None,
+    };
+    if let Err(e) = ctx.store.record(
+        Some(id),
+        EventKind::Pushed {
+            status,
+            exit: pushed.exit,
+            ok: pushed.ok,
+            error: pushed.error,
+        },
+    ) {
+        // The push happened; the log did not take its record. The lifecycle asks for it
+        // again once the log works (at least once).
+        log::error!(
+            "job {id}: cannot record the push of {}: {e}",
+            status.as_str()
+        );
+    }
+    retry
+}

@@ -1,0 +1,528 @@
+//! The job store: the event log and the fold of the jobs still open. It is the only writer of
+//! the log, and the only holder of job state in memory.
+//!
+//! Invariants:
+//! - A job's state changes only by `record`/`append`: the event is appended and applied to the
+//!   in-memory fold under one lock, so memory is always the fold of the log.
+//! - `record` returns once its events are durable (group commit across threads); the kinds
+//!   that record a step already done (`delivered`, `pushed`) ride on the next flush instead
+//!   (`EventKind::needs_flush`, at most `LAZY_FLUSH` later).
+//! - A write error marks the store failing: callers stop acting (the claim loop stops
+//!   claiming) until `repair` succeeds: it probes the log, reopens it when the store keeps
+//!   reporting the old error, and reloads the open jobs from what is durable.
+//! - The log is refused at start when it is shorter than the high-water mark kept beside it.
+
+use crate::journal::{
+    self, Event, EventKind, Job, Jobs, Journal, JournalError, PROJECTION_VERSION,
+};
+use crate::lifecycle::{self, Policy};
+use crate::workitem::Spec;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{0}")]
+    Locked(String),
+    #[error(
+        "the event log in {dir} lost its tail: it ends at event {last}, but events up to {mark} were written (high-water mark {mark_file}). Restore the log from a backup; to accept the loss and start from what is left, remove {mark_file}"
+    )]
+    Truncated {
+        dir: PathBuf,
+        last: u64,
+        mark: u64,
+        mark_file: PathBuf,
+    },
+    #[error("cannot prepare the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the event log cannot be written now ({0}); it is retried")]
+    Failing(String),
+    #[error("job {0} has no input workitem in the log")]
+    NoInput(u64),
+    #[error("job {0} is not in the log")]
+    NoJob(u64),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// How soon an event that needs no flush of its own is flushed when nothing else flushes.
+pub const LAZY_FLUSH: Duration = Duration::from_millis(100);
+/// How often, at most, the high-water mark is written.
+const MARK_EVERY: Duration = Duration::from_secs(1);
+
+/// Locks a mutex, taking the data of a poisoned one (a panicked holder changed nothing that
+/// the code after it relies on: every change is an append to the log first).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct Store {
+    dir: PathBuf,
+    cache_bytes: u64,
+    policy: Policy,
+    journal: RwLock<Option<Arc<Journal>>>,
+    /// The open jobs, as folded from the log.
+    open: Mutex<Jobs>,
+    /// Why the log cannot be written, while it cannot.
+    failing: Mutex<Option<String>>,
+    /// When events appended without a flush are to be flushed.
+    lazy_flush: Mutex<Option<Instant>>,
+    /// The high-water mark last written, and when.
+    mark: Mutex<(u64, Instant)>,
+}
+
+/// The file beside the log holding the highest seq known durable.
+pub fn mark_path(dir: &Path) -> PathBuf {
+    dir.join("log.mark")
+}
+
+fn read_mark(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(mark_path(dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Creates the state directory (mode 0700: the log holds kickstarts with password hashes).
+pub fn prepare_state_dir(dir: &Path) -> Result<()> {
+    let err = |source| StoreError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    Ok(())
+}
+
+/// Opens the log, waiting up to `patience` while another process (an operator command reading
+/// the log directly) holds it. A lock held longer names its holder.
+pub fn open_journal(dir: &Path, cache_bytes: u64, patience: Duration) -> Result<Journal> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match Journal::open_with_cache(dir, cache_bytes) {
+            Err(JournalError::Locked(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(JournalError::Locked(p)) => {
+                let holder = journal::lock_holder(&p)
+                    .map(|(pid, cmd)| format!(" (held by pid {pid}: {cmd})"))
+                    .unwrap_or_default();
+                return Err(StoreError::Locked(format!(
+                    "the event log in {} is locked by another process{holder}: is a build-image daemon already running on this state dir?",
+                    p.display()
+                )));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+impl Store {
+    /// Opens the log in `dir` (refusing one that lost its tail), brings the stored projections
+    /// up to date and loads the open jobs.
+    pub fn open(dir: &Path, cache_bytes: u64, policy: Policy, patience: Duration) -> Result<Store> {
+        prepare_state_dir(dir)?;
+        let journal = open_journal(dir, cache_bytes, patience)?;
+        let last = journal.last_seq();
+        if let Some(mark) = read_mark(dir)
+            && last < mark
+        {
+            return Err(StoreError::Truncated {
+                dir: dir.to_path_buf(),
+                last,
+                mark,
+                mark_file: mark_path(dir),
+            });
+        }
+        restrict_files(dir);
+        let open = load_open(&journal, &policy)?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            cache_bytes,
+            policy,
+            journal: RwLock::new(Some(Arc::new(journal))),
+            open: Mutex::new(open),
+            failing: Mutex::new(None),
+            lazy_flush: Mutex::new(None),
+            mark: Mutex::new((last, Instant::now())),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The log, for reading (queries). None only while `repair` reopens it.
+    pub fn journal(&self) -> Result<Arc<Journal>> {
+        self.journal
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Failing("the event log is being reopened".into()))
+    }
+
+    /// Why the log cannot be written now, if it cannot.
+    pub fn failing(&self) -> Option<String> {
+        lock(&self.failing).clone()
+    }
+
+    fn fail(&self, e: &JournalError) {
+        let mut f = lock(&self.failing);
+        if f.is_none() {
+            log::error!("the event log cannot be written: {e}; claiming stops until it can");
+        }
+        *f = Some(e.to_string());
+    }
+
+    /// Records one event (see `record_batch`).
+    pub fn record(&self, job: Option<u64>, kind: EventKind) -> Result<Event> {
+        let mut evs = self.record_batch(vec![(job, kind)])?;
+        evs.pop().ok_or(StoreError::NoJob(job.unwrap_or_default()))
+    }
+
+    /// Appends events and applies them to the fold; then makes them durable with one flush
+    /// (shared with the other threads flushing at that moment), unless none of them needs it.
+    pub fn record_batch(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
+        let evs = self.append(items)?;
+        if evs.iter().any(|e| e.kind.needs_flush()) {
+            self.sync()?;
+        } else if !evs.is_empty() {
+            self.flush_soon();
+        }
+        for ev in &evs {
+            log_event(ev);
+        }
+        Ok(evs)
+    }
+
+    /// Appends events and applies them to the fold, without flushing (the caller calls `sync`
+    /// before acting on them).
+    pub fn append(&self, items: Vec<(Option<u64>, EventKind)>) -> Result<Vec<Event>> {
+        if let Some(why) = self.failing() {
+            return Err(StoreError::Failing(why));
+        }
+        let journal = self.journal()?;
+        let mut open = lock(&self.open);
+        let mut pending: HashMap<u64, Job> = HashMap::new();
+        let mut failed = None;
+        let policy = self.policy;
+        let evs = journal
+            .append_with(items, |ev, view| {
+                let job = pending.entry(ev.job).or_insert_with(|| {
+                    if ev.seq == ev.job {
+                        return Job::default();
+                    }
+                    match open.get(&ev.job) {
+                        Some(job) => Some(job.clone()),
+                        None => journal.projection(ev.job).unwrap_or_else(|e| {
+                            failed = Some(e);
+                            None
+                        }),
+                    }
+                    .unwrap_or_default()
+                });
+                job.apply(view);
+                (job.clone(), lifecycle::is_open(job, &policy))
+            })
+            .inspect_err(|e| self.fail(e))?;
+        for (id, job) in pending {
+            if lifecycle::is_open(&job, &policy) {
+                open.insert(id, job);
+            } else {
+                open.remove(&id);
+            }
+        }
+        if let Some(e) = failed {
+            // The events are in the log; the projection is repaired by the next start.
+            log::error!("cannot read a stored projection while recording: {e}");
+        }
+        Ok(evs)
+    }
+
+    /// Makes everything appended so far durable.
+    pub fn sync(&self) -> Result<()> {
+        let journal = self.journal()?;
+        journal.flush().inspect_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    /// Asks for a flush of what was appended without one, soon (`tick` does it).
+    fn flush_soon(&self) {
+        let mut due = lock(&self.lazy_flush);
+        if due.is_none() {
+            *due = Some(Instant::now() + LAZY_FLUSH);
+        }
+    }
+
+    /// When `tick` has something to do next.
+    pub fn next_tick(&self) -> Option<Instant> {
+        let flush = *lock(&self.lazy_flush);
+        let (marked, at) = *lock(&self.mark);
+        let mark = self
+            .journal()
+            .ok()
+            .filter(|j| j.last_seq() > marked)
+            .map(|_| at + MARK_EVERY);
+        [flush, mark].into_iter().flatten().min()
+    }
+
+    /// Flushes what was appended without a flush once its time has come, and writes the
+    /// high-water mark (at most once a second).
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let due = {
+            let mut due = lock(&self.lazy_flush);
+            let d = due.is_some_and(|d| d <= now);
+            if d {
+                *due = None;
+            }
+            d
+        };
+        if due && let Err(e) = self.sync() {
+            log::error!("cannot flush the event log: {e}");
+        }
+        let at = lock(&self.mark).1;
+        if now >= at + MARK_EVERY {
+            self.write_mark();
+        }
+    }
+
+    /// Writes the high-water mark: the highest seq that is durable. Only ever raised.
+    pub fn write_mark(&self) {
+        let Ok(journal) = self.journal() else { return };
+        let durable = journal.durable_seq();
+        let mut mark = lock(&self.mark);
+        mark.1 = Instant::now();
+        if durable <= mark.0 {
+            return;
+        }
+        match crate::durable::write_atomic(
+            &mark_path(&self.dir),
+            format!("{durable}\n").as_bytes(),
+            0o600,
+        ) {
+            Ok(()) => mark.0 = durable,
+            Err(e) => log::warn!("cannot write the log's high-water mark: {e}"),
+        }
+    }
+
+    /// A job, open (from memory) or settled (from its stored projection).
+    pub fn job(&self, id: u64) -> Option<Job> {
+        if let Some(job) = lock(&self.open).get(&id) {
+            return Some(job.clone());
+        }
+        match self.journal().map(|j| j.projection(id)) {
+            Ok(Ok(job)) => job,
+            Ok(Err(e)) => {
+                log::error!("job {id}: {e}");
+                None
+            }
+            Err(e) => {
+                log::error!("job {id}: {e}");
+                None
+            }
+        }
+    }
+
+    /// A snapshot of the open jobs.
+    pub fn open_jobs(&self) -> Jobs {
+        lock(&self.open).clone()
+    }
+
+    /// The input workitem (and spec, for a valid one) of a job.
+    pub fn input(&self, job: &Job) -> Result<(Value, Option<Spec>)> {
+        let journal = self.journal()?;
+        input_of(&journal, job)
+    }
+
+    /// Tries to make the log writable again after a write error: probes it; when the store
+    /// keeps reporting the error, reopens it. Then reloads the open jobs from what is durable
+    /// (events appended but not flushed before the error are gone; the steps they recorded
+    /// are done again, which every step allows). Ok(true) once the log works.
+    pub fn repair(&self) -> Result<bool> {
+        if self.failing().is_none() {
+            return Ok(true);
+        }
+        let probed = self.journal().map(|j| j.probe());
+        if !matches!(probed, Ok(Ok(()))) {
+            let mut slot = self.journal.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(j) = slot.take() {
+                // Other holders (a query under way) keep sled's lock: try again later.
+                match Arc::try_unwrap(j) {
+                    Ok(j) => drop(j),
+                    Err(j) => {
+                        *slot = Some(j);
+                        return Ok(false);
+                    }
+                }
+            }
+            let reopened = Journal::open_with_cache(&self.dir, self.cache_bytes);
+            match reopened {
+                Ok(j) => {
+                    let probe = j.probe();
+                    *slot = Some(Arc::new(j));
+                    if let Err(e) = probe {
+                        *lock(&self.failing) = Some(e.to_string());
+                        return Ok(false);
+                    }
+                }
+                Err(e) => {
+                    *lock(&self.failing) = Some(e.to_string());
+                    return Ok(false);
+                }
+            }
+        }
+        let journal = self.journal()?;
+        let reloaded = load_open(&journal, &self.policy)?;
+        *lock(&self.open) = reloaded;
+        *lock(&self.failing) = None;
+        log::info!("the event log takes writes again: resuming");
+        Ok(true)
+    }
+}
+
+/// The input workitem (and spec, for a valid one) of a job, from the log.
+pub fn input_of(journal: &Journal, job: &Job) -> Result<(Value, Option<Spec>)> {
+    let seq = job.input_seq.ok_or(StoreError::NoInput(job.id))?;
+    let input = journal.input(job.id)?.ok_or(StoreError::NoInput(job.id))?;
+    match journal.get(seq)?.map(|e| e.kind) {
+        Some(EventKind::Queued { spec, .. }) => {
+            let spec = spec.with_kickstart_from(&input);
+            Ok((input, Some(spec)))
+        }
+        Some(EventKind::Invalid { .. }) => Ok((input, None)),
+        _ => Err(StoreError::NoInput(job.id)),
+    }
+}
+
+/// Loads the open jobs: the stored projections of the jobs marked open, then the events after
+/// the projection snapshot folded onto their jobs (a crash can leave a few), stored. A log
+/// whose projections are of another format (or none) is folded whole once.
+fn load_open(journal: &Journal, policy: &Policy) -> Result<Jobs> {
+    let started = Instant::now();
+    if journal.projection_format()? != PROJECTION_VERSION {
+        let (jobs, n) = journal.fold_jobs(None)?;
+        journal.rewrite_projections(&jobs, policy, journal.last_seq())?;
+        log::info!(
+            "log: projections folded again from {n} event(s) ({} jobs) in {:?}",
+            jobs.len(),
+            started.elapsed()
+        );
+    }
+    let mut open = Jobs::new();
+    for id in journal.open_jobs()? {
+        if let Some(job) = journal.projection(id)? {
+            open.insert(id, job);
+        }
+    }
+    let upto = journal.projected_upto()?;
+    let mut tail = Jobs::new();
+    let mut failed = None;
+    let n = journal.fold_range(upto + 1, None, |ev| {
+        let job = tail.entry(ev.job).or_insert_with(|| {
+            open.remove(&ev.job).unwrap_or_else(|| {
+                journal
+                    .projection(ev.job)
+                    .unwrap_or_else(|e| {
+                        failed.get_or_insert(e);
+                        None
+                    })
+                    .unwrap_or_default()
+            })
+        });
+        if ev.seq > job.last_seq {
+            job.apply(ev);
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    for (id, job) in tail {
+        let is_open = lifecycle::is_open(&job, policy);
+        journal.put_projection(&job, is_open)?;
+        if is_open {
+            open.insert(id, job);
+        }
+    }
+    if n > 0 {
+        journal.set_projected_upto(journal.last_seq())?;
+        journal.flush()?;
+    }
+    log::info!(
+        "log opened: {} open job(s), {n} event(s) folded after the stored projections, in {:?}",
+        open.len(),
+        started.elapsed(),
+    );
+    Ok(open)
+}
+
+/// Makes the files of the state dir readable by the owner only (the dir itself is 0700).
+fn restrict_files(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let mode = if ft.is_dir() {
+                stack.push(e.path());
+                0o700
+            } else if ft.is_file() {
+                0o600
+            } else {
+                continue;
+            };
+            let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode));
+        }
+    }
+}
+
+/// One line per event in the daemon's log.
+pub fn log_event(ev: &Event) {
+    let detail = match &ev.kind {
+        EventKind::Claimed { file, bytes, .. } => format!("{file} ({bytes} bytes)"),
+        EventKind::Duplicate { file, .. } => format!("{file}: a byte-identical re-drop"),
+        EventKind::Rejected { file, reason } => format!("{file}: {reason}"),
+        EventKind::Invalid { error, .. } => error.clone(),
+        EventKind::Queued { image_id, spec, .. } => {
+            format!("{image_id} {} {} {}", spec.name, spec.arch, spec.image_type)
+        }
+        EventKind::Started { mode, attempt } => format!("{mode:?} attempt {attempt}"),
+        EventKind::Finished { result, error, .. } => {
+            format!("result={result} {}", error.as_deref().unwrap_or(""))
+        }
+        EventKind::Delivered { outbox, copy, .. } => match copy {
+            Some(c) => format!("outbox/{outbox} (for the re-drop {c})"),
+            None => format!("outbox/{outbox}"),
+        },
+        EventKind::Pushed {
+            status, ok, error, ..
+        } => format!(
+            "{} ok={ok} {}",
+            status.as_str(),
+            error.as_deref().unwrap_or("")
+        ),
+        EventKind::Cancelled { reason }
+        | EventKind::Requeued { reason, .. }
+        | EventKind::Interrupted { reason, .. } => reason.clone(),
+    };
+    log::info!(
+        "seq {} job {} {} {}",
+        ev.seq,
+        ev.job,
+        ev.kind.name(),
+        detail.trim_end()
+    );
+}
