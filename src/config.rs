@@ -81,7 +81,9 @@ pub struct WorkerConfig {
     #[serde(deserialize_with = "empty_is_none")]
     pub vm_initrd: Option<PathBuf>,
     pub vm_append: String,
+    /// Guest memory, as qemu's `-m` takes it: digits with an optional K, M, G or T suffix.
     pub vm_memory: String,
+    /// Guest CPUs, 1..=256.
     pub vm_smp: u32,
     #[serde(deserialize_with = "empty_is_none")]
     pub vm_ssh_key: Option<PathBuf>,
@@ -89,21 +91,22 @@ pub struct WorkerConfig {
     pub vm_base_img: Option<PathBuf>,
     /// qemu accelerator: auto, kvm or tcg.
     pub vm_accel: VmAccel,
-    /// Per-command timeout, seconds.
+    /// Per-command timeout, seconds, 1..=604800 (a week).
     pub timeout: u64,
     pub use_9p_cache: bool,
     pub mic_cachedir: PathBuf,
-    /// Seconds to wait for the guest's ssh.
+    /// Seconds to wait for the guest's ssh, 1..=3600.
     pub vm_wait: u64,
     /// Run mic through `sudo -n`.
     pub sudo: bool,
-    /// Build slots.
+    /// Build slots, 1..=256 (each runs a thread and a mic or a qemu).
     pub workers: usize,
-    /// Attempts of one job before an interrupted build is answered with an error.
+    /// Attempts of one job before an interrupted build is answered with an error, 1..=100.
     pub max_attempts: u32,
-    /// Seconds a stopping daemon lets running builds finish before it kills them.
+    /// Seconds a stopping daemon lets running builds finish before it kills them,
+    /// 0..=604800 (a week; 0: kill at once).
     pub grace: u64,
-    /// The most a job log keeps, in MiB: beyond it, its head and its tail are kept.
+    /// The most a job log keeps, in MiB, 1..=65536: beyond it, its head and its tail are kept.
     pub job_log_max_mb: u64,
 }
 
@@ -159,16 +162,20 @@ impl WorkerConfig {
 pub struct SpoolConfig {
     pub dir: PathBuf,
     pub watch: WatchMode,
+    /// Milliseconds between full rescans of `incoming/`, 10..=3600000 (an hour).
     pub poll_interval_ms: u64,
+    /// Milliseconds a file's size and mtime must stay unchanged before it is claimed,
+    /// 0..=3600000 (an hour).
     pub min_age_ms: u64,
+    /// The largest input read, in bytes, 1..=1073741824 (1 GiB); a larger one is rejected unread.
     pub max_bytes: u64,
     /// Default: the host name.
     pub worker_id: Option<String>,
     /// Default: `<dir>/state/<worker_id>`.
     #[serde(deserialize_with = "empty_is_none")]
     pub state_dir: Option<PathBuf>,
-    /// The event log's page cache, MiB: more makes `replay` and `status` over a long log
-    /// faster, less keeps an idle daemon small.
+    /// The event log's page cache, MiB, 1..=65536: more makes `replay` and `status` over a long
+    /// log faster, less keeps an idle daemon small.
     pub log_cache_mb: u64,
 }
 
@@ -193,13 +200,14 @@ pub struct HooksConfig {
     /// Path of the push utility, run as `<push> <STATUS>`; none: statuses are only logged.
     #[serde(deserialize_with = "empty_is_none")]
     pub push: Option<PathBuf>,
-    /// Seconds one push may take.
+    /// Seconds one push may take, 1..=86400 (a day).
     pub timeout: u64,
-    /// Further attempts after a failed push.
+    /// Further attempts after a failed push, 0..=1000.
     pub retries: u32,
-    /// Delay before the first retry, in milliseconds; each further retry waits twice as long.
+    /// Delay before the first retry, in milliseconds, 0..=86400000 (a day); each further retry
+    /// waits twice as long.
     pub retry_delay_ms: u64,
-    /// `hooks.log` is rotated (to `hooks.log.1`) when it grows past this many MiB.
+    /// `hooks.log` is rotated (to `hooks.log.1`) when it grows past this many MiB, 1..=65536.
     pub log_max_mb: u64,
 }
 
@@ -257,21 +265,44 @@ impl Config {
         Config::parse(&text, path)
     }
 
-    fn check(&self) -> Result<(), ConfigError> {
-        if self.worker.workers == 0 {
-            return Err(ConfigError::Value(
-                "[worker] workers must be at least 1".into(),
-            ));
+    /// The numeric keys with their values and allowed ranges (inclusive), as checked at load.
+    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 15] {
+        let (w, s, h) = (&self.worker, &self.spool, &self.hooks);
+        [
+            ("[worker] timeout", w.timeout, 1, WEEK_S),
+            ("[worker] grace", w.grace, 0, WEEK_S),
+            ("[worker] workers", w.workers as u64, 1, 256),
+            ("[worker] max_attempts", w.max_attempts.into(), 1, 100),
+            ("[worker] vm_smp", w.vm_smp.into(), 1, 256),
+            ("[worker] vm_wait", w.vm_wait, 1, 3600),
+            ("[worker] job_log_max_mb", w.job_log_max_mb, 1, 65536),
+            ("[spool] poll_interval_ms", s.poll_interval_ms, 10, HOUR_MS),
+            ("[spool] min_age_ms", s.min_age_ms, 0, HOUR_MS),
+            ("[spool] max_bytes", s.max_bytes, 1, 1 << 30),
+            ("[spool] log_cache_mb", s.log_cache_mb, 1, 65536),
+            ("[hooks] timeout", h.timeout, 1, 86400),
+            ("[hooks] retries", h.retries.into(), 0, 1000),
+            ("[hooks] retry_delay_ms", h.retry_delay_ms, 0, 24 * HOUR_MS),
+            ("[hooks] log_max_mb", h.log_max_mb, 1, 65536),
+        ]
+    }
+
+    /// Checks every value against its range (done by [`Config::parse`]; call it on a config
+    /// built in code).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        for (key, value, lo, hi) in self.numeric_keys() {
+            if !(lo..=hi).contains(&value) {
+                return Err(ConfigError::Value(format!(
+                    "{key} = {value} is out of range: it must be {lo}..={hi}"
+                )));
+            }
         }
-        if self.worker.max_attempts == 0 {
-            return Err(ConfigError::Value(
-                "[worker] max_attempts must be at least 1".into(),
-            ));
-        }
-        if self.spool.poll_interval_ms == 0 {
-            return Err(ConfigError::Value(
-                "[spool] poll_interval_ms must be at least 1".into(),
-            ));
+        if !is_qemu_size(&self.worker.vm_memory) {
+            return Err(ConfigError::Value(format!(
+                "[worker] vm_memory = {:?} is not a size qemu's -m takes: digits with an optional \
+                 K, M, G or T suffix, e.g. \"1G\" or \"2048\" (MiB)",
+                self.worker.vm_memory
+            )));
         }
         if let Some(id) = &self.spool.worker_id
             && !is_safe_component(id)
@@ -316,6 +347,21 @@ impl Config {
             None => self.spool.dir.join("state").join(self.worker_id()),
         }
     }
+}
+
+const WEEK_S: u64 = 7 * 24 * 3600;
+const HOUR_MS: u64 = 3600 * 1000;
+
+/// A memory size as qemu's `-m` takes it: digits (a MiB count) with an optional K, M, G or T
+/// suffix (either case), not zero.
+fn is_qemu_size(s: &str) -> bool {
+    let digits = s
+        .strip_suffix(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't'])
+        .unwrap_or(s);
+    !digits.is_empty()
+        && digits.len() <= 12
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits.bytes().any(|b| b != b'0')
 }
 
 fn is_safe_component(s: &str) -> bool {
@@ -401,5 +447,103 @@ mod tests {
     fn mic2_default_path() {
         let c = Config::parse("[worker]\nict = \"mic2\"\n", Path::new("a")).unwrap();
         assert_eq!(c.worker.mic_path(), PathBuf::from("mic-image-creator"));
+    }
+
+    /// Every numeric key: section, key, lowest and highest accepted value.
+    const RANGES: [(&str, &str, u64, u64); 15] = [
+        ("worker", "timeout", 1, 604800),
+        ("worker", "grace", 0, 604800),
+        ("worker", "workers", 1, 256),
+        ("worker", "max_attempts", 1, 100),
+        ("worker", "vm_smp", 1, 256),
+        ("worker", "vm_wait", 1, 3600),
+        ("worker", "job_log_max_mb", 1, 65536),
+        ("spool", "poll_interval_ms", 10, 3600000),
+        ("spool", "min_age_ms", 0, 3600000),
+        ("spool", "max_bytes", 1, 1073741824),
+        ("spool", "log_cache_mb", 1, 65536),
+        ("hooks", "timeout", 1, 86400),
+        ("hooks", "retries", 0, 1000),
+        ("hooks", "retry_delay_ms", 0, 86400000),
+        ("hooks", "log_max_mb", 1, 65536),
+    ];
+
+    fn with(section: &str, key: &str, value: &str) -> Result<Config, ConfigError> {
+        Config::parse(
+            &format!("[{section}]\n{key} = {value}\n"),
+            Path::new("r.toml"),
+        )
+    }
+
+    #[test]
+    fn every_numeric_key_has_a_range() {
+        assert_eq!(
+            RANGES.len(),
+            Config::default().numeric_keys().len(),
+            "a key without a test"
+        );
+        for (section, key, lo, hi) in RANGES {
+            for ok in [lo, hi] {
+                if let Err(e) = with(section, key, &ok.to_string()) {
+                    panic!("[{section}] {key} = {ok}: {e}");
+                }
+            }
+            let mut bad = vec![hi + 1, i64::MAX as u64];
+            if lo > 0 {
+                bad.push(lo - 1);
+            }
+            for v in bad {
+                let msg = match with(section, key, &v.to_string()).unwrap_err() {
+                    ConfigError::Value(msg) => {
+                        assert!(msg.contains(&format!("{lo}..={hi}")), "{msg}");
+                        msg
+                    }
+                    // Beyond the field's type (a u32 key): the parser names the key and value.
+                    ConfigError::Parse { message, .. } if v > u32::MAX.into() => message,
+                    e => panic!("[{section}] {key} = {v}: {e:?}"),
+                };
+                assert!(msg.contains(key) && msg.contains(&v.to_string()), "{msg}");
+            }
+            // Not a u64 at all: a parse error naming the key, never a panic.
+            for v in ["-1", "18446744073709551616", "99999999999999999999999"] {
+                let msg = with(section, key, v).unwrap_err().to_string();
+                assert!(msg.contains(key), "{key} = {v}: {msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_are_in_range() {
+        let c = Config::default();
+        for (key, value, lo, hi) in c.numeric_keys() {
+            assert!((lo..=hi).contains(&value), "{key}");
+        }
+        assert!(c.check().is_ok());
+    }
+
+    #[test]
+    fn vm_memory_is_a_qemu_size() {
+        for ok in ["1G", "2048", "512M", "1t", "4096k", "16g"] {
+            if let Err(e) = with("worker", "vm_memory", &format!("{ok:?}")) {
+                panic!("{ok}: {e}");
+            }
+        }
+        for bad in [
+            "",
+            "0",
+            "0G",
+            "1.5G",
+            "G",
+            "1GB",
+            "-1G",
+            "1 G",
+            "1G,slots=2",
+            "9999999999999G",
+        ] {
+            let msg = with("worker", "vm_memory", &format!("{bad:?}"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("vm_memory"), "{bad}: {msg}");
+        }
     }
 }

@@ -364,6 +364,7 @@ fn claim_loop(
                         .filter(|r| {
                             let name = match r {
                                 Ready::File(n) | Ready::Reject(n, _) => n,
+                                Ready::BadName(_) => return true,
                             };
                             only.as_ref().is_none_or(|names| names.contains(name))
                         })
@@ -440,6 +441,13 @@ fn take(stage: &Stage, scanner: &mut Scanner, ready: Vec<Ready>, unrecorded: &mu
                 scanner.forget(&name);
                 if let Err(e) = stage.reject_unread(&name, &format!("not a workitem: {why}")) {
                     log::error!("cannot reject {name}: {e}");
+                }
+            }
+            Ready::BadName(raw) => {
+                scanner.forget(&raw);
+                match stage.spool.reject_bad_name(&raw) {
+                    Ok(name) => log::warn!("{raw:?} is not a UTF-8 name: rejected as {name}"),
+                    Err(e) => log::error!("cannot reject {raw:?}: {e}"),
                 }
             }
             Ready::File(name) => {

@@ -272,7 +272,10 @@ fn is_word(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
-/// One path component: not empty, not `.`/`..`, no `/`, no NUL, not hidden.
+const CONTROL: &str = "must not contain control characters (such as a newline, a tab or DEL)";
+
+/// One path component: not empty, not `.`/`..`, no `/`, no NUL or other control character, not
+/// hidden.
 fn check_component(s: &str) -> Result<(), &'static str> {
     if s.is_empty() {
         Err("is empty")
@@ -282,6 +285,8 @@ fn check_component(s: &str) -> Result<(), &'static str> {
         Err("must be one path component (no '/')")
     } else if s.contains('\0') {
         Err("must not contain NUL")
+    } else if s.chars().any(char::is_control) {
+        Err(CONTROL)
     } else if s.starts_with('.') {
         Err("must not start with '.'")
     } else {
@@ -289,7 +294,7 @@ fn check_component(s: &str) -> Result<(), &'static str> {
     }
 }
 
-/// A relative path of safe components.
+/// A relative path of safe components (no control character).
 fn check_prefix(p: &str) -> Result<(), &'static str> {
     if p.starts_with('/') {
         return Err("must be a relative path");
@@ -303,6 +308,9 @@ fn check_prefix(p: &str) -> Result<(), &'static str> {
         }
         if part.contains('\0') {
             return Err("must not contain NUL");
+        }
+        if part.chars().any(char::is_control) {
+            return Err(CONTROL);
         }
     }
     Ok(())
@@ -514,6 +522,37 @@ mod tests {
         let s = normalise(&w).unwrap();
         assert_eq!(s.prefix, "queue/user");
         assert_eq!(s.dir_id, "abc");
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        for key in ["name", "prefix", "release"] {
+            for bad in [
+                "a\nb",
+                "a\tb",
+                "a\rb",
+                "x\u{1b}[31m",
+                "a\u{7f}",
+                "a\u{85}b",
+                "a\u{9b}",
+            ] {
+                let mut w = good();
+                w[key] = json!(bad);
+                let e = normalise(&w).unwrap_err().to_string();
+                assert!(
+                    e.contains(key) && e.contains("control"),
+                    "{key}={bad:?}: {e}"
+                );
+            }
+        }
+        let mut w = good();
+        w["prefix"] = json!("queue/us\u{1}er");
+        assert!(normalise(&w).unwrap_err().to_string().contains("prefix"));
+        let mut w = good();
+        w["name"] = json!("mer-core-é-i586");
+        w["release"] = json!("0.1 beta");
+        w["prefix"] = json!("queue/ユーザー");
+        assert!(normalise(&w).is_ok());
     }
 
     #[test]

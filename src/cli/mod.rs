@@ -301,8 +301,14 @@ fn run(cfg: Config, once: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Drops one workitem file: write into tmp/, fsync, rename into incoming/.
+/// Drops one workitem file: write into tmp/ (a hidden name of this process), fsync, rename into
+/// incoming/ without ever replacing a file there. When `incoming/<name>` is taken it uses the
+/// first free `<stem>.<n>.json` (`<name>.<n>` for a name without `.json`). Returns the path used.
 pub fn drop_file(spool_dir: &std::path::Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     let tmp_dir = spool_dir.join("tmp");
     let incoming = spool_dir.join("incoming");
     for d in [&tmp_dir, &incoming] {
@@ -315,9 +321,91 @@ pub fn drop_file(spool_dir: &std::path::Path, name: &str, bytes: &[u8]) -> anyho
                 .unwrap_or_default()
         );
     }
-    let tmp = tmp_dir.join(name);
-    crate::durable::write_atomic(&tmp, bytes, 0o644)?;
-    let target = incoming.join(name);
-    crate::durable::rename(&tmp, &target)?;
-    Ok(target)
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // Hidden and ending in .tmp (a leftover is cleaned at the daemon's start), unique per process
+    // and per drop, so that two submits of files with the same base name never share it.
+    let mut short = name;
+    if short.len() > 100 {
+        let mut end = 100;
+        while !short.is_char_boundary(end) {
+            end -= 1;
+        }
+        short = &short[..end];
+    }
+    let tmp = tmp_dir.join(format!(".{short}.{}-{n}.tmp", std::process::id()));
+    let written = (|| -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("cannot fsync {}", tmp.display()))?;
+        Ok(())
+    })();
+    let dropped = written.and_then(|()| {
+        const MAX_TRIES: u32 = 10_000;
+        for i in 0..MAX_TRIES {
+            let target = incoming.join(numbered_name(name, i));
+            if crate::durable::rename_noreplace(&tmp, &target)? {
+                return Ok(target);
+            }
+        }
+        anyhow::bail!(
+            "incoming/{name} and {MAX_TRIES} numbered variants of it are taken: nothing dropped"
+        )
+    });
+    if dropped.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    dropped
+}
+
+/// `name` itself for 0, else `<stem>.<n>.json` (`<name>.<n>` for a name without `.json`).
+fn numbered_name(name: &str, n: u32) -> String {
+    if n == 0 {
+        return name.to_string();
+    }
+    match name.strip_suffix(".json") {
+        Some(stem) if !stem.is_empty() => format!("{stem}.{n}.json"),
+        _ => format!("{name}.{n}"),
+    }
+}
+
+#[cfg(test)]
+mod drop_tests {
+    use super::*;
+
+    #[test]
+    fn numbered_names() {
+        assert_eq!(numbered_name("a.json", 0), "a.json");
+        assert_eq!(numbered_name("a.json", 1), "a.1.json");
+        assert_eq!(numbered_name("a.b.json", 2), "a.b.2.json");
+        assert_eq!(numbered_name("job", 3), "job.3");
+        assert_eq!(numbered_name(".json", 1), ".json.1");
+    }
+
+    #[test]
+    fn drop_never_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("tmp")).unwrap();
+        std::fs::create_dir(d.path().join("incoming")).unwrap();
+        let a = drop_file(d.path(), "a.json", b"1").unwrap();
+        let b = drop_file(d.path(), "a.json", b"2").unwrap();
+        let c = drop_file(d.path(), "a.json", b"3").unwrap();
+        let inc = d.path().join("incoming");
+        assert_eq!(a, inc.join("a.json"));
+        assert_eq!(b, inc.join("a.1.json"));
+        assert_eq!(c, inc.join("a.2.json"));
+        for (p, want) in [(a, b"1"), (b, b"2"), (c, b"3")] {
+            assert_eq!(&std::fs::read(p).unwrap(), want);
+        }
+        assert_eq!(drop_file(d.path(), "x", b"4").unwrap(), inc.join("x"));
+        assert_eq!(drop_file(d.path(), "x", b"5").unwrap(), inc.join("x.1"));
+        assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+    }
 }

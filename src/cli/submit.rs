@@ -94,9 +94,9 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
             !spool.join("outbox").join(&file).exists(),
             "outbox/{file} exists already (an earlier job with this id): choose another --id"
         );
-        drop_file(spool, &file, &serde_json::to_vec_pretty(&wi)?)?;
+        let used = drop_named(spool, &file, &serde_json::to_vec_pretty(&wi)?)?;
         println!("{id}");
-        dropped.push(file);
+        dropped.push(used);
     } else {
         for f in &args.files {
             let res = (|| -> anyhow::Result<String> {
@@ -112,8 +112,8 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
                     .with_context(|| {
                         format!("{}: not a usable file name for incoming/", f.display())
                     })?;
-                drop_file(spool, name, &bytes)?;
-                dropped.push(name.to_string());
+                let used = drop_named(spool, name, &bytes)?;
+                dropped.push(used);
                 Ok(id)
             })();
             match res {
@@ -146,6 +146,21 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(code)
+}
+
+/// Drops `bytes` as `incoming/<name>`, or under a free numbered name when that one is taken (said
+/// on stderr, so that stdout stays one image_id per line). Returns the name used.
+fn drop_named(spool: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<String> {
+    let path = drop_file(spool, name, bytes)?;
+    let used = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(name)
+        .to_string();
+    if used != name {
+        eprintln!("incoming/{name} was taken: dropped as incoming/{used}");
+    }
+    Ok(used)
 }
 
 enum Answer {
