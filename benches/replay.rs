@@ -138,7 +138,8 @@ fn fold_summary(log: &BenchLog, runs: usize) -> String {
             });
             assert_eq!(count as u64, log.events);
             decode.push(t);
-            let (t, report) = time(|| ops::replay(&journal, &spool).expect("replay"));
+            let (t, report) =
+                time(|| ops::replay(&journal, &spool, &common::POLICY).expect("replay"));
             assert_eq!(report.events, log.events);
             if !report.disagreements.is_empty() {
                 eprintln!(

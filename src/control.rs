@@ -92,6 +92,9 @@ enum Line {
     Done(Response),
 }
 
+/// The open connections: a handle to cut each off, and its thread.
+type Conns = Arc<Mutex<Vec<(UnixStream, JoinHandle<()>)>>>;
+
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
@@ -198,7 +201,7 @@ pub struct Server {
     /// socket file is gone and nobody can connect to wake it.
     listener: UnixListener,
     accept: Option<JoinHandle<()>>,
-    conns: Arc<Mutex<Vec<(UnixStream, JoinHandle<()>)>>>,
+    conns: Conns,
     closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -210,7 +213,7 @@ impl Server {
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let accepting = listener.try_clone()?;
-        let conns: Arc<Mutex<Vec<(UnixStream, JoinHandle<()>)>>> = Arc::default();
+        let conns: Conns = Arc::default();
         let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let accept = {
             let conns = Arc::clone(&conns);

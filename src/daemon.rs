@@ -111,6 +111,10 @@ impl Running {
             )
             .with_context(|| format!("cannot open the event log in {}", state_dir.display()))?,
         );
+        // Only now (the log's lock is ours, so no other daemon of this worker runs).
+        for p in spool.remove_leftovers() {
+            log::info!("removed {}, left by an interrupted write", p.display());
+        }
         log::info!(
             "build-image {} worker {worker} spool {} state {} ({} build slot(s), {:?} mode)",
             env!("CARGO_PKG_VERSION"),
@@ -203,6 +207,9 @@ impl Running {
         let _ = self.timer.join();
         stage.store.sync()?;
         stage.store.write_mark();
+        if let Err(e) = stage.spool.clear_heartbeat() {
+            log::warn!("cannot remove the liveness mark: {e}");
+        }
         log::info!("stopped");
         Ok(())
     }
@@ -214,12 +221,20 @@ fn run_timer(stage: &Stage, stop: &Receiver<()>) {
     let repair = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let mut repair_tries = 0u32;
     let mut next_repair = Instant::now();
+    let mut next_beat = Instant::now();
     loop {
+        if Instant::now() >= next_beat {
+            if let Err(e) = stage.spool.heartbeat() {
+                log::warn!("cannot refresh the liveness mark: {e}");
+            }
+            next_beat = Instant::now() + spool::HEARTBEAT;
+        }
         let failing = stage.store.failing().is_some();
         let next = [
             stage.store.next_tick(),
             stage.next_stall(),
             failing.then_some(next_repair),
+            Some(next_beat),
         ]
         .into_iter()
         .flatten()
@@ -445,7 +460,7 @@ fn take(stage: &Stage, scanner: &mut Scanner, ready: Vec<Ready>, unrecorded: &mu
             }
             Ready::BadName(raw) => {
                 scanner.forget(&raw);
-                match stage.spool.reject_bad_name(&raw) {
+                match stage.reject_bad_name(&raw) {
                     Ok(name) => log::warn!("{raw:?} is not a UTF-8 name: rejected as {name}"),
                     Err(e) => log::error!("cannot reject {raw:?}: {e}"),
                 }

@@ -96,7 +96,7 @@ const TEMP_NAME_KEEP: usize = 100;
 
 /// A hidden temporary name beside `path`, unique within this process and across processes:
 /// `.<name>.<pid>-<n>.tmp`, or `.<name>.<pid>-<n>@<tag>.tmp` with a tag.
-fn temp_path(path: &Path, tag: Option<&str>) -> PathBuf {
+pub fn temp_path(path: &Path, tag: Option<&str>) -> PathBuf {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut name = path
         .file_name()

@@ -13,7 +13,6 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -188,7 +187,7 @@ impl Outbox {
         let have = crate::spool::hex(&h.finalize());
         if have == sha {
             Found::Same
-        } else if own.iter().any(|o| *o == have) {
+        } else if own.contains(&have) {
             Found::Own
         } else {
             Found::Other
@@ -197,13 +196,7 @@ impl Outbox {
 
     /// Writes the bytes to a hidden temporary file in the outbox, fsynced.
     fn write_tmp(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, DurableError> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join(format!(
-            ".{name}.{}.{}.{n}.tmp",
-            self.tag,
-            std::process::id()
-        ));
+        let tmp = durable::temp_path(&self.dir.join(name), Some(&self.tag));
         let written = (|| {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -250,7 +243,7 @@ mod tests {
         assert_eq!(std::fs::read(d.path().join("a.json")).unwrap(), b"one");
         // job 1 answers again (a retry): its own earlier answer is replaced
         let a2 = o
-            .deliver("a.json", 1, b"one again", &[a.sha256.clone()])
+            .deliver("a.json", 1, b"one again", std::slice::from_ref(&a.sha256))
             .unwrap();
         assert_eq!(a2.name, "a.json");
         assert_eq!(

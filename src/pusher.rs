@@ -3,7 +3,7 @@
 //!
 //! Invariants: the pushes of one job go to one thread (`job % threads`) and are tried in the
 //! order asked (BUILDING before the final status); a push is done only while the lifecycle
-//! still asks for it (a BUILDING that a final status superseded is dropped; a final status
+//! still asks for it (a retry of BUILDING once the build is over is dropped; a final status
 //! that succeeded is not pushed again); every attempt is recorded as a `pushed` event; a failed
 //! attempt is tried again after the one back-off while `[hooks] retries` allow, and after a
 //! restart (the lifecycle asks for it again).
@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 
 /// Pushes run by this many threads at most (jobs are spread over them by id).
 const THREADS: u64 = 4;
+
+/// A push due at a time: (due, order asked, job, status, attempt).
+type Due = Reverse<(Instant, u64, u64, Status, u32)>;
 
 struct Ask {
     job: u64,
@@ -116,7 +119,7 @@ impl Pusher {
 /// One push thread: a queue of asks, each due at a time.
 fn shard(ctx: &Ctx, rx: &Receiver<Ask>) {
     let mut order = 0u64;
-    let mut heap: BinaryHeap<Reverse<(Instant, u64, u64, Status, u32)>> = BinaryHeap::new();
+    let mut heap: BinaryHeap<Due> = BinaryHeap::new();
     let mut pending: HashSet<(u64, Status)> = HashSet::new();
     loop {
         let wait = heap.peek().map_or(Duration::from_secs(3600), |Reverse(a)| {
@@ -164,7 +167,9 @@ fn shard(ctx: &Ctx, rx: &Receiver<Ask>) {
 fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Option<Instant> {
     let job = ctx.store.job(id)?;
     let wanted = match status {
-        Status::Building => job.state == State::Building,
+        // The first BUILDING is always tried (before the final status, which waits behind it
+        // in this thread); a retry of it only while the build runs.
+        Status::Building => attempt == 1 || job.state == State::Building,
         _ => lifecycle::next_step(&job, ctx.store.policy()) == Step::Push(status),
     };
     if !wanted {

@@ -55,6 +55,10 @@ impl SpoolError {
 }
 
 /// The liveness mark a running daemon keeps refreshed in its `active/<worker>/`.
+/// How often a daemon refreshes its liveness mark.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A liveness mark not refreshed for this long belongs to a dead daemon.
+pub const STALE_AFTER: Duration = Duration::from_secs(60);
 pub const ALIVE: &str = ".alive";
 
 /// How old a hidden `*.tmp` file in `outbox/` or `tmp/` must be before a start removes it as the

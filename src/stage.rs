@@ -608,6 +608,26 @@ impl Stage {
         Ok(())
     }
 
+    /// Rejects a name in incoming/ that is not UTF-8: recorded, then moved to rejected/ under a
+    /// safe name with the original (escaped) in its `.reason`.
+    pub fn reject_bad_name(&self, raw: &std::ffi::OsStr) -> Result<String> {
+        if self.spool.incoming.join(raw).symlink_metadata().is_err() {
+            return Ok(String::new());
+        }
+        let safe = crate::spool::safe_name(raw);
+        self.store.record(
+            None,
+            EventKind::Rejected {
+                file: safe.clone(),
+                reason: format!(
+                    "the file name is not UTF-8 (as bytes: {})",
+                    raw.as_encoded_bytes().escape_ascii()
+                ),
+            },
+        )?;
+        Ok(self.spool.reject_bad_name(raw)?)
+    }
+
     /// The answer of a job, as the outbox gets it.
     fn answer(&self, job: &Job) -> Result<Vec<u8>> {
         let (input, _) = self.store.input(job)?;
@@ -941,7 +961,6 @@ impl Stage {
     /// `requeue --worker W`: moves the files of another (dead) worker's `active/W/` back to
     /// incoming/, each recorded first. Returns the names moved.
     pub fn requeue_worker(&self, worker: &str, force: bool) -> Result<Vec<String>> {
-        let _ = force;
         if worker == self.spool.worker {
             return Err(StageError::Refused(format!(
                 "{worker} is this daemon's own worker id: its files are recovered on start"
@@ -951,6 +970,14 @@ impl Stage {
             return Err(StageError::Refused(format!(
                 "{worker:?} is not a worker id"
             )));
+        }
+        match self.spool.liveness(worker, crate::spool::STALE_AFTER) {
+            crate::spool::Liveness::Alive(how) if !force => {
+                return Err(StageError::Refused(format!(
+                    "worker {worker} looks alive ({how}): requeue is for a host that is down for good; --force if you are sure"
+                )));
+            }
+            _ => {}
         }
         let dir = self.spool.root.join("active").join(worker);
         let names = crate::spool::list_names(&dir)?;
@@ -970,7 +997,14 @@ impl Stage {
                     from_worker: Some(worker.to_string()),
                 },
             )?;
-            crate::durable::rename(&dir.join(&name), &self.spool.incoming.join(&target))?;
+            if !crate::durable::rename_noreplace(
+                &dir.join(&name),
+                &self.spool.incoming.join(&target),
+            )? {
+                return Err(StageError::Refused(format!(
+                    "incoming/{target} appeared meanwhile; run requeue again"
+                )));
+            }
             moved.push(target);
         }
         Ok(moved)

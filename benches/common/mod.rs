@@ -174,7 +174,7 @@ pub fn job_lifecycle(
             EventKind::Queued {
                 image_id: image_id.to_string(),
                 spec: Box::new(spec),
-                input,
+                input: input.into(),
             },
         ),
         (
@@ -201,7 +201,14 @@ pub fn job_lifecycle(
                 urls,
             },
         ),
-        (Some(id), EventKind::Delivered { outbox: file }),
+        (
+            Some(id),
+            EventKind::Delivered {
+                outbox: file,
+                copy: None,
+                sha256: None,
+            },
+        ),
         (
             Some(id),
             EventKind::Pushed {
@@ -213,6 +220,13 @@ pub fn job_lifecycle(
         ),
     ]
 }
+
+/// The policy the generated logs are written under (a push utility, as a farm has).
+pub const POLICY: build_image::lifecycle::Policy = build_image::lifecycle::Policy {
+    push: true,
+    push_retries: 3,
+    max_attempts: 2,
+};
 
 /// The image_id of the job whose id is `id` in a generated log.
 pub fn image_id_of(id: u64) -> String {
@@ -238,7 +252,9 @@ pub fn append_jobs(journal: &Journal, jobs: u64, worker: &str, w: &WorkerConfig)
             items.extend(job_lifecycle(id, &image_id_of(id), worker, &ks, w));
         }
         // append_batch stores each job's projection, as the daemon does
-        let evs = journal.append_batch(items).expect("append a batch");
+        let evs = journal
+            .append_batch(items, &POLICY)
+            .expect("append a batch");
         appended += evs.len() as u64;
         done += n;
         if last_report.elapsed() > Duration::from_secs(10) {

@@ -63,7 +63,7 @@ pub enum Command {
                             Prints the image_id of each workitem dropped (generated when --id is not given).\n\
                             Exit codes: 0 dropped (with --wait: built successfully), 1 a file could not be dropped \
                             (with --wait: the build failed or the input was rejected), 2 usage error, 3 --wait timed out.")]
-    Submit(submit::SubmitArgs),
+    Submit(Box<submit::SubmitArgs>),
     /// One line per job: id, state, name, arch, type, worker, started, duration, result.
     #[command(
         after_help = "Examples:\n  build-image status\n  build-image status --state building\n  \
