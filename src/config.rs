@@ -177,6 +177,9 @@ pub struct SpoolConfig {
     /// The event log's page cache, MiB, 1..=65536: more makes `replay` and `status` over a long
     /// log faster, less keeps an idle daemon small.
     pub log_cache_mb: u64,
+    /// Free space kept on the state disk, MiB, 0..=1048576: below it nothing is written to the
+    /// event log (claiming stops) until space returns.
+    pub state_min_free_mb: u64,
 }
 
 impl Default for SpoolConfig {
@@ -190,6 +193,7 @@ impl Default for SpoolConfig {
             worker_id: None,
             state_dir: None,
             log_cache_mb: 8,
+            state_min_free_mb: 64,
         }
     }
 }
@@ -266,7 +270,7 @@ impl Config {
     }
 
     /// The numeric keys with their values and allowed ranges (inclusive), as checked at load.
-    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 15] {
+    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 16] {
         let (w, s, h) = (&self.worker, &self.spool, &self.hooks);
         [
             ("[worker] timeout", w.timeout, 1, WEEK_S),
@@ -280,6 +284,7 @@ impl Config {
             ("[spool] min_age_ms", s.min_age_ms, 0, HOUR_MS),
             ("[spool] max_bytes", s.max_bytes, 1, 1 << 30),
             ("[spool] log_cache_mb", s.log_cache_mb, 1, 65536),
+            ("[spool] state_min_free_mb", s.state_min_free_mb, 0, 1 << 20),
             ("[hooks] timeout", h.timeout, 1, 86400),
             ("[hooks] retries", h.retries.into(), 0, 1000),
             ("[hooks] retry_delay_ms", h.retry_delay_ms, 0, 24 * HOUR_MS),
@@ -462,6 +467,7 @@ mod tests {
         ("spool", "min_age_ms", 0, 3600000),
         ("spool", "max_bytes", 1, 1073741824),
         ("spool", "log_cache_mb", 1, 65536),
+        ("spool", "state_min_free_mb", 0, 1048576),
         ("hooks", "timeout", 1, 86400),
         ("hooks", "retries", 0, 1000),
         ("hooks", "retry_delay_ms", 0, 86400000),

@@ -60,7 +60,11 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", content = "data", rename_all = "snake_case")]
 pub enum Response {
-    Status(Vec<StatusRow>),
+    Status {
+        rows: Vec<StatusRow>,
+        /// Why the daemon cannot record anything now (its log or state disk), if so.
+        failing: Option<String>,
+    },
     Show(Box<JobView>),
     /// The end of an event stream (the events came before it).
     Events,
@@ -111,7 +115,10 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
     };
     match req {
         Request::Status { state, limit } => match journal.projections() {
-            Ok(jobs) => Response::Status(ops::status(&jobs, state, limit)),
+            Ok(jobs) => Response::Status {
+                rows: ops::status(&jobs, state, limit),
+                failing: stage.store.failing(),
+            },
             Err(e) => err(&e),
         },
         Request::Show { id } => match ops::show(&journal, &stage.cfg, &id) {

@@ -109,6 +109,7 @@ impl Running {
                 policy,
                 Duration::from_secs(5),
             )
+            .map(|s| s.with_min_free(cfg.spool.state_min_free_mb << 20))
             .with_context(|| format!("cannot open the event log in {}", state_dir.display()))?,
         );
         // Only now (the log's lock is ours, so no other daemon of this worker runs).
@@ -445,8 +446,23 @@ const MAX_BATCH: usize = 1000;
 /// Claims (renames into active/, one directory fsync for all) or rejects the ready names;
 /// errors are logged and a file stays for a later scan.
 fn take(stage: &Stage, scanner: &mut Scanner, ready: Vec<Ready>, unrecorded: &mut Vec<String>) {
-    if stage.store.failing().is_some() {
-        // The names stay in incoming/ until the log takes writes again.
+    // Nothing is moved into active/ that cannot be recorded: the names stay in incoming/ until
+    // the log takes writes again and the state disk has room for them.
+    let need: u64 = ready
+        .iter()
+        .filter_map(|r| match r {
+            Ready::File(n) => stage
+                .spool
+                .incoming
+                .join(n)
+                .metadata()
+                .ok()
+                .map(|m| m.len()),
+            _ => None,
+        })
+        .map(|b| b + 4096)
+        .sum();
+    if stage.store.failing().is_some() || stage.store.ensure_room(need).is_err() {
         return;
     }
     let mut claimed = Vec::new();

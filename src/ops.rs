@@ -88,9 +88,16 @@ pub fn status(jobs: &Jobs, state: Option<State>, limit: Option<usize>) -> Vec<St
         .collect()
 }
 
-/// Finds a job: the newest with this image_id, else the job number.
+/// Finds a job: the one that holds this image_id (the newest accepted for building with it),
+/// else the newest with it (an invalid or conflicting one), else the job number.
 pub fn resolve(journal: &Journal, id: &str) -> Result<u64> {
-    if let Some(job) = journal.jobs_for_image(id)?.last() {
+    let ids = journal.jobs_for_image(id)?;
+    for job in ids.iter().rev() {
+        if journal.projection(*job)?.is_some_and(|j| j.accepted) {
+            return Ok(*job);
+        }
+    }
+    if let Some(job) = ids.last() {
         return Ok(*job);
     }
     if let Ok(n) = id.trim_start_matches('#').parse::<u64>()

@@ -57,6 +57,7 @@ impl Pusher {
         hooks: Hooks,
         cfg: Arc<Config>,
         enabled: bool,
+        registry: crate::process::Registry,
     ) -> std::io::Result<Pusher> {
         let n = if enabled && cfg.hooks.push.is_some() {
             THREADS
@@ -78,10 +79,15 @@ impl Pusher {
         for i in 0..n {
             let (tx, rx) = unbounded();
             let ctx = Arc::clone(&ctx);
+            let registry = registry.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("push-{i}"))
-                    .spawn(move || shard(&ctx, &rx))?,
+                    .spawn(move || {
+                        // Its children are killed by the next start if the daemon dies.
+                        registry.enter();
+                        shard(&ctx, &rx)
+                    })?,
             );
             shards.push(tx);
         }

@@ -117,7 +117,13 @@ impl Stage {
         hooks: crate::hooks::Hooks,
         pushes: bool,
     ) -> std::io::Result<Stage> {
-        let pusher = Pusher::start(Arc::clone(&store), hooks, Arc::clone(&cfg), pushes)?;
+        let pusher = Pusher::start(
+            Arc::clone(&store),
+            hooks,
+            Arc::clone(&cfg),
+            pushes,
+            registry.clone(),
+        )?;
         Ok(Stage {
             outbox: Outbox::new(&spool.outbox, &spool.worker),
             cfg,

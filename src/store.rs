@@ -78,6 +78,10 @@ pub struct Store {
     lazy_flush: Mutex<Option<Instant>>,
     /// The high-water mark last written, and when.
     mark: Mutex<(u64, Instant)>,
+    /// Free bytes kept on the state disk: below them nothing is appended.
+    min_free: u64,
+    /// The failing state is only a full disk (the log itself is fine).
+    full: std::sync::atomic::AtomicBool,
 }
 
 /// The file beside the log holding the highest seq known durable.
@@ -155,7 +159,47 @@ impl Store {
             failing: Mutex::new(None),
             lazy_flush: Mutex::new(None),
             mark: Mutex::new((last, Instant::now())),
+            min_free: 0,
+            full: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Keeps `bytes` free on the state disk: below that, appends are refused (the store is
+    /// failing, as on a write error) until space returns.
+    pub fn with_min_free(mut self, bytes: u64) -> Store {
+        self.min_free = bytes;
+        self
+    }
+
+    /// Free bytes on the state disk (None when it cannot be told).
+    fn free_bytes(&self) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.dir).ok()?;
+        Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+    }
+
+    /// Is there room for `need` more bytes (and the free space kept)?
+    pub fn ensure_room(&self, need: u64) -> Result<()> {
+        if self.min_free == 0 {
+            return Ok(());
+        }
+        if let Some(free) = self.free_bytes()
+            && free < self.min_free.saturating_add(need)
+        {
+            let why = format!(
+                "the state disk of {} is full: {} MiB free, {} MiB kept free ([spool] state_min_free_mb)",
+                self.dir.display(),
+                free >> 20,
+                self.min_free >> 20
+            );
+            let mut f = lock(&self.failing);
+            if f.is_none() {
+                log::error!("{why}; claiming stops until there is room");
+                self.full.store(true, std::sync::atomic::Ordering::SeqCst);
+                *f = Some(why.clone());
+            }
+            return Err(StoreError::Failing(why));
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -215,6 +259,16 @@ impl Store {
         if let Some(why) = self.failing() {
             return Err(StoreError::Failing(why));
         }
+        let need: u64 = items
+            .iter()
+            .map(|(_, k)| match k {
+                EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } => {
+                    input.0.len() as u64 + 4096
+                }
+                _ => 4096,
+            })
+            .sum();
+        self.ensure_room(need)?;
         let journal = self.journal()?;
         let mut open = lock(&self.open);
         let mut pending: HashMap<u64, Job> = HashMap::new();
@@ -357,14 +411,48 @@ impl Store {
         if self.failing().is_none() {
             return Ok(true);
         }
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            // Nothing failed in the log: only wait for room.
+            if self
+                .free_bytes()
+                .is_some_and(|f| f < self.min_free.saturating_add(1 << 20))
+            {
+                return Ok(false);
+            }
+            let broken = self.journal().map(|j| j.is_broken()).unwrap_or(true);
+            if !broken {
+                self.full.store(false, std::sync::atomic::Ordering::SeqCst);
+                *lock(&self.failing) = None;
+                log::info!("the state disk has room again: resuming");
+                return Ok(true);
+            }
+        }
         let probed = self.journal().map(|j| j.probe());
+        if let Ok(Err(e)) = &probed {
+            log::warn!("the event log still fails a write: {e}");
+        }
         if !matches!(probed, Ok(Ok(()))) {
             let mut slot = self.journal.write().unwrap_or_else(|p| p.into_inner());
             if let Some(j) = slot.take() {
                 // Other holders (a query under way) keep sled's lock: try again later.
                 match Arc::try_unwrap(j) {
-                    Ok(j) => drop(j),
+                    Ok(j) => {
+                        // Closing a log that failed a write flushes it, which sled may never
+                        // finish: give it a while, in a thread of its own.
+                        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+                        std::thread::spawn(move || {
+                            drop(j);
+                            let _ = tx.send(());
+                        });
+                        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                            let why = "the event log cannot be closed after its write error: restart the daemon (nothing is lost: what was not recorded is done again)".to_string();
+                            log::error!("{why}");
+                            *lock(&self.failing) = Some(why);
+                            return Ok(false);
+                        }
+                    }
                     Err(j) => {
+                        log::warn!("the event log is in use: reopening it later");
                         *slot = Some(j);
                         return Ok(false);
                     }
@@ -376,11 +464,13 @@ impl Store {
                     let probe = j.probe();
                     *slot = Some(Arc::new(j));
                     if let Err(e) = probe {
+                        log::warn!("the reopened event log fails a write: {e}");
                         *lock(&self.failing) = Some(e.to_string());
                         return Ok(false);
                     }
                 }
                 Err(e) => {
+                    log::warn!("cannot reopen the event log yet: {e}");
                     *lock(&self.failing) = Some(e.to_string());
                     return Ok(false);
                 }
@@ -390,6 +480,7 @@ impl Store {
         let reloaded = load_open(&journal, &self.policy)?;
         *lock(&self.open) = reloaded;
         *lock(&self.failing) = None;
+        self.full.store(false, std::sync::atomic::Ordering::SeqCst);
         log::info!("the event log takes writes again: resuming");
         Ok(true)
     }

@@ -57,7 +57,7 @@ fn torture_sigkill_at_random_moments_loses_nothing_and_does_nothing_twice() {
 
     let mut farm = Farm::new();
     farm.cfg.worker.workers = 2;
-    farm.cfg.worker.max_attempts = 1000; // every interruption is retried: all must succeed
+    farm.cfg.worker.max_attempts = 100; // every interruption is retried: all must succeed
     farm.cfg.worker.grace = 0;
     farm.cfg.hooks.retries = 20;
     farm.cfg.hooks.retry_delay_ms = 100;

@@ -19,9 +19,12 @@ pub fn status(
     limit: Option<usize>,
 ) -> anyhow::Result<i32> {
     let r = expect(call(cfg, Request::Status { state, limit }, |_| true)?)?;
-    let Response::Status(rows) = r else {
+    let Response::Status { rows, failing } = r else {
         return Err(unexpected(&r));
     };
+    if let Some(why) = failing {
+        eprintln!("build-image: WARNING: {why}; nothing is claimed until that is over");
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {

@@ -36,6 +36,8 @@ pub enum JournalError {
     StoreCorrupt { path: PathBuf, detail: String },
     #[error("cannot encode an event: {0}")]
     Encode(serde_json::Error),
+    #[error("the event log failed a write earlier ({0}); it is reopened before it is used again")]
+    Broken(String),
 }
 
 pub type Result<T> = std::result::Result<T, JournalError>;
@@ -81,6 +83,10 @@ pub struct Journal {
     commit: Mutex<Commit>,
     committed: Condvar,
     path: PathBuf,
+    /// Set at the first write error: sled may then block a later flush forever (a failed
+    /// reservation leaves a hole its stable point never passes), so this handle writes nothing
+    /// more; the store reopens the log.
+    broken: Mutex<Option<String>>,
 }
 
 /// Group commit: events below `durable` are flushed; `flushing` while a thread flushes for all.
@@ -155,6 +161,7 @@ impl Journal {
             }),
             committed: Condvar::new(),
             path: dir.to_path_buf(),
+            broken: Mutex::new(None),
         };
         if !had_by_sha && next > 1 {
             // A log written before the content index existed: build it once.
@@ -208,6 +215,38 @@ impl Journal {
     /// in order, under the append lock, with the event and its stored form, and gives the
     /// job's state after it, stored as the job's projection.
     pub fn append_with(
+        &self,
+        items: Vec<(Option<u64>, EventKind)>,
+        project: impl FnMut(&Event, &fold::EventView<'_>) -> Projected,
+    ) -> Result<Vec<Event>> {
+        self.check_broken()?;
+        let r = self.append_inner(items, project);
+        if let Err(e) = &r {
+            self.set_broken(e);
+        }
+        r
+    }
+
+    /// Refuses to touch a log that failed a write.
+    fn check_broken(&self) -> Result<()> {
+        match &*lock(&self.broken) {
+            Some(why) => Err(JournalError::Broken(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn set_broken(&self, e: &JournalError) {
+        if matches!(e, JournalError::Sled(_)) {
+            lock(&self.broken).get_or_insert_with(|| e.to_string());
+        }
+    }
+
+    /// Has the log failed a write?
+    pub fn is_broken(&self) -> bool {
+        lock(&self.broken).is_some()
+    }
+
+    fn append_inner(
         &self,
         items: Vec<(Option<u64>, EventKind)>,
         mut project: impl FnMut(&Event, &fold::EventView<'_>) -> Projected,
@@ -311,10 +350,16 @@ impl Journal {
             }
             c = self.committed.wait(c).unwrap_or_else(|p| p.into_inner());
         }
+        if let Err(e) = self.check_broken() {
+            return Err(e);
+        }
         c.flushing = true;
         drop(c);
         let target = self.next_seq();
-        let flushed = self.db.flush();
+        let flushed = self.db.flush().map_err(JournalError::from);
+        if let Err(e) = &flushed {
+            self.set_broken(e);
+        }
         let mut c = self.commit.lock().unwrap_or_else(|p| p.into_inner());
         c.flushing = false;
         if flushed.is_ok() {
@@ -600,9 +645,16 @@ impl Journal {
 
     /// Checks that the log takes a write and a flush now.
     pub fn probe(&self) -> Result<()> {
-        self.db.insert(PROBE, now_ts().as_bytes())?;
-        self.db.flush()?;
-        Ok(())
+        self.check_broken()?;
+        let r = (|| {
+            self.db.insert(PROBE, now_ts().as_bytes())?;
+            self.db.flush()?;
+            Ok(())
+        })();
+        if let Err(e) = &r {
+            self.set_broken(e);
+        }
+        r
     }
 
     /// The seq of the last event in the log (0: empty).

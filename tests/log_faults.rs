@@ -1,0 +1,226 @@
+//! Faults of the event log and of the state disk, and memory per input (DESIGN.md, "Faults the
+//! daemon outlives without a restart"): a log that lost its tail is refused; a state disk that
+//! fills up stops claiming and the daemon resumes by itself once space returns; large inputs
+//! are not held several times over.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+/// A mount that is undone when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    /// Mounts with `mount ARGS... DIR`; needs root (CI runs as root). Outside CI, a machine
+    /// where mounting is not allowed skips the test (returns None); in CI that is a failure.
+    fn new(args: &[&str], dir: &Path) -> Option<Mount> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount").args(args).arg(dir).output();
+        match out {
+            Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
+            other => {
+                let why = format!("cannot mount {args:?} on {}: {other:?}", dir.display());
+                assert!(std::env::var_os("CI").is_none(), "{why}");
+                eprintln!("SKIPPED: {why}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Runs `build-image run` on the farm until it exits or 20 s pass: (exit code, stderr).
+fn run_to_exit(farm: &Farm) -> (Option<i32>, String) {
+    let mut child = farm
+        .bin()
+        .arg("run")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = wait_exit(&mut child, Duration::from_secs(20));
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    (code, err)
+}
+
+#[test]
+fn a_log_that_lost_its_tail_is_refused_at_start() {
+    init_log();
+    let farm = Farm::new();
+    let d = farm.start();
+    farm.drop_json("a.json", &workitem("tail-1", "ks\n"));
+    farm.drop_json("b.json", &workitem("tail-2", "ks\n"));
+    farm.wait_outbox("a.json", T);
+    farm.wait_outbox("b.json", T);
+    farm.wait_pushes("tail-2", 2);
+    d.stop().unwrap();
+    let state = farm.cfg.state_dir();
+    let total = farm.events().len();
+    assert!(
+        state.join("log.mark").exists(),
+        "the high-water mark is kept"
+    );
+
+    // the last three events are lost while no daemon runs
+    {
+        let db = sled::open(&state).unwrap();
+        let events = db.open_tree("events").unwrap();
+        for _ in 0..3 {
+            let (k, _) = events.last().unwrap().unwrap();
+            events.remove(k).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let (code, err) = run_to_exit(&farm);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("lost its tail") && err.contains(&format!("up to {total}")),
+        "{err}"
+    );
+    // nothing was built or pushed again
+    assert_eq!(farm.pushes_for("tail-2").len(), 2);
+
+    // an emptied log (its files gone, the mark beside it) is refused too
+    for e in std::fs::read_dir(&state).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "db" || name == "conf" || name.starts_with("snap.") || name == "blobs" {
+            let p = e.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(p).unwrap();
+            } else {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
+    let (code, err) = run_to_exit(&farm);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("lost its tail"), "{err}");
+
+    // the operator accepts the loss by removing the mark: the daemon starts
+    std::fs::remove_file(state.join("log.mark")).unwrap();
+    let mut child = farm.start_binary();
+    assert!(wait_for(T, || state.join("db").exists()));
+    sigterm(&child.0);
+    assert_eq!(wait_exit(&mut child.0, T), Some(0));
+}
+
+#[test]
+fn a_full_state_disk_stops_claiming_and_work_resumes_when_space_returns() {
+    init_log();
+    let mut farm = Farm::new();
+    let state = farm.root().join("state");
+    let Some(_m) = Mount::new(&["-t", "tmpfs", "-o", "size=24m", "tmpfs"], &state) else {
+        return;
+    };
+    farm.cfg.spool.state_dir = Some(state.clone());
+    farm.cfg.spool.poll_interval_ms = 50;
+    farm.cfg.spool.state_min_free_mb = 4;
+    let d = farm.start();
+    farm.drop_json("before.json", &workitem("full-0", "ks\n"));
+    assert_eq!(
+        farm.wait_outbox("before.json", T)["image"]["result"],
+        json!(true)
+    );
+    // fill the state disk
+    let filler = state.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .output()
+        .unwrap();
+    // drops while the disk is full are not claimed (nothing is moved into active/ that
+    // cannot be recorded), and `status` says why
+    for i in 1..=3 {
+        farm.drop_json(
+            &format!("f{i}.json"),
+            &workitem(&format!("full-{i}"), "ks\n"),
+        );
+    }
+    assert!(
+        wait_for(T, || {
+            let (_, _, err) = output(farm.bin().arg("status"));
+            err.contains("state disk") && err.contains("is full")
+        }),
+        "status does not report the full state disk"
+    );
+    assert_eq!(list(&farm.incoming()).len(), 3, "claimed while full");
+    assert!(list(&farm.active()).iter().all(|n| n.starts_with('.')));
+    // space returns: everything is built and answered once, without a restart
+    std::fs::remove_file(&filler).unwrap();
+    for i in 1..=3 {
+        let r = farm.wait_outbox(&format!("f{i}.json"), T);
+        assert_eq!(r["image"]["result"], json!(true), "f{i}");
+    }
+    d.stop().unwrap();
+    for i in 0..=3 {
+        let log = std::fs::read_to_string(
+            farm.base()
+                .join(format!("requests/full-{i}/img-full-{i}.log")),
+        )
+        .unwrap();
+        assert_eq!(
+            log.matches("mic-fixture argc:").count(),
+            1,
+            "full-{i} built once"
+        );
+    }
+    let (code, out, err) = output(farm.bin().args(["replay"]));
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn memory_stays_bounded_for_four_15_mb_inputs() {
+    let mut farm = Farm::new();
+    farm.cfg.spool.max_bytes = 16 * 1024 * 1024;
+    farm.cfg.worker.workers = 2;
+    let mut child = farm.start_binary();
+    let pid = child.0.id();
+    let ks = format!(
+        "# mic-fixture: bytes 1024\n{}",
+        "# a long kickstart line\n".repeat(15 * 1024 * 1024 / 24)
+    );
+    for i in 0..4 {
+        farm.drop_json(&format!("m{i}.json"), &workitem(&format!("mem-{i}"), &ks));
+    }
+    for i in 0..4 {
+        let r = farm.wait_outbox(&format!("m{i}.json"), T);
+        assert_eq!(r["image"]["result"], json!(true));
+    }
+    assert!(wait_for(T, || (0..4)
+        .all(|i| farm.pushes_for(&format!("mem-{i}")).len() == 2)));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    println!(
+        "peak RSS (VmHWM) of the daemon for 4 x 15 MB inputs: {} MB",
+        hwm_kb / 1024
+    );
+    eprintln!(
+        "peak RSS (VmHWM) of the daemon for 4 x 15 MB inputs: {} MB",
+        hwm_kb / 1024
+    );
+    sigterm(&child.0);
+    assert_eq!(wait_exit(&mut child.0, T), Some(0));
+    assert!(
+        hwm_kb < 300 * 1024,
+        "peak RSS {} MB, goal < 300 MB",
+        hwm_kb / 1024
+    );
+}
