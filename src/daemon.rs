@@ -142,23 +142,21 @@ impl Running {
             cfg.worker.workers,
             crate::build::mode(&cfg.worker),
         );
+        let stage = Arc::new(Stage::new(cfg, spool, journal, state_dir)?);
         // Children of an earlier life of this daemon (SIGKILLed) must not build beside the new one.
-        let groups = groups_dir(&state_dir);
-        let killed = crate::process::kill_registered_groups(&groups);
+        let killed = stage.registry.kill_leftovers();
         if !killed.is_empty() {
             log::warn!(
                 "killed {} process group(s) left by the previous run",
                 killed.len()
             );
         }
-        let stage = Arc::new(Stage::new(cfg, spool, journal, state_dir)?);
         let first_seq = stage.journal.next_seq();
 
         let worker_stage = Arc::clone(&stage);
         let pool = Pool::start(
             stage.cfg.worker.workers,
             Arc::new(move |id| {
-                crate::process::register_groups_in(&groups_dir(&worker_stage.state_dir));
                 if let Err(e) = worker_stage.build(id) {
                     worker_stage.stall(id, &e);
                 }
@@ -166,7 +164,6 @@ impl Running {
         )?;
         stage.set_queue(pool.sender());
 
-        crate::process::register_groups_in(&groups_dir(&stage.state_dir));
         let unsettled_at_start = recover(&stage)?;
         // The replay's temporary memory is freed; hand it back to the system rather than keep it
         // for the daemon's whole (mostly idle) life.
@@ -181,10 +178,7 @@ impl Running {
             let stage = Arc::clone(&stage);
             std::thread::Builder::new()
                 .name("retries".into())
-                .spawn(move || {
-                    crate::process::register_groups_in(&groups_dir(&stage.state_dir));
-                    stage.run_retries(&retry_rx)
-                })?
+                .spawn(move || stage.run_retries(&retry_rx))?
         };
         let control = crate::control::Server::start(Arc::clone(&stage))?;
         Ok(Running {
@@ -224,7 +218,7 @@ impl Running {
 /// run again.
 /// Returns the jobs it found unsettled.
 fn recover(stage: &Stage) -> anyhow::Result<Vec<u64>> {
-    crate::build::kvm::recover_orphans(&stage.cfg.worker);
+    crate::build::kvm::recover_orphans(&stage.cfg.worker, &stage.registry);
     let jobs = stage.open_jobs();
     let mine = |job: &crate::journal::Job| {
         job.worker

@@ -52,7 +52,9 @@ pub struct Stage {
     pub state_dir: PathBuf,
     /// The open (unsettled) jobs, as folded from the log; settled ones live in the log only.
     open: Mutex<Jobs>,
-    hook_log: PathBuf,
+    hooks: hooks::Hooks,
+    /// Every child the stage starts (builds, pushes) is registered here.
+    pub registry: crate::process::Registry,
     running: Mutex<HashMap<u64, Sender<()>>>,
     stopping: AtomicBool,
     /// Pushes to try again: (due, job, status, attempt).
@@ -160,11 +162,14 @@ impl Stage {
             open.len(),
             started.elapsed(),
         );
+        let registry = crate::process::Registry::new(crate::daemon::groups_dir(&state_dir));
+        let hooks = hooks::Hooks::new(&cfg.hooks, state_dir.join("hooks.log"), registry.clone());
         Ok(Stage {
             cfg,
             spool,
             journal,
-            hook_log: state_dir.join("hooks.log"),
+            hooks,
+            registry,
             state_dir,
             open: Mutex::new(open),
             running: Mutex::new(HashMap::new()),
@@ -730,9 +735,7 @@ impl Stage {
         attempt: u32,
     ) -> Result<()> {
         let image_id = job.image_id.clone().unwrap_or_default();
-        if let Some(p) =
-            hooks::push_status(&self.cfg.hooks, status, workitem, &image_id, &self.hook_log)
-        {
+        if let Some(p) = self.hooks.push(job.id, status, workitem, &image_id) {
             if let Some(e) = &p.error {
                 log::warn!(
                     "job {} push {} attempt {attempt} failed: {e}",
@@ -1022,21 +1025,24 @@ impl Stage {
         let (input, spec) = self.input(&job)?;
         let spec = spec.ok_or(StageError::NoInput(id))?;
         let w = &self.cfg.worker;
-        if let Err(e) = build::prepare(w, &spec, job.attempts + 1) {
-            if e.is_no_space() {
+        let prepared = match build::prepare(w, &spec, job.attempts + 1) {
+            Ok(p) => p,
+            Err(e) if e.is_no_space() => {
                 // Not the job's fault: it stays queued and is tried again when space returns.
                 return Err(StageError::Deferred(e.to_string()));
             }
-            self.record(
-                Some(id),
-                EventKind::Finished {
-                    result: false,
-                    error: Some(e.to_string()),
-                    urls: build::planned_urls(w, &spec),
-                },
-            )?;
-            return self.advance(id).map(|_| ());
-        }
+            Err(e) => {
+                self.record(
+                    Some(id),
+                    EventKind::Finished {
+                        result: false,
+                        error: Some(e.to_string()),
+                        urls: build::planned_urls(w, &spec),
+                    },
+                )?;
+                return self.advance(id).map(|_| ());
+            }
+        };
         let guard = self.start_lock.lock().unwrap_or_else(|p| p.into_inner());
         let job = self.job(id).ok_or(StageError::NoJob(id))?;
         if !matches!(job.state, State::Queued | State::Interrupted) {
@@ -1062,7 +1068,7 @@ impl Stage {
             if let Some(job) = self.job(id) {
                 self.push(&job, Status::Building, &building)?;
             }
-            let end = build::build(w, &spec, &cancel_rx);
+            let end = build::build(w, &spec, &prepared, &cancel_rx, &self.registry);
             match end {
                 BuildEnd::Finished {
                     result,
