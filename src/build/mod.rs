@@ -2,8 +2,9 @@
 //! guest), and turning what it left behind into the OUT fields.
 //!
 //! Invariant: every path a build writes is under `base_dir/prefix/dir_id`, whose parts were
-//! validated by `workitem::normalise`; a build's result is what mic really did (exit status and
-//! an image file on disk), never assumed.
+//! validated by `workitem::normalise`, reached from base_dir without following a symlink that
+//! was already there; a build's result is what mic really did (exit status and an image file on
+//! disk that this attempt wrote, see [`Prepared::new_image`]), never assumed.
 
 pub mod kvm;
 pub mod mic;
