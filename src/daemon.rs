@@ -124,6 +124,9 @@ impl Running {
             cfg.worker.workers,
             crate::build::mode(&cfg.worker),
         );
+        if let Some(why) = crate::build::mic_missing(&cfg.worker) {
+            log::warn!("{why}: every build will fail until it is fixed (build-image doctor)");
+        }
         // Children of an earlier life of this daemon (SIGKILLed) must not build beside the new one.
         let registry = Registry::new(groups_dir(&state_dir));
         let killed = registry.kill_leftovers();
@@ -149,7 +152,6 @@ impl Running {
         let pool = Pool::start(
             cfg.worker.workers,
             Arc::new(move |id| {
-                worker_stage.registry.enter();
                 if let Err(e) = worker_stage.build(id) {
                     worker_stage.stall(id, &e);
                 }
@@ -157,7 +159,6 @@ impl Running {
         )?;
         stage.set_queue(pool.sender());
 
-        stage.registry.enter();
         let open_at_start = stage.recover()?;
         // The replay's temporary memory is freed; hand it back to the system rather than keep
         // it for the daemon's whole (mostly idle) life.
@@ -173,8 +174,7 @@ impl Running {
             std::thread::Builder::new()
                 .name("timer".into())
                 .spawn(move || {
-                    stage.registry.enter();
-                    run_timer(&stage, &timer_rx)
+                                run_timer(&stage, &timer_rx)
                 })?
         };
         let control = crate::control::Server::start(Arc::clone(&stage))?;

@@ -4,23 +4,24 @@
 //! Invariant: nothing else in the program sends signals. The group is killed while the leader is
 //! still an unreaped zombie (`waitid(WNOWAIT)`), so its pgid cannot have been reused.
 //!
-//! A thread may name a registry directory (`register_groups_in`): every group it starts is then
-//! written there (the thread's file `t<tid>` holding the pgid and the leader's start time,
-//! blanked once the group is gone) so that a daemon restarted after SIGKILL can kill the groups
-//! its previous life left running (`kill_registered_groups`). One file per thread, written in
-//! place: no file is created or deleted per child (on ext4, creating and deleting an inode per
-//! child costs more than the child's own spawn).
+//! All child output passes through here: stdout and stderr share one pipe, pumped by a thread
+//! into the caller's sink ([`Output`]), so callers can bound it. Every group started through a
+//! [`Registry`] is recorded in its directory while it runs, from whatever thread started it.
 
 use crossbeam_channel::{Receiver, bounded, never, select};
+use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +76,17 @@ impl Outcome {
     }
 }
 
-/// Where a child's output goes.
+/// Where a child's output goes. stdout and stderr share one pipe that `run` pumps, so whatever
+/// the child prints passes through here (and can be bounded).
 pub enum Output {
+    /// Both to /dev/null (no pipe).
     Null,
-    /// stdout and stderr both appended to this file.
-    File(File),
+    /// Pumped into this writer until EOF (or, once the group is killed, until a short drain
+    /// deadline: an escaped grandchild holding the pipe cannot hang the caller). A write error
+    /// of the sink drops the rest of the output but never blocks the child.
+    Sink(Box<dyn Write + Send>),
+    /// Kept in memory, bounded (head and tail); read it with [`Capture::text`].
+    Capture(Capture),
 }
 
 pub struct Run<'a> {
@@ -90,26 +97,262 @@ pub struct Run<'a> {
     pub timeout: Duration,
     /// A message or a disconnect cancels the child.
     pub cancel: Option<&'a Receiver<()>>,
+    /// Where the child's group is registered while it runs.
+    pub registry: &'a Registry,
 }
 
-/// A thread's registry file, removed when the thread ends.
-struct Slot {
+/// How much output [`output`] keeps: the first and the last half of this.
+pub const CAPTURE_LIMIT: usize = 64 * 1024;
+
+/// After the group is killed, output still in the pipe is read for at most this long.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Bytes kept in memory: the first `limit / 2` and the last `limit / 2`, with a count of what
+/// was dropped between them.
+struct Bounded {
+    limit: usize,
+    head: Vec<u8>,
+    tail: std::collections::VecDeque<u8>,
+    omitted: u64,
+}
+
+impl Bounded {
+    fn new(limit: usize) -> Bounded {
+        Bounded {
+            limit: limit.max(2),
+            head: Vec::new(),
+            tail: std::collections::VecDeque::new(),
+            omitted: 0,
+        }
+    }
+
+    fn push(&mut self, mut data: &[u8]) {
+        let half = self.limit / 2;
+        if self.head.len() < half {
+            let n = (half - self.head.len()).min(data.len());
+            self.head.extend_from_slice(&data[..n]);
+            data = &data[n..];
+        }
+        let keep = self.limit - half;
+        if data.len() >= keep {
+            self.omitted += (self.tail.len() + data.len() - keep) as u64;
+            self.tail.clear();
+            self.tail.extend(&data[data.len() - keep..]);
+            return;
+        }
+        let over = (self.tail.len() + data.len()).saturating_sub(keep);
+        self.omitted += over as u64;
+        self.tail.drain(..over);
+        self.tail.extend(data);
+    }
+
+    fn text(&self) -> String {
+        let mut out = String::from_utf8_lossy(&self.head).into_owned();
+        if self.omitted > 0 {
+            if !out.is_empty() && !out.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(&format!(
+                "[... {} bytes of output omitted ...]\n",
+                self.omitted
+            ));
+        }
+        let (a, b) = self.tail.as_slices();
+        let mut tail = a.to_vec();
+        tail.extend_from_slice(b);
+        out.push_str(&String::from_utf8_lossy(&tail));
+        out
+    }
+}
+
+/// A child's output kept in memory, bounded: cloned handles share it.
+#[derive(Clone)]
+pub struct Capture(Arc<Mutex<Bounded>>);
+
+impl Capture {
+    /// Keeps at most `limit` bytes: the first and the last half of the output.
+    pub fn new(limit: usize) -> Capture {
+        Capture(Arc::new(Mutex::new(Bounded::new(limit))))
+    }
+
+    /// What was kept (lossily decoded), with a marker line where output was dropped.
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).text()
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where the process groups of running children are recorded, so that a daemon restarted after
+/// SIGKILL can kill what its previous life left running ([`Registry::kill_leftovers`]).
+///
+/// The directory holds a pool of slot files `slot-N`, each one fixed-width record ("pgid
+/// start-time") written in place while a group runs and blanked when it is gone: no file is
+/// created or deleted per child in the steady state (on ext4, creating and deleting an inode per
+/// child costs more than the child's own spawn). A slot is taken by one running child at a time,
+/// from any thread. Records are not fsynced: the registry is for a daemon that was killed while
+/// the machine ran on; a machine that went down took every process group with it.
+#[derive(Clone)]
+pub struct Registry(Option<Arc<RegistryInner>>);
+
+struct RegistryInner {
     dir: PathBuf,
-    path: PathBuf,
-    file: Option<File>,
-    busy: bool,
+    pool: Mutex<SlotPool>,
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(&self.path);
+#[derive(Default)]
+struct SlotPool {
+    free: Vec<Slot>,
+    /// Slots `slot-0` .. `slot-<made - 1>` belong to this registry.
+    made: usize,
+}
+
+struct Slot {
+    file: File,
+}
+
+impl Registry {
+    /// Registers groups in `dir` (created when first needed).
+    pub fn new(dir: PathBuf) -> Registry {
+        Registry(Some(Arc::new(RegistryInner {
+            dir,
+            pool: Mutex::new(SlotPool::default()),
+        })))
+    }
+
+    /// Registers nothing (tests, one-shot commands).
+    pub fn none() -> Registry {
+        Registry(None)
+    }
+
+    /// Kills the groups recorded by an earlier life of this daemon that are still running, and
+    /// removes their records (this registry's own slots are left alone). A group is killed only
+    /// if its members all started no earlier than the recorded leader (so a reused id is left
+    /// alone). Returns the pgids killed.
+    pub fn kill_leftovers(&self) -> Vec<i32> {
+        let mut killed = Vec::new();
+        let Some(inner) = &self.0 else {
+            return killed;
+        };
+        let pool = inner.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(rd) = std::fs::read_dir(&inner.dir) else {
+            return killed;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let ours = name
+                .strip_prefix("slot-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n < pool.made);
+            if ours {
+                continue;
+            }
+            let path = e.path();
+            // `slot-N` or an older daemon's `t<tid>`: "pgid start" (or blank); `<pgid>`: "start".
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let fields: Vec<&str> = text.split_whitespace().collect();
+            let (pgid, start): (Option<i32>, Option<u64>) = match fields.as_slice() {
+                [pgid, start] => (pgid.parse().ok(), start.parse().ok()),
+                [start] => (name.parse().ok(), start.parse().ok()),
+                _ => (None, None),
+            };
+            if let (Some(pgid), Some(start)) = (pgid, start) {
+                let members = group_members(pgid);
+                if pgid > 1 && !members.is_empty() && members.iter().all(|(_, st)| *st >= start) {
+                    log::warn!("killing process group {pgid} left running by an earlier daemon");
+                    kill_group(Pid::from_raw(pgid));
+                    killed.push(pgid);
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        killed
+    }
+
+    /// Records the group led by `pid` until the returned value is dropped.
+    fn register(&self, pid: i32) -> Registered<'_> {
+        let none = Registered {
+            inner: None,
+            slot: None,
+        };
+        let Some(inner) = &self.0 else {
+            return none;
+        };
+        let Some(start) = start_time(pid) else {
+            return none;
+        };
+        let slot = {
+            let mut pool = inner.pool.lock().unwrap_or_else(|p| p.into_inner());
+            match pool.free.pop() {
+                Some(s) => Ok(s),
+                None => {
+                    let path = inner.dir.join(format!("slot-{}", pool.made));
+                    let opened = std::fs::create_dir_all(&inner.dir).and_then(|()| {
+                        std::fs::OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .mode(0o600)
+                            .custom_flags(nix::libc::O_NOFOLLOW)
+                            .open(&path)
+                    });
+                    match opened {
+                        Ok(file) => {
+                            pool.made += 1;
+                            Ok(Slot { file })
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+        };
+        let slot = match slot {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("cannot register process group {pid}: {e}");
+                return none;
+            }
+        };
+        if let Err(e) = slot.file.write_all_at(record(pid, start).as_bytes(), 0) {
+            log::warn!("cannot register process group {pid}: {e}");
+        }
+        Registered {
+            inner: Some(inner),
+            slot: Some(slot),
         }
     }
 }
 
-thread_local! {
-    static REGISTRY: std::cell::RefCell<Option<Slot>> = const { std::cell::RefCell::new(None) };
+/// A running group's record; blanked and its slot handed back when dropped.
+struct Registered<'a> {
+    inner: Option<&'a RegistryInner>,
+    slot: Option<Slot>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        // A slot that cannot be blanked is not reused (its record names a dead group, which the
+        // next life only removes).
+        if let (Some(inner), Some(slot)) = (self.inner, self.slot.take())
+            && slot.file.write_all_at(blank().as_bytes(), 0).is_ok()
+        {
+            inner
+                .pool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .free
+                .push(slot);
+        }
+    }
 }
 
 /// A registry record: fixed width, so a rewrite in place replaces the whole of the last one.
@@ -120,22 +363,6 @@ fn record(pgid: i32, start: u64) -> String {
 /// A blank record, as long as `record`'s.
 fn blank() -> String {
     format!("{:31}\n", "")
-}
-
-/// Children started by this thread from now on are registered in `dir` while they run.
-pub fn register_groups_in(dir: &Path) {
-    let tid = nix::unistd::gettid();
-    REGISTRY.with(|r| {
-        if r.borrow().as_ref().is_some_and(|s| s.dir == dir) {
-            return;
-        }
-        *r.borrow_mut() = Some(Slot {
-            dir: dir.to_path_buf(),
-            path: dir.join(format!("t{tid}")),
-            file: None,
-            busy: false,
-        })
-    });
 }
 
 /// The start time (clock ticks since boot) of a process, from /proc.
@@ -168,180 +395,141 @@ fn group_members(pgid: i32) -> Vec<(i32, u64)> {
         .collect()
 }
 
-/// Kills the groups registered in `dir` by an earlier life of this daemon that are still
-/// running, and empties the registry. A group is killed only if its members all started no
-/// earlier than the registered leader (so a reused id is left alone). Returns the pgids killed.
-pub fn kill_registered_groups(dir: &Path) -> Vec<i32> {
-    let mut killed = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return killed;
-    };
-    for e in rd.flatten() {
-        let path = e.path();
-        // `t<tid>`: "pgid start" (or blank); an older daemon's `<pgid>`: "start".
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let fields: Vec<&str> = text.split_whitespace().collect();
-        let (pgid, start): (Option<i32>, Option<u64>) = match fields.as_slice() {
-            [pgid, start] => (pgid.parse().ok(), start.parse().ok()),
-            [start] => (
-                e.file_name().to_str().and_then(|n| n.parse().ok()),
-                start.parse().ok(),
-            ),
-            _ => (None, None),
-        };
-        if let (Some(pgid), Some(start)) = (pgid, start) {
-            let members = group_members(pgid);
-            if !members.is_empty() && members.iter().all(|(_, st)| *st >= start) {
-                log::warn!("killing process group {pgid} left running by an earlier daemon");
-                kill_group(Pid::from_raw(pgid));
-                killed.push(pgid);
-            }
-        }
-        let _ = std::fs::remove_file(&path);
-    }
-    killed
+/// Runs a short command (a probe) and returns how it ended with its combined stdout and stderr,
+/// bounded to [`CAPTURE_LIMIT`] (head and tail).
+pub fn output(
+    argv: &[OsString],
+    timeout: Duration,
+    registry: &Registry,
+) -> Result<(Outcome, String), ProcessError> {
+    let capture = Capture::new(CAPTURE_LIMIT);
+    let outcome = run(Run {
+        argv,
+        env: vec![],
+        stdin: None,
+        output: Output::Capture(capture.clone()),
+        timeout,
+        cancel: None,
+        registry,
+    })?;
+    Ok((outcome, capture.text()))
 }
 
-/// A running group's registration: the thread's record, or (for a child started while the
-/// thread's record is in use) a file of its own.
-enum Registered {
-    None,
-    Slot,
-    Own(PathBuf),
+/// The reading end of a child's output pipe, pumped by a thread into the sink.
+struct Pump {
+    /// Closed (dropped) to tell the pump the group is gone: drain, then stop.
+    stop: Option<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Registered {
-    fn new(pid: i32) -> Registered {
-        let Some(start) = start_time(pid) else {
-            return Registered::None;
-        };
-        REGISTRY.with(|r| {
-            let mut r = r.borrow_mut();
-            let Some(slot) = r.as_mut() else {
-                return Registered::None;
-            };
-            if slot.busy {
-                let _ = std::fs::create_dir_all(&slot.dir);
-                // Not fsynced (neither is the thread's record): the registry is for a daemon
-                // that was killed while the machine ran on; a machine that went down took every
-                // process group with it.
-                let path = slot.dir.join(pid.to_string());
-                return match crate::durable::write_atomic_unsynced(
-                    &path,
-                    start.to_string().as_bytes(),
-                    0o644,
-                ) {
-                    Ok(()) => Registered::Own(path),
-                    Err(e) => {
-                        log::warn!("cannot register process group {pid}: {e}");
-                        Registered::None
-                    }
-                };
-            }
-            if slot.file.is_none() {
-                let _ = std::fs::create_dir_all(&slot.dir);
-                match std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&slot.path)
-                {
-                    Ok(f) => slot.file = Some(f),
-                    Err(e) => {
-                        log::warn!("cannot register process group {pid}: {e}");
-                        return Registered::None;
-                    }
-                }
-            }
-            let written = slot.file.as_ref().map(|f| {
-                use std::os::unix::fs::FileExt;
-                f.write_all_at(record(pid, start).as_bytes(), 0)
-            });
-            match written {
-                Some(Ok(())) => {
-                    slot.busy = true;
-                    Registered::Slot
-                }
-                Some(Err(e)) => {
-                    log::warn!("cannot register process group {pid}: {e}");
-                    Registered::None
-                }
-                None => Registered::None,
-            }
+impl Pump {
+    fn start(out: OwnedFd, sink: Box<dyn Write + Send>) -> std::io::Result<Pump> {
+        let (stop_rx, stop_tx) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+        let thread = std::thread::Builder::new()
+            .name("child-output".into())
+            .spawn(move || pump(out, stop_rx, sink))?;
+        Ok(Pump {
+            stop: Some(stop_tx),
+            thread: Some(thread),
         })
     }
+
+    /// The group is gone: what is still in the pipe is read (up to EOF, or DRAIN at most).
+    fn finish(&mut self) {
+        self.stop = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
-impl Drop for Registered {
+impl Drop for Pump {
     fn drop(&mut self) {
-        match self {
-            Registered::None => {}
-            Registered::Own(path) => {
-                let _ = std::fs::remove_file(path);
-            }
-            Registered::Slot => REGISTRY.with(|r| {
-                if let Some(slot) = r.borrow_mut().as_mut() {
-                    if let Some(f) = &slot.file {
-                        use std::os::unix::fs::FileExt;
-                        let _ = f.write_all_at(blank().as_bytes(), 0);
-                    }
-                    slot.busy = false;
+        self.finish();
+    }
+}
+
+/// Copies the pipe into the sink until EOF; once `stop` is closed, until EOF or DRAIN.
+fn pump(out: OwnedFd, stop: OwnedFd, mut sink: Box<dyn Write + Send>) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut deadline: Option<Instant> = None;
+    let mut sink_ok = true;
+    loop {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
                 }
-            }),
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let (out_ready, stop_ready) = {
+            let mut fds = vec![PollFd::new(out.as_fd(), PollFlags::POLLIN)];
+            if deadline.is_none() {
+                fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+            let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), fds.get(1).is_some_and(ready))
+        };
+        if stop_ready {
+            deadline = Some(Instant::now() + DRAIN);
+        }
+        if !out_ready {
+            continue;
+        }
+        match nix::unistd::read(&out, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if sink_ok && let Err(e) = sink.write_all(&buf[..n]) {
+                    log::warn!("child output lost: {e}");
+                    sink_ok = false;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::EAGAIN) => {}
+            Err(_) => break,
         }
     }
-}
-
-/// Where a daemon registers the process groups it starts (see the module's doc).
-#[derive(Debug, Clone, Default)]
-pub struct Registry {
-    dir: Option<PathBuf>,
-}
-
-impl Registry {
-    pub fn new(dir: PathBuf) -> Registry {
-        Registry { dir: Some(dir) }
-    }
-
-    pub fn none() -> Registry {
-        Registry { dir: None }
-    }
-
-    /// Registers the groups the calling thread starts from now on.
-    pub fn enter(&self) {
-        if let Some(d) = &self.dir {
-            register_groups_in(d);
-        }
-    }
-
-    /// Kills the groups an earlier life of the daemon left running.
-    pub fn kill_leftovers(&self) -> Vec<i32> {
-        self.dir
-            .as_deref()
-            .map(kill_registered_groups)
-            .unwrap_or_default()
-    }
+    let _ = sink.flush();
 }
 
 /// Runs a command to its end in its own process group.
 pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
     let (program, args) = r.argv.split_first().ok_or(ProcessError::Empty)?;
     let name = program.to_string_lossy().into_owned();
+    let spawn_err = |source: std::io::Error| ProcessError::Spawn {
+        program: name.clone(),
+        source,
+    };
     let mut cmd = Command::new(program);
     cmd.args(args).process_group(0);
     for (k, v) in &r.env {
         cmd.env(k, v);
     }
-    match r.output {
-        Output::Null => {
+    let sink: Option<Box<dyn Write + Send>> = match r.output {
+        Output::Null => None,
+        Output::Sink(s) => Some(s),
+        Output::Capture(c) => Some(Box::new(c)),
+    };
+    let mut reader = None;
+    match sink {
+        None => {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
-        Output::File(f) => {
-            let err = f.try_clone().map_err(|source| ProcessError::Spawn {
-                program: name.clone(),
-                source,
-            })?;
-            cmd.stdout(f).stderr(err);
+        Some(sink) => {
+            let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+                .map_err(|e| spawn_err(std::io::Error::from(e)))?;
+            let wr2 = wr.try_clone().map_err(spawn_err)?;
+            cmd.stdout(Stdio::from(wr)).stderr(Stdio::from(wr2));
+            reader = Some((rd, sink));
         }
     }
     cmd.stdin(if r.stdin.is_some() {
@@ -361,6 +549,9 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
             _ => break,
         }
     }
+    // Our copies of the pipe's writing end go with the command: the pump sees EOF when the
+    // child's group has closed it.
+    drop(cmd);
     let mut child = spawned.map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => ProcessError::NotFound {
             program: name.clone(),
@@ -368,13 +559,18 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
         std::io::ErrorKind::PermissionDenied => ProcessError::NotExecutable {
             program: name.clone(),
         },
-        _ => ProcessError::Spawn {
-            program: name.clone(),
-            source,
-        },
+        _ => spawn_err(source),
     })?;
     let pid = Pid::from_raw(child.id() as i32);
-    let _registered = Registered::new(pid.as_raw());
+    let _registered = r.registry.register(pid.as_raw());
+    let mut pump = match reader.map(|(rd, sink)| Pump::start(rd, sink)).transpose() {
+        Ok(p) => p,
+        Err(source) => {
+            kill_group(pid);
+            let _ = child.wait();
+            return Err(spawn_err(source));
+        }
+    };
 
     if let (Some(data), Some(stdin)) = (r.stdin, child.stdin.take()) {
         feed_stdin(stdin, data);
@@ -387,18 +583,21 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
         Some(fd) => wait_pidfd(&fd, deadline, cancel),
         None => wait_thread(pid, deadline, cancel),
     };
+    // Whatever happened, nothing of the group may outlive the call.
+    kill_group(pid);
+    if let Some(p) = pump.as_mut() {
+        p.finish();
+    }
     let stopped = match waited {
         Ok(stopped) => stopped,
         Err(source) => {
-            kill_group(pid);
+            let _ = child.wait();
             return Err(ProcessError::Wait {
                 program: name,
                 source,
             });
         }
     };
-    // Whatever happened, nothing of the group may outlive the call.
-    kill_group(pid);
     let status = child.wait().map_err(|source| ProcessError::Wait {
         program: name.clone(),
         source,
@@ -586,6 +785,7 @@ mod tests {
             output: Output::Null,
             timeout,
             cancel: None,
+            registry: &Registry::none(),
         })
     }
 
@@ -632,15 +832,15 @@ mod tests {
     #[test]
     fn registered_groups_are_killed_by_the_next_life() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = dir.path().join("groups");
+        let reg_dir = dir.path().join("groups");
         let pidfile = dir.path().join("pid");
         let script = format!("echo $$ > {}; sleep 300", pidfile.display());
         let a = argv(&["sh", "-c", &script]);
         let (tx, rx) = bounded::<()>(1);
-        let reg2 = reg.clone();
+        let registry = Registry::new(reg_dir.clone());
+        let reg2 = registry.clone();
         // a thread that runs the child and is then abandoned, as a SIGKILLed daemon would
         let t = std::thread::spawn(move || {
-            register_groups_in(&reg2);
             run(Run {
                 argv: &a,
                 env: vec![],
@@ -648,19 +848,13 @@ mod tests {
                 output: Output::Null,
                 timeout: Duration::from_secs(600),
                 cancel: Some(&rx),
+                registry: &reg2,
             })
         });
+        let slot = reg_dir.join("slot-0");
         assert!(crate::wait::wait_for(Duration::from_secs(10), || {
             std::fs::read_to_string(&pidfile).is_ok_and(|p| p.trim().parse::<i32>().is_ok())
-                && std::fs::read_dir(&reg)
-                    .map(|d| {
-                        // the entry itself, not write_atomic's hidden temporary file
-                        d.flatten()
-                            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                            .count()
-                            == 1
-                    })
-                    .unwrap_or(false)
+                && std::fs::read_to_string(&slot).is_ok_and(|s| !s.trim().is_empty())
         }));
         let pgid: i32 = std::fs::read_to_string(&pidfile)
             .unwrap()
@@ -668,18 +862,102 @@ mod tests {
             .parse()
             .unwrap();
         assert!(group_alive(pgid));
-        let killed = kill_registered_groups(&reg);
-        assert_eq!(killed, vec![pgid]);
+        // this life's own slots are never touched
+        assert!(registry.kill_leftovers().is_empty());
+        assert!(group_alive(pgid));
+        // the next life sees them
+        let next = Registry::new(reg_dir.clone());
+        assert_eq!(next.kill_leftovers(), vec![pgid]);
         assert!(crate::wait::wait_for(Duration::from_secs(10), || {
             !group_alive(pgid)
         }));
-        assert_eq!(std::fs::read_dir(&reg).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(&reg_dir).unwrap().count(), 0);
         drop(tx);
         let _ = t.join();
         // an entry whose group is gone is only removed
-        std::fs::write(reg.join("999999"), "1").unwrap();
-        assert!(kill_registered_groups(&reg).is_empty());
-        assert_eq!(std::fs::read_dir(&reg).unwrap().count(), 0);
+        std::fs::write(reg_dir.join("999999"), "1").unwrap();
+        assert!(next.kill_leftovers().is_empty());
+        assert_eq!(std::fs::read_dir(&reg_dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn slots_are_reused_and_blanked() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg_dir = dir.path().join("groups");
+        let registry = Registry::new(reg_dir.clone());
+        let a = argv(&["true"]);
+        for _ in 0..20 {
+            let o = run(Run {
+                argv: &a,
+                env: vec![],
+                stdin: None,
+                output: Output::Null,
+                timeout: Duration::from_secs(10),
+                cancel: None,
+                registry: &registry,
+            })
+            .unwrap();
+            assert_eq!(o, Outcome::Exited(0));
+        }
+        let names: Vec<String> = std::fs::read_dir(&reg_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["slot-0".to_string()]);
+        assert!(
+            std::fs::read_to_string(reg_dir.join("slot-0"))
+                .unwrap()
+                .trim()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn output_is_captured_bounded() {
+        let a = argv(&[
+            "sh",
+            "-c",
+            "echo start; head -c 300000 /dev/zero | tr '\\0' x; echo; echo end >&2; exit 3",
+        ]);
+        let (o, text) = output(&a, Duration::from_secs(30), &Registry::none()).unwrap();
+        assert_eq!(o, Outcome::Exited(3));
+        assert!(text.starts_with("start\n"), "{}", &text[..20]);
+        assert!(text.ends_with("end\n"));
+        assert!(text.contains("bytes of output omitted ...]"));
+        assert!(text.len() < CAPTURE_LIMIT + 100, "{}", text.len());
+        let (o, text) = output(
+            &argv(&["sh", "-c", "echo hi"]),
+            Duration::from_secs(10),
+            &Registry::none(),
+        )
+        .unwrap();
+        assert_eq!((o, text.as_str()), (Outcome::Exited(0), "hi\n"));
+    }
+
+    #[test]
+    fn an_escaped_grandchild_holding_the_pipe_does_not_hang_us() {
+        // setsid takes the grandchild out of the group: it survives the kill and keeps the pipe
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!(
+            "setsid sh -c 'echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 300' & \
+             while [ ! -s {p} ]; do sleep 0.01; done; echo parent; exit 0",
+            p = pidfile.display()
+        );
+        let (o, text) = output(
+            &argv(&["sh", "-c", &script]),
+            Duration::from_secs(60),
+            &Registry::none(),
+        )
+        .unwrap();
+        assert_eq!(o, Outcome::Exited(0));
+        assert!(text.contains("parent"), "{text}");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(kill_pid_if(pid, |c| c.starts_with(b"sleep")).unwrap());
     }
 
     #[test]
@@ -694,6 +972,7 @@ mod tests {
             output: Output::Null,
             timeout: Duration::from_secs(60),
             cancel: Some(&rx),
+            registry: &Registry::none(),
         })
         .unwrap();
         assert_eq!(out, Outcome::Cancelled);
@@ -705,9 +984,10 @@ mod tests {
             argv: &a,
             env: vec![("X".into(), "y".into())],
             stdin: Some(b"hello ".to_vec()),
-            output: Output::File(f),
+            output: Output::Sink(Box::new(f)),
             timeout: Duration::from_secs(10),
             cancel: None,
+            registry: &Registry::none(),
         })
         .unwrap();
         assert_eq!(out, Outcome::Exited(0));
@@ -756,6 +1036,7 @@ mod tests {
                 output: Output::Null,
                 timeout: Duration::from_secs(60),
                 cancel: None,
+                registry: &Registry::none(),
             })
             .unwrap();
             assert_eq!(o, Outcome::Exited(0));

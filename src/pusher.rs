@@ -37,11 +37,15 @@ struct Ask {
 }
 
 pub struct Pusher {
+    cancel: Mutex<Option<Sender<()>>>,
     shards: Mutex<Vec<Sender<Ask>>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct Ctx {
+    /// Disconnected when the daemon stops: a push under way is killed (its status is pushed
+    /// again by the next start).
+    cancel: Receiver<()>,
     store: Arc<Store>,
     hooks: Hooks,
     cfg: Arc<Config>,
@@ -57,7 +61,6 @@ impl Pusher {
         hooks: Hooks,
         cfg: Arc<Config>,
         enabled: bool,
-        registry: crate::process::Registry,
     ) -> std::io::Result<Pusher> {
         let n = if enabled && cfg.hooks.push.is_some() {
             THREADS
@@ -68,7 +71,9 @@ impl Pusher {
             Duration::from_millis(cfg.hooks.retry_delay_ms),
             Duration::from_secs(24 * 3600),
         );
+        let (cancel_tx, cancel) = crossbeam_channel::bounded(1);
         let ctx = Arc::new(Ctx {
+            cancel,
             store,
             hooks,
             cfg,
@@ -79,19 +84,15 @@ impl Pusher {
         for i in 0..n {
             let (tx, rx) = unbounded();
             let ctx = Arc::clone(&ctx);
-            let registry = registry.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("push-{i}"))
-                    .spawn(move || {
-                        // Its children are killed by the next start if the daemon dies.
-                        registry.enter();
-                        shard(&ctx, &rx)
-                    })?,
+                    .spawn(move || shard(&ctx, &rx))?,
             );
             shards.push(tx);
         }
         Ok(Pusher {
+            cancel: Mutex::new(Some(cancel_tx)),
             shards: Mutex::new(shards),
             handles: Mutex::new(handles),
         })
@@ -112,10 +113,11 @@ impl Pusher {
         });
     }
 
-    /// Stops: pushes not started are dropped (a final status is pushed again by the next
-    /// start), a push under way is waited for.
+    /// Stops: pushes not started are dropped and a push under way is killed (a final status is
+    /// pushed again by the next start).
     pub fn stop(&self) {
         lock(&self.shards).clear();
+        lock(&self.cancel).take();
         for h in lock(&self.handles).drain(..) {
             let _ = h.join();
         }
@@ -199,8 +201,20 @@ fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Option<Inst
     };
     drop(input);
     let image_id = job.image_id.clone().unwrap_or_default();
-    let pushed = ctx.hooks.push(id, status, &reply, &image_id)?;
+    let pushed = ctx
+        .hooks
+        .push(id, status, &reply, &image_id, Some(&ctx.cancel))?;
     drop(reply);
+    if !pushed.ok
+        && matches!(
+            ctx.cancel.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        )
+    {
+        // Killed by the daemon stopping: not an attempt of the utility's; the next start
+        // pushes it again.
+        return None;
+    }
     let retry = match &pushed.error {
         Some(e) => {
             log::warn!(

@@ -122,7 +122,6 @@ impl Stage {
             hooks,
             Arc::clone(&cfg),
             pushes,
-            registry.clone(),
         )?;
         Ok(Stage {
             outbox: Outbox::new(&spool.outbox, &spool.worker),
@@ -708,7 +707,7 @@ impl Stage {
     /// Reconciles the log with the spool, then moves every open job forward: the normal
     /// steps, run again. Returns the open jobs it found.
     pub fn recover(&self) -> Result<Vec<u64>> {
-        build::kvm::recover_orphans(&self.cfg.worker);
+        build::kvm::recover_orphans(&self.cfg.worker, &self.registry);
         let jobs = self.store.open_jobs();
         let me = self.spool.worker.as_str();
         let mine = |job: &Job| job.worker.as_deref().is_none_or(|w| w == me);
@@ -797,26 +796,30 @@ impl Stage {
         let (_, spec) = self.store.input(&job)?;
         let spec = spec.ok_or(StoreError::NoInput(id))?;
         let w = &self.cfg.worker;
-        if let Err(e) = build::prepare(w, &spec, job.attempts + 1) {
-            if e.is_no_space() {
+        let prepared = match build::prepare(w, &spec, job.attempts + 1) {
+            Ok(p) => p,
+            Err(e) if e.is_no_space() => {
                 // Not the job's fault: it stays queued and is tried again when space returns.
                 return Err(StageError::Deferred(e.to_string()));
             }
-            self.store.record(
-                Some(id),
-                EventKind::Finished {
-                    result: false,
-                    error: Some(e.to_string()),
-                    urls: build::planned_urls(w, &spec),
-                },
-            )?;
-            return self.advance(id).map(|_| ());
-        }
+            Err(e) => {
+                self.store.record(
+                    Some(id),
+                    EventKind::Finished {
+                        result: false,
+                        error: Some(e.to_string()),
+                        urls: build::planned_urls(w, &spec),
+                    },
+                )?;
+                return self.advance(id).map(|_| ());
+            }
+        };
         let Some(guard) = self.begin(id)? else {
             return Ok(());
         };
         self.pusher.push(id, Status::Building);
-        let end = build::build(w, &spec, &guard.cancel);
+        let end = build::build(w, &spec, &prepared, &guard.cancel, &self.registry);
+        drop(prepared);
         let cancelled_by_operator = lock(&self.builds.by_operator).contains(&id);
         drop(guard);
         let kinds = match end {

@@ -122,7 +122,10 @@ fn spec(id: &str) -> build_image::workitem::Spec {
 /// Runs kvm::build directly and returns its error.
 fn preflight_error(w: &WorkerConfig, id: &str) -> String {
     let (_tx, rx) = crossbeam_channel::bounded::<()>(1);
-    match kvm::build(w, &spec(id), &rx) {
+    let spec = spec(id);
+    let prepared = build_image::build::prepare(w, &spec, 1).unwrap();
+    let registry = build_image::process::Registry::none();
+    match kvm::build(w, &spec, &prepared, &rx, &registry) {
         BuildEnd::Finished {
             result: false,
             error: Some(e),
@@ -180,7 +183,8 @@ fn kvm_missing_things_are_clear_errors_and_leave_nothing() {
         vm_ssh_key: None,
         ..good.clone()
     };
-    assert!(preflight_error(&w, "a4").contains("vm_ssh_key is not set"));
+    let e = preflight_error(&w, "a4");
+    assert!(e.contains("vm_ssh_key") && e.contains("not set"), "{e}");
     let w = WorkerConfig {
         vm_ssh_key: Some(p.join("no-key")),
         ..good.clone()
@@ -221,12 +225,24 @@ fn kvm_missing_things_are_clear_errors_and_leave_nothing() {
     // the error is in the job log too; nothing was made in img_tmp
     let log = std::fs::read_to_string(p.join("images/requests/a6/kvm-a6.log")).unwrap();
     assert!(log.contains("error: ssh key (vm_ssh_key)"), "{log}");
+    // a directory is no base image: refused before anything runs
+    std::fs::create_dir(p.join("base-is-a-dir")).unwrap();
+    let w = WorkerConfig {
+        vm_base_img: Some(p.join("base-is-a-dir")),
+        ..good.clone()
+    };
+    let e = preflight_error(&w, "a8");
+    assert!(
+        e.contains("base image (vm_base_img)") && e.contains("neither a file nor a block device"),
+        "{e}"
+    );
     assert!(vm_leftovers(&good).is_empty(), "{:?}", vm_leftovers(&good));
 }
 
 #[test]
 fn kvm_bad_base_image_fails_at_the_overlay_and_removes_it() {
-    // a base that qemu-img cannot read: the overlay step fails, nothing stays in img_tmp
+    // a base that qemu-img cannot read (a qcow2 header of an unknown version): the overlay step
+    // fails, nothing stays in img_tmp
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     if Command::new("qemu-img").arg("--version").output().is_err() {
@@ -234,14 +250,18 @@ fn kvm_bad_base_image_fails_at_the_overlay_and_removes_it() {
         return;
     }
     std::fs::write(p.join("vmlinuz"), b"k").unwrap();
-    std::fs::create_dir(p.join("base-is-a-dir")).unwrap();
+    std::fs::write(
+        p.join("base-unreadable.qcow2"),
+        b"QFI\xfb\x00\x00\x00\x63not a real image header",
+    )
+    .unwrap();
     std::fs::write(p.join("key"), b"k").unwrap();
     std::fs::set_permissions(p.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let w = WorkerConfig {
         base_dir: p.join("images"),
         use_kvm: true,
         img_tmp: p.join("vmtmp"),
-        vm_base_img: Some(p.join("base-is-a-dir")),
+        vm_base_img: Some(p.join("base-unreadable.qcow2")),
         vm_kernel: Some(p.join("vmlinuz")),
         vm_ssh_key: Some(p.join("key")),
         vm_accel: VmAccel::Tcg,
@@ -249,7 +269,7 @@ fn kvm_bad_base_image_fails_at_the_overlay_and_removes_it() {
     };
     let e = preflight_error(&w, "b1");
     assert!(
-        e.contains("qemu-img info") && e.contains("base-is-a-dir"),
+        e.contains("qemu-img info") && e.contains("base-unreadable.qcow2"),
         "{e}"
     );
     assert!(vm_leftovers(&w).is_empty(), "{:?}", vm_leftovers(&w));

@@ -11,12 +11,9 @@
 
 pub mod commands;
 
-use super::{
-    BuildEnd, JobLog, find_image, job_dir, ks_path, log_path, make_job_dir, mic, planned_urls,
-    url_for,
-};
-use crate::config::WorkerConfig;
-use crate::process::{self, Outcome, Output, Run};
+use super::{BuildEnd, JobLog, Prepared, mic, planned_urls, url_for};
+use crate::config::{VmAccel, WorkerConfig};
+use crate::process::{self, Capture, Outcome, Output, Registry, Run};
 use crate::workitem::Spec;
 use commands::{Accel, Ssh, Vm};
 use crossbeam_channel::{Receiver, TryRecvError};
@@ -24,13 +21,14 @@ use nix::fcntl::{Flock, FlockArg};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// File names in `img_tmp` that belong to this program start with this.
 const STEM_PREFIX: &str = "build-image-vm-";
 /// The kinds of file a build keeps in `img_tmp`, by extension.
+/// (`out` is no longer made; it is still cleaned up after older versions.)
 const STEM_EXTS: [&str; 6] = ["qcow2", "pid", "console", "out", "lv", "lock"];
 /// At most this long for the guest to power off, then its qemu is killed.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
@@ -53,42 +51,24 @@ enum Overlay {
     Lv(PathBuf),
 }
 
-/// Runs a KVM-mode build of `spec`; `cancel` stops it (the guest is still cleaned up).
-pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
+/// Runs a KVM-mode build of `spec` in the job directory `prepare` made; `cancel` stops it (the
+/// guest is still cleaned up).
+pub fn build(
+    w: &WorkerConfig,
+    spec: &Spec,
+    prepared: &Prepared,
+    cancel: &Receiver<()>,
+    registry: &Registry,
+) -> BuildEnd {
     let mut urls = planned_urls(w, spec);
-    let dir = job_dir(w, spec);
-    if let Err(e) = make_job_dir(&dir) {
-        return BuildEnd::failed(
-            format!("cannot create job directory {}: {e}", dir.display()),
-            urls,
-        );
-    }
-    let ks = ks_path(w, spec);
-    // Not fsynced: the kickstart is in the log and written again before every attempt.
-    if let Err(e) = crate::durable::write_atomic_unsynced(&ks, spec.kickstart.as_bytes(), 0o644) {
-        return BuildEnd::failed(
-            format!("cannot write the kickstart {}: {e}", ks.display()),
-            urls,
-        );
-    }
-    let log_file = log_path(w, spec);
-    let log = match JobLog::open(&log_file) {
-        Ok(l) => l,
-        Err(e) => {
-            return BuildEnd::failed(
-                format!("cannot open job log {}: {e}", log_file.display()),
-                urls,
-            );
-        }
-    };
     let mut b = Builder {
         w,
         spec,
-        log,
+        log: prepared.log().clone(),
+        prepared,
         cancel,
-        dir,
-        ks,
-        log_file,
+        registry,
+        dir: prepared.dir().to_path_buf(),
         stem: PathBuf::new(),
         lock: None,
         overlay: None,
@@ -124,11 +104,11 @@ struct Builder<'a> {
     w: &'a WorkerConfig,
     spec: &'a Spec,
     log: JobLog,
+    prepared: &'a Prepared,
     cancel: &'a Receiver<()>,
-    /// The host job directory, kickstart and log.
+    registry: &'a Registry,
+    /// The host job directory.
     dir: PathBuf,
-    ks: PathBuf,
-    log_file: PathBuf,
     /// `<img_tmp>/build-image-vm-<dir_id>-<random>`: the build's files are this plus an extension.
     stem: PathBuf,
     lock: Option<Flock<File>>,
@@ -145,7 +125,7 @@ impl Builder<'_> {
     /// build's outcome does not depend on it).
     fn note(&mut self, text: &str) {
         if let Err(e) = self.log.line(text) {
-            log::warn!("cannot write job log {}: {e}", self.log_file.display());
+            log::warn!("cannot write job log {}: {e}", self.log.path().display());
         }
     }
 
@@ -170,19 +150,14 @@ impl Builder<'_> {
         cancellable: bool,
     ) -> Step<Outcome> {
         self.note(&format!("$ {}", mic::display(argv)));
-        let out = self.log.for_child().map_err(|e| {
-            Stop::Failed(format!(
-                "cannot write job log {}: {e}",
-                self.log_file.display()
-            ))
-        })?;
         let outcome = process::run(Run {
             argv,
             env: vec![],
             stdin,
-            output: Output::File(out),
+            output: Output::Sink(self.log.sink()),
             timeout,
             cancel: cancellable.then_some(self.cancel),
+            registry: self.registry,
         })
         .map_err(|e| Stop::Failed(e.to_string()))?;
         if !outcome.success() {
@@ -209,8 +184,8 @@ impl Builder<'_> {
         )))
     }
 
-    /// Runs a command whose output is wanted (not only logged): it goes to `<stem>.out`, is read
-    /// back, and is copied into the job log when `log_it`.
+    /// Runs a command whose output is wanted (not only logged): captured (bounded), and copied
+    /// into the job log when `log_it`.
     fn capture(
         &mut self,
         argv: &[OsString],
@@ -220,22 +195,18 @@ impl Builder<'_> {
         if log_it {
             self.note(&format!("$ {}", mic::display(argv)));
         }
-        let path = self.path("out");
-        let file = File::create(&path)
-            .map_err(|e| Stop::Failed(format!("cannot create {}: {e}", path.display())))?;
+        let capture = Capture::new(process::CAPTURE_LIMIT);
         let outcome = process::run(Run {
             argv,
             env: vec![],
             stdin: None,
-            output: Output::File(file),
+            output: Output::Capture(capture.clone()),
             timeout,
             cancel: Some(self.cancel),
+            registry: self.registry,
         })
         .map_err(|e| Stop::Failed(e.to_string()))?;
-        let text = std::fs::read(&path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
-        let _ = std::fs::remove_file(&path);
+        let text = capture.text();
         if log_it {
             for line in text.lines() {
                 self.note(line);
@@ -296,46 +267,25 @@ impl Builder<'_> {
             self.must("copying the results back from the guest", &argv, None)?;
         }
         open_up(&self.dir);
-        let skip = [self.ks.clone(), self.log_file.clone()];
-        find_image(&self.dir, &skip).ok_or_else(|| {
+        self.prepared.new_image().ok_or_else(|| {
             Stop::Failed(format!(
-                "{tool} exited with status 0 but left no image file under {}",
+                "{tool} exited 0 but left no image file (none new or changed under {})",
                 self.dir.display()
             ))
         })
     }
 
-    /// Step 1: everything the guest needs is there, before anything is made.
+    /// Step 1: everything the guest needs is there, before anything is made (the preflight
+    /// `doctor` shows too; its first failure fails the build).
     fn check_host(&mut self) -> Step<Accel> {
         let w = self.w;
+        if let Some(f) = preflight(w).into_iter().find(|f| f.level == Level::Fail) {
+            return Err(Stop::Failed(f.message()));
+        }
         let (accel, line) =
             commands::choose_accel(w.vm_accel, kvm_usable()).map_err(Stop::Failed)?;
         self.note(&line);
-        let base = w.vm_base_img.as_deref().ok_or_else(|| {
-            Stop::Failed("vm_base_img is not set (the guest's base image)".into())
-        })?;
-        exists("base image (vm_base_img)", base)?;
-        let kernel = w
-            .vm_kernel
-            .as_deref()
-            .ok_or_else(|| Stop::Failed("vm_kernel is not set (the guest's kernel)".into()))?;
-        readable_file("guest kernel (vm_kernel)", kernel)?;
-        if let Some(initrd) = &w.vm_initrd {
-            readable_file("guest initrd (vm_initrd)", initrd)?;
-        }
-        let key = w.vm_ssh_key.as_deref().ok_or_else(|| {
-            Stop::Failed("vm_ssh_key is not set (the private key for root@guest)".into())
-        })?;
-        let meta = readable_file("ssh key (vm_ssh_key)", key)?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(Stop::Failed(format!(
-                "ssh key (vm_ssh_key) {} has mode {mode:04o}: it must be readable by its owner \
-                 only (chmod 600), or ssh refuses it",
-                key.display()
-            )));
-        }
-        self.key = absolute(key);
+        self.key = absolute(w.vm_ssh_key.as_deref().unwrap_or(Path::new("")));
         if w.use_9p_cache {
             std::fs::create_dir_all(&w.mic_cachedir).map_err(|e| {
                 Stop::Failed(format!(
@@ -675,7 +625,7 @@ impl Builder<'_> {
                         let msg = format!(
                             "cannot remove LVM snapshot {} (see the job log {})",
                             lv.display(),
-                            self.log_file.display()
+                            self.log.path().display()
                         );
                         log::warn!("{msg}");
                         // keep the record: the next start tries again
@@ -737,7 +687,7 @@ fn kill_vm(pid: i32, marker: &[u8]) -> std::io::Result<bool> {
 /// an overlay, an LVM snapshot, pid and console files) and removes it. Only stems whose lock is
 /// free are touched: a running build (of this or another daemon sharing img_tmp) holds its lock.
 /// Returns the stems cleaned.
-pub fn recover_orphans(w: &WorkerConfig) -> Vec<String> {
+pub fn recover_orphans(w: &WorkerConfig, registry: &Registry) -> Vec<String> {
     let tmp = absolute(&w.img_tmp);
     let Ok(rd) = std::fs::read_dir(&tmp) else {
         return Vec::new();
@@ -789,6 +739,7 @@ pub fn recover_orphans(w: &WorkerConfig) -> Vec<String> {
                     output: Output::Null,
                     timeout: w.timeout(),
                     cancel: None,
+                    registry,
                 });
                 match outcome {
                     Ok(o) if o.success() => {
@@ -844,20 +795,298 @@ pub fn kvm_usable() -> Result<(), String> {
     Ok(())
 }
 
-fn exists(what: &str, path: &Path) -> Step<std::fs::Metadata> {
-    std::fs::metadata(path).map_err(|e| Stop::Failed(format!("{what} {}: {e}", path.display())))
+// ---------------------------------------------------------------------------------------------
+// preflight: what a KVM build needs on this host, looked at without running anything
+
+/// How a preflight finding weighs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
 }
 
-fn readable_file(what: &str, path: &Path) -> Step<std::fs::Metadata> {
-    let meta = exists(what, path)?;
-    if !meta.is_file() {
-        return Err(Stop::Failed(format!(
-            "{what} {} is not a file",
-            path.display()
-        )));
+/// One thing the preflight looked at: `what` is the config key or device, `detail` what was
+/// found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub level: Level,
+    pub what: &'static str,
+    pub detail: String,
+}
+
+impl Finding {
+    fn new(level: Level, what: &'static str, detail: impl Into<String>) -> Finding {
+        Finding {
+            level,
+            what,
+            detail: detail.into(),
+        }
     }
-    File::open(path).map_err(|e| Stop::Failed(format!("{what} {}: {e}", path.display())))?;
-    Ok(meta)
+
+    /// The finding as one sentence, for a build's error: "ssh key (vm_ssh_key) /k: mode 0644...".
+    pub fn message(&self) -> String {
+        let label = match self.what {
+            "vm_base_img" => "base image (vm_base_img)",
+            "vm_kernel" => "guest kernel (vm_kernel)",
+            "vm_initrd" => "guest initrd (vm_initrd)",
+            "vm_ssh_key" => "ssh key (vm_ssh_key)",
+            other => other,
+        };
+        format!("{label} {}", self.detail)
+    }
+}
+
+/// Checks, without running or creating anything, what a KVM build needs on this host: the
+/// accelerator, the base image, kernel, initrd and ssh key, img_tmp (and mic_cachedir with the
+/// 9p cache). Shared by `doctor` and the KVM builder (which fails with the first failure).
+pub fn preflight(w: &WorkerConfig) -> Vec<Finding> {
+    let mut out = vec![
+        kvm_verdict(w.vm_accel, kvm_usable()),
+        vm_file("vm_base_img", w.vm_base_img.as_deref(), true),
+        vm_file("vm_kernel", w.vm_kernel.as_deref(), true),
+        vm_file("vm_initrd", w.vm_initrd.as_deref(), false),
+        ssh_key(w.vm_ssh_key.as_deref()),
+        dir_to_write(
+            "img_tmp",
+            &w.img_tmp,
+            "the first KVM build creates it for its overlay images",
+        ),
+    ];
+    if w.use_9p_cache {
+        out.push(dir_to_write(
+            "mic_cachedir",
+            &w.mic_cachedir,
+            "the first KVM build creates it",
+        ));
+    }
+    out
+}
+
+pub fn kvm_verdict(accel: VmAccel, usable: Result<(), String>) -> Finding {
+    let what = "/dev/kvm";
+    match (usable, accel) {
+        (Ok(()), VmAccel::Tcg) => Finding::new(
+            Level::Ok,
+            what,
+            "usable, but vm_accel = \"tcg\" does not use it",
+        ),
+        (Ok(()), _) => Finding::new(
+            Level::Ok,
+            what,
+            "usable (opens read-write, CPU has vmx/svm)",
+        ),
+        (Err(e), VmAccel::Kvm) => Finding::new(
+            Level::Fail,
+            what,
+            format!(
+                "is not usable: {e}; vm_accel = \"kvm\" needs it (or set vm_accel = \"auto\" or \
+                 \"tcg\")"
+            ),
+        ),
+        (Err(e), VmAccel::Auto) => Finding::new(
+            Level::Warn,
+            what,
+            format!("{e}; vm_accel = \"auto\" falls back to tcg, much slower"),
+        ),
+        (Err(e), VmAccel::Tcg) => Finding::new(
+            Level::Ok,
+            what,
+            format!("not used (vm_accel = \"tcg\"): {e}"),
+        ),
+    }
+}
+
+/// The configured path, or the finding that says it is unset (a failure when `required`) or
+/// empty (always a failure: a build reads `vm_initrd = ""` as a path, it does not mean "unset").
+fn configured<'a>(
+    what: &'static str,
+    p: Option<&'a Path>,
+    required: bool,
+) -> Result<&'a Path, Finding> {
+    match p {
+        None if required => Err(Finding::new(
+            Level::Fail,
+            what,
+            "not set (needed with use_kvm = true)",
+        )),
+        None => Err(Finding::new(Level::Ok, what, "not set (optional)")),
+        Some(p) if p.as_os_str().is_empty() => Err(Finding::new(
+            Level::Fail,
+            what,
+            format!(
+                "{what} = \"\" is an empty path, which a build tries to use; {}",
+                if required {
+                    "set it (needed with use_kvm = true)"
+                } else {
+                    "remove the key to leave it unset"
+                }
+            ),
+        )),
+        Some(p) => Ok(p),
+    }
+}
+
+/// A file qemu reads: a regular file or a block device (an LVM volume for the base image).
+pub fn vm_file(what: &'static str, path: Option<&Path>, required: bool) -> Finding {
+    let path = match configured(what, path, required) {
+        Ok(p) => p,
+        Err(f) => return f,
+    };
+    let m = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Finding::new(Level::Fail, what, format!("{}: {e}", path.display())),
+    };
+    let kind = if m.is_file() {
+        format!("file, {} bytes", m.len())
+    } else if m.file_type().is_block_device() {
+        "block device".to_string()
+    } else {
+        return Finding::new(
+            Level::Fail,
+            what,
+            format!("{} is neither a file nor a block device", path.display()),
+        );
+    };
+    match File::open(path) {
+        Ok(_) => Finding::new(Level::Ok, what, format!("{} ({kind})", path.display())),
+        Err(e) => Finding::new(
+            Level::Fail,
+            what,
+            format!("{} is not readable: {e}", path.display()),
+        ),
+    }
+}
+
+/// ssh refuses a private key that group or others may read: mode 0600 or stricter.
+pub fn key_mode_verdict(mode: u32) -> Result<(), String> {
+    if mode & 0o077 == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "mode {:04o}: group/other bits set, ssh refuses such a key",
+            mode & 0o7777
+        ))
+    }
+}
+
+pub fn ssh_key(path: Option<&Path>) -> Finding {
+    let what = "vm_ssh_key";
+    let path = match configured(what, path, true) {
+        Ok(p) => p,
+        Err(f) => return f,
+    };
+    let m = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Finding::new(Level::Fail, what, format!("{}: {e}", path.display())),
+    };
+    if !m.is_file() {
+        return Finding::new(
+            Level::Fail,
+            what,
+            format!("{} is not a file", path.display()),
+        );
+    }
+    let mode = m.permissions().mode();
+    if let Err(e) = key_mode_verdict(mode) {
+        return Finding::new(
+            Level::Fail,
+            what,
+            format!("{}: {e}; chmod 600 {}", path.display(), path.display()),
+        );
+    }
+    match File::open(path) {
+        Ok(_) => Finding::new(
+            Level::Ok,
+            what,
+            format!("{} (mode {:04o}, readable)", path.display(), mode & 0o7777),
+        ),
+        Err(e) => Finding::new(
+            Level::Fail,
+            what,
+            format!("cannot read {}: {e}", path.display()),
+        ),
+    }
+}
+
+/// A directory a build creates when missing: fine when it is a writable directory, or when it
+/// is missing and its nearest existing ancestor is a writable directory.
+pub fn dir_to_write(what: &'static str, dir: &Path, why_missing: &str) -> Finding {
+    let writable = |p: &Path| {
+        nix::unistd::access(
+            p,
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        )
+        .map_err(|e| format!("{} is not writable: {}", p.display(), e.desc()))
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => {
+            return Finding::new(
+                Level::Fail,
+                what,
+                format!("{} is not a directory", dir.display()),
+            );
+        }
+        Ok(_) => {
+            return match writable(dir) {
+                Ok(()) => Finding::new(Level::Ok, what, format!("{} (writable)", dir.display())),
+                Err(e) => Finding::new(Level::Fail, what, e),
+            };
+        }
+        Err(_) => {}
+    }
+    let mut cur = dir.parent();
+    while let Some(c) = cur {
+        let c = if c.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            c
+        };
+        match std::fs::metadata(c) {
+            Ok(m) if m.is_dir() => {
+                return match writable(c) {
+                    Ok(()) => Finding::new(
+                        Level::Ok,
+                        what,
+                        format!(
+                            "{} does not exist yet; {why_missing} (under {}, which is writable)",
+                            dir.display(),
+                            c.display()
+                        ),
+                    ),
+                    Err(e) => Finding::new(
+                        Level::Fail,
+                        what,
+                        format!(
+                            "{} does not exist and cannot be created: {e}",
+                            dir.display()
+                        ),
+                    ),
+                };
+            }
+            Ok(_) => {
+                return Finding::new(
+                    Level::Fail,
+                    what,
+                    format!(
+                        "{} cannot be created: {} is not a directory",
+                        dir.display(),
+                        c.display()
+                    ),
+                );
+            }
+            Err(_) => {}
+        }
+        if c == Path::new(".") {
+            break;
+        }
+        cur = c.parent();
+    }
+    Finding::new(
+        Level::Fail,
+        what,
+        format!("{} cannot be created: no existing parent", dir.display()),
+    )
 }
 
 fn with_ext(stem: &Path, ext: &str) -> PathBuf {
@@ -970,7 +1199,10 @@ mod tests {
             FlockArg::LockExclusiveNonblock,
         )
         .unwrap();
-        assert_eq!(recover_orphans(&w), vec!["build-image-vm-b-2".to_string()]);
+        assert_eq!(
+            recover_orphans(&w, &Registry::none()),
+            vec!["build-image-vm-b-2".to_string()]
+        );
         assert!(
             sleeper.try_wait().unwrap().is_none(),
             "a foreign pid was killed"
@@ -993,8 +1225,11 @@ mod tests {
             ]
         );
         drop(held);
-        assert_eq!(recover_orphans(&w), vec!["build-image-vm-a-1".to_string()]);
-        assert_eq!(recover_orphans(&w), Vec::<String>::new());
+        assert_eq!(
+            recover_orphans(&w, &Registry::none()),
+            vec!["build-image-vm-a-1".to_string()]
+        );
+        assert_eq!(recover_orphans(&w, &Registry::none()), Vec::<String>::new());
     }
 
     #[test]
@@ -1017,5 +1252,72 @@ mod tests {
         };
         assert_eq!(mode("sub/f"), 0o666);
         assert_eq!(mode("sub") & 0o066, 0o066);
+    }
+
+    #[test]
+    fn kvm_verdicts() {
+        let no = || Err("cannot open /dev/kvm read-write: No such file".to_string());
+        assert_eq!(kvm_verdict(VmAccel::Kvm, Ok(())).level, Level::Ok);
+        assert_eq!(kvm_verdict(VmAccel::Auto, Ok(())).level, Level::Ok);
+        assert_eq!(kvm_verdict(VmAccel::Kvm, no()).level, Level::Fail);
+        assert_eq!(kvm_verdict(VmAccel::Auto, no()).level, Level::Warn);
+        assert_eq!(kvm_verdict(VmAccel::Tcg, no()).level, Level::Ok);
+        assert!(
+            kvm_verdict(VmAccel::Kvm, no())
+                .message()
+                .starts_with("/dev/kvm is not usable: ")
+        );
+    }
+
+    #[test]
+    fn ssh_key_mode() {
+        assert!(key_mode_verdict(0o100600).is_ok());
+        assert!(key_mode_verdict(0o100400).is_ok());
+        assert!(key_mode_verdict(0o100700).is_ok());
+        assert!(key_mode_verdict(0o100640).is_err());
+        assert!(key_mode_verdict(0o100604).is_err());
+        assert!(key_mode_verdict(0o100644).unwrap_err().contains("0644"));
+
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("id");
+        std::fs::write(&key, "key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let f = ssh_key(Some(&key));
+        assert_eq!(f.level, Level::Fail);
+        assert!(f.detail.contains("chmod 600"), "{f:?}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(ssh_key(Some(&key)).level, Level::Ok);
+        assert_eq!(ssh_key(None).level, Level::Fail);
+        assert_eq!(ssh_key(Some(Path::new(""))).level, Level::Fail);
+    }
+
+    #[test]
+    fn vm_files() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("vmlinuz");
+        std::fs::write(&f, "k").unwrap();
+        assert_eq!(vm_file("vm_kernel", Some(&f), true).level, Level::Ok);
+        assert_eq!(vm_file("vm_kernel", None, true).level, Level::Fail);
+        assert_eq!(vm_file("vm_initrd", None, false).level, Level::Ok);
+        let c = vm_file("vm_kernel", Some(&d.path().join("nope")), true);
+        assert_eq!(c.level, Level::Fail);
+        assert!(
+            c.message().starts_with("guest kernel (vm_kernel) "),
+            "{c:?}"
+        );
+        assert_eq!(
+            vm_file("vm_kernel", Some(d.path()), true).level,
+            Level::Fail
+        );
+        assert_eq!(
+            vm_file("vm_initrd", Some(Path::new("")), false).level,
+            Level::Fail
+        );
+        let tmp = |p: &Path| dir_to_write("img_tmp", p, "made by a build");
+        assert_eq!(tmp(d.path()).level, Level::Ok);
+        assert_eq!(tmp(&d.path().join("new/deeper")).level, Level::Ok);
+        assert!(!d.path().join("new").exists());
+        assert_eq!(tmp(&f).level, Level::Fail);
+        assert_eq!(tmp(&f.join("sub")).level, Level::Fail);
     }
 }

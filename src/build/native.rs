@@ -1,46 +1,37 @@
 //! Native mode: mic runs on this host, in its own process group, output into the job log.
 
-use super::{BuildEnd, JobLog, find_image, job_dir, ks_path, log_path, mic, planned_urls, url_for};
+use super::{BuildEnd, Prepared, mic, planned_urls, url_for};
 use crate::config::WorkerConfig;
-use crate::process::{self, Output, Run};
+use crate::process::{self, Output, Registry, Run};
 use crate::workitem::Spec;
 use crossbeam_channel::Receiver;
 
-pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
+pub fn build(
+    w: &WorkerConfig,
+    spec: &Spec,
+    prepared: &Prepared,
+    cancel: &Receiver<()>,
+    registry: &Registry,
+) -> BuildEnd {
     let mut urls = planned_urls(w, spec);
-    // The job directory and the kickstart were made by `super::prepare`.
-    let dir = job_dir(w, spec);
-    let ks = ks_path(w, spec);
-    let log_file = log_path(w, spec);
-    let mut log = match JobLog::open(&log_file) {
-        Ok(l) => l,
-        Err(e) => {
-            return BuildEnd::failed(
-                format!("cannot open job log {}: {e}", log_file.display()),
-                urls,
-            );
-        }
-    };
-    let argv = mic::mic_command(spec, &ks, &dir, w);
-    let out = match log
-        .line(&format!("$ {}", mic::display(&argv)))
-        .and_then(|_| log.for_child())
-    {
-        Ok(f) => f,
-        Err(e) => {
-            return BuildEnd::failed(
-                format!("cannot write job log {}: {e}", log_file.display()),
-                urls,
-            );
-        }
-    };
+    // The job directory, the kickstart and the log were made by `super::prepare`.
+    let dir = prepared.dir();
+    let log = prepared.log();
+    let argv = mic::mic_command(spec, prepared.ks(), dir, w);
+    if let Err(e) = log.line(&format!("$ {}", mic::display(&argv))) {
+        return BuildEnd::failed(
+            format!("cannot write job log {}: {e}", log.path().display()),
+            urls,
+        );
+    }
     let outcome = process::run(Run {
         argv: &argv,
         env: vec![],
         stdin: None,
-        output: Output::File(out),
+        output: Output::Sink(log.sink()),
         timeout: w.timeout(),
         cancel: Some(cancel),
+        registry,
     });
     let tool = argv
         .iter()
@@ -72,7 +63,7 @@ pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
             urls,
         );
     }
-    match find_image(&dir, &[ks.clone(), log_file.clone()]) {
+    match prepared.new_image() {
         Some(image) => {
             urls.image_url = url_for(w, &image);
             BuildEnd::Finished {
@@ -83,7 +74,7 @@ pub fn build(w: &WorkerConfig, spec: &Spec, cancel: &Receiver<()>) -> BuildEnd {
         }
         None => BuildEnd::failed(
             format!(
-                "{tool} exited with status 0 but left no image file under {}",
+                "{tool} exited 0 but left no image file (none new or changed under {})",
                 dir.display()
             ),
             urls,

@@ -5,24 +5,24 @@
 //! doctor writes is the rename test's hidden temp file (`tmp/.doctor-<pid>.tmp`, a name the
 //! daemon ignores), removed before the check returns; missing folders are reported, never
 //! created. Every child (`mic --version`, `sudo -n true`, `qemu-img --version`, ...) runs through
-//! [`crate::process::run`] with [`CHILD_TIMEOUT`].
+//! [`crate::process::output`] with [`CHILD_TIMEOUT`]. The KVM checks of files and directories
+//! are the KVM builder's own preflight ([`crate::build::kvm::preflight`]).
 
-use crate::config::{Config, HooksConfig, Ict, VmAccel, WatchMode, WorkerConfig};
-use crate::process::{Output, Run};
+use crate::build::kvm::{self, Level};
+use crate::config::{Config, HooksConfig, Ict, WatchMode, WorkerConfig};
+use crate::process::Registry;
 use crate::spool::Spool;
 use nix::unistd::AccessFlags;
 use std::ffi::OsString;
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How long one probe (`--version`, `sudo -n true`) may take.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Output of a probe kept for the report (the first or last line of it).
-const CAPTURE_BYTES: u64 = 8192;
+/// A probe's output line kept for the report is cut to this many characters.
 const DETAIL_LINE_CHARS: usize = 160;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,21 +231,8 @@ fn check_sudo(w: &WorkerConfig) -> Check {
 /// Runs a short command; `Ok(first line of its output)` when it exits 0, else why not, with
 /// the last line of its output.
 fn probe(argv: &[OsString]) -> Result<String, String> {
-    let capture = capture_file();
-    let output = match capture.as_ref().and_then(|f| f.try_clone().ok()) {
-        Some(f) => Output::File(f),
-        None => Output::Null,
-    };
-    let outcome = crate::process::run(Run {
-        argv,
-        env: vec![],
-        stdin: None,
-        output,
-        timeout: CHILD_TIMEOUT,
-        cancel: None,
-    })
-    .map_err(|e| e.to_string())?;
-    let text = capture.map(read_capture).unwrap_or_default();
+    let (outcome, text) = crate::process::output(argv, CHILD_TIMEOUT, &Registry::none())
+        .map_err(|e| e.to_string())?;
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     if outcome.success() {
         return Ok(shorten(lines.next().unwrap_or("")));
@@ -264,25 +251,6 @@ fn probe(argv: &[OsString]) -> Result<String, String> {
         msg.push_str(&shorten(last));
     }
     Err(msg)
-}
-
-/// An anonymous in-memory file for a probe's output (nothing on disk); `None` if unavailable.
-fn capture_file() -> Option<File> {
-    nix::sys::memfd::memfd_create(
-        c"build-image-doctor",
-        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-    )
-    .ok()
-    .map(File::from)
-}
-
-fn read_capture(mut f: File) -> String {
-    let mut buf = Vec::new();
-    if f.seek(SeekFrom::Start(0)).is_err() {
-        return String::new();
-    }
-    let _ = f.take(CAPTURE_BYTES).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 fn shorten(line: &str) -> String {
@@ -427,7 +395,8 @@ fn check_spool(cfg: &Config) -> Vec<Check> {
     checks
 }
 
-/// The spool's folders exist and are writable. Never creates them.
+/// The spool's folders exist and are writable, or are missing and can be created (the daemon
+/// creates them on start: a fresh setup). Never creates them.
 fn check_spool_folders(root: &Path, folders: &[(&str, &Path)]) -> Check {
     let mut missing = Vec::new();
     let mut problems = Vec::new();
@@ -439,7 +408,20 @@ fn check_spool_folders(root: &Path, folders: &[(&str, &Path)]) -> Check {
                 }
             }
             Ok(_) => problems.push(format!("{} is not a directory", p.display())),
-            Err(_) => missing.push(p.display().to_string()),
+            Err(_) => match nearest_existing(p) {
+                Err(file) => problems.push(format!(
+                    "{} cannot be created: {} is not a directory",
+                    p.display(),
+                    file.display()
+                )),
+                Ok(ancestor) => match writable_dir(&ancestor) {
+                    Ok(()) => missing.push(p.display().to_string()),
+                    Err(e) => problems.push(format!(
+                        "{} does not exist and cannot be created: {e}",
+                        p.display()
+                    )),
+                },
+            },
         }
     }
     if missing.is_empty() && problems.is_empty() {
@@ -452,12 +434,17 @@ fn check_spool_folders(root: &Path, folders: &[(&str, &Path)]) -> Check {
     let mut parts = Vec::new();
     if !missing.is_empty() {
         parts.push(format!(
-            "missing {} (run the daemon once, or create them)",
+            "{} will be created (the daemon creates them on start)",
             missing.join(", ")
         ));
     }
+    let status = if problems.is_empty() {
+        Status::Warn
+    } else {
+        Status::Fail
+    };
     parts.extend(problems);
-    Check::fail("spool folders", parts.join("; "))
+    Check::new(status, "spool folders", parts.join("; "))
 }
 
 /// The claim, the outbox and the reject all rename between the folders: one filesystem.
@@ -709,7 +696,17 @@ fn find_on_path(name: &Path) -> Option<PathBuf> {
 // KVM mode
 
 fn check_kvm(w: &WorkerConfig) -> Vec<Check> {
-    let mut checks = vec![kvm_verdict(w.vm_accel, crate::build::kvm::kvm_usable())];
+    let mut checks: Vec<Check> = kvm::preflight(w)
+        .into_iter()
+        .map(|f| {
+            let status = match f.level {
+                Level::Ok => Status::Ok,
+                Level::Warn => Status::Warn,
+                Level::Fail => Status::Fail,
+            };
+            Check::new(status, f.what, f.detail)
+        })
+        .collect();
     for (what, argv) in [
         ("qemu-system-x86_64", ["qemu-system-x86_64", "--version"]),
         ("qemu-img", ["qemu-img", "--version"]),
@@ -728,129 +725,7 @@ fn check_kvm(w: &WorkerConfig) -> Vec<Check> {
             "scp not found on PATH (results are copied back with it)",
         ),
     });
-    checks.push(check_vm_file("vm_base_img", w.vm_base_img.as_deref(), true));
-    checks.push(check_vm_file("vm_kernel", w.vm_kernel.as_deref(), true));
-    checks.push(check_vm_file("vm_initrd", w.vm_initrd.as_deref(), false));
-    checks.push(check_ssh_key(w.vm_ssh_key.as_deref()));
-    checks.push(check_img_tmp(&w.img_tmp));
     checks
-}
-
-fn kvm_verdict(accel: VmAccel, usable: Result<(), String>) -> Check {
-    let what = "/dev/kvm";
-    match (usable, accel) {
-        (Ok(()), VmAccel::Tcg) => Check::ok(what, "usable, but vm_accel = \"tcg\" does not use it"),
-        (Ok(()), _) => Check::ok(what, "usable (opens read-write, CPU has vmx/svm)"),
-        (Err(e), VmAccel::Kvm) => Check::fail(
-            what,
-            format!("{e}; vm_accel = \"kvm\" needs it (or set vm_accel = \"auto\" or \"tcg\")"),
-        ),
-        (Err(e), VmAccel::Auto) => Check::warn(
-            what,
-            format!("{e}; vm_accel = \"auto\" falls back to tcg, much slower"),
-        ),
-        (Err(e), VmAccel::Tcg) => Check::ok(what, format!("not used (vm_accel = \"tcg\"): {e}")),
-    }
-}
-
-/// The configured path, or the check that says it is unset (a FAIL when `required`) or empty
-/// (always a FAIL: a build reads `vm_initrd = ""` as a path, it does not mean "unset").
-fn configured<'a>(what: &str, p: Option<&'a Path>, required: bool) -> Result<&'a Path, Check> {
-    match p {
-        None if required => Err(Check::fail(what, "not set (needed with use_kvm = true)")),
-        None => Err(Check::ok(what, "not set (optional)")),
-        Some(p) if p.as_os_str().is_empty() => Err(Check::fail(
-            what,
-            format!(
-                "{what} = \"\" is an empty path, which a build tries to use; {}",
-                if required {
-                    "set it (needed with use_kvm = true)"
-                } else {
-                    "remove the key to leave it unset"
-                }
-            ),
-        )),
-        Some(p) => Ok(p),
-    }
-}
-
-/// A file qemu reads: a regular file or a block device (an LVM volume for the base image).
-fn check_vm_file(what: &str, path: Option<&Path>, required: bool) -> Check {
-    let path = match configured(what, path, required) {
-        Ok(p) => p,
-        Err(c) => return c,
-    };
-    let m = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) => return Check::fail(what, format!("{}: {e}", path.display())),
-    };
-    let kind = if m.is_file() {
-        format!("file, {} bytes", m.len())
-    } else if m.file_type().is_block_device() {
-        "block device".to_string()
-    } else {
-        return Check::fail(
-            what,
-            format!("{} is neither a file nor a block device", path.display()),
-        );
-    };
-    match nix::unistd::access(path, AccessFlags::R_OK) {
-        Ok(()) => Check::ok(what, format!("{} ({kind})", path.display())),
-        Err(e) => Check::fail(
-            what,
-            format!("{} is not readable: {}", path.display(), e.desc()),
-        ),
-    }
-}
-
-/// ssh refuses a private key that group or others may read: mode 0600 or stricter.
-fn key_mode_verdict(mode: u32) -> Result<(), String> {
-    if mode & 0o077 == 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "mode {:04o}: group/other bits set, ssh refuses such a key",
-            mode & 0o7777
-        ))
-    }
-}
-
-fn check_ssh_key(path: Option<&Path>) -> Check {
-    let what = "vm_ssh_key";
-    let path = match configured(what, path, true) {
-        Ok(p) => p,
-        Err(c) => return c,
-    };
-    let m = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) => return Check::fail(what, format!("{}: {e}", path.display())),
-    };
-    if !m.is_file() {
-        return Check::fail(what, format!("{} is not a file", path.display()));
-    }
-    let mode = m.permissions().mode();
-    if let Err(e) = key_mode_verdict(mode) {
-        return Check::fail(
-            what,
-            format!("{}: {e}; chmod 600 {}", path.display(), path.display()),
-        );
-    }
-    match File::open(path) {
-        Ok(_) => Check::ok(
-            what,
-            format!("{} (mode {:04o}, readable)", path.display(), mode & 0o7777),
-        ),
-        Err(e) => Check::fail(what, format!("cannot read {}: {e}", path.display())),
-    }
-}
-
-fn check_img_tmp(dir: &Path) -> Check {
-    check_dir_to_write(
-        "img_tmp",
-        dir,
-        Status::Ok,
-        "the first KVM build creates it for its overlay images",
-    )
 }
 
 #[cfg(test)]
@@ -991,12 +866,20 @@ mod tests {
         std::fs::create_dir_all(&folders[0].1).unwrap();
         let refs: Vec<(&str, &Path)> = folders.iter().map(|(n, p)| (*n, p.as_path())).collect();
         let c = check_spool_folders(d.path(), &refs);
-        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert_eq!(c.status, Status::Warn, "{c:?}");
         for (_, p) in &folders[1..] {
             assert!(c.detail.contains(&p.display().to_string()), "{c:?}");
             assert!(!p.exists());
         }
-        assert!(c.detail.contains("run the daemon once, or create them"));
+        assert!(c.detail.contains("will be created"));
+
+        // a file where the spool should be: cannot be created
+        let file = d.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let bad = file.join("incoming");
+        let c = check_spool_folders(&file, &[("incoming/", bad.as_path())]);
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(c.detail.contains("cannot be created"), "{c:?}");
 
         for (_, p) in &folders {
             std::fs::create_dir_all(p).unwrap();
@@ -1096,66 +979,6 @@ mod tests {
         assert_eq!(check_push(&h).status, Status::Ok);
         h.push = Some("sh".into());
         assert_eq!(check_push(&h).status, Status::Ok, "found on PATH");
-    }
-
-    #[test]
-    fn kvm_verdicts() {
-        let no = || Err("cannot open /dev/kvm read-write: No such file".to_string());
-        assert_eq!(kvm_verdict(VmAccel::Kvm, Ok(())).status, Status::Ok);
-        assert_eq!(kvm_verdict(VmAccel::Auto, Ok(())).status, Status::Ok);
-        assert_eq!(kvm_verdict(VmAccel::Kvm, no()).status, Status::Fail);
-        assert_eq!(kvm_verdict(VmAccel::Auto, no()).status, Status::Warn);
-        assert_eq!(kvm_verdict(VmAccel::Tcg, no()).status, Status::Ok);
-    }
-
-    #[test]
-    fn ssh_key_mode() {
-        assert!(key_mode_verdict(0o100600).is_ok());
-        assert!(key_mode_verdict(0o100400).is_ok());
-        assert!(key_mode_verdict(0o100700).is_ok());
-        assert!(key_mode_verdict(0o100640).is_err());
-        assert!(key_mode_verdict(0o100604).is_err());
-        assert!(key_mode_verdict(0o100644).unwrap_err().contains("0644"));
-
-        let d = tempfile::tempdir().unwrap();
-        let key = d.path().join("id");
-        std::fs::write(&key, "key").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let c = check_ssh_key(Some(&key));
-        assert_eq!(c.status, Status::Fail);
-        assert!(c.detail.contains("chmod 600"), "{c:?}");
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(check_ssh_key(Some(&key)).status, Status::Ok);
-        assert_eq!(check_ssh_key(None).status, Status::Fail);
-        assert_eq!(check_ssh_key(Some(Path::new(""))).status, Status::Fail);
-    }
-
-    #[test]
-    fn vm_files() {
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("vmlinuz");
-        std::fs::write(&f, "k").unwrap();
-        assert_eq!(
-            check_vm_file("vm_kernel", Some(&f), true).status,
-            Status::Ok
-        );
-        assert_eq!(check_vm_file("vm_kernel", None, true).status, Status::Fail);
-        assert_eq!(check_vm_file("vm_initrd", None, false).status, Status::Ok);
-        let c = check_vm_file("vm_kernel", Some(&d.path().join("nope")), true);
-        assert_eq!(c.status, Status::Fail);
-        assert!(c.detail.contains("nope"));
-        assert_eq!(
-            check_vm_file("vm_kernel", Some(d.path()), true).status,
-            Status::Fail
-        );
-        assert_eq!(
-            check_vm_file("vm_initrd", Some(Path::new("")), false).status,
-            Status::Fail
-        );
-        assert_eq!(check_img_tmp(d.path()).status, Status::Ok);
-        assert_eq!(check_img_tmp(&d.path().join("new")).status, Status::Ok);
-        assert!(!d.path().join("new").exists());
-        assert_eq!(check_img_tmp(&f).status, Status::Fail);
     }
 
     #[test]
