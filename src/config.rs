@@ -455,7 +455,7 @@ mod tests {
     }
 
     /// Every numeric key: section, key, lowest and highest accepted value.
-    const RANGES: [(&str, &str, u64, u64); 15] = [
+    const RANGES: [(&str, &str, u64, u64); 16] = [
         ("worker", "timeout", 1, 604800),
         ("worker", "grace", 0, 604800),
         ("worker", "workers", 1, 256),

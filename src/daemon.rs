@@ -96,6 +96,14 @@ struct Running {
 
 impl Running {
     fn start(cfg: Config) -> anyhow::Result<Running> {
+        // Buffers of a large workitem (megabytes) are given back to the system when freed:
+        // without a fixed threshold glibc raises it after the first such free and keeps later
+        // ones in its heaps, so a few large inputs would hold their memory for good.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: mallopt only sets an allocator parameter; it has no preconditions.
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
         let cfg = Arc::new(cfg);
         let worker = cfg.worker_id();
         let spool = Spool::new(&cfg.spool.dir, &worker);
@@ -173,9 +181,7 @@ impl Running {
             let stage = Arc::clone(&stage);
             std::thread::Builder::new()
                 .name("timer".into())
-                .spawn(move || {
-                                run_timer(&stage, &timer_rx)
-                })?
+                .spawn(move || run_timer(&stage, &timer_rx))?
         };
         let control = crate::control::Server::start(Arc::clone(&stage))?;
         Ok(Running {
@@ -443,25 +449,56 @@ fn watch(
 /// The most files claimed with one flush.
 const MAX_BATCH: usize = 1000;
 
-/// Claims (renames into active/, one directory fsync for all) or rejects the ready names;
-/// errors are logged and a file stays for a later scan.
+/// The most input bytes claimed with one flush: the batch is read into memory whole.
+const MAX_BATCH_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Claims or rejects the ready names, in batches of at most MAX_BATCH_BYTES of input.
 fn take(stage: &Stage, scanner: &mut Scanner, ready: Vec<Ready>, unrecorded: &mut Vec<String>) {
-    // Nothing is moved into active/ that cannot be recorded: the names stay in incoming/ until
-    // the log takes writes again and the state disk has room for them.
-    let need: u64 = ready
-        .iter()
-        .filter_map(|r| match r {
-            Ready::File(n) => stage
+    let size = |r: &Ready| match r {
+        Ready::File(n) => {
+            stage
                 .spool
                 .incoming
                 .join(n)
                 .metadata()
-                .ok()
-                .map(|m| m.len()),
-            _ => None,
-        })
-        .map(|b| b + 4096)
-        .sum();
+                .map_or(0, |m| m.len())
+                + 4096
+        }
+        _ => 0,
+    };
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for r in ready {
+        let b = size(&r);
+        if !batch.is_empty() && bytes + b > MAX_BATCH_BYTES {
+            take_batch(
+                stage,
+                scanner,
+                std::mem::take(&mut batch),
+                bytes,
+                unrecorded,
+            );
+            bytes = 0;
+        }
+        bytes += b;
+        batch.push(r);
+    }
+    if !batch.is_empty() {
+        take_batch(stage, scanner, batch, bytes, unrecorded);
+    }
+}
+
+/// Claims (renames into active/, one directory fsync for all) or rejects the ready names;
+/// errors are logged and a file stays for a later scan.
+fn take_batch(
+    stage: &Stage,
+    scanner: &mut Scanner,
+    ready: Vec<Ready>,
+    need: u64,
+    unrecorded: &mut Vec<String>,
+) {
+    // Nothing is moved into active/ that cannot be recorded: the names stay in incoming/ until
+    // the log takes writes again and the state disk has room for them.
     if stage.store.failing().is_some() || stage.store.ensure_room(need).is_err() {
         return;
     }

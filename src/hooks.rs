@@ -72,9 +72,22 @@ impl Hooks {
         image_id: &str,
         cancel: Option<&crossbeam_channel::Receiver<()>>,
     ) -> Option<Pushed> {
+        self.push.as_ref()?;
+        let stdin = serde_json::to_vec(workitem).unwrap_or_default();
+        self.push_bytes(job, status, stdin, image_id, cancel)
+    }
+
+    /// [`Hooks::push`] with the workitem already encoded (`stdin`).
+    pub fn push_bytes(
+        &self,
+        job: u64,
+        status: Status,
+        stdin: Vec<u8>,
+        image_id: &str,
+        cancel: Option<&crossbeam_channel::Receiver<()>>,
+    ) -> Option<Pushed> {
         let push = self.push.as_ref()?;
         let argv = push_command(push, status);
-        let stdin = serde_json::to_vec(workitem).unwrap_or_default();
         let capture = Capture::new(PUSH_OUTPUT_LIMIT);
         let started = crate::journal::now_ts();
         let res = process::run(Run {

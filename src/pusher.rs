@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Pushes run by this many threads at most (jobs are spread over them by id).
-const THREADS: u64 = 4;
+const THREADS: u64 = 2;
 
 /// A push due at a time: (due, order asked, job, status, attempt).
 type Due = Reverse<(Instant, u64, u64, Status, u32)>;
@@ -183,7 +183,7 @@ fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Option<Inst
     if !wanted {
         return None;
     }
-    let (input, spec) = match ctx.store.input(&job) {
+    let input = match ctx.store.input_value(&job) {
         Ok(i) => i,
         Err(e) => {
             log::error!("job {id}: cannot push {status:?}: {e}");
@@ -192,19 +192,21 @@ fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Option<Inst
     };
     let reply = match status {
         Status::Building => {
-            let urls = spec
-                .map(|s| build::planned_urls(&ctx.cfg.worker, &s))
-                .unwrap_or_default();
-            workitem::reply(&input, None, None, &urls)
+            let urls = match ctx.store.journal().map(|j| crate::store::spec_of(&j, &job)) {
+                Ok(Ok(Some(spec))) => build::planned_urls(&ctx.cfg.worker, &spec),
+                _ => Default::default(),
+            };
+            workitem::reply_owned(input, None, None, &urls)
         }
-        _ => workitem::reply(&input, job.result, job.error.as_deref(), &job.urls),
+        _ => workitem::reply_owned(input, job.result, job.error.as_deref(), &job.urls),
     };
-    drop(input);
+    // Only the bytes are kept while the utility runs.
+    let stdin = serde_json::to_vec(&reply).unwrap_or_default();
+    drop(reply);
     let image_id = job.image_id.clone().unwrap_or_default();
     let pushed = ctx
         .hooks
-        .push(id, status, &reply, &image_id, Some(&ctx.cancel))?;
-    drop(reply);
+        .push_bytes(id, status, stdin, &image_id, Some(&ctx.cancel))?;
     if !pushed.ok
         && matches!(
             ctx.cancel.try_recv(),

@@ -117,12 +117,7 @@ impl Stage {
         hooks: crate::hooks::Hooks,
         pushes: bool,
     ) -> std::io::Result<Stage> {
-        let pusher = Pusher::start(
-            Arc::clone(&store),
-            hooks,
-            Arc::clone(&cfg),
-            pushes,
-        )?;
+        let pusher = Pusher::start(Arc::clone(&store), hooks, Arc::clone(&cfg), pushes)?;
         Ok(Stage {
             outbox: Outbox::new(&spool.outbox, &spool.worker),
             cfg,
@@ -635,9 +630,8 @@ impl Stage {
 
     /// The answer of a job, as the outbox gets it.
     fn answer(&self, job: &Job) -> Result<Vec<u8>> {
-        let (input, _) = self.store.input(job)?;
-        let reply = workitem::reply(&input, job.result, job.error.as_deref(), &job.urls);
-        drop(input);
+        let input = self.store.input_value(job)?;
+        let reply = workitem::reply_owned(input, job.result, job.error.as_deref(), &job.urls);
         let mut bytes = serde_json::to_vec_pretty(&reply).unwrap_or_default();
         bytes.push(b'\n');
         Ok(bytes)
@@ -793,8 +787,7 @@ impl Stage {
         if lifecycle::next_step(&job, self.store.policy()) != Step::Build {
             return Ok(());
         }
-        let (_, spec) = self.store.input(&job)?;
-        let spec = spec.ok_or(StoreError::NoInput(id))?;
+        let mut spec = self.store.build_spec(&job)?;
         let w = &self.cfg.worker;
         let prepared = match build::prepare(w, &spec, job.attempts + 1) {
             Ok(p) => p,
@@ -814,6 +807,10 @@ impl Stage {
                 return self.advance(id).map(|_| ());
             }
         };
+        if !w.use_kvm {
+            // mic reads the kickstart from the file just written: not kept in memory meanwhile.
+            spec.kickstart = String::new();
+        }
         let Some(guard) = self.begin(id)? else {
             return Ok(());
         };

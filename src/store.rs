@@ -397,6 +397,29 @@ impl Store {
         lock(&self.open).clone()
     }
 
+    /// The input workitem of a job, alone (no spec: no copy of its kickstart).
+    pub fn input_value(&self, job: &Job) -> Result<Value> {
+        let journal = self.journal()?;
+        let bytes = journal
+            .input_bytes(job.id)?
+            .ok_or(StoreError::NoInput(job.id))?;
+        serde_json::from_slice(&bytes).map_err(|source| {
+            StoreError::Journal(JournalError::Corrupt {
+                seq: job.id,
+                source,
+            })
+        })
+    }
+
+    /// The spec of a valid job with its kickstart, for a build (the input is read and
+    /// dropped, the kickstart moved out of it).
+    pub fn build_spec(&self, job: &Job) -> Result<Spec> {
+        let journal = self.journal()?;
+        let spec = spec_of(&journal, job)?.ok_or(StoreError::NoInput(job.id))?;
+        drop(journal);
+        Ok(spec.with_kickstart_taken(self.input_value(job)?))
+    }
+
     /// The input workitem (and spec, for a valid one) of a job.
     pub fn input(&self, job: &Job) -> Result<(Value, Option<Spec>)> {
         let journal = self.journal()?;
@@ -484,6 +507,17 @@ impl Store {
         log::info!("the event log takes writes again: resuming");
         Ok(true)
     }
+}
+
+/// The spec of a valid job (without its kickstart), from its `queued` event.
+pub fn spec_of(journal: &Journal, job: &Job) -> Result<Option<Spec>> {
+    let Some(seq) = job.input_seq else {
+        return Ok(None);
+    };
+    Ok(match journal.get(seq)?.map(|e| e.kind) {
+        Some(EventKind::Queued { spec, .. }) => Some(*spec),
+        _ => None,
+    })
 }
 
 /// The input workitem (and spec, for a valid one) of a job, from the log.

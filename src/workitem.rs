@@ -54,6 +54,30 @@ impl Spec {
         }
         self
     }
+
+    /// Like [`Spec::with_kickstart_from`], moving the kickstart out of the input (which is
+    /// dropped after) instead of copying it.
+    pub fn with_kickstart_taken(mut self, mut input: Value) -> Spec {
+        if self.kickstart.is_empty() {
+            let obj = match input.as_object_mut() {
+                Some(o) if matches!(o.get("fields"), Some(Value::Object(_))) => {
+                    o.get_mut("fields").and_then(Value::as_object_mut)
+                }
+                other => other,
+            };
+            let img = obj.and_then(|f| {
+                if matches!(f.get("image"), Some(Value::Object(_))) {
+                    f.get_mut("image").and_then(Value::as_object_mut)
+                } else {
+                    Some(f)
+                }
+            });
+            if let Some(Value::String(ks)) = img.and_then(|i| i.get_mut("kickstart")) {
+                self.kickstart = std::mem::take(ks);
+            }
+        }
+        self
+    }
 }
 
 pub const DEFAULT_PREFIX: &str = "requests";
@@ -359,7 +383,16 @@ pub fn summary(
 /// The input with the OUT fields set. `status_only` leaves msg/__error__/result alone
 /// (used for the BUILDING push, which carries logfile_url only).
 pub fn reply(input: &Value, result: Option<bool>, error: Option<&str>, urls: &Urls) -> Value {
-    let mut out = input.clone();
+    reply_owned(input.clone(), result, error, urls)
+}
+
+/// [`reply`], changing the input in place (a large workitem is not copied).
+pub fn reply_owned(
+    mut out: Value,
+    result: Option<bool>,
+    error: Option<&str>,
+    urls: &Urls,
+) -> Value {
     let Some(f) = fields_mut(&mut out) else {
         return out;
     };

@@ -165,6 +165,11 @@ fn hanging_or_missing_push_is_timed_out() {
     farm.drop_json("a.json", &workitem("a1", "ks\n"));
     let r = farm.wait_outbox("a.json", T);
     assert_eq!(r["image"]["result"], json!(true));
+    // the pushes run apart from the answer: wait for both to be recorded
+    assert!(wait_for(T, || {
+        let (_, out, _) = output(farm.bin().args(["events", "--kind", "pushed", "--json"]));
+        out.lines().count() >= 2
+    }));
     d.stop().unwrap();
     let errors: Vec<String> = farm
         .events()

@@ -112,10 +112,25 @@ fn a_log_that_lost_its_tail_is_refused_at_start() {
 
     // the operator accepts the loss by removing the mark: the daemon starts
     std::fs::remove_file(state.join("log.mark")).unwrap();
-    let mut child = farm.start_binary();
-    assert!(wait_for(T, || state.join("db").exists()));
+    let daemon_log = farm.root().join("daemon.log");
+    let mut child = Guard(
+        farm.bin()
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&daemon_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_for(T, || std::fs::read_to_string(&daemon_log)
+        .is_ok_and(|l| l.contains("log opened"))));
     sigterm(&child.0);
-    assert_eq!(wait_exit(&mut child.0, T), Some(0));
+    let code = wait_exit(&mut child.0, T);
+    assert_eq!(
+        code,
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&daemon_log).unwrap_or_default()
+    );
 }
 
 #[test]

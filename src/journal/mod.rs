@@ -264,7 +264,14 @@ impl Journal {
         let mut inputs: Items = Vec::new();
         let mut seq = *next;
         let mut projected: std::collections::HashMap<u64, Projected> = Default::default();
-        for (job, kind) in items {
+        for (job, mut kind) in items {
+            // The input goes to its own tree, moved, not copied (it can be megabytes).
+            let input = match &mut kind {
+                EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } => {
+                    Some(std::mem::take(&mut input.0))
+                }
+                _ => None,
+            };
             let ev = Event {
                 seq,
                 ts: now_ts(),
@@ -291,8 +298,8 @@ impl Journal {
                 }
                 _ => {}
             }
-            if let EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } = &ev.kind {
-                inputs.push((ev.job.to_be_bytes().to_vec(), input.0.clone()));
+            if let Some(input) = input {
+                inputs.push((ev.job.to_be_bytes().to_vec(), input));
             }
             batch.push((seq.to_be_bytes().to_vec(), bytes));
             out.push(ev);
@@ -350,9 +357,7 @@ impl Journal {
             }
             c = self.committed.wait(c).unwrap_or_else(|p| p.into_inner());
         }
-        if let Err(e) = self.check_broken() {
-            return Err(e);
-        }
+        self.check_broken()?;
         c.flushing = true;
         drop(c);
         let target = self.next_seq();
