@@ -106,7 +106,9 @@ pub struct WorkerConfig {
     /// Seconds a stopping daemon lets running builds finish before it kills them,
     /// 0..=604800 (a week; 0: kill at once).
     pub grace: u64,
-    /// The most a job log keeps, in MiB, 1..=65536: beyond it, its head and its tail are kept.
+    /// A job log's size limit, in MiB, 1..=65536: beyond it, its head (half the limit) and its
+    /// latest tail (cut back to half the limit whenever it reaches it) are kept, with a marker
+    /// line between: the file stays below 1.5 x the limit.
     pub job_log_max_mb: u64,
 }
 
