@@ -158,13 +158,13 @@ fn shard(ctx: &Ctx, rx: &Receiver<Ask>) {
                 pending.insert((job, status));
                 heap.push(Reverse((retry, order, job, status, attempt + 1)));
             }
-            // A stop asked meanwhile: leave the rest.
-            if rx.is_empty()
-                && matches!(
-                    rx.try_recv(),
-                    Err(crossbeam_channel::TryRecvError::Disconnected)
-                )
-            {
+            // A stop asked meanwhile: leave the rest. (The cancel channel carries no message, only
+            // its disconnection, so looking at it consumes nothing; looking at `rx` would take an
+            // ask that arrived in between, and lose it.)
+            if matches!(
+                ctx.cancel.try_recv(),
+                Err(crossbeam_channel::TryRecvError::Disconnected)
+            ) {
                 return;
             }
         }

@@ -49,7 +49,10 @@ fn hooks_log_stays_bounded_and_its_lines_are_whole() {
     std::fs::write(farm.hook_dir().join("push.spew"), "30000\n").unwrap();
     let d = farm.start();
     for i in 0..3 {
-        farm.drop_json(&format!("h{i}.json"), &workitem(&format!("hooks-{i}"), "ks\n"));
+        farm.drop_json(
+            &format!("h{i}.json"),
+            &workitem(&format!("hooks-{i}"), "ks\n"),
+        );
     }
     for i in 0..3 {
         farm.wait_outbox(&format!("h{i}.json"), T);
@@ -75,7 +78,10 @@ fn hooks_log_stays_bounded_and_its_lines_are_whole() {
         );
     }
     assert!(total > 0);
-    assert!(total <= 4 * 1024 * 1024, "6 pushes x 3 MB kept in {total} bytes");
+    assert!(
+        total <= 4 * 1024 * 1024,
+        "6 pushes x 3 MB kept in {total} bytes"
+    );
 }
 
 #[test]

@@ -413,3 +413,39 @@ fn nfs_like_spool_without_inotify_is_rescanned_and_slow_writers_are_waited_for()
         "the whole file was read: {claimed:?}"
     );
 }
+
+#[test]
+fn every_final_status_is_pushed_without_a_restart() {
+    // Many near-instant builds: a job's final status is asked of the pusher while its BUILDING
+    // push may still be under way; none may be lost.
+    init_log();
+    let mut farm = Farm::new();
+    farm.cfg.worker.workers = 2;
+    let d = farm.start();
+    const N: usize = 300;
+    for i in 0..N {
+        farm.drop_json(&format!("p{i}.json"), &workitem(&format!("fp-{i}"), "ks\n"));
+    }
+    let all = wait_for(Duration::from_secs(120), || {
+        let (_, out, _) = output(farm.bin().args(["events", "--kind", "pushed", "--json"]));
+        out.lines().filter(|l| l.contains("\"DONE\"")).count() >= N
+    });
+    d.stop().unwrap();
+    let done: std::collections::HashSet<u64> = farm
+        .events()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                EventKind::Pushed {
+                    status: Status::Done,
+                    ok: true,
+                    ..
+                }
+            )
+        })
+        .map(|e| e.job)
+        .collect();
+    assert!(all, "{} of {N} final statuses pushed", done.len());
+    assert_eq!(done.len(), N);
+}

@@ -29,6 +29,7 @@ pub struct SubmitArgs {
     /// image_id (default: generated from the name and the time).
     #[arg(long)]
     pub id: Option<String>,
+    /// Release id: mic gets `--release=<R>` (a release tree, @BUILD_ID@ replaced).
     #[arg(long)]
     pub release: Option<String>,
     /// Directory layer under base_dir (default "requests").
