@@ -379,7 +379,7 @@ fn claim_loop(
                     }
                     if !unrecorded.is_empty() {
                         let names = std::mem::take(&mut unrecorded);
-                        record_claims(stage, names, &mut unrecorded);
+                        record_claims(stage, names, &mut unrecorded, true);
                     }
                     let ready: Vec<Ready> = ready
                         .into_iter()
@@ -534,13 +534,18 @@ fn take_batch(
     if let Err(e) = crate::durable::sync_dir(&stage.spool.active) {
         log::error!("{e}");
     }
-    record_claims(stage, claimed, unrecorded);
+    record_claims(stage, claimed, unrecorded, false);
 }
 
 /// Records files now in active/ as jobs and moves them forward; if that fails the names are
 /// kept for the next scan.
-fn record_claims(stage: &Stage, names: Vec<String>, unrecorded: &mut Vec<String>) {
-    if let Err(e) = stage.intake(&names) {
+fn record_claims(stage: &Stage, names: Vec<String>, unrecorded: &mut Vec<String>, again: bool) {
+    let recorded = if again {
+        stage.intake_again(&names)
+    } else {
+        stage.intake(&names)
+    };
+    if let Err(e) = recorded {
         log::error!(
             "claimed {} file(s) but cannot record them yet: {e}",
             names.len()

@@ -288,10 +288,8 @@ impl Stage {
     /// events (group commit: nothing acts on a claim before that flush). An error means their
     /// claims are not recorded (the caller keeps the names and tries again).
     pub fn intake(&self, names: &[String]) -> Result<()> {
-        // A name retried after an error may have been recorded meanwhile.
-        let held = self.held_files();
         let mut round: Vec<Claimed> = Vec::with_capacity(names.len());
-        for name in names.iter().filter(|n| !held.contains(n.as_str())) {
+        for name in names {
             round.push(self.read_claimed(name));
         }
         let mut batch = Batch::default();
@@ -373,21 +371,35 @@ impl Stage {
         Ok(())
     }
 
+    /// `intake` of names whose earlier intake failed: those that were recorded meanwhile (by
+    /// a flush that covered them after all) are left out.
+    pub fn intake_again(&self, names: &[String]) -> Result<()> {
+        let held = self.held_files();
+        let names: Vec<String> = names
+            .iter()
+            .filter(|n| !held.contains(n.as_str()))
+            .cloned()
+            .collect();
+        self.intake(&names)
+    }
+
     /// The files in active/ that open jobs hold.
     fn held_files(&self) -> HashSet<String> {
-        let mut held = HashSet::new();
-        for job in self.store.open_jobs().values() {
-            if lifecycle::is_live(job)
-                && !job.state.is_answered()
-                && let Some(f) = &job.file
-            {
-                held.insert(f.clone());
+        self.store.with_open(|jobs| {
+            let mut held = HashSet::new();
+            for job in jobs.values() {
+                if lifecycle::is_live(job)
+                    && !job.state.is_answered()
+                    && let Some(f) = &job.file
+                {
+                    held.insert(f.clone());
+                }
+                for c in job.copies.iter().filter(|c| c.outbox.is_none()) {
+                    held.insert(c.file.clone());
+                }
             }
-            for c in job.copies.iter().filter(|c| c.outbox.is_none()) {
-                held.insert(c.file.clone());
-            }
-        }
-        held
+            held
+        })
     }
 
     /// Reads a claimed file; a file that vanished or cannot be read becomes unreadable (and

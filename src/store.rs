@@ -392,6 +392,11 @@ impl Store {
         }
     }
 
+    /// Reads the open jobs in place (no copy), under the store's lock: keep `f` short.
+    pub fn with_open<T>(&self, f: impl FnOnce(&Jobs) -> T) -> T {
+        f(&lock(&self.open))
+    }
+
     /// A snapshot of the open jobs.
     pub fn open_jobs(&self) -> Jobs {
         lock(&self.open).clone()
