@@ -7,38 +7,11 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
-/// A mount that is undone when dropped.
-struct Mount(PathBuf);
-
-impl Mount {
-    /// Mounts with `mount ARGS... DIR`; needs root (CI runs as root). Outside CI, a machine
-    /// where mounting is not allowed skips the test (returns None); in CI that is a failure.
-    fn new(args: &[&str], dir: &Path) -> Option<Mount> {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount").args(args).arg(dir).output();
-        match out {
-            Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
-            other => {
-                let why = format!("cannot mount {args:?} on {}: {other:?}", dir.display());
-                assert!(std::env::var_os("CI").is_none(), "{why}");
-                eprintln!("SKIPPED: {why}");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// Runs `build-image run` on the farm until it exits or 20 s pass: (exit code, stderr).
 fn run_to_exit(farm: &Farm) -> (Option<i32>, String) {

@@ -386,3 +386,30 @@ impl Farm {
         Guard(child)
     }
 }
+
+/// A mount that is undone when dropped.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// Mounts with `mount ARGS... DIR`; needs root (CI runs as root). Outside CI, a machine
+    /// where mounting is not allowed skips the test (returns None); in CI that is a failure.
+    pub fn new(args: &[&str], dir: &Path) -> Option<Mount> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount").args(args).arg(dir).output();
+        match out {
+            Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
+            other => {
+                let why = format!("cannot mount {args:?} on {}: {other:?}", dir.display());
+                assert!(std::env::var_os("CI").is_none(), "{why}");
+                eprintln!("SKIPPED: {why}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
