@@ -473,10 +473,13 @@ impl Store {
                             let _ = tx.send(());
                         });
                         if rx.recv_timeout(Duration::from_secs(10)).is_err() {
-                            let why = "the event log cannot be closed after its write error: restart the daemon (nothing is lost: what was not recorded is done again)".to_string();
-                            log::error!("{why}");
-                            *lock(&self.failing) = Some(why);
-                            return Ok(false);
+                            // sled is stuck closing it (a flush that never ends): cut the old
+                            // handle off its files so that its lock goes and nothing it might
+                            // still write reaches the log, and open the log afresh.
+                            let n = detach_files(&self.dir.join("db"));
+                            log::warn!(
+                                "the failed event log would not close: {n} descriptor(s) of it detached; reopening"
+                            );
                         }
                     }
                     Err(j) => {
@@ -598,6 +601,42 @@ fn load_open(journal: &Journal, policy: &Policy) -> Result<Jobs> {
         started.elapsed(),
     );
     Ok(open)
+}
+
+/// Points every descriptor of this process open on `path` at /dev/null (dup2), so that the
+/// open file description closes: its lock is released, and whatever still holds the old
+/// descriptor numbers (a sled handle stuck after a write error) reads and writes nothing real.
+/// Returns how many were detached.
+fn detach_files(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let Ok(target) = std::fs::canonicalize(path) else {
+        return 0;
+    };
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some(fd) = e.file_name().to_str().and_then(|f| f.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(e.path()).is_ok_and(|l| l == target) {
+            // SAFETY: dup2 atomically makes `fd` refer to /dev/null; `fd` stays a valid,
+            // open descriptor (its owner keeps using the number), only its file changes.
+            if unsafe { nix::libc::dup2(null.as_raw_fd(), fd) } >= 0 {
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 /// Makes the files of the state dir readable by the owner only (the dir itself is 0700).

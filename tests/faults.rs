@@ -620,3 +620,45 @@ fn a_second_daemon_names_the_pid_holding_the_log() {
     sigterm(&first.0);
     assert_eq!(wait_exit(&mut first.0, T), Some(0));
 }
+
+#[test]
+fn control_socket_requests_are_bounded_in_size_and_connections() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    init_log();
+    let farm = Farm::new();
+    let d = farm.start();
+    let sock = farm.cfg.state_dir().join("control.sock");
+    assert!(wait_for(Duration::from_secs(20), || sock.exists()));
+    // a request line longer than 64 KiB is refused, not read on forever
+    let mut c = UnixStream::connect(&sock).unwrap();
+    let big = format!(
+        "{{\"op\":\"show\",\"id\":\"{}\"}}\n",
+        "x".repeat(100 * 1024)
+    );
+    let _ = c.write_all(big.as_bytes());
+    let mut line = String::new();
+    BufReader::new(&c).read_line(&mut line).unwrap();
+    assert!(line.contains("longer than"), "{line}");
+    // 32 idle connections are served; the 33rd is told the daemon is busy
+    let idle: Vec<UnixStream> = (0..32)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    let busy = wait_for(Duration::from_secs(20), || {
+        let extra = UnixStream::connect(&sock).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut l = String::new();
+        let _ = BufReader::new(&extra).read_line(&mut l);
+        l.contains("busy")
+    });
+    assert!(busy, "no busy answer past 32 connections");
+    drop(idle);
+    // once they are gone, requests are answered again
+    assert!(wait_for(Duration::from_secs(20), || output(
+        farm.bin().args(["status", "--json"])
+    )
+    .0 == 0));
+    d.stop().unwrap();
+}

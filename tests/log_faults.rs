@@ -12,7 +12,6 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
-
 /// Runs `build-image run` on the farm until it exits or 20 s pass: (exit code, stderr).
 fn run_to_exit(farm: &Farm) -> (Option<i32>, String) {
     let mut child = farm
@@ -211,4 +210,63 @@ fn memory_stays_bounded_for_four_15_mb_inputs() {
         "peak RSS {} MB, goal < 300 MB",
         hwm_kb / 1024
     );
+}
+
+#[test]
+fn a_write_error_in_the_log_itself_is_outlived() {
+    // No free space kept: the state disk fills under sled itself, which fails a write. The
+    // handle is dropped, the log reopened once space returns, and the work goes on.
+    init_log();
+    let mut farm = Farm::new();
+    let state = farm.root().join("state");
+    let Some(_m) = Mount::new(&["-t", "tmpfs", "-o", "size=24m", "tmpfs"], &state) else {
+        return;
+    };
+    farm.cfg.spool.state_dir = Some(state.clone());
+    farm.cfg.spool.poll_interval_ms = 50;
+    farm.cfg.spool.state_min_free_mb = 0;
+    let d = farm.start();
+    farm.drop_json("before.json", &workitem("sled-0", "ks\n"));
+    assert_eq!(
+        farm.wait_outbox("before.json", T)["image"]["result"],
+        json!(true)
+    );
+    let filler = state.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .output()
+        .unwrap();
+    // a kickstart too large for what is left
+    let big = "# padding\n".repeat(100_000);
+    for i in 1..=3 {
+        farm.drop_json(&format!("s{i}.json"), &workitem(&format!("sled-{i}"), &big));
+    }
+    assert!(
+        wait_for(T, || {
+            let (_, _, err) = output(farm.bin().arg("status"));
+            err.contains("WARNING")
+        }),
+        "status does not report the failing log"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    for i in 1..=3 {
+        let r = farm.wait_outbox(&format!("s{i}.json"), T);
+        assert_eq!(r["image"]["result"], json!(true), "s{i}");
+    }
+    d.stop().unwrap();
+    for i in 1..=3 {
+        let log = std::fs::read_to_string(
+            farm.base()
+                .join(format!("requests/sled-{i}/img-sled-{i}.log")),
+        )
+        .unwrap();
+        assert_eq!(
+            log.matches("mic-fixture argc:").count(),
+            1,
+            "sled-{i} built once"
+        );
+    }
+    let (code, out, err) = output(farm.bin().args(["replay"]));
+    assert_eq!(code, 0, "{out}{err}");
 }

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(60);
 
-
 fn pushed(farm: &Farm) -> Vec<(u64, Status, bool)> {
     farm.events()
         .iter()

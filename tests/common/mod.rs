@@ -395,7 +395,10 @@ impl Mount {
     /// where mounting is not allowed skips the test (returns None); in CI that is a failure.
     pub fn new(args: &[&str], dir: &Path) -> Option<Mount> {
         std::fs::create_dir_all(dir).unwrap();
-        let out = std::process::Command::new("mount").args(args).arg(dir).output();
+        let out = std::process::Command::new("mount")
+            .args(args)
+            .arg(dir)
+            .output();
         match out {
             Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
             other => {
@@ -410,6 +413,9 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
