@@ -1,5 +1,6 @@
 //! The daemon: recovery on start, the claim loop over `incoming/` (inotify plus periodic
-//! rescans), the build pool, the retry thread (push retries, stalled jobs), and an orderly stop.
+//! rescans), the build pool, the timer thread (lazy flushes, the log's high-water mark, the
+//! liveness mark, stalled jobs, repair of a failing log), and an orderly stop.
 //!
 //! Invariant: claiming stops as soon as a stop is asked for; running builds get `grace` to
 //! finish and are then killed and recorded as `interrupted`; queued jobs stay queued in the log

@@ -549,7 +549,11 @@ fn load_open(journal: &Journal, policy: &Policy) -> Result<Jobs> {
     let started = Instant::now();
     if journal.projection_format()? != PROJECTION_VERSION {
         let (jobs, n) = journal.fold_jobs(None)?;
-        journal.rewrite_projections(&jobs, policy, journal.last_seq())?;
+        journal.rewrite_projections(
+            &jobs,
+            &|j: &Job| lifecycle::is_open(j, policy),
+            journal.last_seq(),
+        )?;
         log::info!(
             "log: projections folded again from {n} event(s) ({} jobs) in {:?}",
             jobs.len(),

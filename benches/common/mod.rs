@@ -253,7 +253,7 @@ pub fn append_jobs(journal: &Journal, jobs: u64, worker: &str, w: &WorkerConfig)
         }
         // append_batch stores each job's projection, as the daemon does
         let evs = journal
-            .append_batch(items, &POLICY)
+            .append_batch(items, &|j| build_image::lifecycle::is_open(j, &POLICY))
             .expect("append a batch");
         appended += evs.len() as u64;
         done += n;

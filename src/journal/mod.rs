@@ -13,7 +13,6 @@ pub mod fold;
 pub use event::{Cause, Event, EventKind, Input, Mode, Status, Tag};
 pub use fold::{Job, Jobs, State};
 
-use crate::lifecycle::{self, Policy};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::SystemTime;
@@ -184,18 +183,24 @@ impl Journal {
     }
 
     /// Appends one event and flushes it. `job = None` opens a new job whose id is this seq.
-    pub fn append(&self, job: Option<u64>, kind: EventKind, policy: &Policy) -> Result<Event> {
-        let mut out = self.append_batch(vec![(job, kind)], policy)?;
+    /// `is_open` says whether a job is still open after it (the store passes the lifecycle's).
+    pub fn append(
+        &self,
+        job: Option<u64>,
+        kind: EventKind,
+        is_open: &dyn Fn(&Job) -> bool,
+    ) -> Result<Event> {
+        let mut out = self.append_batch(vec![(job, kind)], is_open)?;
         out.pop()
             .ok_or_else(|| JournalError::Sled(sled::Error::Unsupported("empty batch".into())))
     }
 
     /// Appends several events with one flush (group commit), storing each job's projection
-    /// folded from its stored one, open or not as `policy` says.
+    /// folded from its stored one, open or not as `is_open` says.
     pub fn append_batch(
         &self,
         items: Vec<(Option<u64>, EventKind)>,
-        policy: &Policy,
+        is_open: &dyn Fn(&Job) -> bool,
     ) -> Result<Vec<Event>> {
         let mut pending: std::collections::HashMap<u64, Job> = Default::default();
         let evs = self.append_with(items, |ev, view| {
@@ -203,7 +208,7 @@ impl Journal {
                 .entry(ev.job)
                 .or_insert_with(|| self.projection(ev.job).ok().flatten().unwrap_or_default());
             job.apply(view);
-            (job.clone(), lifecycle::is_open(job, policy))
+            (job.clone(), is_open(job))
         })?;
         if let Some(last) = evs.last() {
             self.sync(last.seq + 1)?;
@@ -621,11 +626,16 @@ impl Journal {
 
     /// Replaces every stored projection (and the open marks, and the folder index) by those
     /// of `jobs`, the fold of the whole log below seq `upto + 1`, and flushes.
-    pub fn rewrite_projections(&self, jobs: &Jobs, policy: &Policy, upto: u64) -> Result<()> {
+    pub fn rewrite_projections(
+        &self,
+        jobs: &Jobs,
+        is_open: &dyn Fn(&Job) -> bool,
+        upto: u64,
+    ) -> Result<()> {
         self.jobs.clear()?;
         self.open.clear()?;
         for job in jobs.values() {
-            self.put_projection(job, lifecycle::is_open(job, policy))?;
+            self.put_projection(job, is_open(job))?;
         }
         if self.by_folder.is_empty() {
             // A log from before the folder index: build it from the queued events.
@@ -764,11 +774,19 @@ fn decode(seq: u64, bytes: &[u8]) -> Result<Event> {
 mod tests {
     use super::*;
 
-    const P: Policy = Policy {
-        push: false,
-        push_retries: 0,
-        max_attempts: 2,
-    };
+    /// Open until settled, as the lifecycle says with no push utility.
+    fn p(job: &Job) -> bool {
+        crate::lifecycle::is_open(
+            job,
+            &crate::lifecycle::Policy {
+                push: false,
+                push_retries: 0,
+                max_attempts: 2,
+            },
+        )
+    }
+
+    const P: &dyn Fn(&Job) -> bool = &p;
 
     #[test]
     fn append_reopen_and_lock() {
@@ -782,12 +800,12 @@ mod tests {
                         file: "x".into(),
                         reason: "empty file".into(),
                     },
-                    &P,
+                    P,
                 )
                 .unwrap();
             assert_eq!((a.seq, a.job), (1, 1));
             let b = j
-                .append(Some(1), EventKind::Cancelled { reason: "r".into() }, &P)
+                .append(Some(1), EventKind::Cancelled { reason: "r".into() }, P)
                 .unwrap();
             assert_eq!((b.seq, b.job), (2, 1));
             assert!(matches!(
@@ -814,7 +832,7 @@ mod tests {
                         )
                     })
                     .collect(),
-                &P,
+                P,
             )
             .unwrap();
         assert_eq!(
@@ -843,9 +861,9 @@ mod tests {
             held_by: None,
             input: serde_json::json!({}).into(),
         };
-        j.append(None, inv("a"), &P).unwrap();
-        j.append(None, inv("ab"), &P).unwrap();
-        j.append(None, inv("a"), &P).unwrap();
+        j.append(None, inv("a"), P).unwrap();
+        j.append(None, inv("ab"), P).unwrap();
+        j.append(None, inv("a"), P).unwrap();
         assert_eq!(j.jobs_for_image("a").unwrap(), vec![1, 3]);
         assert_eq!(
             j.open_jobs().unwrap(),
