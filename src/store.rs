@@ -425,11 +425,6 @@ impl Store {
         Ok(spec.with_kickstart_taken(self.input_value(job)?))
     }
 
-    /// The input workitem (and spec, for a valid one) of a job.
-    pub fn input(&self, job: &Job) -> Result<(Value, Option<Spec>)> {
-        let journal = self.journal()?;
-        input_of(&journal, job)
-    }
 
     /// Tries to make the log writable again after a write error: probes it; when the store
     /// keeps reporting the error, reopens it. Then reloads the open jobs from what is durable
@@ -528,19 +523,6 @@ pub fn spec_of(journal: &Journal, job: &Job) -> Result<Option<Spec>> {
     })
 }
 
-/// The input workitem (and spec, for a valid one) of a job, from the log.
-pub fn input_of(journal: &Journal, job: &Job) -> Result<(Value, Option<Spec>)> {
-    let seq = job.input_seq.ok_or(StoreError::NoInput(job.id))?;
-    let input = journal.input(job.id)?.ok_or(StoreError::NoInput(job.id))?;
-    match journal.get(seq)?.map(|e| e.kind) {
-        Some(EventKind::Queued { spec, .. }) => {
-            let spec = spec.with_kickstart_from(&input);
-            Ok((input, Some(spec)))
-        }
-        Some(EventKind::Invalid { .. }) => Ok((input, None)),
-        _ => Err(StoreError::NoInput(job.id)),
-    }
-}
 
 /// Loads the open jobs: the stored projections of the jobs marked open, then the events after
 /// the projection snapshot folded onto their jobs (a crash can leave a few), stored. A log

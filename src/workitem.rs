@@ -42,21 +42,8 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// A spec read back from the log gets its kickstart from the input it was made from.
-    pub fn with_kickstart_from(mut self, input: &Value) -> Spec {
-        if self.kickstart.is_empty()
-            && let Some(ks) = fields(input)
-                .map(image_fields)
-                .and_then(|img| img.get("kickstart"))
-                .and_then(Value::as_str)
-        {
-            self.kickstart = ks.to_string();
-        }
-        self
-    }
-
-    /// Like [`Spec::with_kickstart_from`], moving the kickstart out of the input (which is
-    /// dropped after) instead of copying it.
+    /// A spec read back from the log gets its kickstart from the input it was made from: moved
+    /// out of it (the input is dropped after), not copied.
     pub fn with_kickstart_taken(mut self, mut input: Value) -> Spec {
         if self.kickstart.is_empty() {
             let obj = match input.as_object_mut() {
