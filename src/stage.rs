@@ -264,6 +264,13 @@ impl Stage {
             .collect();
         for id in due {
             match self.advance(id) {
+                Ok(Step::Build) => {
+                    // Handed to a build slot, which says how it went: its back-off goes on
+                    // (a build deferred again waits longer); a build that starts clears it.
+                    if let Some(entry) = lock(&self.stalled).get_mut(&id) {
+                        entry.0 = now + Duration::from_secs(3600);
+                    }
+                }
                 Ok(_) => {
                     lock(&self.stalled).remove(&id);
                     log::info!("job {id}: moving again");
@@ -879,6 +886,7 @@ impl Stage {
             },
         )?;
         lock(&self.builds.running).insert(id, tx);
+        lock(&self.stalled).remove(&id);
         Ok(Some(BuildGuard {
             builds: &self.builds,
             id,

@@ -425,7 +425,6 @@ impl Store {
         Ok(spec.with_kickstart_taken(self.input_value(job)?))
     }
 
-
     /// Tries to make the log writable again after a write error: probes it; when the store
     /// keeps reporting the error, reopens it. Then reloads the open jobs from what is durable
     /// (events appended but not flushed before the error are gone; the steps they recorded
@@ -522,7 +521,6 @@ pub fn spec_of(journal: &Journal, job: &Job) -> Result<Option<Spec>> {
         _ => None,
     })
 }
-
 
 /// Loads the open jobs: the stored projections of the jobs marked open, then the events after
 /// the projection snapshot folded onto their jobs (a crash can leave a few), stored. A log
