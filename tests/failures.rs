@@ -133,6 +133,7 @@ fn failing_push_is_recorded_and_holds_nothing_back() {
     );
     let bad = farm.wait_outbox("bad.json", T);
     assert_eq!(bad["image"]["result"], json!(false));
+    farm.wait_pushed_events(4);
     d.stop().unwrap();
     let events = farm.events();
     let pushed: Vec<(Status, bool, Option<i32>)> = events
@@ -195,6 +196,7 @@ fn hanging_or_missing_push_is_timed_out() {
         farm.wait_outbox("b.json", T)["image"]["result"],
         json!(true)
     );
+    farm.wait_pushed_events(2);
     d.stop().unwrap();
     let errors: Vec<String> = farm
         .events()

@@ -419,3 +419,29 @@ impl Drop for Mount {
             .status();
     }
 }
+
+impl Farm {
+    /// Waits until the log holds at least `n` pushed events: pushes run apart from the builds,
+    /// so an answer in the outbox does not mean its pushes are recorded yet.
+    pub fn wait_pushed_events(&self, n: usize) {
+        assert!(
+            wait_for(Duration::from_secs(60), || {
+                let (_, out, _) = output(self.bin().args(["events", "--kind", "pushed", "--json"]));
+                out.lines().count() >= n
+            }),
+            "fewer than {n} pushed events"
+        );
+    }
+}
+
+/// Is this a BUILDING push? (It runs apart from the build, so its record can land anywhere
+/// after `started`: tests of the order of a job's events leave it out.)
+pub fn is_building_push(e: &Event) -> bool {
+    matches!(
+        e.kind,
+        build_image::journal::EventKind::Pushed {
+            status: build_image::journal::Status::Building,
+            ..
+        }
+    )
+}
