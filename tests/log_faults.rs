@@ -105,30 +105,40 @@ fn a_log_that_lost_its_tail_is_refused_at_start() {
     );
 }
 
-#[test]
-fn a_full_state_disk_stops_claiming_and_work_resumes_when_space_returns() {
-    init_log();
+/// A running daemon whose state dir is a 24 MiB tmpfs, keeping `min_free_mb` free there: one
+/// workitem built first, then the tmpfs filled by a file (returned, to be removed). None where
+/// mounting is not allowed (outside CI).
+fn daemon_on_a_full_state_disk(
+    min_free_mb: u64,
+    tag: &str,
+) -> Option<(Farm, Daemon, Mount, std::path::PathBuf)> {
     let mut farm = Farm::new();
     let state = farm.root().join("state");
-    let Some(_m) = Mount::new(&["-t", "tmpfs", "-o", "size=24m", "tmpfs"], &state) else {
-        return;
-    };
+    let mount = Mount::new(&["-t", "tmpfs", "-o", "size=24m", "tmpfs"], &state)?;
     farm.cfg.spool.state_dir = Some(state.clone());
     farm.cfg.spool.poll_interval_ms = 50;
-    farm.cfg.spool.state_min_free_mb = 4;
+    farm.cfg.spool.state_min_free_mb = min_free_mb;
     let d = farm.start();
-    farm.drop_json("before.json", &workitem("full-0", "ks\n"));
+    farm.drop_json("before.json", &workitem(&format!("{tag}-0"), "ks\n"));
     assert_eq!(
         farm.wait_outbox("before.json", T)["image"]["result"],
         json!(true)
     );
-    // fill the state disk
     let filler = state.join("filler");
     let _ = Command::new("dd")
         .args(["if=/dev/zero", "bs=1M", "count=64"])
         .arg(format!("of={}", filler.display()))
         .output()
         .unwrap();
+    Some((farm, d, mount, filler))
+}
+
+#[test]
+fn a_full_state_disk_stops_claiming_and_work_resumes_when_space_returns() {
+    init_log();
+    let Some((farm, d, _m, filler)) = daemon_on_a_full_state_disk(4, "full") else {
+        return;
+    };
     // drops while the disk is full are not claimed (nothing is moved into active/ that
     // cannot be recorded), and `status` says why
     for i in 1..=3 {
@@ -217,26 +227,9 @@ fn a_write_error_in_the_log_itself_is_outlived() {
     // No free space kept: the state disk fills under sled itself, which fails a write. The
     // handle is dropped, the log reopened once space returns, and the work goes on.
     init_log();
-    let mut farm = Farm::new();
-    let state = farm.root().join("state");
-    let Some(_m) = Mount::new(&["-t", "tmpfs", "-o", "size=24m", "tmpfs"], &state) else {
+    let Some((farm, d, _m, filler)) = daemon_on_a_full_state_disk(0, "sled") else {
         return;
     };
-    farm.cfg.spool.state_dir = Some(state.clone());
-    farm.cfg.spool.poll_interval_ms = 50;
-    farm.cfg.spool.state_min_free_mb = 0;
-    let d = farm.start();
-    farm.drop_json("before.json", &workitem("sled-0", "ks\n"));
-    assert_eq!(
-        farm.wait_outbox("before.json", T)["image"]["result"],
-        json!(true)
-    );
-    let filler = state.join("filler");
-    let _ = Command::new("dd")
-        .args(["if=/dev/zero", "bs=1M", "count=64"])
-        .arg(format!("of={}", filler.display()))
-        .output()
-        .unwrap();
     // a kickstart too large for what is left
     let big = "# padding\n".repeat(100_000);
     for i in 1..=3 {
