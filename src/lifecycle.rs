@@ -152,18 +152,7 @@ mod tests {
     use serde_json::json;
 
     fn spec() -> Spec {
-        Spec {
-            image_id: "7-1".into(),
-            dir_id: "7-1".into(),
-            kickstart: "ks".into(),
-            image_type: "fs".into(),
-            name: "n".into(),
-            arch: "i586".into(),
-            prefix: "requests".into(),
-            release: None,
-            tokenmap: None,
-            extra_opts: vec![],
-        }
+        Spec::sample("n", "fs")
     }
 
     /// A canonical event of each kind.

@@ -67,6 +67,25 @@ impl Spec {
     }
 }
 
+#[cfg(test)]
+impl Spec {
+    /// A valid spec for unit tests: image_id 7-1 under `requests`, kickstart "ks", i586.
+    pub(crate) fn sample(name: &str, image_type: &str) -> Spec {
+        Spec {
+            image_id: "7-1".into(),
+            dir_id: "7-1".into(),
+            kickstart: "ks".into(),
+            image_type: image_type.into(),
+            name: name.into(),
+            arch: "i586".into(),
+            prefix: DEFAULT_PREFIX.into(),
+            release: None,
+            tokenmap: None,
+            extra_opts: vec![],
+        }
+    }
+}
+
 pub const DEFAULT_PREFIX: &str = "requests";
 const KNOWN_IN: [&str; 9] = [
     "image_id",

@@ -10,15 +10,6 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
-fn mic_runs(farm: &Farm, image_id: &str) -> usize {
-    std::fs::read_to_string(
-        farm.base()
-            .join(format!("requests/{image_id}/img-{image_id}.log")),
-    )
-    .map(|l| l.matches("mic-fixture argc:").count())
-    .unwrap_or(0)
-}
-
 /// The pushes made for `image_id`, by status.
 fn statuses(farm: &Farm, image_id: &str) -> Vec<String> {
     farm.pushes_for(image_id).into_iter().map(|p| p.0).collect()

@@ -164,13 +164,8 @@ fn a_full_state_disk_stops_claiming_and_work_resumes_when_space_returns() {
     }
     d.stop().unwrap();
     for i in 0..=3 {
-        let log = std::fs::read_to_string(
-            farm.base()
-                .join(format!("requests/full-{i}/img-full-{i}.log")),
-        )
-        .unwrap();
         assert_eq!(
-            log.matches("mic-fixture argc:").count(),
+            mic_runs(&farm, &format!("full-{i}")),
             1,
             "full-{i} built once"
         );
@@ -249,13 +244,8 @@ fn a_write_error_in_the_log_itself_is_outlived() {
     }
     d.stop().unwrap();
     for i in 1..=3 {
-        let log = std::fs::read_to_string(
-            farm.base()
-                .join(format!("requests/sled-{i}/img-sled-{i}.log")),
-        )
-        .unwrap();
         assert_eq!(
-            log.matches("mic-fixture argc:").count(),
+            mic_runs(&farm, &format!("sled-{i}")),
             1,
             "sled-{i} built once"
         );

@@ -73,18 +73,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn spec() -> Spec {
-        Spec {
-            image_id: "7-1".into(),
-            dir_id: "7-1".into(),
-            kickstart: "ks".into(),
-            image_type: "fs".into(),
-            name: "mer-core".into(),
-            arch: "i586".into(),
-            prefix: "requests".into(),
-            release: None,
-            tokenmap: None,
-            extra_opts: vec![],
-        }
+        Spec::sample("mer-core", "fs")
     }
 
     fn s(v: &[OsString]) -> Vec<String> {

@@ -445,3 +445,13 @@ pub fn is_building_push(e: &Event) -> bool {
         }
     )
 }
+
+/// How many times mic ran for `image_id` (default name `img-<id>`), from its job log.
+pub fn mic_runs(farm: &Farm, image_id: &str) -> usize {
+    std::fs::read_to_string(
+        farm.base()
+            .join(format!("requests/{image_id}/img-{image_id}.log")),
+    )
+    .map(|l| l.matches("mic-fixture argc:").count())
+    .unwrap_or(0)
+}

@@ -378,16 +378,8 @@ mod tests {
 
     fn spec() -> Spec {
         Spec {
-            image_id: "7-1".into(),
-            dir_id: "7-1".into(),
-            kickstart: "ks".into(),
-            image_type: "loop".into(),
-            name: "mer core".into(),
-            arch: "i586".into(),
-            prefix: "requests".into(),
-            release: None,
-            tokenmap: None,
             extra_opts: vec!["--pkgmgr=zypp".into(), "'; touch /x'".into()],
+            ..Spec::sample("mer core", "loop")
         }
     }
 
