@@ -263,14 +263,14 @@ impl Stage {
             .map(|(id, _)| *id)
             .collect();
         for id in due {
+            // Not due again while this step runs. If it hands the job to a build slot, the slot
+            // says how it went: a build deferred again stalls it with a longer back-off (so this
+            // mark is set before, never after, the hand-over), a build that starts clears it.
+            if let Some(entry) = lock(&self.stalled).get_mut(&id) {
+                entry.0 = now + Duration::from_secs(3600);
+            }
             match self.advance(id) {
-                Ok(Step::Build) => {
-                    // Handed to a build slot, which says how it went: its back-off goes on
-                    // (a build deferred again waits longer); a build that starts clears it.
-                    if let Some(entry) = lock(&self.stalled).get_mut(&id) {
-                        entry.0 = now + Duration::from_secs(3600);
-                    }
-                }
+                Ok(Step::Build) => {}
                 Ok(_) => {
                     lock(&self.stalled).remove(&id);
                     log::info!("job {id}: moving again");
