@@ -54,6 +54,15 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// A job's build log from a stream position (`log ID [--follow]`), at most
+    /// `build::logread::MAX_CHUNK` bytes per answer; `job` (once known) pins the job.
+    Log {
+        id: String,
+        #[serde(default)]
+        job: Option<u64>,
+        #[serde(default)]
+        from: u64,
+    },
 }
 
 /// The answer to a request.
@@ -80,6 +89,8 @@ pub enum Response {
     Requeued {
         moved: Vec<String>,
     },
+    /// None: no such job.
+    Log(Option<Box<crate::joblog::LogChunk>>),
     /// The request was refused or failed; the command exits 1 with this message.
     Error {
         message: String,
@@ -185,6 +196,12 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
                         .map_err(|e| e.to_string())
                 });
             result.unwrap_or_else(|message| Response::Error { message })
+        }
+        Request::Log { id, job, from } => {
+            match crate::joblog::read(&journal, &stage.cfg, &id, job, from) {
+                Ok(c) => Response::Log(c.map(Box::new)),
+                Err(e) => err(&e),
+            }
         }
         Request::Requeue { worker, force } => {
             drop(journal);

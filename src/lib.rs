@@ -14,6 +14,7 @@ pub mod control;
 pub mod daemon;
 pub mod durable;
 pub mod hooks;
+pub mod joblog;
 pub mod journal;
 pub mod lifecycle;
 pub mod ops;

@@ -7,6 +7,7 @@
 //! disk that this attempt wrote, see [`Prepared::new_image`]), never assumed.
 
 pub mod kvm;
+pub mod logread;
 pub mod mic;
 pub mod native;
 

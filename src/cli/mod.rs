@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod actions;
+pub mod build_log;
 pub mod doctor;
 pub mod query;
 pub mod submit;
@@ -119,6 +120,28 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A job's build log (mic's output); --follow keeps printing it until the job ends.
+    #[command(
+        after_help = "Examples:\n  build-image log 42-1700000000\n  build-image log 17 --follow\n  \
+                            build-image submit --kickstart mer.ks --name mer-core --arch i586 --type fs --id n-1 && \
+                            build-image log n-1 --follow\n\n\
+                            Works through the running daemon, or from the event log and the file when none runs. \
+                            --follow waits for a queued job's build to start (and, for an id not in the log yet, for a \
+                            file just dropped to be claimed: [spool] min_age_ms + 2 x poll_interval_ms + 5 s), prints \
+                            the output as it comes, and ends when the job is answered. Output the log's size bound ([worker] job_log_max_mb) \
+                            cut out before it was read is shown as one \"[... N bytes of output omitted ...]\" line.\n\
+                            Exit codes: without --follow: 0 the log was printed, 1 no such job, or it has no build log \
+                            (queued and never built, or answered without a build: not a workitem, invalid, a \
+                            conflict, cancelled before it ran), 2 usage. With --follow: 0 the job succeeded, 1 it \
+                            failed (or was answered without a build, or no such job), 2 usage."
+    )]
+    Log {
+        /// image_id (the newest job with it) or job number.
+        id: String,
+        /// Keep printing as the log grows, until the job ends; exit with its result.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// Fold the log from empty; compare it with the stored projections and the spool.
     #[command(
         after_help = "Examples:\n  build-image replay\n  build-image replay --json\n\n\
@@ -220,6 +243,7 @@ pub fn main() -> i32 {
             json,
         ),
         Command::Replay { json } => query::replay(&cfg, json),
+        Command::Log { id, follow } => build_log::run(&cfg, &id, follow),
         Command::Retry { id } => actions::retry(&cfg, &id),
         Command::Cancel { id } => actions::cancel(&cfg, &id),
         Command::Requeue { worker, force } => actions::requeue(&cfg, &worker, force),

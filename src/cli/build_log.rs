@@ -1,0 +1,160 @@
+//! `log ID [--follow]`: prints a job's build log; with `--follow`, keeps printing as it grows
+//! until the job ends, and exits with its result. Through the running daemon, or from the log
+//! and the file when none runs (each poll asks anew, so a daemon starting or stopping meanwhile
+//! is followed through).
+
+use super::access::{call, expect};
+use crate::config::Config;
+use crate::control::{Request, Response};
+use crate::joblog::LogChunk;
+use std::io::Write;
+use std::time::Duration;
+
+/// How often a follower asks again when it has read everything.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Exit codes (documented in `--help`).
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+
+/// What to tell the user once the job has ended, and the exit code.
+fn ending(c: &LogChunk) -> (Option<String>, i32) {
+    let code = if c.result == Some(true) {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    };
+    let what = job_name(c);
+    let why = c.error.as_deref().unwrap_or("no result");
+    let note = match (c.result, c.exists, c.built) {
+        (Some(true), _, _) => None,
+        (_, _, false) => Some(format!(
+            "{what} was answered without a build ({}): {why}",
+            c.state
+        )),
+        (Some(false), _, true) => Some(format!("{what} failed: {why}")),
+        (None, _, true) => Some(format!("{what} ended without a result ({})", c.state)),
+    };
+    (note, code)
+}
+
+fn job_name(c: &LogChunk) -> String {
+    match &c.image_id {
+        Some(i) => format!("job {} ({i})", c.job),
+        None => format!("job {}", c.job),
+    }
+}
+
+pub fn run(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
+    let mut from = 0u64;
+    let mut job = None;
+    let mut waiting_said = false;
+    let mut at_line_start = true;
+    // A job just dropped is not in the log until the daemon claims it: a follower gives it the
+    // time a claim takes (the file's minimum age and two rescans) and a few seconds more.
+    let spool = &cfg.spool;
+    let claim_time = Duration::from_millis(
+        spool
+            .min_age_ms
+            .saturating_add(spool.poll_interval_ms.saturating_mul(2)),
+    ) + Duration::from_secs(5);
+    let give_up = std::time::Instant::now() + claim_time;
+    let mut unknown_said = false;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let req = Request::Log {
+            id: id.to_string(),
+            job,
+            from,
+        };
+        let r = expect(call(cfg, req, |_| true)?)?;
+        let Response::Log(c) = r else {
+            anyhow::bail!("unexpected answer from the daemon: {r:?}");
+        };
+        let Some(c) = c else {
+            let no_job = format!("no job with image_id or job number {id:?}");
+            if !follow || std::time::Instant::now() >= give_up {
+                anyhow::bail!(no_job);
+            }
+            if !unknown_said {
+                eprintln!(
+                    "build-image: {no_job} yet: waiting up to {} s for it to be claimed",
+                    claim_time.as_secs()
+                );
+                unknown_said = true;
+            }
+            std::thread::sleep(POLL);
+            continue;
+        };
+        job = Some(c.job);
+        if c.restarted {
+            writeln!(
+                out,
+                "[... the log was replaced: printing it from its start ...]"
+            )?;
+        }
+        if c.skipped > 0 {
+            // The same line the log's bound writes into the file (so a log read after the
+            // fact prints as the file reads).
+            if !at_line_start {
+                writeln!(out)?;
+            }
+            writeln!(out, "[... {} bytes of output omitted ...]", c.skipped)?;
+            at_line_start = true;
+        }
+        out.write_all(c.text.as_bytes())?;
+        if let Some(last) = c.text.as_bytes().last() {
+            at_line_start = *last == b'\n';
+        }
+        out.flush()?;
+        let progressed = c.next > from || c.restarted;
+        from = c.next;
+        if c.next < c.end && progressed {
+            continue; // more is there already
+        }
+        if !follow {
+            if c.exists {
+                return Ok(EXIT_OK);
+            }
+            let why = if c.path.is_none() || (c.ended && !c.built) {
+                ending(&c).0.unwrap_or_else(|| "it has no build log".into())
+            } else if !c.built {
+                format!(
+                    "{} is {}: no build log yet (--follow waits for it)",
+                    job_name(&c),
+                    c.state
+                )
+            } else {
+                format!(
+                    "{}: its build log {} is gone",
+                    job_name(&c),
+                    c.path.as_deref().unwrap_or("-")
+                )
+            };
+            anyhow::bail!(why);
+        }
+        if c.ended {
+            if c.built && !c.exists {
+                eprintln!(
+                    "build-image: {}: its build log {} is gone",
+                    job_name(&c),
+                    c.path.as_deref().unwrap_or("-")
+                );
+            }
+            let (note, code) = ending(&c);
+            if let Some(n) = note {
+                eprintln!("build-image: {n}");
+            }
+            return Ok(code);
+        }
+        if !c.exists && !waiting_said {
+            eprintln!(
+                "build-image: {} is {}: waiting for its build to start",
+                job_name(&c),
+                c.state
+            );
+            waiting_said = true;
+        }
+        std::thread::sleep(POLL);
+    }
+}
