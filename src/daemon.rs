@@ -185,6 +185,10 @@ impl Running {
                 .spawn(move || run_timer(&stage, &timer_rx))?
         };
         let control = crate::control::Server::start(Arc::clone(&stage))?;
+        crate::notify::ready(&format!(
+            "claiming; {} job(s) open at start",
+            open_at_start.len()
+        ));
         Ok(Running {
             stage,
             pool,
@@ -202,6 +206,14 @@ impl Running {
         let stage = self.stage;
         let running = stage.running();
         log::info!("stopping: no more claims; {running} build(s) running");
+        crate::notify::stopping(&format!("stopping; {running} build(s) running"));
+        // The stop timeout of the service manager is extended while the grace (and the kill,
+        // the records and the flush after it) run, and no longer.
+        let _extend = crate::notify::Extender::start(
+            Instant::now()
+                + Duration::from_secs(stage.cfg.worker.grace)
+                + crate::notify::AFTER_GRACE,
+        );
         stage.set_stopping();
         stage.set_queue(None);
         let grace = Duration::from_secs(stage.cfg.worker.grace);
@@ -230,7 +242,15 @@ fn run_timer(stage: &Stage, stop: &Receiver<()>) {
     let mut repair_tries = 0u32;
     let mut next_repair = Instant::now();
     let mut next_beat = Instant::now();
+    let watchdog_every = crate::notify::watchdog_every();
+    let mut next_watchdog = Instant::now();
     loop {
+        if let Some(every) = watchdog_every
+            && Instant::now() >= next_watchdog
+        {
+            crate::notify::watchdog();
+            next_watchdog = Instant::now() + every;
+        }
         if Instant::now() >= next_beat {
             if let Err(e) = stage.spool.heartbeat() {
                 log::warn!("cannot refresh the liveness mark: {e}");
@@ -243,6 +263,7 @@ fn run_timer(stage: &Stage, stop: &Receiver<()>) {
             stage.next_stall(),
             failing.then_some(next_repair),
             Some(next_beat),
+            watchdog_every.map(|_| next_watchdog),
         ]
         .into_iter()
         .flatten()

@@ -17,6 +17,7 @@ pub mod hooks;
 pub mod joblog;
 pub mod journal;
 pub mod lifecycle;
+pub mod notify;
 pub mod ops;
 pub mod outbox;
 pub mod pool;
