@@ -268,7 +268,21 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, path)
+        Config::parse(&text, path).map_err(|e| match e {
+            // The original IMG file given as it is: say what it is and how to convert it.
+            ConfigError::Parse { path, message } if crate::legacy::looks_like_ini(&text) => {
+                ConfigError::Parse {
+                    message: format!(
+                        "it looks like the original IMG build_image.conf (INI), not TOML: convert \
+                         it with `build-image config import {}` ({})",
+                        path.display(),
+                        message.lines().next().unwrap_or_default()
+                    ),
+                    path,
+                }
+            }
+            e => e,
+        })
     }
 
     /// The numeric keys with their values and allowed ranges (inclusive), as checked at load.

@@ -16,6 +16,7 @@ pub mod durable;
 pub mod hooks;
 pub mod joblog;
 pub mod journal;
+pub mod legacy;
 pub mod lifecycle;
 pub mod notify;
 pub mod ops;

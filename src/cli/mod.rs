@@ -7,6 +7,7 @@
 pub mod access;
 pub mod actions;
 pub mod build_log;
+pub mod config_import;
 pub mod doctor;
 pub mod query;
 pub mod submit;
@@ -187,6 +188,9 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Configuration tools: `config import OLD.conf` converts IMG's build_image.conf.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites.
     #[command(
         after_help = "Examples:\n  build-image doctor\n  build-image --config /etc/build-image.toml doctor\n\n\
@@ -194,6 +198,26 @@ pub enum Command {
                             Exit codes: 0 no check failed (warnings allowed), 1 a check failed, 2 usage or config error."
     )]
     Doctor,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Print the TOML for an original IMG build_image.conf (INI).
+    #[command(
+        after_help = "Examples:\n  build-image config import /etc/skynet/build_image.conf > /etc/build-image/build-image.toml\n  \
+                            build-image config import old.conf && echo every key mapped\n\n\
+                            [worker] keys keep their names: yes/no (true/false, on/off, 1/0) become booleans, mic_opts \
+                            (colon-separated, or the older comma-separated form) a list, times whole seconds. [boss] \
+                            becomes a commented [amqp] url. A comment above each key names the INI key it came from; \
+                            keys build-image does not know are listed on stderr and kept as comments.\n\
+                            Exit codes: 0 converted, every key mapped; 1 converted, some keys left out (listed on \
+                            stderr); 2 the file cannot be read, is not INI, or a value cannot be converted (nothing \
+                            printed), or usage."
+    )]
+    Import {
+        /// The original INI file.
+        file: PathBuf,
+    },
 }
 
 /// Loads the config named on the command line (or the defaults) and applies `--spool`.
@@ -218,6 +242,10 @@ pub fn main() -> i32 {
             return code;
         }
     };
+    // Needs no configuration (and must work when --config names the INI file itself).
+    if let Command::Config(ConfigCommand::Import { file }) = &cli.command {
+        return config_import::run(file);
+    }
     let cfg = match load_config(&cli.global) {
         Ok(c) => c,
         Err(e) => {
@@ -247,6 +275,7 @@ pub fn main() -> i32 {
         Command::Retry { id } => actions::retry(&cfg, &id),
         Command::Cancel { id } => actions::cancel(&cfg, &id),
         Command::Requeue { worker, force } => actions::requeue(&cfg, &worker, force),
+        Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
     };
     match res {
