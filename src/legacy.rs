@@ -87,10 +87,13 @@ pub struct Imported {
     pub unknown: Vec<String>,
 }
 
+/// A section's name ("" before any section) and its keys with their values, in file order.
+type Section = (String, Vec<(String, String)>);
+
 /// Parses INI text as ConfigParser read it: `key = value` or `key: value`, `;` and `#` comment
 /// lines, keys case-insensitive (lowered), no quotes or escapes, and (as Python 2's ConfigParser,
 /// which IMG ran on) an inline comment after whitespace and `;` removed.
-fn parse(text: &str) -> Result<Vec<(String, Vec<(String, String)>)>, LegacyError> {
+fn parse(text: &str) -> Result<Vec<Section>, LegacyError> {
     let opt = ini::ParseOption {
         enabled_quote: false,
         enabled_escape: false,
@@ -101,7 +104,7 @@ fn parse(text: &str) -> Result<Vec<(String, Vec<(String, String)>)>, LegacyError
         col: e.col,
         msg: e.msg.to_string(),
     })?;
-    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    let mut out: Vec<Section> = Vec::new();
     for (section, props) in parsed.iter() {
         let name = section.unwrap_or("").to_string();
         let idx = match out.iter().position(|(n, _)| *n == name) {
