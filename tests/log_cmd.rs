@@ -180,6 +180,19 @@ fn follow_through_the_daemon_prints_as_it_grows_and_exits_with_the_result() {
         assert!(out.is_empty(), "{out}");
     }
 
+    // not a workitem at all (rejected, known by its job number only): no log either
+    build_image::cli::drop_file(&farm.spool(), "junk.json", b"[1]").unwrap();
+    assert!(wait_for(Duration::from_secs(30), || farm
+        .rejected()
+        .join("junk.json.reason")
+        .exists()));
+    let (_, rows, _) = output(farm.bin().args(["status", "--json", "--state", "rejected"]));
+    let rows: serde_json::Value = serde_json::from_str(&rows).unwrap();
+    let job = rows[0]["job"].as_u64().unwrap().to_string();
+    let (code, out, err) = output(farm.bin().args(["log", &job, "--follow"]));
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(err.contains("answered without a build (rejected)"), "{err}");
+
     // no such job (--follow first gives a file just dropped the time to be claimed)
     for follow in [false, true] {
         let mut c = farm.bin();
