@@ -3,12 +3,41 @@
 //! and the file when none runs (each poll asks anew, so a daemon starting or stopping meanwhile
 //! is followed through).
 
-use super::access::{call, expect};
+use super::access::{call, expect, open_offline};
 use crate::config::Config;
-use crate::control::{Request, Response};
+use crate::control::{self, Request, Response};
 use crate::joblog::LogChunk;
+use crate::stage::Stage;
 use std::io::Write;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The longest a command holds the log's lock while it reads a long build log with no daemon
+/// running (a daemon starting meanwhile waits for the lock, a few seconds at most).
+const HOLD: Duration = Duration::from_millis(500);
+
+/// The log opened by this command (no daemon runs), kept across the chunks of one read.
+struct Held {
+    stage: Stage,
+    since: Instant,
+}
+
+/// Asks the daemon, or, when none runs, the log opened here: opened once for the chunks that
+/// follow each other at once (a long log is read in many), and let go after [`HOLD`].
+fn ask(cfg: &Config, held: &mut Option<Held>, req: Request) -> anyhow::Result<Response> {
+    if held.as_ref().is_some_and(|h| h.since.elapsed() >= HOLD) {
+        *held = None;
+    }
+    if held.is_none() && !control::socket_path(&cfg.state_dir()).exists() {
+        *held = open_offline(cfg)?.map(|stage| Held {
+            stage,
+            since: Instant::now(),
+        });
+    }
+    match held {
+        Some(h) => expect(control::handle(&h.stage, req, |_| true)),
+        None => expect(call(cfg, req, |_| true)?),
+    }
+}
 
 /// How often a follower asks again when it has read everything.
 const POLL: Duration = Duration::from_millis(200);
@@ -46,6 +75,7 @@ fn job_name(c: &LogChunk) -> String {
 }
 
 pub fn run(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
+    let mut held: Option<Held> = None;
     let mut from = 0u64;
     let mut job = None;
     let mut waiting_said = false;
@@ -67,7 +97,7 @@ pub fn run(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
             job,
             from,
         };
-        let r = expect(call(cfg, req, |_| true)?)?;
+        let r = ask(cfg, &mut held, req)?;
         let Response::Log(c) = r else {
             anyhow::bail!("unexpected answer from the daemon: {r:?}");
         };
@@ -83,6 +113,7 @@ pub fn run(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
                 );
                 unknown_said = true;
             }
+            held = None; // never hold the lock a starting daemon needs
             std::thread::sleep(POLL);
             continue;
         };
@@ -155,6 +186,7 @@ pub fn run(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
             );
             waiting_said = true;
         }
+        held = None;
         std::thread::sleep(POLL);
     }
 }

@@ -293,7 +293,13 @@ impl Farm {
     /// Writes the farm's config as a TOML file, for the binary.
     pub fn config_file(&self) -> PathBuf {
         let p = self.root().join("build-image.toml");
-        std::fs::write(&p, toml::to_string(&self.cfg).expect("config as TOML")).unwrap();
+        // tmp + rename: a process started just before reads a whole file, never a truncated one
+        let tmp = self.root().join(format!(
+            ".build-image.toml.{:?}.tmp",
+            std::thread::current().id()
+        ));
+        std::fs::write(&tmp, toml::to_string(&self.cfg).expect("config as TOML")).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
         p
     }
 
