@@ -75,6 +75,11 @@ fn job_name(c: &LogChunk) -> String {
 }
 
 pub fn run(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
+    // Without a daemon the log is opened at each poll, and each opening logs an info line:
+    // keep stderr to what the follower says (RUST_LOG set by the user still rules).
+    if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
     let mut held: Option<Held> = None;
     let mut from = 0u64;
     let mut job = None;
