@@ -242,6 +242,14 @@ pub fn import(text: &str, origin: &str, amqp: bool) -> Result<Imported, LegacyEr
             );
             continue;
         };
+        if raw.contains("%(") {
+            return Err(value_err(
+                "worker",
+                key,
+                raw,
+                "ConfigParser would interpolate %(name)s here; write the value out in full",
+            ));
+        }
         let (value, note) = match kind {
             Kind::Text => (toml_str(raw), String::new()),
             Kind::Ict => match raw.as_str() {
@@ -432,6 +440,7 @@ mod tests {
             ("[worker]\nict = mic3\n", "mic or mic2"),
             ("[worker]\ntimeout = 1\nTimeout = 2\n", "given twice"),
             ("[worker\n", "not an INI file"),
+            ("[worker]\nimg_tmp = %(base_dir)s/tmp\n", "interpolate"),
         ] {
             let e = import(ini, "x", false).unwrap_err().to_string();
             assert!(e.contains(want), "{ini:?}: {e}");

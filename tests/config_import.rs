@@ -111,6 +111,9 @@ fn unknown_keys_are_reported_and_bad_values_refused() {
     let (code, _, err) = output(bin().args(["config", "import"]).arg(d.path().join("none")));
     assert_eq!(code, 2);
     assert!(err.contains("cannot read"), "{err}");
+    let (code, _, err) = output(bin().args(["config", "import", "/dev/zero"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("larger than"), "{err}");
 }
 
 #[test]

@@ -9,8 +9,25 @@ pub const EXIT_ALL_MAPPED: i32 = 0;
 pub const EXIT_UNKNOWN_KEYS: i32 = 1;
 pub const EXIT_CANNOT: i32 = 2;
 
+/// The largest file taken: an INI configuration is a few KiB.
+const MAX_BYTES: u64 = 1024 * 1024;
+
+fn read_bounded(file: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)?
+        .take(MAX_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_BYTES} bytes: not a configuration file"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| std::io::Error::other("not UTF-8 text"))
+}
+
 pub fn run(file: &Path) -> i32 {
-    let text = match std::fs::read_to_string(file) {
+    let text = match read_bounded(file) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("build-image: cannot read {}: {e}", file.display());
