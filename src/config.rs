@@ -270,7 +270,10 @@ impl Config {
         })?;
         Config::parse(&text, path).map_err(|e| match e {
             // The original IMG file given as it is: say what it is and how to convert it.
-            ConfigError::Parse { path, message } if crate::legacy::looks_like_ini(&text) => {
+            // (Not for TOML with a wrong key: INI syntax only when it is no TOML at all.)
+            ConfigError::Parse { path, message }
+                if text.parse::<toml::Table>().is_err() && crate::legacy::looks_like_ini(&text) =>
+            {
                 ConfigError::Parse {
                     message: format!(
                         "it looks like the original IMG build_image.conf (INI), not TOML: convert \

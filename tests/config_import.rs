@@ -137,8 +137,14 @@ fn an_ini_file_given_to_config_names_config_import() {
     let (code, _, err) = output(bin().env("BUILD_IMAGE_CONFIG", example()).arg("status"));
     assert_eq!(code, 2);
     assert!(err.contains("config import"), "{err}");
-    // a TOML file with a mistake is not called INI
     let d = tempfile::tempdir().unwrap();
+    // a TOML file with an unknown key is not called INI either: the key is named
+    let f = d.path().join("k.toml");
+    std::fs::write(&f, "[worker]\nbase_dirr = \"/x\"\n").unwrap();
+    let (code, _, err) = output(bin().arg("--config").arg(&f).arg("status"));
+    assert_eq!(code, 2);
+    assert!(err.contains("base_dirr") && !err.contains("INI"), "{err}");
+    // a TOML file with a mistake is not called INI
     let f = d.path().join("c.toml");
     std::fs::write(&f, "[spool]\ndir = \"x\"\nmin_age_ms = = 3\n").unwrap();
     let (code, _, err) = output(bin().arg("--config").arg(&f).arg("status"));
