@@ -152,9 +152,9 @@ pub fn run(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
             if c.exists {
                 return Ok(EXIT_OK);
             }
-            let why = if c.path.is_none() || (c.ended && !c.built) {
+            let why = if c.ended && !c.built {
                 ending(&c).0.unwrap_or_else(|| "it has no build log".into())
-            } else if !c.built {
+            } else if !c.ended {
                 format!(
                     "{} is {}: no build log yet (--follow waits for it)",
                     job_name(&c),
@@ -193,5 +193,50 @@ pub fn run(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
         }
         held = None;
         std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::State;
+
+    fn chunk(state: State, result: Option<bool>, built: bool) -> LogChunk {
+        LogChunk {
+            job: 7,
+            image_id: Some("x-1".into()),
+            state,
+            ended: crate::joblog::ended(state),
+            result,
+            error: result
+                .is_some_and(|r| !r)
+                .then(|| "mic exited with status 3".into()),
+            path: None,
+            built,
+            exists: built,
+            text: String::new(),
+            start: 0,
+            next: 0,
+            skipped: 0,
+            end: 0,
+            restarted: false,
+        }
+    }
+
+    #[test]
+    fn the_exit_status_is_the_result() {
+        assert_eq!(ending(&chunk(State::Done, Some(true), true)), (None, 0));
+        let (note, code) = ending(&chunk(State::Error, Some(false), true));
+        assert_eq!(code, 1);
+        assert_eq!(
+            note.as_deref(),
+            Some("job 7 (x-1) failed: mic exited with status 3")
+        );
+        let (note, code) = ending(&chunk(State::Error, Some(false), false));
+        assert_eq!(code, 1);
+        assert!(note.unwrap().contains("answered without a build (error)"));
+        let (note, code) = ending(&chunk(State::Moved, None, true));
+        assert_eq!(code, 1);
+        assert!(note.unwrap().contains("ended without a result (moved)"));
     }
 }
