@@ -50,6 +50,22 @@ pub fn watchdog() {
     send("WATCHDOG", &[NotifyState::Watchdog]);
 }
 
+/// Is stderr the journal stream systemd connected (`JOURNAL_STREAM` = its `dev:inode`, and
+/// stderr still is that file)? Then the journal stamps each line and the daemon's own timestamp
+/// is left out (one line per event, its time once).
+pub fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    nix::sys::stat::fstat(std::io::stderr()).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+}
+
 /// The `EXTEND_TIMEOUT_USEC` value for `d` (saturating).
 pub fn usec(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)

@@ -215,3 +215,41 @@ fn the_unit_verifies() {
         assert!(text.contains(&format!("\n{key}")), "{key} missing");
     }
 }
+
+/// Under systemd (stderr is the journal stream named by JOURNAL_STREAM) the daemon's lines carry
+/// no timestamp of their own: the journal adds it. Elsewhere they keep theirs.
+#[test]
+fn journal_lines_leave_the_time_to_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let farm = Farm::new();
+    for (journal, stale) in [(true, false), (false, true), (false, false)] {
+        let err_file = farm.root().join(format!("err-{journal}-{stale}"));
+        let f = std::fs::File::create(&err_file).unwrap();
+        let m = f.metadata().unwrap();
+        let mut cmd = farm.bin();
+        cmd.arg("run")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(f);
+        if journal {
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino()));
+        } else if stale {
+            // set, but stderr was redirected elsewhere since: not the journal
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino() + 1));
+        }
+        let mut child = Guard(cmd.spawn().unwrap());
+        assert!(wait_for(Duration::from_secs(20), || {
+            std::fs::read_to_string(&err_file).is_ok_and(|t| t.contains("build-image "))
+        }));
+        sigterm(&child.0);
+        assert_eq!(wait_exit(&mut child.0, Duration::from_secs(30)), Some(0));
+        let text = std::fs::read_to_string(&err_file).unwrap();
+        for line in text.lines() {
+            assert_eq!(
+                line.starts_with("[INFO ") || line.starts_with("[WARN "),
+                journal,
+                "journal={journal}: {line}"
+            );
+        }
+    }
+}

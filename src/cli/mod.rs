@@ -233,7 +233,12 @@ pub fn load_config(g: &Global) -> anyhow::Result<Config> {
 }
 
 pub fn main() -> i32 {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if crate::notify::stderr_is_journal() {
+        logger.format_timestamp(None); // journald stamps each line itself
+    }
+    logger.init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
