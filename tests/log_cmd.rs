@@ -303,4 +303,21 @@ fn a_log_cut_by_its_bound_is_followed_and_prints_as_the_file_reads() {
     let (code, out, err) = output(farm.bin().args(["log", "big"]));
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, file);
+    // a reader that goes away (`log big | head -c 10`): a quiet exit
+    let mut c = farm
+        .bin()
+        .args(["log", "big"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ten = [0u8; 10];
+    c.stdout.take().unwrap().read_exact(&mut ten).unwrap(); // then dropped: the pipe closes
+    let out = c.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

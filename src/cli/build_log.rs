@@ -75,6 +75,20 @@ fn job_name(c: &LogChunk) -> String {
 }
 
 pub fn run(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
+    match print_log(cfg, id, follow) {
+        // The reader went away (`log ID | head`): stop quietly. A follower did not see the
+        // job's result, so it does not claim success.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(if follow { EXIT_FAILED } else { EXIT_OK })
+        }
+        r => r,
+    }
+}
+
+fn print_log(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
     // Without a daemon the log is opened at each poll, and each opening logs an info line:
     // keep stderr to what the follower says (RUST_LOG set by the user still rules).
     if std::env::var_os("RUST_LOG").is_none() {
