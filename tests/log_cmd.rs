@@ -59,8 +59,10 @@ impl Follower {
     fn wait(&mut self, timeout: Duration) -> Option<i32> {
         let code = wait_exit(&mut self.child.0, timeout);
         // the reader threads see EOF right after the exit
-        let out = Arc::clone(&self.out);
-        wait_for(Duration::from_secs(5), || Arc::strong_count(&out) == 1);
+        let (out, err) = (Arc::clone(&self.out), Arc::clone(&self.err));
+        wait_for(Duration::from_secs(5), || {
+            Arc::strong_count(&out) == 2 && Arc::strong_count(&err) == 2
+        });
         code
     }
 }

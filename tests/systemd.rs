@@ -125,9 +125,6 @@ fn notifies_ready_watchdog_stopping_and_extends_the_stop_while_grace_runs() {
         farm.outbox_file("slow.json").unwrap()["image"]["result"],
         serde_json::json!(true)
     );
-    let n = seen.lock().unwrap().len();
-    std::thread::sleep(Duration::from_millis(300)); // nothing may come after the exit
-    assert_eq!(seen.lock().unwrap().len(), n);
 }
 
 #[test]
