@@ -25,6 +25,9 @@ use std::time::Duration;
 pub const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client may take to send its request.
 pub const IDLE: Duration = Duration::from_secs(10);
+/// Events read from the log at a time for an event stream (an export of a long log is never
+/// held whole).
+const EVENTS_PAGE: usize = 4096;
 /// Connections served at once; more are answered "busy".
 pub const MAX_CONNECTIONS: usize = 32;
 
@@ -128,6 +131,7 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
         Request::Events { filter, follow } => {
             drop(journal);
             let mut next = filter.since;
+            let mut full;
             loop {
                 let journal = match stage.store.journal() {
                     Ok(j) => j,
@@ -139,8 +143,9 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
                     since: next,
                     ..filter.clone()
                 };
-                match ops::events(&journal, &f) {
+                match ops::events_page(&journal, &f, EVENTS_PAGE) {
                     Ok(evs) => {
+                        full = evs.len() >= EVENTS_PAGE;
                         for ev in &evs {
                             next = ev.seq + 1;
                             if !on_event(ev) {
@@ -151,6 +156,9 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
                     Err(e) => return err(&e),
                 }
                 drop(journal);
+                if next < horizon && full {
+                    continue; // a long log: the next page
+                }
                 next = next.max(horizon);
                 if !follow || stage.stopping() {
                     return Response::Events;

@@ -136,6 +136,7 @@ impl Store {
     /// up to date and loads the open jobs.
     pub fn open(dir: &Path, cache_bytes: u64, policy: Policy, patience: Duration) -> Result<Store> {
         prepare_state_dir(dir)?;
+        journal::archive::recover(dir)?;
         let journal = open_journal(dir, cache_bytes, patience)?;
         let last = journal.last_seq();
         if let Some(mark) = read_mark(dir)
@@ -511,6 +512,60 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Runs `f` with the log to itself (`compact`): no event is appended and no query reads
+    /// the log meanwhile. `f` gets the log by value and closes it (drop) before it touches the
+    /// files of the state dir; then the log of the state dir is opened again and the open jobs
+    /// are reloaded from it. Waits up to `patience` for readers to let go of the log.
+    pub fn with_log_closed<T>(
+        &self,
+        patience: Duration,
+        f: impl FnOnce(Journal) -> std::result::Result<T, JournalError>,
+    ) -> Result<T> {
+        let mut slot = self.journal.write().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + patience;
+        let journal = loop {
+            let Some(arc) = slot.take() else {
+                return Err(StoreError::Failing("the event log is being reopened".into()));
+            };
+            match Arc::try_unwrap(arc) {
+                Ok(j) => break j,
+                Err(arc) if Instant::now() < deadline => {
+                    *slot = Some(arc);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(arc) => {
+                    *slot = Some(arc);
+                    return Err(StoreError::Failing(
+                        "the event log stays in use; try again".into(),
+                    ));
+                }
+            }
+        };
+        let out = f(journal);
+        let reopened = journal::archive::finish_swap(&self.dir)
+            .and_then(|()| Journal::open_with_cache(&self.dir, self.cache_bytes));
+        let loaded = reopened.map_err(StoreError::from).and_then(|j| {
+            // Reloaded before anyone appends again (the slot is still held).
+            let open = load_open(&j, &self.policy)?;
+            Ok((j, open))
+        });
+        match loaded {
+            Ok((j, open)) => {
+                *lock(&self.open) = open;
+                *slot = Some(Arc::new(j));
+            }
+            Err(e) => {
+                // `repair` opens it again.
+                log::error!("cannot open the event log again after rewriting it: {e}");
+                *lock(&self.failing) = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        Ok(out?)
+    }
+}
+
 /// The spec of a valid job (without its kickstart), from its `queued` event.
 pub fn spec_of(journal: &Journal, job: &Job) -> Result<Option<Spec>> {
     let Some(seq) = job.input_seq else {
@@ -668,6 +723,7 @@ pub fn log_event(ev: &Event) {
             error.as_deref().unwrap_or("")
         ),
         EventKind::Cancelled { reason }
+        | EventKind::Compacted { reason, .. }
         | EventKind::Requeued { reason, .. }
         | EventKind::Interrupted { reason, .. } => reason.clone(),
     };

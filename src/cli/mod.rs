@@ -215,7 +215,12 @@ pub fn main() -> i32 {
             json,
         } => query::events(
             &cfg,
-            crate::ops::EventFilter { since, image, kind },
+            crate::ops::EventFilter {
+                since,
+                image,
+                kind,
+                inputs: json,
+            },
             follow,
             json,
         ),

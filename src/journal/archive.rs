@@ -228,6 +228,48 @@ pub fn finish_swap(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The lock a rewrite of the log holds from the first file it writes to the end of its swap
+/// (`compact.lock` in the state dir, flock'ed; a crash releases it).
+pub type SwapLock = nix::fcntl::Flock<std::fs::File>;
+
+/// Takes the rewrite lock of the state dir `dir`; None while another process holds it.
+pub fn swap_lock(dir: &Path) -> Result<Option<SwapLock>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = dir.join("compact.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io("cannot open", &path, e))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(io("cannot lock", &path, e.into())),
+    }
+}
+
+/// At the opening of a state dir: finishes or clears what an interrupted rewrite of its log
+/// left, unless a rewrite is under way (its process holds the rewrite lock and finishes it).
+pub fn recover(dir: &Path) -> Result<()> {
+    let left = [SWAP_MARK, NEW_DIR, OLD_DIR]
+        .iter()
+        .any(|n| dir.join(n).symlink_metadata().is_ok());
+    if !left {
+        return Ok(());
+    }
+    match swap_lock(dir)? {
+        Some(_held) => {
+            log::warn!(
+                "{}: finishing what an interrupted rewrite of the log (compact) left",
+                dir.display()
+            );
+            finish_swap(dir)
+        }
+        None => Ok(()),
+    }
+}
+
 fn names(dir: &Path) -> Result<Vec<String>> {
     let rd = std::fs::read_dir(dir).map_err(|e| io("cannot read", dir, e))?;
     Ok(rd

@@ -172,6 +172,16 @@ pub enum EventKind {
         bytes: u64,
         sha256: String,
     },
+    /// `compact` moved the events of `jobs` jobs settled before `before` (`events` events) out
+    /// of the log into the archive `file`. The event opens a record of its own, settled at
+    /// once (state `moved`); it keeps the log's numbering going when the newest jobs went.
+    Compacted {
+        file: String,
+        reason: String,
+        before: String,
+        jobs: u64,
+        events: u64,
+    },
 }
 
 /// Why a build was interrupted.
@@ -203,11 +213,12 @@ pub enum Tag {
     Requeued,
     Interrupted,
     Duplicate,
+    Compacted,
 }
 
 impl Tag {
     /// Every kind, in the order of a job's life.
-    pub const ALL: [Tag; 12] = [
+    pub const ALL: [Tag; 13] = [
         Tag::Claimed,
         Tag::Rejected,
         Tag::Invalid,
@@ -220,6 +231,7 @@ impl Tag {
         Tag::Requeued,
         Tag::Interrupted,
         Tag::Duplicate,
+        Tag::Compacted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -236,6 +248,7 @@ impl Tag {
             Tag::Requeued => "requeued",
             Tag::Interrupted => "interrupted",
             Tag::Duplicate => "duplicate",
+            Tag::Compacted => "compacted",
         }
     }
 
@@ -276,6 +289,7 @@ impl EventKind {
             EventKind::Requeued { .. } => Tag::Requeued,
             EventKind::Interrupted { .. } => Tag::Interrupted,
             EventKind::Duplicate { .. } => Tag::Duplicate,
+            EventKind::Compacted { .. } => Tag::Compacted,
         }
     }
 
