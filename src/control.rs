@@ -57,6 +57,23 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// `backup DIR` (an absolute path, written by the daemon).
+    Backup {
+        dir: PathBuf,
+    },
+    /// `compact`: `before` in RFC 3339, `archive` an absolute path.
+    Compact {
+        before: String,
+        archive: PathBuf,
+    },
+    /// `repush`: the window in RFC 3339.
+    Repush {
+        since: String,
+        until: String,
+    },
+    Redeliver {
+        id: String,
+    },
 }
 
 /// The answer to a request.
@@ -83,6 +100,10 @@ pub enum Response {
     Requeued {
         moved: Vec<String>,
     },
+    BackedUp(crate::archive::BackupReport),
+    Compacted(crate::archive::CompactReport),
+    Repushed(Vec<crate::archive::Repushed>),
+    Redelivered(crate::archive::Redelivered),
     /// The request was refused or failed; the command exits 1 with this message.
     Error {
         message: String,
@@ -198,6 +219,41 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
             drop(journal);
             match stage.requeue_worker(&worker, force) {
                 Ok(moved) => Response::Requeued { moved },
+                Err(e) => err(&e),
+            }
+        }
+        Request::Backup { dir } => match crate::archive::backup(&journal, &dir) {
+            Ok(r) => Response::BackedUp(r),
+            Err(e) => err(&e),
+        },
+        Request::Compact { before, archive } => {
+            drop(journal);
+            let r = humantime::parse_rfc3339_weak(&before)
+                .map_err(|e| crate::archive::ArchiveError::Refused(format!("{before}: {e}")))
+                .and_then(|t| crate::archive::compact(stage, t, &archive));
+            match r {
+                Ok(r) => Response::Compacted(r),
+                Err(e) => err(&e),
+            }
+        }
+        Request::Repush { since, until } => {
+            drop(journal);
+            let t = |s: &str| {
+                humantime::parse_rfc3339_weak(s)
+                    .map_err(|e| crate::archive::ArchiveError::Refused(format!("{s}: {e}")))
+            };
+            let r = t(&since)
+                .and_then(|a| Ok((a, t(&until)?)))
+                .and_then(|(a, b)| crate::archive::repush(stage, a, b));
+            match r {
+                Ok(r) => Response::Repushed(r),
+                Err(e) => err(&e),
+            }
+        }
+        Request::Redeliver { id } => {
+            drop(journal);
+            match crate::archive::redeliver(stage, &id) {
+                Ok(r) => Response::Redelivered(r),
                 Err(e) => err(&e),
             }
         }
