@@ -207,6 +207,8 @@ pub struct BackupReport {
 /// writes. A state dir to start a daemon on (docs/operations.md, restore).
 pub fn backup(journal: &Journal, dir: &Path) -> Result<BackupReport> {
     ensure_empty(dir, "the backup folder")?;
+    // What was appended without a flush of its own (a push's record) is made durable first.
+    journal.flush()?;
     let upto = journal.durable_seq();
     let tmp = staging_dir(dir)?;
     let built = (|| -> Result<BackupReport> {
@@ -264,6 +266,8 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
         ));
     };
     let journal = stage.store.journal()?;
+    // What was appended without a flush of its own (a push's record) is made durable first.
+    journal.flush()?;
     let horizon = journal.durable_seq() + 1;
     let (jobs, _) = journal.fold_jobs(Some(horizon))?;
     let policy = *stage.store.policy();
@@ -327,7 +331,8 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
                 let ev = journal.with_input(ev)?;
                 let mut line = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
                 line.push(b'\n');
-                out.write_all(&line).map_err(io("cannot write", &tmp_archive))?;
+                out.write_all(&line)
+                    .map_err(io("cannot write", &tmp_archive))?;
                 n += 1;
             }
         }
@@ -514,14 +519,22 @@ mod tests {
     fn times() {
         let now = humantime::parse_rfc3339("2026-11-25T12:00:00Z").unwrap();
         let t = |s| parse_time(s, now).map(format_time);
-        assert_eq!(t("2026-01-31T00:00:00Z").unwrap(), "2026-01-31T00:00:00.000Z");
-        assert_eq!(t("2026-01-31 00:00:00").unwrap(), "2026-01-31T00:00:00.000Z");
+        assert_eq!(
+            t("2026-01-31T00:00:00Z").unwrap(),
+            "2026-01-31T00:00:00.000Z"
+        );
+        assert_eq!(
+            t("2026-01-31 00:00:00").unwrap(),
+            "2026-01-31T00:00:00.000Z"
+        );
         assert_eq!(t("90days").unwrap(), "2026-08-27T12:00:00.000Z");
         assert_eq!(t("12h").unwrap(), "2026-11-25T00:00:00.000Z");
         assert!(t("last tuesday").unwrap_err().contains("RFC 3339"));
         assert!(t("100000years").is_err());
         assert_eq!(
-            event_time("2026-11-25T00:00:01.234Z").map(format_time).as_deref(),
+            event_time("2026-11-25T00:00:01.234Z")
+                .map(format_time)
+                .as_deref(),
             Some("2026-11-25T00:00:01.234Z")
         );
     }

@@ -127,10 +127,10 @@ impl Pusher {
         let stdin = serde_json::to_vec(&reply).unwrap_or_default();
         drop(reply);
         let image_id = job.image_id.clone().unwrap_or_default();
-        let Some(pushed) = self
-            .ctx
-            .hooks
-            .push_bytes(job.id, status, stdin, &image_id, Some(&self.ctx.cancel))
+        let Some(pushed) =
+            self.ctx
+                .hooks
+                .push_bytes(job.id, status, stdin, &image_id, Some(&self.ctx.cancel))
         else {
             return Ok(None);
         };

@@ -526,7 +526,9 @@ impl Store {
         let deadline = Instant::now() + patience;
         let journal = loop {
             let Some(arc) = slot.take() else {
-                return Err(StoreError::Failing("the event log is being reopened".into()));
+                return Err(StoreError::Failing(
+                    "the event log is being reopened".into(),
+                ));
             };
             match Arc::try_unwrap(arc) {
                 Ok(j) => break j,

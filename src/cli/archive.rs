@@ -30,8 +30,8 @@ pub fn import(cfg: &Config, file: &Path) -> anyhow::Result<i32> {
     let report = if file == Path::new("-") {
         archive::import(std::io::stdin().lock(), &dir)?
     } else {
-        let f = std::fs::File::open(file)
-            .with_context(|| format!("cannot open {}", file.display()))?;
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
         archive::import(std::io::BufReader::new(f), &dir)?
     };
     println!(
@@ -127,7 +127,11 @@ pub fn repush(cfg: &Config, since: &str, until: Option<&str>) -> anyhow::Result<
 }
 
 pub fn redeliver(cfg: &Config, id: &str) -> anyhow::Result<i32> {
-    let r = expect(call(cfg, Request::Redeliver { id: id.to_string() }, |_| true)?)?;
+    let r = expect(call(
+        cfg,
+        Request::Redeliver { id: id.to_string() },
+        |_| true,
+    )?)?;
     let Response::Redelivered(r) = r else {
         return Err(unexpected(&r));
     };

@@ -168,30 +168,35 @@ pub enum Command {
         force: bool,
     },
     /// Build the event log of an empty state dir from an export (`events --json`) or an archive.
-    #[command(after_help = "Examples:\n  build-image events --json > log.jsonl      # export (the daemon may run)\n  \
+    #[command(
+        after_help = "Examples:\n  build-image events --json > log.jsonl      # export (the daemon may run)\n  \
                             build-image import log.jsonl                # into the empty state dir of the config\n  \
                             zcat archive.jsonl.gz | build-image import -\n\n\
                             The events keep their seq and time; the job states are folded from them at the next start. \
                             The upgrade path when the stored form of the log changes: export with the old version, \
                             import with the new (docs/operations.md).\n\
                             Exit codes: 0 imported, 1 the state dir is not empty or a line is not an event (nothing is \
-                            written), 2 usage.")]
+                            written), 2 usage."
+    )]
     Import {
         /// JSON Lines, one event a line; - for stdin.
         file: PathBuf,
     },
     /// Copy the event log, consistent, while the daemon runs.
-    #[command(after_help = "Examples:\n  build-image backup /var/backups/build-image/$(date +%F)\n\n\
+    #[command(
+        after_help = "Examples:\n  build-image backup /var/backups/build-image/$(date +%F)\n\n\
                             DIR must be new or empty. It gets every event up to the log's durable end when the backup \
                             began, as a state dir: restore by putting it in place of the state dir while no daemon runs \
                             (docs/operations.md).\n\
-                            Exit codes: 0 backed up, 1 DIR is not empty or the copy failed, 2 usage.")]
+                            Exit codes: 0 backed up, 1 DIR is not empty or the copy failed, 2 usage."
+    )]
     Backup {
         /// A new or empty folder.
         dir: PathBuf,
     },
     /// Move the events of jobs settled before a time into an archive, and rewrite the log without them.
-    #[command(after_help = "Examples:\n  build-image compact --before 90days --archive /var/archive/build-image-2026-08.jsonl\n  \
+    #[command(
+        after_help = "Examples:\n  build-image compact --before 90days --archive /var/archive/build-image-2026-08.jsonl\n  \
                             build-image compact --before 2026-01-01T00:00:00Z --archive old.jsonl\n\n\
                             TIME: RFC 3339 (2026-01-01T00:00:00Z; without a zone, UTC) or a span back from now as \
                             humantime reads it (90days, 2weeks, 12h).\n\
@@ -199,7 +204,8 @@ pub enum Command {
                             job folder still exists under base_dir (their image_id guards it). The archive (JSON Lines, like \
                             events --json; never replaced) is written and fsynced first; the log is rewritten beside the old \
                             one and swapped in, recorded by a compacted event. A crash leaves the old or the new log.\n\
-                            Exit codes: 0 compacted (or nothing to move), 1 refused (FILE exists) or failed, 2 usage.")]
+                            Exit codes: 0 compacted (or nothing to move), 1 refused (FILE exists) or failed, 2 usage."
+    )]
     Compact {
         /// Jobs settled before this time (RFC 3339, or a span back from now: 90days).
         #[arg(long)]
@@ -209,13 +215,15 @@ pub enum Command {
         archive: PathBuf,
     },
     /// Run the final push (DONE/ERROR) again for the jobs finished in a time window.
-    #[command(after_help = "Examples:\n  build-image repush --since 2026-11-24T00:00:00Z\n  \
+    #[command(
+        after_help = "Examples:\n  build-image repush --since 2026-11-24T00:00:00Z\n  \
                             build-image repush --since 36h --until 12h\n\n\
                             For a job database restored from a backup: every answered job (not a conflict) that finished \
                             in [--since, --until) has its final status pushed again now, one at a time, each recorded as \
                             a pushed event. TIME: RFC 3339 or a span back from now (humantime: 36h, 2days).\n\
                             Exit codes: 0 every push succeeded (or none was in the window), 1 a push failed or no push \
-                            utility is configured, 2 usage.")]
+                            utility is configured, 2 usage."
+    )]
     Repush {
         /// Start of the window (inclusive).
         #[arg(long)]

@@ -205,8 +205,7 @@ pub fn finish_swap(dir: &Path) -> Result<()> {
             let moved_in = listed.contains(&name.as_str()) && !new.join(&name).exists();
             if is_log_entry(&name) && !moved_in {
                 let from = dir.join(&name);
-                std::fs::rename(&from, old.join(&name))
-                    .map_err(|e| io("cannot move", &from, e))?;
+                std::fs::rename(&from, old.join(&name)).map_err(|e| io("cannot move", &from, e))?;
             }
         }
         fsync_dir(dir)?;
@@ -347,7 +346,11 @@ mod tests {
         assert_eq!(j.input_bytes(3).unwrap().unwrap().to_vec(), input.0);
         // the stored form does not carry the input; the export form does
         let stored = j.get(7).unwrap().unwrap();
-        assert!(!serde_json::to_string(&stored).unwrap().contains("kickstart"));
+        assert!(
+            !serde_json::to_string(&stored)
+                .unwrap()
+                .contains("kickstart")
+        );
         assert_eq!(j.with_input(stored).unwrap(), evs[1]);
         // below the last seq, or out of order: refused, nothing written
         let again = j.import_events(&[ev(5, 5, EventKind::Cancelled { reason: "r".into() })]);
