@@ -358,6 +358,8 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
         }
     };
 
+    jarchive::crash_point("compact-archived");
+
     // 2. The kept log, built beside the old one while the daemon goes on.
     let unwind = |e: ArchiveError| {
         // Nothing left the log: the archive would only repeat it.

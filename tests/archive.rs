@@ -620,3 +620,61 @@ fn redeliver_writes_the_identical_answer() {
     let (code, out, _) = output(farm.bin().arg("replay"));
     assert_eq!(code, 0, "{out}");
 }
+
+#[test]
+fn a_crash_during_compaction_leaves_the_old_or_the_new_log_and_the_archive() {
+    init_log();
+    let farm = Farm::new();
+    let d = farm.start();
+    for id in ["cr-a", "cr-b"] {
+        farm.drop_json(&format!("{id}.json"), &workitem(id, "ks\n"));
+    }
+    wait_settled(&farm, 2, 4);
+    d.stop().unwrap();
+    std::fs::remove_dir_all(farm.base().join("requests/cr-a")).unwrap();
+    let job_a = status(&farm)
+        .into_iter()
+        .find(|r| r["image_id"] == "cr-a")
+        .unwrap()["job"]
+        .as_u64()
+        .unwrap();
+    let before = export(&farm);
+    let (gone, kept): (Vec<String>, Vec<String>) =
+        before.iter().cloned().partition(|l| job_of(l) == job_a);
+    let compact = |archive: &Path, crash: &str| {
+        let out = farm
+            .bin()
+            .args(["compact", "--before", "0s", "--archive"])
+            .arg(archive)
+            .env("BUILD_IMAGE_CRASH_AT", crash)
+            .output()
+            .unwrap();
+        out.status
+    };
+
+    // killed once the archive is durable, before the log is rewritten: the log is whole, the
+    // archive complete (it repeats events still in the log)
+    let first = farm.root().join("first.jsonl");
+    assert!(!compact(&first, "compact-archived").success());
+    assert_eq!(export(&farm), before);
+    assert_eq!(
+        std::fs::read_to_string(&first).unwrap(),
+        gone.join("\n") + "\n"
+    );
+
+    // killed after the swap mark, before the files moved: the next open finishes the swap
+    let second = farm.root().join("second.jsonl");
+    assert!(!compact(&second, "compact-marked").success());
+    assert!(farm.cfg.state_dir().join("compact.swap").exists());
+    let after = export(&farm);
+    assert!(!farm.cfg.state_dir().join("compact.swap").exists());
+    assert!(!farm.cfg.state_dir().join(".log.new").exists());
+    assert_eq!(after[..after.len() - 1], kept[..]);
+    assert!(after.last().unwrap().contains("\"kind\":\"compacted\""));
+    assert_eq!(
+        std::fs::read_to_string(&second).unwrap(),
+        gone.join("\n") + "\n"
+    );
+    let (code, out, _) = output(farm.bin().arg("replay"));
+    assert_eq!(code, 0, "{out}");
+}

@@ -18,11 +18,10 @@ fn absolute(p: &Path) -> anyhow::Result<std::path::PathBuf> {
     std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
 }
 
-/// A command-line time (see `archive::parse_time`), as RFC 3339.
-fn time_arg(s: &str, now: SystemTime) -> anyhow::Result<String> {
-    parse_time(s, now)
-        .map(format_time)
-        .map_err(|e| anyhow::anyhow!(e))
+/// A command-line time (see `archive::parse_time`; a span counts back from now), as RFC 3339:
+/// clap's value parser, so a bad time is a usage error (exit 2).
+pub fn time_arg(s: &str) -> Result<String, String> {
+    parse_time(s, SystemTime::now()).map(format_time)
 }
 
 pub fn import(cfg: &Config, file: &Path) -> anyhow::Result<i32> {
@@ -60,7 +59,7 @@ pub fn backup(cfg: &Config, dir: &Path) -> anyhow::Result<i32> {
 }
 
 pub fn compact(cfg: &Config, before: &str, archive_file: &Path) -> anyhow::Result<i32> {
-    let before = time_arg(before, SystemTime::now())?;
+    let before = before.to_string();
     let archive = absolute(archive_file)?;
     let r = expect(call(cfg, Request::Compact { before, archive }, |_| true)?)?;
     let Response::Compacted(r) = r else {
@@ -87,11 +86,10 @@ pub fn compact(cfg: &Config, before: &str, archive_file: &Path) -> anyhow::Resul
 }
 
 pub fn repush(cfg: &Config, since: &str, until: Option<&str>) -> anyhow::Result<i32> {
-    let now = SystemTime::now();
-    let since = time_arg(since, now)?;
+    let since = since.to_string();
     let until = match until {
-        Some(u) => time_arg(u, now)?,
-        None => format_time(now),
+        Some(u) => u.to_string(),
+        None => format_time(SystemTime::now()),
     };
     let r = expect(call(
         cfg,

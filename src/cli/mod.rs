@@ -208,7 +208,7 @@ pub enum Command {
     )]
     Compact {
         /// Jobs settled before this time (RFC 3339, or a span back from now: 90days).
-        #[arg(long)]
+        #[arg(long, value_parser = archive::time_arg)]
         before: String,
         /// The archive to write (must not exist).
         #[arg(long)]
@@ -226,10 +226,10 @@ pub enum Command {
     )]
     Repush {
         /// Start of the window (inclusive).
-        #[arg(long)]
+        #[arg(long, value_parser = archive::time_arg)]
         since: String,
         /// End of the window (exclusive; default: now).
-        #[arg(long)]
+        #[arg(long, value_parser = archive::time_arg)]
         until: Option<String>,
     },
     /// Write a job's answer to the outbox again (an answer upstream lost).

@@ -142,6 +142,15 @@ impl Journal {
     }
 }
 
+/// A crash at a named step of a rewrite, for the tests of what a crash leaves: the process
+/// aborts there when `BUILD_IMAGE_CRASH_AT` names the step.
+pub fn crash_point(step: &str) {
+    if std::env::var_os("BUILD_IMAGE_CRASH_AT").is_some_and(|v| v == step) {
+        log::error!("BUILD_IMAGE_CRASH_AT={step}: aborting");
+        std::process::abort();
+    }
+}
+
 /// The mark of a swap under way: written (fsynced) once the new log is complete.
 const SWAP_MARK: &str = "compact.swap";
 /// Where the new log is built, and where the old one goes during a swap (inside the state dir).
@@ -185,6 +194,7 @@ pub fn swap_in(dir: &Path) -> Result<()> {
     list.push('\n');
     crate::durable::write_atomic(&dir.join(SWAP_MARK), list.as_bytes(), 0o600)
         .map_err(|e| JournalError::Refused(e.to_string()))?;
+    crash_point("compact-marked");
     finish_swap(dir)
 }
 
