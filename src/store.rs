@@ -136,7 +136,13 @@ impl Store {
     /// up to date and loads the open jobs.
     pub fn open(dir: &Path, cache_bytes: u64, policy: Policy, patience: Duration) -> Result<Store> {
         prepare_state_dir(dir)?;
-        journal::archive::recover(dir)?;
+        // Not while `compact` swaps the log's files; what a crashed one left is finished first.
+        let Some(_rewrite) = journal::archive::open_guard(dir, patience)? else {
+            return Err(StoreError::Locked(format!(
+                "the event log in {} is being rewritten by `compact`: try again when it is done",
+                dir.display()
+            )));
+        };
         let journal = open_journal(dir, cache_bytes, patience)?;
         let last = journal.last_seq();
         if let Some(mark) = read_mark(dir)

@@ -258,25 +258,32 @@ pub fn swap_lock(dir: &Path) -> Result<Option<SwapLock>> {
     }
 }
 
-/// At the opening of a state dir: finishes or clears what an interrupted rewrite of its log
-/// left, unless a rewrite is under way (its process holds the rewrite lock and finishes it).
-pub fn recover(dir: &Path) -> Result<()> {
+/// Taken at the opening of a state dir, held until its log is open: waits up to `patience`
+/// for a rewrite under way (another process holds the rewrite lock: the log's files are
+/// changing), then finishes or clears what an interrupted rewrite left. None: a rewrite still
+/// holds the lock.
+pub fn open_guard(dir: &Path, patience: std::time::Duration) -> Result<Option<SwapLock>> {
+    let deadline = std::time::Instant::now() + patience;
+    let held = loop {
+        match swap_lock(dir)? {
+            Some(l) => break l,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            None => return Ok(None),
+        }
+    };
     let left = [SWAP_MARK, NEW_DIR, OLD_DIR]
         .iter()
         .any(|n| dir.join(n).symlink_metadata().is_ok());
-    if !left {
-        return Ok(());
+    if left {
+        log::warn!(
+            "{}: finishing what an interrupted rewrite of the log (compact) left",
+            dir.display()
+        );
+        finish_swap(dir)?;
     }
-    match swap_lock(dir)? {
-        Some(_held) => {
-            log::warn!(
-                "{}: finishing what an interrupted rewrite of the log (compact) left",
-                dir.display()
-            );
-            finish_swap(dir)
-        }
-        None => Ok(()),
-    }
+    Ok(Some(held))
 }
 
 fn names(dir: &Path) -> Result<Vec<String>> {
@@ -367,6 +374,27 @@ mod tests {
         assert!(matches!(again, Err(JournalError::Refused(_))), "{again:?}");
         assert_eq!(j.next_seq(), 8);
         assert_eq!(Tag::parse("claimed"), Some(Tag::Claimed));
+    }
+
+    #[test]
+    fn no_open_while_a_rewrite_holds_the_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let held = swap_lock(d.path()).unwrap().expect("free");
+        assert!(swap_lock(d.path()).unwrap().is_none());
+        std::fs::create_dir(d.path().join(NEW_DIR)).unwrap();
+        let none = open_guard(d.path(), std::time::Duration::from_millis(100)).unwrap();
+        assert!(none.is_none());
+        assert!(
+            d.path().join(NEW_DIR).exists(),
+            "a rewrite under way is left alone"
+        );
+        drop(held);
+        let guard = open_guard(d.path(), std::time::Duration::ZERO).unwrap();
+        assert!(guard.is_some());
+        assert!(
+            !d.path().join(NEW_DIR).exists(),
+            "an interrupted rewrite is cleared"
+        );
     }
 
     #[test]
