@@ -142,6 +142,16 @@ fn place(journal: Journal, tmp: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A long copy ends when the daemon stops (a stop does not wait for it).
+fn not_stopping(stopping: &dyn Fn() -> bool) -> std::result::Result<(), JournalError> {
+    if stopping() {
+        return Err(JournalError::Refused(
+            "the daemon is stopping: nothing was written; run it again".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// What `import` did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImportReport {
@@ -205,7 +215,7 @@ pub struct BackupReport {
 /// to its durable end, read while the daemon goes on appending: a consistent prefix of the log
 /// (every event below a durable seq is in the log), in whatever stored form this version
 /// writes. A state dir to start a daemon on (docs/operations.md, restore).
-pub fn backup(journal: &Journal, dir: &Path) -> Result<BackupReport> {
+pub fn backup(journal: &Journal, dir: &Path, stopping: &dyn Fn() -> bool) -> Result<BackupReport> {
     ensure_empty(dir, "the backup folder")?;
     // What was appended without a flush of its own (a push's record) is made durable first.
     journal.flush()?;
@@ -213,7 +223,7 @@ pub fn backup(journal: &Journal, dir: &Path) -> Result<BackupReport> {
     let tmp = staging_dir(dir)?;
     let built = (|| -> Result<BackupReport> {
         let copy = Journal::open(&tmp)?;
-        let events = journal.copy_into(&copy, upto + 1, |_| true, |_| Ok(()))?;
+        let events = journal.copy_into(&copy, upto + 1, |_| true, |_| not_stopping(stopping))?;
         place(copy, &tmp, dir)?;
         Ok(BackupReport {
             dir: dir.to_path_buf(),
@@ -370,7 +380,13 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
     let new_dir = jarchive::prepare_new(&dir).map_err(|e| unwind(e.into()))?;
     let built = (|| -> Result<(Journal, u64)> {
         let new = Journal::open(&new_dir)?;
-        let kept = journal.copy_into(&new, horizon, |e| !removed.contains(&e.job), |_| Ok(()))?;
+        let stopping = || stage.stopping();
+        let kept = journal.copy_into(
+            &new,
+            horizon,
+            |e| !removed.contains(&e.job),
+            |_| not_stopping(&stopping),
+        )?;
         Ok((new, kept))
     })();
     let (new, mut kept) = built.map_err(unwind)?;

@@ -222,10 +222,12 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
                 Err(e) => err(&e),
             }
         }
-        Request::Backup { dir } => match crate::archive::backup(&journal, &dir) {
-            Ok(r) => Response::BackedUp(r),
-            Err(e) => err(&e),
-        },
+        Request::Backup { dir } => {
+            match crate::archive::backup(&journal, &dir, &|| stage.stopping()) {
+                Ok(r) => Response::BackedUp(r),
+                Err(e) => err(&e),
+            }
+        }
         Request::Compact { before, archive } => {
             drop(journal);
             let r = humantime::parse_rfc3339_weak(&before)
