@@ -166,7 +166,8 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
                 };
                 match ops::events_page(&journal, &f, EVENTS_PAGE) {
                     Ok(evs) => {
-                        full = evs.len() >= EVENTS_PAGE;
+                        // A page cut short by its inputs' size is followed by the next one.
+                        full = !evs.is_empty();
                         for ev in &evs {
                             next = ev.seq + 1;
                             if !on_event(ev) {

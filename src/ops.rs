@@ -184,6 +184,9 @@ pub fn events(journal: &Journal, f: &EventFilter) -> Result<Vec<Event>> {
     events_page(journal, f, usize::MAX)
 }
 
+/// The input bytes an export page holds at most (beyond its first event).
+const PAGE_INPUT_BYTES: usize = 16 * 1024 * 1024;
+
 /// The first `max` events matching `f` (a page of a long export: the next starts after the last).
 pub fn events_page(journal: &Journal, f: &EventFilter, max: usize) -> Result<Vec<Event>> {
     let keep = |e: &Event| f.kind.is_none_or(|k| e.kind.tag() == k);
@@ -217,10 +220,20 @@ pub fn events_page(journal: &Journal, f: &EventFilter, max: usize) -> Result<Vec
         }
     };
     if f.inputs {
-        out = out
-            .into_iter()
-            .map(|e| journal.with_input(e))
-            .collect::<std::result::Result<_, _>>()?;
+        // Inputs can be megabytes each: a page ends once it holds PAGE_INPUT_BYTES of them.
+        let mut bytes = 0;
+        let mut full = Vec::with_capacity(out.len());
+        for e in out {
+            if bytes >= PAGE_INPUT_BYTES {
+                break;
+            }
+            let e = journal.with_input(e)?;
+            if let EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } = &e.kind {
+                bytes += input.0.len();
+            }
+            full.push(e);
+        }
+        out = full;
     }
     Ok(out)
 }

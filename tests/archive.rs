@@ -693,3 +693,54 @@ fn a_crash_during_compaction_leaves_the_old_or_the_new_log_and_the_archive() {
     let (code, out, _) = output(farm.bin().arg("replay"));
     assert_eq!(code, 0, "{out}");
 }
+
+#[test]
+fn a_long_export_comes_in_pages_and_loses_nothing() {
+    init_log();
+    let farm = Farm::new();
+    let dir = farm.cfg.state_dir();
+    build_image::store::prepare_state_dir(&dir).unwrap();
+    let big = "x".repeat(6 << 20);
+    {
+        let j = Journal::open(&dir).unwrap();
+        let settled = |_: &build_image::journal::Job| false;
+        let mut batch = Vec::new();
+        for i in 0..4200u64 {
+            batch.push((
+                None,
+                EventKind::Rejected {
+                    file: format!("f{i}"),
+                    reason: "r".into(),
+                },
+            ));
+        }
+        j.append_batch(batch, &settled).unwrap();
+        for i in 0..3 {
+            let mut w = workitem(&format!("big-{i}"), &big);
+            w["image"]["arch"] = json!(null);
+            j.append(
+                None,
+                EventKind::Invalid {
+                    image_id: Some(format!("big-{i}")),
+                    error: "missing arch".into(),
+                    held_by: None,
+                    input: w.into(),
+                },
+                &settled,
+            )
+            .unwrap();
+        }
+    }
+    let lines = export(&farm);
+    // more events than a page holds, more input bytes than a page holds
+    assert_eq!(lines.len(), 4203);
+    let seqs: Vec<u64> = lines.iter().map(|l| seq_of(l)).collect();
+    assert_eq!(seqs, (1..=4203).collect::<Vec<u64>>());
+    for l in &lines[4200..] {
+        let v: Value = serde_json::from_str(l).unwrap();
+        assert_eq!(
+            v["input"]["image"]["kickstart"].as_str().map(str::len),
+            Some(big.len())
+        );
+    }
+}

@@ -153,8 +153,8 @@ pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> an
                     return Ok(0);
                 }
             }
-            if evs.len() >= PAGE {
-                continue;
+            if !evs.is_empty() && (evs.len() >= PAGE || f.inputs) {
+                continue; // the next page (one cut short by its inputs' size too)
             }
             if !follow {
                 return Ok(0);
