@@ -75,6 +75,58 @@ fn event_time(ts: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(ts.trim_end_matches('Z')).ok()
 }
 
+/// An archive named `*.gz` is written gzip-compressed.
+fn is_gzip_name(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "gz")
+}
+
+/// Where the archive's lines go: the file, buffered, gzip-compressed or not.
+enum ArchiveWriter {
+    Plain(std::io::BufWriter<std::fs::File>),
+    Gzip(flate2::write::GzEncoder<std::io::BufWriter<std::fs::File>>),
+}
+
+impl ArchiveWriter {
+    fn new(f: std::fs::File, gzip: bool) -> ArchiveWriter {
+        let buf = std::io::BufWriter::new(f);
+        if gzip {
+            ArchiveWriter::Gzip(flate2::write::GzEncoder::new(
+                buf,
+                flate2::Compression::default(),
+            ))
+        } else {
+            ArchiveWriter::Plain(buf)
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            ArchiveWriter::Plain(w) => w.write_all(bytes),
+            ArchiveWriter::Gzip(w) => w.write_all(bytes),
+        }
+    }
+
+    /// Everything written out; the file, to be fsynced.
+    fn finish(self) -> std::io::Result<std::fs::File> {
+        let buf = match self {
+            ArchiveWriter::Plain(w) => w,
+            ArchiveWriter::Gzip(w) => w.finish()?,
+        };
+        buf.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+/// An export or archive to read: gzip-compressed ones (by their magic bytes) are decompressed.
+pub fn open_export(mut r: impl BufRead + 'static) -> std::io::Result<Box<dyn BufRead>> {
+    let head = r.fill_buf()?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        return Ok(Box::new(std::io::BufReader::new(
+            flate2::bufread::MultiGzDecoder::new(r),
+        )));
+    }
+    Ok(Box::new(r))
+}
+
 /// Parses one line of an export (`events --json`, an archive); None for a blank line.
 pub fn parse_line(line: &str, n: usize) -> Result<Option<Event>> {
     if line.trim().is_empty() {
@@ -330,7 +382,7 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
             .create_new(true)
             .open(&tmp_archive)
             .map_err(io("cannot create", &tmp_archive))?;
-        let mut out = std::io::BufWriter::new(f);
+        let mut out = ArchiveWriter::new(f, is_gzip_name(archive));
         let mut n = 0;
         for ev in journal.since(0) {
             let ev = ev?;
@@ -346,9 +398,7 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
                 n += 1;
             }
         }
-        let f = out
-            .into_inner()
-            .map_err(|e| io("cannot write", &tmp_archive)(e.into_error()))?;
+        let f = out.finish().map_err(io("cannot write", &tmp_archive))?;
         f.sync_all().map_err(io("cannot fsync", &tmp_archive))?;
         if !crate::durable::rename_noreplace(&tmp_archive, archive)
             .map_err(|e| ArchiveError::Refused(e.to_string()))?

@@ -744,3 +744,40 @@ fn a_long_export_comes_in_pages_and_loses_nothing() {
         );
     }
 }
+
+#[test]
+fn a_gz_archive_is_gzip_and_imports() {
+    init_log();
+    let farm = Farm::new();
+    let d = farm.start();
+    let mut bad = workitem("gz-a", "ks\n");
+    bad["image"]["arch"] = json!(null);
+    farm.drop_json("gz-a.json", &bad);
+    wait_settled(&farm, 1, 1);
+    d.stop().unwrap();
+    let before = export(&farm);
+    let archive = farm.root().join("old.jsonl.gz");
+    ok(
+        &farm,
+        &[
+            "compact",
+            "--before",
+            "0s",
+            "--archive",
+            archive.to_str().unwrap(),
+        ],
+    );
+    let plain = std::process::Command::new("gzip")
+        .arg("-dc")
+        .arg(&archive)
+        .output()
+        .expect("gzip");
+    assert!(plain.status.success());
+    assert_eq!(
+        String::from_utf8(plain.stdout).unwrap(),
+        before.join("\n") + "\n"
+    );
+    let other = Farm::new();
+    ok(&other, &["import", archive.to_str().unwrap()]);
+    assert_eq!(export(&other), before);
+}

@@ -26,13 +26,15 @@ pub fn time_arg(s: &str) -> Result<String, String> {
 
 pub fn import(cfg: &Config, file: &Path) -> anyhow::Result<i32> {
     let dir = cfg.state_dir();
-    let report = if file == Path::new("-") {
-        archive::import(std::io::stdin().lock(), &dir)?
+    let reader = if file == Path::new("-") {
+        archive::open_export(std::io::BufReader::new(std::io::stdin()))
     } else {
         let f =
             std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-        archive::import(std::io::BufReader::new(f), &dir)?
-    };
+        archive::open_export(std::io::BufReader::new(f))
+    }
+    .with_context(|| format!("cannot read {}", file.display()))?;
+    let report = archive::import(reader, &dir)?;
     println!(
         "imported {} event(s) of {} job(s) into {} (last seq {})",
         report.events,

@@ -171,7 +171,7 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  build-image events --json > log.jsonl      # export (the daemon may run)\n  \
                             build-image import log.jsonl                # into the empty state dir of the config\n  \
-                            zcat archive.jsonl.gz | build-image import -\n\n\
+                            build-image import archive.jsonl.gz         # gzip is recognised\n\n\
                             The events keep their seq and time; the job states are folded from them at the next start. \
                             The upgrade path when the stored form of the log changes: export with the old version, \
                             import with the new (docs/operations.md).\n\
@@ -179,7 +179,7 @@ pub enum Command {
                             written), 2 usage."
     )]
     Import {
-        /// JSON Lines, one event a line; - for stdin.
+        /// JSON Lines, one event a line (gzip-compressed or not); - for stdin.
         file: PathBuf,
     },
     /// Copy the event log, consistent, while the daemon runs.
@@ -202,7 +202,7 @@ pub enum Command {
                             humantime reads it (90days, 2weeks, 12h).\n\
                             Moved: the jobs with nothing left to do whose last event is older than TIME, except those whose \
                             job folder still exists under base_dir (their image_id guards it). The archive (JSON Lines, like \
-                            events --json; never replaced) is written and fsynced first; the log is rewritten beside the old \
+                            events --json; gzip-compressed for a name ending in .gz; never replaced) is written and fsynced first; the log is rewritten beside the old \
                             one and swapped in, recorded by a compacted event. A crash leaves the old or the new log.\n\
                             Exit codes: 0 compacted (or nothing to move), 1 refused (FILE exists) or failed, 2 usage."
     )]
@@ -210,7 +210,7 @@ pub enum Command {
         /// Jobs settled before this time (RFC 3339, or a span back from now: 90days).
         #[arg(long, value_parser = archive::time_arg)]
         before: String,
-        /// The archive to write (must not exist).
+        /// The archive to write (must not exist); gzip-compressed when it ends in .gz.
         #[arg(long)]
         archive: PathBuf,
     },
