@@ -377,9 +377,12 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
     // 1. The archive, durable, before anything leaves the log.
     let tmp_archive = crate::durable::temp_path(archive, None);
     let events = (|| -> Result<u64> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Owner only, as the log: the inputs carry kickstarts with password hashes.
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&tmp_archive)
             .map_err(io("cannot create", &tmp_archive))?;
         let mut out = ArchiveWriter::new(f, is_gzip_name(archive));

@@ -490,7 +490,13 @@ impl Store {
                     }
                 }
             }
-            let reopened = Journal::open_with_cache(&self.dir, self.cache_bytes);
+            // A rewrite (`compact`) whose swap failed half-way is finished first.
+            let reopened = if journal::archive::swap_pending(&self.dir) {
+                journal::archive::finish_swap(&self.dir)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| Journal::open_with_cache(&self.dir, self.cache_bytes));
             match reopened {
                 Ok(j) => {
                     let probe = j.probe();

@@ -434,6 +434,9 @@ fn compact_moves_settled_jobs_to_the_archive_and_replay_agrees() {
     );
     assert!(out.contains("of 3 job(s)"), "{out}");
     assert!(out.contains("1 settled job(s) kept"), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&archive).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "kickstarts carry password hashes");
     // the archive holds every removed event, in the export form, in order
     let archived: Vec<String> = std::fs::read_to_string(&archive)
         .unwrap()

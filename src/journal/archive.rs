@@ -198,6 +198,11 @@ pub fn swap_in(dir: &Path) -> Result<()> {
     finish_swap(dir)
 }
 
+/// Is a swap marked and not finished in `dir` (the new log complete, its files not all moved)?
+pub fn swap_pending(dir: &Path) -> bool {
+    dir.join(SWAP_MARK).exists()
+}
+
 /// Finishes a swap a crash interrupted (the mark is there: the new log is complete), or
 /// removes what an interrupted rewrite left (no mark: the old log stands). Idempotent; run
 /// before the log of `dir` is opened.
