@@ -10,8 +10,8 @@
 //! by whoever opens the state dir next (`finish_swap`).
 
 use super::{
-    Event, EventKind, Journal, JournalError, PROJECTION_FORMAT, Result, folder_key, image_key,
-    job_seq_key, lock, sha_key,
+    Event, EventKind, Journal, JournalError, Result, folder_key, image_key, job_seq_key, lock,
+    sha_key,
 };
 use std::path::{Path, PathBuf};
 
@@ -23,8 +23,8 @@ impl Journal {
     /// Writes `events` with their given seq, ts and job (ascending, each above the log's last
     /// seq; gaps allowed), every index as `append` writes it, and the input each `queued` or
     /// `invalid` event carries (the export form) into the inputs tree; then flushes. The
-    /// projections are derived, not imported: the projection format mark is cleared, so the
-    /// next `Store::open` folds them from the log.
+    /// projections are derived, not imported: `Store::open` folds them, all of them in a fresh
+    /// log (no projection format mark yet), else the events after `projected_upto`.
     pub fn import_events(&self, events: &[Event]) -> Result<()> {
         self.check_broken()?;
         let r = self.import_inner(events);
@@ -85,9 +85,6 @@ impl Journal {
                 self.inputs.insert(ev.job.to_be_bytes(), input)?;
             }
             self.events.insert(ev.seq.to_be_bytes(), bytes)?;
-        }
-        if !events.is_empty() {
-            self.db.remove(PROJECTION_FORMAT)?;
         }
         *next = expect;
         Ok(())
