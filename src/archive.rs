@@ -424,6 +424,7 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
     jarchive::crash_point("compact-archived");
 
     // 2. The kept log, built beside the old one while the daemon goes on.
+    let swapping = std::cell::Cell::new(false);
     let unwind = |e: ArchiveError| {
         // Nothing left the log: the archive would only repeat it.
         let _ = std::fs::remove_file(archive);
@@ -492,10 +493,19 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
         new.flush()?;
         drop(new);
         drop(old);
+        swapping.set(true);
         jarchive::swap_in(&dir)?;
         Ok(seq)
     });
-    let seq = swapped.map_err(|e| unwind(e.into()))?;
+    let seq = swapped.map_err(|e| {
+        if swapping.get() {
+            // The swap may have happened (it is finished at the next open once marked): the
+            // archive stays, whatever the log now holds.
+            ArchiveError::from(e)
+        } else {
+            unwind(e.into())
+        }
+    })?;
     Ok(CompactReport {
         jobs: removed.len() as u64,
         events,
