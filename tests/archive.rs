@@ -585,6 +585,16 @@ fn repush_runs_exactly_the_final_pushes_of_the_window() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("FAILED"), "{out}");
     d.stop().unwrap();
+    // with no daemon, through the log and the same push utility
+    std::fs::remove_file(farm.hook_dir().join("push.fail")).unwrap();
+    let out = ok(&farm, &["repush", "--since", &since]);
+    assert!(out.contains("2 final push(es)"), "{out}");
+    assert_eq!(
+        [count("rp-a"), count("rp-b"), count("rp-c")],
+        [(1, 1), (1, 3), (1, 3)]
+    );
+    let pushed = ok(&farm, &["events", "--kind", "pushed", "--json"]);
+    assert_eq!(pushed.lines().count(), pushed_before + 6, "{pushed}");
 
     // no push utility: a clear error
     let mut none = Farm::new();
