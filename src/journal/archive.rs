@@ -22,7 +22,8 @@ const BATCH_BYTES: usize = 32 * 1024 * 1024;
 impl Journal {
     /// Writes `events` with their given seq, ts and job (ascending, each above the log's last
     /// seq; gaps allowed), every index as `append` writes it, and the input each `queued` or
-    /// `invalid` event carries (the export form) into the inputs tree; then flushes. The
+    /// `invalid` event carries (the export form) into the inputs tree. Not flushed: the caller
+    /// flushes once it has written all it writes (`flush`: one flush for a whole import). The
     /// projections are derived, not imported: `Store::open` folds them, all of them in a fresh
     /// log (no projection format mark yet), else the events after `projected_upto`.
     pub fn import_events(&self, events: &[Event]) -> Result<()> {
@@ -31,8 +32,7 @@ impl Journal {
         if let Err(e) = &r {
             self.set_broken(e);
         }
-        r?;
-        self.sync(self.next_seq())
+        r
     }
 
     fn import_inner(&self, events: &[Event]) -> Result<()> {
@@ -101,8 +101,8 @@ impl Journal {
     }
 
     /// Copies the events below seq `end` that `keep` accepts (in their export form, inputs
-    /// included) into `dst` with `import_events`, in bounded batches; `seen` gets every event
-    /// read (kept or not). Returns how many were copied.
+    /// included) into `dst` with `import_events`, in bounded batches, then flushes `dst` once;
+    /// `seen` gets every event read (kept or not). Returns how many were copied.
     pub fn copy_into(
         &self,
         dst: &Journal,
@@ -135,6 +135,7 @@ impl Journal {
             }
         }
         dst.import_events(&batch)?;
+        dst.flush()?;
         Ok(n)
     }
 }
