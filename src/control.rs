@@ -25,6 +25,9 @@ use std::time::Duration;
 pub const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client may take to send its request.
 pub const IDLE: Duration = Duration::from_secs(10);
+/// Events read from the log at a time for an event stream (an export of a long log is never
+/// held whole).
+const EVENTS_PAGE: usize = 4096;
 /// Connections served at once; more are answered "busy".
 pub const MAX_CONNECTIONS: usize = 32;
 
@@ -63,6 +66,23 @@ pub enum Request {
         #[serde(default)]
         from: u64,
     },
+    /// `backup DIR` (an absolute path, written by the daemon).
+    Backup {
+        dir: PathBuf,
+    },
+    /// `compact`: `before` in RFC 3339, `archive` an absolute path.
+    Compact {
+        before: String,
+        archive: PathBuf,
+    },
+    /// `repush`: the window in RFC 3339.
+    Repush {
+        since: String,
+        until: String,
+    },
+    Redeliver {
+        id: String,
+    },
 }
 
 /// The answer to a request.
@@ -91,6 +111,10 @@ pub enum Response {
     },
     /// None: no such job.
     Log(Option<Box<crate::joblog::LogChunk>>),
+    BackedUp(crate::archive::BackupReport),
+    Compacted(crate::archive::CompactReport),
+    Repushed(Vec<crate::archive::Repushed>),
+    Redelivered(crate::archive::Redelivered),
     /// The request was refused or failed; the command exits 1 with this message.
     Error {
         message: String,
@@ -139,6 +163,7 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
         Request::Events { filter, follow } => {
             drop(journal);
             let mut next = filter.since;
+            let mut full;
             loop {
                 let journal = match stage.store.journal() {
                     Ok(j) => j,
@@ -150,8 +175,10 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
                     since: next,
                     ..filter.clone()
                 };
-                match ops::events(&journal, &f) {
+                match ops::events_page(&journal, &f, EVENTS_PAGE) {
                     Ok(evs) => {
+                        // A page cut short by its inputs' size is followed by the next one.
+                        full = !evs.is_empty();
                         for ev in &evs {
                             next = ev.seq + 1;
                             if !on_event(ev) {
@@ -162,6 +189,9 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
                     Err(e) => return err(&e),
                 }
                 drop(journal);
+                if next < horizon && full {
+                    continue; // a long log: the next page
+                }
                 next = next.max(horizon);
                 if !follow || stage.stopping() {
                     return Response::Events;
@@ -207,6 +237,43 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
             drop(journal);
             match stage.requeue_worker(&worker, force) {
                 Ok(moved) => Response::Requeued { moved },
+                Err(e) => err(&e),
+            }
+        }
+        Request::Backup { dir } => {
+            match crate::archive::backup(&journal, &dir, &|| stage.stopping()) {
+                Ok(r) => Response::BackedUp(r),
+                Err(e) => err(&e),
+            }
+        }
+        Request::Compact { before, archive } => {
+            drop(journal);
+            let r = humantime::parse_rfc3339_weak(&before)
+                .map_err(|e| crate::archive::ArchiveError::Refused(format!("{before}: {e}")))
+                .and_then(|t| crate::archive::compact(stage, t, &archive));
+            match r {
+                Ok(r) => Response::Compacted(r),
+                Err(e) => err(&e),
+            }
+        }
+        Request::Repush { since, until } => {
+            drop(journal);
+            let t = |s: &str| {
+                humantime::parse_rfc3339_weak(s)
+                    .map_err(|e| crate::archive::ArchiveError::Refused(format!("{s}: {e}")))
+            };
+            let r = t(&since)
+                .and_then(|a| Ok((a, t(&until)?)))
+                .and_then(|(a, b)| crate::archive::repush(stage, a, b));
+            match r {
+                Ok(r) => Response::Repushed(r),
+                Err(e) => err(&e),
+            }
+        }
+        Request::Redeliver { id } => {
+            drop(journal);
+            match crate::archive::redeliver(stage, &id) {
+                Ok(r) => Response::Redelivered(r),
                 Err(e) => err(&e),
             }
         }

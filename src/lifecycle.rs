@@ -217,6 +217,13 @@ mod tests {
                 bytes: 10,
                 sha256: "ab".into(),
             },
+            Tag::Compacted => EventKind::Compacted {
+                file: "/var/archive.jsonl".into(),
+                reason: "compacted".into(),
+                before: "2026-01-01T00:00:00Z".into(),
+                jobs: 1,
+                events: 5,
+            },
         }
     }
 
@@ -260,7 +267,7 @@ mod tests {
 
     /// State × event: the state after applying each kind (columns in `Tag::ALL` order:
     /// claimed rejected invalid queued started finished delivered pushed cancelled requeued
-    /// interrupted duplicate).
+    /// interrupted duplicate compacted).
     #[test]
     fn every_state_by_every_event() {
         use State::*;
@@ -274,15 +281,15 @@ mod tests {
         const R: State = Rejected;
         const M: State = Moved;
         let table: [(State, [State; Tag::ALL.len()]); State::ALL.len()] = [
-            (C, [C, R, F, Q, B, F, E, C, C, Q, I, C]),
-            (Q, [C, R, F, Q, B, F, E, Q, Q, Q, I, Q]),
-            (B, [C, R, F, Q, B, F, E, B, B, Q, I, B]),
-            (I, [C, R, F, Q, B, F, E, I, I, Q, I, I]),
-            (F, [C, R, F, Q, B, F, D, F, F, Q, I, F]),
-            (D, [C, R, F, Q, B, F, D, D, D, Q, I, D]),
-            (E, [C, R, F, Q, B, F, E, E, E, Q, I, E]),
-            (R, [C, R, F, Q, B, F, E, R, R, Q, I, R]),
-            (M, [C, R, F, Q, B, F, E, M, M, Q, I, M]),
+            (C, [C, R, F, Q, B, F, E, C, C, Q, I, C, M]),
+            (Q, [C, R, F, Q, B, F, E, Q, Q, Q, I, Q, M]),
+            (B, [C, R, F, Q, B, F, E, B, B, Q, I, B, M]),
+            (I, [C, R, F, Q, B, F, E, I, I, Q, I, I, M]),
+            (F, [C, R, F, Q, B, F, D, F, F, Q, I, F, M]),
+            (D, [C, R, F, Q, B, F, D, D, D, Q, I, D, M]),
+            (E, [C, R, F, Q, B, F, E, E, E, Q, I, E, M]),
+            (R, [C, R, F, Q, B, F, E, R, R, Q, I, R, M]),
+            (M, [C, R, F, Q, B, F, E, M, M, Q, I, M, M]),
         ];
         // Every state has its row, in order.
         assert_eq!(table.map(|(s, _)| s), State::ALL);

@@ -174,12 +174,23 @@ pub struct EventFilter {
     pub since: u64,
     pub image: Option<String>,
     pub kind: Option<Tag>,
+    /// The export form: `queued` and `invalid` events carry their job's input workitem.
+    #[serde(default)]
+    pub inputs: bool,
 }
 
 /// The events matching `f`, in order, from seq `f.since` on.
 pub fn events(journal: &Journal, f: &EventFilter) -> Result<Vec<Event>> {
+    events_page(journal, f, usize::MAX)
+}
+
+/// The input bytes an export page holds at most (beyond its first event).
+const PAGE_INPUT_BYTES: usize = 16 * 1024 * 1024;
+
+/// The first `max` events matching `f` (a page of a long export: the next starts after the last).
+pub fn events_page(journal: &Journal, f: &EventFilter, max: usize) -> Result<Vec<Event>> {
     let keep = |e: &Event| f.kind.is_none_or(|k| e.kind.tag() == k);
-    match &f.image {
+    let mut out = match &f.image {
         Some(image) => {
             let mut out = Vec::new();
             for job in journal.jobs_for_image(image)? {
@@ -191,19 +202,40 @@ pub fn events(journal: &Journal, f: &EventFilter) -> Result<Vec<Event>> {
                 );
             }
             out.sort_by_key(|e| e.seq);
-            Ok(out)
+            out.truncate(max);
+            out
         }
         None => {
             let mut out = Vec::new();
             for e in journal.since(f.since) {
+                if out.len() >= max {
+                    break;
+                }
                 let e = e?;
                 if keep(&e) {
                     out.push(e);
                 }
             }
-            Ok(out)
+            out
         }
+    };
+    if f.inputs {
+        // Inputs can be megabytes each: a page ends once it holds PAGE_INPUT_BYTES of them.
+        let mut bytes = 0;
+        let mut full = Vec::with_capacity(out.len());
+        for e in out {
+            if bytes >= PAGE_INPUT_BYTES {
+                break;
+            }
+            let e = journal.with_input(e)?;
+            if let EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } = &e.kind {
+                bytes += input.0.len();
+            }
+            full.push(e);
+        }
+        out = full;
     }
+    Ok(out)
 }
 
 /// One event as a line for people.
@@ -259,6 +291,7 @@ pub fn event_line(e: &Event) -> String {
             }
         ),
         EventKind::Interrupted { reason, cause } => format!("{reason} ({cause:?})"),
+        EventKind::Compacted { reason, .. } => reason.clone(),
         EventKind::Cancelled { reason } | EventKind::Requeued { reason, .. } => reason.clone(),
     };
     format!(

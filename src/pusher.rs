@@ -12,9 +12,10 @@ use crate::backoff::Backoff;
 use crate::build;
 use crate::config::Config;
 use crate::hooks::Hooks;
-use crate::journal::{EventKind, State, Status};
+use crate::hooks::Pushed;
+use crate::journal::{EventKind, Job, State, Status};
 use crate::lifecycle::{self, Step};
-use crate::store::{Store, lock};
+use crate::store::{Store, StoreError, lock};
 use crate::workitem;
 use crossbeam_channel::{Receiver, Sender, select, unbounded};
 use std::cmp::Reverse;
@@ -37,6 +38,7 @@ struct Ask {
 }
 
 pub struct Pusher {
+    ctx: Arc<Ctx>,
     cancel: Mutex<Option<Sender<()>>>,
     shards: Mutex<Vec<Sender<Ask>>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
@@ -92,6 +94,7 @@ impl Pusher {
             shards.push(tx);
         }
         Ok(Pusher {
+            ctx,
             cancel: Mutex::new(Some(cancel_tx)),
             shards: Mutex::new(shards),
             handles: Mutex::new(handles),
@@ -111,6 +114,36 @@ impl Pusher {
             attempt: 1,
             due: Instant::now(),
         });
+    }
+
+    /// Pushes the final status (DONE or ERROR) of an answered job once more, now, in the
+    /// caller's thread (`repush`: a job database restored from a backup), whatever pushes were
+    /// made before; recorded as a `pushed` event like every attempt. None when no push utility
+    /// is configured.
+    pub fn push_final_now(&self, job: &Job) -> Result<Option<Pushed>, StoreError> {
+        let status = job.final_status();
+        let input = self.ctx.store.input_value(job)?;
+        let reply = workitem::reply_owned(input, job.result, job.error.as_deref(), &job.urls);
+        let stdin = serde_json::to_vec(&reply).unwrap_or_default();
+        drop(reply);
+        let image_id = job.image_id.clone().unwrap_or_default();
+        let Some(pushed) =
+            self.ctx
+                .hooks
+                .push_bytes(job.id, status, stdin, &image_id, Some(&self.ctx.cancel))
+        else {
+            return Ok(None);
+        };
+        self.ctx.store.record(
+            Some(job.id),
+            EventKind::Pushed {
+                status,
+                exit: pushed.exit,
+                ok: pushed.ok,
+                error: pushed.error.clone(),
+            },
+        )?;
+        Ok(Some(pushed))
     }
 
     /// Stops: pushes not started are dropped and a push under way is killed (a final status is

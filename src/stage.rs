@@ -1036,3 +1036,52 @@ impl Stage {
         Ok(moved)
     }
 }
+
+/// The operator actions of the log over years (`crate::archive`) that need the stage's outbox
+/// and pusher.
+impl Stage {
+    /// `redeliver`: writes an answered job's answer to the outbox again (the same bytes as its
+    /// delivery: the answer is built from the log as it was then), by the outbox's rule (never
+    /// over another job's answer), and records it as a `delivered` event. Returns where it went
+    /// and whether its sha256 is that of the job's last recorded answer.
+    pub fn redeliver(&self, id: u64) -> Result<(crate::outbox::Delivery, bool)> {
+        let job = self.store.job(id).ok_or(StoreError::NoJob(id))?;
+        if !job.state.is_answered() || job.outbox.is_none() {
+            return Err(StageError::Refused(format!(
+                "job {id} is {}: only an answered job (done or error) can be delivered again{}",
+                job.state,
+                if job.state == State::Finished {
+                    " (its answer is being written now)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let bytes = self.answer(&job)?;
+        let file = job
+            .file
+            .clone()
+            .unwrap_or_else(|| format!("job-{}.json", job.id));
+        let d = self
+            .outbox
+            .deliver(&file, job.id, &bytes, &job.answers)
+            .map_err(Self::deliver_error)?;
+        drop(bytes);
+        let identical = job.answers.last() == Some(&d.sha256);
+        self.store.record(
+            Some(job.id),
+            EventKind::Delivered {
+                outbox: d.name.clone(),
+                copy: None,
+                sha256: Some(d.sha256.clone()),
+            },
+        )?;
+        Ok((d, identical))
+    }
+
+    /// `repush`: the final status of an answered job pushed once more, now (see
+    /// `Pusher::push_final_now`).
+    pub fn repush(&self, job: &Job) -> Result<Option<crate::hooks::Pushed>> {
+        Ok(self.pusher.push_final_now(job)?)
+    }
+}

@@ -136,6 +136,13 @@ impl Store {
     /// up to date and loads the open jobs.
     pub fn open(dir: &Path, cache_bytes: u64, policy: Policy, patience: Duration) -> Result<Store> {
         prepare_state_dir(dir)?;
+        // Not while `compact` swaps the log's files; what a crashed one left is finished first.
+        let Some(_rewrite) = journal::archive::open_guard(dir, patience)? else {
+            return Err(StoreError::Locked(format!(
+                "the event log in {} is being rewritten by `compact`: try again when it is done",
+                dir.display()
+            )));
+        };
         let journal = open_journal(dir, cache_bytes, patience)?;
         let last = journal.last_seq();
         if let Some(mark) = read_mark(dir)
@@ -483,7 +490,13 @@ impl Store {
                     }
                 }
             }
-            let reopened = Journal::open_with_cache(&self.dir, self.cache_bytes);
+            // A rewrite (`compact`) whose swap failed half-way is finished first.
+            let reopened = if journal::archive::swap_pending(&self.dir) {
+                journal::archive::finish_swap(&self.dir)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| Journal::open_with_cache(&self.dir, self.cache_bytes));
             match reopened {
                 Ok(j) => {
                     let probe = j.probe();
@@ -508,6 +521,62 @@ impl Store {
         self.full.store(false, std::sync::atomic::Ordering::SeqCst);
         log::info!("the event log takes writes again: resuming");
         Ok(true)
+    }
+}
+
+impl Store {
+    /// Runs `f` with the log to itself (`compact`): no event is appended and no query reads
+    /// the log meanwhile. `f` gets the log by value and closes it (drop) before it touches the
+    /// files of the state dir; then the log of the state dir is opened again and the open jobs
+    /// are reloaded from it. Waits up to `patience` for readers to let go of the log.
+    pub fn with_log_closed<T>(
+        &self,
+        patience: Duration,
+        f: impl FnOnce(Journal) -> std::result::Result<T, JournalError>,
+    ) -> Result<T> {
+        let mut slot = self.journal.write().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + patience;
+        let journal = loop {
+            let Some(arc) = slot.take() else {
+                return Err(StoreError::Failing(
+                    "the event log is being reopened".into(),
+                ));
+            };
+            match Arc::try_unwrap(arc) {
+                Ok(j) => break j,
+                Err(arc) if Instant::now() < deadline => {
+                    *slot = Some(arc);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(arc) => {
+                    *slot = Some(arc);
+                    return Err(StoreError::Failing(
+                        "the event log stays in use; try again".into(),
+                    ));
+                }
+            }
+        };
+        let out = f(journal);
+        let reopened = journal::archive::finish_swap(&self.dir)
+            .and_then(|()| Journal::open_with_cache(&self.dir, self.cache_bytes));
+        let loaded = reopened.map_err(StoreError::from).and_then(|j| {
+            // Reloaded before anyone appends again (the slot is still held).
+            let open = load_open(&j, &self.policy)?;
+            Ok((j, open))
+        });
+        match loaded {
+            Ok((j, open)) => {
+                *lock(&self.open) = open;
+                *slot = Some(Arc::new(j));
+            }
+            Err(e) => {
+                // `repair` opens it again.
+                log::error!("cannot open the event log again after rewriting it: {e}");
+                *lock(&self.failing) = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        Ok(out?)
     }
 }
 
@@ -668,6 +737,7 @@ pub fn log_event(ev: &Event) {
             error.as_deref().unwrap_or("")
         ),
         EventKind::Cancelled { reason }
+        | EventKind::Compacted { reason, .. }
         | EventKind::Requeued { reason, .. }
         | EventKind::Interrupted { reason, .. } => reason.clone(),
     };

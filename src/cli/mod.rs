@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod actions;
+pub mod archive;
 pub mod build_log;
 pub mod config_import;
 pub mod doctor;
@@ -100,7 +101,9 @@ pub enum Command {
     /// The event log, as text or JSON Lines.
     #[command(
         after_help = "Examples:\n  build-image events --since 1000\n  build-image events --image 42-1700000000 --json\n  \
-                            build-image events --kind finished --follow\n\n\
+                            build-image events --kind finished --follow\n  \
+                            build-image events --json > log.jsonl   # the export: `import` reads it back\n\n\
+                            --json is the export form: each queued or invalid event carries its input workitem (input).\n\
                             --follow keeps printing new events until interrupted.\nExit codes: 0, 1 the log cannot be read, 2 usage."
     )]
     Events {
@@ -111,7 +114,7 @@ pub enum Command {
         #[arg(long)]
         image: Option<String>,
         /// Only events of this kind (claimed, rejected, invalid, queued, started, finished,
-        /// delivered, pushed, cancelled, requeued, interrupted, duplicate).
+        /// delivered, pushed, cancelled, requeued, interrupted, duplicate, compacted).
         #[arg(long, value_parser = parse_kind)]
         kind: Option<crate::journal::Tag>,
         /// Keep printing new events.
@@ -191,6 +194,81 @@ pub enum Command {
     /// Configuration tools: `config import OLD.conf` converts IMG's build_image.conf.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Build the event log of an empty state dir from an export (`events --json`) or an archive.
+    #[command(
+        after_help = "Examples:\n  build-image events --json > log.jsonl      # export (the daemon may run)\n  \
+                            build-image import log.jsonl                # into the empty state dir of the config\n  \
+                            build-image import archive.jsonl.gz         # gzip is recognised\n\n\
+                            The events keep their seq and time; the job states are folded from them at the next start. \
+                            The upgrade path when the stored form of the log changes: export with the old version, \
+                            import with the new (docs/operations.md).\n\
+                            Exit codes: 0 imported, 1 the state dir is not empty or a line is not an event (nothing is \
+                            written), 2 usage."
+    )]
+    Import {
+        /// JSON Lines, one event a line (gzip-compressed or not); - for stdin.
+        file: PathBuf,
+    },
+    /// Copy the event log, consistent, while the daemon runs.
+    #[command(
+        after_help = "Examples:\n  build-image backup /var/backups/build-image/$(date +%F)\n\n\
+                            DIR must be new or empty. It gets every event up to the log's durable end when the backup \
+                            began, as a state dir: restore by putting it in place of the state dir while no daemon runs \
+                            (docs/operations.md).\n\
+                            Exit codes: 0 backed up, 1 DIR is not empty or the copy failed, 2 usage."
+    )]
+    Backup {
+        /// A new or empty folder.
+        dir: PathBuf,
+    },
+    /// Move the events of jobs settled before a time into an archive, and rewrite the log without them.
+    #[command(
+        after_help = "Examples:\n  build-image compact --before 90days --archive /var/archive/build-image-2026-08.jsonl\n  \
+                            build-image compact --before 2026-01-01T00:00:00Z --archive old.jsonl\n\n\
+                            TIME: RFC 3339 (2026-01-01T00:00:00Z; without a zone, UTC) or a span back from now as \
+                            humantime reads it (90days, 2weeks, 12h).\n\
+                            Moved: the jobs with nothing left to do whose last event is older than TIME, except those whose \
+                            job folder still exists under base_dir (their image_id guards it). The archive (JSON Lines, like \
+                            events --json; gzip-compressed for a name ending in .gz; never replaced) is written and fsynced first; the log is rewritten beside the old \
+                            one and swapped in, recorded by a compacted event. A crash leaves the old or the new log.\n\
+                            Exit codes: 0 compacted (or nothing to move), 1 refused (FILE exists) or failed, 2 usage."
+    )]
+    Compact {
+        /// Jobs settled before this time (RFC 3339, or a span back from now: 90days).
+        #[arg(long, value_parser = archive::time_arg)]
+        before: String,
+        /// The archive to write (must not exist); gzip-compressed when it ends in .gz.
+        #[arg(long)]
+        archive: PathBuf,
+    },
+    /// Run the final push (DONE/ERROR) again for the jobs finished in a time window.
+    #[command(
+        after_help = "Examples:\n  build-image repush --since 2026-11-24T00:00:00Z\n  \
+                            build-image repush --since 36h --until 12h\n\n\
+                            For a job database restored from a backup: every answered job (not a conflict) that finished \
+                            in [--since, --until) has its final status pushed again now, one at a time, each recorded as \
+                            a pushed event. TIME: RFC 3339 or a span back from now (humantime: 36h, 2days).\n\
+                            Exit codes: 0 every push succeeded (or none was in the window), 1 a push failed or no push \
+                            utility is configured, 2 usage."
+    )]
+    Repush {
+        /// Start of the window (inclusive).
+        #[arg(long, value_parser = archive::time_arg)]
+        since: String,
+        /// End of the window (exclusive; default: now).
+        #[arg(long, value_parser = archive::time_arg)]
+        until: Option<String>,
+    },
+    /// Write a job's answer to the outbox again (an answer upstream lost).
+    #[command(after_help = "Examples:\n  build-image redeliver 42-1700000000\n\n\
+                            The same answer as its first delivery, to outbox/<input name>; if that name holds another \
+                            job's answer, to outbox/<stem>.<job>.json (an answer never replaces another's). Recorded as a \
+                            delivered event; nothing is pushed.\n\
+                            Exit codes: 0 written, 1 no such job or it is not answered, 2 usage.")]
+    Redeliver {
+        /// image_id (the newest job with it) or job number.
+        id: String,
+    },
     /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites.
     #[command(
         after_help = "Examples:\n  build-image doctor\n  build-image --config /etc/build-image.toml doctor\n\n\
@@ -271,7 +349,12 @@ pub fn main() -> i32 {
             json,
         } => query::events(
             &cfg,
-            crate::ops::EventFilter { since, image, kind },
+            crate::ops::EventFilter {
+                since,
+                image,
+                kind,
+                inputs: json,
+            },
             follow,
             json,
         ),
@@ -282,6 +365,11 @@ pub fn main() -> i32 {
         Command::Requeue { worker, force } => actions::requeue(&cfg, &worker, force),
         Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
+        Command::Import { file } => archive::import(&cfg, &file),
+        Command::Backup { dir } => archive::backup(&cfg, &dir),
+        Command::Compact { before, archive } => archive::compact(&cfg, &before, &archive),
+        Command::Repush { since, until } => archive::repush(&cfg, &since, until.as_deref()),
+        Command::Redeliver { id } => archive::redeliver(&cfg, &id),
     };
     match res {
         Ok(code) => code,

@@ -102,6 +102,9 @@ pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Events read from the log at a time when no daemon runs.
+const PAGE: usize = 4096;
+
 pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> anyhow::Result<i32> {
     let print = |e: &crate::journal::Event| -> bool {
         let line = if json {
@@ -139,8 +142,9 @@ pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> an
                 Err(_) => {}
             }
         } else if let Some(stage) = super::access::open_offline(cfg)? {
+            // A page at a time: an export of a long log is never held whole.
             let journal = stage.store.journal()?;
-            let evs = ops::events(&journal, &f)?;
+            let evs = ops::events_page(&journal, &f, PAGE)?;
             drop(journal);
             drop(stage); // never hold the lock a starting daemon needs
             for e in &evs {
@@ -148,6 +152,9 @@ pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> an
                 if !print(e) {
                     return Ok(0);
                 }
+            }
+            if !evs.is_empty() && (evs.len() >= PAGE || f.inputs) {
+                continue; // the next page (one cut short by its inputs' size too)
             }
             if !follow {
                 return Ok(0);

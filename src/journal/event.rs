@@ -16,6 +16,32 @@ impl From<serde_json::Value> for Input {
     }
 }
 
+impl Input {
+    /// No input carried (the stored form of an event never carries it: it is in `inputs`).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// In the export (`events --json`, archives) the input is carried inside its event as a JSON
+/// value, on one line (so JSON Lines stay one event a line): an import stores that compact form.
+impl Serialize for Input {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&self.0).map_err(serde::ser::Error::custom)?;
+        v.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Input {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Input, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        serde_json::to_vec(&v)
+            .map(Input)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// One entry of the log: `seq` is its sled key, `job` the seq of the event that opened the job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -76,16 +102,16 @@ pub enum EventKind {
         error: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         held_by: Option<u64>,
-        /// The workitem as given (see [`Input`]).
-        #[serde(skip)]
+        /// The workitem as given (see [`Input`]): stored apart, carried only by the export.
+        #[serde(default, skip_serializing_if = "Input::is_empty")]
         input: Input,
     },
     /// A valid workitem waiting for a build slot.
     Queued {
         image_id: String,
         spec: Box<Spec>,
-        /// As in `Invalid`: stored in the `inputs` tree.
-        #[serde(skip)]
+        /// As in `Invalid`: stored in the `inputs` tree, carried only by the export.
+        #[serde(default, skip_serializing_if = "Input::is_empty")]
         input: Input,
     },
     Started {
@@ -146,6 +172,16 @@ pub enum EventKind {
         bytes: u64,
         sha256: String,
     },
+    /// `compact` moved the events of `jobs` jobs settled before `before` (`events` events) out
+    /// of the log into the archive `file`. The event opens a record of its own, settled at
+    /// once (state `moved`); it keeps the log's numbering going when the newest jobs went.
+    Compacted {
+        file: String,
+        reason: String,
+        before: String,
+        jobs: u64,
+        events: u64,
+    },
 }
 
 /// Why a build was interrupted.
@@ -177,11 +213,12 @@ pub enum Tag {
     Requeued,
     Interrupted,
     Duplicate,
+    Compacted,
 }
 
 impl Tag {
     /// Every kind, in the order of a job's life.
-    pub const ALL: [Tag; 12] = [
+    pub const ALL: [Tag; 13] = [
         Tag::Claimed,
         Tag::Rejected,
         Tag::Invalid,
@@ -194,6 +231,7 @@ impl Tag {
         Tag::Requeued,
         Tag::Interrupted,
         Tag::Duplicate,
+        Tag::Compacted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -210,6 +248,7 @@ impl Tag {
             Tag::Requeued => "requeued",
             Tag::Interrupted => "interrupted",
             Tag::Duplicate => "duplicate",
+            Tag::Compacted => "compacted",
         }
     }
 
@@ -250,6 +289,7 @@ impl EventKind {
             EventKind::Requeued { .. } => Tag::Requeued,
             EventKind::Interrupted { .. } => Tag::Interrupted,
             EventKind::Duplicate { .. } => Tag::Duplicate,
+            EventKind::Compacted { .. } => Tag::Compacted,
         }
     }
 

@@ -31,7 +31,8 @@ pub enum State {
     Error,
     /// Not a workitem; moved to rejected/.
     Rejected,
-    /// A dead worker's claimed file handed back to incoming/ (`requeue --worker`).
+    /// A dead worker's claimed file handed back to incoming/ (`requeue --worker`), or events
+    /// moved to an archive (`compact`): a record settled at once.
     Moved,
 }
 
@@ -269,6 +270,12 @@ impl Job {
                     self.lost += 1;
                 }
                 self.reason = s(&ev.reason);
+            }
+            Tag::Compacted => {
+                self.state = State::Moved;
+                self.file = s(&ev.file);
+                self.reason = s(&ev.reason);
+                self.claimed_at.get_or_insert_with(|| ev.ts.to_string());
             }
             Tag::Duplicate => {
                 let file = s(&ev.file).unwrap_or_default();

@@ -7,6 +7,7 @@
 //! totally ordered, a reader that has seen seq N has seen every event before it, and a flush
 //! covers every event appended before it (sled has one log for all its trees).
 
+pub mod archive;
 pub mod event;
 pub mod fold;
 
@@ -37,6 +38,9 @@ pub enum JournalError {
     Encode(serde_json::Error),
     #[error("the event log failed a write earlier ({0}); it is reopened before it is used again")]
     Broken(String),
+    /// An import, backup or rewrite of the log that cannot be done (see `archive`).
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub type Result<T> = std::result::Result<T, JournalError>;

@@ -1,0 +1,637 @@
+//! The log over years: `import`, `backup`, `compact`, `repush`, `redeliver`. Each works the
+//! same through a running daemon (its control socket) and on the log itself when none runs
+//! (`control::handle` calls these with the daemon's stage or one opened over the log).
+//!
+//! Invariants: everything builds on the export form (`events --json`: JSON Lines, each
+//! `queued`/`invalid` event carrying its input) and on `Journal::import_events`, so a backup, an
+//! import and a compacted log are the same events with the same seq and time, whatever the
+//! stored form; an operator action that changes the log is recorded as events (`compacted`,
+//! `pushed`, `delivered`); a compaction writes its archive durably before the log loses a
+//! single event, and swaps the log so that a crash leaves the old or the new one.
+
+use crate::journal::archive as jarchive;
+use crate::journal::{Event, EventKind, Job, Journal, JournalError};
+use crate::lifecycle;
+use crate::stage::Stage;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Stage(#[from] crate::stage::StageError),
+    #[error(transparent)]
+    Ops(#[from] crate::ops::OpsError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub type Result<T> = std::result::Result<T, ArchiveError>;
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ArchiveError {
+    let path = path.to_path_buf();
+    move |source| ArchiveError::Io { what, path, source }
+}
+
+/// A time given on the command line: RFC 3339 (`2026-01-31T00:00:00Z`, or without the zone as
+/// UTC: `2026-01-31 00:00:00`), or a span back from `now` as humantime reads it (`90days`,
+/// `2weeks 3d`, `12h`).
+pub fn parse_time(s: &str, now: SystemTime) -> std::result::Result<SystemTime, String> {
+    let s = s.trim();
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) => now
+            .checked_sub(d)
+            .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+            .ok_or_else(|| format!("{s:?} reaches back before 1970")),
+        Err(_) => Err(format!(
+            "{s:?} is neither a time (RFC 3339: 2026-01-31T00:00:00Z) nor a span back from now (90days, 12h)"
+        )),
+    }
+}
+
+/// A time as the events write it.
+pub fn format_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The time of an event (None: not RFC 3339).
+fn event_time(ts: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(ts.trim_end_matches('Z')).ok()
+}
+
+/// An archive named `*.gz` is written gzip-compressed.
+fn is_gzip_name(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "gz")
+}
+
+/// Where the archive's lines go: the file, buffered, gzip-compressed or not.
+enum ArchiveWriter {
+    Plain(std::io::BufWriter<std::fs::File>),
+    Gzip(flate2::write::GzEncoder<std::io::BufWriter<std::fs::File>>),
+}
+
+impl ArchiveWriter {
+    fn new(f: std::fs::File, gzip: bool) -> ArchiveWriter {
+        let buf = std::io::BufWriter::new(f);
+        if gzip {
+            ArchiveWriter::Gzip(flate2::write::GzEncoder::new(
+                buf,
+                flate2::Compression::default(),
+            ))
+        } else {
+            ArchiveWriter::Plain(buf)
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            ArchiveWriter::Plain(w) => w.write_all(bytes),
+            ArchiveWriter::Gzip(w) => w.write_all(bytes),
+        }
+    }
+
+    /// Everything written out; the file, to be fsynced.
+    fn finish(self) -> std::io::Result<std::fs::File> {
+        let buf = match self {
+            ArchiveWriter::Plain(w) => w,
+            ArchiveWriter::Gzip(w) => w.finish()?,
+        };
+        buf.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+/// An export or archive to read: gzip-compressed ones (by their magic bytes) are decompressed.
+pub fn open_export(mut r: impl BufRead + 'static) -> std::io::Result<Box<dyn BufRead>> {
+    let head = r.fill_buf()?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        return Ok(Box::new(std::io::BufReader::new(
+            flate2::bufread::MultiGzDecoder::new(r),
+        )));
+    }
+    Ok(Box::new(r))
+}
+
+/// Parses one line of an export (`events --json`, an archive); None for a blank line.
+pub fn parse_line(line: &str, n: usize) -> Result<Option<Event>> {
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(line)
+        .map(Some)
+        .map_err(|e| ArchiveError::Refused(format!("line {n}: not an event of the log: {e}")))
+}
+
+/// Is there a log (or anything else) in `dir`? Import and backup write only into an empty
+/// or missing folder.
+fn ensure_empty(dir: &Path, what: &str) -> Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(mut rd) => match rd.next() {
+            None => Ok(()),
+            Some(e) => Err(ArchiveError::Refused(format!(
+                "{what} {} is not empty (it holds {}): {what} writes only into an empty or new folder",
+                dir.display(),
+                e.map(|e| e.file_name().to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("cannot read", dir)(e)),
+    }
+}
+
+/// A hidden folder beside `dir` where a log is built before it is renamed into place.
+fn staging_dir(dir: &Path) -> Result<PathBuf> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "log".into());
+    let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io("cannot remove", &tmp))?;
+    }
+    crate::store::prepare_state_dir(&tmp)?;
+    Ok(tmp)
+}
+
+/// Closes a log built in `tmp`, writes its high-water mark, and renames it to `dir` (an empty
+/// or missing folder).
+fn place(journal: Journal, tmp: &Path, dir: &Path) -> Result<()> {
+    journal.flush()?;
+    let last = journal.last_seq();
+    drop(journal);
+    crate::durable::write_atomic(
+        &crate::store::mark_path(tmp),
+        format!("{last}\n").as_bytes(),
+        0o600,
+    )
+    .map_err(|e| ArchiveError::Refused(e.to_string()))?;
+    if dir.exists() {
+        // An empty folder: rename(2) replaces it.
+        ensure_empty(dir, "the target")?;
+    }
+    crate::durable::rename(tmp, dir).map_err(|e| ArchiveError::Refused(e.to_string()))?;
+    Ok(())
+}
+
+/// A long copy ends when the daemon stops (a stop does not wait for it).
+fn not_stopping(stopping: &dyn Fn() -> bool) -> std::result::Result<(), JournalError> {
+    if stopping() {
+        return Err(JournalError::Refused(
+            "the daemon is stopping: nothing was written; run it again".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What `import` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportReport {
+    pub dir: PathBuf,
+    pub events: u64,
+    pub jobs: u64,
+    pub last_seq: u64,
+}
+
+/// `import FILE`: builds a log in the empty (or missing) state dir `dir` from an export
+/// (JSON Lines). Written beside it and renamed into place, so a failed import leaves nothing.
+pub fn import(reader: impl BufRead, dir: &Path) -> Result<ImportReport> {
+    ensure_empty(dir, "the state dir")?;
+    let tmp = staging_dir(dir)?;
+    let built = (|| -> Result<ImportReport> {
+        let journal = Journal::open(&tmp)?;
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        let (mut events, mut jobs) = (0u64, 0u64);
+        for (i, line) in reader.lines().enumerate() {
+            let line = line.map_err(|e| ArchiveError::Refused(format!("line {}: {e}", i + 1)))?;
+            let Some(ev) = parse_line(&line, i + 1)? else {
+                continue;
+            };
+            bytes += line.len();
+            events += 1;
+            jobs += u64::from(ev.seq == ev.job);
+            batch.push(ev);
+            if batch.len() >= 1024 || bytes >= 32 << 20 {
+                journal.import_events(&batch)?;
+                batch.clear();
+                bytes = 0;
+            }
+        }
+        journal.import_events(&batch)?;
+        let last_seq = journal.last_seq();
+        place(journal, &tmp, dir)?;
+        Ok(ImportReport {
+            dir: dir.to_path_buf(),
+            events,
+            jobs,
+            last_seq,
+        })
+    })();
+    if built.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    built
+}
+
+/// What `backup` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupReport {
+    pub dir: PathBuf,
+    pub events: u64,
+    /// The backup holds every event up to this seq (the log's durable end when it began).
+    pub upto: u64,
+}
+
+/// `backup DIR`: a fresh log in `dir` (empty or missing) holding every event of `journal` up
+/// to its durable end, read while the daemon goes on appending: a consistent prefix of the log
+/// (every event below a durable seq is in the log), in whatever stored form this version
+/// writes. A state dir to start a daemon on (docs/operations.md, restore).
+pub fn backup(journal: &Journal, dir: &Path, stopping: &dyn Fn() -> bool) -> Result<BackupReport> {
+    ensure_empty(dir, "the backup folder")?;
+    // What was appended without a flush of its own (a push's record) is made durable first.
+    journal.flush()?;
+    let upto = journal.durable_seq();
+    let tmp = staging_dir(dir)?;
+    let built = (|| -> Result<BackupReport> {
+        let copy = Journal::open(&tmp)?;
+        let events = journal.copy_into(&copy, upto + 1, |_| true, |_| not_stopping(stopping))?;
+        place(copy, &tmp, dir)?;
+        Ok(BackupReport {
+            dir: dir.to_path_buf(),
+            events,
+            upto,
+        })
+    })();
+    if built.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    built
+}
+
+/// What `compact` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompactReport {
+    /// The jobs moved out, and their events.
+    pub jobs: u64,
+    pub events: u64,
+    /// The events left in the log (the compaction's own event included).
+    pub kept: u64,
+    /// Settled before the time, kept because their job folder still exists under base_dir
+    /// (their image_id and folder still guard it against another job).
+    pub kept_for_folder: u64,
+    pub archive: Option<PathBuf>,
+    /// The seq of the `compacted` event (None: nothing to move).
+    pub seq: Option<u64>,
+}
+
+/// How long a compaction waits for readers to let go of the log before it swaps it.
+const SWAP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// `compact --before TIME --archive FILE`: moves the events of the jobs settled before
+/// `before` (their last event older than it, nothing left to do for them) into `archive`
+/// (JSON Lines, the export form; written and fsynced before the log changes), and rewrites
+/// the log without them, recorded by a `compacted` event. A job whose job folder still exists
+/// under base_dir is kept: its image_id and folder still guard that folder against another
+/// job (two jobs never share a job folder).
+pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<CompactReport> {
+    let dir = stage.store.dir().to_path_buf();
+    if archive.symlink_metadata().is_ok() {
+        return Err(ArchiveError::Refused(format!(
+            "{} exists: an archive is never replaced; name a new file",
+            archive.display()
+        )));
+    }
+    let Some(_lock) = jarchive::swap_lock(&dir)? else {
+        return Err(ArchiveError::Refused(
+            "another compaction of this log is under way".into(),
+        ));
+    };
+    let journal = stage.store.journal()?;
+    // What was appended without a flush of its own (a push's record) is made durable first.
+    journal.flush()?;
+    let horizon = journal.durable_seq() + 1;
+    let (jobs, _) = journal.fold_jobs(Some(horizon))?;
+    let policy = *stage.store.policy();
+    let mut removed: HashSet<u64> = HashSet::new();
+    let mut kept_for_folder = 0;
+    for (id, job) in &jobs {
+        if !lifecycle::is_settled(job, &policy) {
+            continue;
+        }
+        let last = journal.get(job.last_seq)?;
+        if last
+            .as_ref()
+            .is_some_and(|e| matches!(e.kind, EventKind::Compacted { .. }))
+        {
+            continue; // the record of an earlier compaction stays
+        }
+        let old = last
+            .as_ref()
+            .and_then(|e| event_time(&e.ts))
+            .is_some_and(|t| t < before);
+        if !old {
+            continue;
+        }
+        if let Some(spec) = crate::store::spec_of(&journal, job)?
+            && crate::build::job_dir(&stage.cfg.worker, &spec)
+                .symlink_metadata()
+                .is_ok()
+        {
+            kept_for_folder += 1;
+            continue;
+        }
+        removed.insert(*id);
+    }
+    if removed.is_empty() {
+        return Ok(CompactReport {
+            jobs: 0,
+            events: 0,
+            kept: journal.last_seq(),
+            kept_for_folder,
+            archive: None,
+            seq: None,
+        });
+    }
+
+    // 1. The archive, durable, before anything leaves the log.
+    let tmp_archive = crate::durable::temp_path(archive, None);
+    let events = (|| -> Result<u64> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Owner only, as the log: the inputs carry kickstarts with password hashes.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp_archive)
+            .map_err(io("cannot create", &tmp_archive))?;
+        let mut out = ArchiveWriter::new(f, is_gzip_name(archive));
+        let mut n = 0;
+        for ev in journal.since(0) {
+            let ev = ev?;
+            if ev.seq >= horizon {
+                break;
+            }
+            if removed.contains(&ev.job) {
+                let ev = journal.with_input(ev)?;
+                let mut line = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
+                line.push(b'\n');
+                out.write_all(&line)
+                    .map_err(io("cannot write", &tmp_archive))?;
+                n += 1;
+            }
+        }
+        let f = out.finish().map_err(io("cannot write", &tmp_archive))?;
+        f.sync_all().map_err(io("cannot fsync", &tmp_archive))?;
+        if !crate::durable::rename_noreplace(&tmp_archive, archive)
+            .map_err(|e| ArchiveError::Refused(e.to_string()))?
+        {
+            return Err(ArchiveError::Refused(format!(
+                "{} appeared meanwhile: an archive is never replaced",
+                archive.display()
+            )));
+        }
+        Ok(n)
+    })();
+    let events = match events {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp_archive);
+            return Err(e);
+        }
+    };
+
+    jarchive::crash_point("compact-archived");
+
+    // 2. The kept log, built beside the old one while the daemon goes on.
+    let swapping = std::cell::Cell::new(false);
+    let unwind = |e: ArchiveError| {
+        // Nothing left the log: the archive would only repeat it.
+        let _ = std::fs::remove_file(archive);
+        let _ = jarchive::finish_swap(&dir);
+        e
+    };
+    let new_dir = jarchive::prepare_new(&dir).map_err(|e| unwind(e.into()))?;
+    let built = (|| -> Result<(Journal, u64)> {
+        let new = Journal::open(&new_dir)?;
+        let stopping = || stage.stopping();
+        let kept = journal.copy_into(
+            &new,
+            horizon,
+            |e| !removed.contains(&e.job),
+            |_| not_stopping(&stopping),
+        )?;
+        // The projections too, here, so that the swap below folds only the events appended
+        // meanwhile (the daemon records nothing while it runs).
+        let (jobs, _) = new.fold_jobs(None)?;
+        new.rewrite_projections(
+            &jobs,
+            &|j: &Job| lifecycle::is_open(j, &policy),
+            new.last_seq(),
+        )?;
+        Ok((new, kept))
+    })();
+    let (new, mut kept) = built.map_err(unwind)?;
+    drop(journal);
+
+    // 3. Under the store's lock: the events appended meanwhile, the compaction's own event,
+    //    and the swap.
+    let reason = format!(
+        "{events} event(s) of {} job(s) settled before {} moved to {}",
+        removed.len(),
+        format_time(before),
+        archive.display()
+    );
+    let record = EventKind::Compacted {
+        file: archive.display().to_string(),
+        reason,
+        before: format_time(before),
+        jobs: removed.len() as u64,
+        events,
+    };
+    let swapped = stage.store.with_log_closed(SWAP_PATIENCE, |old| {
+        let mut tail = Vec::new();
+        for ev in old.since(horizon) {
+            let ev = ev?;
+            if removed.contains(&ev.job) {
+                return Err(JournalError::Refused(format!(
+                    "job {} changed while the log was compacted (event {}): nothing was moved; run compact again",
+                    ev.job, ev.seq
+                )));
+            }
+            tail.push(old.with_input(ev)?);
+        }
+        let seq = old.next_seq();
+        tail.push(Event {
+            seq,
+            ts: crate::journal::now_ts(),
+            job: seq,
+            kind: record,
+        });
+        new.import_events(&tail)?;
+        kept += tail.len() as u64;
+        new.flush()?;
+        drop(new);
+        drop(old);
+        swapping.set(true);
+        jarchive::swap_in(&dir)?;
+        Ok(seq)
+    });
+    let seq = swapped.map_err(|e| {
+        if swapping.get() {
+            // The swap may have happened (it is finished at the next open once marked): the
+            // archive stays, whatever the log now holds.
+            ArchiveError::from(e)
+        } else {
+            unwind(e.into())
+        }
+    })?;
+    Ok(CompactReport {
+        jobs: removed.len() as u64,
+        events,
+        kept,
+        kept_for_folder,
+        archive: Some(archive.to_path_buf()),
+        seq: Some(seq),
+    })
+}
+
+/// One job's final status pushed again by `repush`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Repushed {
+    pub job: u64,
+    pub image_id: Option<String>,
+    pub status: crate::journal::Status,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+/// The jobs whose final push `repush` runs again: answered (done or error), finished in
+/// [since, until), not a conflict (a conflict pushes nothing), oldest first.
+pub fn repush_jobs(jobs: &crate::journal::Jobs, since: SystemTime, until: SystemTime) -> Vec<&Job> {
+    jobs.values()
+        .filter(|j| j.state.is_answered() && j.held_by.is_none())
+        .filter(|j| {
+            j.finished_at
+                .as_deref()
+                .and_then(event_time)
+                .is_some_and(|t| t >= since && t < until)
+        })
+        .collect()
+}
+
+/// `repush --since T [--until T]`: the final push (DONE or ERROR) of every job finished in the
+/// window, run again now through the push utility, each recorded as a `pushed` event.
+pub fn repush(stage: &Stage, since: SystemTime, until: SystemTime) -> Result<Vec<Repushed>> {
+    if stage.cfg.hooks.push.is_none() {
+        return Err(ArchiveError::Refused(
+            "no push utility is configured ([hooks] push): there is nothing to push again".into(),
+        ));
+    }
+    if until <= since {
+        return Err(ArchiveError::Refused(format!(
+            "the window is empty: --until {} is not after --since {}",
+            format_time(until),
+            format_time(since)
+        )));
+    }
+    let jobs = stage.store.journal()?.projections()?;
+    let mut out = Vec::new();
+    for job in repush_jobs(&jobs, since, until) {
+        if stage.stopping() {
+            return Err(ArchiveError::Refused(format!(
+                "the daemon is stopping: {} final push(es) made again before it, the rest not",
+                out.len()
+            )));
+        }
+        let Some(p) = stage.repush(job)? else {
+            continue;
+        };
+        out.push(Repushed {
+            job: job.id,
+            image_id: job.image_id.clone(),
+            status: job.final_status(),
+            ok: p.ok,
+            error: p.error,
+        });
+    }
+    Ok(out)
+}
+
+/// What `redeliver` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Redelivered {
+    pub job: u64,
+    pub outbox: String,
+    /// The bytes are those of the job's last recorded answer (same sha256).
+    pub identical: bool,
+}
+
+/// `redeliver ID`: the job's answer written to the outbox again.
+pub fn redeliver(stage: &Stage, id: &str) -> Result<Redelivered> {
+    let journal = stage.store.journal()?;
+    let job = crate::ops::resolve(&journal, id)?;
+    drop(journal);
+    let (d, identical) = stage.redeliver(job)?;
+    Ok(Redelivered {
+        job,
+        outbox: d.name,
+        identical,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        let now = humantime::parse_rfc3339("2026-11-25T12:00:00Z").unwrap();
+        let t = |s| parse_time(s, now).map(format_time);
+        assert_eq!(
+            t("2026-01-31T00:00:00Z").unwrap(),
+            "2026-01-31T00:00:00.000Z"
+        );
+        assert_eq!(
+            t("2026-01-31 00:00:00").unwrap(),
+            "2026-01-31T00:00:00.000Z"
+        );
+        assert_eq!(t("90days").unwrap(), "2026-08-27T12:00:00.000Z");
+        assert_eq!(t("12h").unwrap(), "2026-11-25T00:00:00.000Z");
+        assert!(t("last tuesday").unwrap_err().contains("RFC 3339"));
+        assert!(t("100000years").is_err());
+        assert_eq!(
+            event_time("2026-11-25T00:00:01.234Z")
+                .map(format_time)
+                .as_deref(),
+            Some("2026-11-25T00:00:01.234Z")
+        );
+    }
+
+    #[test]
+    fn lines() {
+        assert!(parse_line("  ", 1).unwrap().is_none());
+        let e = parse_line("{\"seq\":1}", 7).unwrap_err().to_string();
+        assert!(e.starts_with("line 7: not an event"), "{e}");
+    }
+}

@@ -1,0 +1,145 @@
+//! `import`, `backup`, `compact`, `repush`, `redeliver`: the log over years (see
+//! `crate::archive`). All but `import` go through a running daemon, or the log when none runs.
+
+use super::access::{call, expect};
+use crate::archive::{self, format_time, parse_time};
+use crate::config::Config;
+use crate::control::{Request, Response};
+use anyhow::Context;
+use std::path::Path;
+use std::time::SystemTime;
+
+fn unexpected(r: &Response) -> anyhow::Error {
+    anyhow::anyhow!("unexpected answer from the daemon: {r:?}")
+}
+
+/// A path as the daemon (another working directory) must see it.
+fn absolute(p: &Path) -> anyhow::Result<std::path::PathBuf> {
+    std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
+}
+
+/// A command-line time (see `archive::parse_time`; a span counts back from now), as RFC 3339:
+/// clap's value parser, so a bad time is a usage error (exit 2).
+pub fn time_arg(s: &str) -> Result<String, String> {
+    parse_time(s, SystemTime::now()).map(format_time)
+}
+
+pub fn import(cfg: &Config, file: &Path) -> anyhow::Result<i32> {
+    let dir = cfg.state_dir();
+    let reader = if file == Path::new("-") {
+        archive::open_export(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        archive::open_export(std::io::BufReader::new(f))
+    }
+    .with_context(|| format!("cannot read {}", file.display()))?;
+    let report = archive::import(reader, &dir)?;
+    println!(
+        "imported {} event(s) of {} job(s) into {} (last seq {})",
+        report.events,
+        report.jobs,
+        report.dir.display(),
+        report.last_seq
+    );
+    Ok(0)
+}
+
+pub fn backup(cfg: &Config, dir: &Path) -> anyhow::Result<i32> {
+    let dir = absolute(dir)?;
+    let r = expect(call(cfg, Request::Backup { dir }, |_| true)?)?;
+    let Response::BackedUp(r) = r else {
+        return Err(unexpected(&r));
+    };
+    println!(
+        "backed up {} event(s), up to seq {}, into {}",
+        r.events,
+        r.upto,
+        r.dir.display()
+    );
+    Ok(0)
+}
+
+pub fn compact(cfg: &Config, before: &str, archive_file: &Path) -> anyhow::Result<i32> {
+    let before = before.to_string();
+    let archive = absolute(archive_file)?;
+    let r = expect(call(cfg, Request::Compact { before, archive }, |_| true)?)?;
+    let Response::Compacted(r) = r else {
+        return Err(unexpected(&r));
+    };
+    match &r.archive {
+        Some(a) => println!(
+            "moved {} event(s) of {} job(s) to {}; {} event(s) left in the log (compacted event {})",
+            r.events,
+            r.jobs,
+            a.display(),
+            r.kept,
+            r.seq.unwrap_or_default()
+        ),
+        None => println!("no job to move: nothing written, the log is unchanged"),
+    }
+    if r.kept_for_folder > 0 {
+        println!(
+            "{} settled job(s) kept: their job folder still exists under base_dir",
+            r.kept_for_folder
+        );
+    }
+    Ok(0)
+}
+
+pub fn repush(cfg: &Config, since: &str, until: Option<&str>) -> anyhow::Result<i32> {
+    let since = since.to_string();
+    let until = match until {
+        Some(u) => u.to_string(),
+        None => format_time(SystemTime::now()),
+    };
+    let r = expect(call(
+        cfg,
+        Request::Repush {
+            since: since.clone(),
+            until: until.clone(),
+        },
+        |_| true,
+    )?)?;
+    let Response::Repushed(rows) = r else {
+        return Err(unexpected(&r));
+    };
+    let mut failed = 0;
+    for p in &rows {
+        let how = match (&p.ok, &p.error) {
+            (true, _) => "ok".to_string(),
+            (false, Some(e)) => format!("FAILED: {e}"),
+            (false, None) => "FAILED".to_string(),
+        };
+        failed += usize::from(!p.ok);
+        println!(
+            "job {} {} {} {how}",
+            p.job,
+            p.image_id.as_deref().unwrap_or("-"),
+            p.status.as_str()
+        );
+    }
+    println!(
+        "{} final push(es) of jobs finished in [{since}, {until}) run again, {failed} failed",
+        rows.len()
+    );
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+pub fn redeliver(cfg: &Config, id: &str) -> anyhow::Result<i32> {
+    let r = expect(call(
+        cfg,
+        Request::Redeliver { id: id.to_string() },
+        |_| true,
+    )?)?;
+    let Response::Redelivered(r) = r else {
+        return Err(unexpected(&r));
+    };
+    println!("job {} ({id}) answered again in outbox/{}", r.job, r.outbox);
+    if !r.identical {
+        eprintln!(
+            "build-image: WARNING: the answer differs from the one recorded at its delivery (the log has no sha256 of it, or this version writes answers differently)"
+        );
+    }
+    Ok(0)
+}
