@@ -66,9 +66,17 @@ fn a_push_that_failed_before_a_restart_is_pushed_after_it() {
     let d = farm.start();
     farm.drop_json("a.json", &workitem("pr-2", "ks\n"));
     farm.wait_outbox("a.json", T);
-    let failed_done = || pushed(&farm).iter().any(|x| x.1 == Status::Done && !x.2);
+    // the push runs apart from the answer: wait until its failure is recorded before stopping
+    assert!(
+        wait_for(T, || {
+            let (_, out, _) = output(farm.bin().args(["events", "--kind", "pushed", "--json"]));
+            out.lines()
+                .any(|l| l.contains("\"DONE\"") && l.contains("\"ok\":false"))
+        }),
+        "no failed DONE push recorded"
+    );
     d.stop().unwrap();
-    assert!(failed_done());
+    assert!(pushed(&farm).iter().any(|x| x.1 == Status::Done && !x.2));
     std::fs::remove_file(farm.hook_dir().join("push.fail")).unwrap();
     let d = farm.start();
     let pushes = farm.wait_pushes("pr-2", 1);
