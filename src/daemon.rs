@@ -89,6 +89,8 @@ struct Running {
     timer_stop: Sender<()>,
     timer: std::thread::JoinHandle<()>,
     control: crate::control::Server,
+    /// The status page, API and metrics (`[http] listen`).
+    http: Option<crate::http::Server>,
     /// The first seq of this run: jobs with a higher id were opened by it.
     first_seq: u64,
     /// Jobs recovery found open.
@@ -121,6 +123,15 @@ impl Running {
             .map(|s| s.with_min_free(cfg.spool.state_min_free_mb << 20))
             .with_context(|| format!("cannot open the event log in {}", state_dir.display()))?,
         );
+        // The metrics are counted from the log before anything is recorded, then kept by the store.
+        let metrics = match cfg.http.addr()? {
+            Some(_) => {
+                let m = Arc::new(crate::http::metrics::Metrics::seeded(&*store.journal()?)?);
+                store.set_observer(Arc::clone(&m) as Arc<dyn crate::store::Observer>);
+                Some(m)
+            }
+            None => None,
+        };
         // Only now (the log's lock is ours, so no other daemon of this worker runs).
         for p in spool.remove_leftovers() {
             log::info!("removed {}, left by an interrupted write", p.display());
@@ -185,12 +196,27 @@ impl Running {
                 .spawn(move || run_timer(&stage, &timer_rx))?
         };
         let control = crate::control::Server::start(Arc::clone(&stage))?;
+        let http = match (cfg.http.addr()?, metrics) {
+            (Some(addr), Some(metrics)) => {
+                let app = crate::http::App {
+                    stage: Arc::clone(&stage),
+                    metrics,
+                };
+                let max = cfg.http.max_connections as usize;
+                Some(
+                    crate::http::Server::start(app, addr, max)
+                        .with_context(|| format!("cannot serve HTTP on {addr}"))?,
+                )
+            }
+            _ => None,
+        };
         Ok(Running {
             stage,
             pool,
             timer_stop,
             timer,
             control,
+            http,
             first_seq,
             open_at_start,
         })
@@ -210,6 +236,9 @@ impl Running {
             stage.cancel_running();
         });
         self.control.stop();
+        if let Some(h) = self.http {
+            h.stop();
+        }
         stage.stop_pushes();
         drop(self.timer_stop);
         let _ = self.timer.join();

@@ -208,7 +208,19 @@ pub fn events(journal: &Journal, f: &EventFilter) -> Result<Vec<Event>> {
 
 /// One event as a line for people.
 pub fn event_line(e: &Event) -> String {
-    let detail = match &e.kind {
+    format!(
+        "{:>8} {} job {:<6} {:<11} {}",
+        e.seq,
+        e.ts,
+        e.job,
+        e.kind.name(),
+        event_detail(e)
+    )
+}
+
+/// What an event says, for people (the end of its `event_line`).
+pub fn event_detail(e: &Event) -> String {
+    match &e.kind {
         EventKind::Claimed {
             file,
             worker,
@@ -260,14 +272,7 @@ pub fn event_line(e: &Event) -> String {
         ),
         EventKind::Interrupted { reason, cause } => format!("{reason} ({cause:?})"),
         EventKind::Cancelled { reason } | EventKind::Requeued { reason, .. } => reason.clone(),
-    };
-    format!(
-        "{:>8} {} job {:<6} {:<11} {detail}",
-        e.seq,
-        e.ts,
-        e.job,
-        e.kind.name()
-    )
+    }
 }
 
 /// What `replay` found.

@@ -65,7 +65,28 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How one recorded event changed its job: what an [`Observer`] is told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The job's state before the event (None: the event opened the job).
+    pub before: Option<journal::State>,
+    pub after: journal::State,
+    /// The job's `started_at` after the event.
+    pub started_at: Option<String>,
+}
+
+/// Told of every event once it is appended (in seq order within a call; calls from different
+/// threads may come in any order), outside the store's locks, and when `repair` reloads the
+/// jobs (events appended without a flush may then be gone). Keep it quick: it runs on the
+/// recording thread. (The HTTP server's metrics are one.)
+pub trait Observer: Send + Sync {
+    fn recorded(&self, events: &[Event], changes: &[Change]);
+    fn reloaded(&self, journal: &Journal);
+}
+
 pub struct Store {
+    /// Told of each recorded event (set once, before anything is recorded).
+    observer: std::sync::OnceLock<Arc<dyn Observer>>,
     dir: PathBuf,
     cache_bytes: u64,
     policy: Policy,
@@ -151,6 +172,7 @@ impl Store {
         restrict_files(dir);
         let open = load_open(&journal, &policy)?;
         Ok(Store {
+            observer: std::sync::OnceLock::new(),
             dir: dir.to_path_buf(),
             cache_bytes,
             policy,
@@ -204,6 +226,11 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Sets the observer of recorded events (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) {
+        let _ = self.observer.set(observer);
     }
 
     pub fn policy(&self) -> &Policy {
@@ -274,6 +301,8 @@ impl Store {
         let mut pending: HashMap<u64, Job> = HashMap::new();
         let mut failed = None;
         let policy = self.policy;
+        let observing = self.observer.get().is_some();
+        let mut changes = Vec::new();
         let evs = journal
             .append_with(items, |ev, view| {
                 let job = pending.entry(ev.job).or_insert_with(|| {
@@ -289,7 +318,15 @@ impl Store {
                     }
                     .unwrap_or_default()
                 });
+                let before = (ev.seq != ev.job).then_some(job.state);
                 job.apply(view);
+                if observing {
+                    changes.push(Change {
+                        before,
+                        after: job.state,
+                        started_at: job.started_at.clone(),
+                    });
+                }
                 (job.clone(), lifecycle::is_open(job, &policy))
             })
             .inspect_err(|e| self.fail(e))?;
@@ -303,6 +340,10 @@ impl Store {
         if let Some(e) = failed {
             // The events are in the log; the projection is repaired by the next start.
             log::error!("cannot read a stored projection while recording: {e}");
+        }
+        drop(open);
+        if let Some(o) = self.observer.get() {
+            o.recorded(&evs, &changes);
         }
         Ok(evs)
     }
@@ -504,6 +545,9 @@ impl Store {
         let journal = self.journal()?;
         let reloaded = load_open(&journal, &self.policy)?;
         *lock(&self.open) = reloaded;
+        if let Some(o) = self.observer.get() {
+            o.reloaded(&journal);
+        }
         *lock(&self.failing) = None;
         self.full.store(false, std::sync::atomic::Ordering::SeqCst);
         log::info!("the event log takes writes again: resuming");
