@@ -497,6 +497,7 @@ pub fn read_tail(path: &std::path::Path, max: u64, live: bool) -> pages::LogTail
 /// The server: started by the daemon when `[http] listen` is set, stopped with it.
 pub struct Server {
     addr: SocketAddr,
+    addr_file: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -508,12 +509,9 @@ impl Server {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
-        crate::durable::write_atomic(
-            &app.stage.store.dir().join("http.addr"),
-            format!("{bound}\n").as_bytes(),
-            0o644,
-        )
-        .map_err(std::io::Error::other)?;
+        let addr_file = app.stage.store.dir().join("http.addr");
+        crate::durable::write_atomic(&addr_file, format!("{bound}\n").as_bytes(), 0o644)
+            .map_err(std::io::Error::other)?;
         if !bound.ip().is_loopback() {
             log::warn!(
                 "http: listening on {bound}, beyond this host: the pages and the API have no authentication"
@@ -538,6 +536,7 @@ impl Server {
             })?;
         Ok(Server {
             addr: bound,
+            addr_file,
             stop: Some(tx),
             thread: Some(thread),
         })
@@ -549,13 +548,8 @@ impl Server {
     }
 
     /// Stops accepting and cuts every connection.
-    pub fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn stop(self) {
+        drop(self);
     }
 }
 
@@ -567,6 +561,7 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        let _ = std::fs::remove_file(&self.addr_file);
     }
 }
 

@@ -87,6 +87,8 @@ tbody tr:last-child td{border-bottom:0}
 tbody tr:hover{background:#f4f7fe}
 .num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
+td.mono,td.name{white-space:nowrap}
+td.result{max-width:360px;overflow-wrap:anywhere}
 .nowrap{white-space:nowrap}
 .badge{display:inline-flex;align-items:center;padding:2px 9px;border-radius:999px;font-size:12px;font-weight:600;white-space:nowrap}
 .s-claimed,.s-moved{background:#eceff4;color:#4a5263}
@@ -265,13 +267,13 @@ pub fn index(p: &Index) -> Markup {
                             td.num { a href={ "/jobs/" (r.job) } { (r.job) } }
                             td.mono { a href={ "/jobs/" (r.job) } { (r.image_id.as_deref().unwrap_or("–")) } }
                             td { (badge(r.state)) }
-                            td { (r.name.as_deref().unwrap_or("–")) }
+                            td.name { (r.name.as_deref().unwrap_or("–")) }
                             td.nowrap { (r.arch.as_deref().unwrap_or("–")) }
                             td { (r.image_type.as_deref().unwrap_or("–")) }
                             td { (r.worker.as_deref().unwrap_or("–")) }
                             td.nowrap.muted { (r.started.as_deref().map(short_time).unwrap_or_else(|| "–".into())) }
                             td.num { (r.duration.map(human_duration).unwrap_or_else(|| "–".into())) }
-                            td { (result_cell(r)) }
+                            td.result { (result_cell(r)) }
                             td.links {
                                 @if row.has_log { a href={ "/jobs/" (r.job) "/log" } { "log" } }
                                 @if let Some(u) = &row.files_url { a href=(u) { "files" } }
@@ -354,7 +356,13 @@ pub fn job(p: &JobPage) -> Markup {
                             dt { "started" } dd { (r.started.as_deref().map(short_time).unwrap_or_else(|| "–".into())) }
                             dt { "finished" } dd { (j.finished_at.as_deref().map(short_time).unwrap_or_else(|| "–".into())) }
                             dt { "duration" } dd { (r.duration.map(human_duration).unwrap_or_else(|| "–".into())) }
-                            dt { "result" } dd { (result_cell(r)) }
+                            dt { "result" } dd {
+                                @match r.result {
+                                    Some(true) => span.ok { "ok" },
+                                    Some(false) => span.err { "failed" },
+                                    None => span.muted { "–" },
+                                }
+                            }
                             @if let Some(e) = &j.error { dt { "error" } dd.err { (e) } }
                             @if let Some(why) = &j.reason { dt { "reason" } dd { (why) } }
                             @if let Some(h) = j.held_by { dt { "held by" } dd { a href={ "/jobs/" (h) } { "job " (h) } } }
