@@ -136,6 +136,7 @@ impl Metrics {
     /// and failed BUILDING pushes are not in the projections, so the counters start below
     /// the log's whole history; they count exactly from then on).
     pub fn seeded(journal: &Journal) -> Result<Metrics, JournalError> {
+        let started = std::time::Instant::now();
         let m = Metrics::new();
         let jobs = journal.projections()?;
         for job in jobs.values() {
@@ -153,6 +154,11 @@ impl Metrics {
         }
         m.set_jobs(journal, &jobs)?;
         m.last_seq.fetch_max(journal.last_seq(), Ordering::SeqCst);
+        log::info!(
+            "metrics counted from the projections of {} job(s) in {:?}",
+            jobs.len(),
+            started.elapsed()
+        );
         Ok(m)
     }
 

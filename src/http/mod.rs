@@ -435,10 +435,10 @@ fn answer_fields(workitem: Option<&serde_json::Value>, job: &Job) -> Vec<(String
         serde_json::Value::String(s) => s.clone(),
         v => v.to_string(),
     };
-    if job.result.is_some() {
-        if let Some(r) = fields.get("result") {
-            out.push(("result".into(), text(r)));
-        }
+    if job.result.is_some()
+        && let Some(r) = fields.get("result")
+    {
+        out.push(("result".into(), text(r)));
     }
     for key in ["files_url", "image_url", "logfile_url", "error"] {
         if let Some(v) = image.and_then(|i| i.get(key)) {
@@ -841,7 +841,7 @@ async fn log_stream(app: Arc<App>, id: String, from: u64) -> HttpResponse {
             };
             if reset
                 && tx
-                    .send_data(Bytes::from(format!("event: reset\nid: 0\ndata: \n\n")))
+                    .send_data(Bytes::from_static(b"event: reset\nid: 0\ndata: \n\n"))
                     .await
                     .is_err()
             {
