@@ -123,13 +123,9 @@ impl Running {
             .map(|s| s.with_min_free(cfg.spool.state_min_free_mb << 20))
             .with_context(|| format!("cannot open the event log in {}", state_dir.display()))?,
         );
-        // The metrics are counted from the log before anything is recorded, then kept by the store.
+        // The metrics observe every event from now on; the log's jobs are counted beside.
         let metrics = match cfg.http.addr()? {
-            Some(_) => {
-                let m = Arc::new(crate::http::metrics::Metrics::seeded(&*store.journal()?)?);
-                store.set_observer(Arc::clone(&m) as Arc<dyn crate::store::Observer>);
-                Some(m)
-            }
+            Some(_) => Some(crate::http::metrics::start_counting(&store)?),
             None => None,
         };
         // Only now (the log's lock is ours, so no other daemon of this worker runs).
@@ -197,14 +193,14 @@ impl Running {
         };
         let control = crate::control::Server::start(Arc::clone(&stage))?;
         let http = match (cfg.http.addr()?, metrics) {
-            (Some(addr), Some(metrics)) => {
+            (Some(addr), Some((metrics, seeder))) => {
                 let app = crate::http::App {
                     stage: Arc::clone(&stage),
                     metrics,
                 };
                 let max = cfg.http.max_connections as usize;
                 Some(
-                    crate::http::Server::start(app, addr, max)
+                    crate::http::Server::start(app, seeder, addr, max)
                         .with_context(|| format!("cannot serve HTTP on {addr}"))?,
                 )
             }

@@ -75,12 +75,13 @@ pub struct Change {
     pub started_at: Option<String>,
 }
 
-/// Told of every event once it is appended (in seq order within a call; calls from different
-/// threads may come in any order), outside the store's locks, and when `repair` reloads the
-/// jobs (events appended without a flush may then be gone). Keep it quick: it runs on the
-/// recording thread. (The HTTP server's metrics are one.)
+/// Told of every event as it is appended, in seq order, under the store's lock (before the
+/// event's job projection is written, so a reader that sees the new projection was preceded by
+/// the observer), and when `repair` reloads the jobs (an append that failed after its events
+/// were observed, or events appended without a flush and lost, are then forgotten). Keep it
+/// quick: memory only. (The HTTP server's metrics are one.)
 pub trait Observer: Send + Sync {
-    fn recorded(&self, events: &[Event], changes: &[Change]);
+    fn recorded(&self, event: &Event, change: &Change);
     fn reloaded(&self, journal: &Journal);
 }
 
@@ -301,8 +302,7 @@ impl Store {
         let mut pending: HashMap<u64, Job> = HashMap::new();
         let mut failed = None;
         let policy = self.policy;
-        let observing = self.observer.get().is_some();
-        let mut changes = Vec::new();
+        let observer = self.observer.get();
         let evs = journal
             .append_with(items, |ev, view| {
                 let job = pending.entry(ev.job).or_insert_with(|| {
@@ -320,12 +320,13 @@ impl Store {
                 });
                 let before = (ev.seq != ev.job).then_some(job.state);
                 job.apply(view);
-                if observing {
-                    changes.push(Change {
+                if let Some(o) = observer {
+                    let change = Change {
                         before,
                         after: job.state,
                         started_at: job.started_at.clone(),
-                    });
+                    };
+                    o.recorded(ev, &change);
                 }
                 (job.clone(), lifecycle::is_open(job, &policy))
             })
@@ -340,10 +341,6 @@ impl Store {
         if let Some(e) = failed {
             // The events are in the log; the projection is repaired by the next start.
             log::error!("cannot read a stored projection while recording: {e}");
-        }
-        drop(open);
-        if let Some(o) = self.observer.get() {
-            o.recorded(&evs, &changes);
         }
         Ok(evs)
     }

@@ -158,6 +158,10 @@ fn sample(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
 }
 
 fn metrics(addr: &str) -> (Vec<Sample>, HashMap<String, String>) {
+    // 503 while the daemon counts the log's jobs at a start
+    assert!(wait_for(Duration::from_secs(30), || get(addr, "/metrics")
+        .status
+        == 200));
     let a = get(addr, "/metrics");
     assert_eq!(a.status, 200);
     assert!(

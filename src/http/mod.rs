@@ -363,10 +363,13 @@ impl App {
 
     /// `GET /metrics`.
     pub fn metrics(&self) -> Reply {
-        let text = self
+        match self
             .metrics
-            .render(SystemTime::now(), self.stage.store.failing().is_none());
-        Reply::new(200, metrics::CONTENT_TYPE, text)
+            .render(SystemTime::now(), self.stage.store.failing().is_none())
+        {
+            Some(text) => Reply::new(200, metrics::CONTENT_TYPE, text),
+            None => Reply::new(503, TEXT, "the jobs are still being counted\n"),
+        }
     }
 
     /// `GET /healthz`: 200 "ok" while the log takes writes, else 503 and why.
@@ -496,6 +499,8 @@ pub fn read_tail(path: &std::path::Path, max: u64, live: bool) -> pages::LogTail
 
 /// The server: started by the daemon when `[http] listen` is set, stopped with it.
 pub struct Server {
+    /// Counting the log's jobs at a start (cancelled by a stop).
+    _seeder: metrics::Seeder,
     addr: SocketAddr,
     addr_file: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -505,7 +510,12 @@ pub struct Server {
 impl Server {
     /// Binds `addr` and serves on a thread of its own. The address bound (port 0 picks one)
     /// is written to `<state_dir>/http.addr`.
-    pub fn start(app: App, addr: SocketAddr, max_connections: usize) -> std::io::Result<Server> {
+    pub fn start(
+        app: App,
+        seeder: metrics::Seeder,
+        addr: SocketAddr,
+        max_connections: usize,
+    ) -> std::io::Result<Server> {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
@@ -535,6 +545,7 @@ impl Server {
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })?;
         Ok(Server {
+            _seeder: seeder,
             addr: bound,
             addr_file,
             stop: Some(tx),

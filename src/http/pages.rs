@@ -20,8 +20,8 @@ pub struct Row {
 pub struct Index {
     pub worker: String,
     pub rows: Vec<Row>,
-    /// Jobs per state (all the log's jobs).
-    pub counts: Vec<(State, i64)>,
+    /// Jobs per state (all the log's jobs); None while they are being counted at a start.
+    pub counts: Option<Vec<(State, i64)>>,
     pub filter: Option<State>,
     pub limit: usize,
     /// The `before` of the next (older) page, if there is one.
@@ -222,12 +222,17 @@ fn result_cell(r: &StatusRow) -> Markup {
 
 /// The status page: the jobs newest first, filters by state, a page at a time.
 pub fn index(p: &Index) -> Markup {
-    let total: i64 = p.counts.iter().map(|c| c.1).sum();
+    let counts: Vec<(State, Option<i64>)> = match &p.counts {
+        Some(c) => c.iter().map(|(s, n)| (*s, Some(*n))).collect(),
+        None => State::ALL.iter().map(|s| (*s, None)).collect(),
+    };
+    let total: Option<i64> = p.counts.as_ref().map(|c| c.iter().map(|c| c.1).sum());
     // Reload by itself while something moves (no script needed).
-    let moving = p
-        .counts
-        .iter()
-        .any(|(s, n)| *n > 0 && matches!(s, State::Claimed | State::Queued | State::Building));
+    let moving = p.counts.is_none()
+        || counts.iter().any(|(s, n)| {
+            n.is_some_and(|n| n > 0)
+                && matches!(s, State::Claimed | State::Queued | State::Building)
+        });
     let head = html! {
         @if moving && !p.paged { meta http-equiv="refresh" content="10"; }
     };
@@ -245,14 +250,15 @@ pub fn index(p: &Index) -> Markup {
             }
             nav.filters aria-label="filter by state" {
                 a class={ "chip" @if p.filter.is_none() { " on" } } href=(query(None, None, p.limit)) {
-                    "all" span.n { (total) }
+                    "all" @if let Some(t) = total { span.n { (t) } }
                 }
-                @for (s, n) in &p.counts {
-                    a class={ "chip" @if p.filter == Some(*s) { " on" } @if *n == 0 { " zero" } }
+                @for (s, n) in &counts {
+                    a class={ "chip" @if p.filter == Some(*s) { " on" } @if *n == Some(0) { " zero" } }
                         href=(query(Some(*s), None, p.limit)) data-state=(s.as_str()) {
-                        (s.as_str()) span.n { (n) }
+                        (s.as_str()) @if let Some(n) = n { span.n { (n) } }
                     }
                 }
+                @if p.counts.is_none() { span.muted { "counting the jobs…" } }
             }
             table #jobs {
                 thead { tr {
@@ -506,7 +512,7 @@ mod tests {
         let page = index(&Index {
             worker: "<b>w</b>".into(),
             rows: vec![row("<script>alert(1)</script>")],
-            counts: vec![(State::Building, 1)],
+            counts: Some(vec![(State::Building, 1)]),
             filter: None,
             limit: 100,
             older: Some(3),
