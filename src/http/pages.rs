@@ -81,14 +81,15 @@ a{color:var(--accent)}
 .chip .n{font-weight:600;font-variant-numeric:tabular-nums}
 .chip.zero{color:#9aa2b1}
 table{width:100%;border-collapse:separate;border-spacing:0;background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden}
-th{text-align:left;font-weight:600;font-size:11.5px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);background:#fafbfc;padding:9px 12px;border-bottom:1px solid var(--line);white-space:nowrap}
-td{padding:8px 12px;border-bottom:1px solid var(--line);vertical-align:top}
+th{text-align:left;font-weight:600;font-size:11.5px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);background:#fafbfc;padding:9px 10px;border-bottom:1px solid var(--line);white-space:nowrap}
+td{padding:8px 10px;border-bottom:1px solid var(--line);vertical-align:top}
 tbody tr:last-child td{border-bottom:0}
 tbody tr:hover{background:#f4f7fe}
 .num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
 td.mono,td.name{white-space:nowrap}
-td.result{max-width:360px;overflow-wrap:anywhere}
+td.result{min-width:190px;max-width:380px;overflow-wrap:anywhere}
+.scroll{overflow-x:auto;border-radius:10px}
 .nowrap{white-space:nowrap}
 .badge{display:inline-flex;align-items:center;padding:2px 9px;border-radius:999px;font-size:12px;font-weight:600;white-space:nowrap}
 .s-claimed,.s-moved{background:#eceff4;color:#4a5263}
@@ -182,7 +183,14 @@ pub fn human_duration(secs: f64) -> String {
     }
 }
 
-/// An RFC 3339 time as `2026-11-25 14:03:07` (UTC), the way a table shows it.
+/// An RFC 3339 time as the status table shows it: `11-25 14:03:07` (UTC; the full time is
+/// the cell's title).
+pub fn table_time(ts: &str) -> String {
+    let t = short_time(ts);
+    t.get(5..).map(str::to_string).unwrap_or(t)
+}
+
+/// An RFC 3339 time as `2026-11-25 14:03:07` (UTC).
 pub fn short_time(ts: &str) -> String {
     let t = ts.trim_end_matches('Z').replacen('T', " ", 1);
     t.split('.').next().unwrap_or(&t).to_string()
@@ -260,7 +268,7 @@ pub fn index(p: &Index) -> Markup {
                 }
                 @if p.counts.is_none() { span.muted { "counting the jobs…" } }
             }
-            table #jobs {
+            div.scroll { table #jobs {
                 thead { tr {
                     th.num { "Job" } th { "Image ID" } th { "State" } th { "Name" } th { "Arch" }
                     th { "Type" } th { "Worker" } th { "Started (UTC)" } th.num { "Duration" }
@@ -277,7 +285,7 @@ pub fn index(p: &Index) -> Markup {
                             td.nowrap { (r.arch.as_deref().unwrap_or("–")) }
                             td { (r.image_type.as_deref().unwrap_or("–")) }
                             td { (r.worker.as_deref().unwrap_or("–")) }
-                            td.nowrap.muted { (r.started.as_deref().map(short_time).unwrap_or_else(|| "–".into())) }
+                            td.nowrap.muted title=[r.started.as_deref()] { (r.started.as_deref().map(table_time).unwrap_or_else(|| "–".into())) }
                             td.num { (r.duration.map(human_duration).unwrap_or_else(|| "–".into())) }
                             td.result { (result_cell(r)) }
                             td.links {
@@ -287,6 +295,7 @@ pub fn index(p: &Index) -> Markup {
                         }
                     }
                 }
+            }
             }
             @if p.rows.is_empty() {
                 div.empty { "No jobs" @if let Some(s) = p.filter { " in state " (s.as_str()) } "." }
