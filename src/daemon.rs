@@ -108,6 +108,14 @@ impl Running {
             nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 1 << 20);
         }
         let cfg = Arc::new(cfg);
+        // A taken HTTP port stops the start before anything else is started.
+        let http_listener = match cfg.http.addr()? {
+            Some(addr) => Some(
+                crate::http::Server::bind(addr)
+                    .with_context(|| format!("cannot serve HTTP on {addr}"))?,
+            ),
+            None => None,
+        };
         let worker = cfg.worker_id();
         let spool = Spool::new(&cfg.spool.dir, &worker);
         spool.create_dirs()?;
@@ -124,8 +132,8 @@ impl Running {
             .with_context(|| format!("cannot open the event log in {}", state_dir.display()))?,
         );
         // The metrics observe every event from now on; the log's jobs are counted beside.
-        let metrics = match cfg.http.addr()? {
-            Some(_) => Some(crate::http::metrics::start_counting(&store)?),
+        let metrics = match http_listener {
+            Some(l) => Some((l, crate::http::metrics::start_counting(&store)?)),
             None => None,
         };
         // Only now (the log's lock is ours, so no other daemon of this worker runs).
@@ -192,19 +200,19 @@ impl Running {
                 .spawn(move || run_timer(&stage, &timer_rx))?
         };
         let control = crate::control::Server::start(Arc::clone(&stage))?;
-        let http = match (cfg.http.addr()?, metrics) {
-            (Some(addr), Some((metrics, seeder))) => {
+        let http = match metrics {
+            Some((listener, (metrics, seeder))) => {
                 let app = crate::http::App {
                     stage: Arc::clone(&stage),
                     metrics,
                 };
                 let max = cfg.http.max_connections as usize;
                 Some(
-                    crate::http::Server::start(app, seeder, addr, max)
-                        .with_context(|| format!("cannot serve HTTP on {addr}"))?,
+                    crate::http::Server::start(app, seeder, listener, max)
+                        .context("cannot start the HTTP server")?,
                 )
             }
-            _ => None,
+            None => None,
         };
         Ok(Running {
             stage,

@@ -684,3 +684,28 @@ fn screenshots() {
     let _ = output(farm.bin().args(["cancel", "mer-core-x86_64-1202"]));
     d.stop().unwrap();
 }
+
+#[test]
+fn off_by_default_and_a_taken_port_is_a_clear_error() {
+    init_log();
+    // Without [http] nothing listens.
+    let farm = Farm::new();
+    assert_eq!(farm.cfg.http.listen, None);
+    let d = farm.start();
+    farm.drop_json("a.json", &workitem("off-a", "ks\n"));
+    farm.wait_outbox("a.json", T);
+    assert!(!farm.cfg.state_dir().join("http.addr").exists());
+    d.stop().unwrap();
+
+    // A port another process holds: the daemon does not start, and says why.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut farm = Farm::new();
+    farm.cfg.http.listen = Some(taken.local_addr().unwrap().to_string());
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let err = build_image::daemon::run(farm.cfg.clone(), rx).unwrap_err();
+    drop(tx);
+    let msg = format!("{err:#}");
+    assert!(msg.contains("cannot serve HTTP on 127.0.0.1:"), "{msg}");
+    // Refused before anything was started: no log was even opened.
+    assert!(!farm.cfg.state_dir().join("db").exists());
+}

@@ -508,15 +508,20 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `addr` and serves on a thread of its own. The address bound (port 0 picks one)
-    /// is written to `<state_dir>/http.addr`.
+    /// Binds `addr` (done first at a start, so that a taken port stops the daemon before it
+    /// has started anything).
+    pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+        std::net::TcpListener::bind(addr)
+    }
+
+    /// Serves on `listener` on a thread of its own. The address bound (port 0 picks one) is
+    /// written to `<state_dir>/http.addr`.
     pub fn start(
         app: App,
         seeder: metrics::Seeder,
-        addr: SocketAddr,
+        listener: std::net::TcpListener,
         max_connections: usize,
     ) -> std::io::Result<Server> {
-        let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
         let addr_file = app.stage.store.dir().join("http.addr");
