@@ -57,6 +57,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub spool: SpoolConfig,
     pub hooks: HooksConfig,
+    pub http: HttpConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -321,6 +322,7 @@ impl Config {
                 )));
             }
         }
+        self.http.check()?;
         if !is_qemu_size(&self.worker.vm_memory) {
             return Err(ConfigError::Value(format!(
                 "[worker] vm_memory = {:?} is not a size qemu's -m takes: digits with an optional \
@@ -371,6 +373,66 @@ impl Config {
             None => self.spool.dir.join("state").join(self.worker_id()),
         }
     }
+}
+
+/// `[http]`: the read-only status page, API and metrics (src/http). Off unless `listen` is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where the server listens: `"127.0.0.1:8080"`, or a bare port (`"8080"`), which means
+    /// 127.0.0.1. An address other than loopback is taken only as written (the pages have no
+    /// authentication). Port 0 picks a free port (written to `<state_dir>/http.addr`). Unset or
+    /// empty: no server.
+    #[serde(deserialize_with = "empty_string_is_none")]
+    pub listen: Option<String>,
+    /// Connections served at once, 1..=1024; more are answered 503 at once.
+    pub max_connections: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: None,
+            max_connections: 32,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on, if the server is on.
+    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let Some(listen) = &self.listen else {
+            return Ok(None);
+        };
+        let bad = |why: &str| {
+            ConfigError::Value(format!(
+                "[http] listen = {listen:?} {why}: write an address and port, e.g. \"127.0.0.1:8080\", or a port alone (127.0.0.1)"
+            ))
+        };
+        if let Ok(port) = listen.parse::<u16>() {
+            return Ok(Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        listen
+            .parse::<std::net::SocketAddr>()
+            .map(Some)
+            .map_err(|_| bad("is not an address"))
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        self.addr()?;
+        if !(1..=1024).contains(&self.max_connections) {
+            return Err(ConfigError::Value(format!(
+                "[http] max_connections = {} is out of range: it must be 1..=1024",
+                self.max_connections
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn empty_string_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    Ok(s.filter(|p| !p.trim().is_empty()))
 }
 
 const WEEK_S: u64 = 7 * 24 * 3600;
@@ -544,6 +606,35 @@ mod tests {
             assert!((lo..=hi).contains(&value), "{key}");
         }
         assert!(c.check().is_ok());
+    }
+
+    #[test]
+    fn http_listen() {
+        let c = Config::parse("", Path::new("a")).unwrap();
+        assert_eq!(c.http.addr().unwrap(), None, "off by default");
+        let c = Config::parse("[http]\nlisten = \"8080\"\n", Path::new("a")).unwrap();
+        assert_eq!(
+            c.http.addr().unwrap(),
+            Some("127.0.0.1:8080".parse().unwrap()),
+            "a bare port is loopback"
+        );
+        let c = Config::parse("[http]\nlisten = \"0.0.0.0:9\"\n", Path::new("a")).unwrap();
+        assert_eq!(c.http.addr().unwrap(), Some("0.0.0.0:9".parse().unwrap()));
+        let c = Config::parse("[http]\nlisten = \"[::1]:80\"\n", Path::new("a")).unwrap();
+        assert_eq!(c.http.addr().unwrap(), Some("[::1]:80".parse().unwrap()));
+        let c = Config::parse("[http]\nlisten = \"\"\n", Path::new("a")).unwrap();
+        assert_eq!(c.http.addr().unwrap(), None);
+        for bad in ["localhost:80", "127.0.0.1", "70000", "1.2.3.4:99999", "x"] {
+            let msg = Config::parse(&format!("[http]\nlisten = {bad:?}\n"), Path::new("a"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("[http] listen") && msg.contains(bad), "{msg}");
+        }
+        for (v, ok) in [(0, false), (1, true), (1024, true), (1025, false)] {
+            let r = Config::parse(&format!("[http]\nmax_connections = {v}\n"), Path::new("a"));
+            assert_eq!(r.is_ok(), ok, "{v}");
+        }
+        assert!(Config::parse("[http]\nport = 1\n", Path::new("a")).is_err());
     }
 
     #[test]

@@ -89,6 +89,8 @@ struct Running {
     timer_stop: Sender<()>,
     timer: std::thread::JoinHandle<()>,
     control: crate::control::Server,
+    /// The status page, API and metrics (`[http] listen`).
+    http: Option<crate::http::Server>,
     /// The first seq of this run: jobs with a higher id were opened by it.
     first_seq: u64,
     /// Jobs recovery found open.
@@ -106,6 +108,14 @@ impl Running {
             nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 1 << 20);
         }
         let cfg = Arc::new(cfg);
+        // A taken HTTP port stops the start before anything else is started.
+        let http_listener = match cfg.http.addr()? {
+            Some(addr) => Some(
+                crate::http::Server::bind(addr)
+                    .with_context(|| format!("cannot serve HTTP on {addr}"))?,
+            ),
+            None => None,
+        };
         let worker = cfg.worker_id();
         let spool = Spool::new(&cfg.spool.dir, &worker);
         spool.create_dirs()?;
@@ -121,6 +131,11 @@ impl Running {
             .map(|s| s.with_min_free(cfg.spool.state_min_free_mb << 20))
             .with_context(|| format!("cannot open the event log in {}", state_dir.display()))?,
         );
+        // The metrics observe every event from now on; the log's jobs are counted beside.
+        let metrics = match http_listener {
+            Some(l) => Some((l, crate::http::metrics::start_counting(&store)?)),
+            None => None,
+        };
         // Only now (the log's lock is ours, so no other daemon of this worker runs).
         for p in spool.remove_leftovers() {
             log::info!("removed {}, left by an interrupted write", p.display());
@@ -185,6 +200,20 @@ impl Running {
                 .spawn(move || run_timer(&stage, &timer_rx))?
         };
         let control = crate::control::Server::start(Arc::clone(&stage))?;
+        let http = match metrics {
+            Some((listener, (metrics, seeder))) => {
+                let app = crate::http::App {
+                    stage: Arc::clone(&stage),
+                    metrics,
+                };
+                let max = cfg.http.max_connections as usize;
+                Some(
+                    crate::http::Server::start(app, seeder, listener, max)
+                        .context("cannot start the HTTP server")?,
+                )
+            }
+            None => None,
+        };
         crate::notify::ready(&format!(
             "claiming; {} job(s) open at start",
             open_at_start.len()
@@ -195,6 +224,7 @@ impl Running {
             timer_stop,
             timer,
             control,
+            http,
             first_seq,
             open_at_start,
         })
@@ -222,6 +252,9 @@ impl Running {
             stage.cancel_running();
         });
         self.control.stop();
+        if let Some(h) = self.http {
+            h.stop();
+        }
         stage.stop_pushes();
         drop(self.timer_stop);
         let _ = self.timer.join();

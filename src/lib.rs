@@ -3,7 +3,7 @@
 //! Data flows one way: `spool` (watch, claim) → `journal` (events, fold) held by `store` →
 //! `lifecycle` (what is left to do for a job) carried out by `stage` → `pool` → `build` (mic
 //! command lines, native, kvm) → `outbox` → `pusher`/`hooks`. `daemon::run` is the whole
-//! daemon as a library function; `control` is the operator protocol; `cli` is the command line
+//! daemon as a library function; `control` is the operator protocol; `http` the read-only status page, API and metrics; `cli` is the command line
 //! around it.
 
 pub mod archive;
@@ -15,6 +15,7 @@ pub mod control;
 pub mod daemon;
 pub mod durable;
 pub mod hooks;
+pub mod http;
 pub mod joblog;
 pub mod journal;
 pub mod legacy;

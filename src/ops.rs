@@ -240,7 +240,19 @@ pub fn events_page(journal: &Journal, f: &EventFilter, max: usize) -> Result<Vec
 
 /// One event as a line for people.
 pub fn event_line(e: &Event) -> String {
-    let detail = match &e.kind {
+    format!(
+        "{:>8} {} job {:<6} {:<11} {}",
+        e.seq,
+        e.ts,
+        e.job,
+        e.kind.name(),
+        event_detail(e)
+    )
+}
+
+/// What an event says, for people (the end of its `event_line`).
+pub fn event_detail(e: &Event) -> String {
+    match &e.kind {
         EventKind::Claimed {
             file,
             worker,
@@ -293,14 +305,7 @@ pub fn event_line(e: &Event) -> String {
         EventKind::Interrupted { reason, cause } => format!("{reason} ({cause:?})"),
         EventKind::Compacted { reason, .. } => reason.clone(),
         EventKind::Cancelled { reason } | EventKind::Requeued { reason, .. } => reason.clone(),
-    };
-    format!(
-        "{:>8} {} job {:<6} {:<11} {detail}",
-        e.seq,
-        e.ts,
-        e.job,
-        e.kind.name()
-    )
+    }
 }
 
 /// What `replay` found.

@@ -65,7 +65,29 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How one recorded event changed its job: what an [`Observer`] is told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The job's state before the event (None: the event opened the job).
+    pub before: Option<journal::State>,
+    pub after: journal::State,
+    /// The job's `started_at` after the event.
+    pub started_at: Option<String>,
+}
+
+/// Told of every event as it is appended, in seq order, under the store's lock (before the
+/// event's job projection is written, so a reader that sees the new projection was preceded by
+/// the observer), and when `repair` reloads the jobs (an append that failed after its events
+/// were observed, or events appended without a flush and lost, are then forgotten). Keep it
+/// quick: memory only. (The HTTP server's metrics are one.)
+pub trait Observer: Send + Sync {
+    fn recorded(&self, event: &Event, change: &Change);
+    fn reloaded(&self, journal: &Journal);
+}
+
 pub struct Store {
+    /// Told of each recorded event (set once, before anything is recorded).
+    observer: std::sync::OnceLock<Arc<dyn Observer>>,
     dir: PathBuf,
     cache_bytes: u64,
     policy: Policy,
@@ -158,6 +180,7 @@ impl Store {
         restrict_files(dir);
         let open = load_open(&journal, &policy)?;
         Ok(Store {
+            observer: std::sync::OnceLock::new(),
             dir: dir.to_path_buf(),
             cache_bytes,
             policy,
@@ -211,6 +234,11 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Sets the observer of recorded events (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) {
+        let _ = self.observer.set(observer);
     }
 
     pub fn policy(&self) -> &Policy {
@@ -281,6 +309,7 @@ impl Store {
         let mut pending: HashMap<u64, Job> = HashMap::new();
         let mut failed = None;
         let policy = self.policy;
+        let observer = self.observer.get();
         let evs = journal
             .append_with(items, |ev, view| {
                 let job = pending.entry(ev.job).or_insert_with(|| {
@@ -296,7 +325,16 @@ impl Store {
                     }
                     .unwrap_or_default()
                 });
+                let before = (ev.seq != ev.job).then_some(job.state);
                 job.apply(view);
+                if let Some(o) = observer {
+                    let change = Change {
+                        before,
+                        after: job.state,
+                        started_at: job.started_at.clone(),
+                    };
+                    o.recorded(ev, &change);
+                }
                 (job.clone(), lifecycle::is_open(job, &policy))
             })
             .inspect_err(|e| self.fail(e))?;
@@ -517,6 +555,9 @@ impl Store {
         let journal = self.journal()?;
         let reloaded = load_open(&journal, &self.policy)?;
         *lock(&self.open) = reloaded;
+        if let Some(o) = self.observer.get() {
+            o.reloaded(&journal);
+        }
         *lock(&self.failing) = None;
         self.full.store(false, std::sync::atomic::Ordering::SeqCst);
         log::info!("the event log takes writes again: resuming");

@@ -1,0 +1,659 @@
+//! The numbers `/metrics` serves, kept in memory: seeded once from the stored projections when
+//! the daemon starts (before it records anything), then changed by every recorded event (an
+//! [`Observer`] of the store). A scrape reads only these numbers, never the log, so it costs
+//! the same at any log size.
+//!
+//! Invariant: `build_image_jobs{state}` is the number of jobs whose folded state is `state`:
+//! each event moves its job from the state before it to the state after it.
+
+use crate::journal::{Event, EventKind, Job, Journal, JournalError, State};
+use crate::store::{Change, Observer, lock};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// The buckets of `build_image_build_duration_seconds`: 10 s to 4 h (mic builds take minutes).
+pub const DURATION_BUCKETS: [f64; 11] = [
+    10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+
+/// The content type of the exposition (OpenMetrics text, which Prometheus reads).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    jobs: Family<StateLabel, Gauge>,
+    builds: Family<ResultLabel, Counter>,
+    duration: Histogram,
+    push_failures: Counter,
+    oldest_queued: Gauge<f64, AtomicU64>,
+    last_seq_gauge: Gauge,
+    log_writable: Gauge,
+    last_seq: AtomicU64,
+    /// When each job now queued entered the queue.
+    queued: Mutex<HashMap<u64, SystemTime>>,
+    /// One scrape at a time (the gauges computed at scrape time are set, then encoded).
+    scrape: Mutex<()>,
+    /// Jobs counted per state, kept beside the gauges for the status page's filter counts.
+    counts: [AtomicI64; State::ALL.len()],
+    /// While `seed` counts the jobs (None once it is done).
+    seeding: Mutex<Option<Seeding>>,
+    cancel: std::sync::atomic::AtomicBool,
+    /// Jobs events touched while `seed` counted: before it reached them, and after.
+    touched_while_counting: (AtomicU64, AtomicU64),
+}
+
+/// What `seed` needs to know about the events recorded while it counts.
+#[derive(Default)]
+struct Seeding {
+    /// The highest job id counted so far.
+    cursor: u64,
+    /// The jobs events touched since the start.
+    touched: HashMap<u64, Touched>,
+    /// The log was reloaded meanwhile: count again at the end.
+    reload: bool,
+}
+
+struct Touched {
+    /// Its state before its first event since the start (None: opened since).
+    first_before: Option<State>,
+    /// `seed` had counted it (in `first_before`) before its first event.
+    counted: bool,
+    current: State,
+}
+
+fn state_index(s: State) -> usize {
+    State::ALL.iter().position(|x| *x == s).unwrap_or(0)
+}
+
+fn ts(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(s).ok()
+}
+
+impl Metrics {
+    /// Empty metrics, every family registered (every state present, at 0).
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("build_image");
+        let jobs = Family::<StateLabel, Gauge>::default();
+        let builds = Family::<ResultLabel, Counter>::default();
+        let duration = Histogram::new(DURATION_BUCKETS);
+        let push_failures = Counter::default();
+        let oldest_queued = Gauge::<f64, AtomicU64>::default();
+        let last_seq_gauge = Gauge::default();
+        let log_writable = Gauge::default();
+        registry.register(
+            "jobs",
+            "Jobs in each state (claimed, queued, building, interrupted, finished, done, error, rejected, moved)",
+            jobs.clone(),
+        );
+        registry.register(
+            "builds",
+            "Builds that ran to their end, by result (failure: mic failed, timed out, left no image, or was cancelled while running)",
+            builds.clone(),
+        );
+        registry.register(
+            "build_duration_seconds",
+            "Duration of the builds that ran to their end, from started to finished",
+            duration.clone(),
+        );
+        registry.register(
+            "push_failures",
+            "Runs of the push utility that failed (exit status, timeout, or could not start)",
+            push_failures.clone(),
+        );
+        registry.register(
+            "oldest_queued_age_seconds",
+            "How long the job queued longest has been waiting for a build slot (0: none queued)",
+            oldest_queued.clone(),
+        );
+        registry.register(
+            "last_event_seq",
+            "The seq of the last event recorded in the log",
+            last_seq_gauge.clone(),
+        );
+        registry.register(
+            "log_writable",
+            "1 while the event log takes writes, 0 while it cannot (disk full, write errors): nothing is claimed then",
+            log_writable.clone(),
+        );
+        for s in State::ALL {
+            let _ = jobs.get_or_create(&StateLabel { state: s.as_str() });
+        }
+        for result in ["success", "failure"] {
+            let _ = builds.get_or_create(&ResultLabel { result });
+        }
+        Metrics {
+            registry,
+            jobs,
+            builds,
+            duration,
+            push_failures,
+            oldest_queued,
+            last_seq_gauge,
+            log_writable,
+            last_seq: AtomicU64::new(0),
+            queued: Mutex::new(HashMap::new()),
+            scrape: Mutex::new(()),
+            counts: std::array::from_fn(|_| AtomicI64::new(0)),
+            seeding: Mutex::new(Some(Seeding::default())),
+            cancel: std::sync::atomic::AtomicBool::new(false),
+            touched_while_counting: (AtomicU64::new(0), AtomicU64::new(0)),
+        }
+    }
+
+    /// Metrics that count from zero: no log to count (tests).
+    pub fn counting_from_zero() -> Metrics {
+        let m = Metrics::new();
+        *lock(&m.seeding) = None;
+        m
+    }
+
+    /// Counts the log's jobs from their stored projections, reading them one by one by id (a
+    /// job's id is the seq of its first event) while the daemon runs and records: run it on a
+    /// thread of its own after [`Metrics::new`] was made the store's observer; `cancel` ends
+    /// it early. Until it is done, `/metrics` answers 503 and the state counts are unknown.
+    ///
+    /// Exact for the jobs per state: a job an event touches before the count reaches it is
+    /// counted in the state the events left it in; one touched after it was counted is moved
+    /// from its counted state (the state before its first event since the start) to its
+    /// current one. The counters start from each counted job's last build and failed final
+    /// pushes (a retried job's earlier builds, failed BUILDING pushes and the history of jobs
+    /// touched before they were counted are not in the projections); every event after the
+    /// start is counted exactly.
+    pub fn seed(&self, journal: &Journal) -> Result<(), JournalError> {
+        let started = std::time::Instant::now();
+        let top = journal.last_seq();
+        let mut counts = [0i64; State::ALL.len()];
+        let mut queued = Vec::new();
+        let mut jobs = 0u64;
+        for id in 1..=top {
+            if id % 4096 == 0 && self.cancel.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let Some(job) = journal.projection(id)? else {
+                continue;
+            };
+            let mut seeding = lock(&self.seeding);
+            let Some(sd) = seeding.as_mut() else {
+                return Ok(());
+            };
+            sd.cursor = id;
+            if sd.touched.contains_key(&id) {
+                continue; // its events since the start say where it is
+            }
+            drop(seeding);
+            jobs += 1;
+            counts[state_index(job.state)] += 1;
+            if job.state == State::Queued {
+                queued.push(job.id);
+            }
+            if let (Some(result), Some(start), Some(end)) =
+                (job.result, &job.started_at, &job.finished_at)
+                && job.was_built()
+                && matches!(job.state, State::Finished | State::Done | State::Error)
+            {
+                self.build_ended(result, start, end);
+            }
+            let failed_pushes = job
+                .final_push_attempts
+                .saturating_sub(u32::from(job.final_pushed));
+            self.push_failures.inc_by(failed_pushes.into());
+        }
+        // When each job queued at the start entered the queue (a few: the open jobs).
+        let mut since = Vec::new();
+        for id in queued {
+            if let Some(job) = journal.projection(id)? {
+                since.push((id, queued_since(journal, &job)?));
+            }
+        }
+        let mut seeding = lock(&self.seeding);
+        let Some(sd) = seeding.take() else {
+            return Ok(());
+        };
+        for t in sd.touched.values() {
+            if let (true, Some(b)) = (t.counted, t.first_before) {
+                counts[state_index(b)] -= 1;
+                self.touched_while_counting.1.fetch_add(1, Ordering::SeqCst);
+            } else {
+                self.touched_while_counting.0.fetch_add(1, Ordering::SeqCst);
+            }
+            counts[state_index(t.current)] += 1;
+        }
+        {
+            let mut q = lock(&self.queued);
+            for (id, at) in since {
+                if !sd.touched.contains_key(&id) {
+                    q.insert(id, at);
+                }
+            }
+        }
+        self.set_counts(&counts);
+        self.last_seq.fetch_max(top, Ordering::SeqCst);
+        drop(seeding);
+        log::info!(
+            "metrics: {jobs} job(s) counted from their projections in {:?}",
+            started.elapsed()
+        );
+        if sd.reload {
+            self.reloaded(journal);
+        }
+        Ok(())
+    }
+
+    /// Ends a `seed` under way.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Have the jobs been counted (`seed` is done)?
+    pub fn counted(&self) -> bool {
+        lock(&self.seeding).is_none()
+    }
+
+    fn set_counts(&self, counts: &[i64; State::ALL.len()]) {
+        for (i, s) in State::ALL.iter().enumerate() {
+            self.counts[i].store(counts[i], Ordering::SeqCst);
+            self.jobs
+                .get_or_create(&StateLabel { state: s.as_str() })
+                .set(counts[i]);
+        }
+    }
+
+    /// Counts every job again from the projections (after a log repair), at once.
+    fn recount(&self, journal: &Journal) -> Result<(), JournalError> {
+        let mut counts = [0i64; State::ALL.len()];
+        let mut queued = HashMap::new();
+        for job in journal.projections()?.values() {
+            counts[state_index(job.state)] += 1;
+            if job.state == State::Queued {
+                queued.insert(job.id, queued_since(journal, job)?);
+            }
+        }
+        self.set_counts(&counts);
+        *lock(&self.queued) = queued;
+        Ok(())
+    }
+
+    fn build_ended(&self, result: bool, started: &str, finished: &str) {
+        let label = ResultLabel {
+            result: if result { "success" } else { "failure" },
+        };
+        self.builds.get_or_create(&label).inc();
+        if let (Some(a), Some(b)) = (ts(started), ts(finished)) {
+            let secs = b.duration_since(a).unwrap_or(Duration::ZERO).as_secs_f64();
+            self.duration.observe(secs);
+        }
+    }
+
+    fn move_job(&self, before: Option<State>, after: State) {
+        if before == Some(after) {
+            return;
+        }
+        if let Some(b) = before {
+            self.counts[state_index(b)].fetch_sub(1, Ordering::SeqCst);
+            self.jobs
+                .get_or_create(&StateLabel { state: b.as_str() })
+                .dec();
+        }
+        self.counts[state_index(after)].fetch_add(1, Ordering::SeqCst);
+        self.jobs
+            .get_or_create(&StateLabel {
+                state: after.as_str(),
+            })
+            .inc();
+    }
+
+    /// Jobs per state now (what the gauges say), in `State::ALL` order; None until counted.
+    pub fn job_counts(&self) -> Option<Vec<(State, i64)>> {
+        if !self.counted() {
+            return None;
+        }
+        let counts = State::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, self.counts[i].load(Ordering::SeqCst)))
+            .collect();
+        Some(counts)
+    }
+
+    /// The text exposition, at `now`; `log_writable` says whether the log takes writes. None
+    /// while the jobs are still being counted.
+    pub fn render(&self, now: SystemTime, log_writable: bool) -> Option<String> {
+        if !self.counted() {
+            return None;
+        }
+        let _one = lock(&self.scrape);
+        let oldest = lock(&self.queued).values().min().copied();
+        let age = oldest.map_or(0.0, |t| {
+            now.duration_since(t)
+                .unwrap_or(Duration::ZERO)
+                .as_secs_f64()
+        });
+        self.oldest_queued.set(age);
+        self.last_seq_gauge
+            .set(i64::try_from(self.last_seq.load(Ordering::SeqCst)).unwrap_or(i64::MAX));
+        self.log_writable.set(i64::from(log_writable));
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        Some(out)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Makes new metrics the store's observer (from now on every recorded event is counted) and
+/// counts the log's jobs ([`Metrics::seed`]) on a thread of its own, so a start does not wait
+/// for a read of every job.
+pub fn start_counting(store: &crate::store::Store) -> std::io::Result<(Arc<Metrics>, Seeder)> {
+    let journal = store.journal().map_err(std::io::Error::other)?;
+    let metrics = Arc::new(Metrics::new());
+    store.set_observer(Arc::clone(&metrics) as Arc<dyn Observer>);
+    let m = Arc::clone(&metrics);
+    let thread = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            if let Err(e) = m.seed(&journal) {
+                log::error!("metrics: cannot count the jobs of the log: {e}");
+            }
+        })?;
+    Ok((
+        Arc::clone(&metrics),
+        Seeder {
+            metrics,
+            thread: Some(thread),
+        },
+    ))
+}
+
+/// The thread counting the log's jobs: ended and joined when dropped.
+pub struct Seeder {
+    metrics: Arc<Metrics>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Seeder {
+    fn drop(&mut self) {
+        self.metrics.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// When a queued job entered the queue: the time of the event that last made it queued.
+fn queued_since(journal: &Journal, job: &Job) -> Result<SystemTime, JournalError> {
+    let mut folded = Job::default();
+    let mut since = None;
+    for ev in journal.job_events(job.id)? {
+        let before = folded.state;
+        folded.apply_event(&ev);
+        if folded.state == State::Queued && (before != State::Queued || since.is_none()) {
+            since = ts(&ev.ts);
+        }
+    }
+    Ok(since.unwrap_or_else(SystemTime::now))
+}
+
+impl Observer for Metrics {
+    fn recorded(&self, ev: &Event, c: &Change) {
+        self.last_seq.fetch_max(ev.seq, Ordering::SeqCst);
+        {
+            let mut seeding = lock(&self.seeding);
+            match seeding.as_mut() {
+                Some(sd) => {
+                    let cursor = sd.cursor;
+                    sd.touched
+                        .entry(ev.job)
+                        .and_modify(|t| t.current = c.after)
+                        .or_insert(Touched {
+                            first_before: c.before,
+                            counted: c.before.is_some() && ev.job <= cursor,
+                            current: c.after,
+                        });
+                }
+                None => self.move_job(c.before, c.after),
+            }
+        }
+        match &ev.kind {
+            EventKind::Finished { result, .. } if c.before == Some(State::Building) => {
+                if let Some(start) = &c.started_at {
+                    self.build_ended(*result, start, &ev.ts);
+                }
+            }
+            EventKind::Pushed { ok: false, .. } => {
+                self.push_failures.inc();
+            }
+            _ => {}
+        }
+        if c.after == State::Queued && c.before != Some(State::Queued) {
+            let at = ts(&ev.ts).unwrap_or_else(SystemTime::now);
+            lock(&self.queued).insert(ev.job, at);
+        } else if c.after != State::Queued && c.before == Some(State::Queued) {
+            lock(&self.queued).remove(&ev.job);
+        }
+    }
+
+    fn reloaded(&self, journal: &Journal) {
+        // Events observed but not in the log (an append that failed, events lost with an
+        // unflushed tail) are forgotten: count the jobs again. (Counters keep what they
+        // counted: a counter never goes down.)
+        if let Some(sd) = lock(&self.seeding).as_mut() {
+            sd.reload = true;
+            return;
+        }
+        if let Err(e) = self.recount(journal) {
+            log::warn!("metrics: cannot count the jobs again: {e}");
+        }
+        self.last_seq.store(journal.last_seq(), Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(before: Option<State>, after: State) -> Change {
+        Change {
+            before,
+            after,
+            started_at: Some("2026-11-24T00:00:00Z".into()),
+        }
+    }
+
+    fn ev(seq: u64, kind: EventKind) -> Event {
+        Event {
+            seq,
+            ts: "2026-11-24T00:01:30Z".into(),
+            job: 1,
+            kind,
+        }
+    }
+
+    /// Counting the jobs while events are recorded gives the same counts as the projections
+    /// afterwards: jobs touched before the count reached them, after it, and opened meanwhile.
+    #[test]
+    fn counting_while_events_are_recorded_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = crate::lifecycle::Policy {
+            push: false,
+            push_retries: 0,
+            max_attempts: 2,
+        };
+        let store = Arc::new(
+            crate::store::Store::open(dir.path(), 8 << 20, policy, Duration::ZERO).unwrap(),
+        );
+        let reject = |i: u64| {
+            (
+                None,
+                EventKind::Rejected {
+                    file: format!("f{i}"),
+                    reason: "empty file".into(),
+                },
+            )
+        };
+        for batch in 0..16 {
+            store
+                .record_batch((0..1000).map(|i| reject(batch * 1000 + i)).collect())
+                .unwrap();
+        }
+        let (m, seeder) = start_counting(&store).unwrap();
+        // While it counts: move every 7th old job (some before the count reaches them, some
+        // after), and open new ones.
+        // Old jobs from the end first: the count (from id 1 up) meets them.
+        for id in (1..=16_000).rev().step_by(7) {
+            store
+                .append(vec![(
+                    Some(id),
+                    EventKind::Requeued {
+                        reason: "moved".into(),
+                        file: Some(format!("f{id}")),
+                        from_worker: Some("w0".into()),
+                    },
+                )])
+                .unwrap();
+            if id % 70 == 0 {
+                store.append(vec![reject(100_000 + id)]).unwrap();
+            }
+        }
+        store.sync().unwrap();
+        assert!(crate::wait::wait_for(Duration::from_secs(60), || m.counted()));
+        drop(seeder);
+        let jobs = store.journal().unwrap().projections().unwrap();
+        let mut want: HashMap<State, i64> = HashMap::new();
+        for j in jobs.values() {
+            *want.entry(j.state).or_default() += 1;
+        }
+        for (s, n) in m.job_counts().unwrap() {
+            assert_eq!(n, want.get(&s).copied().unwrap_or(0), "{s}");
+        }
+        assert_eq!(want[&State::Moved], 2286);
+        let (before, after) = &m.touched_while_counting;
+        eprintln!(
+            "touched before the count reached them: {}, after: {}",
+            before.load(Ordering::SeqCst),
+            after.load(Ordering::SeqCst)
+        );
+        let text = m.render(SystemTime::now(), true).unwrap();
+        let last = store.journal().unwrap().last_seq();
+        assert_eq!(
+            line(&text, "build_image_last_event_seq"),
+            Some(last.to_string().as_str())
+        );
+    }
+
+    fn line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+    }
+
+    #[test]
+    fn events_move_jobs_and_count_builds() {
+        let m = Metrics::counting_from_zero();
+        let finished = EventKind::Finished {
+            result: true,
+            error: None,
+            urls: Default::default(),
+        };
+        let failed_push = EventKind::Pushed {
+            status: crate::journal::Status::Done,
+            exit: Some(1),
+            ok: false,
+            error: None,
+        };
+        let cancel = EventKind::Cancelled { reason: "x".into() };
+        m.recorded(&ev(1, cancel), &change(None, State::Queued));
+        m.recorded(
+            &ev(2, finished.clone()),
+            &change(Some(State::Building), State::Finished),
+        );
+        m.recorded(&ev(3, failed_push), &change(Some(State::Done), State::Done));
+        let text = m.render(SystemTime::now(), true).unwrap();
+        assert_eq!(
+            line(&text, "build_image_jobs{state=\"finished\"}"),
+            Some("1")
+        );
+        assert_eq!(line(&text, "build_image_jobs{state=\"queued\"}"), Some("1"));
+        assert_eq!(
+            line(&text, "build_image_builds_total{result=\"success\"}"),
+            Some("1")
+        );
+        assert_eq!(
+            line(&text, "build_image_builds_total{result=\"failure\"}"),
+            Some("0")
+        );
+        assert_eq!(line(&text, "build_image_push_failures_total"), Some("1"));
+        assert_eq!(line(&text, "build_image_last_event_seq"), Some("3"));
+        assert_eq!(
+            line(&text, "build_image_build_duration_seconds_sum"),
+            Some("90.0")
+        );
+        assert_eq!(
+            line(
+                &text,
+                "build_image_build_duration_seconds_bucket{le=\"120.0\"}"
+            ),
+            Some("1")
+        );
+        assert_eq!(
+            line(
+                &text,
+                "build_image_build_duration_seconds_bucket{le=\"60.0\"}"
+            ),
+            Some("0")
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        // the queued job's age is counted from its queued event
+        let age: f64 = line(&text, "build_image_oldest_queued_age_seconds")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(age > 0.0, "{age}");
+        // a finished event that did not end a running build (cancel before the build) is no build
+        m.recorded(
+            &ev(4, finished),
+            &change(Some(State::Queued), State::Finished),
+        );
+        let text = m.render(SystemTime::now(), false).unwrap();
+        assert_eq!(
+            line(&text, "build_image_builds_total{result=\"success\"}"),
+            Some("1")
+        );
+        assert_eq!(line(&text, "build_image_jobs{state=\"queued\"}"), Some("0"));
+        assert_eq!(
+            line(&text, "build_image_oldest_queued_age_seconds"),
+            Some("0.0")
+        );
+        assert_eq!(line(&text, "build_image_log_writable"), Some("0"));
+        assert_eq!(
+            m.job_counts()
+                .unwrap()
+                .iter()
+                .find(|(s, _)| *s == State::Finished)
+                .map(|c| c.1),
+            Some(2)
+        );
+    }
+}

@@ -1,0 +1,555 @@
+//! The HTML pages: pure functions from what the log says to markup. Built with maud, whose
+//! `html!` escapes every value it is given, so text from a workitem (a name holding
+//! `<script>`) is shown, never run. Inline CSS; the only script is `/live.js` (the job page's
+//! live log), and every page reads fully without it.
+
+use crate::journal::{Event, Job, State};
+use crate::ops::{self, StatusRow};
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+
+/// One row of the status page.
+pub struct Row {
+    pub status: StatusRow,
+    /// Where the job's files are served (its job folder under base_url), when known.
+    pub files_url: Option<String>,
+    /// The job has a build log (it was accepted for building).
+    pub has_log: bool,
+}
+
+/// What the status page shows.
+pub struct Index {
+    pub worker: String,
+    pub rows: Vec<Row>,
+    /// Jobs per state (all the log's jobs); None while they are being counted at a start.
+    pub counts: Option<Vec<(State, i64)>>,
+    pub filter: Option<State>,
+    pub limit: usize,
+    /// The `before` of the next (older) page, if there is one.
+    pub older: Option<u64>,
+    /// The page is not the newest one.
+    pub paged: bool,
+    /// Why the log cannot be written now, if so.
+    pub failing: Option<String>,
+}
+
+/// What a job's page shows.
+pub struct JobPage {
+    pub worker: String,
+    pub job: Job,
+    pub row: StatusRow,
+    pub events: Vec<Event>,
+    /// The answer's fields, as (name, value) pairs, in the order people read them.
+    pub answer: Vec<(String, String)>,
+    /// The whole workitem as the outbox has (or will have) it, pretty-printed.
+    pub workitem: Option<String>,
+    pub log: Option<LogTail>,
+    pub files_url: Option<String>,
+    pub image_url: Option<String>,
+    pub logfile_url: Option<String>,
+}
+
+/// The end of a job's build log.
+pub struct LogTail {
+    pub text: String,
+    /// Bytes of the log before `text` that are not shown.
+    pub skipped: u64,
+    /// Where `text` ends: the stream of new output starts here.
+    pub offset: u64,
+    /// The file does not exist (yet).
+    pub missing: bool,
+    /// The log may still grow: the page streams it.
+    pub live: bool,
+}
+
+const CSS: &str = r#"
+:root{--bg:#f5f6f8;--fg:#1b2130;--muted:#677083;--line:#e2e5eb;--card:#fff;--accent:#2454c7}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;background:var(--bg);color:var(--fg)}
+header{background:#1b2130;color:#fff;padding:12px 28px;display:flex;align-items:baseline;gap:18px}
+header .brand{color:#fff;text-decoration:none;font-weight:700;font-size:17px;letter-spacing:.01em}
+header .sub{color:#a9b1c1;font-size:13px}
+header nav{margin-left:auto;display:flex;gap:16px}
+header nav a{color:#c9d1e0;font-size:13px;text-decoration:none}
+header nav a:hover{color:#fff}
+main{padding:22px 28px;max-width:1480px;margin:0 auto}
+h1{font-size:20px;margin:0 0 16px;display:flex;align-items:center;gap:12px;flex-wrap:wrap}
+a{color:var(--accent)}
+.filters{display:flex;flex-wrap:wrap;gap:6px;margin-bottom:16px}
+.chip{display:inline-flex;gap:6px;align-items:center;padding:4px 11px;border:1px solid var(--line);border-radius:999px;background:var(--card);color:var(--fg);text-decoration:none;font-size:13px}
+.chip:hover{border-color:#b9c0cc}
+.chip.on{background:var(--fg);color:#fff;border-color:var(--fg)}
+.chip .n{font-weight:600;font-variant-numeric:tabular-nums}
+.chip.zero{color:#9aa2b1}
+table{width:100%;border-collapse:separate;border-spacing:0;background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden}
+th{text-align:left;font-weight:600;font-size:11.5px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);background:#fafbfc;padding:9px 10px;border-bottom:1px solid var(--line);white-space:nowrap}
+td{padding:8px 10px;border-bottom:1px solid var(--line);vertical-align:top}
+tbody tr:last-child td{border-bottom:0}
+tbody tr:hover{background:#f4f7fe}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
+td.mono,td.name{white-space:nowrap}
+td.result{min-width:190px;max-width:380px;overflow-wrap:anywhere}
+.scroll{overflow-x:auto;border-radius:10px}
+.nowrap{white-space:nowrap}
+.badge{display:inline-flex;align-items:center;padding:2px 9px;border-radius:999px;font-size:12px;font-weight:600;white-space:nowrap}
+.s-claimed,.s-moved{background:#eceff4;color:#4a5263}
+.s-queued{background:#e3ebff;color:#2243a0}
+.s-building{background:#fff1cc;color:#7f5300}
+.s-building::before{content:"";width:7px;height:7px;border-radius:50%;background:#e09b00;margin-right:6px;animation:pulse 1.2s ease-in-out infinite}
+.s-interrupted{background:#ffe6d1;color:#8f4300}
+.s-finished{background:#d9f3ef;color:#0d665a}
+.s-done{background:#d8f3e0;color:#166a2e}
+.s-error{background:#fde0de;color:#a01f19}
+.s-rejected{background:#ece5f6;color:#563c82}
+@keyframes pulse{50%{opacity:.25}}
+.ok{color:#166a2e;font-weight:600}
+.err{color:#a01f19}
+.muted{color:var(--muted)}
+.links a{margin-right:10px;white-space:nowrap}
+.pager{margin-top:14px;display:flex;justify-content:space-between;align-items:center;color:var(--muted);font-size:13px}
+.banner{background:#fde0de;color:#a01f19;padding:10px 14px;border-radius:8px;margin-bottom:16px;border:1px solid #f3b3ae}
+.empty{padding:28px;text-align:center;color:var(--muted)}
+.cols{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,7fr);gap:20px;align-items:start}
+@media (max-width:1000px){.cols{grid-template-columns:1fr}}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:16px 18px;margin-bottom:20px}
+.card h2{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:var(--muted);margin:0 0 12px;display:flex;align-items:center;gap:10px}
+dl{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:5px 18px;margin:0}
+dt{color:var(--muted)}
+dd{margin:0;overflow-wrap:anywhere}
+ol.timeline{list-style:none;margin:0;padding:0 0 0 6px}
+ol.timeline li{position:relative;padding:0 0 12px 20px;border-left:2px solid var(--line)}
+ol.timeline li:last-child{border-left-color:transparent;padding-bottom:0}
+ol.timeline li::before{content:"";position:absolute;left:-7px;top:3px;width:8px;height:8px;border-radius:50%;background:var(--card);border:2px solid #98a1b1}
+ol.timeline li.k-finished::before,ol.timeline li.k-delivered::before{border-color:#166a2e;background:#d8f3e0}
+ol.timeline li.k-started::before{border-color:#e09b00;background:#fff1cc}
+ol.timeline li.bad::before{border-color:#a01f19;background:#fde0de}
+.ev-head{display:flex;gap:10px;align-items:baseline}
+.ev-kind{font-weight:600}
+.ev-time{color:var(--muted);font-size:12px;font-variant-numeric:tabular-nums}
+.ev-detail{color:#333b4a;overflow-wrap:anywhere;font-size:13px}
+pre.log{background:#0f1522;color:#dfe5ee;padding:12px 14px;border-radius:8px;max-height:560px;overflow:auto;font-size:12.5px;line-height:1.45;white-space:pre-wrap;overflow-wrap:anywhere;margin:0}
+pre.json{background:#f7f8fa;border:1px solid var(--line);padding:10px 12px;border-radius:8px;max-height:420px;overflow:auto;font-size:12px;margin:10px 0 0}
+.live{font-size:11.5px;padding:2px 9px;border-radius:999px;background:#eceff4;color:#4a5263;text-transform:none;letter-spacing:0;font-weight:600}
+.live.on{background:#d8f3e0;color:#166a2e}
+details summary{cursor:pointer;color:var(--accent);margin-top:12px}
+footer{color:var(--muted);font-size:12px;padding:0 28px 24px;max-width:1480px;margin:0 auto}
+"#;
+
+fn layout(title: &str, worker: &str, head_extra: Markup, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · build-image" }
+                style { (PreEscaped(CSS)) }
+                (head_extra)
+            }
+            body {
+                header {
+                    a.brand href="/" { "build-image" }
+                    span.sub { "worker " (worker) }
+                    nav {
+                        a href="/" { "jobs" }
+                        a href="/api/jobs" { "API" }
+                        a href="/metrics" { "metrics" }
+                    }
+                }
+                main { (body) }
+                footer { "build-image " (env!("CARGO_PKG_VERSION")) " · read-only" }
+            }
+        }
+    }
+}
+
+fn badge(state: State) -> Markup {
+    html! { span class={ "badge s-" (state.as_str()) } { (state.as_str()) } }
+}
+
+/// A duration for people: 42.3 s, 3 min 05 s, 1 h 02 min.
+pub fn human_duration(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "-".into();
+    }
+    if secs < 60.0 {
+        return format!("{secs:.1} s");
+    }
+    let s = secs.round() as u64;
+    if s < 3600 {
+        format!("{} min {:02} s", s / 60, s % 60)
+    } else {
+        format!("{} h {:02} min", s / 3600, (s % 3600) / 60)
+    }
+}
+
+/// An RFC 3339 time as the status table shows it: `11-25 14:03:07` (UTC; the full time is
+/// the cell's title).
+pub fn table_time(ts: &str) -> String {
+    let t = short_time(ts);
+    t.get(5..).map(str::to_string).unwrap_or(t)
+}
+
+/// An RFC 3339 time as `2026-11-25 14:03:07` (UTC).
+pub fn short_time(ts: &str) -> String {
+    let t = ts.trim_end_matches('Z').replacen('T', " ", 1);
+    t.split('.').next().unwrap_or(&t).to_string()
+}
+
+fn query(state: Option<State>, before: Option<u64>, limit: usize) -> String {
+    let mut parts = Vec::new();
+    if let Some(s) = state {
+        parts.push(format!("state={}", s.as_str()));
+    }
+    if let Some(b) = before {
+        parts.push(format!("before={b}"));
+    }
+    if limit != super::DEFAULT_PAGE {
+        parts.push(format!("limit={limit}"));
+    }
+    if parts.is_empty() {
+        "/".into()
+    } else {
+        format!("/?{}", parts.join("&"))
+    }
+}
+
+fn result_cell(r: &StatusRow) -> Markup {
+    html! {
+        @match (r.result, &r.error) {
+            (Some(true), _) => span.ok { "ok" },
+            (Some(false), Some(e)) => span.err title=(e) {
+                (e.chars().take(70).collect::<String>())
+                @if e.chars().count() > 70 { "…" }
+            },
+            (Some(false), None) => span.err { "failed" },
+            (None, _) => span.muted { "–" },
+        }
+    }
+}
+
+/// The status page: the jobs newest first, filters by state, a page at a time.
+pub fn index(p: &Index) -> Markup {
+    let counts: Vec<(State, Option<i64>)> = match &p.counts {
+        Some(c) => c.iter().map(|(s, n)| (*s, Some(*n))).collect(),
+        None => State::ALL.iter().map(|s| (*s, None)).collect(),
+    };
+    let total: Option<i64> = p.counts.as_ref().map(|c| c.iter().map(|c| c.1).sum());
+    // Reload by itself while something moves (no script needed).
+    let moving = p.counts.is_none()
+        || counts.iter().any(|(s, n)| {
+            n.is_some_and(|n| n > 0)
+                && matches!(s, State::Claimed | State::Queued | State::Building)
+        });
+    let head = html! {
+        @if moving && !p.paged { meta http-equiv="refresh" content="10"; }
+    };
+    let title = match p.filter {
+        Some(s) => format!("Jobs: {s}"),
+        None => "Jobs".into(),
+    };
+    layout(
+        &title,
+        &p.worker,
+        head,
+        html! {
+            @if let Some(why) = &p.failing {
+                div.banner { strong { "The event log cannot be written: " } (why) ". Nothing is claimed until that is over." }
+            }
+            nav.filters aria-label="filter by state" {
+                a class={ "chip" @if p.filter.is_none() { " on" } } href=(query(None, None, p.limit)) {
+                    "all" @if let Some(t) = total { span.n { (t) } }
+                }
+                @for (s, n) in &counts {
+                    a class={ "chip" @if p.filter == Some(*s) { " on" } @if *n == Some(0) { " zero" } }
+                        href=(query(Some(*s), None, p.limit)) data-state=(s.as_str()) {
+                        (s.as_str()) @if let Some(n) = n { span.n { (n) } }
+                    }
+                }
+                @if p.counts.is_none() { span.muted { "counting the jobs…" } }
+            }
+            div.scroll { table #jobs {
+                thead { tr {
+                    th.num { "Job" } th { "Image ID" } th { "State" } th { "Name" } th { "Arch" }
+                    th { "Type" } th { "Worker" } th { "Started (UTC)" } th.num { "Duration" }
+                    th { "Result" } th { "Links" }
+                } }
+                tbody {
+                    @for row in &p.rows {
+                        @let r = &row.status;
+                        tr data-job=(r.job) data-state=(r.state.as_str()) {
+                            td.num { a href={ "/jobs/" (r.job) } { (r.job) } }
+                            td.mono { a href={ "/jobs/" (r.job) } { (r.image_id.as_deref().unwrap_or("–")) } }
+                            td { (badge(r.state)) }
+                            td.name { (r.name.as_deref().unwrap_or("–")) }
+                            td.nowrap { (r.arch.as_deref().unwrap_or("–")) }
+                            td { (r.image_type.as_deref().unwrap_or("–")) }
+                            td { (r.worker.as_deref().unwrap_or("–")) }
+                            td.nowrap.muted title=[r.started.as_deref()] { (r.started.as_deref().map(table_time).unwrap_or_else(|| "–".into())) }
+                            td.num { (r.duration.map(human_duration).unwrap_or_else(|| "–".into())) }
+                            td.result { (result_cell(r)) }
+                            td.links {
+                                @if row.has_log { a href={ "/jobs/" (r.job) "/log" } { "log" } }
+                                @if let Some(u) = &row.files_url { a href=(u) { "files" } }
+                            }
+                        }
+                    }
+                }
+            }
+            }
+            @if p.rows.is_empty() {
+                div.empty { "No jobs" @if let Some(s) = p.filter { " in state " (s.as_str()) } "." }
+            }
+            div.pager {
+                span {
+                    "Newest first, " (p.limit) " per page"
+                    @if p.paged { " · " a href=(query(p.filter, None, p.limit)) { "newest" } }
+                }
+                @if let Some(b) = p.older {
+                    a href=(query(p.filter, Some(b), p.limit)) rel="next" { "older jobs →" }
+                }
+            }
+        },
+    )
+}
+
+fn event_class(e: &Event) -> String {
+    use crate::journal::EventKind as K;
+    let bad = match &e.kind {
+        K::Finished { result, .. } => !result,
+        K::Pushed { ok, .. } => !ok,
+        K::Rejected { .. } | K::Invalid { .. } | K::Interrupted { .. } | K::Cancelled { .. } => {
+            true
+        }
+        _ => false,
+    };
+    format!("k-{}{}", e.kind.name(), if bad { " bad" } else { "" })
+}
+
+/// A job's page: its facts, its events as a timeline, its answer and its build log's tail
+/// (streamed while it builds, with `/live.js`).
+pub fn job(p: &JobPage) -> Markup {
+    let j = &p.job;
+    let r = &p.row;
+    let live = p.log.as_ref().is_some_and(|l| l.live);
+    let head = html! {
+        @if live {
+            // Without JavaScript the page reloads itself while the build runs.
+            noscript { meta http-equiv="refresh" content="5"; }
+            script src="/live.js" defer {}
+        }
+    };
+    let title = format!(
+        "Job {} {}",
+        j.id,
+        j.image_id.as_deref().or(j.file.as_deref()).unwrap_or("")
+    );
+    layout(
+        &title,
+        &p.worker,
+        head,
+        html! {
+            h1 {
+                a href="/" .muted style="text-decoration:none" { "Jobs" } span.muted { "›" }
+                span { "Job " (j.id) }
+                @if let Some(id) = &j.image_id { span.mono { (id) } }
+                (badge(j.state))
+            }
+            div.cols {
+                div {
+                    section.card #facts {
+                        h2 { "Job" }
+                        dl {
+                            dt { "image_id" } dd.mono { (j.image_id.as_deref().unwrap_or("–")) }
+                            dt { "name" } dd { (j.name.as_deref().unwrap_or("–")) }
+                            dt { "arch" } dd { (j.arch.as_deref().unwrap_or("–")) }
+                            dt { "type" } dd { (j.image_type.as_deref().unwrap_or("–")) }
+                            dt { "worker" } dd { (j.worker.as_deref().unwrap_or("–")) }
+                            dt { "input file" } dd.mono { (j.file.as_deref().unwrap_or("–")) }
+                            dt { "attempts" } dd { (j.attempts) }
+                            dt { "claimed" } dd { (j.claimed_at.as_deref().map(short_time).unwrap_or_else(|| "–".into())) }
+                            dt { "started" } dd { (r.started.as_deref().map(short_time).unwrap_or_else(|| "–".into())) }
+                            dt { "finished" } dd { (j.finished_at.as_deref().map(short_time).unwrap_or_else(|| "–".into())) }
+                            dt { "duration" } dd { (r.duration.map(human_duration).unwrap_or_else(|| "–".into())) }
+                            dt { "result" } dd {
+                                @match r.result {
+                                    Some(true) => span.ok { "ok" },
+                                    Some(false) => span.err { "failed" },
+                                    None => span.muted { "–" },
+                                }
+                            }
+                            @if let Some(e) = &j.error { dt { "error" } dd.err { (e) } }
+                            @if let Some(why) = &j.reason { dt { "reason" } dd { (why) } }
+                            @if let Some(h) = j.held_by { dt { "held by" } dd { a href={ "/jobs/" (h) } { "job " (h) } } }
+                            @if let Some(o) = &j.outbox { dt { "answer" } dd.mono { "outbox/" (o) } }
+                        }
+                        p.links {
+                            @if p.log.is_some() { a href={ "/jobs/" (j.id) "/log" } { "build log" } }
+                            @if let Some(u) = &p.files_url { a href=(u) { "files" } }
+                            @if let Some(u) = &p.image_url { a href=(u) { "image" } }
+                            @if let Some(u) = &p.logfile_url { a href=(u) { "log (web)" } }
+                            a href={ "/api/jobs/" (j.id) } { "JSON" }
+                        }
+                    }
+                    section.card #events {
+                        h2 { "Events" }
+                        ol.timeline {
+                            @for e in &p.events {
+                                li class=(event_class(e)) data-kind=(e.kind.name()) {
+                                    div.ev-head {
+                                        span.ev-kind { (e.kind.name()) }
+                                        span.ev-time title=(e.ts) { (short_time(&e.ts)) }
+                                        span.muted.mono { "#" (e.seq) }
+                                    }
+                                    div.ev-detail { (ops::event_detail(e)) }
+                                }
+                            }
+                        }
+                    }
+                }
+                div {
+                    section.card #log {
+                        h2 {
+                            "Build log"
+                            @if live { span #live .live { "live" } }
+                        }
+                        @match &p.log {
+                            None => p.muted { "This job has no build log (it was never accepted for building)." },
+                            Some(l) => {
+                                @if l.skipped > 0 {
+                                    p.muted { "The first " (l.skipped) " bytes are not shown: "
+                                        a href={ "/jobs/" (j.id) "/log" } { "the whole log" } "." }
+                                }
+                                @if l.missing && !l.live {
+                                    p.muted { "The log file does not exist." }
+                                }
+                                pre.log #logtext data-stream=[live.then(|| format!("/jobs/{}/log/stream", j.id))]
+                                    data-offset=(l.offset) { (l.text) }
+                            }
+                        }
+                    }
+                    section.card #answer {
+                        h2 { "Answer" }
+                        @if p.answer.is_empty() {
+                            p.muted { "No answer yet." }
+                        } @else {
+                            dl {
+                                @for (k, v) in &p.answer { dt.mono { (k) } dd { (v) } }
+                            }
+                        }
+                        @if let Some(w) = &p.workitem {
+                            details {
+                                summary { "the whole workitem" }
+                                pre.json { (w) }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// A page saying what went wrong (404, 400, 500).
+pub fn error(worker: &str, status: u16, message: &str) -> Markup {
+    layout(
+        &format!("{status}"),
+        worker,
+        html! {},
+        html! {
+            h1 { (status) }
+            div.card { p { (message) } p { a href="/" { "all jobs" } } }
+        },
+    )
+}
+
+/// The script of the job page: appends the build log's new output as it comes (server-sent
+/// events from `/jobs/ID/log/stream`), and reloads the page when the build is over. Text is
+/// added as text nodes, never as HTML.
+pub const LIVE_JS: &str = r#"(function () {
+  var pre = document.getElementById('logtext');
+  var badge = document.getElementById('live');
+  if (!pre || !pre.dataset.stream || !window.EventSource) return;
+  var es = new EventSource(pre.dataset.stream + '?from=' + encodeURIComponent(pre.dataset.offset || '0'));
+  function atEnd() { return pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 16; }
+  pre.scrollTop = pre.scrollHeight;
+  es.onopen = function () { if (badge) { badge.textContent = 'live'; badge.className = 'live on'; } pre.dataset.live = 'on'; };
+  es.onmessage = function (e) {
+    var stick = atEnd();
+    pre.appendChild(document.createTextNode(e.data + '\n'));
+    pre.dataset.offset = e.lastEventId;
+    if (stick) pre.scrollTop = pre.scrollHeight;
+  };
+  es.addEventListener('reset', function () { pre.textContent = ''; });
+  es.addEventListener('end', function () {
+    es.close();
+    if (badge) { badge.textContent = 'build over'; badge.className = 'live'; }
+    setTimeout(function () { location.reload(); }, 1500);
+  });
+  es.onerror = function () { if (badge) { badge.textContent = 'reconnecting'; badge.className = 'live'; } };
+})();
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str) -> Row {
+        Row {
+            status: StatusRow {
+                job: 7,
+                image_id: Some("7-1".into()),
+                state: State::Building,
+                name: Some(name.into()),
+                arch: Some("i586".into()),
+                image_type: Some("fs".into()),
+                worker: Some("w1".into()),
+                file: Some("a.json".into()),
+                started: Some("2026-11-25T10:00:00.123Z".into()),
+                duration: Some(75.0),
+                attempts: 1,
+                result: Some(false),
+                error: Some("<img src=x onerror=alert(1)>".into()),
+            },
+            files_url: Some("http://x/\"><script>alert(2)</script>".into()),
+            has_log: true,
+        }
+    }
+
+    #[test]
+    fn input_text_is_escaped() {
+        let page = index(&Index {
+            worker: "<b>w</b>".into(),
+            rows: vec![row("<script>alert(1)</script>")],
+            counts: Some(vec![(State::Building, 1)]),
+            filter: None,
+            limit: 100,
+            older: Some(3),
+            paged: false,
+            failing: Some("<i>disk</i>".into()),
+        })
+        .into_string();
+        assert!(!page.contains("<script>alert"), "{page}");
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(!page.contains("<img src=x"));
+        assert!(!page.contains("<b>w</b>") && !page.contains("<i>disk</i>"));
+        assert!(page.contains("href=\"http://x/&quot;&gt;&lt;script&gt;"));
+        assert!(page.contains("href=\"/?before=3\""), "older page link");
+        assert!(
+            page.contains("http-equiv=\"refresh\""),
+            "reloads while building"
+        );
+    }
+
+    #[test]
+    fn durations_and_times() {
+        assert_eq!(human_duration(4.25), "4.2 s");
+        assert_eq!(human_duration(185.0), "3 min 05 s");
+        assert_eq!(human_duration(3720.0), "1 h 02 min");
+        assert_eq!(human_duration(-1.0), "-");
+        assert_eq!(
+            short_time("2026-11-25T10:00:00.123Z"),
+            "2026-11-25 10:00:00"
+        );
+    }
+}
