@@ -6,6 +6,7 @@
 //! daemon as a library function; `control` is the operator protocol; `cli` is the command line
 //! around it.
 
+pub mod amqp;
 pub mod backoff;
 pub mod build;
 pub mod cli;

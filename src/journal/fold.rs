@@ -400,6 +400,7 @@ mod tests {
             worker: "w1".into(),
             bytes: 10,
             sha256: "ab".into(),
+            source: None,
         }
     }
 
