@@ -563,7 +563,8 @@ mod tests {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     /// `amqp://USER:PASS@HOST:PORT/VHOST` (vhost percent-encoded, `%2f` is `/`); never logged
-    /// with its password.
+    /// with its password. An empty string is "not set".
+    #[serde(deserialize_with = "empty_string_is_none")]
     pub url: Option<String>,
     /// The queue consumed (declared durable): the participant's name.
     pub queue: String,
@@ -571,6 +572,11 @@ pub struct AmqpConfig {
     pub reply_queue: String,
     /// Unacked messages held, 0..=1000; 0 = the number of build slots (`[worker] workers`).
     pub prefetch: u32,
+}
+
+fn empty_string_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()))
 }
 
 impl Default for AmqpConfig {

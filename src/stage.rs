@@ -108,6 +108,9 @@ pub struct Stage {
     wake: (Sender<()>, Receiver<()>),
     /// The AMQP client answers of AMQP jobs are published with (`[amqp]`, see `amqp`).
     amqp: Mutex<Option<crate::amqp::Handle>>,
+    /// One intake at a time (the spool's claim loop and the AMQP intake): its image_id and
+    /// folder conflict checks see every job accepted before.
+    intake_one: Mutex<()>,
 }
 
 impl Stage {
@@ -135,6 +138,7 @@ impl Stage {
             stopping: AtomicBool::new(false),
             wake: bounded(1),
             amqp: Mutex::new(None),
+            intake_one: Mutex::new(()),
         })
     }
 
@@ -354,6 +358,7 @@ impl Stage {
     /// `intake` of files whose content came from elsewhere (`source`, recorded in `claimed`):
     /// message bodies written into active/ by the AMQP participant.
     pub fn intake_from(&self, names: &[String], source: Option<&str>) -> Result<()> {
+        let one = lock(&self.intake_one);
         let mut round: Vec<Claimed> = Vec::with_capacity(names.len());
         for name in names {
             round.push(self.read_claimed(name));
@@ -430,6 +435,7 @@ impl Stage {
         for (id, why) in &deferred {
             self.stall(*id, why);
         }
+        drop(one);
         let mut seen = HashSet::new();
         to_advance.retain(|id| seen.insert(*id) && !stalled.contains(id));
         for id in to_advance {

@@ -150,11 +150,40 @@ fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
     // 2 build slots' worth), publishes in flight when the broker stopped (both daemons).
     assert!(dups <= 12, "{dups} duplicates: more than the windows allow");
     assert_eq!(broker.depth(Q), 0, "every workitem was taken");
-    drop(b2);
+    let mut b2 = b2;
+    common::sigterm(&b2.0);
+    assert_eq!(
+        common::wait_exit(&mut b2.0, Duration::from_secs(60)),
+        Some(0)
+    );
     a.stop().unwrap();
-    // Both workers built; no job open.
-    let w1 = common::mic_runs_total(&farm);
-    assert!(w1 >= 100, "{w1} builds for 100 workitems");
+    // Both daemons took work; every job of both is settled; 100 workitems, 100 builds at least.
+    for w in ["w1", "w2"] {
+        let j = build_image::journal::Journal::open(&farm.spool().join("state").join(w)).unwrap();
+        let claims = j
+            .since(0)
+            .filter_map(Result::ok)
+            .filter(|e| {
+                matches!(
+                    &e.kind,
+                    build_image::journal::EventKind::Claimed {
+                        source: Some(_),
+                        ..
+                    }
+                )
+            })
+            .count();
+        println!("{w}: {claims} message(s) claimed");
+        assert!(claims >= 5, "{w} claimed {claims}");
+        assert_eq!(
+            j.open_jobs().unwrap(),
+            Vec::<u64>::new(),
+            "{w} has open jobs"
+        );
+    }
+    let builds = common::mic_runs_total(&farm);
+    println!("{builds} build(s) for 100 workitems");
+    assert!(builds >= 100, "{builds} builds for 100 workitems");
 }
 
 #[test]

@@ -25,7 +25,7 @@ use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 pub use client::{Client, Handle, Incoming, Settings};
 
@@ -174,6 +174,7 @@ impl Participant {
         else {
             return Ok(None);
         };
+        remove_leftovers(stage);
         let client = Client::start(s)?;
         stage.set_amqp(Some(client.handle.clone()));
         Ok(Some(Participant {
@@ -235,15 +236,21 @@ fn intake_loop(
     stop: &Receiver<()>,
 ) {
     let mut pending: VecDeque<Incoming> = VecDeque::new();
-    let mut next_check = Instant::now();
     loop {
+        // Messages waiting for a slot: look again soon (a build slot frees without telling
+        // this thread); none: sleep until one arrives.
+        let wait = if pending.is_empty() {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_millis(2)
+        };
         select! {
             recv(stop) -> _ => return,
             recv(deliveries) -> m => match m {
                 Ok(m) => pending.push_back(m),
                 Err(_) => return,
             },
-            default(Duration::from_millis(20)) => {}
+            default(wait) => {}
         }
         while let Ok(m) = deliveries.try_recv() {
             pending.push_back(m);
@@ -268,53 +275,81 @@ fn intake_loop(
                 Message::Malformed(why) => {
                     if let Some(m) = pending.remove(i) {
                         log::warn!("AMQP: a message is not a workitem ({why}): rejected");
-                        claim(stage, handle, m, false);
+                        claim(stage, handle, vec![m], false);
                     }
                 }
             }
         }
-        if Instant::now() < next_check && pending.is_empty() {
-            continue;
-        }
-        next_check = Instant::now() + Duration::from_millis(20);
-        let mut free = free_slots(stage);
-        while free > 0 {
-            let Some(m) = pending.pop_front() else { break };
-            if claim(stage, handle, m, true).is_some() {
-                free -= 1;
-            }
+        let free = free_slots(stage).min(pending.len());
+        if free > 0 {
+            let batch: Vec<Incoming> = pending.drain(..free).collect();
+            claim(stage, handle, batch, true);
         }
     }
 }
 
-/// Writes a message body into active/, records its claim (flushed), then acks it (a workitem)
-/// or rejects it without requeue (a malformed body: its job is rejected, the body kept in
-/// rejected/ with a `.reason`). If it cannot be recorded, it goes back to the queue.
-fn claim(stage: &Stage, handle: &Handle, m: Incoming, workitem: bool) -> Option<u64> {
-    let name = body_name();
-    let path = stage.spool.active_path(&name);
+/// Writes message bodies into active/, records their claims (one flush), then acks them
+/// (workitems) or rejects them without requeue (malformed bodies: their jobs are rejected, the
+/// bodies kept in rejected/ with a `.reason`). What cannot be recorded goes back to the queue.
+/// Returns the jobs opened.
+fn claim(stage: &Stage, handle: &Handle, batch: Vec<Incoming>, workitem: bool) -> Vec<u64> {
     let source = stage.amqp_source();
-    let recorded = crate::durable::write_new(&path, &m.body, 0o644)
+    let mut names = Vec::with_capacity(batch.len());
+    let written = batch.iter().try_for_each(|m| {
+        let name = body_name();
+        let path = stage.spool.active_path(&name);
+        names.push(name);
+        crate::durable::write_new(&path, &m.body, 0o644).map(|_| ())
+    });
+    let recorded = written
+        .and_then(|()| crate::durable::sync_dir(&stage.spool.active))
         .map_err(|e| e.to_string())
-        .and_then(|_| {
+        .and_then(|()| {
             stage
-                .intake_from(std::slice::from_ref(&name), source.as_deref())
+                .intake_from(&names, source.as_deref())
                 .map_err(|e| e.to_string())
         });
     match recorded {
         Ok(()) => {
-            if workitem {
-                handle.ack(m);
-            } else {
-                handle.reject(m, false);
+            for m in batch {
+                if workitem {
+                    handle.ack(m);
+                } else {
+                    handle.reject(m, false);
+                }
             }
-            stage.job_of_file(&name)
+            names.iter().filter_map(|n| stage.job_of_file(n)).collect()
         }
         Err(e) => {
-            log::error!("AMQP: cannot record a message ({e}): back to the queue");
-            let _ = std::fs::remove_file(&path);
-            handle.reject(m, true);
-            None
+            log::error!(
+                "AMQP: cannot record {} message(s) ({e}): back to the queue",
+                batch.len()
+            );
+            for n in &names {
+                let _ = std::fs::remove_file(stage.spool.active_path(n));
+            }
+            for m in batch {
+                handle.reject(m, true);
+            }
+            Vec::new()
+        }
+    }
+}
+
+/// Removes what an earlier life of this worker left of interrupted body writes in active/
+/// (hidden temporary files of `.amqp-` names; that process is gone: the log's lock is ours).
+pub fn remove_leftovers(stage: &Stage) {
+    let tmp_prefix = format!(".{FILE_PREFIX}");
+    let Ok(rd) = std::fs::read_dir(&stage.spool.active) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&tmp_prefix) && name.ends_with(".tmp") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => log::info!("removed active/{name}, left by an interrupted write"),
+                Err(err) => log::warn!("cannot remove active/{name}: {err}"),
+            }
         }
     }
 }
@@ -332,7 +367,7 @@ fn cancel(stage: &Stage, handle: &Handle, fei: &Value, pending: &mut VecDeque<In
     if let Some(i) = held
         && let Some(m) = pending.remove(i)
     {
-        claim(stage, handle, m, true);
+        claim(stage, handle, vec![m], true);
     }
     match stage.job_of_fei(fei) {
         Some(id) => match stage.cancel(id) {
@@ -342,5 +377,116 @@ fn cancel(stage: &Stage, handle: &Handle, fei: &Value, pending: &mut VecDeque<In
         None => log::warn!(
             "AMQP: cancel of fei {fei}: no open job of this worker has it (answered already, or another host holds it)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use serde_json::json;
+    use std::path::Path;
+
+    #[test]
+    fn the_password_is_never_shown() {
+        assert_eq!(
+            redact("amqp://boss:s3cret@mq.example.org:5672/%2f"),
+            "amqp://boss:***@mq.example.org:5672/%2f"
+        );
+        assert_eq!(redact("amqp://boss:p@ss@h/v"), "amqp://boss:***@h/v");
+        assert_eq!(redact("amqp://h:5672/v"), "amqp://h:5672/v");
+        assert_eq!(redact("not a url"), "not a url");
+        let cfg = Config::parse(
+            "[amqp]\nurl = \"amqp://u:topsecret@h:5672/%2f\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert!(!format!("{cfg:?}").contains("topsecret"));
+        let e = Config::parse("[amqp]\nurl = \"http://u:topsecret@h/\"\n", Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not an AMQP url") && !e.contains("topsecret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn config_defaults_ranges_and_urls() {
+        let cfg = Config::parse("", Path::new("t")).unwrap();
+        assert_eq!(cfg.amqp.url, None);
+        assert_eq!(cfg.amqp.queue, "build_image");
+        assert_eq!(cfg.amqp.reply_queue, "ruote_workitems");
+        assert_eq!(cfg.amqp.prefetch_for(3), 3);
+        let cfg = Config::parse("[amqp]\nurl = \"\"\nprefetch = 5\n", Path::new("t")).unwrap();
+        assert_eq!(cfg.amqp.url, None, "empty = unset");
+        assert_eq!(cfg.amqp.prefetch_for(3), 5);
+        for bad in [
+            "[amqp]\nprefetch = 1001\n",
+            "[amqp]\nprefetch = -1\n",
+            "[amqp]\nqueue = \"\"\n",
+            "[amqp]\nnope = 1\n",
+            "[amqp]\nurl = \"amqps://h/\"\n",
+            "[amqp]\nurl = \"amqp://:5672/\"\n",
+        ] {
+            assert!(Config::parse(bad, Path::new("t")).is_err(), "{bad}");
+        }
+        let uri = parse_url("amqp://u:p@mq:5673/build%2fvhost").unwrap();
+        assert_eq!(
+            source_label(&uri, "build_image"),
+            "amqp://mq:5673/build%2Fvhost/build_image"
+        );
+    }
+
+    #[test]
+    fn messages_are_classified() {
+        assert_eq!(classify(br#"{"fields": {}}"#), Message::Workitem);
+        assert_eq!(
+            classify(br#"{"fei": {"wfid": "w"}, "cancel": true}"#),
+            Message::Cancel(json!({"wfid": "w"}))
+        );
+        assert_eq!(
+            classify(br#"{"fei": {"wfid": "w"}, "cancel": false}"#),
+            Message::Workitem
+        );
+        for bad in [
+            &b"not json"[..],
+            b"[1, 2]",
+            b"",
+            b"\"a string\"",
+            b"\xff\xfe",
+        ] {
+            assert!(matches!(classify(bad), Message::Malformed(_)), "{bad:?}");
+        }
+        assert!(forget(&json!({"fields": {"params": {"forget": true}}})));
+        assert!(!forget(&json!({"fields": {"params": {"forget": "yes"}}})));
+        assert!(!forget(&json!({"fields": {}})));
+    }
+
+    #[test]
+    fn body_names_are_hidden_and_unique() {
+        let a = body_name();
+        let b = body_name();
+        assert_ne!(a, b);
+        assert!(is_amqp_file(&a) && crate::spool::ignored_name(&a));
+        assert!(!is_amqp_file("amqp-1.json"));
+        let mut job = Job {
+            file: Some(a),
+            ..Job::default()
+        };
+        assert_eq!(source_of(&job), "amqp");
+        job.file = Some("x.json".into());
+        assert_eq!(source_of(&job), "spool");
+    }
+
+    #[test]
+    fn claimed_without_source_reads_as_before() {
+        let old = r#"{"seq":1,"ts":"t","job":1,"kind":"claimed","file":"a","worker":"w","bytes":1,"sha256":"x"}"#;
+        let ev: crate::journal::Event = serde_json::from_str(old).unwrap();
+        assert!(matches!(
+            ev.kind,
+            crate::journal::EventKind::Claimed { source: None, .. }
+        ));
+        assert_eq!(serde_json::to_string(&ev).unwrap(), old);
     }
 }
