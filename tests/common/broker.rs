@@ -141,10 +141,9 @@ impl Broker {
             String::from_utf8_lossy(&out.stdout)
         );
         assert!(
-            super::wait_for(Duration::from_secs(30), || std::net::TcpStream::connect((
-                "127.0.0.1",
-                self.port
-            ))
+            build_image::wait::wait_for(Duration::from_secs(30), || std::net::TcpStream::connect(
+                ("127.0.0.1", self.port)
+            )
             .is_ok()),
             "the node does not listen"
         );
