@@ -113,11 +113,13 @@ fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
     let mut answers = Answers::default();
     answers.wait(&broker, 15, Duration::from_secs(120));
     // SIGKILL the second daemon mid-run, and start it again.
+    let killed_at = build_image::journal::now_ts();
     b.0.kill().unwrap();
     b.0.wait().unwrap();
     let b2 = start_binary(&b_cfg);
     answers.wait(&broker, 45, Duration::from_secs(120));
     // The broker goes away and comes back.
+    let broker_stopped_at = build_image::journal::now_ts();
     broker.stop_node();
     broker.start_node();
     answers.wait(&broker, 100, Duration::from_secs(240));
@@ -158,6 +160,24 @@ fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
     );
     a.stop().unwrap();
     // Both daemons took work; every job of both is settled; 100 workitems, 100 builds at least.
+    println!("w2 SIGKILLed at {killed_at}; broker stopped at {broker_stopped_at}");
+    let mut claims_of: HashMap<String, Vec<String>> = HashMap::new();
+    for w in ["w1", "w2"] {
+        let j = build_image::journal::Journal::open(&farm.spool().join("state").join(w)).unwrap();
+        for e in j.since(0).filter_map(Result::ok) {
+            if let build_image::journal::EventKind::Queued { image_id, .. } = &e.kind {
+                claims_of.entry(image_id.clone()).or_default().push(format!("{w} {}", e.ts));
+            }
+            if let build_image::journal::EventKind::Duplicate { .. } = &e.kind {
+                println!("{w}: job {} got a re-delivery at {}", e.job, e.ts);
+            }
+        }
+    }
+    for (id, c) in &claims_of {
+        if c.len() > 1 {
+            println!("{id} accepted twice: {c:?}");
+        }
+    }
     for w in ["w1", "w2"] {
         let j = build_image::journal::Journal::open(&farm.spool().join("state").join(w)).unwrap();
         let claims = j
