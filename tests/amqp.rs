@@ -166,7 +166,10 @@ fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
         let j = build_image::journal::Journal::open(&farm.spool().join("state").join(w)).unwrap();
         for e in j.since(0).filter_map(Result::ok) {
             if let build_image::journal::EventKind::Queued { image_id, .. } = &e.kind {
-                claims_of.entry(image_id.clone()).or_default().push(format!("{w} {}", e.ts));
+                claims_of
+                    .entry(image_id.clone())
+                    .or_default()
+                    .push(format!("{w} {}", e.ts));
             }
             if let build_image::journal::EventKind::Duplicate { .. } = &e.kind {
                 println!("{w}: job {} got a re-delivery at {}", e.job, e.ts);

@@ -4,8 +4,9 @@
 //! what the daemon says, and publishes answers with publisher confirms. A lost connection is
 //! reconnected with back-off; meanwhile publishes fail at once (the caller tries again later).
 //!
-//! Invariant: a delivery is tagged with the generation (connection) it came from; after a
-//! reconnect the broker has requeued every unacked one, so the daemon drops older ones unclaimed.
+//! Invariant: a delivery is tagged with the generation (connection) it came from; once that
+//! connection is lost (`connected` false from the moment the client sees it) the broker has
+//! requeued every unacked one, so the daemon drops them unclaimed.
 
 use crate::backoff::Backoff;
 use crossbeam_channel::{Receiver, Sender, unbounded};

@@ -255,9 +255,11 @@ fn intake_loop(
         while let Ok(m) = deliveries.try_recv() {
             pending.push_back(m);
         }
-        // After a reconnect the broker has requeued what the old connection held.
+        // A lost connection's messages are the broker's again (it requeues them): never
+        // claimed, even before the reconnect (an ack on a dead channel goes nowhere).
         let generation = handle.generation();
-        pending.retain(|m| m.generation == generation);
+        let connected = handle.connected();
+        pending.retain(|m| connected && m.generation == generation);
         if pending.is_empty() || stage.store.failing().is_some() || stage.stopping() {
             continue;
         }
