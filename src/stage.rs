@@ -358,7 +358,8 @@ impl Stage {
     /// `intake` of files whose content came from elsewhere (`source`, recorded in `claimed`):
     /// message bodies written into active/ by the AMQP participant.
     pub fn intake_from(&self, names: &[String], source: Option<&str>) -> Result<()> {
-        let one = lock(&self.intake_one);
+        // Only a daemon with [amqp] has a second intake thread.
+        let one = self.cfg.amqp.url.is_some().then(|| lock(&self.intake_one));
         let mut round: Vec<Claimed> = Vec::with_capacity(names.len());
         for name in names {
             round.push(self.read_claimed(name));
