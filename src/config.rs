@@ -58,6 +58,7 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub hooks: HooksConfig,
     pub http: HttpConfig,
+    pub amqp: AmqpConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -330,6 +331,7 @@ impl Config {
                 self.worker.vm_memory
             )));
         }
+        self.amqp.check()?;
         if let Some(id) = &self.spool.worker_id
             && !is_safe_component(id)
         {
@@ -661,5 +663,75 @@ mod tests {
                 .to_string();
             assert!(msg.contains("vm_memory"), "{bad}: {msg}");
         }
+    }
+}
+
+/// `[amqp]`: the daemon as a BOSS participant (docs/amqp.md). Unset `url`: no AMQP.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// `amqp://USER:PASS@HOST:PORT/VHOST` (vhost percent-encoded, `%2f` is `/`); never logged
+    /// with its password. An empty string is "not set".
+    #[serde(deserialize_with = "empty_string_is_none")]
+    pub url: Option<String>,
+    /// The queue consumed (declared durable): the participant's name.
+    pub queue: String,
+    /// Answers are published to the default exchange with this routing key (declared durable).
+    pub reply_queue: String,
+    /// Unacked messages held, 0..=1000; 0 = the number of build slots (`[worker] workers`).
+    pub prefetch: u32,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: None,
+            queue: "build_image".into(),
+            reply_queue: "ruote_workitems".into(),
+            prefetch: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &self.url.as_deref().map(crate::amqp::redact))
+            .field("queue", &self.queue)
+            .field("reply_queue", &self.reply_queue)
+            .field("prefetch", &self.prefetch)
+            .finish()
+    }
+}
+
+impl AmqpConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.prefetch > 1000 {
+            return Err(ConfigError::Value(format!(
+                "[amqp] prefetch = {} is out of range: it must be 0..=1000 (0 = the build slots)",
+                self.prefetch
+            )));
+        }
+        for (key, name) in [("queue", &self.queue), ("reply_queue", &self.reply_queue)] {
+            if name.is_empty() || name.len() > 255 {
+                return Err(ConfigError::Value(format!(
+                    "[amqp] {key} must be 1..=255 bytes long (an AMQP short string)"
+                )));
+            }
+        }
+        if let Some(url) = &self.url {
+            crate::amqp::parse_url(url).map_err(ConfigError::Value)?;
+        }
+        Ok(())
+    }
+
+    /// The unacked messages a daemon with `workers` build slots holds.
+    pub fn prefetch_for(&self, workers: usize) -> u16 {
+        let n = if self.prefetch == 0 {
+            workers as u32
+        } else {
+            self.prefetch
+        };
+        n.clamp(1, u16::MAX as u32) as u16
     }
 }

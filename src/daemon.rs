@@ -29,7 +29,7 @@ pub fn groups_dir(state_dir: &Path) -> PathBuf {
 /// Runs the daemon until `stop` receives a message (or is disconnected). A second message
 /// during the stop's grace kills the running builds at once.
 pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
-    let running = Running::start(cfg)?;
+    let running = Running::start(cfg, true)?;
     let result = claim_loop(&running.stage, &stop, None);
     running.shutdown(&stop)?;
     result
@@ -40,7 +40,7 @@ pub fn run(cfg: Config, stop: Receiver<()>) -> anyhow::Result<()> {
 /// them succeeded and its final status was pushed (when a push utility is configured). A stop
 /// signal ends it early (Ok(false)).
 pub fn run_once(cfg: Config, stop: Receiver<()>) -> anyhow::Result<bool> {
-    let running = Running::start(cfg)?;
+    let running = Running::start(cfg, false)?;
     let stage = Arc::clone(&running.stage);
     let first_new = running.first_seq;
     let initial: HashSet<String> = spool::list_names(&stage.spool.incoming)?
@@ -95,10 +95,14 @@ struct Running {
     first_seq: u64,
     /// Jobs recovery found open.
     open_at_start: Vec<u64>,
+    /// The BOSS participant (`[amqp] url` set).
+    amqp: Option<crate::amqp::Participant>,
 }
 
 impl Running {
-    fn start(cfg: Config) -> anyhow::Result<Running> {
+    /// `consume`: take workitems from `[amqp] queue` (not for `run --once`, which only answers
+    /// the AMQP jobs an earlier run left open).
+    fn start(cfg: Config, consume: bool) -> anyhow::Result<Running> {
         // Buffers of a large workitem (megabytes) are given back to the system when freed:
         // without a fixed threshold glibc raises it after the first such free and keeps later
         // ones in its heaps, so a few large inputs would hold their memory for good.
@@ -183,7 +187,11 @@ impl Running {
         )?;
         stage.set_queue(pool.sender());
 
+        let mut amqp = crate::amqp::Participant::start(&stage, consume)?;
         let open_at_start = stage.recover()?;
+        if let Some(a) = amqp.as_mut().filter(|_| consume) {
+            a.start_intake(Arc::clone(&stage))?;
+        }
         // The replay's temporary memory is freed; hand it back to the system rather than keep
         // it for the daemon's whole (mostly idle) life.
         #[cfg(target_env = "gnu")]
@@ -227,12 +235,16 @@ impl Running {
             http,
             first_seq,
             open_at_start,
+            amqp,
         })
     }
 
     /// Stops: no more claims; running builds get `grace` (a second signal on `stop` ends it
     /// at once) while the control socket keeps answering; then the pushes and the timer stop.
-    fn shutdown(self, stop: &Receiver<()>) -> anyhow::Result<()> {
+    fn shutdown(mut self, stop: &Receiver<()>) -> anyhow::Result<()> {
+        if let Some(a) = self.amqp.as_mut() {
+            a.stop_intake();
+        }
         let stage = self.stage;
         let running = stage.running();
         log::info!("stopping: no more claims; {running} build(s) running");
@@ -256,6 +268,9 @@ impl Running {
             h.stop();
         }
         stage.stop_pushes();
+        if let Some(a) = self.amqp {
+            a.stop(&stage);
+        }
         drop(self.timer_stop);
         let _ = self.timer.join();
         stage.store.sync()?;

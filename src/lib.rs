@@ -6,6 +6,7 @@
 //! daemon as a library function; `control` is the operator protocol; `http` the read-only status page, API and metrics; `cli` is the command line
 //! around it.
 
+pub mod amqp;
 pub mod archive;
 pub mod backoff;
 pub mod build;

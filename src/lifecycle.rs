@@ -163,6 +163,7 @@ mod tests {
                 worker: "w1".into(),
                 bytes: 10,
                 sha256: "ab".into(),
+                source: None,
             },
             Tag::Rejected => EventKind::Rejected {
                 file: "a.json".into(),

@@ -42,6 +42,9 @@ pub struct StatusRow {
     pub attempts: u32,
     pub result: Option<bool>,
     pub error: Option<String>,
+    /// Where the workitem came from: `spool` (a dropped file) or `amqp` (a message).
+    #[serde(default)]
+    pub source: String,
 }
 
 fn seconds_between(from: &str, to: Option<&str>) -> Option<f64> {
@@ -75,6 +78,7 @@ pub fn status_row(job: &Job) -> StatusRow {
         attempts: job.attempts,
         result: job.result,
         error: job.error.clone(),
+        source: crate::amqp::source_of(job).to_string(),
     }
 }
 
@@ -258,9 +262,14 @@ pub fn event_detail(e: &Event) -> String {
             worker,
             bytes,
             sha256,
+            source,
         } => format!(
-            "{file} by {worker}, {bytes} bytes, sha256 {}",
-            &sha256[..sha256.len().min(12)]
+            "{file} by {worker}, {bytes} bytes, sha256 {}{}",
+            &sha256[..sha256.len().min(12)],
+            source
+                .as_deref()
+                .map(|s| format!(", from {s}"))
+                .unwrap_or_default()
         ),
         EventKind::Duplicate { file, sha256, .. } => format!(
             "{file}: a byte-identical re-drop (sha256 {}), answered with this job's answer",

@@ -155,9 +155,19 @@ impl Spool {
         self.active.join(name)
     }
 
-    /// Names in `active/<worker>/` (not hidden).
+    /// Names in `active/<worker>/` (not hidden, but for the AMQP message bodies).
     pub fn active_files(&self) -> Result<Vec<String>, SpoolError> {
-        list(&self.active)
+        let mut names = list(&self.active)?;
+        // Message bodies of the AMQP participant have hidden names (no dropped file has one).
+        if let Ok(rd) = std::fs::read_dir(&self.active) {
+            names.extend(
+                rd.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| crate::amqp::is_amqp_file(n)),
+            );
+        }
+        names.sort();
+        Ok(names)
     }
 
     /// The worker ids that have a folder in `active/`.

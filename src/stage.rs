@@ -106,6 +106,11 @@ pub struct Stage {
     stopping: AtomicBool,
     /// Wakes the timer thread (a stall scheduled).
     wake: (Sender<()>, Receiver<()>),
+    /// The AMQP client answers of AMQP jobs are published with (`[amqp]`, see `amqp`).
+    amqp: Mutex<Option<crate::amqp::Handle>>,
+    /// One intake at a time (the spool's claim loop and the AMQP intake): its image_id and
+    /// folder conflict checks see every job accepted before.
+    intake_one: Mutex<()>,
 }
 
 impl Stage {
@@ -132,6 +137,8 @@ impl Stage {
             queue: Mutex::new(None),
             stopping: AtomicBool::new(false),
             wake: bounded(1),
+            amqp: Mutex::new(None),
+            intake_one: Mutex::new(()),
         })
     }
 
@@ -155,6 +162,54 @@ impl Stage {
             Some(q) => q.send(id).is_ok(),
             None => false,
         }
+    }
+
+    /// Connects (or, with None, disconnects) the AMQP client that answers AMQP jobs.
+    pub fn set_amqp(&self, handle: Option<crate::amqp::Handle>) {
+        *lock(&self.amqp) = handle;
+    }
+
+    /// The `source` of a claim from `[amqp]` (no password).
+    pub fn amqp_source(&self) -> Option<String> {
+        let url = self.cfg.amqp.url.as_deref()?;
+        let uri = crate::amqp::parse_url(url).ok()?;
+        Some(crate::amqp::source_label(&uri, &self.cfg.amqp.queue))
+    }
+
+    /// The open job of this worker whose file in active/ is `name`.
+    pub fn job_of_file(&self, name: &str) -> Option<u64> {
+        self.store.with_open(|jobs| {
+            jobs.values()
+                .rev()
+                .find(|j| {
+                    j.file.as_deref() == Some(name)
+                        && j.worker.as_deref() == Some(self.spool.worker.as_str())
+                })
+                .map(|j| j.id)
+        })
+    }
+
+    /// The open AMQP job of this worker, not answered yet, whose workitem has this `fei`.
+    pub fn job_of_fei(&self, fei: &serde_json::Value) -> Option<u64> {
+        let me = self.spool.worker.as_str();
+        let ids: Vec<u64> = self.store.with_open(|jobs| {
+            jobs.values()
+                .filter(|j| {
+                    j.worker.as_deref() == Some(me)
+                        && j.file.as_deref().is_some_and(crate::amqp::is_amqp_file)
+                        && !j.state.is_answered()
+                        && j.input_seq.is_some()
+                })
+                .map(|j| j.id)
+                .collect()
+        });
+        ids.into_iter().find(|id| {
+            self.store.job(*id).is_some_and(|j| {
+                self.store
+                    .input_value(&j)
+                    .is_ok_and(|v| v.get("fei") == Some(fei))
+            })
+        })
     }
 
     /// Stops the pushes (after the builds have ended).
@@ -214,7 +269,9 @@ impl Stage {
                         let path = self.spool.active_path(file);
                         if path.symlink_metadata().is_ok() {
                             let reason = job.reason.clone().unwrap_or_default();
-                            self.spool.reject(&path, file, &reason)?;
+                            // A message body's hidden name is shown in rejected/.
+                            self.spool
+                                .reject(&path, file.trim_start_matches('.'), &reason)?;
                         }
                     }
                     return Ok(step);
@@ -295,6 +352,14 @@ impl Stage {
     /// events (group commit: nothing acts on a claim before that flush). An error means their
     /// claims are not recorded (the caller keeps the names and tries again).
     pub fn intake(&self, names: &[String]) -> Result<()> {
+        self.intake_from(names, None)
+    }
+
+    /// `intake` of files whose content came from elsewhere (`source`, recorded in `claimed`):
+    /// message bodies written into active/ by the AMQP participant.
+    pub fn intake_from(&self, names: &[String], source: Option<&str>) -> Result<()> {
+        // Only a daemon with [amqp] has a second intake thread.
+        let one = self.cfg.amqp.url.is_some().then(|| lock(&self.intake_one));
         let mut round: Vec<Claimed> = Vec::with_capacity(names.len());
         for name in names {
             round.push(self.read_claimed(name));
@@ -335,6 +400,7 @@ impl Stage {
                                 worker: self.spool.worker.clone(),
                                 bytes: c.bytes.len() as u64,
                                 sha256: c.sha256.clone(),
+                                source: source.map(str::to_string),
                             },
                         ));
                         fresh.push(Some(c));
@@ -370,6 +436,7 @@ impl Stage {
         for (id, why) in &deferred {
             self.stall(*id, why);
         }
+        drop(one);
         let mut seen = HashSet::new();
         to_advance.retain(|id| seen.insert(*id) && !stalled.contains(id));
         for id in to_advance {
@@ -539,7 +606,8 @@ impl Stage {
                 // size and mtime the claim relied on can be stale). A prefix of a JSON object
                 // never parses, so read it again until its content has stood still for
                 // min_age; only then is it not a workitem.
-                if self.still_settling(id, &c.sha256) {
+                // A message body is whole when it is written: no waiting.
+                if !crate::amqp::is_amqp_file(file) && self.still_settling(id, &c.sha256) {
                     return Ok(Decision::Defer(format!(
                         "{file} does not parse yet ({e}): reading it again in case it is still being written"
                     )));
@@ -557,6 +625,7 @@ impl Stage {
                 worker: self.spool.worker.clone(),
                 bytes: c.bytes.len() as u64,
                 sha256: c.sha256.clone(),
+                source: None,
             });
         }
         let normalised = workitem::normalise(&value);
@@ -667,6 +736,11 @@ impl Stage {
     /// Writes the answer to the outbox (never over another job's), records it, and removes
     /// the input from active/.
     fn deliver(&self, job: &Job) -> Result<()> {
+        if let Some(file) = job.file.as_deref()
+            && crate::amqp::is_amqp_file(file)
+        {
+            return self.deliver_amqp(job, file, None);
+        }
         let bytes = self.answer(job)?;
         let file = job
             .file
@@ -690,6 +764,9 @@ impl Stage {
 
     /// Answers a byte-identical re-drop with the job's answer.
     fn deliver_copy(&self, job: &Job, file: &str) -> Result<()> {
+        if crate::amqp::is_amqp_file(file) {
+            return self.deliver_amqp(job, file, Some(file));
+        }
         let bytes = self.answer(job)?;
         let d = self
             .outbox
@@ -701,6 +778,36 @@ impl Stage {
                 outbox: d.name,
                 copy: Some(file.to_string()),
                 sha256: Some(d.sha256),
+            },
+        )?;
+        self.remove_active(file)
+    }
+
+    /// Publishes the answer of an AMQP job (or of a re-delivery of its message, `copy`) and
+    /// records `delivered` once the broker confirmed it; with `fields.params.forget` nothing is
+    /// published. Not connected (or not confirmed): deferred, and tried again later.
+    fn deliver_amqp(&self, job: &Job, file: &str, copy: Option<&str>) -> Result<()> {
+        let input = self.store.input_value(job)?;
+        let outbox = if crate::amqp::forget(&input) {
+            drop(input);
+            "amqp: forget (no reply)".to_string()
+        } else {
+            drop(input);
+            let bytes = self.answer(job)?;
+            let handle = lock(&self.amqp).clone().ok_or_else(|| {
+                StageError::Deferred("an AMQP job, and no [amqp] connection".into())
+            })?;
+            handle
+                .publish(bytes, crate::amqp::CONFIRM_TIMEOUT)
+                .map_err(|e| StageError::Deferred(format!("answer not published: {e}")))?;
+            format!("amqp:{}", self.cfg.amqp.reply_queue)
+        };
+        self.store.record(
+            Some(job.id),
+            EventKind::Delivered {
+                outbox,
+                copy: copy.map(str::to_string),
+                sha256: None,
             },
         )?;
         self.remove_active(file)
@@ -755,6 +862,12 @@ impl Stage {
                         .reject(&self.spool.active_path(&name), &name, &reason)?;
                 }
                 Some(_) => self.remove_active(&name)?,
+                None if crate::amqp::is_amqp_file(&name) => {
+                    // A message body whose claim was never recorded: it was not acked, so the
+                    // broker delivers it again.
+                    log::info!("recovery: {name} in active/ was never claimed: removed");
+                    self.remove_active(&name)?;
+                }
                 None => {
                     log::info!("recovery: {name} in active/ has no job: claiming it");
                     unlogged.push(name);

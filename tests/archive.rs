@@ -94,11 +94,13 @@ fn log_with_every_kind(dir: &Path) {
     let j = Journal::open(dir).unwrap();
     let settled = |_: &build_image::journal::Job| false;
     let spec = |v: &Value| Box::new(build_image::workitem::normalise(v).unwrap());
+    // a file from the spool; one of AMQP below keeps its source through the round trip
     let claimed = |file: &str, sha: &str| EventKind::Claimed {
         file: file.into(),
         worker: "w1".into(),
         bytes: 42,
         sha256: sha.into(),
+        source: (file == "b.json").then(|| "amqp://127.0.0.1:5672/%2f/build_image".into()),
     };
     let add = |job: Option<u64>, kind: EventKind| j.append(job, kind, &settled).unwrap().seq;
     // a built job, interrupted by a stop, retried, delivered, pushed, and re-dropped

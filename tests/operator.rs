@@ -85,13 +85,14 @@ fn status_show_events_the_same_with_and_without_a_daemon() {
     assert_eq!(a["result"], json!(true));
     assert_eq!(a["worker"], json!("w1"));
     assert_eq!(a["name"], json!("img-op-a"));
+    assert_eq!(a["source"], json!("spool"));
     assert!(a["duration"].as_f64().unwrap() >= 0.0);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
         [
             "JOB", "IMAGE_ID", "STATE", "NAME", "ARCH", "TYPE", "WORKER", "STARTED", "DURATION",
-            "RESULT"
+            "RESULT", "SOURCE"
         ]
     );
     assert!(

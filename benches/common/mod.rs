@@ -167,6 +167,7 @@ pub fn job_lifecycle(
                 worker: worker.to_string(),
                 bytes,
                 sha256: format!("{:064x}", id.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                source: None,
             },
         ),
         (

@@ -91,6 +91,9 @@ fn all_checks(cfg: &Config, config_path: Option<&Path>) -> Vec<Check> {
     checks.extend(check_spool(cfg));
     checks.extend(check_state_dir(&cfg.state_dir()));
     checks.push(check_push(&cfg.hooks));
+    if let Some(c) = check_amqp(&cfg.amqp) {
+        checks.push(c);
+    }
     if w.use_kvm {
         checks.extend(check_kvm(w));
     }
@@ -685,6 +688,22 @@ fn check_push(hooks: &HooksConfig) -> Check {
 }
 
 /// A bare program name looked up on PATH, as `Command` will.
+/// With `[amqp] url`: the broker answers, and the queue exists or can be declared.
+fn check_amqp(a: &crate::config::AmqpConfig) -> Option<Check> {
+    let url = a.url.as_deref()?;
+    let shown = crate::amqp::redact(url);
+    let uri = match crate::amqp::parse_url(url) {
+        Ok(u) => u,
+        Err(e) => return Some(Check::fail("amqp broker", e)),
+    };
+    Some(
+        match crate::amqp::client::probe(&uri, &a.queue, CHILD_TIMEOUT) {
+            Ok(detail) => Check::ok("amqp broker", format!("{shown}: {detail}")),
+            Err(e) => Check::fail("amqp broker", format!("{shown}: {e}")),
+        },
+    )
+}
+
 fn find_on_path(name: &Path) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

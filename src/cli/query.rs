@@ -39,7 +39,7 @@ pub fn status_table(rows: &[StatusRow]) -> String {
     t.load_preset(NOTHING);
     t.set_header(vec![
         "JOB", "IMAGE_ID", "STATE", "NAME", "ARCH", "TYPE", "WORKER", "STARTED", "DURATION",
-        "RESULT",
+        "RESULT", "SOURCE",
     ]);
     let dash = || "-".to_string();
     for r in rows {
@@ -63,6 +63,11 @@ pub fn status_table(rows: &[StatusRow]) -> String {
             r.started.clone().unwrap_or_else(dash),
             r.duration.map(|d| format!("{d:.1}s")).unwrap_or_else(dash),
             result,
+            if r.source.is_empty() {
+                dash()
+            } else {
+                r.source.clone()
+            },
         ]);
     }
     format!("{t}\n")
@@ -83,6 +88,7 @@ pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
     println!("state      {}", j.state);
     println!("file       {}", j.file.as_deref().unwrap_or("-"));
     println!("worker     {}", j.worker.as_deref().unwrap_or("-"));
+    println!("source     {}", crate::amqp::source_of(j));
     println!("attempts   {}", j.attempts);
     if let Some(e) = &j.error {
         println!("error      {e}");

@@ -505,6 +505,7 @@ mod tests {
                 image_type: Some("fs".into()),
                 worker: Some("w1".into()),
                 file: Some("a.json".into()),
+                source: "spool".into(),
                 started: Some("2026-11-25T10:00:00.123Z".into()),
                 duration: Some(75.0),
                 attempts: 1,

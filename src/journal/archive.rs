@@ -344,6 +344,7 @@ mod tests {
                     worker: "w".into(),
                     bytes: 5,
                     sha256: "aa".into(),
+                    source: None,
                 },
             ),
             ev(

@@ -81,12 +81,15 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventKind {
-    /// A file was renamed into `active/<worker>/`.
+    /// A file was renamed into `active/<worker>/` (or, with `source`, a message body written
+    /// there: `amqp://HOST:PORT/VHOST/QUEUE`, no password; absent for the spool).
     Claimed {
         file: String,
         worker: String,
         bytes: u64,
         sha256: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
     },
     /// The input is not a workitem at all; it goes to `rejected/`.
     Rejected {

@@ -407,6 +407,7 @@ mod tests {
             worker: "w1".into(),
             bytes: 10,
             sha256: "ab".into(),
+            source: None,
         }
     }
 

@@ -887,6 +887,7 @@ mod tests {
             worker: "w".into(),
             bytes: 1,
             sha256: sha.into(),
+            source: None,
         };
         let threads: Vec<_> = (0..4)
             .map(|t| {

@@ -2,6 +2,8 @@
 //! in-process, and waits on conditions (never fixed sleeps).
 #![allow(dead_code)]
 
+pub mod broker;
+
 use build_image::config::Config;
 use build_image::journal::{Event, Journal};
 use crossbeam_channel::{Sender, bounded};
@@ -460,4 +462,17 @@ pub fn mic_runs(farm: &Farm, image_id: &str) -> usize {
     )
     .map(|l| l.matches("mic-fixture argc:").count())
     .unwrap_or(0)
+}
+
+/// Builds run for every job folder under base_dir/requests (all workers).
+pub fn mic_runs_total(farm: &Farm) -> usize {
+    let dir = farm.base().join("requests");
+    list(&dir)
+        .iter()
+        .map(|id| {
+            std::fs::read_to_string(dir.join(id).join(format!("img-{id}.log")))
+                .map(|l| l.matches("mic-fixture argc:").count())
+                .unwrap_or(0)
+        })
+        .sum()
 }

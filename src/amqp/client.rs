@@ -1,0 +1,399 @@
+//! The AMQP connection: one thread with its own single-threaded tokio runtime (lapin's
+//! executor), talking to the daemon over channels. It consumes the participant's queue
+//! (manual acks, `basic_qos(prefetch)`), hands each delivery to the daemon, acks or rejects
+//! what the daemon says, and publishes answers with publisher confirms. A lost connection is
+//! reconnected with back-off; meanwhile publishes fail at once (the caller tries again later).
+//!
+//! Invariant: a delivery is tagged with the generation (connection) it came from; once that
+//! connection is lost (`connected` false from the moment the client sees it) the broker has
+//! requeued every unacked one, so the daemon drops them unclaimed.
+
+use crate::backoff::Backoff;
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// What the client needs to know.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub uri: AMQPUri,
+    /// The url without its password, for logs.
+    pub shown: String,
+    pub queue: String,
+    pub reply_queue: String,
+    pub prefetch: u16,
+    /// Consume the queue (false: publish only, e.g. `run --once`).
+    pub consume: bool,
+    pub consumer_tag: String,
+}
+
+/// One message taken from the queue, not acked yet.
+pub struct Incoming {
+    pub body: Vec<u8>,
+    pub redelivered: bool,
+    /// The connection it came on (see the module's invariant).
+    pub generation: u64,
+    acker: lapin::Acker,
+}
+
+enum Cmd {
+    Publish {
+        body: Vec<u8>,
+        done: Sender<Result<(), String>>,
+    },
+    Ack(lapin::Acker),
+    /// Reject; `requeue` puts it back for another consumer.
+    Reject(lapin::Acker, bool),
+    Stop,
+}
+
+/// State shared with the daemon.
+#[derive(Default)]
+struct Shared {
+    connected: AtomicBool,
+    generation: AtomicU64,
+}
+
+/// The sending side: cheap to clone, used by any thread.
+#[derive(Clone)]
+pub struct Handle {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    pub fn connected(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// The current connection's generation.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::SeqCst)
+    }
+
+    /// Publishes `body` persistent to the default exchange (routing key: the reply queue) and
+    /// waits for the broker's confirm. Err when not connected, nacked, lost, or no confirm
+    /// within `timeout`.
+    pub fn publish(&self, body: Vec<u8>, timeout: Duration) -> Result<(), String> {
+        if !self.connected() {
+            return Err("not connected to the broker".into());
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.cmds
+            .send(Cmd::Publish { body, done: tx })
+            .map_err(|_| "the AMQP client has stopped".to_string())?;
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(_) => Err(format!("no publisher confirm within {timeout:?}")),
+        }
+    }
+
+    pub fn ack(&self, m: Incoming) {
+        let _ = self.cmds.send(Cmd::Ack(m.acker));
+    }
+
+    pub fn reject(&self, m: Incoming, requeue: bool) {
+        let _ = self.cmds.send(Cmd::Reject(m.acker, requeue));
+    }
+}
+
+/// The running client.
+pub struct Client {
+    pub handle: Handle,
+    pub deliveries: Receiver<Incoming>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Client {
+    pub fn start(settings: Settings) -> std::io::Result<Client> {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (del_tx, del_rx) = unbounded();
+        let shared = Arc::new(Shared::default());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("amqp".into())
+                .spawn(move || runtime.block_on(run(settings, shared, cmd_rx, del_tx)))?
+        };
+        Ok(Client {
+            handle: Handle {
+                cmds: cmd_tx,
+                shared,
+            },
+            deliveries: del_rx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Closes the connection (after the acks and publishes asked for before) and ends the thread.
+    pub fn stop(mut self) {
+        let _ = self.handle.cmds.send(Cmd::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The heartbeat asked for when the url does not set one (seconds).
+pub const HEARTBEAT_S: u16 = 10;
+
+async fn run(
+    s: Settings,
+    shared: Arc<Shared>,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    deliveries: Sender<Incoming>,
+) {
+    let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut tries = 0u32;
+    loop {
+        let before = shared.generation.load(Ordering::SeqCst);
+        let why = match session(&s, &shared, &mut cmds, &deliveries).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        shared.connected.store(false, Ordering::SeqCst);
+        if shared.generation.load(Ordering::SeqCst) != before {
+            // It was connected: a new outage.
+            tries = 0;
+        }
+        tries += 1;
+        let delay = backoff.delay(tries);
+        if tries == 1 {
+            log::warn!(
+                "AMQP {}: {why}; reconnecting (every {:?} at most)",
+                s.shown,
+                Duration::from_secs(5)
+            );
+        } else {
+            log::debug!("AMQP {}: {why}; next try in {delay:?}", s.shown);
+        }
+        // Wait, answering commands: publishes fail, acks of the old connection are moot (the
+        // broker requeued those messages).
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                c = cmds.recv() => match c {
+                    None | Some(Cmd::Stop) => return,
+                    Some(Cmd::Publish { done, .. }) => {
+                        let _ = done.send(Err("not connected to the broker".into()));
+                    }
+                    Some(Cmd::Ack(_)) | Some(Cmd::Reject(..)) => {}
+                },
+            }
+        }
+    }
+}
+
+/// One connection's life. Ok: stopped; Err: lost (the reason).
+async fn session(
+    s: &Settings,
+    shared: &Shared,
+    cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+    deliveries: &Sender<Incoming>,
+) -> Result<(), String> {
+    let mut uri = s.uri.clone();
+    uri.query.heartbeat.get_or_insert(HEARTBEAT_S);
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("build-image {}", s.consumer_tag).into());
+    let conn = Connection::connect_uri(uri, props)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let result = serve(s, shared, &conn, cmds, deliveries).await;
+    shared.connected.store(false, Ordering::SeqCst);
+    if result.is_ok() {
+        let _ = conn.close(200, "build-image stopping".into()).await;
+    }
+    result
+}
+
+async fn serve(
+    s: &Settings,
+    shared: &Shared,
+    conn: &Connection,
+    cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+    deliveries: &Sender<Incoming>,
+) -> Result<(), String> {
+    let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
+    let consume = conn
+        .create_channel()
+        .await
+        .map_err(e("cannot open a channel"))?;
+    for q in [&s.queue, &s.reply_queue] {
+        consume
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(e("cannot declare the queue"))?;
+    }
+    let publish = conn
+        .create_channel()
+        .await
+        .map_err(e("cannot open a channel"))?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(e("cannot enable publisher confirms"))?;
+    let mut consumer = if s.consume {
+        consume
+            .basic_qos(s.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(e("cannot set the prefetch"))?;
+        Some(
+            consume
+                .basic_consume(
+                    s.queue.as_str().into(),
+                    s.consumer_tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(e("cannot consume"))?,
+        )
+    } else {
+        None
+    };
+    let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.connected.store(true, Ordering::SeqCst);
+    log::info!(
+        "AMQP {}: connected; {} (prefetch {}), answers to {}",
+        s.shown,
+        if s.consume {
+            format!("consuming {}", s.queue)
+        } else {
+            "not consuming".to_string()
+        },
+        s.prefetch,
+        s.reply_queue
+    );
+    loop {
+        tokio::select! {
+            d = async {
+                match consumer.as_mut() {
+                    Some(c) => c.next().await,
+                    None => std::future::pending().await,
+                }
+            } => match d {
+                Some(Ok(d)) => {
+                    let m = Incoming {
+                        body: d.data,
+                        redelivered: d.redelivered,
+                        generation,
+                        acker: d.acker,
+                    };
+                    if deliveries.send(m).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Err(err)) => return Err(format!("connection lost: {err}")),
+                None => return Err("the broker cancelled the consumer".into()),
+            },
+            c = cmds.recv() => match c {
+                None | Some(Cmd::Stop) => return Ok(()),
+                Some(Cmd::Publish { body, done }) => {
+                    let ch = publish.clone();
+                    let key = s.reply_queue.clone();
+                    tokio::spawn(async move {
+                        let r = async {
+                            let confirm = ch
+                                .basic_publish(
+                                    "".into(),
+                                    key.as_str().into(),
+                                    BasicPublishOptions::default(),
+                                    &body,
+                                    persistent(),
+                                )
+                                .await
+                                .map_err(|e| format!("cannot publish: {e}"))?
+                                .await
+                                .map_err(|e| format!("no confirm: {e}"))?;
+                            match confirm {
+                                Confirmation::Ack(_) => Ok(()),
+                                Confirmation::Nack(_) => Err("the broker nacked the answer".to_string()),
+                                Confirmation::NotRequested => Ok(()),
+                            }
+                        }
+                        .await;
+                        let _ = done.send(r);
+                    });
+                }
+                Some(Cmd::Ack(a)) => {
+                    if let Err(err) = a.ack(BasicAckOptions::default()).await {
+                        log::warn!("AMQP: cannot ack ({err}); the broker will deliver it again");
+                    }
+                }
+                Some(Cmd::Reject(a, requeue)) => {
+                    let r = if requeue {
+                        a.nack(BasicNackOptions { requeue: true, multiple: false }).await
+                    } else {
+                        a.reject(BasicRejectOptions { requeue: false }).await
+                    };
+                    if let Err(err) = r {
+                        log::warn!("AMQP: cannot reject ({err})");
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// An answer's properties: persistent (delivery_mode 2), JSON.
+pub fn persistent() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+}
+
+/// Connects, opens a channel and checks the queue exists or can be declared (for `doctor`).
+pub fn probe(uri: &AMQPUri, queue: &str, timeout: Duration) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(async {
+        let work = async {
+            let conn = Connection::connect_uri(uri.clone(), ConnectionProperties::default())
+                .await
+                .map_err(|e| format!("cannot connect: {e}"))?;
+            let ch = conn
+                .create_channel()
+                .await
+                .map_err(|e| format!("cannot open a channel: {e}"))?;
+            let q = ch
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions::durable(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("cannot declare queue {queue}: {e}"))?;
+            let _ = conn.close(200, "doctor".into()).await;
+            Ok(format!(
+                "queue {queue}: {} message(s) waiting, {} consumer(s)",
+                q.message_count(),
+                q.consumer_count()
+            ))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    })
+}

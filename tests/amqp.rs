@@ -1,0 +1,357 @@
+//! The BOSS participant against a real RabbitMQ (a private node started by each test, see
+//! tests/common/broker.rs): workitems consumed from `build_image`, answers on
+//! `ruote_workitems`, two daemons on one queue, a daemon SIGKILLed, the broker restarted,
+//! forget, cancel, a malformed message, the spool while the broker is away.
+
+mod common;
+
+use common::broker::{self, Broker};
+use common::{Farm, Guard, wait_for};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const Q: &str = "build_image";
+const R: &str = "ruote_workitems";
+
+/// A Ruote workitem as the engine publishes it.
+fn ruote(n: usize, ks: &str) -> Value {
+    json!({
+        "fei": {"wfid": format!("wf-{n}"), "subid": "s", "expid": "0_0_1", "engine_id": "engine"},
+        "participant_name": "build_image",
+        "fields": {
+            "params": {},
+            "image": {
+                "image_id": format!("img{n}"),
+                "kickstart": ks,
+                "image_type": "loop",
+                "name": format!("img-img{n}"),
+                "arch": "i586"
+            },
+            "msg": []
+        }
+    })
+}
+
+fn bytes(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap()
+}
+
+fn farm_with(broker: &Broker, workers: usize, prefetch: u32) -> Farm {
+    let mut farm = Farm::new();
+    farm.cfg.amqp.url = Some(broker.url());
+    farm.cfg.amqp.prefetch = prefetch;
+    farm.cfg.worker.workers = workers;
+    farm.cfg.hooks.push = None;
+    farm
+}
+
+/// Answers taken so far, by wfid.
+#[derive(Default)]
+struct Answers {
+    by_wfid: HashMap<String, Vec<Value>>,
+}
+
+impl Answers {
+    fn collect(&mut self, broker: &Broker) {
+        for (body, mode) in broker.take(R) {
+            assert_eq!(mode, Some(2), "answers are persistent");
+            let v: Value = serde_json::from_slice(&body).expect("an answer is JSON");
+            let wfid = v["fei"]["wfid"].as_str().expect("fei kept").to_string();
+            self.by_wfid.entry(wfid).or_default().push(v);
+        }
+    }
+    fn distinct(&self) -> usize {
+        self.by_wfid.len()
+    }
+    fn duplicates(&self) -> usize {
+        self.by_wfid.values().map(|v| v.len() - 1).sum()
+    }
+    fn wait(&mut self, broker: &Broker, n: usize, timeout: Duration) {
+        let ok = wait_for(timeout, || {
+            self.collect(broker);
+            self.distinct() >= n
+        });
+        assert!(ok, "only {} of {n} answered", self.distinct());
+    }
+}
+
+fn config_for(farm: &Farm, worker: &str) -> PathBuf {
+    let mut cfg = farm.cfg.clone();
+    cfg.spool.worker_id = Some(worker.to_string());
+    let p = farm.root().join(format!("{worker}.toml"));
+    std::fs::write(&p, toml::to_string(&cfg).unwrap()).unwrap();
+    p
+}
+
+fn start_binary(config: &PathBuf) -> Guard {
+    Guard(
+        common::bin()
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the daemon"),
+    )
+}
+
+#[test]
+fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
+    if !broker::available() {
+        return;
+    }
+    let mut broker = Broker::start();
+    let farm = farm_with(&broker, 2, 0);
+    let ks = "# mic-fixture: sleep 0.3\n";
+    let bodies: Vec<Vec<u8>> = (0..100).map(|n| bytes(&ruote(n, ks))).collect();
+    broker.publish(Q, &bodies);
+    let a = farm.start();
+    let b_cfg = config_for(&farm, "w2");
+    let mut b = start_binary(&b_cfg);
+    let mut answers = Answers::default();
+    answers.wait(&broker, 15, Duration::from_secs(120));
+    // SIGKILL the second daemon mid-run, and start it again.
+    let killed_at = build_image::journal::now_ts();
+    b.0.kill().unwrap();
+    b.0.wait().unwrap();
+    let b2 = start_binary(&b_cfg);
+    answers.wait(&broker, 45, Duration::from_secs(120));
+    // The broker goes away and comes back.
+    let broker_stopped_at = build_image::journal::now_ts();
+    broker.stop_node();
+    broker.start_node();
+    answers.wait(&broker, 100, Duration::from_secs(240));
+    // A little longer, to catch late duplicates.
+    std::thread::sleep(Duration::from_millis(500));
+    answers.collect(&broker);
+    for n in 0..100 {
+        let got = &answers.by_wfid[&format!("wf-{n}")];
+        for v in got {
+            assert_eq!(v["fei"], ruote(n, ks)["fei"], "fei kept");
+            let img = &v["fields"]["image"];
+            assert_eq!(v["fields"]["result"], json!(true), "{v}");
+            assert_eq!(img["result"], json!(true));
+            for k in ["files_url", "image_url", "logfile_url"] {
+                assert!(
+                    img[k]
+                        .as_str()
+                        .is_some_and(|u| u.starts_with("http://img.test/")),
+                    "{k} in {v}"
+                );
+            }
+        }
+    }
+    let dups = answers.duplicates();
+    println!(
+        "100 workitems, 2 daemons (one SIGKILLed and restarted), broker restarted: {dups} duplicate answer(s)"
+    );
+    // The windows (docs/amqp.md): a claim flushed but not acked when the daemon died (at most
+    // prefetch = 2 messages), answers confirmed but `delivered` not yet flushed (at most the
+    // 2 build slots' worth), publishes in flight when the broker stopped (both daemons).
+    assert!(dups <= 12, "{dups} duplicates: more than the windows allow");
+    assert_eq!(broker.depth(Q), 0, "every workitem was taken");
+    let mut b2 = b2;
+    common::sigterm(&b2.0);
+    assert_eq!(
+        common::wait_exit(&mut b2.0, Duration::from_secs(60)),
+        Some(0)
+    );
+    a.stop().unwrap();
+    // Both daemons took work; every job of both is settled; 100 workitems, 100 builds at least.
+    println!("w2 SIGKILLed at {killed_at}; broker stopped at {broker_stopped_at}");
+    let mut claims_of: HashMap<String, Vec<String>> = HashMap::new();
+    for w in ["w1", "w2"] {
+        let j = build_image::journal::Journal::open(&farm.spool().join("state").join(w)).unwrap();
+        for e in j.since(0).filter_map(Result::ok) {
+            if let build_image::journal::EventKind::Queued { image_id, .. } = &e.kind {
+                claims_of
+                    .entry(image_id.clone())
+                    .or_default()
+                    .push(format!("{w} {}", e.ts));
+            }
+            if let build_image::journal::EventKind::Duplicate { .. } = &e.kind {
+                println!("{w}: job {} got a re-delivery at {}", e.job, e.ts);
+            }
+        }
+    }
+    for (id, c) in &claims_of {
+        if c.len() > 1 {
+            println!("{id} accepted twice: {c:?}");
+        }
+    }
+    for w in ["w1", "w2"] {
+        let j = build_image::journal::Journal::open(&farm.spool().join("state").join(w)).unwrap();
+        let claims = j
+            .since(0)
+            .filter_map(Result::ok)
+            .filter(|e| {
+                matches!(
+                    &e.kind,
+                    build_image::journal::EventKind::Claimed {
+                        source: Some(_),
+                        ..
+                    }
+                )
+            })
+            .count();
+        println!("{w}: {claims} message(s) claimed");
+        assert!(claims >= 5, "{w} claimed {claims}");
+        assert_eq!(
+            j.open_jobs().unwrap(),
+            Vec::<u64>::new(),
+            "{w} has open jobs"
+        );
+    }
+    let builds = common::mic_runs_total(&farm);
+    println!("{builds} build(s) for 100 workitems");
+    assert!(builds >= 100, "{builds} builds for 100 workitems");
+}
+
+#[test]
+fn forget_cancel_malformed_outage_and_the_spool() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let mut broker = Broker::start();
+    let farm = farm_with(&broker, 1, 2);
+    let d = farm.start();
+    let mut answers = Answers::default();
+
+    // A malformed message: rejected without requeue, kept in rejected/ with a reason.
+    broker.publish(Q, &[b"this is not json".to_vec()]);
+    let rejected = farm.rejected();
+    assert!(
+        wait_for(Duration::from_secs(30), || common::list(&rejected)
+            .iter()
+            .any(|n| n.starts_with("amqp-") && n.ends_with(".reason"))),
+        "no rejected body: {:?}",
+        common::list(&rejected)
+    );
+    let body = common::list(&rejected)
+        .into_iter()
+        .find(|n| n.starts_with("amqp-") && !n.ends_with(".reason"))
+        .unwrap();
+    assert_eq!(
+        std::fs::read(rejected.join(&body)).unwrap(),
+        b"this is not json"
+    );
+    assert!(wait_for(Duration::from_secs(10), || broker.depth(Q) == 0));
+
+    // forget: built, no reply.
+    let mut f = ruote(1, "# ks\n");
+    f["fields"]["params"]["forget"] = json!(true);
+    broker.publish(Q, &[bytes(&f)]);
+
+    // Cancel of a running job, and of one that waits (one build slot).
+    let slow = "# mic-fixture: sleep 60\n";
+    broker.publish(Q, &[bytes(&ruote(2, slow))]);
+    farm.wait_mic_running("img2");
+    broker.publish(Q, &[bytes(&ruote(3, slow))]);
+    let cancel = |n: usize| json!({"fei": ruote(n, "")["fei"], "cancel": true});
+    broker.publish(Q, &[bytes(&cancel(3))]);
+    broker.publish(Q, &[bytes(&cancel(2))]);
+    answers.wait(&broker, 2, Duration::from_secs(60));
+    for n in [2, 3] {
+        let v = &answers.by_wfid[&format!("wf-{n}")][0];
+        assert_eq!(v["fields"]["result"], json!(false), "{v}");
+        assert_eq!(v["fields"]["image"]["error"], json!("cancelled"), "{v}");
+    }
+    assert_eq!(
+        common::mic_runs(&farm, "img3"),
+        0,
+        "a cancelled queued job is never built"
+    );
+    assert!(!answers.by_wfid.contains_key("wf-1"), "forget: no reply");
+    // The forget job was built and is done.
+    assert!(wait_for(Duration::from_secs(30), || events(&farm)
+        .iter()
+        .any(|e| e["kind"] == json!("delivered")
+            && e["outbox"]
+                .as_str()
+                .is_some_and(|o| o.contains("forget")))));
+    assert_eq!(common::mic_runs(&farm, "img1"), 1, "{:?}", events(&farm));
+
+    // A reply that falls due while the broker is down is published when it returns; the
+    // spool is served meanwhile.
+    broker.publish(Q, &[bytes(&ruote(4, "# mic-fixture: sleep 2\n"))]);
+    farm.wait_mic_running("img4");
+    broker.stop_node();
+    farm.drop_json("spool.json", &common::workitem("sp1", "# ks\n"));
+    let out = farm.wait_outbox("spool.json", Duration::from_secs(60));
+    assert_eq!(out["result"], json!(true), "{out}");
+    // img4's build ends while the broker is away: finished, not delivered.
+    assert!(wait_for(Duration::from_secs(30), || {
+        let evs = events(&farm);
+        let job = job_of(&evs, "img4");
+        evs.iter()
+            .any(|e| e["kind"] == json!("finished") && e["job"] == json!(job))
+    }));
+    broker.start_node();
+    answers.wait(&broker, 3, Duration::from_secs(90));
+    assert_eq!(answers.by_wfid["wf-4"][0]["fields"]["result"], json!(true));
+
+    // status and show name each job's source.
+    let (code, text, err) = common::output(farm.bin().args(["status", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let source = |id: &str| {
+        rows.iter()
+            .find(|r| r["image_id"] == json!(id))
+            .map(|r| r["source"].clone())
+    };
+    assert_eq!(source("img4"), Some(json!("amqp")));
+    assert_eq!(source("sp1"), Some(json!("spool")));
+    let (code, text, _) = common::output(farm.bin().args(["show", "img4"]));
+    assert_eq!(code, 0);
+    assert!(text.contains("source     amqp"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "from amqp://127.0.0.1:{}/%2F/build_image",
+            broker.port
+        )),
+        "{text}"
+    );
+    d.stop().unwrap();
+
+    // doctor reaches the broker, and says so when it is away.
+    let (_, text, _) = common::output(farm.bin().arg("doctor"));
+    assert!(text.contains("amqp broker"), "{text}");
+    assert!(
+        !text.contains("guest:guest"),
+        "the password is never shown: {text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("amqp broker"))
+        .unwrap()
+        .to_string();
+    assert!(line.trim_start().starts_with("ok"), "{line}");
+    broker.stop_node();
+    let (_, text, _) = common::output(farm.bin().arg("doctor"));
+    let line = text
+        .lines()
+        .find(|l| l.contains("amqp broker"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("FAIL"), "{line}");
+}
+
+/// The log through the running daemon (`events --json`).
+fn events(farm: &Farm) -> Vec<Value> {
+    let (code, text, err) = common::output(farm.bin().args(["events", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn job_of(events: &[Value], image_id: &str) -> u64 {
+    events
+        .iter()
+        .find(|e| e["kind"] == json!("queued") && e["image_id"] == json!(image_id))
+        .and_then(|e| e["job"].as_u64())
+        .unwrap_or(0)
+}
