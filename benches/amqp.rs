@@ -115,6 +115,7 @@ worker_id = "w1"
         spool = dir.path().join("spool").display(),
         amqp = url.map_or(String::new(), |u| format!("\n[amqp]\nurl = \"{u}\"\n")),
     );
+    std::fs::write(dir.path().join("bench.toml"), &toml).unwrap();
     let cfg = build_image::config::Config::parse(&toml, Path::new("bench.toml")).unwrap();
     (dir, cfg)
 }
@@ -142,7 +143,7 @@ fn through_spool(n: usize, workers: usize) -> f64 {
     assert!(done, "the spool run did not finish");
     stop_tx.send(()).unwrap();
     daemon.join().unwrap().unwrap();
-    drop(dir);
+    keep(dir);
     n as f64 / secs
 }
 
@@ -364,6 +365,14 @@ fn through_daemon(
     ));
     stop_tx.send(()).unwrap();
     daemon.join().unwrap().unwrap();
-    drop(dir);
+    keep(dir);
     rate
+}
+
+/// BENCH_KEEP=1 keeps a daemon run's farm (its spool and event log: `build-image --config
+/// FARM/bench.toml events --json` has the time of every event) and prints where it is.
+fn keep(dir: tempfile::TempDir) {
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        eprintln!("kept {}", dir.keep().display());
+    }
 }

@@ -111,6 +111,9 @@ pub struct Stage {
     /// One intake at a time (the spool's claim loop and the AMQP intake): its image_id and
     /// folder conflict checks see every job accepted before.
     intake_one: Mutex<()>,
+    /// Told when a build slot may have come free (a build ended, an intake finished): the AMQP
+    /// intake waits on it for a slot instead of polling.
+    slot_freed: (Sender<()>, Receiver<()>),
 }
 
 impl Stage {
@@ -139,6 +142,7 @@ impl Stage {
             wake: bounded(1),
             amqp: Mutex::new(None),
             intake_one: Mutex::new(()),
+            slot_freed: bounded(1),
         })
     }
 
@@ -308,6 +312,15 @@ impl Stage {
         &self.wake.1
     }
 
+    /// Ready when a build slot may have come free since the last receive (see `slot_freed`).
+    pub fn slot_wakeups(&self) -> &Receiver<()> {
+        &self.slot_freed.1
+    }
+
+    fn slot_may_be_free(&self) {
+        let _ = self.slot_freed.0.try_send(());
+    }
+
     /// Moves the stalled jobs whose time has come.
     pub fn run_due_stalled(&self) {
         if self.store.failing().is_some() {
@@ -358,8 +371,9 @@ impl Stage {
     /// `intake` of files whose content came from elsewhere (`source`, recorded in `claimed`):
     /// message bodies written into active/ by the AMQP participant.
     pub fn intake_from(&self, names: &[String], source: Option<&str>) -> Result<()> {
-        // Only a daemon with [amqp] has a second intake thread.
-        let one = self.cfg.amqp.url.is_some().then(|| lock(&self.intake_one));
+        // Taken by every intake: without [amqp] there is one intake thread (the claim loop, or
+        // the recovery before it starts), so it is never contended there.
+        let one = lock(&self.intake_one);
         let mut round: Vec<Claimed> = Vec::with_capacity(names.len());
         for name in names {
             round.push(self.read_claimed(name));
@@ -437,6 +451,8 @@ impl Stage {
             self.stall(*id, why);
         }
         drop(one);
+        // Claims that did not queue a build (invalid, rejected) held a slot until now.
+        self.slot_may_be_free();
         let mut seen = HashSet::new();
         to_advance.retain(|id| seen.insert(*id) && !stalled.contains(id));
         for id in to_advance {
@@ -936,6 +952,7 @@ impl Stage {
                         urls: build::planned_urls(w, &spec),
                     },
                 )?;
+                self.slot_may_be_free();
                 return self.advance(id).map(|_| ());
             }
         };
@@ -977,6 +994,7 @@ impl Stage {
             }],
         };
         self.record_retrying(id, kinds)?;
+        self.slot_may_be_free();
         self.advance(id).map(|_| ())
     }
 
@@ -1093,6 +1111,7 @@ impl Stage {
             ),
         ])?;
         drop(decide);
+        self.slot_may_be_free();
         self.advance(id)?;
         Ok(true)
     }

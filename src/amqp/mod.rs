@@ -32,6 +32,10 @@ pub use client::{Client, Handle, Incoming, Settings};
 /// The hidden name prefix of a message body in `active/<worker>/`.
 pub const FILE_PREFIX: &str = ".amqp-";
 
+/// How long messages waiting for a build slot wait at most before the slots are counted again
+/// (the build threads tell the intake when a slot frees; this covers any path that does not).
+const SLOT_RECHECK: Duration = Duration::from_millis(50);
+
 /// How long a Deliver step waits for the broker's confirm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -237,12 +241,14 @@ fn intake_loop(
 ) {
     let mut pending: VecDeque<Incoming> = VecDeque::new();
     loop {
-        // Messages waiting for a slot: look again soon (a build slot frees without telling
-        // this thread); none: sleep until one arrives.
+        // Messages waiting for a slot: woken when one may have come free (a build ended, an
+        // intake or a cancel let one go), and at the latest after SLOT_RECHECK (a slot freed
+        // by a path that does not tell, e.g. a job failed before its build); none: sleep until
+        // one arrives.
         let wait = if pending.is_empty() {
             Duration::from_millis(200)
         } else {
-            Duration::from_millis(2)
+            SLOT_RECHECK
         };
         select! {
             recv(stop) -> _ => return,
@@ -250,6 +256,7 @@ fn intake_loop(
                 Ok(m) => pending.push_back(m),
                 Err(_) => return,
             },
+            recv(stage.slot_wakeups()) -> _ => {}
             default(wait) => {}
         }
         while let Ok(m) = deliveries.try_recv() {
