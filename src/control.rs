@@ -146,7 +146,20 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
     };
     let journal = match stage.store.journal() {
         Ok(j) => j,
-        Err(e) => return err(&e),
+        Err(e) => {
+            // The log is closed while it is reopened after a write error (and stays so while
+            // the disk is full): `status` still answers, from the open jobs kept in memory,
+            // with why nothing is claimed.
+            if let Request::Status { state, limit } = &req
+                && let Some(why) = stage.store.failing()
+            {
+                return Response::Status {
+                    rows: ops::status(&stage.store.open_jobs(), *state, *limit),
+                    failing: Some(why),
+                };
+            }
+            return err(&e);
+        }
     };
     match req {
         Request::Status { state, limit } => match journal.projections() {
