@@ -224,9 +224,16 @@ fn forget_cancel_malformed_outage_and_the_spool() {
     broker.publish(Q, &[b"this is not json".to_vec()]);
     let rejected = farm.rejected();
     assert!(
-        wait_for(Duration::from_secs(30), || common::list(&rejected)
-            .iter()
-            .any(|n| n.starts_with("amqp-") && n.ends_with(".reason"))),
+        // the reason is written first, then the body is moved beside it: wait for both
+        wait_for(Duration::from_secs(30), || {
+            let names = common::list(&rejected);
+            let amqp = |reason: bool| {
+                names
+                    .iter()
+                    .any(|n| n.starts_with("amqp-") && n.ends_with(".reason") == reason)
+            };
+            amqp(true) && amqp(false)
+        }),
         "no rejected body: {:?}",
         common::list(&rejected)
     );

@@ -11,8 +11,10 @@ const T: Duration = Duration::from_secs(30);
 
 fn reason(farm: &Farm, name: &str) -> String {
     let p = farm.rejected().join(format!("{name}.reason"));
+    // the reason is written first, then the input is moved beside it: wait for both
+    let kept = farm.rejected().join(name);
     assert!(
-        wait_for(T, || p.exists()),
+        wait_for(T, || p.exists() && kept.symlink_metadata().is_ok()),
         "{name} not rejected; rejected/ has {:?}",
         list(&farm.rejected())
     );

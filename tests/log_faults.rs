@@ -192,8 +192,16 @@ fn memory_stays_bounded_for_four_15_mb_inputs() {
         let r = farm.wait_outbox(&format!("m{i}.json"), T);
         assert_eq!(r["image"]["result"], json!(true));
     }
-    assert!(wait_for(T, || (0..4)
-        .all(|i| farm.pushes_for(&format!("mem-{i}")).len() == 2)));
+    // 8 pushes of a 15 MB workitem each through a shell script: slow on a loaded host, so
+    // count their small .env records (not the 15 MB JSON) and give them time
+    assert!(
+        wait_for(4 * T, || (0..4)
+            .all(|i| farm.push_count(&format!("mem-{i}")) == 2)),
+        "pushes: {:?}",
+        (0..4)
+            .map(|i| farm.push_count(&format!("mem-{i}")))
+            .collect::<Vec<_>>()
+    );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let hwm_kb: u64 = status
         .lines()

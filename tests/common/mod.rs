@@ -169,6 +169,18 @@ timeout = 5
             .collect()
     }
 
+    /// How many pushes were made for image_id, from their `.env` records only (cheap: the
+    /// workitems on their stdin are not read).
+    pub fn push_count(&self, image_id: &str) -> usize {
+        let dir = self.hook_dir().join("pushes");
+        let want = format!("BUILD_IMAGE_ID={image_id}\n");
+        list(&dir)
+            .into_iter()
+            .filter(|n| n.ends_with(".env"))
+            .filter(|n| std::fs::read_to_string(dir.join(n)).is_ok_and(|env| env.contains(&want)))
+            .count()
+    }
+
     /// Waits until `n` pushes were made for image_id, and returns them.
     pub fn wait_pushes(&self, image_id: &str, n: usize) -> Vec<(String, Value)> {
         assert!(
