@@ -1,4 +1,4 @@
-//! P6 (docs/PERFORMANCE.md): workitems through the BOSS participant, on a private RabbitMQ node
+//! P7 (docs/PERFORMANCE.md): workitems through the BOSS participant, on a private RabbitMQ node
 //! (Debian's rabbitmq-server, started by this bench on 127.0.0.1; see tests/common/broker.rs).
 //!
 //! - daemon: AMQP_N workitems (default 1,000) published persistent to `build_image`, through
@@ -45,7 +45,7 @@ printf 'image\n' > "$d/${n%.ks}.img"
 
 fn main() {
     if !Path::new("/usr/sbin/rabbitmq-server").exists() {
-        eprintln!("P6 needs rabbitmq-server (apt-get install rabbitmq-server): skipped");
+        eprintln!("P7 needs rabbitmq-server (apt-get install rabbitmq-server): skipped");
         return;
     }
     let n = env_u64("AMQP_N", 1000) as usize;
@@ -61,7 +61,7 @@ fn main() {
             .unwrap()
     });
     eprintln!(
-        "P6: {n} workitems, {workers} build slots, {} runs, broker {}",
+        "P7: {n} workitems, {workers} build slots, {} runs, broker {}",
         runs(),
         broker.url()
     );
@@ -79,7 +79,7 @@ fn main() {
     let ratio = d.median / p.median;
     println!();
     println!(
-        "P6 AMQP: {n} workitems through the daemon: {} msgs/s; plain consume+ack+publish loop: {} msgs/s; ratio {ratio:.2} (goal >= 0.8: {}); the same jobs through the spool: {} jobs/s (AMQP/spool {:.2})",
+        "P7 AMQP: {n} workitems through the daemon: {} msgs/s; plain consume+ack+publish loop: {} msgs/s; ratio {ratio:.2} (goal >= 0.8: {}); the same jobs through the spool: {} jobs/s (AMQP/spool {:.2})",
         d.show(0, ""),
         p.show(0, ""),
         met(ratio >= 0.8),
