@@ -755,7 +755,7 @@ impl Stage {
         if let Some(file) = job.file.as_deref()
             && crate::amqp::is_amqp_file(file)
         {
-            return self.deliver_amqp(job, file, None);
+            return self.deliver_amqp(job, file, None).map(|_| ());
         }
         let bytes = self.answer(job)?;
         let file = job
@@ -781,7 +781,7 @@ impl Stage {
     /// Answers a byte-identical re-drop with the job's answer.
     fn deliver_copy(&self, job: &Job, file: &str) -> Result<()> {
         if crate::amqp::is_amqp_file(file) {
-            return self.deliver_amqp(job, file, Some(file));
+            return self.deliver_amqp(job, file, Some(file)).map(|_| ());
         }
         let bytes = self.answer(job)?;
         let d = self
@@ -802,7 +802,9 @@ impl Stage {
     /// Publishes the answer of an AMQP job (or of a re-delivery of its message, `copy`) and
     /// records `delivered` once the broker confirmed it; with `fields.params.forget` nothing is
     /// published. Not connected (or not confirmed): deferred, and tried again later.
-    fn deliver_amqp(&self, job: &Job, file: &str, copy: Option<&str>) -> Result<()> {
+    /// Publishes an AMQP job's answer (unless it is forgotten) and records `delivered` after
+    /// the confirm. Returns where it went (`amqp:<reply_queue>`, or the forget note).
+    fn deliver_amqp(&self, job: &Job, file: &str, copy: Option<&str>) -> Result<String> {
         let input = self.store.input_value(job)?;
         let outbox = if crate::amqp::forget(&input) {
             drop(input);
@@ -821,12 +823,13 @@ impl Stage {
         self.store.record(
             Some(job.id),
             EventKind::Delivered {
-                outbox,
+                outbox: outbox.clone(),
                 copy: copy.map(str::to_string),
                 sha256: None,
             },
         )?;
-        self.remove_active(file)
+        self.remove_active(file)?;
+        Ok(outbox)
     }
 
     /// Removes an answered input from active/. Not fsynced: if a crash undoes the removal,
@@ -1188,6 +1191,15 @@ impl Stage {
                     ""
                 }
             )));
+        }
+        if let Some(file) = job.file.as_deref()
+            && crate::amqp::is_amqp_file(file)
+        {
+            // Its answer went to the broker, not the outbox: published again (the same
+            // answer, built from the log as the first time), `delivered` after the confirm.
+            let name = self.deliver_amqp(&job, file, None)?;
+            let sha256 = job.answers.last().cloned().unwrap_or_default();
+            return Ok((crate::outbox::Delivery { name, sha256 }, true));
         }
         let bytes = self.answer(&job)?;
         let file = job

@@ -300,6 +300,26 @@ fn forget_cancel_malformed_outage_and_the_spool() {
     answers.wait(&broker, 3, Duration::from_secs(90));
     assert_eq!(answers.by_wfid["wf-4"][0]["fields"]["result"], json!(true));
 
+    // redeliver: an AMQP job's answer is published again (not written to the outbox).
+    let (code, text, err) = common::output(farm.bin().args(["redeliver", "img4"]));
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.contains("amqp:ruote_workitems"), "{text}");
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            answers.collect(&broker);
+            answers.by_wfid["wf-4"].len() >= 2
+        }),
+        "wf-4 not answered again"
+    );
+    assert_eq!(answers.by_wfid["wf-4"].len(), 2, "answered again, once");
+    assert_eq!(answers.by_wfid["wf-4"][0], answers.by_wfid["wf-4"][1]);
+    assert!(
+        !common::list(&farm.outbox())
+            .iter()
+            .any(|n| n.starts_with(".amqp")),
+        "never a hidden answer in outbox/"
+    );
+
     // status and show name each job's source.
     let (code, text, err) = common::output(farm.bin().args(["status", "--json"]));
     assert_eq!(code, 0, "{err}");

@@ -135,7 +135,12 @@ pub fn redeliver(cfg: &Config, id: &str) -> anyhow::Result<i32> {
     let Response::Redelivered(r) = r else {
         return Err(unexpected(&r));
     };
-    println!("job {} ({id}) answered again in outbox/{}", r.job, r.outbox);
+    if r.outbox.starts_with("amqp") {
+        // a workitem that came over AMQP is answered on the broker (docs/amqp.md)
+        println!("job {} ({id}) answered again: {}", r.job, r.outbox);
+    } else {
+        println!("job {} ({id}) answered again in outbox/{}", r.job, r.outbox);
+    }
     if !r.identical {
         eprintln!(
             "build-image: WARNING: the answer differs from the one recorded at its delivery (the log has no sha256 of it, or this version writes answers differently)"
