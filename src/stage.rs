@@ -757,16 +757,7 @@ impl Stage {
         {
             return self.deliver_amqp(job, file, None).map(|_| ());
         }
-        let bytes = self.answer(job)?;
-        let file = job
-            .file
-            .clone()
-            .unwrap_or_else(|| format!("job-{}.json", job.id));
-        let d = self
-            .outbox
-            .deliver(&file, job.id, &bytes, &job.answers)
-            .map_err(Self::deliver_error)?;
-        drop(bytes);
+        let (file, d) = self.write_answer(job)?;
         self.store.record(
             Some(job.id),
             EventKind::Delivered {
@@ -776,6 +767,21 @@ impl Stage {
             },
         )?;
         self.remove_active(&file)
+    }
+
+    /// Writes a job's answer to the outbox under its input's name (never over another job's
+    /// answer); returns that input name and where the answer went. Records nothing.
+    fn write_answer(&self, job: &Job) -> Result<(String, crate::outbox::Delivery)> {
+        let bytes = self.answer(job)?;
+        let file = job
+            .file
+            .clone()
+            .unwrap_or_else(|| format!("job-{}.json", job.id));
+        let d = self
+            .outbox
+            .deliver(&file, job.id, &bytes, &job.answers)
+            .map_err(Self::deliver_error)?;
+        Ok((file, d))
     }
 
     /// Answers a byte-identical re-drop with the job's answer.
@@ -1201,16 +1207,7 @@ impl Stage {
             let sha256 = job.answers.last().cloned().unwrap_or_default();
             return Ok((crate::outbox::Delivery { name, sha256 }, true));
         }
-        let bytes = self.answer(&job)?;
-        let file = job
-            .file
-            .clone()
-            .unwrap_or_else(|| format!("job-{}.json", job.id));
-        let d = self
-            .outbox
-            .deliver(&file, job.id, &bytes, &job.answers)
-            .map_err(Self::deliver_error)?;
-        drop(bytes);
+        let (_, d) = self.write_answer(&job)?;
         let identical = job.answers.last() == Some(&d.sha256);
         self.store.record(
             Some(job.id),
