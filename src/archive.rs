@@ -174,6 +174,17 @@ fn staging_dir(dir: &Path) -> Result<PathBuf> {
     Ok(tmp)
 }
 
+/// Runs `build` on a fresh staging folder beside `dir` (which `build` ends by renaming into
+/// `dir` with `place`); a failed build leaves nothing behind.
+fn build_staged<T>(dir: &Path, build: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let tmp = staging_dir(dir)?;
+    let built = build(&tmp);
+    if built.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    built
+}
+
 /// Closes a log built in `tmp`, writes its high-water mark, and renames it to `dir` (an empty
 /// or missing folder).
 fn place(journal: Journal, tmp: &Path, dir: &Path) -> Result<()> {
@@ -217,9 +228,8 @@ pub struct ImportReport {
 /// (JSON Lines). Written beside it and renamed into place, so a failed import leaves nothing.
 pub fn import(reader: impl BufRead, dir: &Path) -> Result<ImportReport> {
     ensure_empty(dir, "the state dir")?;
-    let tmp = staging_dir(dir)?;
-    let built = (|| -> Result<ImportReport> {
-        let journal = Journal::open(&tmp)?;
+    build_staged(dir, |tmp| {
+        let journal = Journal::open(tmp)?;
         let mut batch = Vec::new();
         let mut bytes = 0usize;
         let (mut events, mut jobs) = (0u64, 0u64);
@@ -240,18 +250,14 @@ pub fn import(reader: impl BufRead, dir: &Path) -> Result<ImportReport> {
         }
         journal.import_events(&batch)?;
         let last_seq = journal.last_seq();
-        place(journal, &tmp, dir)?;
+        place(journal, tmp, dir)?;
         Ok(ImportReport {
             dir: dir.to_path_buf(),
             events,
             jobs,
             last_seq,
         })
-    })();
-    if built.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    built
+    })
 }
 
 /// What `backup` did.
@@ -272,21 +278,16 @@ pub fn backup(journal: &Journal, dir: &Path, stopping: &dyn Fn() -> bool) -> Res
     // What was appended without a flush of its own (a push's record) is made durable first.
     journal.flush()?;
     let upto = journal.durable_seq();
-    let tmp = staging_dir(dir)?;
-    let built = (|| -> Result<BackupReport> {
-        let copy = Journal::open(&tmp)?;
+    build_staged(dir, |tmp| {
+        let copy = Journal::open(tmp)?;
         let events = journal.copy_into(&copy, upto + 1, |_| true, |_| not_stopping(stopping))?;
-        place(copy, &tmp, dir)?;
+        place(copy, tmp, dir)?;
         Ok(BackupReport {
             dir: dir.to_path_buf(),
             events,
             upto,
         })
-    })();
-    if built.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    built
+    })
 }
 
 /// What `compact` did.
