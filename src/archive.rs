@@ -442,14 +442,10 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
             |e| !removed.contains(&e.job),
             |_| not_stopping(&stopping),
         )?;
-        // The projections too, here, so that the swap below folds only the events appended
-        // meanwhile (the daemon records nothing while it runs).
+        // The projections too, here, so that the swap below folds only the jobs of the events
+        // appended meanwhile (the daemon records nothing while it runs).
         let (jobs, _) = new.fold_jobs(None)?;
-        new.rewrite_projections(
-            &jobs,
-            &|j: &Job| lifecycle::is_open(j, &policy),
-            new.last_seq(),
-        )?;
+        new.rewrite_projections(&jobs, &|j: &Job| lifecycle::is_open(j, &policy))?;
         Ok((new, kept))
     })();
     let (new, mut kept) = built.map_err(unwind)?;

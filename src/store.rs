@@ -632,18 +632,15 @@ pub fn spec_of(journal: &Journal, job: &Job) -> Result<Option<Spec>> {
     })
 }
 
-/// Loads the open jobs: the stored projections of the jobs marked open, then the events after
-/// the projection snapshot folded onto their jobs (a crash can leave a few), stored. A log
-/// whose projections are of another format (or none) is folded whole once.
+/// Loads the open jobs: the jobs marked open (not settled, or changed by an append a crash
+/// cut short) folded from their own events; a marked job that turns out settled gets its
+/// projection stored and its mark removed. A log whose projections are of another format (or
+/// none) is folded whole once.
 fn load_open(journal: &Journal, policy: &Policy) -> Result<Jobs> {
     let started = Instant::now();
     if journal.projection_format()? != PROJECTION_VERSION {
         let (jobs, n) = journal.fold_jobs(None)?;
-        journal.rewrite_projections(
-            &jobs,
-            &|j: &Job| lifecycle::is_open(j, policy),
-            journal.last_seq(),
-        )?;
+        journal.rewrite_projections(&jobs, &|j: &Job| lifecycle::is_open(j, policy))?;
         log::info!(
             "log: projections folded again from {n} event(s) ({} jobs) in {:?}",
             jobs.len(),
@@ -651,46 +648,25 @@ fn load_open(journal: &Journal, policy: &Policy) -> Result<Jobs> {
         );
     }
     let mut open = Jobs::new();
+    let mut settled = 0;
     for id in journal.open_jobs()? {
-        if let Some(job) = journal.projection(id)? {
+        let Some(job) = journal.fold_job(id)? else {
+            // a mark written before a crash took its events: nothing to load
+            journal.unmark(id)?;
+            continue;
+        };
+        if lifecycle::is_open(&job, policy) {
             open.insert(id, job);
+        } else {
+            journal.put_projection(&job, false)?;
+            settled += 1;
         }
     }
-    let upto = journal.projected_upto()?;
-    let mut tail = Jobs::new();
-    let mut failed = None;
-    let n = journal.fold_range(upto + 1, None, |ev| {
-        let job = tail.entry(ev.job).or_insert_with(|| {
-            open.remove(&ev.job).unwrap_or_else(|| {
-                journal
-                    .projection(ev.job)
-                    .unwrap_or_else(|e| {
-                        failed.get_or_insert(e);
-                        None
-                    })
-                    .unwrap_or_default()
-            })
-        });
-        if ev.seq > job.last_seq {
-            job.apply(ev);
-        }
-    })?;
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
-    for (id, job) in tail {
-        let is_open = lifecycle::is_open(&job, policy);
-        journal.put_projection(&job, is_open)?;
-        if is_open {
-            open.insert(id, job);
-        }
-    }
-    if n > 0 {
-        journal.set_projected_upto(journal.last_seq())?;
+    if settled > 0 {
         journal.flush()?;
     }
     log::info!(
-        "log opened: {} open job(s), {n} event(s) folded after the stored projections, in {:?}",
+        "log opened: {} open job(s) ({settled} marked job(s) found settled) in {:?}",
         open.len(),
         started.elapsed(),
     );

@@ -25,7 +25,7 @@ impl Journal {
     /// `invalid` event carries (the export form) into the inputs tree. Not flushed: the caller
     /// flushes once it has written all it writes (`flush`: one flush for a whole import). The
     /// projections are derived, not imported: `Store::open` folds them, all of them in a fresh
-    /// log (no projection format mark yet), else the events after `projected_upto`.
+    /// log (no projection format mark yet), else the jobs these events touch (marked).
     pub fn import_events(&self, events: &[Event]) -> Result<()> {
         self.check_broken()?;
         let r = self.import_inner(events);
@@ -54,15 +54,16 @@ impl Journal {
             }
             expect = ev.seq + 1;
         }
+        let mut stored = Vec::with_capacity(events.len());
         for ev in events {
-            let mut stored = ev.clone();
-            let input = match &mut stored.kind {
+            let mut plain = ev.clone();
+            let input = match &mut plain.kind {
                 EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } => {
                     Some(std::mem::take(&mut input.0))
                 }
                 _ => None,
             };
-            let bytes = serde_json::to_vec(&stored).map_err(JournalError::Encode)?;
+            let bytes = serde_json::to_vec(&plain).map_err(JournalError::Encode)?;
             self.by_job.insert(job_seq_key(ev.job, ev.seq), &[])?;
             match &ev.kind {
                 EventKind::Queued { image_id, spec, .. } => {
@@ -82,10 +83,20 @@ impl Journal {
                 _ => {}
             }
             if let Some(input) = input.filter(|i| !i.is_empty()) {
-                self.inputs.insert(ev.job.to_be_bytes(), input)?;
+                self.inputs
+                    .insert(ev.job.to_be_bytes(), super::pack_input(input))?;
             }
-            self.events.insert(ev.seq.to_be_bytes(), bytes)?;
+            stored.push((ev.seq, ev.job, bytes));
         }
+        // the jobs these events change are folded at the next start (their projections, if
+        // any, are stale): marked before the events are written, as `append` marks them
+        let mut touched: Vec<u64> = stored.iter().map(|(_, job, _)| *job).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for job in touched {
+            self.mark(job)?;
+        }
+        self.write_blocks(&stored)?;
         *next = expect;
         Ok(())
     }
@@ -95,7 +106,7 @@ impl Journal {
         if let EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } = &mut ev.kind
             && let Some(bytes) = self.input_bytes(ev.job)?
         {
-            input.0 = bytes.to_vec();
+            input.0 = bytes;
         }
         Ok(ev)
     }

@@ -1,0 +1,107 @@
+//! A log written in stored form 1 (one JSON value per event, before blocks: the form of main up
+//! to 2026-12-01) is opened by this version: moved into blocks at its first opening, and it
+//! reads back exactly as the version that wrote it read it. The fixture
+//! (tests/fixtures/log-form1/) was written by that version: a log holding every kind of event
+//! and an open job (state.tar.gz: the state dir), with what its `events --json`, `status
+//! --json` and `show x-a --json` printed.
+
+mod common;
+
+use build_image::journal::{Journal, STORE_VERSION};
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/log-form1")
+        .join(name)
+}
+
+fn ok(farm: &Farm, args: &[&str]) -> String {
+    let (code, out, err) = output(farm.bin().args(args));
+    assert_eq!(code, 0, "{args:?}: {out}{err}");
+    out
+}
+
+/// A farm whose state dir holds the fixture's log.
+fn farm_with_old_log() -> Farm {
+    let farm = Farm::new();
+    let state = farm.cfg.state_dir();
+    let parent = state.parent().unwrap();
+    std::fs::create_dir_all(parent).unwrap();
+    let (code, out, err) = output(
+        std::process::Command::new("tar")
+            .arg("-xzf")
+            .arg(fixture("state.tar.gz"))
+            .arg("-C")
+            .arg(parent),
+    );
+    assert_eq!(code, 0, "tar: {out}{err}");
+    std::fs::rename(parent.join("state"), &state).unwrap();
+    farm
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap()
+}
+
+#[test]
+fn a_log_of_the_old_stored_form_reads_back_the_same() {
+    init_log();
+    let farm = farm_with_old_log();
+    let old_export = std::fs::read_to_string(fixture("export.jsonl")).unwrap();
+
+    // the first command to open it moves it into the new form
+    let export = ok(&farm, &["events", "--json"]);
+    assert_eq!(export, old_export);
+    {
+        let db = sled::open(farm.cfg.state_dir()).unwrap();
+        let names: Vec<String> = db
+            .tree_names()
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n == "events"),
+            "the old events tree is gone: {names:?}"
+        );
+        assert!(
+            !db.open_tree("tail").unwrap().is_empty()
+                || !db.open_tree("blocks").unwrap().is_empty()
+        );
+        assert_eq!(
+            db.get("store_format").unwrap().unwrap().as_ref(),
+            STORE_VERSION.to_be_bytes()
+        );
+    }
+    // and reads the same again, in every view
+    assert_eq!(ok(&farm, &["events", "--json"]), old_export);
+    let status = json(&ok(&farm, &["status", "--json"]));
+    let old_status = json(&std::fs::read_to_string(fixture("status.json")).unwrap());
+    assert_eq!(status, old_status);
+    let show = json(&ok(&farm, &["show", "x-a", "--json"]));
+    let old_show = json(&std::fs::read_to_string(fixture("show-x-a.json")).unwrap());
+    for key in ["job", "events", "workitem"] {
+        assert_eq!(show[key], old_show[key], "{key}");
+    }
+    assert_eq!(show["workitem"]["image"]["image_id"], "x-a");
+
+    // it takes new events after the old ones (the open job, cancelled offline)
+    ok(&farm, &["cancel", "x-f"]);
+    let lines: Vec<String> = ok(&farm, &["events", "--json"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let old_lines: Vec<&str> = old_export.lines().collect();
+    assert!(lines.len() > old_lines.len(), "{lines:#?}");
+    assert_eq!(&lines[..old_lines.len()], &old_lines[..]);
+    let first_new = json(&lines[old_lines.len()]);
+    assert_eq!(first_new["kind"], "cancelled", "{lines:#?}");
+    assert_eq!(first_new["job"], 21);
+    assert_eq!(first_new["seq"].as_u64(), Some(old_lines.len() as u64 + 1));
+    let new_events = lines.len() - old_lines.len();
+    let j = Journal::open(&farm.cfg.state_dir()).unwrap();
+    assert_eq!(j.job_events(21).unwrap().len(), 2 + new_events);
+    assert_eq!(j.fold_all().unwrap().len(), 7);
+}
