@@ -10,7 +10,7 @@
 //! by whoever opens the state dir next (`finish_swap`).
 
 use super::{
-    Event, EventKind, Journal, JournalError, Result, folder_key, image_key, job_seq_key, lock,
+    Event, EventKind, Journal, JournalError, Result, Stored, folder_key, image_key, lock,
     sha_key,
 };
 use std::path::{Path, PathBuf};
@@ -55,6 +55,7 @@ impl Journal {
             expect = ev.seq + 1;
         }
         let mut stored = Vec::with_capacity(events.len());
+        let mut seqs: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
         for ev in events {
             let mut plain = ev.clone();
             let input = match &mut plain.kind {
@@ -64,7 +65,7 @@ impl Journal {
                 _ => None,
             };
             let bytes = serde_json::to_vec(&plain).map_err(JournalError::Encode)?;
-            self.by_job.insert(job_seq_key(ev.job, ev.seq), &[])?;
+            seqs.entry(ev.job).or_default().push(ev.seq);
             match &ev.kind {
                 EventKind::Queued { image_id, spec, .. } => {
                     self.by_image.insert(image_key(image_id, ev.job), &[])?;
@@ -82,19 +83,19 @@ impl Journal {
                 }
                 _ => {}
             }
-            if let Some(input) = input.filter(|i| !i.is_empty()) {
-                self.inputs
-                    .insert(ev.job.to_be_bytes(), super::pack_input(input))?;
-            }
-            stored.push((ev.seq, ev.job, bytes));
+            stored.push(Stored {
+                seq: ev.seq,
+                job: ev.job,
+                json: bytes,
+                input: input.filter(|i| !i.is_empty()),
+            });
         }
-        // the jobs these events change are folded at the next start (their projections, if
-        // any, are stale): marked before the events are written, as `append` marks them
-        let mut touched: Vec<u64> = stored.iter().map(|(_, job, _)| *job).collect();
-        touched.sort_unstable();
-        touched.dedup();
-        for job in touched {
-            self.mark(job)?;
+        // the jobs these events change are folded at the next start (an imported log is
+        // folded whole; a copy's last events may change open jobs): indexed and marked before
+        // the events are written, as `append` does
+        for (job, new) in &seqs {
+            self.add_seqs(*job, new)?;
+            self.mark(*job)?;
         }
         self.write_blocks(&stored)?;
         *next = expect;

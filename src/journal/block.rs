@@ -5,9 +5,11 @@
 //!
 //! Layout: one byte of format, then the body. Format 1: the body as is; format 2: the body
 //! compressed with LZ4 (its size first, as `lz4_flex` writes it). The body is a run of entries,
-//! each `seq`, `job`, `len` as LEB128 varints, then `len` bytes: the event's JSON (without its
-//! input, which is kept apart). The job in front lets a reader skip the events of other jobs
-//! without decoding them.
+//! each `seq`, `job`, `len << 1 | input` as LEB128 varints, then `len` bytes: the event's JSON
+//! (without its input), or, flagged `input`, the input workitem of the event before it (same
+//! seq), as read. The job and the flag in front let a reader skip the events of other jobs and
+//! the inputs without decoding them. The inputs of a farm repeat themselves too (the same
+//! kickstarts, built again and again): compressed together in a block, a repeat costs little.
 //!
 //! Invariant: the entries of a block are in ascending seq order, and every seq of a block is
 //! below the key of the next block, except in one case a crash can leave: a merged block
@@ -43,14 +45,18 @@ pub struct Builder {
 }
 
 impl Builder {
-    pub fn push(&mut self, seq: u64, job: u64, json: &[u8]) {
+    /// Adds an event (`input` false) or the input of the event just added (`input` true).
+    pub fn push(&mut self, seq: u64, job: u64, json: &[u8], input: bool) {
         put_varint(&mut self.body, seq);
         put_varint(&mut self.body, job);
-        put_varint(&mut self.body, json.len() as u64);
+        put_varint(&mut self.body, (json.len() as u64) << 1 | u64::from(input));
         self.body.extend_from_slice(json);
-        self.count += 1;
+        if !input {
+            self.count += 1;
+        }
     }
 
+    /// Events in the block (inputs not counted).
     pub fn len(&self) -> usize {
         self.count
     }
@@ -124,6 +130,8 @@ pub struct Entry<'a> {
     pub seq: u64,
     pub job: u64,
     pub json: &'a [u8],
+    /// The input workitem of event `seq`, not an event.
+    pub input: bool,
 }
 
 /// The entries of a block body, in order; a damaged body ends in one error.
@@ -151,13 +159,19 @@ impl<'a> Iterator for Entries<'a> {
         let r = (|| {
             let seq = take_varint(&mut self.rest)?;
             let job = take_varint(&mut self.rest)?;
-            let len = usize::try_from(take_varint(&mut self.rest)?).ok()?;
+            let flagged = take_varint(&mut self.rest)?;
+            let len = usize::try_from(flagged >> 1).ok()?;
             if len > self.rest.len() {
                 return None;
             }
             let (json, rest) = self.rest.split_at(len);
             self.rest = rest;
-            Some(Entry { seq, job, json })
+            Some(Entry {
+                seq,
+                job,
+                json,
+                input: flagged & 1 == 1,
+            })
         })();
         match r {
             Some(e) => Some(Ok(e)),
@@ -172,7 +186,7 @@ impl<'a> Iterator for Entries<'a> {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let byte = (v & 0x7f) as u8;
         v >>= 7;
@@ -184,7 +198,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     }
 }
 
-fn take_varint(rest: &mut &[u8]) -> Option<u64> {
+pub fn take_varint(rest: &mut &[u8]) -> Option<u64> {
     let mut v = 0u64;
     for (i, &b) in rest.iter().enumerate().take(10) {
         v |= u64::from(b & 0x7f) << (7 * i);
@@ -206,13 +220,22 @@ mod tests {
             let mut b = Builder::default();
             for i in 0..n {
                 let json = format!(r#"{{"seq":{},"job":7,"kind":"started"}}"#, 300 + i);
-                b.push(300 + i, 7 + i % 2, json.as_bytes());
+                b.push(300 + i, 7 + i % 2, json.as_bytes(), false);
+                if i == 1 {
+                    b.push(301, 8, b"{\"image\":{}}", true);
+                }
             }
             assert_eq!(b.len() as u64, n);
             let stored = b.finish();
             assert_eq!(stored[0], if n == 200 { LZ4 } else { RAW });
             let body = body(300, &stored).unwrap();
-            let got: Vec<Entry<'_>> = entries(300, &body).map(Result::unwrap).collect();
+            let all: Vec<Entry<'_>> = entries(300, &body).map(Result::unwrap).collect();
+            let inputs: Vec<&Entry<'_>> = all.iter().filter(|e| e.input).collect();
+            assert_eq!(inputs.len(), usize::from(n > 1));
+            if let Some(i) = inputs.first() {
+                assert_eq!((i.seq, i.job, i.json), (301, 8, &b"{\"image\":{}}"[..]));
+            }
+            let got: Vec<&Entry<'_>> = all.iter().filter(|e| !e.input).collect();
             assert_eq!(got.len() as u64, n);
             for (i, e) in got.iter().enumerate() {
                 let i = i as u64;
@@ -228,7 +251,7 @@ mod tests {
     #[test]
     fn damage_is_an_error_not_a_panic() {
         let mut b = Builder::default();
-        b.push(u64::MAX, 1, b"{}");
+        b.push(u64::MAX, 1, b"{}", false);
         let stored = b.finish();
         for cut in 0..stored.len() {
             let part = &stored[..cut];

@@ -71,41 +71,49 @@ pub const STORE_VERSION: u64 = 2;
 /// a block is cut at this many events or `SEAL_BYTES`).
 const SEAL_EVENTS: usize = 256;
 const SEAL_BYTES: usize = 256 * 1024;
-const BY_JOB: &str = "by_job";
+/// Per job, the seqs of its events (varints, ascending): how `show` reads one job's events.
+const JOB_SEQS: &str = "job_seqs";
 const BY_IMAGE: &str = "by_image";
-const JOBS: &str = "jobs";
-const INPUTS: &str = "inputs";
 const BY_SHA: &str = "by_sha";
 const OPEN: &str = "open";
 const BY_FOLDER: &str = "by_folder";
+/// Trees of stored form 1, read while a log is moved to form 2 (`migrate`), then dropped:
+/// one key per event of a job (job ++ seq), the folded state of each job, the inputs.
+const LEGACY_BY_JOB: &str = "by_job";
+const LEGACY_JOBS: &str = "jobs";
+const LEGACY_INPUTS: &str = "inputs";
+/// Sealed blocks kept decompressed for the readers that go job by job (`show`, the status
+/// page, the metrics' first count): consecutive jobs share blocks.
+const CACHED_BLOCKS: usize = 8;
 /// Key (in the default tree) of the format of the stored projections: when the fold changes,
 /// the projections are folded again from the log at the next start.
 const PROJECTION_FORMAT: &[u8] = b"projection_format";
-/// The format the fold of this version writes.
-pub const PROJECTION_VERSION: u64 = 3;
+/// The format of what this version derives from the events and keeps (4: the open marks only;
+/// a job's state is folded from its events when asked for).
+pub const PROJECTION_VERSION: u64 = 4;
 /// Key (in the default tree) written to check that the log takes writes again.
 const PROBE: &[u8] = b"probe";
 /// Key (in the default tree) of the highest seq whose job projection was stored, in projection
 /// formats before 3 (removed when the projections are folded again).
 const PROJECTED_UPTO: &[u8] = b"projected_upto";
 
-/// The log and its indexes. The events (`blocks`, `tail`) are the truth; `by_job` (job ++ seq),
-/// `by_image` (image_id ++ 0 ++ job), `by_sha` (sha256 of the claimed file ++ 0 ++ job),
-/// `by_folder`, `jobs` (a settled job -> its folded state, the projection) and `open` (the jobs
-/// whose projection is not stored: not settled, or changed by an append under way) are derived
-/// from them and can be rebuilt by folding the events (`build-image replay` checks the
-/// projections). A start folds only the marked jobs.
+/// The log and its indexes. The events (`blocks`, `tail`, inputs included) are the truth;
+/// `job_seqs` (job -> the seqs of its events), `by_image` (image_id ++ 0 ++ job), `by_sha`
+/// (sha256 of the claimed file ++ 0 ++ job), `by_folder` and `open` (the jobs not settled) are
+/// derived from them and can be rebuilt by folding them (`build-image replay` checks them).
+/// A job's state is the fold of its events, read through `job_seqs`; a start folds only the
+/// open jobs.
 pub struct Journal {
     db: sled::Db,
     blocks: sled::Tree,
     tail: sled::Tree,
-    by_job: sled::Tree,
+    job_seqs: sled::Tree,
     by_image: sled::Tree,
     by_sha: sled::Tree,
     by_folder: sled::Tree,
-    jobs: sled::Tree,
     open: sled::Tree,
-    inputs: sled::Tree,
+    /// Decompressed sealed blocks, newest use last: (first seq, last seq, body).
+    cache: Mutex<Vec<(u64, u64, std::sync::Arc<Vec<u8>>)>>,
     next_seq: Mutex<u64>,
     /// The small blocks at the end of the log not merged yet (taken under `next_seq`).
     small: Mutex<Small>,
@@ -116,6 +124,14 @@ pub struct Journal {
     /// reservation leaves a hole its stable point never passes), so this handle writes nothing
     /// more; the store reopens the log.
     broken: Mutex<Option<String>>,
+}
+
+/// An event as written: its JSON (without the input) and the input it carried.
+struct Stored {
+    seq: u64,
+    job: u64,
+    json: Vec<u8>,
+    input: Option<Vec<u8>>,
 }
 
 /// The small blocks at the end of the log: their keys and how many events they hold.
@@ -178,13 +194,12 @@ impl Journal {
         let blocks = db.open_tree(BLOCKS)?;
         let tail = db.open_tree(TAIL)?;
         let mut journal = Journal {
-            by_job: db.open_tree(BY_JOB)?,
+            job_seqs: db.open_tree(JOB_SEQS)?,
             by_image: db.open_tree(BY_IMAGE)?,
             by_sha: db.open_tree(BY_SHA)?,
             by_folder: db.open_tree(BY_FOLDER)?,
-            jobs: db.open_tree(JOBS)?,
             open: db.open_tree(OPEN)?,
-            inputs: db.open_tree(INPUTS)?,
+            cache: Mutex::new(Vec::new()),
             db,
             blocks,
             tail,
@@ -226,22 +241,30 @@ impl Journal {
         Ok(journal)
     }
 
-    /// Moves the events of a log written in stored form 1 (one JSON value per event, tree
-    /// `events`) into blocks, and deflates its inputs; the indexes and projections stay as they
-    /// are (their form did not change). Idempotent: until the new form's mark is written, a
-    /// crash leaves the old events in place and the next open starts over; after it, only the
-    /// old tree is left to drop.
+    /// Moves a log written in stored form 1 (one JSON value per event in `events`, one key per
+    /// event in `by_job`, inputs in `inputs`, projections in `jobs`) into form 2: the events
+    /// with their inputs into blocks, the job index into `job_seqs`; the other indexes did not
+    /// change, and the open marks are folded again at the next `Store::open` (the projection
+    /// format changed). Idempotent: until the new form's mark is written, a crash leaves the
+    /// old trees as they were and the next open starts over; after it, only they are left to
+    /// drop.
     fn migrate(&mut self) -> Result<()> {
-        let has_legacy = self
-            .db
-            .tree_names()
-            .iter()
-            .any(|n| n.as_ref() == LEGACY_EVENTS.as_bytes());
+        let names: Vec<sled::IVec> = self.db.tree_names();
+        let has = |name: &str| names.iter().any(|n| n.as_ref() == name.as_bytes());
+        let legacy = [LEGACY_EVENTS, LEGACY_BY_JOB, LEGACY_JOBS, LEGACY_INPUTS];
+        let drop_legacy = |db: &sled::Db| -> Result<()> {
+            for name in legacy {
+                if has(name) {
+                    db.drop_tree(name)?;
+                }
+            }
+            db.flush()?;
+            Ok(())
+        };
         let marked = self.db.get(STORE_FORMAT)?.map(|v| key_seq(&v));
         if marked == Some(STORE_VERSION) {
-            if has_legacy {
-                self.db.drop_tree(LEGACY_EVENTS)?;
-                self.db.flush()?;
+            if legacy.iter().any(|n| has(n)) {
+                drop_legacy(&self.db)?;
             }
             return Ok(());
         }
@@ -251,20 +274,34 @@ impl Journal {
                 self.path.display()
             )));
         }
-        if has_legacy {
-            let legacy = self.db.open_tree(LEGACY_EVENTS)?;
-            if !legacy.is_empty() {
+        if has(LEGACY_EVENTS) {
+            let events = self.db.open_tree(LEGACY_EVENTS)?;
+            if !events.is_empty() {
                 let started = std::time::Instant::now();
-                self.blocks.clear()?;
-                self.tail.clear()?;
+                let inputs = self.db.open_tree(LEGACY_INPUTS)?;
+                for tree in [&self.blocks, &self.tail, &self.job_seqs] {
+                    tree.clear()?;
+                }
                 *lock(&self.small) = Small::default();
                 let mut n = 0u64;
                 let mut batch = Vec::with_capacity(SEAL_EVENTS);
-                for item in legacy.iter() {
+                for item in events.iter() {
                     let (k, v) = item?;
                     let seq = key_seq(&k);
-                    let job = decode_view(seq, &v)?.job;
-                    batch.push((seq, job, v.to_vec()));
+                    let view = decode_view(seq, &v)?;
+                    // the job's input, beside each event that carried it
+                    let input = match view.kind {
+                        Tag::Queued | Tag::Invalid => {
+                            inputs.get(view.job.to_be_bytes())?.map(|i| i.to_vec())
+                        }
+                        _ => None,
+                    };
+                    batch.push(Stored {
+                        seq,
+                        job: view.job,
+                        json: v.to_vec(),
+                        input,
+                    });
                     if batch.len() >= SEAL_EVENTS {
                         self.write_blocks(&batch)?;
                         n += batch.len() as u64;
@@ -273,20 +310,28 @@ impl Journal {
                 }
                 n += batch.len() as u64;
                 self.write_blocks(&batch)?;
-                let mut inputs = 0u64;
-                for item in self.inputs.iter() {
-                    let (k, v) = item?;
-                    if v.first() != Some(&DEFLATED) {
-                        let packed = pack_input(v.to_vec());
-                        if packed.first() == Some(&DEFLATED) {
-                            self.inputs.insert(k, packed)?;
-                            inputs += 1;
-                        }
+                // the job index: form 1 kept a key per event, in (job, seq) order
+                let by_job = self.db.open_tree(LEGACY_BY_JOB)?;
+                let mut current: Option<(u64, Vec<u8>)> = None;
+                for item in by_job.iter() {
+                    let (k, _) = item?;
+                    if k.len() != 16 {
+                        continue;
                     }
+                    let (job, seq) = (key_seq(&k[..8]), key_seq(&k[8..]));
+                    if current.as_ref().is_some_and(|(j, _)| *j != job)
+                        && let Some((j, seqs)) = current.take()
+                    {
+                        self.job_seqs.insert(j.to_be_bytes(), seqs)?;
+                    }
+                    block::put_varint(&mut current.get_or_insert_with(|| (job, Vec::new())).1, seq);
+                }
+                if let Some((j, seqs)) = current {
+                    self.job_seqs.insert(j.to_be_bytes(), seqs)?;
                 }
                 self.db.flush()?;
                 log::info!(
-                    "log {}: {n} event(s) moved into blocks and {inputs} input(s) deflated (stored form {STORE_VERSION}) in {:?}",
+                    "log {}: {n} event(s) moved into blocks with their inputs (stored form {STORE_VERSION}) in {:?}",
                     self.path.display(),
                     started.elapsed()
                 );
@@ -294,11 +339,7 @@ impl Journal {
         }
         self.db.insert(STORE_FORMAT, &STORE_VERSION.to_be_bytes())?;
         self.db.flush()?;
-        if has_legacy {
-            self.db.drop_tree(LEGACY_EVENTS)?;
-            self.db.flush()?;
-        }
-        Ok(())
+        drop_legacy(&self.db)
     }
 
     /// Removes the small blocks a crash in the middle of a merge (`seal`) left in `tail` after
@@ -320,7 +361,9 @@ impl Journal {
             }
             let body = block::body(first, &v)?;
             small.keys.push(first);
-            small.events += block::entries(first, &body).count();
+            small.events += block::entries(first, &body)
+                .filter(|e| e.as_ref().is_ok_and(|e| !e.input))
+                .count();
         }
         if !stale.is_empty() {
             log::warn!(
@@ -425,30 +468,24 @@ impl Journal {
         items: Vec<(Option<u64>, EventKind)>,
         mut project: impl FnMut(&Event, &fold::EventView<'_>) -> Projected,
     ) -> Result<Vec<Event>> {
-        // The inputs go to their own tree, moved out of their events and compressed before the
-        // log is locked (they can be megabytes).
-        let mut kinds = Vec::with_capacity(items.len());
-        let mut inputs = Vec::new();
-        for (job, mut kind) in items {
-            let input = match &mut kind {
-                EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } => {
-                    Some(pack_input(std::mem::take(&mut input.0)))
-                }
-                _ => None,
-            };
-            kinds.push((job, kind, input));
-        }
-        let mut out = Vec::with_capacity(kinds.len());
+        let mut out = Vec::with_capacity(items.len());
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
         type Items = Vec<(Vec<u8>, Vec<u8>)>;
-        let mut stored: Vec<(u64, u64, Vec<u8>)> = Vec::with_capacity(kinds.len());
-        let mut by_job: Items = Vec::new();
+        let mut stored: Vec<Stored> = Vec::with_capacity(items.len());
         let mut by_image: Items = Vec::new();
         let mut by_sha: Items = Vec::new();
         let mut by_folder: Items = Vec::new();
+        let mut seqs: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
         let mut seq = *next;
         let mut projected: std::collections::HashMap<u64, Projected> = Default::default();
-        for (job, kind, input) in kinds {
+        for (job, mut kind) in items {
+            // The input is stored beside its event, moved out of it (it can be megabytes).
+            let input = match &mut kind {
+                EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } => {
+                    Some(std::mem::take(&mut input.0))
+                }
+                _ => None,
+            };
             let ev = Event {
                 seq,
                 ts: now_ts(),
@@ -458,7 +495,7 @@ impl Journal {
             let bytes = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
             let view = decode_view(seq, &bytes)?;
             projected.insert(ev.job, project(&ev, &view));
-            by_job.push((job_seq_key(ev.job, seq).to_vec(), Vec::new()));
+            seqs.entry(ev.job).or_default().push(seq);
             match &ev.kind {
                 EventKind::Queued { image_id, spec, .. } => {
                     by_image.push((image_key(image_id, ev.job), Vec::new()));
@@ -475,58 +512,100 @@ impl Journal {
                 }
                 _ => {}
             }
-            if let Some(input) = input {
-                inputs.push((ev.job.to_be_bytes().to_vec(), input));
-            }
-            stored.push((seq, ev.job, bytes));
+            stored.push(Stored {
+                seq,
+                job: ev.job,
+                json: bytes,
+                input,
+            });
             out.push(ev);
             seq += 1;
         }
-        // Indexes, inputs and the marks of the jobs whose stored projection this append makes
-        // stale first, then the events, then the projections of the jobs it settles (and their
-        // marks removed): sled recovers a prefix of what was written, so a crash leaves an index
-        // entry without its event (readers skip it) or a marked job whose projection is stale
-        // (folded from its events at the next start), never an event missing from its indexes
-        // or a stale projection unmarked. Plain inserts, not sled batches: each `apply_batch`
-        // makes sled seal and write its buffer (a pwrite and a sync_file_range), and the prefix
-        // is all the atomicity needed here.
-        for id in projected.keys() {
-            self.mark(*id)?;
+        // Indexes and the open marks of the jobs open after this append first, then the events,
+        // then the marks of the jobs it settles removed: sled recovers a prefix of what was
+        // written, so a crash leaves an index entry or a mark without its event (readers skip
+        // it, a start removes the mark) or a settled job still marked (a start folds it and
+        // removes the mark), never an event missing from its indexes or an open job unmarked.
+        // Plain inserts, not sled batches: each `apply_batch` makes sled seal and write its
+        // buffer (a pwrite and a sync_file_range), and the prefix is all the atomicity needed.
+        for (job, new) in &seqs {
+            self.add_seqs(*job, new)?;
         }
         for (tree, items) in [
-            (&self.by_job, by_job),
             (&self.by_image, by_image),
             (&self.by_sha, by_sha),
             (&self.by_folder, by_folder),
-            (&self.inputs, inputs),
         ] {
             for (k, v) in items {
                 tree.insert(k, v)?;
             }
         }
+        for (id, (_, is_open)) in &projected {
+            if *is_open {
+                self.mark(*id)?;
+            }
+        }
         self.write_blocks(&stored)?;
-        for (job, is_open) in projected.values() {
-            self.put_projection(job, *is_open)?;
+        for (id, (_, is_open)) in &projected {
+            if !*is_open {
+                self.unmark(*id)?;
+            }
         }
         *next = seq;
         Ok(out)
     }
 
-    /// Writes events (ascending seq, above every stored one; called under `next_seq`) as
-    /// blocks: a few as one small block in `tail`, many cut into full blocks of `SEAL_EVENTS`
-    /// (or `SEAL_BYTES`) in `blocks`. Once the small blocks hold `SEAL_EVENTS` events they are
-    /// merged into one full block (`seal`): `blocks` gets one large value per few hundred
-    /// events, and the many small writes stay in a tree of a few small values (sled rewrites a
-    /// tree's last node as it grows: a node of small values is cheap to rewrite).
-    fn write_blocks(&self, events: &[(u64, u64, Vec<u8>)]) -> Result<()> {
+    /// Adds seqs (ascending, above the job's stored ones) to a job's entry in `job_seqs`.
+    fn add_seqs(&self, job: u64, new: &[u64]) -> Result<()> {
+        let key = job.to_be_bytes();
+        let mut value = self.job_seqs.get(key)?.map(|v| v.to_vec()).unwrap_or_default();
+        for seq in new {
+            block::put_varint(&mut value, *seq);
+        }
+        self.job_seqs.insert(key, value)?;
+        Ok(())
+    }
+
+    /// The seqs of a job's events, ascending.
+    fn seqs_of(&self, job: u64) -> Result<Vec<u64>> {
+        let Some(v) = self.job_seqs.get(job.to_be_bytes())? else {
+            return Ok(Vec::new());
+        };
+        let mut rest = &v[..];
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            match block::take_varint(&mut rest) {
+                Some(seq) => out.push(seq),
+                None => {
+                    return Err(JournalError::StoreCorrupt {
+                        path: self.path.join(JOB_SEQS),
+                        detail: format!("the index entry of job {job} is cut short"),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes events (ascending seq, above every stored one; called under `next_seq`) with
+    /// their inputs as blocks: a few as one small block in `tail`, many cut into full blocks of
+    /// `SEAL_EVENTS` events (or `SEAL_BYTES`) in `blocks`. Once the small blocks hold
+    /// `SEAL_EVENTS` events they are merged into one full block (`seal`): `blocks` gets one
+    /// large value per few hundred events, and the many small writes go to a tree of a few
+    /// small values (sled rewrites a tree's last node as it grows: a node of small values is
+    /// cheap to rewrite, and the tail's removed values free whole segments).
+    fn write_blocks(&self, events: &[Stored]) -> Result<()> {
         let mut small = lock(&self.small);
         let mut builder = block::Builder::default();
         let mut first = 0;
-        for (seq, job, json) in events {
+        for ev in events {
             if builder.is_empty() {
-                first = *seq;
+                first = ev.seq;
             }
-            builder.push(*seq, *job, json);
+            builder.push(ev.seq, ev.job, &ev.json, false);
+            if let Some(input) = &ev.input {
+                builder.push(ev.seq, ev.job, input, true);
+            }
             if builder.len() >= SEAL_EVENTS || builder.body_bytes() >= SEAL_BYTES {
                 // every key of `blocks` stays below every key of `tail`
                 self.seal(&mut small)?;
@@ -560,7 +639,7 @@ impl Journal {
             let body = block::body(first, &v)?;
             for e in block::entries(first, &body) {
                 let e = e?;
-                merged.push(e.seq, e.job, e.json);
+                merged.push(e.seq, e.job, e.json, e.input);
             }
         }
         self.blocks.insert(key.to_be_bytes(), merged.finish())?;
@@ -625,7 +704,7 @@ impl Journal {
         };
         for e in block::entries(first, &body) {
             let e = e?;
-            if e.seq == seq {
+            if e.seq == seq && !e.input {
                 return decode(seq, e.json).map(Some);
             }
         }
@@ -633,18 +712,38 @@ impl Journal {
     }
 
     /// The block that holds seq `seq` if it is stored (its first seq and body): the last block
-    /// keyed at or below it, in `tail` (the newest events) or else in `blocks`.
-    fn block_holding(&self, seq: u64) -> Result<Option<(u64, Vec<u8>)>> {
-        for tree in [&self.tail, &self.blocks] {
+    /// keyed at or below it, in `tail` (the newest events) or else in `blocks` (those are
+    /// never changed once written: kept decompressed in a small cache).
+    fn block_holding(&self, seq: u64) -> Result<Option<(u64, std::sync::Arc<Vec<u8>>)>> {
+        {
+            let mut cache = lock(&self.cache);
+            if let Some(i) = cache
+                .iter()
+                .position(|(first, last, _)| (*first..=*last).contains(&seq))
+            {
+                let hit = cache.remove(i);
+                let out = (hit.0, std::sync::Arc::clone(&hit.2));
+                cache.push(hit);
+                return Ok(Some(out));
+            }
+        }
+        for (tree, sealed) in [(&self.tail, false), (&self.blocks, true)] {
             if let Some(item) = tree.range(..=seq.to_be_bytes()).next_back() {
                 let (k, v) = item?;
                 let first = key_seq(&k);
-                let body = block::body(first, &v)?.into_owned();
+                let body = std::sync::Arc::new(block::body(first, &v)?.into_owned());
                 let last = block::entries(first, &body)
                     .filter_map(|e| e.ok().map(|e| e.seq))
                     .last()
                     .unwrap_or(first);
                 if last >= seq {
+                    if sealed {
+                        let mut cache = lock(&self.cache);
+                        if cache.len() >= CACHED_BLOCKS {
+                            cache.remove(0);
+                        }
+                        cache.push((first, last, std::sync::Arc::clone(&body)));
+                    }
                     return Ok(Some((first, body)));
                 }
             }
@@ -655,14 +754,18 @@ impl Journal {
     /// Events with seq >= `since`, in order.
     pub fn since(&self, since: u64) -> impl Iterator<Item = Result<Event>> + '_ {
         let mut last = 0;
-        self.scan(since)
+        self.raw_scan(since)
             .flat_map(|b| match b {
-                Ok((first, body)) => block::entries(first, &body)
-                    .map(|e| {
-                        let e = e?;
-                        Ok((e.seq, decode(e.seq, e.json)?))
-                    })
-                    .collect::<Vec<_>>(),
+                Ok((first, stored)) => match block::body(first, &stored) {
+                    Ok(body) => block::entries(first, &body)
+                        .filter(|e| e.as_ref().map_or(true, |e| !e.input))
+                        .map(|e| {
+                            let e = e?;
+                            Ok((e.seq, decode(e.seq, e.json)?))
+                        })
+                        .collect::<Vec<_>>(),
+                    Err(e) => vec![Err(e.into())],
+                },
                 Err(e) => vec![Err(e)],
             })
             .filter_map(move |r| match r {
@@ -692,44 +795,32 @@ impl Journal {
             })
     }
 
-    /// As `raw_scan`, decompressed.
-    fn scan(&self, since: u64) -> impl Iterator<Item = Result<(u64, Vec<u8>)>> + '_ {
-        self.raw_scan(since).map(|item| {
-            let (first, v) = item?;
-            Ok((first, block::body(first, &v)?.into_owned()))
-        })
-    }
-
-    /// Calls `f` with each stored event of job `job`, in order, not decoded (through by_job).
+    /// Calls `f` with each stored entry of job `job` (events and inputs), in order, not
+    /// decoded (through `job_seqs`).
     fn each_job_entry(
         &self,
         job: u64,
         mut f: impl FnMut(block::Entry<'_>) -> Result<()>,
     ) -> Result<()> {
-        // consecutive events of a job often share a block: it is read once
-        let mut held: Option<(u64, u64, Vec<u8>)> = None;
-        for item in self.by_job.scan_prefix(job.to_be_bytes()) {
-            let (k, _) = item?;
-            let seq = key_seq(&k[8..]);
-            let covered = held
-                .as_ref()
-                .is_some_and(|(first, last, _)| (*first..=*last).contains(&seq));
+        let mut held: Option<(u64, std::sync::Arc<Vec<u8>>)> = None;
+        for seq in self.seqs_of(job)? {
+            let covered = held.as_ref().is_some_and(|(first, body)| {
+                *first <= seq
+                    && block::entries(*first, body)
+                        .filter_map(|e| e.ok())
+                        .any(|e| e.seq == seq)
+            });
             if !covered {
-                held = self.block_holding(seq)?.map(|(first, body)| {
-                    let last = block::entries(first, &body)
-                        .filter_map(|e| e.ok().map(|e| e.seq))
-                        .last()
-                        .unwrap_or(first);
-                    (first, last, body)
-                });
+                held = self.block_holding(seq)?;
             }
-            let Some((first, _, body)) = &held else {
-                continue;
+            let Some((first, body)) = &held else {
+                continue; // an index entry whose event a crash took
             };
             for e in block::entries(*first, body) {
                 let e = e?;
                 if e.seq == seq {
                     f(e)?;
+                } else if e.seq > seq {
                     break;
                 }
             }
@@ -737,11 +828,13 @@ impl Journal {
         Ok(())
     }
 
-    /// The events of one job, in order (through the by_job index).
+    /// The events of one job, in order (through `job_seqs`).
     pub fn job_events(&self, job: u64) -> Result<Vec<Event>> {
         let mut out = Vec::new();
         self.each_job_entry(job, |e| {
-            out.push(decode(e.seq, e.json)?);
+            if !e.input {
+                out.push(decode(e.seq, e.json)?);
+            }
             Ok(())
         })?;
         Ok(out)
@@ -751,8 +844,10 @@ impl Journal {
     pub fn fold_job(&self, job: u64) -> Result<Option<Job>> {
         let mut out: Option<Job> = None;
         self.each_job_entry(job, |e| {
-            out.get_or_insert_with(Job::default)
-                .apply(&decode_view(e.seq, e.json)?);
+            if !e.input {
+                out.get_or_insert_with(Job::default)
+                    .apply(&decode_view(e.seq, e.json)?);
+            }
             Ok(())
         })?;
         Ok(out)
@@ -768,12 +863,17 @@ impl Journal {
         }
     }
 
-    /// The bytes of a job's input workitem (as read, uncompressed).
+    /// The bytes of a job's input workitem, as read (the one its latest `queued` or `invalid`
+    /// event carried).
     pub fn input_bytes(&self, job: u64) -> Result<Option<Vec<u8>>> {
-        match self.inputs.get(job.to_be_bytes())? {
-            Some(v) => unpack_input(job, &v).map(Some),
-            None => Ok(None),
-        }
+        let mut out = None;
+        self.each_job_entry(job, |e| {
+            if e.input {
+                out = Some(e.json.to_vec());
+            }
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// The jobs that carry this image_id, oldest first (through the by_image index).
@@ -812,26 +912,16 @@ impl Journal {
         Ok(out)
     }
 
-    /// Stores a job's folded state (the projection) and whether it is open. Only a settled
-    /// job's projection is kept: an open one is marked (`open`) and folded from its own events
-    /// when asked for (it is in the daemon's memory, and it changes with every event, so
-    /// storing it would rewrite it each time). Not flushed on its own: it is derived, and made
-    /// durable by the next flush.
+    /// Records whether a job is open (marked: folded at a start) or settled.
     pub fn put_projection(&self, job: &Job, open: bool) -> Result<()> {
         if open {
-            return self.mark(job.id);
+            self.mark(job.id)
+        } else {
+            self.unmark(job.id)
         }
-        let key = job.id.to_be_bytes();
-        let bytes = serde_json::to_vec(job).map_err(JournalError::Encode)?;
-        self.jobs.insert(key, pack_input(bytes))?;
-        if self.open.contains_key(key)? {
-            self.open.remove(key)?;
-        }
-        Ok(())
     }
 
-    /// Marks a job whose stored projection is not its state (open, or about to change): it is
-    /// folded from its events when read, and at the next start.
+    /// Marks a job open.
     fn mark(&self, job: u64) -> Result<()> {
         let key = job.to_be_bytes();
         if !self.open.contains_key(key)? {
@@ -840,51 +930,35 @@ impl Journal {
         Ok(())
     }
 
-    /// Removes the mark of a job that has no event (its events were lost with a crash).
+    /// Removes a job's open mark (settled, or its events were lost with a crash).
     pub fn unmark(&self, job: u64) -> Result<()> {
-        self.open.remove(job.to_be_bytes())?;
+        let key = job.to_be_bytes();
+        if self.open.contains_key(key)? {
+            self.open.remove(key)?;
+        }
         Ok(())
     }
 
-    /// One job's projection: stored for a settled job, folded from its events for an open one.
+    /// One job's state: the fold of its own events (read through `job_seqs`).
     pub fn projection(&self, job: u64) -> Result<Option<Job>> {
-        if self.open.contains_key(job.to_be_bytes())? {
-            return self.fold_job(job);
-        }
-        match self.jobs.get(job.to_be_bytes())? {
-            Some(v) => serde_json::from_slice(&unpack_input(job, &v)?)
-                .map(Some)
-                .map_err(|source| JournalError::Corrupt { seq: job, source }),
-            None => Ok(None),
-        }
+        self.fold_job(job)
     }
 
-    /// Every job's projection.
+    /// Every job's state: the fold of the whole log.
     pub fn projections(&self) -> Result<Jobs> {
-        self.projections_from(0)
+        self.fold_all()
     }
 
-    /// The projections of the jobs with an id of at least `first` (see `projection`).
+    /// The state of the jobs with an id of at least `first`: the fold of the events from seq
+    /// `first` on (a job's events all come at or after its id).
     pub fn projections_from(&self, first: u64) -> Result<Jobs> {
         let mut out = Jobs::new();
-        for item in self.jobs.range(first.to_be_bytes()..) {
-            let (k, v) = item?;
-            let id = key_seq(&k);
-            let job: Job = serde_json::from_slice(&unpack_input(id, &v)?)
-                .map_err(|source| JournalError::Corrupt { seq: id, source })?;
-            out.insert(id, job);
-        }
-        for item in self.open.range(first.to_be_bytes()..) {
-            let id = key_seq(&item?.0);
-            match self.fold_job(id)? {
-                Some(job) => {
-                    out.insert(id, job);
-                }
-                None => {
-                    out.remove(&id);
-                }
+        self.each_entry(first, u64::MAX, |e| {
+            if e.job >= first {
+                fold::apply(&mut out, &decode_view(e.seq, e.json)?);
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -971,7 +1045,7 @@ impl Journal {
                 if e.seq >= until {
                     return Ok(());
                 }
-                if e.seq < since || e.seq <= last {
+                if e.input || e.seq < since || e.seq <= last {
                     continue;
                 }
                 last = e.seq;
@@ -1009,13 +1083,13 @@ impl Journal {
         Ok(self.db.get(PROJECTION_FORMAT)?.map_or(0, |v| key_seq(&v)))
     }
 
-    /// Replaces every stored projection (and the open marks, and the folder index) by those
-    /// of `jobs`, the fold of the whole log below seq `upto + 1`, and flushes.
+    /// Replaces the open marks by those of `jobs`, the fold of the whole log, and flushes.
     pub fn rewrite_projections(&self, jobs: &Jobs, is_open: &dyn Fn(&Job) -> bool) -> Result<()> {
-        self.jobs.clear()?;
         self.open.clear()?;
         for job in jobs.values() {
-            self.put_projection(job, is_open(job))?;
+            if is_open(job) {
+                self.mark(job.id)?;
+            }
         }
         if self.by_folder.is_empty() {
             // A log from before the folder index: build it from the queued events.
@@ -1101,13 +1175,6 @@ pub fn folder_key(spec: &crate::workitem::Spec) -> String {
     format!("{}/{}", spec.prefix, spec.dir_id)
 }
 
-fn job_seq_key(job: u64, seq: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&job.to_be_bytes());
-    k[8..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
 fn image_key(image_id: &str, job: u64) -> Vec<u8> {
     let mut k = image_id.as_bytes().to_vec();
     k.push(0);
@@ -1131,47 +1198,6 @@ fn last_entry(first: u64, stored: &[u8]) -> Result<u64> {
 
 fn decode_view(seq: u64, v: &[u8]) -> Result<fold::EventView<'_>> {
     serde_json::from_slice(v).map_err(|source| JournalError::Corrupt { seq, source })
-}
-
-/// An input workitem (or a job's projection) as stored: deflated behind a `1` byte when that
-/// is smaller, else as it is (JSON: it starts with `{` or blank space, never with a `1` byte).
-const DEFLATED: u8 = 1;
-
-fn pack_input(json: Vec<u8>) -> Vec<u8> {
-    use std::io::Write;
-    if json.len() < 128 {
-        return json;
-    }
-    // fast for the large ones: they are written while a claim waits
-    let level = if json.len() > 1 << 20 {
-        flate2::Compression::fast()
-    } else {
-        flate2::Compression::default()
-    };
-    let mut enc =
-        flate2::write::DeflateEncoder::new(Vec::with_capacity(json.len() / 3 + 16), level);
-    enc.get_mut().push(DEFLATED);
-    match enc.write_all(&json).and_then(|()| enc.finish()) {
-        Ok(packed) if packed.len() < json.len() => packed,
-        _ => json,
-    }
-}
-
-fn unpack_input(job: u64, stored: &[u8]) -> Result<Vec<u8>> {
-    use std::io::Read;
-    match stored.split_first() {
-        Some((&DEFLATED, packed)) => {
-            let mut out = Vec::with_capacity(packed.len() * 3);
-            flate2::read::DeflateDecoder::new(packed)
-                .read_to_end(&mut out)
-                .map_err(|e| JournalError::StoreCorrupt {
-                    path: PathBuf::from(format!("inputs/{job}")),
-                    detail: format!("the input of job {job} does not inflate: {e}"),
-                })?;
-            Ok(out)
-        }
-        _ => Ok(stored.to_vec()),
-    }
 }
 
 fn key_seq(k: &[u8]) -> u64 {
