@@ -9,10 +9,7 @@
 //! new log is complete): before the mark the old log is untouched, after it the swap is finished
 //! by whoever opens the state dir next (`finish_swap`).
 
-use super::{
-    Event, EventKind, Journal, JournalError, Result, Stored, folder_key, image_key, lock,
-    sha_key,
-};
+use super::{Event, EventKind, Journal, JournalError, Result, Stored, image_key, lock, sha_key};
 use std::path::{Path, PathBuf};
 
 /// Events written per import batch at most (and bytes of inputs, below).
@@ -67,12 +64,8 @@ impl Journal {
             let bytes = serde_json::to_vec(&plain).map_err(JournalError::Encode)?;
             seqs.entry(ev.job).or_default().push(ev.seq);
             match &ev.kind {
-                EventKind::Queued { image_id, spec, .. } => {
-                    self.by_image.insert(image_key(image_id, ev.job), &[])?;
-                    self.by_folder
-                        .insert(image_key(&folder_key(spec), ev.job), &[])?;
-                }
-                EventKind::Invalid {
+                EventKind::Queued { image_id, .. }
+                | EventKind::Invalid {
                     image_id: Some(image_id),
                     ..
                 } => {

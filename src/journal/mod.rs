@@ -76,10 +76,11 @@ const JOB_SEQS: &str = "job_seqs";
 const BY_IMAGE: &str = "by_image";
 const BY_SHA: &str = "by_sha";
 const OPEN: &str = "open";
-const BY_FOLDER: &str = "by_folder";
 /// Trees of stored form 1, read while a log is moved to form 2 (`migrate`), then dropped:
-/// one key per event of a job (job ++ seq), the folded state of each job, the inputs.
+/// one key per event of a job (job ++ seq), the folded state of each job, the inputs, the job
+/// folders (form 2 finds them through by_image).
 const LEGACY_BY_JOB: &str = "by_job";
+const LEGACY_BY_FOLDER: &str = "by_folder";
 const LEGACY_JOBS: &str = "jobs";
 const LEGACY_INPUTS: &str = "inputs";
 /// Sealed blocks kept decompressed for the readers that go job by job (`show`, the status
@@ -98,9 +99,10 @@ const PROBE: &[u8] = b"probe";
 const PROJECTED_UPTO: &[u8] = b"projected_upto";
 
 /// The log and its indexes. The events (`blocks`, `tail`, inputs included) are the truth;
-/// `job_seqs` (job -> the seqs of its events), `by_image` (image_id ++ 0 ++ job), `by_sha`
-/// (sha256 of the claimed file ++ 0 ++ job), `by_folder` and `open` (the jobs not settled) are
-/// derived from them and can be rebuilt by folding them (`build-image replay` checks them).
+/// `job_seqs` (job -> the seqs of its events), `by_image` (image_id made safe ++ 0 ++ job: by
+/// image_id and by job folder), `by_sha` (sha256 of the claimed file ++ 0 ++ job) and `open`
+/// (the jobs not settled) are derived from them and can be rebuilt by folding them
+/// (`build-image replay` checks them).
 /// A job's state is the fold of its events, read through `job_seqs`; a start folds only the
 /// open jobs.
 pub struct Journal {
@@ -110,10 +112,9 @@ pub struct Journal {
     job_seqs: sled::Tree,
     by_image: sled::Tree,
     by_sha: sled::Tree,
-    by_folder: sled::Tree,
     open: sled::Tree,
-    /// Decompressed sealed blocks, newest use last: (first seq, last seq, body).
-    cache: Mutex<Vec<(u64, u64, std::sync::Arc<Vec<u8>>)>>,
+    /// Decompressed sealed blocks, newest use last.
+    cache: Mutex<Vec<Cached>>,
     next_seq: Mutex<u64>,
     /// The small blocks at the end of the log not merged yet (taken under `next_seq`).
     small: Mutex<Small>,
@@ -125,6 +126,9 @@ pub struct Journal {
     /// more; the store reopens the log.
     broken: Mutex<Option<String>>,
 }
+
+/// A sealed block kept decompressed: its first seq, its last seq, its body.
+type Cached = (u64, u64, std::sync::Arc<Vec<u8>>);
 
 /// An event as written: its JSON (without the input) and the input it carried.
 struct Stored {
@@ -187,17 +191,12 @@ impl Journal {
                     source: e,
                 },
             })?;
-        let had_by_sha = db
-            .tree_names()
-            .iter()
-            .any(|n| n.as_ref() == BY_SHA.as_bytes());
         let blocks = db.open_tree(BLOCKS)?;
         let tail = db.open_tree(TAIL)?;
         let mut journal = Journal {
             job_seqs: db.open_tree(JOB_SEQS)?,
             by_image: db.open_tree(BY_IMAGE)?,
             by_sha: db.open_tree(BY_SHA)?,
-            by_folder: db.open_tree(BY_FOLDER)?,
             open: db.open_tree(OPEN)?,
             cache: Mutex::new(Vec::new()),
             db,
@@ -225,19 +224,6 @@ impl Journal {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .durable = next;
-        if !had_by_sha && next > 1 {
-            // A log written before the content index existed: build it once.
-            let mut batch = sled::Batch::default();
-            journal.fold_range(0, None, |ev| {
-                if ev.kind == Tag::Claimed
-                    && let Some(sha) = &ev.sha256
-                {
-                    batch.insert(sha_key(sha, ev.job), &[]);
-                }
-            })?;
-            journal.by_sha.apply_batch(batch)?;
-            journal.db.flush()?;
-        }
         Ok(journal)
     }
 
@@ -251,7 +237,13 @@ impl Journal {
     fn migrate(&mut self) -> Result<()> {
         let names: Vec<sled::IVec> = self.db.tree_names();
         let has = |name: &str| names.iter().any(|n| n.as_ref() == name.as_bytes());
-        let legacy = [LEGACY_EVENTS, LEGACY_BY_JOB, LEGACY_JOBS, LEGACY_INPUTS];
+        let legacy = [
+            LEGACY_EVENTS,
+            LEGACY_BY_JOB,
+            LEGACY_JOBS,
+            LEGACY_INPUTS,
+            LEGACY_BY_FOLDER,
+        ];
         let drop_legacy = |db: &sled::Db| -> Result<()> {
             for name in legacy {
                 if has(name) {
@@ -279,7 +271,15 @@ impl Journal {
             if !events.is_empty() {
                 let started = std::time::Instant::now();
                 let inputs = self.db.open_tree(LEGACY_INPUTS)?;
-                for tree in [&self.blocks, &self.tail, &self.job_seqs] {
+                // (the content and name indexes too: form 1 keyed them by the sha256 in hex
+                // and by the image_id as given)
+                for tree in [
+                    &self.blocks,
+                    &self.tail,
+                    &self.job_seqs,
+                    &self.by_sha,
+                    &self.by_image,
+                ] {
                     tree.clear()?;
                 }
                 *lock(&self.small) = Small::default();
@@ -289,6 +289,16 @@ impl Journal {
                     let (k, v) = item?;
                     let seq = key_seq(&k);
                     let view = decode_view(seq, &v)?;
+                    if view.kind == Tag::Claimed
+                        && let Some(sha) = &view.sha256
+                    {
+                        self.by_sha.insert(sha_key(sha, view.job), &[])?;
+                    }
+                    if matches!(view.kind, Tag::Queued | Tag::Invalid)
+                        && let Some(image_id) = &view.image_id
+                    {
+                        self.by_image.insert(image_key(image_id, view.job), &[])?;
+                    }
                     // the job's input, beside each event that carried it
                     let input = match view.kind {
                         Tag::Queued | Tag::Invalid => {
@@ -474,7 +484,6 @@ impl Journal {
         let mut stored: Vec<Stored> = Vec::with_capacity(items.len());
         let mut by_image: Items = Vec::new();
         let mut by_sha: Items = Vec::new();
-        let mut by_folder: Items = Vec::new();
         let mut seqs: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
         let mut seq = *next;
         let mut projected: std::collections::HashMap<u64, Projected> = Default::default();
@@ -497,11 +506,8 @@ impl Journal {
             projected.insert(ev.job, project(&ev, &view));
             seqs.entry(ev.job).or_default().push(seq);
             match &ev.kind {
-                EventKind::Queued { image_id, spec, .. } => {
-                    by_image.push((image_key(image_id, ev.job), Vec::new()));
-                    by_folder.push((image_key(&folder_key(spec), ev.job), Vec::new()));
-                }
-                EventKind::Invalid {
+                EventKind::Queued { image_id, .. }
+                | EventKind::Invalid {
                     image_id: Some(image_id),
                     ..
                 } => {
@@ -531,11 +537,7 @@ impl Journal {
         for (job, new) in &seqs {
             self.add_seqs(*job, new)?;
         }
-        for (tree, items) in [
-            (&self.by_image, by_image),
-            (&self.by_sha, by_sha),
-            (&self.by_folder, by_folder),
-        ] {
+        for (tree, items) in [(&self.by_image, by_image), (&self.by_sha, by_sha)] {
             for (k, v) in items {
                 tree.insert(k, v)?;
             }
@@ -558,7 +560,11 @@ impl Journal {
     /// Adds seqs (ascending, above the job's stored ones) to a job's entry in `job_seqs`.
     fn add_seqs(&self, job: u64, new: &[u64]) -> Result<()> {
         let key = job.to_be_bytes();
-        let mut value = self.job_seqs.get(key)?.map(|v| v.to_vec()).unwrap_or_default();
+        let mut value = self
+            .job_seqs
+            .get(key)?
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
         for seq in new {
             block::put_varint(&mut value, *seq);
         }
@@ -878,7 +884,47 @@ impl Journal {
 
     /// The jobs that carry this image_id, oldest first (through the by_image index).
     pub fn jobs_for_image(&self, image_id: &str) -> Result<Vec<u64>> {
-        let mut prefix = image_id.as_bytes().to_vec();
+        let mut out = Vec::new();
+        for job in self.name_candidates(&crate::workitem::sanitise_id(image_id))? {
+            if self
+                .fold_job(job)?
+                .is_some_and(|j| j.image_id.as_deref() == Some(image_id))
+            {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The jobs whose job folder is `prefix/dir_id` of `spec`, oldest first (through the
+    /// by_image index: a job folder's last part is its image_id made safe, `dir_id`).
+    pub fn jobs_for_folder(&self, spec: &crate::workitem::Spec) -> Result<Vec<u64>> {
+        let want = folder_key(spec);
+        let mut out = Vec::new();
+        for job in self.name_candidates(&spec.dir_id)? {
+            let mut folder = None;
+            self.each_job_entry(job, |e| {
+                if !e.input
+                    && let Ok(Event {
+                        kind: EventKind::Queued { spec, .. },
+                        ..
+                    }) = decode(e.seq, e.json)
+                {
+                    folder = Some(folder_key(&spec));
+                }
+                Ok(())
+            })?;
+            if folder.as_deref() == Some(want.as_str()) {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The jobs indexed under an image_id made safe (`sanitise_id`): those with that image_id,
+    /// and any other image_id that makes the same.
+    fn name_candidates(&self, dir: &str) -> Result<Vec<u64>> {
+        let mut prefix = dir.as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
         for item in self.by_image.scan_prefix(&prefix) {
@@ -888,22 +934,9 @@ impl Journal {
         Ok(out)
     }
 
-    /// The jobs whose job folder is `prefix/dir_id` of `spec`, oldest first.
-    pub fn jobs_for_folder(&self, spec: &crate::workitem::Spec) -> Result<Vec<u64>> {
-        let mut prefix = folder_key(spec).into_bytes();
-        prefix.push(0);
-        let mut out = Vec::new();
-        for item in self.by_folder.scan_prefix(&prefix) {
-            let (k, _) = item?;
-            out.push(key_seq(&k[prefix.len()..]));
-        }
-        Ok(out)
-    }
-
     /// The jobs that carry this file content (the sha256 of a claimed file), oldest first.
     pub fn jobs_for_sha(&self, sha256: &str) -> Result<Vec<u64>> {
-        let mut prefix = sha256.as_bytes().to_vec();
-        prefix.push(0);
+        let prefix = sha_prefix(sha256);
         let mut out = Vec::new();
         for item in self.by_sha.scan_prefix(&prefix) {
             let (k, _) = item?;
@@ -1091,20 +1124,6 @@ impl Journal {
                 self.mark(job.id)?;
             }
         }
-        if self.by_folder.is_empty() {
-            // A log from before the folder index: build it from the queued events.
-            for ev in self.since(0) {
-                if let Event {
-                    job,
-                    kind: EventKind::Queued { spec, .. },
-                    ..
-                } = ev?
-                {
-                    self.by_folder
-                        .insert(image_key(&folder_key(&spec), job), &[])?;
-                }
-            }
-        }
         self.db.remove(PROJECTED_UPTO)?;
         self.db
             .insert(PROJECTION_FORMAT, &PROJECTION_VERSION.to_be_bytes())?;
@@ -1175,15 +1194,39 @@ pub fn folder_key(spec: &crate::workitem::Spec) -> String {
     format!("{}/{}", spec.prefix, spec.dir_id)
 }
 
+/// The by_image key of a job: its image_id made safe (as its job folder's name is), so that
+/// one index answers both by image_id and by job folder.
 fn image_key(image_id: &str, job: u64) -> Vec<u8> {
-    let mut k = image_id.as_bytes().to_vec();
+    let mut k = crate::workitem::sanitise_id(image_id).into_bytes();
     k.push(0);
     k.extend_from_slice(&job.to_be_bytes());
     k
 }
 
+/// The key prefix of a content: a sha256 in hex as its 32 bytes (half the size: the index has
+/// an entry per job), anything else as text ending in a 0 byte.
+fn sha_prefix(sha256: &str) -> Vec<u8> {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let raw: Option<Vec<u8>> = (sha256.len() == 64)
+        .then(|| {
+            sha256
+                .as_bytes()
+                .chunks(2)
+                .map(|p| Some(hex(p[0])? << 4 | hex(p[1])?))
+                .collect()
+        })
+        .flatten();
+    raw.unwrap_or_else(|| {
+        let mut k = sha256.as_bytes().to_vec();
+        k.push(0);
+        k
+    })
+}
+
 fn sha_key(sha256: &str, job: u64) -> Vec<u8> {
-    image_key(sha256, job)
+    let mut k = sha_prefix(sha256);
+    k.extend_from_slice(&job.to_be_bytes());
+    k
 }
 
 /// The seq of the last event of a stored block.
