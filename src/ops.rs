@@ -327,8 +327,8 @@ pub struct ReplayReport {
     pub disagreements: Vec<String>,
 }
 
-/// Folds the whole log from empty and compares it with the stored projections and with the
-/// spool of `spool.worker`.
+/// Folds the whole log from empty and compares it with what is derived from it (each job as its
+/// own index reads it, the open marks a start loads) and with the spool of `spool.worker`.
 pub fn replay(journal: &Journal, spool: &Spool, policy: &Policy) -> Result<ReplayReport> {
     let horizon = journal.next_seq();
     let started = Instant::now();
@@ -336,21 +336,29 @@ pub fn replay(journal: &Journal, spool: &Spool, policy: &Policy) -> Result<Repla
     let seconds = started.elapsed().as_secs_f64();
     let mut d = Vec::new();
 
-    // Projections.
-    let stored = journal.projections()?;
+    // The job index: each job folded from the events it lists.
     for (id, job) in &jobs {
-        match stored.get(id) {
-            None => d.push(format!("job {id}: no stored projection")),
-            Some(p) if p.last_seq >= horizon => {} // written after we started: newer, not wrong
-            Some(p) if p != job => d.push(format!(
-                "job {id}: the stored projection says {} (seq {}), the log says {} (seq {})",
+        match journal.projection(*id)? {
+            None => d.push(format!("job {id}: its events are not in the job index")),
+            Some(p) if p.last_seq >= horizon => {} // recorded after we started: newer, not wrong
+            Some(p) if &p != job => d.push(format!(
+                "job {id}: through the job index it is {} (seq {}), the log says {} (seq {})",
                 p.state, p.last_seq, job.state, job.last_seq
             )),
             Some(_) => {}
         }
     }
-    for id in stored.keys().filter(|id| !jobs.contains_key(id)) {
-        d.push(format!("job {id}: a stored projection with no events"));
+    // The open marks: every job the lifecycle keeps open is loaded at a start.
+    let marked: HashSet<u64> = journal.open_jobs()?.into_iter().collect();
+    for (id, job) in &jobs {
+        if lifecycle::is_open(job, policy) && !marked.contains(id) {
+            d.push(format!("job {id} is {}, but not marked open", job.state));
+        }
+    }
+    for id in marked.iter().filter(|id| !jobs.contains_key(id)) {
+        if *id < horizon {
+            d.push(format!("job {id}: marked open, with no events"));
+        }
     }
 
     // The spool.
@@ -374,7 +382,6 @@ pub fn replay(journal: &Journal, spool: &Spool, policy: &Policy) -> Result<Repla
             holder.insert(&c.file, j);
         }
     }
-    let _ = policy;
     let active = spool.active_files().unwrap_or_default();
     let active_set: HashSet<&str> = active.iter().map(String::as_str).collect();
     for name in &active {

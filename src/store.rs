@@ -154,8 +154,8 @@ pub fn open_journal(dir: &Path, cache_bytes: u64, patience: Duration) -> Result<
 }
 
 impl Store {
-    /// Opens the log in `dir` (refusing one that lost its tail), brings the stored projections
-    /// up to date and loads the open jobs.
+    /// Opens the log in `dir` (refusing one that lost its tail), moves an older stored form to
+    /// this one's, and loads the open jobs.
     pub fn open(dir: &Path, cache_bytes: u64, policy: Policy, patience: Duration) -> Result<Store> {
         prepare_state_dir(dir)?;
         // Not while `compact` swaps the log's files; what a crashed one left is finished first.
@@ -346,8 +346,8 @@ impl Store {
             }
         }
         if let Some(e) = failed {
-            // The events are in the log; the projection is repaired by the next start.
-            log::error!("cannot read a stored projection while recording: {e}");
+            // The events are in the log; the job's state is folded from them when next read.
+            log::error!("cannot fold a job from the log while recording: {e}");
         }
         Ok(evs)
     }
@@ -419,7 +419,7 @@ impl Store {
         }
     }
 
-    /// A job, open (from memory) or settled (from its stored projection).
+    /// A job, open (from memory) or settled (folded from its events).
     pub fn job(&self, id: u64) -> Option<Job> {
         if let Some(job) = lock(&self.open).get(&id) {
             return Some(job.clone());

@@ -146,11 +146,11 @@ pub enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
-    /// Fold the log from empty; compare it with the stored projections and the spool.
+    /// Fold the log from empty; compare it with its indexes (job index, open marks) and the spool.
     #[command(
         after_help = "Examples:\n  build-image replay\n  build-image replay --json\n\n\
                             Prints each disagreement (files in active/ no job claims, jobs whose file is gone, outbox \
-                            files with no delivered event, projections that differ from the log) and the replay speed.\n\
+                            files with no delivered event, jobs the job index or the open marks see otherwise than the log) and the replay speed.\n\
                             Exit codes: 0 no disagreement, 1 disagreements (or the log cannot be read), 2 usage."
     )]
     Replay {

@@ -1,4 +1,4 @@
-//! The numbers `/metrics` serves, kept in memory: seeded once from the stored projections when
+//! The numbers `/metrics` serves, kept in memory: seeded once from the jobs in the log when
 //! the daemon starts (before it records anything), then changed by every recorded event (an
 //! [`Observer`] of the store). A scrape reads only these numbers, never the log, so it costs
 //! the same at any log size.
@@ -165,7 +165,7 @@ impl Metrics {
         m
     }
 
-    /// Counts the log's jobs from their stored projections, reading them one by one by id (a
+    /// Counts the log's jobs, folding them one by one by id through the job index (a
     /// job's id is the seq of its first event) while the daemon runs and records: run it on a
     /// thread of its own after [`Metrics::new`] was made the store's observer; `cancel` ends
     /// it early. Until it is done, `/metrics` answers 503 and the state counts are unknown.

@@ -86,8 +86,8 @@ const LEGACY_INPUTS: &str = "inputs";
 /// Sealed blocks kept decompressed for the readers that go job by job (`show`, the status
 /// page, the metrics' first count): consecutive jobs share blocks.
 const CACHED_BLOCKS: usize = 8;
-/// Key (in the default tree) of the format of the stored projections: when the fold changes,
-/// the projections are folded again from the log at the next start.
+/// Key (in the default tree) of the format of what is derived from the events and kept (the
+/// open marks): when it changes, the log is folded whole again at the next start.
 const PROJECTION_FORMAT: &[u8] = b"projection_format";
 /// The format of what this version derives from the events and keeps (4: the open marks only;
 /// a job's state is folded from its events when asked for).
@@ -705,7 +705,7 @@ impl Journal {
 
     /// The event with this seq.
     pub fn get(&self, seq: u64) -> Result<Option<Event>> {
-        let Some((first, body)) = self.block_holding(seq)? else {
+        let Some((first, _, body)) = self.block_holding(seq)? else {
             return Ok(None);
         };
         for e in block::entries(first, &body) {
@@ -720,7 +720,7 @@ impl Journal {
     /// The block that holds seq `seq` if it is stored (its first seq and body): the last block
     /// keyed at or below it, in `tail` (the newest events) or else in `blocks` (those are
     /// never changed once written: kept decompressed in a small cache).
-    fn block_holding(&self, seq: u64) -> Result<Option<(u64, std::sync::Arc<Vec<u8>>)>> {
+    fn block_holding(&self, seq: u64) -> Result<Option<Cached>> {
         {
             let mut cache = lock(&self.cache);
             if let Some(i) = cache
@@ -728,7 +728,7 @@ impl Journal {
                 .position(|(first, last, _)| (*first..=*last).contains(&seq))
             {
                 let hit = cache.remove(i);
-                let out = (hit.0, std::sync::Arc::clone(&hit.2));
+                let out = (hit.0, hit.1, std::sync::Arc::clone(&hit.2));
                 cache.push(hit);
                 return Ok(Some(out));
             }
@@ -750,7 +750,7 @@ impl Journal {
                         }
                         cache.push((first, last, std::sync::Arc::clone(&body)));
                     }
-                    return Ok(Some((first, body)));
+                    return Ok(Some((first, last, body)));
                 }
             }
         }
@@ -802,34 +802,40 @@ impl Journal {
     }
 
     /// Calls `f` with each stored entry of job `job` (events and inputs), in order, not
-    /// decoded (through `job_seqs`).
+    /// decoded (through `job_seqs`; each block read once, however many of the job's events it
+    /// holds).
     fn each_job_entry(
         &self,
         job: u64,
         mut f: impl FnMut(block::Entry<'_>) -> Result<()>,
     ) -> Result<()> {
-        let mut held: Option<(u64, std::sync::Arc<Vec<u8>>)> = None;
-        for seq in self.seqs_of(job)? {
-            let covered = held.as_ref().is_some_and(|(first, body)| {
-                *first <= seq
-                    && block::entries(*first, body)
-                        .filter_map(|e| e.ok())
-                        .any(|e| e.seq == seq)
-            });
-            if !covered {
-                held = self.block_holding(seq)?;
-            }
-            let Some((first, body)) = &held else {
-                continue; // an index entry whose event a crash took
+        let seqs = self.seqs_of(job)?;
+        let mut i = 0;
+        while i < seqs.len() {
+            let Some((first, last, body)) = self.block_holding(seqs[i])? else {
+                i += 1; // an index entry whose event a crash took
+                continue;
             };
-            for e in block::entries(*first, body) {
+            // the job's seqs this block holds, matched against its entries in one pass
+            let mut j = i;
+            while j < seqs.len() && seqs[j] <= last {
+                j += 1;
+            }
+            let wanted = &seqs[i..j];
+            let mut k = 0;
+            for e in block::entries(first, &body) {
                 let e = e?;
-                if e.seq == seq {
-                    f(e)?;
-                } else if e.seq > seq {
+                while k < wanted.len() && wanted[k] < e.seq {
+                    k += 1;
+                }
+                if k == wanted.len() {
                     break;
                 }
+                if wanted[k] == e.seq && e.job == job {
+                    f(e)?;
+                }
             }
+            i = j.max(i + 1);
         }
         Ok(())
     }
@@ -1111,7 +1117,7 @@ impl Journal {
         self.sync(self.next_seq())
     }
 
-    /// The format of the stored projections (0: older than the format mark).
+    /// The format of what is derived and kept (0: older than the format mark).
     pub fn projection_format(&self) -> Result<u64> {
         Ok(self.db.get(PROJECTION_FORMAT)?.map_or(0, |v| key_seq(&v)))
     }
@@ -1405,5 +1411,92 @@ mod tests {
         j.flush().unwrap();
         assert!(!j.unsynced());
         assert_eq!(j.open_jobs().unwrap().len(), 200);
+    }
+
+    fn cancelled() -> EventKind {
+        EventKind::Cancelled { reason: "r".into() }
+    }
+
+    #[test]
+    fn small_blocks_are_sealed_and_a_crash_in_a_seal_leaves_no_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            for _ in 0..300 {
+                j.append(None, cancelled(), P).unwrap();
+            }
+            assert_eq!(j.blocks.len(), 1, "256 events sealed into one block");
+            assert_eq!(j.tail.len(), 300 - SEAL_EVENTS, "the rest in small blocks");
+            // a crash after a seal wrote its merged block, before it removed the small ones:
+            // one of them is still there
+            let (k, v) = j.blocks.first().unwrap().unwrap();
+            let body = block::body(key_seq(&k), &v).unwrap();
+            let e = block::entries(key_seq(&k), &body)
+                .map(|e| e.unwrap())
+                .nth(10)
+                .unwrap();
+            let mut b = block::Builder::default();
+            b.push(e.seq, e.job, e.json, false);
+            j.tail.insert(e.seq.to_be_bytes(), b.finish()).unwrap();
+            // readers skip the copy
+            let seqs: Vec<u64> = j.since(0).map(|e| e.unwrap().seq).collect();
+            assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+            assert_eq!(j.fold_all().unwrap().len(), 300);
+            assert_eq!(j.get(e.seq).unwrap().unwrap().seq, e.seq);
+            j.flush().unwrap();
+        }
+        // and the next open removes it
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.tail.len(), 300 - SEAL_EVENTS);
+        assert_eq!(j.next_seq(), 301);
+        assert_eq!(j.since(0).count(), 300);
+        assert_eq!(j.job_events(11).unwrap().len(), 1);
+        // sealing goes on from the small blocks found at the open
+        for _ in 0..(2 * SEAL_EVENTS - 300) {
+            j.append(None, cancelled(), P).unwrap();
+        }
+        assert_eq!(j.blocks.len(), 2);
+        assert_eq!(j.tail.len(), 0);
+        assert_eq!(j.since(0).count(), 2 * SEAL_EVENTS);
+    }
+
+    #[test]
+    fn a_big_input_is_stored_with_its_event_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let big =
+            serde_json::json!({ "image": { "image_id": "big", "kickstart": "x".repeat(3 << 20) } });
+        let ev = j
+            .append(
+                None,
+                EventKind::Invalid {
+                    image_id: Some("big".into()),
+                    error: "e".into(),
+                    held_by: None,
+                    input: big.clone().into(),
+                },
+                P,
+            )
+            .unwrap();
+        j.append(Some(ev.job), cancelled(), P).unwrap();
+        assert_eq!(j.input(ev.job).unwrap().unwrap(), big);
+        assert_eq!(j.job_events(ev.job).unwrap().len(), 2);
+        assert_eq!(j.jobs_for_image("big").unwrap(), vec![ev.job]);
+        // past the block size: a block of its own, sealed at once, compressed
+        assert_eq!(j.blocks.len(), 1);
+        assert!(j.blocks.first().unwrap().unwrap().1.len() < 1 << 20);
+    }
+
+    #[test]
+    fn a_log_of_a_newer_stored_form_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            j.db.insert(STORE_FORMAT, &(STORE_VERSION + 1).to_be_bytes())
+                .unwrap();
+            j.db.flush().unwrap();
+        }
+        let err = Journal::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("newer than this build-image knows"), "{err}");
     }
 }
