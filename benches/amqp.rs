@@ -13,6 +13,11 @@
 //! - spool: the same workitems as files through the same daemon without `[amqp]` (renamed
 //!   into incoming/ at once), until every answer is in outbox/: what the AMQP path costs
 //!   over the spool's.
+//! - mic floor: the mic stand-in alone, AMQP_N times, AMQP_WORKERS at a time, with the
+//!   daemon's native command line for each workitem (`mic create fs <job dir>/<name>.ks
+//!   --arch=i586 --outdir=<job dir> --pack-to=…`, job folders made before the clock), each in
+//!   its own process group, output to /dev/null, each waited for: the most any daemon that
+//!   runs one mic per workitem could reach here, with nothing else (no broker, no log).
 //!
 //! The AMQP clocks run from the first publish to the last answer received; the publisher and
 //! the answer counter are the same code for both. Ratio = daemon msgs/s / plain msgs/s.
@@ -32,7 +37,10 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// A near-instant mic (as in the daemon bench): writes a small image.
@@ -65,17 +73,22 @@ fn main() {
         runs(),
         broker.url()
     );
-    let (mut daemon, mut plain, mut spool) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut daemon, mut plain, mut spool, mut floor) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs() {
         let p = plain_loop(&rt, &conn, &broker, n, workers as u16);
         let d = through_daemon(&rt, &conn, &broker, n, workers);
         let s = through_spool(n, workers);
-        eprintln!("run {run}: daemon {d:.0} msgs/s, plain loop {p:.0} msgs/s, spool {s:.0} jobs/s");
+        let f = mic_floor(n, workers);
+        eprintln!(
+            "run {run}: daemon {d:.0} msgs/s, plain loop {p:.0} msgs/s, spool {s:.0} jobs/s, mic floor {f:.0} spawns/s"
+        );
         daemon.push(d);
         plain.push(p);
         spool.push(s);
+        floor.push(f);
     }
-    let (d, p, s) = (stats(&daemon), stats(&plain), stats(&spool));
+    let (d, p, s, f) = (stats(&daemon), stats(&plain), stats(&spool), stats(&floor));
     let ratio = d.median / p.median;
     println!();
     println!(
@@ -86,6 +99,67 @@ fn main() {
         s.show(0, ""),
         d.median / s.median
     );
+    // Each run's own ratio too: the floor moves most with the other engineers' load.
+    let per_run =
+        |a: &[f64], b: &[f64]| stats(&a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>());
+    let fp = f.median / p.median;
+    println!(
+        "P7 mic floor: {n} mic stand-in runs, {workers} at a time: {} spawns/s; floor/plain {fp:.2} (each run: {}; floor >= 0.8x plain: {}); daemon/floor {:.2} (each run: {})",
+        f.show(0, ""),
+        per_run(&floor, &plain).show(2, ""),
+        if fp >= 0.8 { "yes" } else { "NO" },
+        d.median / f.median,
+        per_run(&daemon, &floor).show(2, ""),
+    );
+}
+
+/// The mic floor: the stand-in run `n` times, `workers` at a time, with the daemon's native
+/// command line, each in its own process group and waited for; spawns/s from the first spawn
+/// to the last exit.
+fn mic_floor(n: usize, workers: usize) -> f64 {
+    let (dir, cfg) = farm(workers, None);
+    let w = &cfg.worker;
+    let argvs: Vec<Vec<std::ffi::OsString>> = bodies(n, "floor")
+        .iter()
+        .map(|b| {
+            let spec =
+                build_image::workitem::normalise(&serde_json::from_slice(b).unwrap()).unwrap();
+            let out = build_image::build::job_dir(w, &spec);
+            std::fs::create_dir_all(&out).unwrap();
+            let ks = build_image::build::ks_path(w, &spec);
+            build_image::build::mic::mic_command(&spec, &ks, &out, w)
+        })
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                while let Some(argv) = argvs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let status = Command::new(&argv[0])
+                        .args(&argv[1..])
+                        .process_group(0)
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .unwrap();
+                    assert!(status.success(), "mic stand-in: {status}");
+                }
+            });
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let images = argvs
+        .iter()
+        .filter(|a| {
+            let out = a.iter().find_map(|x| x.to_str()?.strip_prefix("--outdir="));
+            std::fs::read_dir(out.unwrap()).unwrap().count() == 1
+        })
+        .count();
+    assert_eq!(images, n, "every run wrote its image");
+    keep(dir);
+    n as f64 / secs
 }
 
 /// A farm: the mic stand-in and a config (with `[amqp] url` when given).
