@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Bumped whenever the generated log changes, so that cached logs are made again.
-pub const LOG_FORMAT: u32 = 4;
+pub const LOG_FORMAT: u32 = 5;
 
 /// Events per job of the generated logs: claimed, queued, started, pushed BUILDING, finished,
 /// delivered, pushed DONE.
