@@ -4,7 +4,8 @@
 //! P8_JOBS jobs (default 10,000) are recorded through `Store::record`, two in flight as with two
 //! build slots, in the daemon's order and with its flushes (each event that needs one is flushed
 //! before the next is recorded; `delivered` and `pushed` ride on the next flush): the same seven
-//! events per job as the P4 logs, the input a workitem carrying the Mer SDK kickstart. Then the
+//! events per job as the P4 logs, the input a workitem carrying a kickstart: first the Mer SDK one
+//! in every job, then the kickstarts of ../shared in turn, each with a line of its own. Then the
 //! store is closed and the bytes its state dir holds on disk (allocated blocks, so a sparse file
 //! counts what it uses) are divided by the jobs; the goal is the input's size + 1 KB. The same
 //! log is then opened again and folded from empty (`Journal::fold_all`, BENCH_RUNS runs): a log
@@ -23,14 +24,50 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let jobs = env_u64("P8_JOBS", 10_000);
+    let w = common::bench_worker_config();
+    let same = common::kickstart();
+    // the kickstarts of ../shared in turn, each with a line of its own per job (so no two
+    // inputs are the same)
+    let mut all: Vec<String> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/kickstarts"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+    if all.is_empty() {
+        all.push(same.clone());
+    }
+    all.sort();
+    let variants: [(&str, KickstartFor); 2] = [
+        (
+            "the same kickstart (Mer SDK) in every job",
+            Box::new(|_| same.clone()),
+        ),
+        (
+            "the shared kickstarts in turn, each with a line of its own",
+            Box::new(|i| format!("{}\n# build {i}\n", all[i as usize % all.len()])),
+        ),
+    ];
+    for (label, ks_for) in &variants {
+        measure(jobs, &w, label, ks_for);
+    }
+}
+
+/// The kickstart of the job recorded `i`-th.
+type KickstartFor<'a> = Box<dyn Fn(u64) -> String + 'a>;
+
+fn measure(
+    jobs: u64,
+    w: &build_image::config::WorkerConfig,
+    label: &str,
+    ks_for: &dyn Fn(u64) -> String,
+) {
     let dir = common::data_dir().join("p8-log");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("bench data dir");
-    let ks = common::kickstart();
-    let w = common::bench_worker_config();
-    let input_bytes = serde_json::to_vec(&common::workitem("bench-1", &ks))
-        .expect("encode")
-        .len() as f64;
+    let mut input_total = 0u64;
 
     let started = Instant::now();
     {
@@ -41,7 +78,12 @@ fn main() {
             let pair: Vec<_> = (0..2.min(jobs - next))
                 .map(|k| {
                     let id = store.journal().expect("journal").next_seq() + k;
-                    common::job_lifecycle(id, &common::image_id_of(id), "bench", &ks, &w)
+                    let ks = ks_for(next + k);
+                    input_total +=
+                        serde_json::to_vec(&common::workitem(&common::image_id_of(id), &ks))
+                            .expect("encode")
+                            .len() as u64;
+                    common::job_lifecycle(id, &common::image_id_of(id), "bench", &ks, w)
                 })
                 .collect();
             // the claims first (each opens its job: its id is the seq it gets), then each
@@ -65,6 +107,7 @@ fn main() {
     let write_s = started.elapsed().as_secs_f64();
     let on_disk = disk_bytes(&dir) as f64;
     let per_job = on_disk / jobs as f64;
+    let input_bytes = input_total as f64 / jobs as f64;
 
     let mut fold = Vec::new();
     let mut events = 0;
@@ -79,9 +122,9 @@ fn main() {
     let rates: Vec<f64> = fold.iter().map(|s| events as f64 / s).collect();
     let r = stats(&rates);
     println!(
-        "P8 log size: {} jobs ({} events) recorded as the daemon records them in {:.1} s; \
-         {} bytes on disk = {} bytes per job; input {} bytes; goal <= input + 1,024 = {}: {} \
-         ({:.2}x the goal)",
+        "P8 log size, {label}: {} jobs ({} events) recorded as the daemon records them in {:.1} s; \
+         {} bytes on disk = {} bytes per job; input {} bytes (mean); goal <= input + 1,024 = {}: \
+         {} ({:.2}x the goal)",
         big(jobs as f64),
         big(events as f64),
         write_s,

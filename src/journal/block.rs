@@ -21,9 +21,10 @@ use std::borrow::Cow;
 const RAW: u8 = 1;
 const LZ4: u8 = 2;
 
-/// A body is never larger than this (the writer cuts blocks far below it): a damaged size is
-/// refused instead of allocated.
-const MAX_BODY: usize = 64 << 20;
+/// A body is never larger than this: the writer cuts a block once it passes 256 KiB, so a body
+/// is at most that plus one event and its input, and an input is at most `max_bytes` (1 GiB at
+/// most, see config.rs). A damaged size is refused instead of allocated.
+const MAX_BODY: usize = (1 << 30) + (16 << 20);
 
 /// Bodies smaller than this are kept raw (compression would not pay for its header).
 const COMPRESS_FROM: usize = 192;
