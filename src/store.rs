@@ -335,7 +335,7 @@ impl Store {
                     };
                     o.recorded(ev, &change);
                 }
-                (job.clone(), lifecycle::is_open(job, &policy))
+                lifecycle::is_open(job, &policy)
             })
             .inspect_err(|e| self.fail(e))?;
         for (id, job) in pending {

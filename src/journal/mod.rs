@@ -152,9 +152,6 @@ struct Commit {
     flushing: bool,
 }
 
-/// The job's state after an event, and whether the job is still open (not settled).
-pub type Projected = (Job, bool);
-
 /// Now, as the RFC 3339 UTC text events carry.
 pub fn now_ts() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
@@ -430,7 +427,7 @@ impl Journal {
                 .entry(ev.job)
                 .or_insert_with(|| self.projection(ev.job).ok().flatten().unwrap_or_default());
             job.apply(view);
-            (job.clone(), is_open(job))
+            is_open(job)
         })?;
         if let Some(last) = evs.last() {
             self.sync(last.seq + 1)?;
@@ -439,12 +436,12 @@ impl Journal {
     }
 
     /// Appends events without flushing them (see `sync`). `project` is called for each event,
-    /// in order, under the append lock, with the event and its stored form, and gives the
-    /// job's state after it, stored as the job's projection.
+    /// in order, under the append lock, with the event and its stored form, and says whether
+    /// the job is open after it (its open mark is kept or written, else removed).
     pub fn append_with(
         &self,
         items: Vec<(Option<u64>, EventKind)>,
-        project: impl FnMut(&Event, &fold::EventView<'_>) -> Projected,
+        project: impl FnMut(&Event, &fold::EventView<'_>) -> bool,
     ) -> Result<Vec<Event>> {
         self.check_broken()?;
         let r = self.append_inner(items, project);
@@ -476,7 +473,7 @@ impl Journal {
     fn append_inner(
         &self,
         items: Vec<(Option<u64>, EventKind)>,
-        mut project: impl FnMut(&Event, &fold::EventView<'_>) -> Projected,
+        mut project: impl FnMut(&Event, &fold::EventView<'_>) -> bool,
     ) -> Result<Vec<Event>> {
         let mut out = Vec::with_capacity(items.len());
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
@@ -486,7 +483,7 @@ impl Journal {
         let mut by_sha: Items = Vec::new();
         let mut seqs: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
         let mut seq = *next;
-        let mut projected: std::collections::HashMap<u64, Projected> = Default::default();
+        let mut projected: std::collections::HashMap<u64, bool> = Default::default();
         for (job, mut kind) in items {
             // The input is stored beside its event, moved out of it (it can be megabytes).
             let input = match &mut kind {
@@ -542,13 +539,13 @@ impl Journal {
                 tree.insert(k, v)?;
             }
         }
-        for (id, (_, is_open)) in &projected {
+        for (id, is_open) in &projected {
             if *is_open {
                 self.mark(*id)?;
             }
         }
         self.write_blocks(&stored)?;
-        for (id, (_, is_open)) in &projected {
+        for (id, is_open) in &projected {
             if !*is_open {
                 self.unmark(*id)?;
             }
@@ -1094,24 +1091,6 @@ impl Journal {
         Ok(())
     }
 
-    /// Calls `f` with each stored event from seq `since` up to (not including) `until`, read
-    /// in its stored form without building the typed event (the fast path of replay). Returns
-    /// how many it read.
-    pub fn fold_range(
-        &self,
-        since: u64,
-        until: Option<u64>,
-        mut f: impl FnMut(&fold::EventView<'_>),
-    ) -> Result<u64> {
-        let mut n = 0;
-        self.each_entry(since, until.unwrap_or(u64::MAX), |e| {
-            f(&decode_view(e.seq, e.json)?);
-            n += 1;
-            Ok(())
-        })?;
-        Ok(n)
-    }
-
     /// Flushes everything appended so far.
     pub fn flush(&self) -> Result<()> {
         self.sync(self.next_seq())
@@ -1384,7 +1363,7 @@ mod tests {
                             .append_with(vec![(None, claimed(sha))], |_, v| {
                                 let mut job = Job::default();
                                 job.apply(v);
-                                (job, true)
+                                job.id == v.job
                             })
                             .unwrap();
                         j.sync(evs[0].seq + 1).unwrap();
@@ -1404,7 +1383,7 @@ mod tests {
         j.append_with(vec![(None, claimed("cc"))], |_, v| {
             let mut job = Job::default();
             job.apply(v);
-            (job, false)
+            job.id != v.job
         })
         .unwrap();
         assert!(j.unsynced());
