@@ -115,6 +115,8 @@ pub struct Journal {
     open: sled::Tree,
     /// Decompressed sealed blocks, newest use last.
     cache: Mutex<Vec<Cached>>,
+    /// Seals so far (see `Scan`).
+    seals: std::sync::atomic::AtomicU64,
     next_seq: Mutex<u64>,
     /// The small blocks at the end of the log not merged yet (taken under `next_seq`).
     small: Mutex<Small>,
@@ -125,6 +127,73 @@ pub struct Journal {
     /// reservation leaves a hole its stable point never passes), so this handle writes nothing
     /// more; the store reopens the log.
     broken: Mutex<Option<String>>,
+}
+
+/// A scan of the stored blocks (`Journal::raw_scan`): `blocks`, then `tail`. A seal writes its
+/// merged block, counts itself, then removes the small blocks it merged; so before it yields a
+/// block of `tail` (and when `tail` ends) the scan looks at the count, and when a seal was
+/// counted since it began it goes over `blocks` again from the last block it yielded there (the
+/// merged block is there by then) and `tail` again from the last block it yielded there. It
+/// never yields a block after one that a seal took from under it: seqs only go up.
+struct Scan<'a> {
+    journal: &'a Journal,
+    seals: u64,
+    blocks_from: u64,
+    tail_from: u64,
+    /// (in `blocks`, the range under way); None: done.
+    current: Option<(bool, sled::Iter)>,
+}
+
+impl Scan<'_> {
+    /// Has a seal been counted since the last look? Then `blocks` again.
+    fn sealed_meanwhile(&mut self) -> bool {
+        let now = self.journal.seals.load(std::sync::atomic::Ordering::SeqCst);
+        if now == self.seals {
+            return false;
+        }
+        self.seals = now;
+        let blocks = self.journal.blocks.range(self.blocks_from.to_be_bytes()..);
+        self.current = Some((true, blocks));
+        true
+    }
+}
+
+impl Iterator for Scan<'_> {
+    type Item = Result<(u64, sled::IVec)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let (in_blocks, iter) = self.current.as_mut()?;
+            let in_blocks = *in_blocks;
+            match iter.next() {
+                Some(Ok((k, v))) => {
+                    let first = key_seq(&k);
+                    if in_blocks {
+                        self.blocks_from = first;
+                    } else if self.sealed_meanwhile() {
+                        continue;
+                    } else {
+                        self.tail_from = first;
+                    }
+                    return Some(Ok((first, v)));
+                }
+                Some(Err(e)) => {
+                    self.current = None;
+                    return Some(Err(e.into()));
+                }
+                None if in_blocks => {
+                    let tail = self.journal.tail.range(self.tail_from.to_be_bytes()..);
+                    self.current = Some((false, tail));
+                }
+                None => {
+                    if !self.sealed_meanwhile() {
+                        self.current = None;
+                        return None;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A sealed block kept decompressed: its first seq, its last seq, its body.
@@ -196,6 +265,7 @@ impl Journal {
             by_sha: db.open_tree(BY_SHA)?,
             open: db.open_tree(OPEN)?,
             cache: Mutex::new(Vec::new()),
+            seals: std::sync::atomic::AtomicU64::new(0),
             db,
             blocks,
             tail,
@@ -646,6 +716,8 @@ impl Journal {
             }
         }
         self.blocks.insert(key.to_be_bytes(), merged.finish())?;
+        // counted before the small blocks go, so a scan that missed them sees it (`Scan`)
+        self.seals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         for k in &small.keys {
             self.tail.remove(k.to_be_bytes())?;
         }
@@ -782,20 +854,23 @@ impl Journal {
     }
 
     /// The stored blocks that hold the events from seq `since` on, in order (`blocks`, then
-    /// `tail`), as (first seq, stored value).
-    fn raw_scan(&self, since: u64) -> impl Iterator<Item = Result<(u64, sled::IVec)>> + '_ {
+    /// `tail`), as (first seq, stored value). A seal while the scan runs can move blocks of
+    /// `tail` into `blocks` behind it: the scan then goes over both again from where it was
+    /// (see `Scan`), so it misses nothing; what it yields twice the callers skip (seqs only go
+    /// up).
+    fn raw_scan(&self, since: u64) -> Scan<'_> {
         let from = |tree: &sled::Tree| match tree.range(..=since.to_be_bytes()).next_back() {
             Some(Ok((k, _))) => key_seq(&k),
             _ => since,
         };
-        let (b, t) = (from(&self.blocks), from(&self.tail));
-        self.blocks
-            .range(b.to_be_bytes()..)
-            .chain(self.tail.range(t.to_be_bytes()..))
-            .map(|item| {
-                let (k, v) = item?;
-                Ok((key_seq(&k), v))
-            })
+        let (blocks_from, tail_from) = (from(&self.blocks), from(&self.tail));
+        Scan {
+            journal: self,
+            seals: self.seals.load(std::sync::atomic::Ordering::SeqCst),
+            blocks_from,
+            tail_from,
+            current: Some((true, self.blocks.range(blocks_from.to_be_bytes()..))),
+        }
     }
 
     /// Calls `f` with each stored entry of job `job` (events and inputs), in order, not
@@ -1477,5 +1552,45 @@ mod tests {
         }
         let err = Journal::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("newer than this build-image knows"), "{err}");
+    }
+
+    #[test]
+    fn a_scan_while_seals_run_misses_no_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = std::sync::Arc::new(Journal::open(dir.path()).unwrap());
+        let total = 8 * SEAL_EVENTS as u64;
+        let writer = {
+            let j = std::sync::Arc::clone(&j);
+            std::thread::spawn(move || {
+                for _ in 0..total {
+                    j.append_with(vec![(None, cancelled())], |_, _| false)
+                        .unwrap();
+                }
+            })
+        };
+        let mut scans = 0;
+        loop {
+            let before = j.last_seq();
+            let seqs: Vec<u64> = j.since(1).map(|e| e.unwrap().seq).collect();
+            // every event appended before the scan began, in order, none missing
+            assert!(seqs.len() as u64 >= before, "{} < {before}", seqs.len());
+            assert!(
+                seqs.iter().copied().eq(1..=seqs.len() as u64),
+                "a gap or a repeat after {scans} scans"
+            );
+            let mut n = 0;
+            j.each_entry(1, u64::MAX, |_| {
+                n += 1;
+                Ok(())
+            })
+            .unwrap();
+            assert!(n >= before);
+            scans += 1;
+            if before == total {
+                break;
+            }
+        }
+        writer.join().unwrap();
+        assert!(j.blocks.len() >= 7, "seals ran during the scans");
     }
 }
