@@ -162,13 +162,20 @@ pub fn handle(stage: &Stage, req: Request, mut on_event: impl FnMut(&Event) -> b
         }
     };
     match req {
-        Request::Status { state, limit } => match journal.projections() {
-            Ok(jobs) => Response::Status {
-                rows: ops::status(&jobs, state, limit),
-                failing: stage.store.failing(),
-            },
-            Err(e) => err(&e),
-        },
+        Request::Status { state, limit } => {
+            let jobs = match (state, limit) {
+                // the newest N of every state: only their part of the log is folded
+                (None, Some(n)) => journal.newest_projections(n),
+                _ => journal.projections(),
+            };
+            match jobs {
+                Ok(jobs) => Response::Status {
+                    rows: ops::status(&jobs, state, limit),
+                    failing: stage.store.failing(),
+                },
+                Err(e) => err(&e),
+            }
+        }
         Request::Show { id } => match ops::show(&journal, &stage.cfg, &id) {
             Ok(v) => Response::Show(Box::new(v)),
             Err(e) => err(&e),

@@ -1060,6 +1060,23 @@ impl Journal {
         self.fold_all()
     }
 
+    /// The state of the newest `n` jobs (and no others): the fold of the events from the id of
+    /// the `n`th newest job on, so it costs what those jobs' time in the log holds, not the log.
+    pub fn newest_projections(&self, n: usize) -> Result<Jobs> {
+        if n == 0 {
+            return Ok(Jobs::new());
+        }
+        let Some(first) = self.job_seqs.iter().keys().rev().take(n).last() else {
+            return Ok(Jobs::new());
+        };
+        let first = key_seq(&first?);
+        let mut jobs = self.projections_from(first)?;
+        while jobs.len() > n {
+            jobs.pop_first();
+        }
+        Ok(jobs)
+    }
+
     /// The state of the jobs with an id of at least `first`: the fold of the events from seq
     /// `first` on (a job's events all come at or after its id).
     pub fn projections_from(&self, first: u64) -> Result<Jobs> {
@@ -1552,6 +1569,32 @@ mod tests {
         }
         let err = Journal::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("newer than this build-image knows"), "{err}");
+    }
+
+    #[test]
+    fn the_newest_jobs_fold_only_their_part_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..40u64 {
+            ids.push(j.append(None, cancelled(), P).unwrap().job);
+            // an older job gets a later event: it is after the newest jobs' ids in the log
+            if i % 3 == 0 {
+                j.append(Some(ids[(i / 2) as usize]), cancelled(), P)
+                    .unwrap();
+            }
+        }
+        let all = j.fold_all().unwrap();
+        for n in [0, 1, 5, 40, 100] {
+            let newest = j.newest_projections(n).unwrap();
+            let want: Jobs = all
+                .iter()
+                .rev()
+                .take(n)
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
+            assert_eq!(newest, want, "n = {n}");
+        }
     }
 
     #[test]
