@@ -555,10 +555,11 @@ impl Journal {
         let mut seq = *next;
         let mut projected: std::collections::HashMap<u64, bool> = Default::default();
         for (job, mut kind) in items {
-            // The input is stored beside its event, moved out of it (it can be megabytes).
+            // The input is stored beside its event, moved out of it (it can be megabytes); an
+            // event without one does not hide the job's earlier input.
             let input = match &mut kind {
                 EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } => {
-                    Some(std::mem::take(&mut input.0))
+                    Some(std::mem::take(&mut input.0)).filter(|i| !i.is_empty())
                 }
                 _ => None,
             };
