@@ -105,3 +105,34 @@ fn a_log_of_the_old_stored_form_reads_back_the_same() {
     assert_eq!(j.job_events(21).unwrap().len(), 2 + new_events);
     assert_eq!(j.fold_all().unwrap().len(), 7);
 }
+
+#[test]
+fn a_move_cut_short_by_a_crash_is_made_again_at_the_next_opening() {
+    init_log();
+    let farm = farm_with_old_log();
+    let old_export = std::fs::read_to_string(fixture("export.jsonl")).unwrap();
+    // the process dies after the blocks are written and flushed, before the new form's mark
+    let (code, out, err) = output(
+        farm.bin()
+            .env("BUILD_IMAGE_CRASH_AT", "migrate-written")
+            .args(["events", "--json"]),
+    );
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        out.is_empty(),
+        "nothing printed from a half-moved log: {out}"
+    );
+    {
+        let db = sled::open(farm.cfg.state_dir()).unwrap();
+        assert!(db.get("store_format").unwrap().is_none(), "not marked");
+        assert!(
+            db.tree_names().iter().any(|n| n.as_ref() == b"events"),
+            "the old events are still there"
+        );
+    }
+    // the next opening starts the move over and reads the same log
+    assert_eq!(ok(&farm, &["events", "--json"]), old_export);
+    let status = json(&ok(&farm, &["status", "--json"]));
+    let old_status = json(&std::fs::read_to_string(fixture("status.json")).unwrap());
+    assert_eq!(status, old_status);
+}

@@ -407,6 +407,7 @@ impl Journal {
                     self.job_seqs.insert(j.to_be_bytes(), seqs)?;
                 }
                 self.db.flush()?;
+                archive::crash_point("migrate-written");
                 log::info!(
                     "log {}: {n} event(s) moved into blocks with their inputs (stored form {STORE_VERSION}) in {:?}",
                     self.path.display(),
