@@ -549,7 +549,10 @@ fn run_chromium(bin: &Path, profile: &Path, args: &[String]) -> String {
 
 /// Jobs in every interesting state for the browser: done, error, escaped name, building.
 fn browser_farm() -> (Farm, Daemon, String) {
-    let farm = farm(32);
+    let mut farm = farm(32);
+    // the long build below must outlast every chromium run of the test (each can take 30 s on a
+    // loaded machine): it is cancelled at the end
+    farm.cfg.worker.timeout = 900;
     let d = farm.start();
     let addr = http_addr(&farm);
     let mut a = workitem("mer-core-i586-1201", "ks\n");
@@ -569,7 +572,7 @@ fn browser_farm() -> (Farm, Daemon, String) {
     }
     let mut s = workitem(
         "mer-core-x86_64-1202",
-        "# mic-fixture: spew 6\n# mic-fixture: sleep 60\n",
+        "# mic-fixture: spew 6\n# mic-fixture: sleep 600\n",
     );
     s["image"]["name"] = json!("mer-core-x86_64-live");
     s["image"]["arch"] = json!("x86_64");
