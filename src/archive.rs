@@ -445,7 +445,7 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
         // The projections too, here, so that the swap below folds only the jobs of the events
         // appended meanwhile (the daemon records nothing while it runs).
         let (jobs, _) = new.fold_jobs(None)?;
-        new.rewrite_projections(&jobs, &|j: &Job| lifecycle::is_open(j, &policy))?;
+        new.rewrite_marks(&jobs, &|j: &Job| lifecycle::is_open(j, &policy))?;
         Ok((new, kept))
     })();
     let (new, mut kept) = built.map_err(unwind)?;

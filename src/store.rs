@@ -633,14 +633,13 @@ pub fn spec_of(journal: &Journal, job: &Job) -> Result<Option<Spec>> {
 }
 
 /// Loads the open jobs: the jobs marked open (not settled, or changed by an append a crash
-/// cut short) folded from their own events; a marked job that turns out settled gets its
-/// projection stored and its mark removed. A log whose projections are of another format (or
-/// none) is folded whole once.
+/// cut short) folded from their own events; a marked job that turns out settled is unmarked. A
+/// log whose marks are of another format (or none) is folded whole once.
 fn load_open(journal: &Journal, policy: &Policy) -> Result<Jobs> {
     let started = Instant::now();
     if journal.projection_format()? != PROJECTION_VERSION {
         let (jobs, n) = journal.fold_jobs(None)?;
-        journal.rewrite_projections(&jobs, &|j: &Job| lifecycle::is_open(j, policy))?;
+        journal.rewrite_marks(&jobs, &|j: &Job| lifecycle::is_open(j, policy))?;
         log::info!(
             "log: projections folded again from {n} event(s) ({} jobs) in {:?}",
             jobs.len(),
@@ -658,7 +657,7 @@ fn load_open(journal: &Journal, policy: &Policy) -> Result<Jobs> {
         if lifecycle::is_open(&job, policy) {
             open.insert(id, job);
         } else {
-            journal.put_projection(&job, false)?;
+            journal.unmark(id)?;
             settled += 1;
         }
     }

@@ -9,7 +9,7 @@
 //! new log is complete): before the mark the old log is untouched, after it the swap is finished
 //! by whoever opens the state dir next (`finish_swap`).
 
-use super::{Event, EventKind, Journal, JournalError, Result, Stored, image_key, lock, sha_key};
+use super::{Event, EventKind, Journal, JournalError, Result, Stored, lock};
 use std::path::{Path, PathBuf};
 
 /// Events written per import batch at most (and bytes of inputs, below).
@@ -55,32 +55,17 @@ impl Journal {
         let mut seqs: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
         for ev in events {
             let mut plain = ev.clone();
-            let input = match &mut plain.kind {
-                EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } => {
-                    Some(std::mem::take(&mut input.0))
-                }
-                _ => None,
-            };
+            let input = super::take_input(&mut plain.kind);
             let bytes = serde_json::to_vec(&plain).map_err(JournalError::Encode)?;
             seqs.entry(ev.job).or_default().push(ev.seq);
-            match &ev.kind {
-                EventKind::Queued { image_id, .. }
-                | EventKind::Invalid {
-                    image_id: Some(image_id),
-                    ..
-                } => {
-                    self.by_image.insert(image_key(image_id, ev.job), &[])?;
-                }
-                EventKind::Claimed { sha256, .. } => {
-                    self.by_sha.insert(sha_key(sha256, ev.job), &[])?;
-                }
-                _ => {}
+            if let Some((tree, key)) = self.index_entry(ev.job, &ev.kind) {
+                tree.insert(key, &[])?;
             }
             stored.push(Stored {
                 seq: ev.seq,
                 job: ev.job,
                 json: bytes,
-                input: input.filter(|i| !i.is_empty()),
+                input,
             });
         }
         // the jobs these events change are folded at the next start (an imported log is

@@ -548,22 +548,13 @@ impl Journal {
     ) -> Result<Vec<Event>> {
         let mut out = Vec::with_capacity(items.len());
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
-        type Items = Vec<(Vec<u8>, Vec<u8>)>;
         let mut stored: Vec<Stored> = Vec::with_capacity(items.len());
-        let mut by_image: Items = Vec::new();
-        let mut by_sha: Items = Vec::new();
+        let mut indexed: Vec<(&sled::Tree, Vec<u8>)> = Vec::new();
         let mut seqs: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
         let mut seq = *next;
         let mut projected: std::collections::HashMap<u64, bool> = Default::default();
         for (job, mut kind) in items {
-            // The input is stored beside its event, moved out of it (it can be megabytes); an
-            // event without one does not hide the job's earlier input.
-            let input = match &mut kind {
-                EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } => {
-                    Some(std::mem::take(&mut input.0)).filter(|i| !i.is_empty())
-                }
-                _ => None,
-            };
+            let input = take_input(&mut kind);
             let ev = Event {
                 seq,
                 ts: now_ts(),
@@ -574,19 +565,7 @@ impl Journal {
             let view = decode_view(seq, &bytes)?;
             projected.insert(ev.job, project(&ev, &view));
             seqs.entry(ev.job).or_default().push(seq);
-            match &ev.kind {
-                EventKind::Queued { image_id, .. }
-                | EventKind::Invalid {
-                    image_id: Some(image_id),
-                    ..
-                } => {
-                    by_image.push((image_key(image_id, ev.job), Vec::new()));
-                }
-                EventKind::Claimed { sha256, .. } => {
-                    by_sha.push((sha_key(sha256, ev.job), Vec::new()));
-                }
-                _ => {}
-            }
+            indexed.extend(self.index_entry(ev.job, &ev.kind));
             stored.push(Stored {
                 seq,
                 job: ev.job,
@@ -606,10 +585,8 @@ impl Journal {
         for (job, new) in &seqs {
             self.add_seqs(*job, new)?;
         }
-        for (tree, items) in [(&self.by_image, by_image), (&self.by_sha, by_sha)] {
-            for (k, v) in items {
-                tree.insert(k, v)?;
-            }
+        for (tree, key) in indexed {
+            tree.insert(key, &[])?;
         }
         for (id, is_open) in &projected {
             if *is_open {
@@ -624,6 +601,19 @@ impl Journal {
         }
         *next = seq;
         Ok(out)
+    }
+
+    /// The name or content index entry an event adds, if any: (its tree, its key).
+    fn index_entry(&self, job: u64, kind: &EventKind) -> Option<(&sled::Tree, Vec<u8>)> {
+        match kind {
+            EventKind::Queued { image_id, .. }
+            | EventKind::Invalid {
+                image_id: Some(image_id),
+                ..
+            } => Some((&self.by_image, image_key(image_id, job))),
+            EventKind::Claimed { sha256, .. } => Some((&self.by_sha, sha_key(sha256, job))),
+            _ => None,
+        }
     }
 
     /// Adds seqs (ascending, above the job's stored ones) to a job's entry in `job_seqs`.
@@ -1025,15 +1015,6 @@ impl Journal {
         Ok(out)
     }
 
-    /// Records whether a job is open (marked: folded at a start) or settled.
-    pub fn put_projection(&self, job: &Job, open: bool) -> Result<()> {
-        if open {
-            self.mark(job.id)
-        } else {
-            self.unmark(job.id)
-        }
-    }
-
     /// Marks a job open.
     fn mark(&self, job: u64) -> Result<()> {
         let key = job.to_be_bytes();
@@ -1196,7 +1177,7 @@ impl Journal {
     }
 
     /// Replaces the open marks by those of `jobs`, the fold of the whole log, and flushes.
-    pub fn rewrite_projections(&self, jobs: &Jobs, is_open: &dyn Fn(&Job) -> bool) -> Result<()> {
+    pub fn rewrite_marks(&self, jobs: &Jobs, is_open: &dyn Fn(&Job) -> bool) -> Result<()> {
         self.open.clear()?;
         for job in jobs.values() {
             if is_open(job) {
@@ -1306,6 +1287,18 @@ fn sha_key(sha256: &str, job: u64) -> Vec<u8> {
     let mut k = sha_prefix(sha256);
     k.extend_from_slice(&job.to_be_bytes());
     k
+}
+
+/// The input a `queued` or `invalid` event carries, moved out of it (it can be megabytes; it is
+/// stored beside the event); None for an empty one, which so does not hide the job's earlier
+/// input.
+fn take_input(kind: &mut EventKind) -> Option<Vec<u8>> {
+    match kind {
+        EventKind::Queued { input, .. } | EventKind::Invalid { input, .. } => {
+            Some(std::mem::take(&mut input.0)).filter(|i| !i.is_empty())
+        }
+        _ => None,
+    }
 }
 
 /// The seq of the last event of a stored block.
