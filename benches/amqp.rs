@@ -123,11 +123,11 @@ fn mic_floor(n: usize, workers: usize) -> f64 {
         .iter()
         .map(|b| {
             let spec =
-                build_image::workitem::normalise(&serde_json::from_slice(b).unwrap()).unwrap();
-            let out = build_image::build::job_dir(w, &spec);
+                build_image::domain::workitem::normalise(&serde_json::from_slice(b).unwrap()).unwrap();
+            let out = build_image::imaging::job_dir(w, &spec);
             std::fs::create_dir_all(&out).unwrap();
-            let ks = build_image::build::ks_path(w, &spec);
-            build_image::build::mic::mic_command(&spec, &ks, &out, w)
+            let ks = build_image::imaging::ks_path(w, &spec);
+            build_image::imaging::mic::mic_command(&spec, &ks, &out, w)
         })
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -198,7 +198,7 @@ worker_id = "w1"
 /// clock starts at the first rename), until outbox/ has every answer.
 fn through_spool(n: usize, workers: usize) -> f64 {
     let (dir, cfg) = farm(workers, None);
-    let spool = build_image::spool::Spool::new(&cfg.spool.dir, "w1");
+    let spool = build_image::edges::spool::Spool::new(&cfg.spool.dir, "w1");
     spool.create_dirs().unwrap();
     let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
     let daemon = std::thread::spawn(move || build_image::daemon::run(cfg, stop_rx));

@@ -31,7 +31,8 @@
 
 mod common;
 
-use build_image::journal::{EventKind, Journal};
+use build_image::journal::Journal;
+use build_image::domain::EventKind;
 use common::{Stats, big, env_u64, met, quantile, runs, stats};
 use crossbeam_channel::{Receiver, RecvTimeoutError, unbounded};
 use std::collections::HashMap;
@@ -180,7 +181,7 @@ impl Farm {
 
     /// The spool folders, as the daemon makes them.
     fn create_spool(&self) {
-        build_image::spool::Spool::new(&self.spool(), "w1")
+        build_image::edges::spool::Spool::new(&self.spool(), "w1")
             .create_dirs()
             .expect("spool dirs");
         std::fs::create_dir_all(self.state_dir()).unwrap();
@@ -456,12 +457,12 @@ fn p1_bare(n: usize, run: usize) -> f64 {
         .map(|i| {
             let id = format!("p1-{run}-{i}");
             let input = common::workitem(&id, &ks);
-            let urls = build_image::workitem::Urls {
+            let urls = build_image::domain::workitem::Urls {
                 files_url: Some(format!("http://img.example.org/images/requests/{id}")),
                 image_url: Some(format!("http://img.example.org/images/requests/{id}/x.img")),
                 logfile_url: Some(format!("http://img.example.org/images/requests/{id}/x.log")),
             };
-            let reply = build_image::workitem::reply(&input, Some(true), None, &urls);
+            let reply = build_image::domain::workitem::reply(&input, Some(true), None, &urls);
             (
                 id,
                 serde_json::to_vec(&input).unwrap(),

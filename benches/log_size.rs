@@ -16,7 +16,7 @@
 mod common;
 
 use build_image::journal::Journal;
-use build_image::store::Store;
+use build_image::engine::store::Store;
 use common::{big, env_u64, met, runs, stats};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;

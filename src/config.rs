@@ -4,6 +4,7 @@
 //! are this program's own. Times in `[worker]` and `[hooks]` are whole seconds, `[spool]` times are
 //! milliseconds, as their names say.
 
+pub use crate::edges::amqp::config::AmqpConfig;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -255,6 +256,15 @@ fn list_or_colon_string<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, 
 }
 
 impl Config {
+    /// What the lifecycle is set to do for every job.
+    pub fn policy(&self) -> crate::domain::lifecycle::Policy {
+        crate::domain::lifecycle::Policy {
+            push: self.hooks.push.is_some(),
+            push_retries: self.hooks.retries,
+            max_attempts: self.worker.max_attempts,
+        }
+    }
+
     /// Parses a config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -331,7 +341,7 @@ impl Config {
                 self.worker.vm_memory
             )));
         }
-        self.amqp.check()?;
+        self.amqp.check().map_err(ConfigError::Value)?;
         if let Some(id) = &self.spool.worker_id
             && !is_safe_component(id)
         {
@@ -664,74 +674,56 @@ mod tests {
             assert!(msg.contains("vm_memory"), "{bad}: {msg}");
         }
     }
-}
 
-/// `[amqp]`: the daemon as a BOSS participant (docs/amqp.md). Unset `url`: no AMQP.
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AmqpConfig {
-    /// `amqp://USER:PASS@HOST:PORT/VHOST` (vhost percent-encoded, `%2f` is `/`); never logged
-    /// with its password. An empty string is "not set".
-    #[serde(deserialize_with = "empty_string_is_none")]
-    pub url: Option<String>,
-    /// The queue consumed (declared durable): the participant's name.
-    pub queue: String,
-    /// Answers are published to the default exchange with this routing key (declared durable).
-    pub reply_queue: String,
-    /// Unacked messages held, 0..=1000; 0 = the number of build slots (`[worker] workers`).
-    pub prefetch: u32,
-}
-
-impl Default for AmqpConfig {
-    fn default() -> Self {
-        AmqpConfig {
-            url: None,
-            queue: "build_image".into(),
-            reply_queue: "ruote_workitems".into(),
-            prefetch: 0,
-        }
-    }
-}
-
-impl std::fmt::Debug for AmqpConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpConfig")
-            .field("url", &self.url.as_deref().map(crate::amqp::redact))
-            .field("queue", &self.queue)
-            .field("reply_queue", &self.reply_queue)
-            .field("prefetch", &self.prefetch)
-            .finish()
-    }
-}
-
-impl AmqpConfig {
-    fn check(&self) -> Result<(), ConfigError> {
-        if self.prefetch > 1000 {
-            return Err(ConfigError::Value(format!(
-                "[amqp] prefetch = {} is out of range: it must be 0..=1000 (0 = the build slots)",
-                self.prefetch
-            )));
-        }
-        for (key, name) in [("queue", &self.queue), ("reply_queue", &self.reply_queue)] {
-            if name.is_empty() || name.len() > 255 {
-                return Err(ConfigError::Value(format!(
-                    "[amqp] {key} must be 1..=255 bytes long (an AMQP short string)"
-                )));
-            }
-        }
-        if let Some(url) = &self.url {
-            crate::amqp::parse_url(url).map_err(ConfigError::Value)?;
-        }
-        Ok(())
+    /// `[amqp]` (the section belongs to `edges::amqp::config`; read as part of the config).
+    #[test]
+    fn the_password_is_never_shown() {
+        assert_eq!(
+            crate::edges::amqp::config::redact("amqp://boss:s3cret@mq.example.org:5672/%2f"),
+            "amqp://boss:***@mq.example.org:5672/%2f"
+        );
+        assert_eq!(crate::edges::amqp::config::redact("amqp://boss:p@ss@h/v"), "amqp://boss:***@h/v");
+        assert_eq!(crate::edges::amqp::config::redact("amqp://h:5672/v"), "amqp://h:5672/v");
+        assert_eq!(crate::edges::amqp::config::redact("not a url"), "not a url");
+        let cfg = Config::parse(
+            "[amqp]\nurl = \"amqp://u:topsecret@h:5672/%2f\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert!(!format!("{cfg:?}").contains("topsecret"));
+        let e = Config::parse("[amqp]\nurl = \"http://u:topsecret@h/\"\n", Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not an AMQP url") && !e.contains("topsecret"),
+            "{e}"
+        );
     }
 
-    /// The unacked messages a daemon with `workers` build slots holds.
-    pub fn prefetch_for(&self, workers: usize) -> u16 {
-        let n = if self.prefetch == 0 {
-            workers as u32
-        } else {
-            self.prefetch
-        };
-        n.clamp(1, u16::MAX as u32) as u16
+    #[test]
+    fn config_defaults_ranges_and_urls() {
+        let cfg = Config::parse("", Path::new("t")).unwrap();
+        assert_eq!(cfg.amqp.url, None);
+        assert_eq!(cfg.amqp.queue, "build_image");
+        assert_eq!(cfg.amqp.reply_queue, "ruote_workitems");
+        assert_eq!(cfg.amqp.prefetch_for(3), 3);
+        let cfg = Config::parse("[amqp]\nurl = \"\"\nprefetch = 5\n", Path::new("t")).unwrap();
+        assert_eq!(cfg.amqp.url, None, "empty = unset");
+        assert_eq!(cfg.amqp.prefetch_for(3), 5);
+        for bad in [
+            "[amqp]\nprefetch = 1001\n",
+            "[amqp]\nprefetch = -1\n",
+            "[amqp]\nqueue = \"\"\n",
+            "[amqp]\nnope = 1\n",
+            "[amqp]\nurl = \"amqps://h/\"\n",
+            "[amqp]\nurl = \"amqp://:5672/\"\n",
+        ] {
+            assert!(Config::parse(bad, Path::new("t")).is_err(), "{bad}");
+        }
+        let uri = crate::edges::amqp::config::parse_url("amqp://u:p@mq:5673/build%2fvhost").unwrap();
+        assert_eq!(
+            crate::edges::amqp::config::source_label(&uri, "build_image"),
+            "amqp://mq:5673/build%2Fvhost/build_image"
+        );
     }
 }

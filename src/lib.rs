@@ -1,34 +1,30 @@
 //! build-image: the `build_image` stage of an image build farm, event-sourced.
 //!
-//! Data flows one way: `spool` (watch, claim) → `journal` (events, fold) held by `store` →
-//! `lifecycle` (what is left to do for a job) carried out by `stage` → `pool` → `build` (mic
-//! command lines, native, kvm) → `outbox` → `pusher`/`hooks`. `daemon::run` is the whole
-//! daemon as a library function; `control` is the operator protocol; `http` the read-only status page, API and metrics; `cli` is the command line
-//! around it.
+//! The layers, from the bottom (docs/architecture.md has the map):
+//! - `domain`: the words (workitem, origin and reply destination, events, the job as a fold
+//!   of its events, the lifecycle's decisions); `journal`: the event log on disk;
+//!   `process`: every child process; `imaging`: the builders (mic command lines, native, KVM);
+//! - `engine`: moves every job through its life (intake, steps, build slots, answering,
+//!   pushes, recovery) and knows no transport: it asks the world through its `ports`;
+//! - `edges`: the spool and AMQP (sources and answerers) and the push utility;
+//! - `operate`: queries, operator actions and the control socket; `http`: the status page,
+//!   API and metrics; `cli`: the command line; `daemon::run` wires it all as a library
+//!   function.
 
-pub mod amqp;
-pub mod archive;
-pub mod backoff;
-pub mod build;
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod daemon;
+pub mod digest;
+pub mod domain;
 pub mod durable;
-pub mod hooks;
+pub mod edges;
+pub mod engine;
+pub mod health;
 pub mod http;
-pub mod joblog;
+pub mod imaging;
 pub mod journal;
 pub mod legacy;
-pub mod lifecycle;
 pub mod notify;
-pub mod ops;
-pub mod outbox;
-pub mod pool;
+pub mod operate;
 pub mod process;
-pub mod pusher;
-pub mod spool;
-pub mod stage;
-pub mod store;
 pub mod wait;
-pub mod workitem;

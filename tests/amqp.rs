@@ -165,13 +165,13 @@ fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
     for w in ["w1", "w2"] {
         let j = build_image::journal::Journal::open(&farm.spool().join("state").join(w)).unwrap();
         for e in j.since(0).filter_map(Result::ok) {
-            if let build_image::journal::EventKind::Queued { image_id, .. } = &e.kind {
+            if let build_image::domain::EventKind::Queued { image_id, .. } = &e.kind {
                 claims_of
                     .entry(image_id.clone())
                     .or_default()
                     .push(format!("{w} {}", e.ts));
             }
-            if let build_image::journal::EventKind::Duplicate { .. } = &e.kind {
+            if let build_image::domain::EventKind::Duplicate { .. } = &e.kind {
                 println!("{w}: job {} got a re-delivery at {}", e.job, e.ts);
             }
         }
@@ -189,7 +189,7 @@ fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
             .filter(|e| {
                 matches!(
                     &e.kind,
-                    build_image::journal::EventKind::Claimed {
+                    build_image::domain::EventKind::Claimed {
                         source: Some(_),
                         ..
                     }
@@ -276,7 +276,7 @@ fn forget_cancel_malformed_outage_and_the_spool() {
     assert!(wait_for(Duration::from_secs(30), || events(&farm)
         .iter()
         .any(|e| e["kind"] == json!("delivered")
-            && e["outbox"]
+            && e["withheld"]
                 .as_str()
                 .is_some_and(|o| o.contains("forget")))));
     assert_eq!(common::mic_runs(&farm, "img1"), 1, "{:?}", events(&farm));
@@ -303,7 +303,7 @@ fn forget_cancel_malformed_outage_and_the_spool() {
     // redeliver: an AMQP job's answer is published again (not written to the outbox).
     let (code, text, err) = common::output(farm.bin().args(["redeliver", "img4"]));
     assert_eq!(code, 0, "{text}{err}");
-    assert!(text.contains("amqp:ruote_workitems"), "{text}");
+    assert!(text.contains("published to ruote_workitems"), "{text}");
     assert!(
         wait_for(Duration::from_secs(60), || {
             answers.collect(&broker);

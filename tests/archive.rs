@@ -5,7 +5,9 @@
 
 mod common;
 
-use build_image::journal::{Event, EventKind, Journal, Tag};
+use build_image::journal::Journal;
+use build_image::domain::event::Delivery;
+use build_image::domain::{Event, EventKind, Receipt, Tag};
 use common::*;
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -90,10 +92,10 @@ fn input(id: &str) -> Value {
 
 /// A log holding every kind of event, written through the journal as the daemon writes it.
 fn log_with_every_kind(dir: &Path) {
-    build_image::store::prepare_state_dir(dir).unwrap();
+    build_image::engine::statedir::prepare_state_dir(dir).unwrap();
     let j = Journal::open(dir).unwrap();
-    let settled = |_: &build_image::journal::Job| false;
-    let spec = |v: &Value| Box::new(build_image::workitem::normalise(v).unwrap());
+    let settled = |_: &build_image::domain::Job| false;
+    let spec = |v: &Value| Box::new(build_image::domain::workitem::normalise(v).unwrap());
     // a file from the spool; one of AMQP below keeps its source through the round trip
     let claimed = |file: &str, sha: &str| EventKind::Claimed {
         file: file.into(),
@@ -117,7 +119,7 @@ fn log_with_every_kind(dir: &Path) {
         add(
             Some(a),
             EventKind::Started {
-                mode: build_image::journal::Mode::Native,
+                mode: build_image::domain::Mode::Native,
                 attempt,
             },
         );
@@ -126,7 +128,7 @@ fn log_with_every_kind(dir: &Path) {
                 Some(a),
                 EventKind::Interrupted {
                     reason: "stopped".into(),
-                    cause: build_image::journal::Cause::Stop,
+                    cause: build_image::domain::Cause::Stop,
                 },
             );
             add(
@@ -149,16 +151,18 @@ fn log_with_every_kind(dir: &Path) {
     );
     add(
         Some(a),
-        EventKind::Delivered {
-            outbox: "a.json".into(),
+        EventKind::Delivered(Delivery {
+            receipt: Receipt::Outbox {
+                name: "a.json".into(),
+                sha256: Some("cd".into()),
+            },
             copy: None,
-            sha256: Some("cd".into()),
-        },
+        }),
     );
     add(
         Some(a),
         EventKind::Pushed {
-            status: build_image::journal::Status::Done,
+            status: build_image::domain::Status::Done,
             exit: Some(0),
             ok: true,
             error: None,
@@ -171,15 +175,18 @@ fn log_with_every_kind(dir: &Path) {
             worker: "w1".into(),
             bytes: 42,
             sha256: "aa".into(),
+            source: None,
         },
     );
     add(
         Some(a),
-        EventKind::Delivered {
-            outbox: "a2.json".into(),
+        EventKind::Delivered(Delivery {
+            receipt: Receipt::Outbox {
+                name: "a2.json".into(),
+                sha256: Some("cd".into()),
+            },
             copy: Some("a2.json".into()),
-            sha256: Some("cd".into()),
-        },
+        }),
     );
     // invalid, rejected, cancelled, moved, and a compaction's record
     let b = add(None, claimed("b.json", "bb"));
@@ -714,11 +721,11 @@ fn a_long_export_comes_in_pages_and_loses_nothing() {
     init_log();
     let farm = Farm::new();
     let dir = farm.cfg.state_dir();
-    build_image::store::prepare_state_dir(&dir).unwrap();
+    build_image::engine::statedir::prepare_state_dir(&dir).unwrap();
     let big = "x".repeat(6 << 20);
     {
         let j = Journal::open(&dir).unwrap();
-        let settled = |_: &build_image::journal::Job| false;
+        let settled = |_: &build_image::domain::Job| false;
         let mut batch = Vec::new();
         for i in 0..4200u64 {
             batch.push((

@@ -76,7 +76,7 @@ fn submit_drops_files_and_prints_ids() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    build_image::spool::Spool::new(&farm.spool(), "w1")
+    build_image::edges::spool::Spool::new(&farm.spool(), "w1")
         .create_dirs()
         .unwrap();
     std::fs::write(&f, serde_json::to_vec(&workitem("sub-1", "ks")).unwrap()).unwrap();

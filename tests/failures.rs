@@ -3,7 +3,7 @@
 
 mod common;
 
-use build_image::journal::{EventKind, Status};
+use build_image::domain::{EventKind, Status};
 use common::*;
 use serde_json::json;
 use std::time::Duration;

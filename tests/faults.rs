@@ -499,7 +499,7 @@ fn requeue_refuses_a_live_worker_unless_forced() {
 fn leftovers_of_interrupted_writes_are_removed_at_start() {
     init_log();
     let farm = Farm::new();
-    build_image::spool::Spool::new(&farm.spool(), "w1")
+    build_image::edges::spool::Spool::new(&farm.spool(), "w1")
         .create_dirs()
         .unwrap();
     let tmp = farm.spool().join("tmp");
@@ -583,7 +583,7 @@ fn run_once_exits_1_when_a_final_push_failed_after_its_retries() {
     farm.cfg.hooks.retries = 1;
     farm.cfg.hooks.retry_delay_ms = 50;
     std::fs::write(farm.hook_dir().join("push.fail"), b"").unwrap();
-    build_image::spool::Spool::new(&farm.spool(), "w1")
+    build_image::edges::spool::Spool::new(&farm.spool(), "w1")
         .create_dirs()
         .unwrap();
     farm.drop_json("a.json", &workitem("once-push", "ks\n"));

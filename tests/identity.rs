@@ -3,7 +3,7 @@
 
 mod common;
 
-use build_image::journal::EventKind;
+use build_image::domain::EventKind;
 use common::*;
 use serde_json::json;
 use std::time::Duration;
@@ -50,7 +50,7 @@ fn an_answer_never_replaces_another_jobs_answer() {
         .events()
         .into_iter()
         .filter_map(|e| match e.kind {
-            EventKind::Delivered { outbox, .. } => Some(outbox),
+            EventKind::Delivered(d) => d.receipt.outbox_name().map(str::to_string),
             _ => None,
         })
         .collect();

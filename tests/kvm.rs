@@ -5,7 +5,7 @@
 
 mod common;
 
-use build_image::build::{BuildEnd, kvm};
+use build_image::imaging::{BuildEnd, kvm};
 use build_image::config::{VmAccel, WorkerConfig};
 use common::*;
 use nix::sys::signal::{Signal, kill};
@@ -115,15 +115,15 @@ fn kvm_item(id: &str, ks: &str, extra: &[&str]) -> Value {
 
 // ---- before any guest: clear errors, nothing left behind -------------------------------------
 
-fn spec(id: &str) -> build_image::workitem::Spec {
-    build_image::workitem::normalise(&kvm_item(id, "# ks\n", &[])).unwrap()
+fn spec(id: &str) -> build_image::domain::workitem::Spec {
+    build_image::domain::workitem::normalise(&kvm_item(id, "# ks\n", &[])).unwrap()
 }
 
 /// Runs kvm::build directly and returns its error.
 fn preflight_error(w: &WorkerConfig, id: &str) -> String {
     let (_tx, rx) = crossbeam_channel::bounded::<()>(1);
     let spec = spec(id);
-    let prepared = build_image::build::prepare(w, &spec, 1).unwrap();
+    let prepared = build_image::imaging::prepare(w, &spec, 1).unwrap();
     let registry = build_image::process::Registry::none();
     match kvm::build(w, &spec, &prepared, &rx, &registry) {
         BuildEnd::Finished {

@@ -257,7 +257,7 @@ fn submit_wait_for_a_good_and_a_failing_build() {
 fn run_once_exits_0_when_all_succeed_and_1_otherwise() {
     init_log();
     let farm = Farm::new();
-    build_image::spool::Spool::new(&farm.spool(), "w1")
+    build_image::edges::spool::Spool::new(&farm.spool(), "w1")
         .create_dirs()
         .unwrap();
     farm.drop_json("a.json", &workitem("once-a", "ks\n"));
@@ -408,7 +408,7 @@ fn retry_a_failed_build_online_and_offline() {
 fn requeue_a_dead_workers_files() {
     init_log();
     let farm = Farm::new();
-    let spool = build_image::spool::Spool::new(&farm.spool(), "w1");
+    let spool = build_image::edges::spool::Spool::new(&farm.spool(), "w1");
     spool.create_dirs().unwrap();
     let dead = farm.spool().join("active/deadhost");
     std::fs::create_dir_all(&dead).unwrap();

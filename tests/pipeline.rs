@@ -248,7 +248,7 @@ fn shared_workitems_and_kickstarts_end_to_end() {
     // the log tells each job's story in order
     let events = farm.events();
     let kinds_of = |file: &str| -> Vec<String> {
-        let job = events.iter().find(|e| matches!(&e.kind, build_image::journal::EventKind::Claimed { file: f, .. } if f == file)).unwrap().job;
+        let job = events.iter().find(|e| matches!(&e.kind, build_image::domain::EventKind::Claimed { file: f, .. } if f == file)).unwrap().job;
         events
             .iter()
             .filter(|e| e.job == job && !is_building_push(e))

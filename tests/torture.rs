@@ -61,7 +61,7 @@ fn torture_sigkill_at_random_moments_loses_nothing_and_does_nothing_twice() {
     farm.cfg.worker.grace = 0;
     farm.cfg.hooks.retries = 20;
     farm.cfg.hooks.retry_delay_ms = 100;
-    build_image::spool::Spool::new(&farm.spool(), "w1")
+    build_image::edges::spool::Spool::new(&farm.spool(), "w1")
         .create_dirs()
         .unwrap();
     let daemon_log = std::fs::File::create(farm.root().join("daemon.log")).unwrap();

@@ -3,10 +3,12 @@
 //! exactly what the daemon would have written for the same job lifecycles).
 #![allow(dead_code)]
 
-use build_image::build;
+use build_image::imaging;
 use build_image::config::WorkerConfig;
-use build_image::journal::{Event, EventKind, Journal, Mode, Status};
-use build_image::workitem;
+use build_image::journal::Journal;
+use build_image::domain::event::Delivery;
+use build_image::domain::{Event, EventKind, Mode, Receipt, Status};
+use build_image::domain::workitem;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -204,11 +206,13 @@ pub fn job_lifecycle(
         ),
         (
             Some(id),
-            EventKind::Delivered {
-                outbox: file,
+            EventKind::Delivered(Delivery {
+                receipt: Receipt::Outbox {
+                    name: file,
+                    sha256: None,
+                },
                 copy: None,
-                sha256: None,
-            },
+            }),
         ),
         (
             Some(id),
@@ -223,7 +227,7 @@ pub fn job_lifecycle(
 }
 
 /// The policy the generated logs are written under (a push utility, as a farm has).
-pub const POLICY: build_image::lifecycle::Policy = build_image::lifecycle::Policy {
+pub const POLICY: build_image::domain::lifecycle::Policy = build_image::domain::lifecycle::Policy {
     push: true,
     push_retries: 3,
     max_attempts: 2,
@@ -254,7 +258,7 @@ pub fn append_jobs(journal: &Journal, jobs: u64, worker: &str, w: &WorkerConfig)
         }
         // append_batch stores each job's projection, as the daemon does
         let evs = journal
-            .append_batch(items, &|j| build_image::lifecycle::is_open(j, &POLICY))
+            .append_batch(items, &|j| build_image::domain::lifecycle::is_open(j, &POLICY))
             .expect("append a batch");
         appended += evs.len() as u64;
         done += n;

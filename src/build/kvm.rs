@@ -14,7 +14,7 @@ pub mod commands;
 use super::{BuildEnd, JobLog, Prepared, mic, planned_urls, url_for};
 use crate::config::{VmAccel, WorkerConfig};
 use crate::process::{self, Capture, Outcome, Output, Registry, Run};
-use crate::workitem::Spec;
+use crate::domain::workitem::Spec;
 use commands::{Accel, Ssh, Vm};
 use crossbeam_channel::{Receiver, TryRecvError};
 use nix::fcntl::{Flock, FlockArg};

@@ -1,7 +1,7 @@
 //! mic and mic2 command lines, as pure functions of the job and the worker config.
 
 use crate::config::{Ict, WorkerConfig};
-use crate::workitem::Spec;
+use crate::domain::workitem::Spec;
 use std::ffi::OsString;
 use std::path::Path;
 

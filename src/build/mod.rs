@@ -12,9 +12,9 @@ pub mod mic;
 pub mod native;
 
 use crate::config::WorkerConfig;
-use crate::journal::Mode;
+use crate::domain::Mode;
 use crate::process::Registry;
-use crate::workitem::{Spec, Urls};
+use crate::domain::workitem::{Spec, Urls};
 use crossbeam_channel::Receiver;
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag, renameat};

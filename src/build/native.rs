@@ -3,7 +3,7 @@
 use super::{BuildEnd, Prepared, mic, planned_urls, url_for};
 use crate::config::WorkerConfig;
 use crate::process::{self, Output, Registry, Run};
-use crate::workitem::Spec;
+use crate::domain::workitem::Spec;
 use crossbeam_channel::Receiver;
 
 pub fn build(

@@ -3,13 +3,14 @@
 //! answering the request with the same `control::handle` the daemon runs.
 
 use crate::config::Config;
-use crate::control::{self, Client, Request, Response};
-use crate::journal::{Event, JournalError};
-use crate::lifecycle::Policy;
+use crate::domain::Event;
+use crate::edges::spool::Spool;
+use crate::engine::store::{Store, StoreError};
+use crate::engine::{Engine, Parts};
+use crate::journal::JournalError;
+use crate::operate::Host;
+use crate::operate::control::{self, Client, Request, Response};
 use crate::process::Registry;
-use crate::spool::Spool;
-use crate::stage::Stage;
-use crate::store::{Store, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,15 +25,16 @@ pub fn ensure_log(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A stage over the log itself, when no daemon runs (None: the log is locked). It builds and
-/// pushes nothing: what an action leaves to do is done by the next daemon start.
-pub fn open_offline(cfg: &Config) -> anyhow::Result<Option<Stage>> {
+/// A host over the log itself, when no daemon runs (None: the log is locked). It builds and
+/// pushes nothing: what an action leaves to do is done by the next daemon start. Answers an
+/// action sends (`redeliver`) go to the outbox; a job answered over AMQP waits for a daemon.
+pub fn open_offline(cfg: &Config) -> anyhow::Result<Option<Host>> {
     ensure_log(cfg)?;
     let dir = cfg.state_dir();
     let store = match Store::open(
         &dir,
         crate::journal::DEFAULT_CACHE_BYTES,
-        Policy::from_config(cfg),
+        cfg.policy(),
         Duration::ZERO,
     ) {
         Ok(s) => s,
@@ -41,17 +43,34 @@ pub fn open_offline(cfg: &Config) -> anyhow::Result<Option<Stage>> {
         }
         Err(e) => return Err(e.into()),
     };
+    let cfg = Arc::new(cfg.clone());
     let spool = Spool::new(&cfg.spool.dir, &cfg.worker_id());
-    let hooks = crate::hooks::Hooks::new(&cfg.hooks, dir.join("hooks.log"), Registry::none());
-    let stage = Stage::new(
-        Arc::new(cfg.clone()),
+    let engine = Engine::new(Parts {
+        cfg: Arc::clone(&cfg),
+        worker: spool.worker.clone(),
+        store: Arc::new(store),
+        registry: Registry::none(),
+        inputs: Arc::new(spool.clone()),
+        builder: crate::imaging::builder(&cfg.worker),
+        push: Some(Arc::new(crate::edges::hooks::Hooks::new(
+            &cfg.hooks,
+            dir.join("hooks.log"),
+            Registry::none(),
+        ))),
+        pushes: false,
+    })?;
+    engine.set_answerer(
+        crate::domain::ReplyTo::Outbox,
+        Some(Arc::new(crate::edges::spool::outbox::Outbox::new(
+            &spool.outbox,
+            &spool.worker,
+        ))),
+    );
+    Ok(Some(Host {
+        cfg,
+        engine: Arc::new(engine),
         spool,
-        Arc::new(store),
-        Registry::none(),
-        hooks,
-        false,
-    )?;
-    Ok(Some(stage))
+    }))
 }
 
 /// Asks the running daemon, or answers from the log itself when none runs. While the log is
@@ -72,8 +91,8 @@ pub fn call(
                 r => return Ok(r),
             }
         }
-        if let Some(stage) = open_offline(cfg)? {
-            return Ok(control::handle(&stage, req, on_event));
+        if let Some(host) = open_offline(cfg)? {
+            return Ok(control::handle(&host, req, on_event));
         }
         anyhow::ensure!(
             Instant::now() < deadline,

@@ -2,7 +2,7 @@
 
 use super::access::{call, expect};
 use crate::config::Config;
-use crate::control::{Request, Response};
+use crate::operate::control::{Request, Response};
 
 fn unexpected(r: &Response) -> anyhow::Error {
     anyhow::anyhow!("unexpected answer from the daemon: {r:?}")

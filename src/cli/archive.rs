@@ -1,10 +1,10 @@
 //! `import`, `backup`, `compact`, `repush`, `redeliver`: the log over years (see
-//! `crate::archive`). All but `import` go through a running daemon, or the log when none runs.
+//! `crate::operate::archive`). All but `import` go through a running daemon, or the log when none runs.
 
 use super::access::{call, expect};
-use crate::archive::{self, format_time, parse_time};
+use crate::operate::archive::{self, format_time, parse_time};
 use crate::config::Config;
-use crate::control::{Request, Response};
+use crate::operate::control::{Request, Response};
 use anyhow::Context;
 use std::path::Path;
 use std::time::SystemTime;
@@ -135,12 +135,8 @@ pub fn redeliver(cfg: &Config, id: &str) -> anyhow::Result<i32> {
     let Response::Redelivered(r) = r else {
         return Err(unexpected(&r));
     };
-    if r.outbox.starts_with("amqp") {
-        // a workitem that came over AMQP is answered on the broker (docs/amqp.md)
-        println!("job {} ({id}) answered again: {}", r.job, r.outbox);
-    } else {
-        println!("job {} ({id}) answered again in outbox/{}", r.job, r.outbox);
-    }
+    // where it went: outbox/<name>, or published to the reply queue (docs/amqp.md)
+    println!("job {} ({id}) answered again: {}", r.job, r.to);
     if !r.identical {
         eprintln!(
             "build-image: WARNING: the answer differs from the one recorded at its delivery (the log has no sha256 of it, or this version writes answers differently)"

@@ -5,9 +5,9 @@
 
 use super::access::{call, expect, open_offline};
 use crate::config::Config;
-use crate::control::{self, Request, Response};
-use crate::joblog::LogChunk;
-use crate::stage::Stage;
+use crate::operate::control::{self, Request, Response};
+use crate::operate::joblog::LogChunk;
+use crate::operate::Host;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ const HOLD: Duration = Duration::from_millis(500);
 
 /// The log opened by this command (no daemon runs), kept across the chunks of one read.
 struct Held {
-    stage: Stage,
+    host: Host,
     since: Instant,
 }
 
@@ -28,13 +28,13 @@ fn ask(cfg: &Config, held: &mut Option<Held>, req: Request) -> anyhow::Result<Re
         *held = None;
     }
     if held.is_none() && !control::socket_path(&cfg.state_dir()).exists() {
-        *held = open_offline(cfg)?.map(|stage| Held {
-            stage,
+        *held = open_offline(cfg)?.map(|host| Held {
+            host,
             since: Instant::now(),
         });
     }
     match held {
-        Some(h) => expect(control::handle(&h.stage, req, |_| true)),
+        Some(h) => expect(control::handle(&h.host, req, |_| true)),
         None => expect(call(cfg, req, |_| true)?),
     }
 }
@@ -213,14 +213,14 @@ fn print_log(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::State;
+    use crate::domain::State;
 
     fn chunk(state: State, result: Option<bool>, built: bool) -> LogChunk {
         LogChunk {
             job: 7,
             image_id: Some("x-1".into()),
             state,
-            ended: crate::joblog::ended(state),
+            ended: crate::operate::joblog::ended(state),
             result,
             error: result
                 .is_some_and(|r| !r)

@@ -6,12 +6,12 @@
 //! daemon ignores), removed before the check returns; missing folders are reported, never
 //! created. Every child (`mic --version`, `sudo -n true`, `qemu-img --version`, ...) runs through
 //! [`crate::process::output`] with [`CHILD_TIMEOUT`]. The KVM checks of files and directories
-//! are the KVM builder's own preflight ([`crate::build::kvm::preflight`]).
+//! are the KVM builder's own preflight ([`crate::imaging::kvm::preflight`]).
 
-use crate::build::kvm::{self, Level};
+use crate::imaging::kvm::{self, Level};
 use crate::config::{Config, HooksConfig, Ict, WatchMode, WorkerConfig};
 use crate::process::Registry;
-use crate::spool::Spool;
+use crate::edges::spool::Spool;
 use nix::unistd::AccessFlags;
 use std::ffi::OsString;
 use std::io::Write;
@@ -691,13 +691,13 @@ fn check_push(hooks: &HooksConfig) -> Check {
 /// With `[amqp] url`: the broker answers, and the queue exists or can be declared.
 fn check_amqp(a: &crate::config::AmqpConfig) -> Option<Check> {
     let url = a.url.as_deref()?;
-    let shown = crate::amqp::redact(url);
-    let uri = match crate::amqp::parse_url(url) {
+    let shown = crate::edges::amqp::redact(url);
+    let uri = match crate::edges::amqp::parse_url(url) {
         Ok(u) => u,
         Err(e) => return Some(Check::fail("amqp broker", e)),
     };
     Some(
-        match crate::amqp::client::probe(&uri, &a.queue, CHILD_TIMEOUT) {
+        match crate::edges::amqp::client::probe(&uri, &a.queue, CHILD_TIMEOUT) {
             Ok(detail) => Check::ok("amqp broker", format!("{shown}: {detail}")),
             Err(e) => Check::fail("amqp broker", format!("{shown}: {e}")),
         },

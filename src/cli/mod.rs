@@ -81,7 +81,7 @@ pub enum Command {
         /// Only jobs in this state (claimed, queued, building, interrupted, finished, done,
         /// error, rejected, moved).
         #[arg(long, value_parser = parse_state)]
-        state: Option<crate::journal::State>,
+        state: Option<crate::domain::State>,
         /// At most this many jobs (newest first).
         #[arg(long)]
         limit: Option<usize>,
@@ -116,7 +116,7 @@ pub enum Command {
         /// Only events of this kind (claimed, rejected, invalid, queued, started, finished,
         /// delivered, pushed, cancelled, requeued, interrupted, duplicate, compacted).
         #[arg(long, value_parser = parse_kind)]
-        kind: Option<crate::journal::Tag>,
+        kind: Option<crate::domain::Tag>,
         /// Keep printing new events.
         #[arg(long)]
         follow: bool,
@@ -349,7 +349,7 @@ pub fn main() -> i32 {
             json,
         } => query::events(
             &cfg,
-            crate::ops::EventFilter {
+            crate::operate::ops::EventFilter {
                 since,
                 image,
                 kind,
@@ -419,20 +419,20 @@ pub fn stop_on_signals() -> anyhow::Result<crossbeam_channel::Receiver<()>> {
     Ok(rx)
 }
 
-fn parse_state(s: &str) -> Result<crate::journal::State, String> {
-    crate::journal::State::parse(s).ok_or_else(|| {
+fn parse_state(s: &str) -> Result<crate::domain::State, String> {
+    crate::domain::State::parse(s).ok_or_else(|| {
         format!(
             "no such state; the states are: {}",
-            crate::journal::State::ALL.map(|s| s.as_str()).join(", ")
+            crate::domain::State::ALL.map(|s| s.as_str()).join(", ")
         )
     })
 }
 
-fn parse_kind(s: &str) -> Result<crate::journal::Tag, String> {
-    crate::journal::Tag::parse(s).ok_or_else(|| {
+fn parse_kind(s: &str) -> Result<crate::domain::Tag, String> {
+    crate::domain::Tag::parse(s).ok_or_else(|| {
         format!(
             "no such event kind; the kinds are: {}",
-            crate::control::kinds()
+            crate::operate::control::kinds()
         )
     })
 }

@@ -2,9 +2,9 @@
 
 use super::access::{call, expect};
 use crate::config::Config;
-use crate::control::{Client, Request, Response};
-use crate::journal::State;
-use crate::ops::{self, EventFilter, StatusRow};
+use crate::operate::control::{Client, Request, Response};
+use crate::domain::State;
+use crate::operate::ops::{self, EventFilter, StatusRow};
 use comfy_table::{Table, presets::NOTHING};
 use std::time::Duration;
 
@@ -19,11 +19,19 @@ pub fn status(
     limit: Option<usize>,
 ) -> anyhow::Result<i32> {
     let r = expect(call(cfg, Request::Status { state, limit }, |_| true)?)?;
-    let Response::Status { rows, failing } = r else {
+    let Response::Status {
+        rows,
+        failing,
+        unpushed,
+    } = r
+    else {
         return Err(unexpected(&r));
     };
     if let Some(why) = failing {
         eprintln!("build-image: WARNING: {why}; nothing is claimed until that is over");
+    }
+    if let Some(note) = unpushed {
+        eprintln!("build-image: note: {note}");
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -88,13 +96,13 @@ pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
     println!("state      {}", j.state);
     println!("file       {}", j.file.as_deref().unwrap_or("-"));
     println!("worker     {}", j.worker.as_deref().unwrap_or("-"));
-    println!("source     {}", crate::amqp::source_of(j));
+    println!("source     {}", j.origin.name());
     println!("attempts   {}", j.attempts);
     if let Some(e) = &j.error {
         println!("error      {e}");
     }
-    if let Some(o) = &j.outbox {
-        println!("answer     outbox/{o}");
+    if let Some(r) = &j.receipt {
+        println!("answer     {r}");
     }
     println!("log        {}", view.log_path.as_deref().unwrap_or("-"));
     println!("log url    {}", view.logfile_url.as_deref().unwrap_or("-"));
@@ -112,7 +120,7 @@ pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
 const PAGE: usize = 4096;
 
 pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> anyhow::Result<i32> {
-    let print = |e: &crate::journal::Event| -> bool {
+    let print = |e: &crate::domain::Event| -> bool {
         let line = if json {
             serde_json::to_string(e).unwrap_or_default()
         } else {
@@ -147,12 +155,12 @@ pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> an
                 Err(e) if !follow => return Err(e),
                 Err(_) => {}
             }
-        } else if let Some(stage) = super::access::open_offline(cfg)? {
+        } else if let Some(host) = super::access::open_offline(cfg)? {
             // A page at a time: an export of a long log is never held whole.
-            let journal = stage.store.journal()?;
+            let journal = host.engine.store.journal()?;
             let evs = ops::events_page(&journal, &f, PAGE)?;
             drop(journal);
-            drop(stage); // never hold the lock a starting daemon needs
+            drop(host); // never hold the lock a starting daemon needs
             for e in &evs {
                 next = e.seq + 1;
                 if !print(e) {

@@ -55,7 +55,7 @@ fn generate_id(name: &str) -> String {
         .to_string()
         .replace(['-', ':', 'T', 'Z'], "");
     let salt = (now.subsec_nanos() ^ std::process::id().rotate_left(16)) & 0xffff;
-    crate::workitem::sanitise_id(&format!("{name}-{stamp}-{salt:04x}"))
+    crate::domain::workitem::sanitise_id(&format!("{name}-{stamp}-{salt:04x}"))
 }
 
 /// The workitem `submit --kickstart` drops (bare fields, new API).
@@ -89,8 +89,8 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
         let name = args.name.clone().unwrap_or_default();
         let id = args.id.clone().unwrap_or_else(|| generate_id(&name));
         let wi = workitem_from(args, &ks, &id);
-        crate::workitem::normalise(&wi).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let file = format!("{}.json", crate::workitem::sanitise_id(&id));
+        crate::domain::workitem::normalise(&wi).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let file = format!("{}.json", crate::domain::workitem::sanitise_id(&id));
         anyhow::ensure!(
             !spool.join("outbox").join(&file).exists(),
             "outbox/{file} exists already (an earlier job with this id): choose another --id"
@@ -103,13 +103,13 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
             let res = (|| -> anyhow::Result<String> {
                 let bytes =
                     std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-                let v = crate::workitem::parse_object(&bytes)
+                let v = crate::domain::workitem::parse_object(&bytes)
                     .with_context(|| format!("{} is not a workitem", f.display()))?;
-                let id = crate::workitem::raw_image_id(&v).unwrap_or_default();
+                let id = crate::domain::workitem::raw_image_id(&v).unwrap_or_default();
                 let name = f
                     .file_name()
                     .and_then(|n| n.to_str())
-                    .filter(|n| !crate::spool::ignored_name(n))
+                    .filter(|n| !crate::edges::spool::ignored_name(n))
                     .with_context(|| {
                         format!("{}: not a usable file name for incoming/", f.display())
                     })?;

@@ -6,8 +6,9 @@
 //! Invariant: `build_image_jobs{state}` is the number of jobs whose folded state is `state`:
 //! each event moves its job from the state before it to the state after it.
 
-use crate::journal::{Event, EventKind, Job, Journal, JournalError, State};
-use crate::store::{Change, Observer, lock};
+use crate::journal::{Journal, JournalError};
+use crate::domain::{Event, EventKind, Job, State};
+use crate::engine::store::{Change, Observer, lock};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -366,7 +367,7 @@ impl Default for Metrics {
 /// Makes new metrics the store's observer (from now on every recorded event is counted) and
 /// counts the log's jobs ([`Metrics::seed`]) on a thread of its own, so a start does not wait
 /// for a read of every job.
-pub fn start_counting(store: &crate::store::Store) -> std::io::Result<(Arc<Metrics>, Seeder)> {
+pub fn start_counting(store: &crate::engine::store::Store) -> std::io::Result<(Arc<Metrics>, Seeder)> {
     let journal = store.journal().map_err(std::io::Error::other)?;
     let metrics = Arc::new(Metrics::new());
     store.set_observer(Arc::clone(&metrics) as Arc<dyn Observer>);
@@ -496,13 +497,13 @@ mod tests {
     #[test]
     fn counting_while_events_are_recorded_is_exact() {
         let dir = tempfile::tempdir().unwrap();
-        let policy = crate::lifecycle::Policy {
+        let policy = crate::domain::lifecycle::Policy {
             push: false,
             push_retries: 0,
             max_attempts: 2,
         };
         let store = Arc::new(
-            crate::store::Store::open(dir.path(), 8 << 20, policy, Duration::ZERO).unwrap(),
+            crate::engine::store::Store::open(dir.path(), 8 << 20, policy, Duration::ZERO).unwrap(),
         );
         let reject = |i: u64| {
             (
@@ -578,7 +579,7 @@ mod tests {
             urls: Default::default(),
         };
         let failed_push = EventKind::Pushed {
-            status: crate::journal::Status::Done,
+            status: crate::domain::Status::Done,
             exit: Some(1),
             ok: false,
             error: None,

@@ -20,10 +20,11 @@
 pub mod metrics;
 pub mod pages;
 
-use crate::control::{self, Request as CtlRequest, Response as CtlResponse};
-use crate::journal::{Job, Journal, JournalError, State};
-use crate::ops;
-use crate::stage::Stage;
+use crate::operate::control::{self, Request as CtlRequest, Response as CtlResponse};
+use crate::journal::{Journal, JournalError};
+use crate::domain::{Job, State};
+use crate::operate::ops;
+use crate::operate::Host;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
@@ -186,15 +187,15 @@ impl Reply {
     }
 }
 
-/// What the handlers share: the daemon's stage and metrics.
+/// What the handlers share: the daemon's host (engine, spool, config) and metrics.
 pub struct App {
-    pub stage: Arc<Stage>,
+    pub host: Arc<Host>,
     pub metrics: Arc<Metrics>,
 }
 
 impl App {
     fn worker(&self) -> &str {
-        &self.stage.spool.worker
+        &self.host.spool.worker
     }
 
     fn page_error(&self, status: u16, message: &str) -> Reply {
@@ -206,7 +207,8 @@ impl App {
     }
 
     fn journal(&self) -> Result<Arc<Journal>, Reply> {
-        self.stage
+        self.host
+            .engine
             .store
             .journal()
             .map_err(|e| self.page_error(503, &e.to_string()))
@@ -222,7 +224,7 @@ impl App {
             Ok(l) => l,
             Err(_) => return Reply::api_error(400, "limit is not a number"),
         };
-        match control::handle(&self.stage, CtlRequest::Status { state, limit }, |_| true) {
+        match control::handle(&self.host, CtlRequest::Status { state, limit }, |_| true) {
             CtlResponse::Status { rows, .. } => Reply::json(&rows),
             CtlResponse::Error { message } => Reply::api_error(500, &message),
             other => Reply::api_error(500, &format!("unexpected answer {other:?}")),
@@ -231,11 +233,11 @@ impl App {
 
     /// `GET /api/jobs/ID`: `show ID --json`.
     pub fn api_job(&self, id: &str) -> Reply {
-        let journal = match self.stage.store.journal() {
+        let journal = match self.host.engine.store.journal() {
             Ok(j) => j,
             Err(e) => return Reply::api_error(503, &e.to_string()),
         };
-        match ops::show(&journal, &self.stage.cfg, id) {
+        match ops::show(&journal, &self.host.cfg, id) {
             Ok(view) => Reply::json(&view),
             Err(e @ ops::OpsError::NotFound(_)) => Reply::api_error(404, &e.to_string()),
             Err(e) => Reply::api_error(500, &e.to_string()),
@@ -268,14 +270,14 @@ impl App {
             Ok(x) => x,
             Err(e) => return self.page_error(500, &e.to_string()),
         };
-        let w = &self.stage.cfg.worker;
+        let w = &self.host.cfg.worker;
         let rows = jobs
             .iter()
             .map(|job| {
-                let spec = crate::store::spec_of(&journal, job).ok().flatten();
+                let spec = crate::engine::store::spec_of(&journal, job).ok().flatten();
                 let files_url = job.urls.files_url.clone().or_else(|| {
                     spec.as_ref()
-                        .and_then(|s| crate::build::planned_urls(w, s).files_url)
+                        .and_then(|s| crate::imaging::planned_urls(w, s).files_url)
                 });
                 pages::Row {
                     status: ops::status_row(job),
@@ -292,7 +294,7 @@ impl App {
             limit,
             older,
             paged: before.is_some(),
-            failing: self.stage.store.failing(),
+            failing: self.host.engine.store.failing(),
         };
         Reply::new(200, HTML, pages::index(&page).into_string())
     }
@@ -300,7 +302,8 @@ impl App {
     /// The job `id` names, and its build log's path (for an accepted job).
     fn job_and_log(&self, id: &str) -> Result<(Job, Option<PathBuf>), (u16, String)> {
         let journal = self
-            .stage
+            .host
+            .engine
             .store
             .journal()
             .map_err(|e| (503, e.to_string()))?;
@@ -309,13 +312,14 @@ impl App {
             e => (500, e.to_string()),
         })?;
         let job = self
-            .stage
+            .host
+            .engine
             .store
             .job(n)
             .ok_or((404, format!("no job {n}")))?;
-        let log = crate::store::spec_of(&journal, &job)
+        let log = crate::engine::store::spec_of(&journal, &job)
             .map_err(|e| (500, e.to_string()))?
-            .map(|spec| crate::build::log_path(&self.stage.cfg.worker, &spec));
+            .map(|spec| crate::imaging::log_path(&self.host.cfg.worker, &spec));
         Ok((job, log))
     }
 
@@ -325,7 +329,7 @@ impl App {
             Ok(j) => j,
             Err(r) => return r,
         };
-        let view = match ops::show(&journal, &self.stage.cfg, id) {
+        let view = match ops::show(&journal, &self.host.cfg, id) {
             Ok(v) => v,
             Err(e @ ops::OpsError::NotFound(_)) => return self.page_error(404, &e.to_string()),
             Err(e) => return self.page_error(500, &e.to_string()),
@@ -365,7 +369,7 @@ impl App {
     pub fn metrics(&self) -> Reply {
         match self
             .metrics
-            .render(SystemTime::now(), self.stage.store.failing().is_none())
+            .render(SystemTime::now(), self.host.engine.store.failing().is_none())
         {
             Some(text) => Reply::new(200, metrics::CONTENT_TYPE, text),
             None => Reply::new(503, TEXT, "the jobs are still being counted\n"),
@@ -374,7 +378,7 @@ impl App {
 
     /// `GET /healthz`: 200 "ok" while the log takes writes, else 503 and why.
     pub fn healthz(&self) -> Reply {
-        match self.stage.store.failing() {
+        match self.host.engine.store.failing() {
             None => Reply::new(200, TEXT, "ok\n"),
             Some(why) => Reply::new(503, TEXT, format!("failing: {why}\n")),
         }
@@ -524,7 +528,7 @@ impl Server {
     ) -> std::io::Result<Server> {
         listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
-        let addr_file = app.stage.store.dir().join("http.addr");
+        let addr_file = app.host.engine.store.dir().join("http.addr");
         crate::durable::write_atomic(&addr_file, format!("{bound}\n").as_bytes(), 0o644)
             .map_err(std::io::Error::other)?;
         if !bound.ip().is_loopback() {
@@ -845,7 +849,8 @@ async fn log_stream(app: Arc<App>, id: String, from: u64) -> HttpResponse {
             tick.tick().await;
             // The state first: output written before the job left `building` is sent below.
             let live = app
-                .stage
+                .host
+                .engine
                 .store
                 .job(job_id)
                 .is_some_and(|j| is_live(j.state));

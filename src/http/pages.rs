@@ -3,8 +3,8 @@
 //! `<script>`) is shown, never run. Inline CSS; the only script is `/live.js` (the job page's
 //! live log), and every page reads fully without it.
 
-use crate::journal::{Event, Job, State};
-use crate::ops::{self, StatusRow};
+use crate::domain::{Event, Job, State};
+use crate::operate::ops::{self, StatusRow};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 /// One row of the status page.
@@ -314,7 +314,7 @@ pub fn index(p: &Index) -> Markup {
 }
 
 fn event_class(e: &Event) -> String {
-    use crate::journal::EventKind as K;
+    use crate::domain::EventKind as K;
     let bad = match &e.kind {
         K::Finished { result, .. } => !result,
         K::Pushed { ok, .. } => !ok,
@@ -381,7 +381,7 @@ pub fn job(p: &JobPage) -> Markup {
                             @if let Some(e) = &j.error { dt { "error" } dd.err { (e) } }
                             @if let Some(why) = &j.reason { dt { "reason" } dd { (why) } }
                             @if let Some(h) = j.held_by { dt { "held by" } dd { a href={ "/jobs/" (h) } { "job " (h) } } }
-                            @if let Some(o) = &j.outbox { dt { "answer" } dd.mono { "outbox/" (o) } }
+                            @if let Some(r) = &j.receipt { dt { "answer" } dd.mono { (r.to_string()) } }
                         }
                         p.links {
                             @if p.log.is_some() { a href={ "/jobs/" (j.id) "/log" } { "build log" } }

@@ -13,11 +13,9 @@
 
 pub mod archive;
 pub mod block;
-pub mod event;
-pub mod fold;
 
-pub use event::{Cause, Event, EventKind, Input, Mode, Status, Tag};
-pub use fold::{Job, Jobs, State};
+use crate::domain::job::{self, EventView};
+use crate::domain::{Event, EventKind, Job, Jobs, Tag};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
@@ -512,7 +510,7 @@ impl Journal {
     pub fn append_with(
         &self,
         items: Vec<(Option<u64>, EventKind)>,
-        project: impl FnMut(&Event, &fold::EventView<'_>) -> bool,
+        project: impl FnMut(&Event, &EventView<'_>) -> bool,
     ) -> Result<Vec<Event>> {
         self.check_broken()?;
         let r = self.append_inner(items, project);
@@ -544,7 +542,7 @@ impl Journal {
     fn append_inner(
         &self,
         items: Vec<(Option<u64>, EventKind)>,
-        mut project: impl FnMut(&Event, &fold::EventView<'_>) -> bool,
+        mut project: impl FnMut(&Event, &EventView<'_>) -> bool,
     ) -> Result<Vec<Event>> {
         let mut out = Vec::with_capacity(items.len());
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
@@ -955,7 +953,7 @@ impl Journal {
     /// The jobs that carry this image_id, oldest first (through the by_image index).
     pub fn jobs_for_image(&self, image_id: &str) -> Result<Vec<u64>> {
         let mut out = Vec::new();
-        for job in self.name_candidates(&crate::workitem::sanitise_id(image_id))? {
+        for job in self.name_candidates(&crate::domain::workitem::sanitise_id(image_id))? {
             if self
                 .fold_job(job)?
                 .is_some_and(|j| j.image_id.as_deref() == Some(image_id))
@@ -968,7 +966,7 @@ impl Journal {
 
     /// The jobs whose job folder is `prefix/dir_id` of `spec`, oldest first (through the
     /// by_image index: a job folder's last part is its image_id made safe, `dir_id`).
-    pub fn jobs_for_folder(&self, spec: &crate::workitem::Spec) -> Result<Vec<u64>> {
+    pub fn jobs_for_folder(&self, spec: &crate::domain::workitem::Spec) -> Result<Vec<u64>> {
         let want = folder_key(spec);
         let mut out = Vec::new();
         for job in self.name_candidates(&spec.dir_id)? {
@@ -1066,7 +1064,7 @@ impl Journal {
         let mut out = Jobs::new();
         self.each_entry(first, u64::MAX, |e| {
             if e.job >= first {
-                fold::apply(&mut out, &decode_view(e.seq, e.json)?);
+                job::apply(&mut out, &decode_view(e.seq, e.json)?);
             }
             Ok(())
         })?;
@@ -1104,7 +1102,7 @@ impl Journal {
             self.each_entry(0, end, |e| {
                 n += 1;
                 if e.job % threads == me {
-                    fold::apply(&mut jobs, &decode_view(e.seq, e.json)?);
+                    job::apply(&mut jobs, &decode_view(e.seq, e.json)?);
                 }
                 Ok(())
             })?;
@@ -1250,14 +1248,14 @@ pub fn lock_holder(dir: &Path) -> Option<(i32, String)> {
 }
 
 /// The key of a job folder: `prefix/dir_id`.
-pub fn folder_key(spec: &crate::workitem::Spec) -> String {
+pub fn folder_key(spec: &crate::domain::workitem::Spec) -> String {
     format!("{}/{}", spec.prefix, spec.dir_id)
 }
 
 /// The by_image key of a job: its image_id made safe (as its job folder's name is), so that
 /// one index answers both by image_id and by job folder.
 fn image_key(image_id: &str, job: u64) -> Vec<u8> {
-    let mut k = crate::workitem::sanitise_id(image_id).into_bytes();
+    let mut k = crate::domain::workitem::sanitise_id(image_id).into_bytes();
     k.push(0);
     k.extend_from_slice(&job.to_be_bytes());
     k
@@ -1311,7 +1309,7 @@ fn last_entry(first: u64, stored: &[u8]) -> Result<u64> {
     Ok(last)
 }
 
-fn decode_view(seq: u64, v: &[u8]) -> Result<fold::EventView<'_>> {
+fn decode_view(seq: u64, v: &[u8]) -> Result<EventView<'_>> {
     serde_json::from_slice(v).map_err(|source| JournalError::Corrupt { seq, source })
 }
 
@@ -1332,9 +1330,9 @@ mod tests {
 
     /// Open until settled, as the lifecycle says with no push utility.
     fn p(job: &Job) -> bool {
-        crate::lifecycle::is_open(
+        crate::domain::lifecycle::is_open(
             job,
-            &crate::lifecycle::Policy {
+            &crate::domain::lifecycle::Policy {
                 push: false,
                 push_retries: 0,
                 max_attempts: 2,

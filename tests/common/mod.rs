@@ -5,7 +5,8 @@
 pub mod broker;
 
 use build_image::config::Config;
-use build_image::journal::{Event, Journal};
+use build_image::journal::Journal;
+use build_image::domain::Event;
 use crossbeam_channel::{Sender, bounded};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -459,8 +460,8 @@ impl Farm {
 pub fn is_building_push(e: &Event) -> bool {
     matches!(
         e.kind,
-        build_image::journal::EventKind::Pushed {
-            status: build_image::journal::Status::Building,
+        build_image::domain::EventKind::Pushed {
+            status: build_image::domain::Status::Building,
             ..
         }
     )

@@ -6,7 +6,7 @@
 //! qemu option value has its commas doubled, qemu's own escape.
 
 use crate::config::{VmAccel, WorkerConfig};
-use crate::workitem::Spec;
+use crate::domain::workitem::Spec;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;

@@ -5,9 +5,12 @@
 //! (an earlier one, whose sha256 the job's `delivered` events keep, or the same bytes), it goes
 //! to `outbox/<stem>.<job>.json` (then `<stem>.<job>.<n>.json`). Writes are tmp + fsync +
 //! rename without replace (another daemon sharing the outbox cannot be overwritten either);
-//! the same answer written twice is found in place and not written again.
+//! the same answer written twice is found in place and not written again. The outbox is the
+//! answerer of the reply destination `outbox` (an engine `Answerer`).
 
+use crate::domain::{Job, Receipt};
 use crate::durable::{self, DurableError};
+use crate::engine::ports::{Answer, AnswerError, Answerer};
 use sha2::{Digest, Sha256};
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -68,10 +71,6 @@ pub fn candidates(input: &str, job: u64) -> impl Iterator<Item = String> {
     first.chain(numbered)
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    crate::spool::hex(&Sha256::digest(bytes))
-}
-
 /// What is at a candidate name.
 enum Found {
     Free,
@@ -102,7 +101,7 @@ impl Outbox {
         bytes: &[u8],
         own: &[String],
     ) -> Result<Delivery, OutboxError> {
-        let sha = sha256_hex(bytes);
+        let sha = crate::digest::sha256_hex(bytes);
         if let Err(e) = std::fs::metadata(&self.dir)
             && e.kind() == std::io::ErrorKind::NotFound
         {
@@ -184,7 +183,7 @@ impl Outbox {
                 Err(_) => return Found::Other,
             }
         }
-        let have = crate::spool::hex(&h.finalize());
+        let have = crate::digest::hex(&h.finalize());
         if have == sha {
             Found::Same
         } else if own.contains(&have) {
@@ -214,6 +213,33 @@ impl Outbox {
             return Err(e);
         }
         Ok(tmp)
+    }
+}
+
+/// A job's answer goes to `outbox/<its input's name>` (a re-drop's to the re-drop's name), by
+/// the rule above.
+impl Answerer for Outbox {
+    fn send(&self, job: &Job, copy: Option<&str>, answer: &Answer) -> Result<Receipt, AnswerError> {
+        let input = match copy {
+            Some(file) => file.to_string(),
+            None => job
+                .file
+                .clone()
+                .unwrap_or_else(|| format!("job-{}.json", job.id)),
+        };
+        let d = self
+            .deliver(&input, job.id, &answer.to_bytes(), &job.answers)
+            .map_err(|e| {
+                if e.is_no_space() {
+                    AnswerError::Later(format!("outbox full: {e}"))
+                } else {
+                    AnswerError::Failed(e.to_string())
+                }
+            })?;
+        Ok(Receipt::Outbox {
+            name: d.name,
+            sha256: Some(d.sha256),
+        })
     }
 }
 

@@ -1,22 +1,34 @@
-//! The spool: the drop zone `incoming/`, this worker's `active/<worker>/`, `outbox/`, `rejected/`.
+//! The spool: the drop zone `incoming/`, this worker's `active/<worker>/` (where claimed
+//! inputs wait until they are answered), `outbox/`, `rejected/`. It is one source of
+//! workitems ([`watch`]: the claim loop) and one answerer ([`outbox`]); it is also where the
+//! engine keeps every held input ([`inputs`]: the engine's `Inputs`, bodies that arrived whole
+//! from other sources included), the liveness mark of this worker ([`liveness`]), and the
+//! operator's `requeue --worker` of a dead worker's files ([`requeue`]).
 //!
 //! Invariant: a file is claimed by one `rename(2)` from `incoming/` into `active/<worker>/`, so
 //! of several daemons sharing a spool exactly one gets it; a file is read only after it is
 //! claimed, never through a symlink, never through a second name (a hard link), and never beyond
 //! `max_bytes`. A name that is not UTF-8 is never read either: it is moved to `rejected/` under a
-//! safe name.
+//! safe name. Nothing in `rejected/` or `outbox/` is ever replaced.
 
-use crate::config::SpoolConfig;
+pub mod inputs;
+pub mod liveness;
+pub mod outbox;
+pub mod requeue;
+pub mod scanner;
+pub mod watch;
+
+pub use liveness::{ALIVE, HEARTBEAT, Liveness, STALE_AFTER};
+pub use scanner::{HARD_LINK_HOLD, Ready, Scanner, moved_in_ready};
+
 use crate::durable::{self, DurableError};
-use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -54,33 +66,11 @@ impl SpoolError {
     }
 }
 
-/// The liveness mark a running daemon keeps refreshed in its `active/<worker>/`.
-/// How often a daemon refreshes its liveness mark.
-pub const HEARTBEAT: Duration = Duration::from_secs(10);
-/// A liveness mark not refreshed for this long belongs to a dead daemon.
-pub const STALE_AFTER: Duration = Duration::from_secs(60);
-pub const ALIVE: &str = ".alive";
 
 /// How old a hidden `*.tmp` file in `outbox/` or `tmp/` must be before a start removes it as the
 /// leftover of an interrupted write (a younger one may be a write in progress on another host).
 pub const LEFTOVER_AGE: Duration = Duration::from_secs(15 * 60);
 
-/// The shortest time a file with several names (link count > 1) is watched unchanged before it
-/// is rejected as a hard link: a writer that cannot rename without replacing (NFS) links the file
-/// into `incoming/` and then unlinks its temporary name, and another host's attribute cache may
-/// show the old link count for a few seconds after that.
-pub const HARD_LINK_HOLD: Duration = Duration::from_secs(10);
-
-/// Is another daemon alive? See [`Spool::liveness`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Liveness {
-    /// Its mark was refreshed recently; the detail says by whom and when.
-    Alive(String),
-    /// Its mark is stale, or names a process of this host that is not running.
-    Dead(String),
-    /// It keeps no mark (never started, stopped cleanly, or a version without marks).
-    Unknown,
-}
 
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -96,17 +86,6 @@ pub struct Spool {
 /// A drop-zone name that a writer is still working on (or that is not ours to take).
 pub fn ignored_name(name: &str) -> bool {
     name.starts_with('.') || name.ends_with(".tmp") || name.ends_with(".part")
-}
-
-/// What a scan found ready in `incoming/`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Ready {
-    /// A regular file, stable for min_age: claim it.
-    File(String),
-    /// Not a regular file, too big, or a hard link: reject it unread.
-    Reject(String, String),
-    /// A name that is not UTF-8: reject it unread with [`Spool::reject_bad_name`].
-    BadName(OsString),
 }
 
 /// A claimed file's content and identity.
@@ -155,15 +134,16 @@ impl Spool {
         self.active.join(name)
     }
 
-    /// Names in `active/<worker>/` (not hidden, but for the AMQP message bodies).
+    /// Names in `active/<worker>/`: claimed files (not hidden) and kept bodies
+    /// ([`inputs::is_kept_name`]).
     pub fn active_files(&self) -> Result<Vec<String>, SpoolError> {
         let mut names = list(&self.active)?;
-        // Message bodies of the AMQP participant have hidden names (no dropped file has one).
+        // Bodies kept for other sources have hidden names (no dropped file has one).
         if let Ok(rd) = std::fs::read_dir(&self.active) {
             names.extend(
                 rd.flatten()
                     .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| crate::amqp::is_amqp_file(n)),
+                    .filter(|n| inputs::is_kept_name(n)),
             );
         }
         names.sort();
@@ -230,7 +210,7 @@ impl Spool {
                 too_big(bytes.len() as u64, max_bytes),
             ));
         }
-        let sha256 = hex(&Sha256::digest(&bytes));
+        let sha256 = crate::digest::sha256_hex(&bytes);
         Ok(Claimed {
             name: name.to_string(),
             path,
@@ -294,12 +274,12 @@ impl Spool {
 
     /// Removes what interrupted writes left: hidden `*.tmp` files in `outbox/` and `tmp/` older
     /// than [`LEFTOVER_AGE`], and at any age this worker's own (tagged with its worker id by
-    /// `durable::write_atomic_tagged`) in `outbox/` and its liveness mark's temporary files in
-    /// `active/<worker>/`. For the start of a daemon; returns the paths removed.
+    /// `durable::write_atomic_tagged`) in `outbox/` and every one in `active/<worker>/` (the
+    /// temporary files of the liveness mark and of kept bodies: this worker is the only writer
+    /// there, and its log's lock is ours). For the start of a daemon; returns the paths removed.
     pub fn remove_leftovers(&self) -> Vec<PathBuf> {
         let now = SystemTime::now();
         let mut removed = Vec::new();
-        let alive_tmp = format!(".{ALIVE}.");
         #[derive(PartialEq)]
         enum Dir {
             Outbox,
@@ -335,7 +315,7 @@ impl Spool {
                 let remove = match which {
                     Dir::Outbox => old || durable::is_tagged_temp(&name, &self.worker),
                     Dir::Tmp => old,
-                    Dir::Active => name.starts_with(&alive_tmp),
+                    Dir::Active => true,
                 };
                 if !remove {
                     continue;
@@ -350,100 +330,8 @@ impl Spool {
         removed
     }
 
-    /// Writes or refreshes this daemon's liveness mark `active/<worker>/.alive` (host name, pid,
-    /// time), for `requeue --worker` on other hosts to see that it is alive.
-    pub fn heartbeat(&self) -> Result<(), SpoolError> {
-        let body = format!(
-            "host={}\npid={}\ntime={}\n",
-            host_name(),
-            std::process::id(),
-            humantime::format_rfc3339_seconds(SystemTime::now())
-        );
-        durable::write_atomic_unsynced(&self.active.join(ALIVE), body.as_bytes(), 0o644)?;
-        Ok(())
-    }
-
-    /// Removes the liveness mark (a clean stop).
-    pub fn clear_heartbeat(&self) -> Result<(), SpoolError> {
-        let path = self.active.join(ALIVE);
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DurableError::new("cannot remove", &path, e).into()),
-        }
-    }
-
-    /// Is `worker`'s daemon alive, by its liveness mark? `Alive` when the mark was refreshed
-    /// within `stale_after`, except that a mark naming this host and a process that is not
-    /// running is `Dead` at once; `Dead` when it is older; `Unknown` when there is no mark.
-    pub fn liveness(&self, worker: &str, stale_after: Duration) -> Liveness {
-        let path = self.root.join("active").join(worker).join(ALIVE);
-        let Ok(meta) = path.symlink_metadata() else {
-            return Liveness::Unknown;
-        };
-        let mut text = String::new();
-        if let Ok(f) = OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-            .open(&path)
-        {
-            let _ = f.take(4096).read_to_string(&mut text);
-        }
-        let field = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-                .map(str::trim)
-                .unwrap_or("")
-                .to_string()
-        };
-        let (host, pid) = (field("host"), field("pid"));
-        let age = meta
-            .modified()
-            .ok()
-            .and_then(|m| SystemTime::now().duration_since(m).ok())
-            .unwrap_or_default();
-        let detail = format!(
-            "worker {worker}: host {}, pid {}, mark refreshed {} s ago",
-            if host.is_empty() { "?" } else { &host },
-            if pid.is_empty() { "?" } else { &pid },
-            age.as_secs()
-        );
-        if !host.is_empty()
-            && host == host_name()
-            && let Ok(pid) = pid.parse::<i32>()
-            && pid > 0
-            && !process_running(pid)
-        {
-            return Liveness::Dead(format!("{detail}; that process is not running"));
-        }
-        if age <= stale_after {
-            Liveness::Alive(detail)
-        } else {
-            Liveness::Dead(format!(
-                "{detail}, more than {} s ago",
-                stale_after.as_secs()
-            ))
-        }
-    }
-}
-
 /// The most numbered variants of a name tried before giving up.
 const MAX_NUMBERED: u32 = 10_000;
-
-/// This host's name, as the liveness mark records it.
-fn host_name() -> String {
-    nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// Is a process with this pid running on this host (as far as `kill(pid, 0)` tells)?
-fn process_running(pid: i32) -> bool {
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) => true,
-        Err(e) => e != nix::errno::Errno::ESRCH,
-    }
-}
 
 /// A safe file name for a name that is not UTF-8: bytes that are not UTF-8, control characters
 /// and `%` as `%NN`; a leading `.` gets a `_` before it; at most 200 bytes (room for `.<n>` and
@@ -513,10 +401,6 @@ fn not_regular(ft: &std::fs::FileType) -> Option<String> {
     }
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The non-hidden names in a folder, sorted.
 pub fn list_names(dir: &Path) -> Result<Vec<String>, SpoolError> {
     list(dir)
@@ -536,149 +420,6 @@ fn list(dir: &Path) -> Result<Vec<String>, SpoolError> {
     Ok(names)
 }
 
-/// What the scanner keeps of a file to tell whether it changed: size, mtime, link count, ctime.
-type Stamp = (u64, i64, i64, u64, i64, i64);
-
-fn stamp(meta: &std::fs::Metadata) -> Stamp {
-    (
-        meta.len(),
-        meta.mtime(),
-        meta.mtime_nsec(),
-        meta.nlink(),
-        meta.ctime(),
-        meta.ctime_nsec(),
-    )
-}
-
-/// Watches `incoming/` by repeated scans: decides which names are ready by the drop protocol.
-/// Keeps, per name, the stamp seen and when it was first seen so.
-pub struct Scanner {
-    seen: HashMap<OsString, (Stamp, Instant)>,
-    min_age: Duration,
-    hard_link_hold: Duration,
-    max_bytes: u64,
-}
-
-impl Scanner {
-    pub fn new(cfg: &SpoolConfig) -> Scanner {
-        let min_age = Duration::from_millis(cfg.min_age_ms);
-        Scanner {
-            seen: HashMap::new(),
-            min_age,
-            hard_link_hold: min_age.max(HARD_LINK_HOLD),
-            max_bytes: cfg.max_bytes,
-        }
-    }
-
-    /// Sets how long a file with several names must be seen unchanged before it is rejected as
-    /// a hard link (default: `min_age`, at least [`HARD_LINK_HOLD`]).
-    pub fn with_hard_link_hold(mut self, hold: Duration) -> Scanner {
-        self.hard_link_hold = hold;
-        self
-    }
-
-    /// One pass over `incoming/`. Returns what is ready, and when the next not-yet-stable file
-    /// becomes due (so the caller can look again then rather than at the next poll).
-    ///
-    /// A regular file is ready when its stamp is unchanged for `min_age` (by the scanner's own
-    /// observation, or by its mtime). A file with several names (link count > 1) may be a writer's
-    /// link-then-unlink: it is rejected only once the scanner itself has seen it unchanged for the
-    /// hard-link hold (its mtime says nothing about when it was linked).
-    pub fn scan(&mut self, incoming: &Path) -> Result<(Vec<Ready>, Option<Duration>), SpoolError> {
-        let rd = std::fs::read_dir(incoming).map_err(|source| SpoolError::Scan {
-            path: incoming.to_path_buf(),
-            source,
-        })?;
-        let now = Instant::now();
-        let wall = SystemTime::now();
-        let mut ready = Vec::new();
-        let mut next_due: Option<Duration> = None;
-        let mut due = |d: Duration| next_due = Some(next_due.map_or(d, |n: Duration| n.min(d)));
-        let mut present = std::collections::HashSet::new();
-        for entry in rd.flatten() {
-            let raw = entry.file_name();
-            if ignored_name(&raw.to_string_lossy()) {
-                continue;
-            }
-            let utf8 = raw.to_str().map(str::to_string);
-            let reject = |why: String| match &utf8 {
-                Some(name) => Ready::Reject(name.clone(), why),
-                None => Ready::BadName(raw.clone()),
-            };
-            let Ok(meta) = entry.path().symlink_metadata() else {
-                continue;
-            };
-            if let Some(why) = not_regular(&meta.file_type()) {
-                ready.push(reject(why));
-                continue;
-            }
-            if meta.len() > self.max_bytes {
-                ready.push(reject(too_big(meta.len(), self.max_bytes)));
-                continue;
-            }
-            present.insert(raw.clone());
-            let key = stamp(&meta);
-            let first = match self.seen.get(&raw) {
-                Some(&(k, t)) if k == key => t,
-                _ => {
-                    self.seen.insert(raw.clone(), (key, now));
-                    now
-                }
-            };
-            let observed = now.duration_since(first);
-            if meta.nlink() > 1 {
-                if observed >= self.hard_link_hold {
-                    ready.push(reject(hard_link(meta.nlink())));
-                } else {
-                    due(self.hard_link_hold - observed);
-                }
-                continue;
-            }
-            let age = meta
-                .modified()
-                .ok()
-                .and_then(|m| wall.duration_since(m).ok())
-                .unwrap_or_default();
-            if age >= self.min_age || observed >= self.min_age {
-                ready.push(match utf8 {
-                    Some(name) => Ready::File(name),
-                    None => Ready::BadName(raw),
-                });
-            } else {
-                due(self.min_age - observed.max(age));
-            }
-        }
-        self.seen.retain(|n, _| present.contains(n));
-        Ok((ready, next_due))
-    }
-
-    /// Forgets a name (it was claimed or rejected).
-    pub fn forget(&mut self, name: impl AsRef<OsStr>) {
-        self.seen.remove(name.as_ref());
-    }
-}
-
-/// Opens nothing; checks a single name just announced by inotify as renamed into place. `None`
-/// for a name to ignore, and for a file with several names (the next scan decides on it).
-pub fn moved_in_ready(incoming: &Path, name: &str, max_bytes: u64) -> Option<Ready> {
-    if ignored_name(name) {
-        return None;
-    }
-    let meta = incoming.join(name).symlink_metadata().ok()?;
-    if let Some(why) = not_regular(&meta.file_type()) {
-        return Some(Ready::Reject(name.to_string(), why));
-    }
-    if meta.len() > max_bytes {
-        return Some(Ready::Reject(
-            name.to_string(),
-            too_big(meta.len(), max_bytes),
-        ));
-    }
-    if meta.nlink() > 1 {
-        return None;
-    }
-    Some(Ready::File(name.to_string()))
-}
 
 #[cfg(test)]
 mod tests {
@@ -698,58 +439,6 @@ mod tests {
             assert!(ignored_name(n), "{n}");
         }
         assert!(!ignored_name("a.json"));
-    }
-
-    #[test]
-    fn scan_classifies() {
-        let d = tempfile::tempdir().unwrap();
-        let inc = d.path();
-        std::fs::write(inc.join("ok.json"), b"{}").unwrap();
-        std::fs::write(inc.join("big.json"), vec![b' '; 101]).unwrap();
-        std::fs::write(inc.join("w.part"), b"{").unwrap();
-        std::os::unix::fs::symlink("/etc/passwd", inc.join("link.json")).unwrap();
-        std::fs::create_dir(inc.join("dir.json")).unwrap();
-        nix::unistd::mkfifo(
-            &inc.join("fifo.json"),
-            nix::sys::stat::Mode::from_bits_truncate(0o644),
-        )
-        .unwrap();
-        let mut s = Scanner::new(&cfg(0));
-        let (mut ready, _) = s.scan(inc).unwrap();
-        ready.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
-        let names: Vec<String> = ready.iter().map(|r| format!("{r:?}")).collect();
-        assert_eq!(ready.len(), 5, "{names:?}");
-        assert!(ready.contains(&Ready::File("ok.json".into())));
-        assert!(
-            names
-                .iter()
-                .any(|n| n.contains("big.json") && n.contains("too big"))
-        );
-        assert!(
-            names
-                .iter()
-                .any(|n| n.contains("link.json") && n.contains("symlink"))
-        );
-        assert!(
-            names
-                .iter()
-                .any(|n| n.contains("dir.json") && n.contains("directory"))
-        );
-        assert!(
-            names
-                .iter()
-                .any(|n| n.contains("fifo.json") && n.contains("fifo"))
-        );
-    }
-
-    #[test]
-    fn young_file_waits_for_min_age() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("a.json"), b"{").unwrap();
-        let mut s = Scanner::new(&cfg(60_000));
-        let (ready, due) = s.scan(d.path()).unwrap();
-        assert!(ready.is_empty());
-        assert!(due.unwrap() <= Duration::from_secs(60));
     }
 
     #[test]
@@ -778,65 +467,6 @@ mod tests {
             "again\n"
         );
         assert!(sp.active_files().unwrap().is_empty());
-    }
-
-    /// Scans until something is ready (or a generous deadline passes).
-    fn scan_until_ready(s: &mut Scanner, dir: &Path) -> Vec<Ready> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (ready, due) = s.scan(dir).unwrap();
-            if !ready.is_empty() || Instant::now() >= deadline {
-                return ready;
-            }
-            std::thread::sleep(due.unwrap_or(Duration::from_millis(10)));
-        }
-    }
-
-    #[test]
-    fn hard_link_waits_then_is_rejected() {
-        let d = tempfile::tempdir().unwrap();
-        let inc = d.path().join("incoming");
-        std::fs::create_dir(&inc).unwrap();
-        std::fs::write(d.path().join("orig"), b"{}").unwrap();
-        std::fs::hard_link(d.path().join("orig"), inc.join("a.json")).unwrap();
-        let mut s = Scanner::new(&cfg(0)).with_hard_link_hold(Duration::from_millis(50));
-        let (ready, due) = s.scan(&inc).unwrap();
-        assert!(ready.is_empty(), "not at first sight: {ready:?}");
-        assert!(due.is_some());
-        let ready = scan_until_ready(&mut s, &inc);
-        assert_eq!(ready.len(), 1);
-        let Ready::Reject(name, why) = &ready[0] else {
-            panic!("{ready:?}")
-        };
-        assert_eq!(name, "a.json");
-        assert!(why.contains("hard link"), "{why}");
-        assert!(moved_in_ready(&inc, "a.json", 100).is_none());
-    }
-
-    #[test]
-    fn default_hard_link_hold_is_not_shorter_than_min_age() {
-        let s = Scanner::new(&cfg(0));
-        assert_eq!(s.hard_link_hold, HARD_LINK_HOLD);
-        let s = Scanner::new(&cfg(60_000));
-        assert_eq!(s.hard_link_hold, Duration::from_secs(60));
-    }
-
-    #[test]
-    fn link_then_unlink_writer_is_claimed_not_rejected() {
-        let d = tempfile::tempdir().unwrap();
-        let inc = d.path().join("incoming");
-        std::fs::create_dir(&inc).unwrap();
-        let tmp = d.path().join(".a.tmp");
-        std::fs::write(&tmp, b"{}").unwrap();
-        std::fs::hard_link(&tmp, inc.join("a.json")).unwrap();
-        let mut s = Scanner::new(&cfg(0)).with_hard_link_hold(Duration::from_secs(3600));
-        assert!(s.scan(&inc).unwrap().0.is_empty());
-        std::fs::remove_file(&tmp).unwrap();
-        assert_eq!(s.scan(&inc).unwrap().0, vec![Ready::File("a.json".into())]);
-        assert_eq!(
-            moved_in_ready(&inc, "a.json", 100),
-            Some(Ready::File("a.json".into()))
-        );
     }
 
     #[test]
@@ -956,9 +586,10 @@ mod tests {
         let hidden_old = put(sp.outbox.join(".keep"), true);
         let answer_old = put(sp.outbox.join("e.json.tmp"), true);
         let alive_tmp = put(sp.active.join("..alive.7-0.tmp"), false);
+        let kept_tmp = put(sp.active.join("..amqp-1-0.json.7-1.tmp"), false);
         let mut removed = sp.remove_leftovers();
         removed.sort();
-        let mut want = vec![own, other_old, tmp_old, alive_tmp];
+        let mut want = vec![own, other_old, tmp_old, alive_tmp, kept_tmp];
         want.sort();
         assert_eq!(removed, want);
         for kept in [
@@ -972,70 +603,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn heartbeat_and_liveness() {
-        let d = tempfile::tempdir().unwrap();
-        let sp = Spool::new(d.path(), "w1");
-        sp.create_dirs().unwrap();
-        let hour = Duration::from_secs(3600);
-        assert_eq!(sp.liveness("w1", hour), Liveness::Unknown);
-        assert_eq!(sp.liveness("nobody", hour), Liveness::Unknown);
-        sp.heartbeat().unwrap();
-        sp.heartbeat().unwrap();
-        match sp.liveness("w1", hour) {
-            Liveness::Alive(detail) => {
-                assert!(detail.contains(&std::process::id().to_string()), "{detail}")
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(
-            sp.active_files().unwrap().is_empty(),
-            "the mark is no claimed file"
-        );
-        assert_eq!(
-            std::fs::read_dir(&sp.active).unwrap().count(),
-            1,
-            "no temporary file left"
-        );
-        // Stale: not refreshed within stale_after.
-        let mark = sp.active.join(ALIVE);
-        std::fs::File::options()
-            .write(true)
-            .open(&mark)
-            .unwrap()
-            .set_modified(SystemTime::now() - 2 * hour)
-            .unwrap();
-        assert!(matches!(sp.liveness("w1", hour), Liveness::Dead(_)));
-        assert!(matches!(sp.liveness("w1", 3 * hour), Liveness::Alive(_)));
-        sp.clear_heartbeat().unwrap();
-        sp.clear_heartbeat().unwrap();
-        assert_eq!(sp.liveness("w1", hour), Liveness::Unknown);
-    }
-
-    #[test]
-    fn a_mark_of_this_host_naming_a_gone_process_is_dead_at_once() {
-        let d = tempfile::tempdir().unwrap();
-        let sp = Spool::new(d.path(), "w2");
-        sp.create_dirs().unwrap();
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        std::fs::write(
-            sp.active.join(ALIVE),
-            format!("host={}\npid={pid}\ntime=now\n", host_name()),
-        )
-        .unwrap();
-        let hour = Duration::from_secs(3600);
-        match sp.liveness("w2", hour) {
-            Liveness::Dead(detail) => assert!(detail.contains("not running"), "{detail}"),
-            other => panic!("{other:?}"),
-        }
-        // Another host's mark: only its age counts.
-        std::fs::write(
-            sp.active.join(ALIVE),
-            format!("host=elsewhere.invalid\npid={pid}\n"),
-        )
-        .unwrap();
-        assert!(matches!(sp.liveness("w2", hour), Liveness::Alive(_)));
-    }
 }

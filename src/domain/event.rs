@@ -1,7 +1,8 @@
 //! The event kinds of a job's life. An event is a fact that has been made durable; the job's
 //! state is whatever the fold of its events says (see `fold`).
 
-use crate::workitem::{Spec, Urls};
+use super::origin::{Receipt, ReceiptFields};
+use crate::domain::workitem::{Spec, Urls};
 use serde::{Deserialize, Serialize};
 
 /// The input workitem as it was read (the file's bytes, a JSON object). Kept beside the event
@@ -127,16 +128,8 @@ pub enum EventKind {
         error: Option<String>,
         urls: Urls,
     },
-    /// The reply was written to `outbox/<outbox>`; with `copy`, the reply for that byte-identical
-    /// re-drop of the job (see `Duplicate`).
-    Delivered {
-        outbox: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        copy: Option<String>,
-        /// sha256 of the answer written (how a later delivery knows this job's own answer).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        sha256: Option<String>,
-    },
+    /// The answer went out (see [`Delivery`]).
+    Delivered(Delivery),
     Pushed {
         status: Status,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,6 +167,9 @@ pub enum EventKind {
         worker: String,
         bytes: u64,
         sha256: String,
+        /// As in `Claimed`: where the re-drop came from (absent for the spool).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
     },
     /// `compact` moved the events of `jobs` jobs settled before `before` (`events` events) out
     /// of the log into the archive `file`. The event opens a record of its own, settled at
@@ -185,6 +181,61 @@ pub enum EventKind {
         jobs: u64,
         events: u64,
     },
+}
+
+/// A `delivered` event: the answer of the job went out (its [`Receipt`]); with `copy`, the
+/// answer for that byte-identical re-drop of the job (see `Duplicate`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "DeliveryFields", into = "DeliveryFields")]
+pub struct Delivery {
+    pub receipt: Receipt,
+    pub copy: Option<String>,
+}
+
+/// A `delivered` event as stored: the receipt's fields (see [`Receipt::decode`]) around `copy`,
+/// in the order the log has always had them.
+#[derive(Serialize, Deserialize)]
+struct DeliveryFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    outbox: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    copy: Option<String>,
+    /// sha256 of the answer written (how a later delivery knows this job's own answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    /// The queue the answer was published to (and confirmed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queue: Option<String>,
+    /// No answer was sent, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    withheld: Option<String>,
+}
+
+impl From<DeliveryFields> for Delivery {
+    fn from(f: DeliveryFields) -> Delivery {
+        Delivery {
+            receipt: Receipt::decode(ReceiptFields {
+                outbox: f.outbox,
+                sha256: f.sha256,
+                queue: f.queue,
+                withheld: f.withheld,
+            }),
+            copy: f.copy,
+        }
+    }
+}
+
+impl From<Delivery> for DeliveryFields {
+    fn from(d: Delivery) -> DeliveryFields {
+        let r = d.receipt.encode();
+        DeliveryFields {
+            outbox: r.outbox,
+            copy: d.copy,
+            sha256: r.sha256,
+            queue: r.queue,
+            withheld: r.withheld,
+        }
+    }
 }
 
 /// Why a build was interrupted.
@@ -275,7 +326,7 @@ impl EventKind {
     /// same reply again and pushes the status again (at least once). They are flushed by the
     /// next flush of any thread, or within 100 ms.
     pub fn needs_flush(&self) -> bool {
-        !matches!(self, EventKind::Delivered { .. } | EventKind::Pushed { .. })
+        !matches!(self, EventKind::Delivered(_) | EventKind::Pushed { .. })
     }
 
     pub fn tag(&self) -> Tag {
@@ -286,7 +337,7 @@ impl EventKind {
             EventKind::Queued { .. } => Tag::Queued,
             EventKind::Started { .. } => Tag::Started,
             EventKind::Finished { .. } => Tag::Finished,
-            EventKind::Delivered { .. } => Tag::Delivered,
+            EventKind::Delivered(_) => Tag::Delivered,
             EventKind::Pushed { .. } => Tag::Pushed,
             EventKind::Cancelled { .. } => Tag::Cancelled,
             EventKind::Requeued { .. } => Tag::Requeued,
@@ -298,5 +349,104 @@ impl EventKind {
 
     pub fn name(&self) -> &'static str {
         self.tag().as_str()
+    }
+}
+
+impl Event {
+    /// The event in one line, for the daemon's log: `seq N job J kind detail`.
+    pub fn summary(&self) -> String {
+        let detail = match &self.kind {
+            EventKind::Claimed { file, bytes, .. } => format!("{file} ({bytes} bytes)"),
+            EventKind::Duplicate { file, .. } => format!("{file}: a byte-identical re-drop"),
+            EventKind::Rejected { file, reason } => format!("{file}: {reason}"),
+            EventKind::Invalid { error, .. } => error.clone(),
+            EventKind::Queued { image_id, spec, .. } => {
+                format!("{image_id} {} {} {}", spec.name, spec.arch, spec.image_type)
+            }
+            EventKind::Started { mode, attempt } => format!("{mode:?} attempt {attempt}"),
+            EventKind::Finished { result, error, .. } => {
+                format!("result={result} {}", error.as_deref().unwrap_or(""))
+            }
+            EventKind::Delivered(d) => match &d.copy {
+                Some(c) => format!("{} (for the re-drop {c})", d.receipt),
+                None => d.receipt.to_string(),
+            },
+            EventKind::Pushed {
+                status, ok, error, ..
+            } => format!(
+                "{} ok={ok} {}",
+                status.as_str(),
+                error.as_deref().unwrap_or("")
+            ),
+            EventKind::Cancelled { reason }
+            | EventKind::Compacted { reason, .. }
+            | EventKind::Requeued { reason, .. }
+            | EventKind::Interrupted { reason, .. } => reason.clone(),
+        };
+        format!(
+            "seq {} job {} {} {}",
+            self.seq,
+            self.job,
+            self.kind.name(),
+            detail.trim_end()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claimed_without_source_reads_as_before() {
+        let old = r#"{"seq":1,"ts":"t","job":1,"kind":"claimed","file":"a","worker":"w","bytes":1,"sha256":"x"}"#;
+        let ev: Event = serde_json::from_str(old).unwrap();
+        assert!(matches!(
+            ev.kind,
+            EventKind::Claimed { source: None, .. }
+        ));
+        assert_eq!(serde_json::to_string(&ev).unwrap(), old);
+    }
+
+    #[test]
+    fn deliveries_keep_their_stored_shape() {
+        for (line, receipt) in [
+            (
+                r#"{"seq":3,"ts":"t","job":1,"kind":"delivered","outbox":"a2.json","copy":"a2.json","sha256":"cd"}"#,
+                Receipt::Outbox {
+                    name: "a2.json".into(),
+                    sha256: Some("cd".into()),
+                },
+            ),
+            (
+                r#"{"seq":3,"ts":"t","job":1,"kind":"delivered","queue":"ruote_workitems"}"#,
+                Receipt::Published {
+                    queue: "ruote_workitems".into(),
+                },
+            ),
+            (
+                r#"{"seq":3,"ts":"t","job":1,"kind":"delivered","withheld":"fields.params.forget"}"#,
+                Receipt::Withheld {
+                    why: "fields.params.forget".into(),
+                },
+            ),
+        ] {
+            let ev: Event = serde_json::from_str(line).unwrap();
+            let EventKind::Delivered(d) = &ev.kind else {
+                panic!("{ev:?}")
+            };
+            assert_eq!(d.receipt, receipt);
+            assert_eq!(serde_json::to_string(&ev).unwrap(), line);
+        }
+        // written by versions that told a published answer by a prefix
+        let old = r#"{"seq":3,"ts":"t","job":1,"kind":"delivered","outbox":"amqp:ruote_workitems"}"#;
+        let ev: Event = serde_json::from_str(old).unwrap();
+        assert!(matches!(
+            ev.kind,
+            EventKind::Delivered(Delivery {
+                receipt: Receipt::Published { .. },
+                copy: None
+            })
+        ));
     }
 }

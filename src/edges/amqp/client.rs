@@ -8,7 +8,7 @@
 //! connection is lost (`connected` false from the moment the client sees it) the broker has
 //! requeued every unacked one, so the daemon drops them unclaimed.
 
-use crate::backoff::Backoff;
+use crate::engine::backoff::Backoff;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use futures_lite::StreamExt;
 use lapin::options::{

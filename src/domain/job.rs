@@ -5,7 +5,8 @@
 //! input workitem, the spec) stay in the log and are read by seq (`input_seq`) when needed.
 
 use super::event::{Cause, Event, Mode, Status, Tag};
-use crate::workitem::Urls;
+use super::origin::{Origin, Receipt, ReceiptFields, ReplyTo};
+use super::workitem::Urls;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -23,11 +24,11 @@ pub enum State {
     Building,
     /// A build was interrupted and waits to be built again.
     Interrupted,
-    /// Decided (built, invalid, conflict or cancelled), the answer not yet in the outbox.
+    /// Decided (built, invalid, conflict or cancelled), the answer not yet sent.
     Finished,
-    /// Answered in the outbox: the image was built.
+    /// Answered: the image was built.
     Done,
-    /// Answered in the outbox: it failed (build, validation, conflict, cancel).
+    /// Answered: it failed (build, validation, conflict, cancel).
     Error,
     /// Not a workitem; moved to rejected/.
     Rejected,
@@ -69,7 +70,7 @@ impl State {
         State::ALL.into_iter().find(|t| t.as_str() == s)
     }
 
-    /// The answer is in the outbox.
+    /// The answer was sent.
     pub fn is_answered(self) -> bool {
         matches!(self, State::Done | State::Error)
     }
@@ -85,11 +86,20 @@ impl std::fmt::Display for State {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Copy {
-    /// Its file in `active/<worker>/`.
+    /// Its input's name where inputs wait (`active/<worker>/`).
     pub file: String,
     pub worker: String,
-    /// Where its answer went, once written.
-    pub outbox: Option<String>,
+    /// Where the re-drop came from (its answer goes back the same way).
+    pub origin: Origin,
+    /// What became of its answer, once sent.
+    pub receipt: Option<Receipt>,
+}
+
+impl Copy {
+    /// Is its answer still to be sent?
+    pub fn unanswered(&self) -> bool {
+        self.receipt.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -97,6 +107,9 @@ pub struct Copy {
 pub struct Job {
     pub id: u64,
     pub state: State,
+    /// Where its workitem came from (its `claimed` event).
+    pub origin: Origin,
+    /// Its input's name where inputs wait (`active/<worker>/`), and the name its answer takes.
     pub file: Option<String>,
     pub worker: Option<String>,
     pub bytes: u64,
@@ -120,8 +133,9 @@ pub struct Job {
     /// A conflict: the job that holds this job's image_id. Answered, no status pushed.
     pub held_by: Option<u64>,
     pub urls: Urls,
-    pub outbox: Option<String>,
-    /// sha256 of the answers this job wrote to the outbox, newest last (so a later delivery
+    /// What became of its answer, once sent (the last `delivered` event of the job itself).
+    pub receipt: Option<Receipt>,
+    /// sha256 of the answers this job wrote (to the outbox), newest last (so a later delivery
     /// knows its own earlier answer from another job's).
     pub answers: Vec<String>,
     pub reason: Option<String>,
@@ -147,6 +161,11 @@ impl Job {
         }
     }
 
+    /// Where its answer goes.
+    pub fn reply_to(&self) -> ReplyTo {
+        self.origin.reply_to()
+    }
+
     /// Was it ever built (a build started)? Only such a job can be retried.
     pub fn was_built(&self) -> bool {
         self.attempts > 0
@@ -161,6 +180,7 @@ impl Job {
         match ev.kind {
             Tag::Claimed => {
                 self.state = State::Claimed;
+                self.origin = Origin::decode(ev.source.as_deref(), ev.file.as_deref());
                 self.file = s(&ev.file);
                 self.worker = s(&ev.worker);
                 self.bytes = ev.bytes.unwrap_or_default();
@@ -211,15 +231,20 @@ impl Job {
                 self.finished_at = ts();
             }
             Tag::Delivered => {
-                let outbox = s(&ev.outbox);
+                let receipt = Receipt::decode(ReceiptFields {
+                    outbox: s(&ev.outbox),
+                    sha256: s(&ev.sha256),
+                    queue: s(&ev.queue),
+                    withheld: s(&ev.withheld),
+                });
                 match &ev.copy {
                     Some(file) => {
                         if let Some(c) = self
                             .copies
                             .iter_mut()
-                            .find(|c| c.file == *file && c.outbox.is_none())
+                            .find(|c| c.file == *file && c.unanswered())
                         {
-                            c.outbox = outbox;
+                            c.receipt = Some(receipt);
                         }
                     }
                     None => {
@@ -228,10 +253,10 @@ impl Job {
                         } else {
                             State::Error
                         };
-                        self.outbox = outbox;
-                        if let Some(sha) = &ev.sha256 {
+                        if let Some(sha) = receipt.sha256() {
                             self.answers.push(sha.to_string());
                         }
+                        self.receipt = Some(receipt);
                     }
                 }
             }
@@ -256,7 +281,7 @@ impl Job {
                     self.result = None;
                     self.error = None;
                     self.urls = Urls::default();
-                    self.outbox = None;
+                    self.receipt = None;
                     self.final_pushed = false;
                     self.final_push_attempts = 0;
                     self.finished_at = None;
@@ -282,12 +307,13 @@ impl Job {
                 if !self
                     .copies
                     .iter()
-                    .any(|c| c.file == file && c.outbox.is_none())
+                    .any(|c| c.file == file && c.unanswered())
                 {
                     self.copies.push(Copy {
+                        origin: Origin::decode(ev.source.as_deref(), Some(&file)),
                         file,
                         worker: s(&ev.worker).unwrap_or_default(),
-                        outbox: None,
+                        receipt: None,
                     });
                 }
             }
@@ -341,7 +367,13 @@ pub struct EventView<'a> {
     #[serde(default)]
     pub urls: Option<Urls>,
     #[serde(borrow, default)]
+    pub source: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
     pub outbox: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub queue: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub withheld: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub copy: Option<Cow<'a, str>>,
     #[serde(default)]
@@ -389,7 +421,7 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Jobs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::event::EventKind;
+    use crate::domain::event::EventKind;
     use serde_json::json;
 
     fn ev(seq: u64, job: u64, kind: EventKind) -> Event {

@@ -2,12 +2,13 @@
 //! check. Pure functions of the journal and the spool, so a running daemon (over its control
 //! socket) and a command that opened the log itself give the same answers.
 
-use crate::build;
+use crate::imaging;
 use crate::config::Config;
-use crate::journal::{Event, EventKind, Job, Jobs, Journal, JournalError, State, Tag};
-use crate::lifecycle::{self, Policy};
-use crate::spool::Spool;
-use crate::workitem;
+use crate::journal::{Journal, JournalError};
+use crate::domain::{Event, EventKind, Job, Jobs, State, Tag};
+use crate::domain::lifecycle::{self, Policy};
+use crate::edges::spool::Spool;
+use crate::domain::workitem;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -18,7 +19,7 @@ pub enum OpsError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
-    Spool(#[from] crate::spool::SpoolError),
+    Spool(#[from] crate::edges::spool::SpoolError),
     #[error("no job with image_id or job number {0:?}")]
     NotFound(String),
 }
@@ -78,7 +79,7 @@ pub fn status_row(job: &Job) -> StatusRow {
         attempts: job.attempts,
         result: job.result,
         error: job.error.clone(),
-        source: crate::amqp::source_of(job).to_string(),
+        source: job.origin.name().to_string(),
     }
 }
 
@@ -127,7 +128,7 @@ pub struct JobView {
 pub fn show(journal: &Journal, cfg: &Config, id: &str) -> Result<JobView> {
     let job_id = resolve(journal, id)?;
     let events = journal.job_events(job_id)?;
-    let job = crate::journal::fold::fold(&events)
+    let job = crate::domain::job::fold(&events)
         .remove(&job_id)
         .ok_or_else(|| OpsError::NotFound(id.to_string()))?;
     let mut workitem = None;
@@ -137,13 +138,13 @@ pub fn show(journal: &Journal, cfg: &Config, id: &str) -> Result<JobView> {
     for ev in &events {
         match (&ev.kind, &input) {
             (EventKind::Queued { spec, .. }, Some(input)) => {
-                let path = build::log_path(&cfg.worker, spec);
-                logfile_url = build::url_for(&cfg.worker, &path);
+                let path = imaging::log_path(&cfg.worker, spec);
+                logfile_url = imaging::url_for(&cfg.worker, &path);
                 log_path = Some(path.display().to_string());
                 let urls = if job.result.is_some() {
                     job.urls.clone()
                 } else {
-                    build::planned_urls(&cfg.worker, spec)
+                    imaging::planned_urls(&cfg.worker, spec)
                 };
                 workitem = Some(workitem::reply(
                     input,
@@ -292,9 +293,9 @@ pub fn event_detail(e: &Event) -> String {
             (true, _) => format!("ok {}", urls.image_url.as_deref().unwrap_or("")),
             (false, e) => format!("failed: {}", e.as_deref().unwrap_or("")),
         },
-        EventKind::Delivered { outbox, copy, .. } => match copy {
-            Some(c) => format!("outbox/{outbox} (the answer for the re-drop {c})"),
-            None => format!("outbox/{outbox}"),
+        EventKind::Delivered(d) => match &d.copy {
+            Some(c) => format!("{} (the answer for the re-drop {c})", d.receipt),
+            None => d.receipt.to_string(),
         },
         EventKind::Pushed {
             status,
@@ -378,7 +379,7 @@ pub fn replay(journal: &Journal, spool: &Spool, policy: &Policy) -> Result<Repla
                 holder.insert(f, j);
             }
         }
-        for c in j.copies.iter().filter(|c| c.outbox.is_none()) {
+        for c in j.copies.iter().filter(|c| c.unanswered()) {
             holder.insert(&c.file, j);
         }
     }
@@ -406,17 +407,20 @@ pub fn replay(journal: &Journal, spool: &Spool, policy: &Policy) -> Result<Repla
             ));
         }
     }
-    let mut delivered: HashSet<&str> = mine.iter().filter_map(|j| j.outbox.as_deref()).collect();
+    let mut delivered: HashSet<&str> = mine
+        .iter()
+        .filter_map(|j| j.receipt.as_ref()?.outbox_name())
+        .collect();
     let mut claimed_here: HashSet<&str> = mine.iter().filter_map(|j| j.file.as_deref()).collect();
     for j in &mine {
         for c in &j.copies {
             claimed_here.insert(&c.file);
-            if let Some(o) = &c.outbox {
+            if let Some(o) = c.receipt.as_ref().and_then(|r| r.outbox_name()) {
                 delivered.insert(o);
             }
         }
     }
-    for name in crate::spool::list_names(&spool.outbox).unwrap_or_default() {
+    for name in crate::edges::spool::list_names(&spool.outbox).unwrap_or_default() {
         if claimed_here.contains(name.as_str()) && !delivered.contains(name.as_str()) {
             d.push(format!(
                 "outbox/{name}: this worker claimed {name} but the log has no delivered event for it"

@@ -1,6 +1,6 @@
 //! The log over years: `import`, `backup`, `compact`, `repush`, `redeliver`. Each works the
 //! same through a running daemon (its control socket) and on the log itself when none runs
-//! (`control::handle` calls these with the daemon's stage or one opened over the log).
+//! (`control::handle` calls these with the daemon's host or one opened over the log).
 //!
 //! Invariants: everything builds on the export form (`events --json`: JSON Lines, each
 //! `queued`/`invalid` event carrying its input) and on `Journal::import_events`, so a backup, an
@@ -10,9 +10,10 @@
 //! single event, and swaps the log so that a crash leaves the old or the new one.
 
 use crate::journal::archive as jarchive;
-use crate::journal::{Event, EventKind, Job, Journal, JournalError};
-use crate::lifecycle;
-use crate::stage::Stage;
+use crate::journal::{Journal, JournalError};
+use crate::domain::{Event, EventKind, Job};
+use crate::domain::lifecycle;
+use crate::operate::Host;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::io::{BufRead, Write};
@@ -24,11 +25,11 @@ pub enum ArchiveError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::engine::store::StoreError),
     #[error(transparent)]
-    Stage(#[from] crate::stage::StageError),
+    Engine(#[from] crate::engine::EngineError),
     #[error(transparent)]
-    Ops(#[from] crate::ops::OpsError),
+    Ops(#[from] crate::operate::ops::OpsError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -170,7 +171,7 @@ fn staging_dir(dir: &Path) -> Result<PathBuf> {
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io("cannot remove", &tmp))?;
     }
-    crate::store::prepare_state_dir(&tmp)?;
+    crate::engine::statedir::prepare_state_dir(&tmp)?;
     Ok(tmp)
 }
 
@@ -192,7 +193,7 @@ fn place(journal: Journal, tmp: &Path, dir: &Path) -> Result<()> {
     let last = journal.last_seq();
     drop(journal);
     crate::durable::write_atomic(
-        &crate::store::mark_path(tmp),
+        &crate::engine::statedir::mark_path(tmp),
         format!("{last}\n").as_bytes(),
         0o600,
     )
@@ -315,8 +316,8 @@ const SWAP_PATIENCE: Duration = Duration::from_secs(30);
 /// the log without them, recorded by a `compacted` event. A job whose job folder still exists
 /// under base_dir is kept: its image_id and folder still guard that folder against another
 /// job (two jobs never share a job folder).
-pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<CompactReport> {
-    let dir = stage.store.dir().to_path_buf();
+pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<CompactReport> {
+    let dir = host.engine.store.dir().to_path_buf();
     if archive.symlink_metadata().is_ok() {
         return Err(ArchiveError::Refused(format!(
             "{} exists: an archive is never replaced; name a new file",
@@ -328,12 +329,12 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
             "another compaction of this log is under way".into(),
         ));
     };
-    let journal = stage.store.journal()?;
+    let journal = host.engine.store.journal()?;
     // What was appended without a flush of its own (a push's record) is made durable first.
     journal.flush()?;
     let horizon = journal.durable_seq() + 1;
     let (jobs, _) = journal.fold_jobs(Some(horizon))?;
-    let policy = *stage.store.policy();
+    let policy = *host.engine.store.policy();
     let mut removed: HashSet<u64> = HashSet::new();
     let mut kept_for_folder = 0;
     for (id, job) in &jobs {
@@ -354,8 +355,8 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
         if !old {
             continue;
         }
-        if let Some(spec) = crate::store::spec_of(&journal, job)?
-            && crate::build::job_dir(&stage.cfg.worker, &spec)
+        if let Some(spec) = crate::engine::store::spec_of(&journal, job)?
+            && crate::imaging::job_dir(&host.cfg.worker, &spec)
                 .symlink_metadata()
                 .is_ok()
         {
@@ -435,7 +436,7 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
     let new_dir = jarchive::prepare_new(&dir).map_err(|e| unwind(e.into()))?;
     let built = (|| -> Result<(Journal, u64)> {
         let new = Journal::open(&new_dir)?;
-        let stopping = || stage.stopping();
+        let stopping = || host.engine.stopping();
         let kept = journal.copy_into(
             &new,
             horizon,
@@ -466,7 +467,7 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
         jobs: removed.len() as u64,
         events,
     };
-    let swapped = stage.store.with_log_closed(SWAP_PATIENCE, |old| {
+    let swapped = host.engine.store.with_log_closed(SWAP_PATIENCE, |old| {
         let mut tail = Vec::new();
         for ev in old.since(horizon) {
             let ev = ev?;
@@ -518,14 +519,14 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
 pub struct Repushed {
     pub job: u64,
     pub image_id: Option<String>,
-    pub status: crate::journal::Status,
+    pub status: crate::domain::Status,
     pub ok: bool,
     pub error: Option<String>,
 }
 
 /// The jobs whose final push `repush` runs again: answered (done or error), finished in
 /// [since, until), not a conflict (a conflict pushes nothing), oldest first.
-pub fn repush_jobs(jobs: &crate::journal::Jobs, since: SystemTime, until: SystemTime) -> Vec<&Job> {
+pub fn repush_jobs(jobs: &crate::domain::Jobs, since: SystemTime, until: SystemTime) -> Vec<&Job> {
     jobs.values()
         .filter(|j| j.state.is_answered() && j.held_by.is_none())
         .filter(|j| {
@@ -539,8 +540,8 @@ pub fn repush_jobs(jobs: &crate::journal::Jobs, since: SystemTime, until: System
 
 /// `repush --since T [--until T]`: the final push (DONE or ERROR) of every job finished in the
 /// window, run again now through the push utility, each recorded as a `pushed` event.
-pub fn repush(stage: &Stage, since: SystemTime, until: SystemTime) -> Result<Vec<Repushed>> {
-    if stage.cfg.hooks.push.is_none() {
+pub fn repush(host: &Host, since: SystemTime, until: SystemTime) -> Result<Vec<Repushed>> {
+    if host.cfg.hooks.push.is_none() {
         return Err(ArchiveError::Refused(
             "no push utility is configured ([hooks] push): there is nothing to push again".into(),
         ));
@@ -552,16 +553,16 @@ pub fn repush(stage: &Stage, since: SystemTime, until: SystemTime) -> Result<Vec
             format_time(since)
         )));
     }
-    let jobs = stage.store.journal()?.projections()?;
+    let jobs = host.engine.store.journal()?.projections()?;
     let mut out = Vec::new();
     for job in repush_jobs(&jobs, since, until) {
-        if stage.stopping() {
+        if host.engine.stopping() {
             return Err(ArchiveError::Refused(format!(
                 "the daemon is stopping: {} final push(es) made again before it, the rest not",
                 out.len()
             )));
         }
-        let Some(p) = stage.repush(job)? else {
+        let Some(p) = host.engine.repush(job)? else {
             continue;
         };
         out.push(Repushed {
@@ -579,20 +580,21 @@ pub fn repush(stage: &Stage, since: SystemTime, until: SystemTime) -> Result<Vec
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Redelivered {
     pub job: u64,
-    pub outbox: String,
+    /// Where the answer went again.
+    pub to: crate::domain::Receipt,
     /// The bytes are those of the job's last recorded answer (same sha256).
     pub identical: bool,
 }
 
-/// `redeliver ID`: the job's answer written to the outbox again.
-pub fn redeliver(stage: &Stage, id: &str) -> Result<Redelivered> {
-    let journal = stage.store.journal()?;
-    let job = crate::ops::resolve(&journal, id)?;
+/// `redeliver ID`: the job's answer sent again the way it went the first time.
+pub fn redeliver(host: &Host, id: &str) -> Result<Redelivered> {
+    let journal = host.engine.store.journal()?;
+    let job = crate::operate::ops::resolve(&journal, id)?;
     drop(journal);
-    let (d, identical) = stage.redeliver(job)?;
+    let (receipt, identical) = host.engine.redeliver(job)?;
     Ok(Redelivered {
         job,
-        outbox: d.name,
+        to: receipt,
         identical,
     })
 }

@@ -12,14 +12,13 @@
 //!   reporting the old error, and reloads the open jobs from what is durable.
 //! - The log is refused at start when it is shorter than the high-water mark kept beside it.
 
-use crate::journal::{
-    self, Event, EventKind, Job, Jobs, Journal, JournalError, PROJECTION_VERSION,
-};
-use crate::lifecycle::{self, Policy};
-use crate::workitem::Spec;
+use super::statedir::{self, detach_files, mark_path, read_mark, restrict_files};
+use crate::domain::lifecycle::{self, Policy};
+use crate::domain::workitem::Spec;
+use crate::domain::{Event, EventKind, Job, Jobs};
+use crate::journal::{self, Journal, JournalError, PROJECTION_VERSION};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -106,58 +105,11 @@ pub struct Store {
     full: std::sync::atomic::AtomicBool,
 }
 
-/// The file beside the log holding the highest seq known durable.
-pub fn mark_path(dir: &Path) -> PathBuf {
-    dir.join("log.mark")
-}
-
-fn read_mark(dir: &Path) -> Option<u64> {
-    std::fs::read_to_string(mark_path(dir))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Creates the state directory (mode 0700: the log holds kickstarts with password hashes).
-pub fn prepare_state_dir(dir: &Path) -> Result<()> {
-    let err = |source| StoreError::StateDir {
-        path: dir.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    Ok(())
-}
-
-/// Opens the log, waiting up to `patience` while another process (an operator command reading
-/// the log directly) holds it. A lock held longer names its holder.
-pub fn open_journal(dir: &Path, cache_bytes: u64, patience: Duration) -> Result<Journal> {
-    let deadline = Instant::now() + patience;
-    loop {
-        match Journal::open_with_cache(dir, cache_bytes) {
-            Err(JournalError::Locked(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(JournalError::Locked(p)) => {
-                let holder = journal::lock_holder(&p)
-                    .map(|(pid, cmd)| format!(" (held by pid {pid}: {cmd})"))
-                    .unwrap_or_default();
-                return Err(StoreError::Locked(format!(
-                    "the event log in {} is locked by another process{holder}: is a build-image daemon already running on this state dir?",
-                    p.display()
-                )));
-            }
-            other => return Ok(other?),
-        }
-    }
-}
-
 impl Store {
     /// Opens the log in `dir` (refusing one that lost its tail), moves an older stored form to
     /// this one's, and loads the open jobs.
     pub fn open(dir: &Path, cache_bytes: u64, policy: Policy, patience: Duration) -> Result<Store> {
-        prepare_state_dir(dir)?;
+        statedir::prepare_state_dir(dir)?;
         // Not while `compact` swaps the log's files; what a crashed one left is finished first.
         let Some(_rewrite) = journal::archive::open_guard(dir, patience)? else {
             return Err(StoreError::Locked(format!(
@@ -165,7 +117,7 @@ impl Store {
                 dir.display()
             )));
         };
-        let journal = open_journal(dir, cache_bytes, patience)?;
+        let journal = statedir::open_journal(dir, cache_bytes, patience)?;
         let last = journal.last_seq();
         if let Some(mark) = read_mark(dir)
             && last < mark
@@ -621,6 +573,13 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The spec of a valid job (without its kickstart), from its `queued` event.
+    pub fn spec(&self, job: &Job) -> Result<Option<Spec>> {
+        spec_of(&self.journal()?, job)
+    }
+}
+
 /// The spec of a valid job (without its kickstart), from its `queued` event.
 pub fn spec_of(journal: &Journal, job: &Job) -> Result<Option<Spec>> {
     let Some(seq) = job.input_seq else {
@@ -672,96 +631,7 @@ fn load_open(journal: &Journal, policy: &Policy) -> Result<Jobs> {
     Ok(open)
 }
 
-/// Points every descriptor of this process open on `path` at /dev/null (dup2), so that the
-/// open file description closes: its lock is released, and whatever still holds the old
-/// descriptor numbers (a sled handle stuck after a write error) reads and writes nothing real.
-/// Returns how many were detached.
-fn detach_files(path: &Path) -> usize {
-    use std::os::fd::AsRawFd;
-    let Ok(target) = std::fs::canonicalize(path) else {
-        return 0;
-    };
-    let Ok(null) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    else {
-        return 0;
-    };
-    let mut n = 0;
-    for e in std::fs::read_dir("/proc/self/fd")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let Some(fd) = e.file_name().to_str().and_then(|f| f.parse::<i32>().ok()) else {
-            continue;
-        };
-        if std::fs::read_link(e.path()).is_ok_and(|l| l == target) {
-            // SAFETY: dup2 atomically makes `fd` refer to /dev/null; `fd` stays a valid,
-            // open descriptor (its owner keeps using the number), only its file changes.
-            if unsafe { nix::libc::dup2(null.as_raw_fd(), fd) } >= 0 {
-                n += 1;
-            }
-        }
-    }
-    n
-}
-
-/// Makes the files of the state dir readable by the owner only (the dir itself is 0700).
-fn restrict_files(dir: &Path) {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let Ok(ft) = e.file_type() else { continue };
-            let mode = if ft.is_dir() {
-                stack.push(e.path());
-                0o700
-            } else if ft.is_file() {
-                0o600
-            } else {
-                continue;
-            };
-            let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode));
-        }
-    }
-}
-
 /// One line per event in the daemon's log.
 pub fn log_event(ev: &Event) {
-    let detail = match &ev.kind {
-        EventKind::Claimed { file, bytes, .. } => format!("{file} ({bytes} bytes)"),
-        EventKind::Duplicate { file, .. } => format!("{file}: a byte-identical re-drop"),
-        EventKind::Rejected { file, reason } => format!("{file}: {reason}"),
-        EventKind::Invalid { error, .. } => error.clone(),
-        EventKind::Queued { image_id, spec, .. } => {
-            format!("{image_id} {} {} {}", spec.name, spec.arch, spec.image_type)
-        }
-        EventKind::Started { mode, attempt } => format!("{mode:?} attempt {attempt}"),
-        EventKind::Finished { result, error, .. } => {
-            format!("result={result} {}", error.as_deref().unwrap_or(""))
-        }
-        EventKind::Delivered { outbox, copy, .. } => match copy {
-            Some(c) => format!("outbox/{outbox} (for the re-drop {c})"),
-            None => format!("outbox/{outbox}"),
-        },
-        EventKind::Pushed {
-            status, ok, error, ..
-        } => format!(
-            "{} ok={ok} {}",
-            status.as_str(),
-            error.as_deref().unwrap_or("")
-        ),
-        EventKind::Cancelled { reason }
-        | EventKind::Compacted { reason, .. }
-        | EventKind::Requeued { reason, .. }
-        | EventKind::Interrupted { reason, .. } => reason.clone(),
-    };
-    log::info!(
-        "seq {} job {} {} {}",
-        ev.seq,
-        ev.job,
-        ev.kind.name(),
-        detail.trim_end()
-    );
+    log::info!("{}", ev.summary());
 }

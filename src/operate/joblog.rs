@@ -6,10 +6,11 @@
 //! carries a log that its build will not add to any more (the `finished` event is recorded after
 //! the build's last output).
 
-use crate::build::{self, logread};
+use crate::imaging::{self, logread};
 use crate::config::Config;
-use crate::journal::{EventKind, Journal, State};
-use crate::ops::{self, OpsError};
+use crate::journal::Journal;
+use crate::domain::{EventKind, State};
+use crate::operate::ops::{self, OpsError};
 use serde::{Deserialize, Serialize};
 
 /// One answer to a `log` request.
@@ -86,7 +87,7 @@ pub fn read(
         },
     };
     let events = journal.job_events(job_id)?;
-    let j = crate::journal::fold::fold(&events)
+    let j = crate::domain::job::fold(&events)
         .remove(&job_id)
         .ok_or_else(|| OpsError::NotFound(id.to_string()))?;
     let spec = events.iter().rev().find_map(|e| match &e.kind {

@@ -8,6 +8,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// How a pool's close ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Every thread ended its work within the grace.
+    Finished,
+    /// The grace ran out: running work was cancelled.
+    GraceOver,
+    /// A second stop signal (or its channel's end) cut the grace: running work was cancelled.
+    SecondSignal,
+}
+
 pub struct Pool {
     tx: Option<Sender<u64>>,
     exited: Receiver<()>,
@@ -48,12 +59,13 @@ impl Pool {
 
     /// Closes the queue, waits up to `grace` for the threads to drain it (or until `now`
     /// receives a message: a second stop signal), then calls `expire` with why (it should
-    /// cancel running work) and waits for the rest.
-    pub fn close(mut self, grace: Duration, now: &Receiver<()>, expire: impl FnOnce(&str)) {
+    /// cancel running work) and waits for the rest. Says how it ended.
+    pub fn close(mut self, grace: Duration, now: &Receiver<()>, expire: impl FnOnce(&str)) -> Closed {
         self.tx = None;
         let deadline = Instant::now().checked_add(grace);
         let mut left = self.handles.len();
         let mut why = None;
+        let mut closed = Closed::Finished;
         while left > 0 {
             let wait = deadline.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
@@ -65,11 +77,13 @@ impl Pool {
                 },
                 recv(now) -> _ => {
                     why = Some("a second stop signal ends the grace period");
+                    closed = Closed::SecondSignal;
                     break;
                 }
                 default(wait) => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         why = Some("the grace period is over");
+                        closed = Closed::GraceOver;
                         break;
                     }
                 }
@@ -81,5 +95,6 @@ impl Pool {
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
+        closed
     }
 }

@@ -6,7 +6,8 @@
 //! push.
 
 use crate::config::HooksConfig;
-use crate::journal::Status;
+use crate::domain::Status;
+use crate::engine::ports::{Pushed, StatusPush};
 use crate::process::{self, Capture, Outcome, Output, ProcessError, Registry, Run};
 use serde_json::Value;
 use std::ffi::OsString;
@@ -16,14 +17,6 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
-
-/// What one push attempt did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pushed {
-    pub exit: Option<i32>,
-    pub ok: bool,
-    pub error: Option<String>,
-}
 
 /// Output of one push kept for hooks.log: its first and last halves.
 const PUSH_OUTPUT_LIMIT: usize = 64 * 1024;
@@ -115,7 +108,7 @@ impl Hooks {
             "[{started}] job {job} image_id {} status {}: $ {}\n",
             one_line(image_id),
             status.as_str(),
-            crate::build::mic::display(&argv)
+            crate::imaging::mic::display(&argv)
         );
         for line in capture.text().lines() {
             block.push_str("  | ");
@@ -145,6 +138,20 @@ impl Hooks {
                 error: Some(e.to_string()),
             },
         })
+    }
+}
+
+/// The engine's status push, through the push utility.
+impl StatusPush for Hooks {
+    fn push_status(
+        &self,
+        job: u64,
+        status: Status,
+        stdin: Vec<u8>,
+        image_id: &str,
+        cancel: Option<&crossbeam_channel::Receiver<()>>,
+    ) -> Option<Pushed> {
+        self.push_bytes(job, status, stdin, image_id, cancel)
     }
 }
 

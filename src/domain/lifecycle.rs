@@ -5,8 +5,7 @@
 //! its file in `active/`): the daemon, recovery, `run --once`, the journal's open-jobs index and
 //! `replay` all ask it, so they cannot disagree.
 
-use crate::config::Config;
-use crate::journal::{Job, State, Status};
+use crate::domain::{Job, State, Status};
 
 /// What the daemon is set to do for every job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,16 +16,6 @@ pub struct Policy {
     pub push_retries: u32,
     /// Builds lost to a crash before a job is answered with an error.
     pub max_attempts: u32,
-}
-
-impl Policy {
-    pub fn from_config(cfg: &Config) -> Policy {
-        Policy {
-            push: cfg.hooks.push.is_some(),
-            push_retries: cfg.hooks.retries,
-            max_attempts: cfg.worker.max_attempts,
-        }
-    }
 }
 
 /// The next thing to do for a job.
@@ -41,7 +30,7 @@ pub enum Step {
     Running,
     /// Too many builds were lost to crashes: answer with an error.
     GiveUp,
-    /// Write the answer to the outbox (and remove the input from `active/`).
+    /// Send the answer (and release the input).
     Deliver,
     /// Write the answer for this byte-identical re-drop (its file in `active/`).
     DeliverCopy(String),
@@ -61,7 +50,7 @@ pub fn next_step(job: &Job, policy: &Policy) -> Step {
         State::Building => Step::Running,
         State::Finished => Step::Deliver,
         State::Done | State::Error => {
-            if let Some(c) = job.copies.iter().find(|c| c.outbox.is_none()) {
+            if let Some(c) = job.copies.iter().find(|c| c.unanswered()) {
                 Step::DeliverCopy(c.file.clone())
             } else if needs_push(job, policy) {
                 Step::Push(job.final_status())
@@ -97,7 +86,7 @@ pub fn is_live(job: &Job) -> bool {
     matches!(
         job.state,
         State::Claimed | State::Queued | State::Building | State::Interrupted | State::Finished
-    ) || job.copies.iter().any(|c| c.outbox.is_none())
+    ) || job.copies.iter().any(|c| c.unanswered())
 }
 
 /// Did the final push fail for good (every attempt spent)?
@@ -147,8 +136,9 @@ pub fn cancel_refusal(job: &Job) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Cause, Event, EventKind, Mode, Tag};
-    use crate::workitem::{Spec, Urls};
+    use crate::domain::event::Delivery;
+    use crate::domain::workitem::{Spec, Urls};
+    use crate::domain::{Cause, Event, EventKind, Mode, Receipt, Tag};
     use serde_json::json;
 
     fn spec() -> Spec {
@@ -189,11 +179,13 @@ mod tests {
                 error: None,
                 urls: Urls::default(),
             },
-            Tag::Delivered => EventKind::Delivered {
-                outbox: "a.json".into(),
+            Tag::Delivered => EventKind::Delivered(Delivery {
+                receipt: Receipt::Outbox {
+                    name: "a.json".into(),
+                    sha256: Some("cd".into()),
+                },
                 copy: None,
-                sha256: Some("cd".into()),
-            },
+            }),
             Tag::Pushed => EventKind::Pushed {
                 status: Status::Done,
                 exit: Some(0),
@@ -435,10 +427,10 @@ mod tests {
             (
                 "done, a re-drop to answer",
                 with(job_in(State::Done), |j| {
-                    j.copies.push(crate::journal::fold::Copy {
+                    j.copies.push(crate::domain::job::Copy {
                         file: "b.json".into(),
                         worker: "w1".into(),
-                        outbox: None,
+                        ..Default::default()
                     })
                 }),
                 [

@@ -1,0 +1,154 @@
+//! The `[amqp]` section: the daemon as a BOSS participant (docs/amqp.md), and what is made of
+//! it: the broker URL parsed (only `amqp://`), shown without its password, the `source` label a
+//! claim records, and the client's settings.
+//!
+//! Invariant: the password of `url` is never shown: `Debug`, errors and logs get [`redact`].
+
+use super::client::Settings;
+use lapin::uri::{AMQPScheme, AMQPUri};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// An empty string is "not set".
+fn empty_is_unset<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    Ok(s.filter(|p| !p.trim().is_empty()))
+}
+
+/// `[amqp]`: the daemon as a BOSS participant (docs/amqp.md). Unset `url`: no AMQP.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// `amqp://USER:PASS@HOST:PORT/VHOST` (vhost percent-encoded, `%2f` is `/`); never logged
+    /// with its password. An empty string is "not set".
+    #[serde(deserialize_with = "empty_is_unset")]
+    pub url: Option<String>,
+    /// The queue consumed (declared durable): the participant's name.
+    pub queue: String,
+    /// Answers are published to the default exchange with this routing key (declared durable).
+    pub reply_queue: String,
+    /// Unacked messages held, 0..=1000; 0 = the number of build slots (`[worker] workers`).
+    pub prefetch: u32,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: None,
+            queue: "build_image".into(),
+            reply_queue: "ruote_workitems".into(),
+            prefetch: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &self.url.as_deref().map(redact))
+            .field("queue", &self.queue)
+            .field("reply_queue", &self.reply_queue)
+            .field("prefetch", &self.prefetch)
+            .finish()
+    }
+}
+
+impl AmqpConfig {
+    /// Is the section sound? (the error names the key)
+    pub fn check(&self) -> Result<(), String> {
+        if self.prefetch > 1000 {
+            return Err(format!(
+                "[amqp] prefetch = {} is out of range: it must be 0..=1000 (0 = the build slots)",
+                self.prefetch
+            ));
+        }
+        for (key, name) in [("queue", &self.queue), ("reply_queue", &self.reply_queue)] {
+            if name.is_empty() || name.len() > 255 {
+                return Err(format!(
+                    "[amqp] {key} must be 1..=255 bytes long (an AMQP short string)"
+                ));
+            }
+        }
+        if let Some(url) = &self.url {
+            parse_url(url)?;
+        }
+        Ok(())
+    }
+
+    /// The unacked messages a daemon with `workers` build slots holds.
+    pub fn prefetch_for(&self, workers: usize) -> u16 {
+        let n = if self.prefetch == 0 {
+            workers as u32
+        } else {
+            self.prefetch
+        };
+        n.clamp(1, u16::MAX as u32) as u16
+    }
+}
+
+/// The url with its password replaced by `***` (for logs and `Debug`).
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match auth.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// Parses `[amqp] url`. Only `amqp://` (this build has no TLS).
+pub fn parse_url(url: &str) -> Result<AMQPUri, String> {
+    let uri: AMQPUri = url
+        .parse()
+        .map_err(|e| format!("[amqp] url {:?} is not an AMQP url: {e}", redact(url)))?;
+    if uri.scheme != AMQPScheme::AMQP {
+        return Err(format!(
+            "[amqp] url {:?}: amqps:// is not supported by this build (use amqp://, or a TLS tunnel)",
+            redact(url)
+        ));
+    }
+    if uri.authority.host.is_empty() {
+        return Err(format!("[amqp] url {:?} has no host", redact(url)));
+    }
+    Ok(uri)
+}
+
+/// The `source` recorded in a `claimed` event: `amqp://HOST:PORT/VHOST/QUEUE` (no user, no
+/// password; the vhost percent-encoded).
+pub fn source_label(uri: &AMQPUri, queue: &str) -> String {
+    let vhost =
+        percent_encoding::utf8_percent_encode(&uri.vhost, percent_encoding::NON_ALPHANUMERIC);
+    format!(
+        "amqp://{}:{}/{vhost}/{queue}",
+        uri.authority.host, uri.authority.port
+    )
+}
+
+/// The client settings for a config (None: no `[amqp] url`).
+pub fn settings(
+    cfg: &AmqpConfig,
+    workers: usize,
+    worker: &str,
+    consume: bool,
+) -> Result<Option<Settings>, String> {
+    let Some(url) = &cfg.url else {
+        return Ok(None);
+    };
+    let uri = parse_url(url)?;
+    Ok(Some(Settings {
+        uri,
+        shown: redact(url),
+        queue: cfg.queue.clone(),
+        reply_queue: cfg.reply_queue.clone(),
+        prefetch: cfg.prefetch_for(workers),
+        consume,
+        consumer_tag: format!("build-image-{worker}-{}", std::process::id()),
+    }))
+}

@@ -1,0 +1,96 @@
+//! The daemon as a BOSS participant (docs/amqp.md): Ruote workitems consumed from an AMQP
+//! queue are submitted to the engine as dropped files are ([`intake`]), and the answers of the
+//! jobs they became are published to the engine's reply queue ([`reply`]). This adapter owns
+//! its config section and URL handling ([`config`]) and its client (lapin on a thread and
+//! runtime of its own, [`client`]); the engine knows none of it.
+//!
+//! Invariants: a message is acked only after its claim is durable; a daemon claims a workitem
+//! only when a build slot is free for it; `delivered` is recorded only after the broker
+//! confirmed the answer, so an unconfirmed answer is published again by the engine's normal
+//! step (a stalled job, recovery at the next start).
+
+pub mod client;
+pub mod config;
+pub mod intake;
+pub mod reply;
+
+use crate::domain::{Origin, ReplyTo};
+use crate::engine::Engine;
+use crossbeam_channel::{Sender, bounded};
+use std::sync::Arc;
+
+pub use client::{Client, Handle, Incoming, Settings};
+pub use config::AmqpConfig;
+
+/// The participant: the AMQP client and the intake thread that turns its messages into jobs.
+pub struct Participant {
+    client: Client,
+    origin: Origin,
+    intake: Option<(Sender<()>, std::thread::JoinHandle<()>)>,
+}
+
+impl Participant {
+    /// Starts the client and connects it to the engine as the answerer of `broker` replies.
+    /// Nothing is consumed until [`Participant::start_intake`]. None without `[amqp] url`.
+    pub fn start(engine: &Engine, consume: bool) -> anyhow::Result<Option<Participant>> {
+        let cfg = &engine.cfg;
+        let Some(s) = config::settings(&cfg.amqp, cfg.worker.workers, &engine.worker, consume)
+            .map_err(anyhow::Error::msg)?
+        else {
+            return Ok(None);
+        };
+        let origin = Origin::Amqp {
+            source: Some(config::source_label(&s.uri, &s.queue)),
+        };
+        let queue = s.reply_queue.clone();
+        let client = Client::start(s)?;
+        engine.set_answerer(
+            ReplyTo::Broker,
+            Some(Arc::new(reply::Reply {
+                handle: client.handle.clone(),
+                queue,
+            })),
+        );
+        Ok(Some(Participant {
+            client,
+            origin,
+            intake: None,
+        }))
+    }
+
+    /// Starts turning messages into jobs.
+    pub fn start_intake(&mut self, engine: Arc<Engine>) -> std::io::Result<()> {
+        let (tx, rx) = bounded::<()>(1);
+        let handle = self.client.handle.clone();
+        let deliveries = self.client.deliveries.clone();
+        let origin = self.origin.clone();
+        let t = std::thread::Builder::new()
+            .name("amqp-intake".into())
+            .spawn(move || {
+                let src = intake::Source {
+                    engine: &engine,
+                    handle: &handle,
+                    origin,
+                };
+                intake::run(&src, &deliveries, &rx)
+            })?;
+        self.intake = Some((tx, t));
+        Ok(())
+    }
+
+    /// No more claims (messages held but not claimed go back to the queue when the connection
+    /// closes).
+    pub fn stop_intake(&mut self) {
+        if let Some((tx, t)) = self.intake.take() {
+            drop(tx);
+            let _ = t.join();
+        }
+    }
+
+    /// Closes the connection (after the builds and answers are done).
+    pub fn stop(mut self, engine: &Engine) {
+        self.stop_intake();
+        engine.set_answerer(ReplyTo::Broker, None);
+        self.client.stop();
+    }
+}

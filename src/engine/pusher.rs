@@ -1,0 +1,351 @@
+//! The pusher: runs the status push apart from the intake and the build slots, so a failing or
+//! hanging push utility delays only pushes.
+//!
+//! Invariants: the pushes of one job go to one thread (`job % threads`) and are tried in the
+//! order asked (BUILDING before the final status); a push is made only while the lifecycle
+//! still asks for it (a retry of BUILDING once the build is over is dropped; a final status
+//! that succeeded is not pushed again); every attempt is recorded as a `pushed` event; a failed
+//! attempt is tried again after the one back-off while `[hooks] retries` allow, and after a
+//! restart (the lifecycle asks for it again). A stop drains the queue ([`Pusher::drain`]):
+//! every push asked before it is made, within its deadline, unless a second signal cuts it.
+
+use super::backoff::Backoff;
+use super::ports::{Pushed, StatusPush};
+use super::store::{Store, lock};
+use super::Result;
+use crate::config::Config;
+use crate::domain::lifecycle::{self, Step};
+use crate::domain::{EventKind, Job, State, Status};
+use crossbeam_channel::{Receiver, Sender, select, unbounded};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Pushes run by this many threads at most (jobs are spread over them by id).
+const THREADS: u64 = 2;
+
+/// A push due at a time: (due, order asked, job, status, attempt).
+type Due = Reverse<(Instant, u64, u64, Status, u32)>;
+
+enum Msg {
+    Ask {
+        job: u64,
+        status: Status,
+        attempt: u32,
+        due: Instant,
+    },
+    /// Make every push due before this time, then end.
+    Drain(Instant),
+}
+
+pub struct Pusher {
+    ctx: Arc<Ctx>,
+    cancel: Mutex<Option<Sender<()>>>,
+    shards: Mutex<Vec<Sender<Msg>>>,
+    /// Each thread, and the channel on which it says how many pushes it left undone.
+    handles: Mutex<Vec<(JoinHandle<()>, Receiver<usize>)>>,
+}
+
+struct Ctx {
+    /// Disconnected to cut the pushes off: a push under way is killed (its final status is
+    /// pushed again by the next start).
+    cancel: Receiver<()>,
+    store: Arc<Store>,
+    push: Option<Arc<dyn StatusPush>>,
+    cfg: Arc<Config>,
+    backoff: Backoff,
+}
+
+impl Ctx {
+    fn cut(&self) -> bool {
+        // The cancel channel carries no message, only its disconnection, so looking at it
+        // consumes nothing.
+        matches!(
+            self.cancel.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        )
+    }
+}
+
+impl Pusher {
+    /// Starts the push threads; with no status push, none: pushes asked for are dropped (the
+    /// lifecycle asks for a final status again at the next start).
+    pub fn start(
+        store: Arc<Store>,
+        push: Option<Arc<dyn StatusPush>>,
+        cfg: Arc<Config>,
+    ) -> std::io::Result<Pusher> {
+        let n = if push.is_some() { THREADS } else { 0 };
+        let backoff = Backoff::new(
+            Duration::from_millis(cfg.hooks.retry_delay_ms),
+            Duration::from_secs(24 * 3600),
+        );
+        let (cancel_tx, cancel) = crossbeam_channel::bounded(1);
+        let ctx = Arc::new(Ctx {
+            cancel,
+            store,
+            push,
+            cfg,
+            backoff,
+        });
+        let mut shards = Vec::new();
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let (tx, rx) = unbounded();
+            let (left_tx, left_rx) = crossbeam_channel::bounded(1);
+            let ctx = Arc::clone(&ctx);
+            let h = std::thread::Builder::new()
+                .name(format!("push-{i}"))
+                .spawn(move || {
+                    let left = shard(&ctx, &rx);
+                    let _ = left_tx.send(left);
+                })?;
+            handles.push((h, left_rx));
+            shards.push(tx);
+        }
+        Ok(Pusher {
+            ctx,
+            cancel: Mutex::new(Some(cancel_tx)),
+            shards: Mutex::new(shards),
+            handles: Mutex::new(handles),
+        })
+    }
+
+    /// Asks for `status` of `job` to be pushed (first attempt, now).
+    pub fn push(&self, job: u64, status: Status) {
+        let shards = lock(&self.shards);
+        if shards.is_empty() {
+            return;
+        }
+        let i = (job % shards.len() as u64) as usize;
+        let _ = shards[i].send(Msg::Ask {
+            job,
+            status,
+            attempt: 1,
+            due: Instant::now(),
+        });
+    }
+
+    /// Pushes the final status (DONE or ERROR) of an answered job once more, now, in the
+    /// caller's thread, whatever pushes were made before; recorded as a `pushed` event like
+    /// every attempt. None when no status push is configured.
+    pub fn push_final_now(&self, job: &Job) -> Result<Option<Pushed>> {
+        let Some(push) = &self.ctx.push else {
+            return Ok(None);
+        };
+        let status = job.final_status();
+        let stdin = super::answer::push_bytes(&self.ctx.store, &self.ctx.cfg.worker, job, status)?;
+        let image_id = job.image_id.clone().unwrap_or_default();
+        let Some(pushed) = push.push_status(job.id, status, stdin, &image_id, Some(&self.ctx.cancel))
+        else {
+            return Ok(None);
+        };
+        self.ctx.store.record(
+            Some(job.id),
+            EventKind::Pushed {
+                status,
+                exit: pushed.exit,
+                ok: pushed.ok,
+                error: pushed.error.clone(),
+            },
+        )?;
+        Ok(Some(pushed))
+    }
+
+    /// A stop: makes every push asked so far (and its retries) that falls due before
+    /// `deadline`, each bounded by the hook timeout, then ends the push threads. A message on
+    /// `cut` (a second signal) or the deadline kills a push under way and leaves the rest for
+    /// the next start (the lifecycle asks for their final statuses again). Returns how many
+    /// pushes were left undone.
+    pub fn drain(&self, deadline: Instant, cut: &Receiver<()>) -> usize {
+        for s in lock(&self.shards).drain(..) {
+            let _ = s.send(Msg::Drain(deadline));
+        }
+        let handles: Vec<_> = lock(&self.handles).drain(..).collect();
+        let mut left = 0;
+        let mut cut_off = false;
+        for (h, done) in handles {
+            let n = loop {
+                if cut_off {
+                    break done.recv().unwrap_or(0);
+                }
+                let wait = deadline.saturating_duration_since(Instant::now());
+                select! {
+                    recv(done) -> n => break n.unwrap_or(0),
+                    recv(cut) -> _ => {
+                        log::warn!("a second stop signal cuts the pushes off");
+                        cut_off = true;
+                        self.cut();
+                    }
+                    default(wait) => {
+                        log::warn!("the pushes' time at the stop is over: cutting them off");
+                        cut_off = true;
+                        self.cut();
+                    }
+                }
+            };
+            left += n;
+            let _ = h.join();
+        }
+        self.cut();
+        if left > 0 {
+            log::warn!("{left} push(es) not made at the stop: made by the next start");
+        }
+        left
+    }
+
+    /// Kills a push under way and ends the threads at once (their queued pushes are dropped).
+    fn cut(&self) {
+        lock(&self.shards).clear();
+        lock(&self.cancel).take();
+    }
+}
+
+impl Drop for Pusher {
+    fn drop(&mut self) {
+        self.cut();
+        for (h, _) in lock(&self.handles).drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl super::Engine {
+    /// A stop: the pushes asked so far are made before `deadline` (see [`Pusher::drain`]).
+    pub fn drain_pushes(&self, deadline: Instant, cut: &Receiver<()>) -> usize {
+        self.pusher.drain(deadline, cut)
+    }
+
+    /// A stop cut short: a push under way is killed, the rest left for the next start.
+    pub fn cut_pushes(&self) {
+        self.pusher.cut();
+    }
+}
+
+/// One push thread: a queue of asks, each due at a time. Returns how many it left undone.
+fn shard(ctx: &Ctx, rx: &Receiver<Msg>) -> usize {
+    let mut order = 0u64;
+    let mut heap: BinaryHeap<Due> = BinaryHeap::new();
+    let mut pending: HashSet<(u64, Status)> = HashSet::new();
+    let mut drain_until: Option<Instant> = None;
+    let mut connected = true;
+    loop {
+        if ctx.cut() {
+            return heap.len();
+        }
+        if let Some(deadline) = drain_until {
+            // Draining: done once nothing is left that falls due in time.
+            let next = heap.peek().map(|Reverse(a)| a.0);
+            if next.is_none_or(|due| due > deadline) {
+                return heap.len();
+            }
+        }
+        let wait = heap.peek().map_or(Duration::from_secs(3600), |Reverse(a)| {
+            a.0.saturating_duration_since(Instant::now())
+        });
+        let msg = if connected {
+            select! {
+                recv(rx) -> m => match m {
+                    Ok(m) => Some(m),
+                    Err(_) => {
+                        connected = false;
+                        None
+                    }
+                },
+                default(wait) => None,
+            }
+        } else {
+            std::thread::sleep(wait.min(Duration::from_millis(50)));
+            None
+        };
+        match msg {
+            Some(Msg::Ask {
+                job,
+                status,
+                attempt,
+                due,
+            }) => {
+                if pending.insert((job, status)) {
+                    order += 1;
+                    heap.push(Reverse((due, order, job, status, attempt)));
+                }
+            }
+            Some(Msg::Drain(deadline)) => drain_until = Some(deadline),
+            None if !connected && drain_until.is_none() => return heap.len(),
+            None => {}
+        }
+        while let Some(Reverse(top)) = heap.peek() {
+            if top.0 > Instant::now() || ctx.cut() {
+                break;
+            }
+            let Some(Reverse((_, _, job, status, attempt))) = heap.pop() else {
+                break;
+            };
+            pending.remove(&(job, status));
+            if let Some(retry) = attempt_push(ctx, job, status, attempt) {
+                order += 1;
+                pending.insert((job, status));
+                heap.push(Reverse((retry, order, job, status, attempt + 1)));
+            }
+        }
+    }
+}
+
+/// One push attempt, if the lifecycle still asks for it; returns when to try again.
+fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Option<Instant> {
+    let push = ctx.push.as_ref()?;
+    let job = ctx.store.job(id)?;
+    let wanted = match status {
+        // The first BUILDING is always tried (before the final status, which waits behind it
+        // in this thread); a retry of it only while the build runs.
+        Status::Building => attempt == 1 || job.state == State::Building,
+        _ => lifecycle::next_step(&job, ctx.store.policy()) == Step::Push(status),
+    };
+    if !wanted {
+        return None;
+    }
+    // Only the bytes are kept while the utility runs.
+    let stdin = match super::answer::push_bytes(&ctx.store, &ctx.cfg.worker, &job, status) {
+        Ok(b) => b,
+        Err(e) => {
+            log::error!("job {id}: cannot push {status:?}: {e}");
+            return None;
+        }
+    };
+    let image_id = job.image_id.clone().unwrap_or_default();
+    let pushed = push.push_status(id, status, stdin, &image_id, Some(&ctx.cancel))?;
+    if !pushed.ok && ctx.cut() {
+        // Killed by the daemon stopping: not an attempt of the utility's; the next start
+        // pushes it again.
+        return None;
+    }
+    let retry = match &pushed.error {
+        Some(e) => {
+            log::warn!(
+                "job {id} push {} attempt {attempt} failed: {e}",
+                status.as_str()
+            );
+            (attempt <= ctx.cfg.hooks.retries).then(|| Instant::now() + ctx.backoff.delay(attempt))
+        }
+        None => None,
+    };
+    if let Err(e) = ctx.store.record(
+        Some(id),
+        EventKind::Pushed {
+            status,
+            exit: pushed.exit,
+            ok: pushed.ok,
+            error: pushed.error,
+        },
+    ) {
+        // The push happened; the log did not take its record. The lifecycle asks for it
+        // again once the log works (at least once).
+        log::error!(
+            "job {id}: cannot record the push of {}: {e}",
+            status.as_str()
+        );
+    }
+    retry
+}
