@@ -283,9 +283,13 @@ fn forget_cancel_malformed_outage_and_the_spool() {
 
     // A reply that falls due while the broker is down is published when it returns; the
     // spool is served meanwhile.
-    broker.publish(Q, &[bytes(&ruote(4, "# mic-fixture: sleep 2\n"))]);
+    // (img4's build ends only once the broker is down: it waits for this file)
+    let broker_down = farm.root().join("broker-down");
+    let ks4 = format!("# mic-fixture: wait-for {}\n", broker_down.display());
+    broker.publish(Q, &[bytes(&ruote(4, &ks4))]);
     farm.wait_mic_running("img4");
     broker.stop_node();
+    std::fs::write(&broker_down, b"").unwrap();
     farm.drop_json("spool.json", &common::workitem("sp1", "# ks\n"));
     let out = farm.wait_outbox("spool.json", Duration::from_secs(60));
     assert_eq!(out["result"], json!(true), "{out}");

@@ -691,8 +691,8 @@ fn check_push(hooks: &HooksConfig) -> Check {
 /// With `[amqp] url`: the broker answers, and the queue exists or can be declared.
 fn check_amqp(a: &crate::config::AmqpConfig) -> Option<Check> {
     let url = a.url.as_deref()?;
-    let shown = crate::edges::amqp::redact(url);
-    let uri = match crate::edges::amqp::parse_url(url) {
+    let shown = crate::edges::amqp::config::redact(url);
+    let uri = match crate::edges::amqp::config::parse_url(url) {
         Ok(u) => u,
         Err(e) => return Some(Check::fail("amqp broker", e)),
     };

@@ -209,6 +209,7 @@ mod tests {
                 worker: "w1".into(),
                 bytes: 10,
                 sha256: "ab".into(),
+                source: None,
             },
             Tag::Compacted => EventKind::Compacted {
                 file: "/var/archive.jsonl".into(),

@@ -23,6 +23,7 @@ pub mod pool;
 pub mod ports;
 pub mod pusher;
 pub mod slots;
+pub mod statedir;
 pub mod store;
 pub mod timer;
 

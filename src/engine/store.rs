@@ -68,8 +68,8 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     /// The job's state before the event (None: the event opened the job).
-    pub before: Option<journal::State>,
-    pub after: journal::State,
+    pub before: Option<crate::domain::State>,
+    pub after: crate::domain::State,
     /// The job's `started_at` after the event.
     pub started_at: Option<String>,
 }
@@ -576,7 +576,7 @@ impl Store {
 impl Store {
     /// The spec of a valid job (without its kickstart), from its `queued` event.
     pub fn spec(&self, job: &Job) -> Result<Option<Spec>> {
-        spec_of(&self.journal()?, job)
+        spec_of(&*self.journal()?, job)
     }
 }
 

@@ -840,3 +840,46 @@ mod tests {
         assert_eq!(mic_missing(&w), None);
     }
 }
+
+/// TEMPORARY (replaced by the builders' own trait): one kind of build.
+pub trait Builder: Send + Sync {
+    fn mode(&self) -> Mode;
+    fn build(
+        &self,
+        spec: &Spec,
+        prepared: &Prepared,
+        cancel: &Receiver<()>,
+        registry: &Registry,
+    ) -> BuildEnd;
+    fn recover(&self, _registry: &Registry) {}
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+}
+
+struct Configured(WorkerConfig);
+
+impl Builder for Configured {
+    fn mode(&self) -> Mode {
+        mode(&self.0)
+    }
+    fn build(
+        &self,
+        spec: &Spec,
+        prepared: &Prepared,
+        cancel: &Receiver<()>,
+        registry: &Registry,
+    ) -> BuildEnd {
+        build(&self.0, spec, prepared, cancel, registry)
+    }
+    fn recover(&self, registry: &Registry) {
+        kvm::recover_orphans(&self.0, registry);
+    }
+    fn unavailable(&self) -> Option<String> {
+        mic_missing(&self.0)
+    }
+}
+
+pub fn builder(w: &WorkerConfig) -> Arc<dyn Builder> {
+    Arc::new(Configured(w.clone()))
+}

@@ -308,7 +308,7 @@ fn fsync_tree(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Input, Tag};
+    use crate::domain::{Input, Tag};
     use super::*;
 
     fn ev(seq: u64, job: u64, kind: EventKind) -> Event {

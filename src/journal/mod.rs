@@ -1327,6 +1327,7 @@ fn decode(seq: u64, bytes: &[u8]) -> Result<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::State;
 
     /// Open until settled, as the lifecycle says with no push utility.
     fn p(job: &Job) -> bool {

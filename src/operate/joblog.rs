@@ -94,7 +94,7 @@ pub fn read(
         EventKind::Queued { spec, .. } => Some(spec),
         _ => None,
     });
-    let path = spec.map(|s| build::log_path(&cfg.worker, s));
+    let path = spec.map(|s| imaging::log_path(&cfg.worker, s));
     let ended = ended(j.state);
     let mut out = LogChunk {
         job: job_id,

@@ -329,6 +329,7 @@ impl Spool {
         }
         removed
     }
+}
 
 /// The most numbered variants of a name tried before giving up.
 const MAX_NUMBERED: u32 = 10_000;
@@ -424,6 +425,8 @@ fn list(dir: &Path) -> Result<Vec<String>, SpoolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SpoolConfig;
+    use std::ffi::OsString;
 
     fn cfg(min_age_ms: u64) -> SpoolConfig {
         SpoolConfig {
