@@ -9,10 +9,10 @@
 //! - `/metrics` reads memory only ([`Metrics`], kept by the store's observer), and a page of
 //!   `/` looks at `PAGE_SCAN` job ids at most: both cost the same at any log size.
 
+use super::logview::{LOG_TAIL, is_live, read_tail};
 use super::metrics::{self, Metrics};
 use super::pages;
 use super::routes::{param, parse_state};
-use super::{LOG_TAIL, is_live, read_tail};
 use crate::control::{self, Request as CtlRequest, Response as CtlResponse};
 use crate::journal::{Job, Journal, JournalError, State};
 use crate::ops;
