@@ -13,6 +13,7 @@ use super::logview::{LOG_TAIL, is_live, read_tail};
 use super::metrics::{self, Metrics};
 use super::pages;
 use super::routes::{param, parse_state};
+use crate::build::logread;
 use crate::control::{self, Request as CtlRequest, Response as CtlResponse};
 use crate::journal::{Job, Journal, JournalError, State};
 use crate::ops;
@@ -177,6 +178,11 @@ impl App {
         Reply::new(200, HTML, pages::index(&page).into_string())
     }
 
+    /// How this worker's job logs are bounded (what their reader needs to know).
+    pub(super) fn log_bound(&self) -> logread::Bound {
+        logread::Bound::of(&self.stage.cfg.worker)
+    }
+
     /// The job `id` names, and its build log's path (for an accepted job).
     pub(super) fn job_and_log(&self, id: &str) -> Result<(Job, Option<PathBuf>), (u16, String)> {
         let journal = self
@@ -214,7 +220,7 @@ impl App {
         let log = view
             .log_path
             .as_ref()
-            .map(|p| read_tail(std::path::Path::new(p), LOG_TAIL, live));
+            .map(|p| read_tail(std::path::Path::new(p), self.log_bound(), LOG_TAIL, live));
         let answer = answer_fields(view.workitem.as_ref(), &view.job);
         let urls = &view.job.urls;
         let planned = view.workitem.as_ref().and_then(|w| {

@@ -12,7 +12,7 @@
 //!   reads run on blocking threads, never on the one thread that serves the connections.
 
 use super::app::{App, Reply, TEXT};
-use super::logview::{is_live, read_from, sse_chunk};
+use super::logview::{Step, is_live, stream_step};
 use super::metrics;
 use super::pages;
 use super::routes::{Route, param, query_params, route};
@@ -352,18 +352,20 @@ async fn log_file(app: Arc<App>, id: String) -> HttpResponse {
     resp
 }
 
-/// `GET /jobs/ID/log/stream`: the build log's output from byte `from` on, as server-sent
-/// events, until the job is no longer building (`event: end`) or `STREAM_LIFETIME` is over.
+/// `GET /jobs/ID/log/stream`: the build log's output from stream position `from` on, as
+/// server-sent events ([`stream_step`]), until the job is no longer building (`event: end`)
+/// or `STREAM_LIFETIME` is over.
 async fn log_stream(app: Arc<App>, id: String, from: u64) -> HttpResponse {
     let (job, path) = match log_of(&app, id).await {
         Ok(x) => x,
         Err(r) => return r,
     };
+    let bound = app.log_bound();
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
     let job_id = job.id;
     tokio::spawn(async move {
         let started = tokio::time::Instant::now();
-        let mut offset = from;
+        let mut position = from;
         let mut tick = tokio::time::interval(STREAM_POLL);
         // Tell the browser how soon to come back when the stream ends by time.
         if tx
@@ -382,37 +384,26 @@ async fn log_stream(app: Arc<App>, id: String, from: u64) -> HttpResponse {
                 .job(job_id)
                 .is_some_and(|j| is_live(j.state));
             let p = path.clone();
-            let read = tokio::task::spawn_blocking(move || read_from(&p, offset)).await;
-            let (chunk, new_offset, reset) = match read {
-                Ok(Ok(x)) => x,
-                _ => (String::new(), offset, false),
+            let read =
+                tokio::task::spawn_blocking(move || stream_step(&p, bound, position, live)).await;
+            // A read that failed sends nothing: the next tick tries again.
+            let step = match read {
+                Ok(Ok(step)) => step,
+                _ => Step {
+                    events: String::new(),
+                    next: position,
+                    progressed: false,
+                },
             };
-            if reset
-                && tx
-                    .send_data(Bytes::from_static(b"event: reset\nid: 0\ndata: \n\n"))
-                    .await
-                    .is_err()
-            {
+            if !step.events.is_empty() && tx.send_data(Bytes::from(step.events)).await.is_err() {
                 return;
             }
-            if new_offset != offset || reset {
-                offset = new_offset;
-                if !chunk.is_empty()
-                    && tx
-                        .send_data(Bytes::from(sse_chunk(&chunk, offset)))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
+            if step.progressed {
+                position = step.next;
                 continue; // more may be waiting: read again before looking at the state
             }
             if !live {
-                let _ = tx
-                    .send_data(Bytes::from(format!(
-                        "event: end\nid: {offset}\ndata: over\n\n"
-                    )))
-                    .await;
+                let _ = tx.send_data(Bytes::from(end_event(position))).await;
                 return;
             }
             if started.elapsed() > STREAM_LIFETIME {
@@ -428,4 +419,9 @@ async fn log_stream(app: Arc<App>, id: String, from: u64) -> HttpResponse {
     );
     secure(h);
     resp
+}
+
+/// The event that says the build is over (the page reloads), at stream position `position`.
+fn end_event(position: u64) -> String {
+    format!("event: end\nid: {position}\ndata: over\n\n")
 }
