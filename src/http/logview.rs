@@ -1,8 +1,8 @@
 //! A job's build log as the HTTP server shows it: its end on the job's page ([`read_tail`]),
-//! and its new output as the events of the live stream ([`stream_step`], [`sse_chunk`]).
-//! Every read goes through the project's one job-log reader, [`crate::build::logread`], by
-//! *stream position* (the count of output bytes the log was ever given, including those its
-//! size bound cut out).
+//! its new output as the events of the live stream ([`stream_step`], [`sse_chunk`]) and the
+//! whole of it ([`shown`], for `/jobs/ID/log`). Every read goes through the project's one
+//! job-log reader, [`crate::build::logread`], by *stream position* (the count of output bytes
+//! the log was ever given, including those its size bound cut out).
 //!
 //! Invariants:
 //! - Every position the server hands out or takes back (the page's `data-offset`, each event's
@@ -388,7 +388,7 @@ mod tests {
         }
         assert!(nums.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(nums.last(), Some(&3999));
-        // The whole log, read chunk after chunk from its start, shows as the file reads.
+        // The whole log, chunk after chunk as `/jobs/ID/log` reads it, is the file.
         let (mut from, mut whole) = (0, Vec::new());
         loop {
             let c = logread::read(&p, bound(), from, 1000).unwrap().unwrap();

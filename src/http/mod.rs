@@ -13,9 +13,9 @@
 //!   connection, request heads of at most `MAX_HEAD` bytes read within `HEAD_TIMEOUT`, every
 //!   connection cut after `CONNECTION_LIFETIME`; ids are job numbers or image_ids of
 //!   `[A-Za-z0-9._-]`, and no path is built from a request (the log's path comes from the job).
-//! - A job's page and its live log read the build log only through the project's one job-log
-//!   reader ([`crate::build::logread`]), by stream position: what they show is never torn by
-//!   the log's size cut, and what the cut left out is said.
+//! - A job's build log is read only through the project's one job-log reader
+//!   ([`crate::build::logread`]), by stream position: what is shown is never torn by the log's
+//!   size cut, and what the cut left out is said.
 //!
 //! It runs on one thread of its own (a single-threaded tokio runtime for hyper); the reads of
 //! the log run on a few blocking threads beside it.

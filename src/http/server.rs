@@ -12,10 +12,11 @@
 //!   reads run on blocking threads, never on the one thread that serves the connections.
 
 use super::app::{App, Reply, TEXT};
-use super::logview::{Step, is_live, stream_step};
+use super::logview::{Step, is_live, shown, stream_step};
 use super::metrics;
 use super::pages;
 use super::routes::{Route, param, query_params, route};
+use crate::build::logread::{self, Bound, Chunk};
 use crate::journal::Job;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -310,39 +311,58 @@ async fn log_of(app: &Arc<App>, id: String) -> Result<(Job, PathBuf), HttpRespon
     }
 }
 
-/// `GET /jobs/ID/log`: the whole build log, streamed from the file.
+/// A chunk of the job log from stream position `from`, read on a blocking thread.
+async fn read_chunk(path: PathBuf, bound: Bound, from: u64) -> std::io::Result<Option<Chunk>> {
+    tokio::task::spawn_blocking(move || logread::read(&path, bound, from, logread::MAX_CHUNK))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+/// `GET /jobs/ID/log`: the whole build log, read from its start chunk after chunk (what the
+/// bound cut out is the omitted line, where the file has it), until the reads reach its end.
 async fn log_file(app: Arc<App>, id: String) -> HttpResponse {
     let (_, path) = match log_of(&app, id).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
+    let bound = app.log_bound();
+    let mut chunk = match read_chunk(path.clone(), bound, 0).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return to_response(Reply::new(
+                404,
+                TEXT,
+                format!("cannot open {}: it does not exist\n", path.display()),
+            ));
+        }
         Err(e) => {
             return to_response(Reply::new(
                 404,
                 TEXT,
-                format!("cannot open {}: {e}\n", path.display()),
+                format!("cannot read {}: {e}\n", path.display()),
             ));
         }
     };
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
     tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut at_line_start = true;
         loop {
-            match file.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx
-                        .send_data(Bytes::copy_from_slice(&buf[..n]))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
+            let out = shown(&chunk, at_line_start);
+            if let Some(last) = out.last() {
+                at_line_start = *last == b'\n';
+                if tx.send_data(Bytes::from(out)).await.is_err() {
+                    return;
                 }
             }
+            let next = chunk.next();
+            if next >= chunk.end || (chunk.data.is_empty() && chunk.skipped == 0) {
+                return;
+            }
+            chunk = match read_chunk(path.clone(), bound, next).await {
+                // a log replaced meanwhile ends the answer
+                Ok(Some(c)) if !c.restarted => c,
+                _ => return,
+            };
         }
     });
     let mut resp = hyper::Response::new(body.boxed());
