@@ -1,7 +1,10 @@
-//! The HTML pages: pure functions from what the log says to markup. Built with maud, whose
-//! `html!` escapes every value it is given, so text from a workitem (a name holding
-//! `<script>`) is shown, never run. Inline CSS; the only script is `/live.js` (the job page's
-//! live log), and every page reads fully without it.
+//! The HTML pages: pure functions from what the log says to markup, and the job page's script.
+//! Inline CSS; the only script is `/live.js` (the job page's live log), and every page reads
+//! fully without it.
+//!
+//! Invariant: every value goes in through maud's `html!`, which escapes it, so text from a
+//! workitem or a build log (a name holding `<script>`) is shown, never run; the script adds
+//! log text as text nodes only.
 
 use crate::domain::{Event, Job, State};
 use crate::operate::ops::{self, StatusRow};
@@ -48,12 +51,13 @@ pub struct JobPage {
     pub logfile_url: Option<String>,
 }
 
-/// The end of a job's build log.
+/// The end of a job's build log (positions are stream positions, see
+/// [`crate::imaging::logread`]).
 pub struct LogTail {
     pub text: String,
-    /// Bytes of the log before `text` that are not shown.
+    /// Bytes of output before `text` that are not shown (its stream position).
     pub skipped: u64,
-    /// Where `text` ends: the stream of new output starts here.
+    /// The stream position where `text` ends: the live stream of new output starts here.
     pub offset: u64,
     /// The file does not exist (yet).
     pub missing: bool,
@@ -464,8 +468,9 @@ pub fn error(worker: &str, status: u16, message: &str) -> Markup {
 }
 
 /// The script of the job page: appends the build log's new output as it comes (server-sent
-/// events from `/jobs/ID/log/stream`), and reloads the page when the build is over. Text is
-/// added as text nodes, never as HTML.
+/// events from `/jobs/ID/log/stream`, from the page's stream position on; a reconnect goes on
+/// from the last event's), and reloads the page when the build is over. Text is added as text
+/// nodes, never as HTML.
 pub const LIVE_JS: &str = r#"(function () {
   var pre = document.getElementById('logtext');
   var badge = document.getElementById('live');

@@ -38,6 +38,11 @@ impl Bound {
         Bound::new(super::job_log_limit(w))
     }
 
+    /// The stream position where the kept head ends: output the bound cuts out starts here.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
     /// Past this length a cut is due or under way.
     fn cutting_above(&self) -> u64 {
         self.head + 2 * self.tail + MARKER_MAX

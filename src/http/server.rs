@@ -1,0 +1,448 @@
+//! The server: binding, starting and stopping it on a thread of its own (a single-threaded
+//! tokio runtime for hyper), the bounds on connections, and turning a request into a response
+//! (the handlers' [`Reply`], the whole log as a file body, the live log as server-sent events).
+//!
+//! Invariants:
+//! - It changes nothing: only GET and HEAD are served (others: 405).
+//! - Bounded: `max_connections` connections at once (more get 503 at once, without their
+//!   request being read), one request per connection, request heads of at most `MAX_HEAD` bytes
+//!   read within `HEAD_TIMEOUT`, every connection cut after `CONNECTION_LIFETIME`, a log stream
+//!   ended after `STREAM_LIFETIME`.
+//! - Every answer carries the same security headers ([`secure`]), and the handlers and the log
+//!   reads run on blocking threads, never on the one thread that serves the connections.
+
+use super::app::{App, Reply, TEXT};
+use super::logview::{Step, is_live, shown, stream_step};
+use super::metrics;
+use super::pages;
+use super::routes::{Route, param, query_params, route};
+use crate::imaging::logread::{self, Bound, Chunk};
+use crate::domain::Job;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, StatusCode};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The longest request head (request line and headers) read; longer ones get 431.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// How long a client may take to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection is served (a log stream ends before; the browser reconnects).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// The longest one log stream runs before it ends (the browser reconnects where it was).
+pub const STREAM_LIFETIME: Duration = Duration::from_secs(10 * 60);
+/// How often a log stream looks for new output.
+pub const STREAM_POLL: Duration = Duration::from_millis(300);
+
+type Body = BoxBody<Bytes, Infallible>;
+type HttpResponse = hyper::Response<Body>;
+
+/// The server: started by the daemon when `[http] listen` is set, stopped with it.
+pub struct Server {
+    /// Counting the log's jobs at a start (cancelled by a stop).
+    _seeder: metrics::Seeder,
+    addr: SocketAddr,
+    addr_file: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds `addr` (done first at a start, so that a taken port stops the daemon before it
+    /// has started anything).
+    pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+        std::net::TcpListener::bind(addr)
+    }
+
+    /// Serves on `listener` on a thread of its own. The address bound (port 0 picks one) is
+    /// written to `<state_dir>/http.addr`.
+    pub fn start(
+        app: App,
+        seeder: metrics::Seeder,
+        listener: std::net::TcpListener,
+        max_connections: usize,
+    ) -> std::io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?;
+        let addr_file = app.host.engine.store.dir().join("http.addr");
+        crate::durable::write_atomic(&addr_file, format!("{bound}\n").as_bytes(), 0o644)
+            .map_err(std::io::Error::other)?;
+        if !bound.ip().is_loopback() {
+            log::warn!(
+                "http: listening on {bound}, beyond this host: the pages and the API have no authentication"
+            );
+        } else {
+            log::info!("http: listening on http://{bound}/");
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads(8)
+            .thread_name("http")
+            .build()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let app = Arc::new(app);
+        let thread = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || {
+                runtime.block_on(accept(listener, app, max_connections, rx));
+                // Open connections (a log stream) are dropped, not waited for.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        Ok(Server {
+            _seeder: seeder,
+            addr: bound,
+            addr_file,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and cuts every connection.
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.addr_file);
+    }
+}
+
+async fn accept(
+    listener: std::net::TcpListener,
+    app: Arc<App>,
+    max_connections: usize,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("http: cannot serve: {e}");
+            return;
+        }
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else {
+                    // e.g. out of file descriptors: do not spin
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                match Arc::clone(&slots).try_acquire_owned() {
+                    Ok(slot) => {
+                        tokio::spawn(serve(stream, Arc::clone(&app), slot));
+                    }
+                    Err(_) => {
+                        tokio::spawn(busy(stream));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Over the connection limit: 503 at once, without reading the request.
+async fn busy(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let answer = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: 17\r\nConnection: close\r\n\r\ntoo many clients\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+}
+
+async fn serve(
+    stream: tokio::net::TcpStream,
+    app: Arc<App>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let service = hyper::service::service_fn(move |req| {
+        let app = Arc::clone(&app);
+        async move { Ok::<_, Infallible>(respond(app, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .serve_connection(io, service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed()
+}
+
+fn to_response(r: Reply) -> HttpResponse {
+    let mut resp = hyper::Response::new(full(r.body));
+    *resp.status_mut() =
+        StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(r.content_type),
+    );
+    secure(h);
+    resp
+}
+
+/// Headers every answer carries: nothing is framed, sniffed or loaded from elsewhere.
+fn secure(h: &mut hyper::HeaderMap) {
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+}
+
+/// Runs a handler that reads the log on a blocking thread.
+async fn blocking(app: Arc<App>, f: impl FnOnce(&App) -> Reply + Send + 'static) -> HttpResponse {
+    match tokio::task::spawn_blocking(move || f(&app)).await {
+        Ok(r) => to_response(r),
+        Err(e) => to_response(Reply::new(500, TEXT, format!("internal error: {e}\n"))),
+    }
+}
+
+async fn respond(app: Arc<App>, req: hyper::Request<Incoming>) -> HttpResponse {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = to_response(Reply::new(
+            405,
+            TEXT,
+            "read-only: only GET and HEAD are served\n",
+        ));
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let params = query_params(req.uri().query());
+    match route(req.uri().path()) {
+        Route::Index => blocking(app, move |a| a.index(&params)).await,
+        Route::Job(id) => blocking(app, move |a| a.job_page(&id)).await,
+        Route::ApiJobs => blocking(app, move |a| a.api_jobs(&params)).await,
+        Route::ApiJob(id) => blocking(app, move |a| a.api_job(&id)).await,
+        Route::Metrics => to_response(app.metrics()),
+        Route::Healthz => to_response(app.healthz()),
+        Route::LiveJs => {
+            let mut r = to_response(Reply::new(
+                200,
+                "text/javascript; charset=utf-8",
+                pages::LIVE_JS,
+            ));
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=300"),
+            );
+            r
+        }
+        Route::JobLog(id) => log_file(app, id).await,
+        Route::JobLogStream(id) => {
+            let from = req
+                .headers()
+                .get("last-event-id")
+                .and_then(|v| v.to_str().ok())
+                .or(param(&params, "from"))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            log_stream(app, id, from).await
+        }
+        Route::NotFound => {
+            let path = req.uri().path().to_string();
+            blocking(app, move |a| {
+                if path.starts_with("/api/") {
+                    Reply::api_error(404, "no such resource")
+                } else {
+                    a.page_error(404, "There is no such page.")
+                }
+            })
+            .await
+        }
+        Route::BadPath(why) => to_response(Reply::new(400, TEXT, format!("bad request: {why}\n"))),
+    }
+}
+
+/// The job's log path, or an error reply.
+async fn log_of(app: &Arc<App>, id: String) -> Result<(Job, PathBuf), HttpResponse> {
+    let a = Arc::clone(app);
+    let found = tokio::task::spawn_blocking(move || a.job_and_log(&id))
+        .await
+        .unwrap_or_else(|e| Err((500, e.to_string())));
+    match found {
+        Ok((job, Some(path))) => Ok((job, path)),
+        Ok((job, None)) => Err(to_response(Reply::new(
+            404,
+            TEXT,
+            format!(
+                "job {} has no build log (it was never accepted for building)\n",
+                job.id
+            ),
+        ))),
+        Err((status, message)) => Err(to_response(Reply::new(status, TEXT, message + "\n"))),
+    }
+}
+
+/// A chunk of the job log from stream position `from`, read on a blocking thread.
+async fn read_chunk(path: PathBuf, bound: Bound, from: u64) -> std::io::Result<Option<Chunk>> {
+    tokio::task::spawn_blocking(move || logread::read(&path, bound, from, logread::MAX_CHUNK))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+/// `GET /jobs/ID/log`: the whole build log, read from its start chunk after chunk (what the
+/// bound cut out is the omitted line, where the file has it), until the reads reach its end.
+async fn log_file(app: Arc<App>, id: String) -> HttpResponse {
+    let (_, path) = match log_of(&app, id).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let bound = app.log_bound();
+    let mut chunk = match read_chunk(path.clone(), bound, 0).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return to_response(Reply::new(
+                404,
+                TEXT,
+                format!("cannot open {}: it does not exist\n", path.display()),
+            ));
+        }
+        Err(e) => {
+            return to_response(Reply::new(
+                404,
+                TEXT,
+                format!("cannot read {}: {e}\n", path.display()),
+            ));
+        }
+    };
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+    tokio::spawn(async move {
+        let mut at_line_start = true;
+        loop {
+            let out = shown(&chunk, at_line_start);
+            if let Some(last) = out.last() {
+                at_line_start = *last == b'\n';
+                if tx.send_data(Bytes::from(out)).await.is_err() {
+                    return;
+                }
+            }
+            let next = chunk.next();
+            if next >= chunk.end || (chunk.data.is_empty() && chunk.skipped == 0) {
+                return;
+            }
+            chunk = match read_chunk(path.clone(), bound, next).await {
+                // a log replaced meanwhile ends the answer
+                Ok(Some(c)) if !c.restarted => c,
+                _ => return,
+            };
+        }
+    });
+    let mut resp = hyper::Response::new(body.boxed());
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT));
+    secure(resp.headers_mut());
+    resp
+}
+
+/// `GET /jobs/ID/log/stream`: the build log's output from stream position `from` on, as
+/// server-sent events ([`stream_step`]), until the job is no longer building (`event: end`)
+/// or `STREAM_LIFETIME` is over.
+async fn log_stream(app: Arc<App>, id: String, from: u64) -> HttpResponse {
+    let (job, path) = match log_of(&app, id).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let bound = app.log_bound();
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+    let job_id = job.id;
+    tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let mut position = from;
+        let mut tick = tokio::time::interval(STREAM_POLL);
+        // Tell the browser how soon to come back when the stream ends by time.
+        if tx
+            .send_data(Bytes::from_static(b"retry: 1000\n\n"))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            tick.tick().await;
+            // The state first: output written before the job left `building` is sent below.
+            let live = app
+                .host
+                .engine
+                .store
+                .job(job_id)
+                .is_some_and(|j| is_live(j.state));
+            let p = path.clone();
+            let read =
+                tokio::task::spawn_blocking(move || stream_step(&p, bound, position, live)).await;
+            // A read that failed sends nothing: the next tick tries again.
+            let step = match read {
+                Ok(Ok(step)) => step,
+                _ => Step {
+                    events: String::new(),
+                    next: position,
+                    progressed: false,
+                },
+            };
+            if !step.events.is_empty() && tx.send_data(Bytes::from(step.events)).await.is_err() {
+                return;
+            }
+            if step.progressed {
+                position = step.next;
+                continue; // more may be waiting: read again before looking at the state
+            }
+            if !live {
+                let _ = tx.send_data(Bytes::from(end_event(position))).await;
+                return;
+            }
+            if started.elapsed() > STREAM_LIFETIME {
+                return;
+            }
+        }
+    });
+    let mut resp = hyper::Response::new(body.boxed());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    secure(h);
+    resp
+}
+
+/// The event that says the build is over (the page reloads), at stream position `position`.
+fn end_event(position: u64) -> String {
+    format!("event: end\nid: {position}\ndata: over\n\n")
+}
