@@ -27,7 +27,7 @@ pub enum Origin {
     Spool,
     /// A message consumed from a broker queue; `source` names it as `amqp://HOST:PORT/VHOST/QUEUE`
     /// (no user, no password). None for a job recorded before sources were (its file's name told).
-    Amqp { source: Option<String> },
+    Broker { source: Option<String> },
 }
 
 impl Origin {
@@ -35,11 +35,11 @@ impl Origin {
     /// before the source was recorded, the hidden name a message body was kept under.
     pub fn decode(source: Option<&str>, file: Option<&str>) -> Origin {
         match source {
-            Some(s) => Origin::Amqp {
+            Some(s) => Origin::Broker {
                 source: Some(s.to_string()),
             },
             None if file.is_some_and(|f| f.starts_with(OLD_BODY_PREFIX)) => {
-                Origin::Amqp { source: None }
+                Origin::Broker { source: None }
             }
             None => Origin::Spool,
         }
@@ -49,7 +49,7 @@ impl Origin {
     pub fn source(&self) -> Option<&str> {
         match self {
             Origin::Spool => None,
-            Origin::Amqp { source } => source.as_deref(),
+            Origin::Broker { source } => source.as_deref(),
         }
     }
 
@@ -57,7 +57,7 @@ impl Origin {
     pub fn name(&self) -> &'static str {
         match self {
             Origin::Spool => "spool",
-            Origin::Amqp { .. } => "amqp",
+            Origin::Broker { .. } => "amqp",
         }
     }
 
@@ -65,7 +65,7 @@ impl Origin {
     pub fn reply_to(&self) -> ReplyTo {
         match self {
             Origin::Spool => ReplyTo::Outbox,
-            Origin::Amqp { .. } => ReplyTo::Broker,
+            Origin::Broker { .. } => ReplyTo::Broker,
         }
     }
 
@@ -73,7 +73,7 @@ impl Origin {
     /// writing it (a dropped file over NFS, whose size and mtime the claim relied on)? An input
     /// that does not parse is read again until it has stood still unless it arrived whole.
     pub fn arrives_whole(&self) -> bool {
-        matches!(self, Origin::Amqp { .. })
+        matches!(self, Origin::Broker { .. })
     }
 }
 
@@ -232,14 +232,14 @@ mod tests {
         let amqp = Origin::decode(Some("amqp://h:5672/%2F/q"), Some("b.json"));
         assert_eq!(
             amqp,
-            Origin::Amqp {
+            Origin::Broker {
                 source: Some("amqp://h:5672/%2F/q".into())
             }
         );
         assert_eq!(amqp.source(), Some("amqp://h:5672/%2F/q"));
         assert_eq!(
             Origin::decode(None, Some(".amqp-1-2.json")),
-            Origin::Amqp { source: None }
+            Origin::Broker { source: None }
         );
         assert_eq!(Origin::Spool.source(), None);
         assert_eq!(Origin::Spool.reply_to(), ReplyTo::Outbox);

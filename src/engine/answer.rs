@@ -4,9 +4,9 @@
 //! Invariants: an answer is built from the log alone (the input stored with the job's
 //! `queued`/`invalid` event, the OUT fields from its fold), so it is the same however often it
 //! is built; `delivered` is recorded only after the answerer of the job's reply destination
-//! returned a receipt (the outbox file fsynced, the broker's confirm), and only then is the
-//! input released. Sending again after a crash sends the same answer (the outbox finds it in
-//! place; a broker gets it at least once).
+//! returned a receipt (a file written and fsynced, a message confirmed), and only then is the
+//! input released. Sending again after a crash sends the same answer (a file is found in
+//! place; a message goes out at least once).
 
 use super::ports::{Answer, AnswerError, Answerer};
 use super::store::Store;

@@ -456,8 +456,8 @@ mod tests {
     #[test]
     fn a_body_handed_over_whole_is_kept_and_claimed_with_its_origin() {
         let rig = Rig::new();
-        let origin = crate::domain::Origin::Amqp {
-            source: Some("amqp://h:5672/%2F/q".into()),
+        let origin = crate::domain::Origin::Broker {
+            source: Some("a queue".into()),
         };
         rig.engine
             .submit(vec![crate::domain::origin::Submission {

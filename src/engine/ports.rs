@@ -63,8 +63,8 @@ pub struct Held {
     pub origin: Origin,
 }
 
-/// The place where this worker's claimed inputs wait until they are answered (the spool's
-/// `active/<worker>/`). A name is unique there while its job lives.
+/// The place where this worker's claimed inputs wait until they are answered. A name is
+/// unique there while its job lives.
 pub trait Inputs: Send + Sync {
     /// Reads a held input: never through a symlink, never beyond `max_bytes`. A name that
     /// cannot be read becomes an unreadable input with the reason (never an error).
@@ -98,7 +98,7 @@ impl Answer {
         &self.value
     }
 
-    /// The answer as sent (outbox file, message body): pretty JSON and a newline.
+    /// The answer as sent (a file, a message body): pretty JSON and a newline.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes = serde_json::to_vec_pretty(&self.value).unwrap_or_default();
         bytes.push(b'\n');

@@ -36,8 +36,8 @@ enum Msg {
         attempt: u32,
         due: Instant,
     },
-    /// Make every push due before this time, then end.
-    Drain(Instant),
+    /// Make every push asked once (no retries), then end.
+    Drain,
 }
 
 pub struct Pusher {
@@ -154,14 +154,14 @@ impl Pusher {
         Ok(Some(pushed))
     }
 
-    /// A stop: makes every push asked so far (and its retries) that falls due before
-    /// `deadline`, each bounded by the hook timeout, then ends the push threads. A message on
-    /// `cut` (a second signal) or the deadline kills a push under way and leaves the rest for
-    /// the next start (the lifecycle asks for their final statuses again). Returns how many
-    /// pushes were left undone.
+    /// A stop: makes every push asked so far that was not tried yet, each bounded by the hook
+    /// timeout, then ends the push threads; a push that is still failing (a retry) is left for
+    /// the next start. A message on `cut` (a second signal) or `deadline` kills a push under way
+    /// and leaves the rest (the lifecycle asks for their final statuses again at the next
+    /// start). Returns how many pushes were left undone.
     pub fn drain(&self, deadline: Instant, cut: &Receiver<()>) -> usize {
         for s in lock(&self.shards).drain(..) {
-            let _ = s.send(Msg::Drain(deadline));
+            let _ = s.send(Msg::Drain);
         }
         let handles: Vec<_> = lock(&self.handles).drain(..).collect();
         let mut left = 0;
@@ -229,17 +229,22 @@ fn shard(ctx: &Ctx, rx: &Receiver<Msg>) -> usize {
     let mut order = 0u64;
     let mut heap: BinaryHeap<Due> = BinaryHeap::new();
     let mut pending: HashSet<(u64, Status)> = HashSet::new();
-    let mut drain_until: Option<Instant> = None;
+    let mut draining = false;
     let mut connected = true;
+    // Pushes left for the next start by a drain: retries of pushes that are still failing.
+    let mut left = 0;
     loop {
         if ctx.cut() {
-            return heap.len();
+            return left + heap.len();
         }
-        if let Some(deadline) = drain_until {
-            // Draining: done once nothing is left that falls due in time.
-            let next = heap.peek().map(|Reverse(a)| a.0);
-            if next.is_none_or(|due| due > deadline) {
-                return heap.len();
+        if draining {
+            // Draining: every push asked is made once; one that is still failing is left for
+            // the next start (the lifecycle asks for its final status again).
+            let before = heap.len();
+            heap.retain(|Reverse((_, _, _, _, attempt))| *attempt == 1);
+            left += before - heap.len();
+            if heap.is_empty() {
+                return left;
             }
         }
         let wait = heap.peek().map_or(Duration::from_secs(3600), |Reverse(a)| {
@@ -272,8 +277,8 @@ fn shard(ctx: &Ctx, rx: &Receiver<Msg>) -> usize {
                     heap.push(Reverse((due, order, job, status, attempt)));
                 }
             }
-            Some(Msg::Drain(deadline)) => drain_until = Some(deadline),
-            None if !connected && drain_until.is_none() => return heap.len(),
+            Some(Msg::Drain) => draining = true,
+            None if !connected && !draining => return left + heap.len(),
             None => {}
         }
         while let Some(Reverse(top)) = heap.peek() {

@@ -1,7 +1,7 @@
 //! The engine's timer thread: flushes lazily appended events, writes the log's high-water
 //! mark, repairs a log that failed a write (with back-off, then moves every open job on
 //! again), moves stalled jobs when they fall due, and runs the periodic duties the daemon
-//! hands it (the spool's liveness mark, the service manager's watchdog), so that they stop
+//! hands it (a liveness mark, the service manager's watchdog), so that they stop
 //! when this thread does.
 //!
 //! Invariant: while the log cannot be written nothing is moved (a stalled job waits for the

@@ -183,7 +183,7 @@ fn job_of_fei(engine: &Engine, fei: &Value) -> Option<u64> {
             .filter(|j| {
                 engine.is_mine(j)
                     && j.worker.is_some()
-                    && matches!(j.origin, Origin::Amqp { .. })
+                    && matches!(j.origin, Origin::Broker { .. })
                     && !j.state.is_answered()
                     && j.input_seq.is_some()
             })

@@ -39,7 +39,7 @@ impl Participant {
         else {
             return Ok(None);
         };
-        let origin = Origin::Amqp {
+        let origin = Origin::Broker {
             source: Some(config::source_label(&s.uri, &s.queue)),
         };
         let queue = s.reply_queue.clone();

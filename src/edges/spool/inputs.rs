@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn kept_names_are_hidden_unique_and_known() {
-        let origin = Origin::Amqp { source: None };
+        let origin = Origin::Broker { source: None };
         let a = kept_name(&origin);
         let b = kept_name(&origin);
         assert_ne!(a, b);
@@ -166,7 +166,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let sp = Spool::new(d.path(), "w1");
         sp.create_dirs().unwrap();
-        let origin = Origin::Amqp { source: None };
+        let origin = Origin::Broker { source: None };
         let names = sp.keep(&origin, &[b"{}", b"not json"]).unwrap();
         assert_eq!(names.len(), 2);
         let held = sp.held().unwrap();
