@@ -10,14 +10,21 @@
 //! writes its events as one block; once the small blocks at the end of the log hold
 //! `SEAL_EVENTS` events they are merged into one (`seal`), so a scan reads few, large values
 //! whichever way the events came.
+//!
+//! Kept in their own files: `indexes` (the indexes and open marks derived from the events, and the
+//! lookups through them).
 
 pub mod archive;
 pub mod block;
 pub mod event;
 pub mod fold;
+mod indexes;
 
 pub use event::{Cause, Event, EventKind, Input, Mode, Status, Tag};
 pub use fold::{Job, Jobs, State};
+pub use indexes::folder_key;
+
+use indexes::{image_key, sha_key};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
@@ -616,42 +623,6 @@ impl Journal {
         }
     }
 
-    /// Adds seqs (ascending, above the job's stored ones) to a job's entry in `job_seqs`.
-    fn add_seqs(&self, job: u64, new: &[u64]) -> Result<()> {
-        let key = job.to_be_bytes();
-        let mut value = self
-            .job_seqs
-            .get(key)?
-            .map(|v| v.to_vec())
-            .unwrap_or_default();
-        for seq in new {
-            block::put_varint(&mut value, *seq);
-        }
-        self.job_seqs.insert(key, value)?;
-        Ok(())
-    }
-
-    /// The seqs of a job's events, ascending.
-    fn seqs_of(&self, job: u64) -> Result<Vec<u64>> {
-        let Some(v) = self.job_seqs.get(job.to_be_bytes())? else {
-            return Ok(Vec::new());
-        };
-        let mut rest = &v[..];
-        let mut out = Vec::new();
-        while !rest.is_empty() {
-            match block::take_varint(&mut rest) {
-                Some(seq) => out.push(seq),
-                None => {
-                    return Err(JournalError::StoreCorrupt {
-                        path: self.path.join(JOB_SEQS),
-                        detail: format!("the index entry of job {job} is cut short"),
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-
     /// Writes events (ascending seq, above every stored one; called under `next_seq`) with
     /// their inputs as blocks: a few as one small block in `tail`, many cut into full blocks of
     /// `SEAL_EVENTS` events (or `SEAL_BYTES`) in `blocks`. Once the small blocks hold
@@ -952,87 +923,6 @@ impl Journal {
         Ok(out)
     }
 
-    /// The jobs that carry this image_id, oldest first (through the by_image index).
-    pub fn jobs_for_image(&self, image_id: &str) -> Result<Vec<u64>> {
-        let mut out = Vec::new();
-        for job in self.name_candidates(&crate::workitem::sanitise_id(image_id))? {
-            if self
-                .fold_job(job)?
-                .is_some_and(|j| j.image_id.as_deref() == Some(image_id))
-            {
-                out.push(job);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The jobs whose job folder is `prefix/dir_id` of `spec`, oldest first (through the
-    /// by_image index: a job folder's last part is its image_id made safe, `dir_id`).
-    pub fn jobs_for_folder(&self, spec: &crate::workitem::Spec) -> Result<Vec<u64>> {
-        let want = folder_key(spec);
-        let mut out = Vec::new();
-        for job in self.name_candidates(&spec.dir_id)? {
-            let mut folder = None;
-            self.each_job_entry(job, |e| {
-                if !e.input
-                    && let Ok(Event {
-                        kind: EventKind::Queued { spec, .. },
-                        ..
-                    }) = decode(e.seq, e.json)
-                {
-                    folder = Some(folder_key(&spec));
-                }
-                Ok(())
-            })?;
-            if folder.as_deref() == Some(want.as_str()) {
-                out.push(job);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The jobs indexed under an image_id made safe (`sanitise_id`): those with that image_id,
-    /// and any other image_id that makes the same.
-    fn name_candidates(&self, dir: &str) -> Result<Vec<u64>> {
-        let mut prefix = dir.as_bytes().to_vec();
-        prefix.push(0);
-        let mut out = Vec::new();
-        for item in self.by_image.scan_prefix(&prefix) {
-            let (k, _) = item?;
-            out.push(key_seq(&k[prefix.len()..]));
-        }
-        Ok(out)
-    }
-
-    /// The jobs that carry this file content (the sha256 of a claimed file), oldest first.
-    pub fn jobs_for_sha(&self, sha256: &str) -> Result<Vec<u64>> {
-        let prefix = sha_prefix(sha256);
-        let mut out = Vec::new();
-        for item in self.by_sha.scan_prefix(&prefix) {
-            let (k, _) = item?;
-            out.push(key_seq(&k[prefix.len()..]));
-        }
-        Ok(out)
-    }
-
-    /// Marks a job open.
-    fn mark(&self, job: u64) -> Result<()> {
-        let key = job.to_be_bytes();
-        if !self.open.contains_key(key)? {
-            self.open.insert(key, &[])?;
-        }
-        Ok(())
-    }
-
-    /// Removes a job's open mark (settled, or its events were lost with a crash).
-    pub fn unmark(&self, job: u64) -> Result<()> {
-        let key = job.to_be_bytes();
-        if self.open.contains_key(key)? {
-            self.open.remove(key)?;
-        }
-        Ok(())
-    }
-
     /// One job's state: the fold of its own events (read through `job_seqs`).
     pub fn projection(&self, job: u64) -> Result<Option<Job>> {
         self.fold_job(job)
@@ -1071,11 +961,6 @@ impl Journal {
             Ok(())
         })?;
         Ok(out)
-    }
-
-    /// The jobs marked open (not settled) when their last event was appended.
-    pub fn open_jobs(&self) -> Result<Vec<u64>> {
-        self.open.iter().keys().map(|k| Ok(key_seq(&k?))).collect()
     }
 
     /// The seq the next event will get.
@@ -1171,25 +1056,6 @@ impl Journal {
         self.sync(self.next_seq())
     }
 
-    /// The format of what is derived and kept (0: older than the format mark).
-    pub fn projection_format(&self) -> Result<u64> {
-        Ok(self.db.get(PROJECTION_FORMAT)?.map_or(0, |v| key_seq(&v)))
-    }
-
-    /// Replaces the open marks by those of `jobs`, the fold of the whole log, and flushes.
-    pub fn rewrite_marks(&self, jobs: &Jobs, is_open: &dyn Fn(&Job) -> bool) -> Result<()> {
-        self.open.clear()?;
-        for job in jobs.values() {
-            if is_open(job) {
-                self.mark(job.id)?;
-            }
-        }
-        self.db.remove(PROJECTED_UPTO)?;
-        self.db
-            .insert(PROJECTION_FORMAT, &PROJECTION_VERSION.to_be_bytes())?;
-        self.flush()
-    }
-
     /// Checks that the log takes a write and a flush now.
     pub fn probe(&self) -> Result<()> {
         self.check_broken()?;
@@ -1249,46 +1115,6 @@ pub fn lock_holder(dir: &Path) -> Option<(i32, String)> {
     })
 }
 
-/// The key of a job folder: `prefix/dir_id`.
-pub fn folder_key(spec: &crate::workitem::Spec) -> String {
-    format!("{}/{}", spec.prefix, spec.dir_id)
-}
-
-/// The by_image key of a job: its image_id made safe (as its job folder's name is), so that
-/// one index answers both by image_id and by job folder.
-fn image_key(image_id: &str, job: u64) -> Vec<u8> {
-    let mut k = crate::workitem::sanitise_id(image_id).into_bytes();
-    k.push(0);
-    k.extend_from_slice(&job.to_be_bytes());
-    k
-}
-
-/// The key prefix of a content: a sha256 in hex as its 32 bytes (half the size: the index has
-/// an entry per job), anything else as text ending in a 0 byte.
-fn sha_prefix(sha256: &str) -> Vec<u8> {
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let raw: Option<Vec<u8>> = (sha256.len() == 64)
-        .then(|| {
-            sha256
-                .as_bytes()
-                .chunks(2)
-                .map(|p| Some(hex(p[0])? << 4 | hex(p[1])?))
-                .collect()
-        })
-        .flatten();
-    raw.unwrap_or_else(|| {
-        let mut k = sha256.as_bytes().to_vec();
-        k.push(0);
-        k
-    })
-}
-
-fn sha_key(sha256: &str, job: u64) -> Vec<u8> {
-    let mut k = sha_prefix(sha256);
-    k.extend_from_slice(&job.to_be_bytes());
-    k
-}
-
 /// The input a `queued` or `invalid` event carries, moved out of it (it can be megabytes; it is
 /// stored beside the event); None for an empty one, which so does not hide the job's earlier
 /// input.
@@ -1342,7 +1168,8 @@ mod tests {
         )
     }
 
-    const P: &dyn Fn(&Job) -> bool = &p;
+    /// `p`, as the tests of the other files of the log take it.
+    pub(super) const P: &dyn Fn(&Job) -> bool = &p;
 
     #[test]
     fn append_reopen_and_lock() {
@@ -1407,29 +1234,6 @@ mod tests {
     }
 
     #[test]
-    fn image_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path()).unwrap();
-        let inv = |id: &str| EventKind::Invalid {
-            image_id: Some(id.into()),
-            error: "e".into(),
-            held_by: None,
-            input: serde_json::json!({}).into(),
-        };
-        j.append(None, inv("a"), P).unwrap();
-        j.append(None, inv("ab"), P).unwrap();
-        j.append(None, inv("a"), P).unwrap();
-        assert_eq!(j.jobs_for_image("a").unwrap(), vec![1, 3]);
-        assert_eq!(
-            j.open_jobs().unwrap(),
-            vec![1, 2, 3],
-            "answered, not delivered yet"
-        );
-        assert_eq!(j.jobs_for_image("ab").unwrap(), vec![2]);
-        assert!(j.jobs_for_image("b").unwrap().is_empty());
-    }
-
-    #[test]
     fn content_index_and_group_commit() {
         let dir = tempfile::tempdir().unwrap();
         let j = std::sync::Arc::new(Journal::open(dir.path()).unwrap());
@@ -1479,7 +1283,7 @@ mod tests {
         assert_eq!(j.open_jobs().unwrap().len(), 200);
     }
 
-    fn cancelled() -> EventKind {
+    pub(super) fn cancelled() -> EventKind {
         EventKind::Cancelled { reason: "r".into() }
     }
 
