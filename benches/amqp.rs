@@ -124,10 +124,10 @@ fn mic_floor(n: usize, workers: usize) -> f64 {
         .map(|b| {
             let spec =
                 build_image::workitem::normalise(&serde_json::from_slice(b).unwrap()).unwrap();
-            let out = build_image::build::job_dir(w, &spec);
+            let out = build_image::imaging::job_dir(w, &spec);
             std::fs::create_dir_all(&out).unwrap();
-            let ks = build_image::build::ks_path(w, &spec);
-            build_image::build::mic::mic_command(&spec, &ks, &out, w)
+            let ks = build_image::imaging::ks_path(w, &spec);
+            build_image::imaging::mic::mic_command(&spec, &ks, &out, w)
         })
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);

@@ -355,7 +355,7 @@ pub fn compact(stage: &Stage, before: SystemTime, archive: &Path) -> Result<Comp
             continue;
         }
         if let Some(spec) = crate::store::spec_of(&journal, job)?
-            && crate::build::job_dir(&stage.cfg.worker, &spec)
+            && crate::imaging::job_dir(&stage.cfg.worker, &spec)
                 .symlink_metadata()
                 .is_ok()
         {

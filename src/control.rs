@@ -58,7 +58,7 @@ pub enum Request {
         force: bool,
     },
     /// A job's build log from a stream position (`log ID [--follow]`), at most
-    /// `build::logread::MAX_CHUNK` bytes per answer; `job` (once known) pins the job.
+    /// `imaging::logread::MAX_CHUNK` bytes per answer; `job` (once known) pins the job.
     Log {
         id: String,
         #[serde(default)]

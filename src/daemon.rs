@@ -150,9 +150,9 @@ impl Running {
             spool.root.display(),
             state_dir.display(),
             cfg.worker.workers,
-            crate::build::mode(&cfg.worker),
+            crate::imaging::mode(&cfg.worker),
         );
-        if let Some(why) = crate::build::mic_missing(&cfg.worker) {
+        if let Some(why) = crate::imaging::mic_missing(&cfg.worker) {
             log::warn!("{why}: every build will fail until it is fixed (build-image doctor)");
         }
         // Children of an earlier life of this daemon (SIGKILLed) must not build beside the new one.

@@ -115,7 +115,7 @@ impl Hooks {
             "[{started}] job {job} image_id {} status {}: $ {}\n",
             one_line(image_id),
             status.as_str(),
-            crate::build::mic::display(&argv)
+            crate::imaging::mic::display(&argv)
         );
         for line in capture.text().lines() {
             block.push_str("  | ");

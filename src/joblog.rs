@@ -6,8 +6,8 @@
 //! carries a log that its build will not add to any more (the `finished` event is recorded after
 //! the build's last output).
 
-use crate::build::{self, logread};
 use crate::config::Config;
+use crate::imaging::{self, logread};
 use crate::journal::{EventKind, Journal, State};
 use crate::ops::{self, OpsError};
 use serde::{Deserialize, Serialize};
@@ -93,7 +93,7 @@ pub fn read(
         EventKind::Queued { spec, .. } => Some(spec),
         _ => None,
     });
-    let path = spec.map(|s| build::log_path(&cfg.worker, s));
+    let path = spec.map(|s| imaging::log_path(&cfg.worker, s));
     let ended = ended(j.state);
     let mut out = LogChunk {
         job: job_id,

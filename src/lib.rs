@@ -9,7 +9,6 @@
 pub mod amqp;
 pub mod archive;
 pub mod backoff;
-pub mod build;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -17,6 +16,7 @@ pub mod daemon;
 pub mod durable;
 pub mod hooks;
 pub mod http;
+pub mod imaging;
 pub mod joblog;
 pub mod journal;
 pub mod legacy;

@@ -2,8 +2,8 @@
 //! check. Pure functions of the journal and the spool, so a running daemon (over its control
 //! socket) and a command that opened the log itself give the same answers.
 
-use crate::build;
 use crate::config::Config;
+use crate::imaging;
 use crate::journal::{Event, EventKind, Job, Jobs, Journal, JournalError, State, Tag};
 use crate::lifecycle::{self, Policy};
 use crate::spool::Spool;
@@ -137,13 +137,13 @@ pub fn show(journal: &Journal, cfg: &Config, id: &str) -> Result<JobView> {
     for ev in &events {
         match (&ev.kind, &input) {
             (EventKind::Queued { spec, .. }, Some(input)) => {
-                let path = build::log_path(&cfg.worker, spec);
-                logfile_url = build::url_for(&cfg.worker, &path);
+                let path = imaging::log_path(&cfg.worker, spec);
+                logfile_url = imaging::url_for(&cfg.worker, &path);
                 log_path = Some(path.display().to_string());
                 let urls = if job.result.is_some() {
                     job.urls.clone()
                 } else {
-                    build::planned_urls(&cfg.worker, spec)
+                    imaging::planned_urls(&cfg.worker, spec)
                 };
                 workitem = Some(workitem::reply(
                     input,

@@ -9,10 +9,10 @@
 //! restart (the lifecycle asks for it again).
 
 use crate::backoff::Backoff;
-use crate::build;
 use crate::config::Config;
 use crate::hooks::Hooks;
 use crate::hooks::Pushed;
+use crate::imaging;
 use crate::journal::{EventKind, Job, State, Status};
 use crate::lifecycle::{self, Step};
 use crate::store::{Store, StoreError, lock};
@@ -226,7 +226,7 @@ fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Option<Inst
     let reply = match status {
         Status::Building => {
             let urls = match ctx.store.journal().map(|j| crate::store::spec_of(&j, &job)) {
-                Ok(Ok(Some(spec))) => build::planned_urls(&ctx.cfg.worker, &spec),
+                Ok(Ok(Some(spec))) => imaging::planned_urls(&ctx.cfg.worker, &spec),
                 _ => Default::default(),
             };
             workitem::reply_owned(input, None, None, &urls)

@@ -7,8 +7,8 @@
 //! `active/` is owned by exactly one live job (its input, or an unanswered re-drop).
 
 use crate::backoff::Backoff;
-use crate::build::{self, BuildEnd};
 use crate::config::Config;
+use crate::imaging::{self, BuildEnd};
 use crate::journal::{Cause, EventKind, Input, Job, State, Status};
 use crate::lifecycle::{self, Step};
 use crate::outbox::Outbox;
@@ -852,7 +852,7 @@ impl Stage {
     /// Reconciles the log with the spool, then moves every open job forward: the normal
     /// steps, run again. Returns the open jobs it found.
     pub fn recover(&self) -> Result<Vec<u64>> {
-        build::kvm::recover_orphans(&self.cfg.worker, &self.registry);
+        imaging::kvm::recover_orphans(&self.cfg.worker, &self.registry);
         let jobs = self.store.open_jobs();
         let me = self.spool.worker.as_str();
         let mine = |job: &Job| job.worker.as_deref().is_none_or(|w| w == me);
@@ -946,7 +946,7 @@ impl Stage {
         }
         let mut spec = self.store.build_spec(&job)?;
         let w = &self.cfg.worker;
-        let prepared = match build::prepare(w, &spec, job.attempts + 1) {
+        let prepared = match imaging::prepare(w, &spec, job.attempts + 1) {
             Ok(p) => p,
             Err(e) if e.is_no_space() => {
                 // Not the job's fault: it stays queued and is tried again when space returns.
@@ -958,7 +958,7 @@ impl Stage {
                     EventKind::Finished {
                         result: false,
                         error: Some(e.to_string()),
-                        urls: build::planned_urls(w, &spec),
+                        urls: imaging::planned_urls(w, &spec),
                     },
                 )?;
                 self.slot_may_be_free();
@@ -973,7 +973,7 @@ impl Stage {
             return Ok(());
         };
         self.pusher.push(id, Status::Building);
-        let end = build::build(w, &spec, &prepared, &guard.cancel, &self.registry);
+        let end = imaging::build(w, &spec, &prepared, &guard.cancel, &self.registry);
         drop(prepared);
         let cancelled_by_operator = lock(&self.builds.by_operator).contains(&id);
         drop(guard);
@@ -994,7 +994,7 @@ impl Stage {
                 EventKind::Finished {
                     result: false,
                     error: Some("cancelled".into()),
-                    urls: build::planned_urls(w, &spec),
+                    urls: imaging::planned_urls(w, &spec),
                 },
             ],
             BuildEnd::Cancelled => vec![EventKind::Interrupted {
@@ -1021,7 +1021,7 @@ impl Stage {
         self.store.record(
             Some(id),
             EventKind::Started {
-                mode: build::mode(&self.cfg.worker),
+                mode: imaging::mode(&self.cfg.worker),
                 attempt: job.attempts + 1,
             },
         )?;

@@ -5,8 +5,8 @@
 
 mod common;
 
-use build_image::build::{BuildEnd, kvm};
 use build_image::config::{VmAccel, WorkerConfig};
+use build_image::imaging::{BuildEnd, kvm};
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -123,7 +123,7 @@ fn spec(id: &str) -> build_image::workitem::Spec {
 fn preflight_error(w: &WorkerConfig, id: &str) -> String {
     let (_tx, rx) = crossbeam_channel::bounded::<()>(1);
     let spec = spec(id);
-    let prepared = build_image::build::prepare(w, &spec, 1).unwrap();
+    let prepared = build_image::imaging::prepare(w, &spec, 1).unwrap();
     let registry = build_image::process::Registry::none();
     match kvm::build(w, &spec, &prepared, &rx, &registry) {
         BuildEnd::Finished {

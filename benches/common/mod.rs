@@ -3,8 +3,8 @@
 //! exactly what the daemon would have written for the same job lifecycles).
 #![allow(dead_code)]
 
-use build_image::build;
 use build_image::config::WorkerConfig;
+use build_image::imaging;
 use build_image::journal::{Event, EventKind, Journal, Mode, Status};
 use build_image::workitem;
 use serde_json::{Value, json};
@@ -152,10 +152,10 @@ pub fn job_lifecycle(
 ) -> Vec<(Option<u64>, EventKind)> {
     let input = workitem(image_id, ks);
     let spec = workitem::normalise(&input).expect("generated workitem is valid");
-    let mut urls = build::planned_urls(w, &spec);
-    urls.image_url = build::url_for(
+    let mut urls = imaging::planned_urls(w, &spec);
+    urls.image_url = imaging::url_for(
         w,
-        &build::job_dir(w, &spec).join(format!("{}.tar.bz2", spec.name)),
+        &imaging::job_dir(w, &spec).join(format!("{}.tar.bz2", spec.name)),
     );
     let file = format!("{image_id}.json");
     let bytes = serde_json::to_vec_pretty(&input).unwrap().len() as u64;

@@ -6,10 +6,10 @@
 //! daemon ignores), removed before the check returns; missing folders are reported, never
 //! created. Every child (`mic --version`, `sudo -n true`, `qemu-img --version`, ...) runs through
 //! [`crate::process::output`] with [`CHILD_TIMEOUT`]. The KVM checks of files and directories
-//! are the KVM builder's own preflight ([`crate::build::kvm::preflight`]).
+//! are the KVM builder's own preflight ([`crate::imaging::kvm::preflight`]).
 
-use crate::build::kvm::{self, Level};
 use crate::config::{Config, HooksConfig, Ict, WatchMode, WorkerConfig};
+use crate::imaging::kvm::{self, Level};
 use crate::process::Registry;
 use crate::spool::Spool;
 use nix::unistd::AccessFlags;

@@ -275,7 +275,7 @@ impl App {
                 let spec = crate::store::spec_of(&journal, job).ok().flatten();
                 let files_url = job.urls.files_url.clone().or_else(|| {
                     spec.as_ref()
-                        .and_then(|s| crate::build::planned_urls(w, s).files_url)
+                        .and_then(|s| crate::imaging::planned_urls(w, s).files_url)
                 });
                 pages::Row {
                     status: ops::status_row(job),
@@ -315,7 +315,7 @@ impl App {
             .ok_or((404, format!("no job {n}")))?;
         let log = crate::store::spec_of(&journal, &job)
             .map_err(|e| (500, e.to_string()))?
-            .map(|spec| crate::build::log_path(&self.stage.cfg.worker, &spec));
+            .map(|spec| crate::imaging::log_path(&self.stage.cfg.worker, &spec));
         Ok((job, log))
     }
 

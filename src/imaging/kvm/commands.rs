@@ -684,7 +684,7 @@ mod tests {
         // exactly mic's argument vector, once the guest's shell has split it
         let mut want = vec!["/usr/bin/mic".to_string()];
         want.extend(
-            crate::build::mic::mic_args(&sp, Path::new(&ks), Path::new(&dir), &w)
+            crate::imaging::mic::mic_args(&sp, Path::new(&ks), Path::new(&dir), &w)
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned()),
         );
