@@ -20,11 +20,12 @@ pub use joblog::JobLog;
 pub use layout::{job_dir, ks_path, log_path, planned_urls, url_for};
 
 use crate::config::WorkerConfig;
+use crate::health::find_on_path;
 use crate::journal::Mode;
 use crate::process::Registry;
 use crate::workitem::{Spec, Urls};
 use crossbeam_channel::Receiver;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// How a build ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,14 +78,6 @@ pub fn mic_missing(w: &WorkerConfig) -> Option<String> {
             .err()
             .map(|e| format!("{} is not executable: {}", path.display(), e.desc())),
     }
-}
-
-/// A bare program name looked up on PATH, as `Command` does.
-fn find_on_path(name: &Path) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 /// Runs the build for `spec` with the configured mode, in the directory `prepare` made.

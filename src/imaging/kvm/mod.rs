@@ -17,8 +17,7 @@ mod sequence;
 
 pub use orphans::recover_orphans;
 pub use preflight::{
-    Finding, Level, dir_to_write, key_mode_verdict, kvm_usable, kvm_verdict, preflight, ssh_key,
-    vm_file,
+    key_mode_verdict, kvm_usable, kvm_verdict, message, preflight, ssh_key, vm_file,
 };
 
 use super::{BuildEnd, Prepared, planned_urls, url_for};

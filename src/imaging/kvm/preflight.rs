@@ -1,12 +1,13 @@
 //! What a KVM build needs on this host, looked at without running or creating anything: the
 //! accelerator, the base image, kernel, initrd and ssh key, img_tmp (and mic_cachedir with the
-//! 9p cache). `doctor` shows every finding; a build fails with the first failure.
+//! 9p cache). `doctor` shows every check; a build fails with the first failed one.
 //!
 //! Invariant: a check only looks (stat, open, access(2)); nothing here makes a file or runs a
 //! program, so a build that fails here has made nothing in img_tmp.
 
 use super::commands;
 use crate::config::{VmAccel, WorkerConfig};
+use crate::health::{Check, Status, dir_to_write};
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -32,49 +33,23 @@ pub fn kvm_usable() -> Result<(), String> {
     Ok(())
 }
 
-/// How a preflight finding weighs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    Ok,
-    Warn,
-    Fail,
-}
-
-/// One thing the preflight looked at: `what` is the config key or device, `detail` what was
-/// found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    pub level: Level,
-    pub what: &'static str,
-    pub detail: String,
-}
-
-impl Finding {
-    fn new(level: Level, what: &'static str, detail: impl Into<String>) -> Finding {
-        Finding {
-            level,
-            what,
-            detail: detail.into(),
-        }
-    }
-
-    /// The finding as one sentence, for a build's error: "ssh key (vm_ssh_key) /k: mode 0644...".
-    pub fn message(&self) -> String {
-        let label = match self.what {
-            "vm_base_img" => "base image (vm_base_img)",
-            "vm_kernel" => "guest kernel (vm_kernel)",
-            "vm_initrd" => "guest initrd (vm_initrd)",
-            "vm_ssh_key" => "ssh key (vm_ssh_key)",
-            other => other,
-        };
-        format!("{label} {}", self.detail)
-    }
+/// A preflight check as one sentence, for a build's error: "ssh key (vm_ssh_key) /k: mode
+/// 0644...".
+pub fn message(c: &Check) -> String {
+    let label = match c.what.as_str() {
+        "vm_base_img" => "base image (vm_base_img)",
+        "vm_kernel" => "guest kernel (vm_kernel)",
+        "vm_initrd" => "guest initrd (vm_initrd)",
+        "vm_ssh_key" => "ssh key (vm_ssh_key)",
+        other => other,
+    };
+    format!("{label} {}", c.detail)
 }
 
 /// Checks, without running or creating anything, what a KVM build needs on this host: the
 /// accelerator, the base image, kernel, initrd and ssh key, img_tmp (and mic_cachedir with the
 /// 9p cache). Shared by `doctor` and the KVM builder (which fails with the first failure).
-pub fn preflight(w: &WorkerConfig) -> Vec<Finding> {
+pub fn preflight(w: &WorkerConfig) -> Vec<Check> {
     let mut out = vec![
         kvm_verdict(w.vm_accel, kvm_usable()),
         vm_file("vm_base_img", w.vm_base_img.as_deref(), true),
@@ -84,6 +59,7 @@ pub fn preflight(w: &WorkerConfig) -> Vec<Finding> {
         dir_to_write(
             "img_tmp",
             &w.img_tmp,
+            Status::Ok,
             "the first KVM build creates it for its overlay images",
         ),
     ];
@@ -91,43 +67,30 @@ pub fn preflight(w: &WorkerConfig) -> Vec<Finding> {
         out.push(dir_to_write(
             "mic_cachedir",
             &w.mic_cachedir,
+            Status::Ok,
             "the first KVM build creates it",
         ));
     }
     out
 }
 
-pub fn kvm_verdict(accel: VmAccel, usable: Result<(), String>) -> Finding {
+pub fn kvm_verdict(accel: VmAccel, usable: Result<(), String>) -> Check {
     let what = "/dev/kvm";
     match (usable, accel) {
-        (Ok(()), VmAccel::Tcg) => Finding::new(
-            Level::Ok,
-            what,
-            "usable, but vm_accel = \"tcg\" does not use it",
-        ),
-        (Ok(()), _) => Finding::new(
-            Level::Ok,
-            what,
-            "usable (opens read-write, CPU has vmx/svm)",
-        ),
-        (Err(e), VmAccel::Kvm) => Finding::new(
-            Level::Fail,
+        (Ok(()), VmAccel::Tcg) => Check::ok(what, "usable, but vm_accel = \"tcg\" does not use it"),
+        (Ok(()), _) => Check::ok(what, "usable (opens read-write, CPU has vmx/svm)"),
+        (Err(e), VmAccel::Kvm) => Check::fail(
             what,
             format!(
                 "is not usable: {e}; vm_accel = \"kvm\" needs it (or set vm_accel = \"auto\" or \
                  \"tcg\")"
             ),
         ),
-        (Err(e), VmAccel::Auto) => Finding::new(
-            Level::Warn,
+        (Err(e), VmAccel::Auto) => Check::warn(
             what,
             format!("{e}; vm_accel = \"auto\" falls back to tcg, much slower"),
         ),
-        (Err(e), VmAccel::Tcg) => Finding::new(
-            Level::Ok,
-            what,
-            format!("not used (vm_accel = \"tcg\"): {e}"),
-        ),
+        (Err(e), VmAccel::Tcg) => Check::ok(what, format!("not used (vm_accel = \"tcg\"): {e}")),
     }
 }
 
@@ -137,16 +100,11 @@ fn configured<'a>(
     what: &'static str,
     p: Option<&'a Path>,
     required: bool,
-) -> Result<&'a Path, Finding> {
+) -> Result<&'a Path, Check> {
     match p {
-        None if required => Err(Finding::new(
-            Level::Fail,
-            what,
-            "not set (needed with use_kvm = true)",
-        )),
-        None => Err(Finding::new(Level::Ok, what, "not set (optional)")),
-        Some(p) if p.as_os_str().is_empty() => Err(Finding::new(
-            Level::Fail,
+        None if required => Err(Check::fail(what, "not set (needed with use_kvm = true)")),
+        None => Err(Check::ok(what, "not set (optional)")),
+        Some(p) if p.as_os_str().is_empty() => Err(Check::fail(
             what,
             format!(
                 "{what} = \"\" is an empty path, which a build tries to use; {}",
@@ -162,33 +120,28 @@ fn configured<'a>(
 }
 
 /// A file qemu reads: a regular file or a block device (an LVM volume for the base image).
-pub fn vm_file(what: &'static str, path: Option<&Path>, required: bool) -> Finding {
+pub fn vm_file(what: &'static str, path: Option<&Path>, required: bool) -> Check {
     let path = match configured(what, path, required) {
         Ok(p) => p,
         Err(f) => return f,
     };
     let m = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) => return Finding::new(Level::Fail, what, format!("{}: {e}", path.display())),
+        Err(e) => return Check::fail(what, format!("{}: {e}", path.display())),
     };
     let kind = if m.is_file() {
         format!("file, {} bytes", m.len())
     } else if m.file_type().is_block_device() {
         "block device".to_string()
     } else {
-        return Finding::new(
-            Level::Fail,
+        return Check::fail(
             what,
             format!("{} is neither a file nor a block device", path.display()),
         );
     };
     match File::open(path) {
-        Ok(_) => Finding::new(Level::Ok, what, format!("{} ({kind})", path.display())),
-        Err(e) => Finding::new(
-            Level::Fail,
-            what,
-            format!("{} is not readable: {e}", path.display()),
-        ),
+        Ok(_) => Check::ok(what, format!("{} ({kind})", path.display())),
+        Err(e) => Check::fail(what, format!("{} is not readable: {e}", path.display())),
     }
 }
 
@@ -204,7 +157,7 @@ pub fn key_mode_verdict(mode: u32) -> Result<(), String> {
     }
 }
 
-pub fn ssh_key(path: Option<&Path>) -> Finding {
+pub fn ssh_key(path: Option<&Path>) -> Check {
     let what = "vm_ssh_key";
     let path = match configured(what, path, true) {
         Ok(p) => p,
@@ -212,115 +165,25 @@ pub fn ssh_key(path: Option<&Path>) -> Finding {
     };
     let m = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) => return Finding::new(Level::Fail, what, format!("{}: {e}", path.display())),
+        Err(e) => return Check::fail(what, format!("{}: {e}", path.display())),
     };
     if !m.is_file() {
-        return Finding::new(
-            Level::Fail,
-            what,
-            format!("{} is not a file", path.display()),
-        );
+        return Check::fail(what, format!("{} is not a file", path.display()));
     }
     let mode = m.permissions().mode();
     if let Err(e) = key_mode_verdict(mode) {
-        return Finding::new(
-            Level::Fail,
+        return Check::fail(
             what,
             format!("{}: {e}; chmod 600 {}", path.display(), path.display()),
         );
     }
     match File::open(path) {
-        Ok(_) => Finding::new(
-            Level::Ok,
+        Ok(_) => Check::ok(
             what,
             format!("{} (mode {:04o}, readable)", path.display(), mode & 0o7777),
         ),
-        Err(e) => Finding::new(
-            Level::Fail,
-            what,
-            format!("cannot read {}: {e}", path.display()),
-        ),
+        Err(e) => Check::fail(what, format!("cannot read {}: {e}", path.display())),
     }
-}
-
-/// A directory a build creates when missing: fine when it is a writable directory, or when it
-/// is missing and its nearest existing ancestor is a writable directory.
-pub fn dir_to_write(what: &'static str, dir: &Path, why_missing: &str) -> Finding {
-    let writable = |p: &Path| {
-        nix::unistd::access(
-            p,
-            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
-        )
-        .map_err(|e| format!("{} is not writable: {}", p.display(), e.desc()))
-    };
-    match std::fs::metadata(dir) {
-        Ok(m) if !m.is_dir() => {
-            return Finding::new(
-                Level::Fail,
-                what,
-                format!("{} is not a directory", dir.display()),
-            );
-        }
-        Ok(_) => {
-            return match writable(dir) {
-                Ok(()) => Finding::new(Level::Ok, what, format!("{} (writable)", dir.display())),
-                Err(e) => Finding::new(Level::Fail, what, e),
-            };
-        }
-        Err(_) => {}
-    }
-    let mut cur = dir.parent();
-    while let Some(c) = cur {
-        let c = if c.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            c
-        };
-        match std::fs::metadata(c) {
-            Ok(m) if m.is_dir() => {
-                return match writable(c) {
-                    Ok(()) => Finding::new(
-                        Level::Ok,
-                        what,
-                        format!(
-                            "{} does not exist yet; {why_missing} (under {}, which is writable)",
-                            dir.display(),
-                            c.display()
-                        ),
-                    ),
-                    Err(e) => Finding::new(
-                        Level::Fail,
-                        what,
-                        format!(
-                            "{} does not exist and cannot be created: {e}",
-                            dir.display()
-                        ),
-                    ),
-                };
-            }
-            Ok(_) => {
-                return Finding::new(
-                    Level::Fail,
-                    what,
-                    format!(
-                        "{} cannot be created: {} is not a directory",
-                        dir.display(),
-                        c.display()
-                    ),
-                );
-            }
-            Err(_) => {}
-        }
-        if c == Path::new(".") {
-            break;
-        }
-        cur = c.parent();
-    }
-    Finding::new(
-        Level::Fail,
-        what,
-        format!("{} cannot be created: no existing parent", dir.display()),
-    )
 }
 
 #[cfg(test)]
@@ -330,16 +193,12 @@ mod tests {
     #[test]
     fn kvm_verdicts() {
         let no = || Err("cannot open /dev/kvm read-write: No such file".to_string());
-        assert_eq!(kvm_verdict(VmAccel::Kvm, Ok(())).level, Level::Ok);
-        assert_eq!(kvm_verdict(VmAccel::Auto, Ok(())).level, Level::Ok);
-        assert_eq!(kvm_verdict(VmAccel::Kvm, no()).level, Level::Fail);
-        assert_eq!(kvm_verdict(VmAccel::Auto, no()).level, Level::Warn);
-        assert_eq!(kvm_verdict(VmAccel::Tcg, no()).level, Level::Ok);
-        assert!(
-            kvm_verdict(VmAccel::Kvm, no())
-                .message()
-                .starts_with("/dev/kvm is not usable: ")
-        );
+        assert_eq!(kvm_verdict(VmAccel::Kvm, Ok(())).status, Status::Ok);
+        assert_eq!(kvm_verdict(VmAccel::Auto, Ok(())).status, Status::Ok);
+        assert_eq!(kvm_verdict(VmAccel::Kvm, no()).status, Status::Fail);
+        assert_eq!(kvm_verdict(VmAccel::Auto, no()).status, Status::Warn);
+        assert_eq!(kvm_verdict(VmAccel::Tcg, no()).status, Status::Ok);
+        assert!(message(&kvm_verdict(VmAccel::Kvm, no())).starts_with("/dev/kvm is not usable: "));
     }
 
     #[test]
@@ -356,12 +215,12 @@ mod tests {
         std::fs::write(&key, "key").unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
         let f = ssh_key(Some(&key));
-        assert_eq!(f.level, Level::Fail);
+        assert_eq!(f.status, Status::Fail);
         assert!(f.detail.contains("chmod 600"), "{f:?}");
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(ssh_key(Some(&key)).level, Level::Ok);
-        assert_eq!(ssh_key(None).level, Level::Fail);
-        assert_eq!(ssh_key(Some(Path::new(""))).level, Level::Fail);
+        assert_eq!(ssh_key(Some(&key)).status, Status::Ok);
+        assert_eq!(ssh_key(None).status, Status::Fail);
+        assert_eq!(ssh_key(Some(Path::new(""))).status, Status::Fail);
     }
 
     #[test]
@@ -369,28 +228,28 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("vmlinuz");
         std::fs::write(&f, "k").unwrap();
-        assert_eq!(vm_file("vm_kernel", Some(&f), true).level, Level::Ok);
-        assert_eq!(vm_file("vm_kernel", None, true).level, Level::Fail);
-        assert_eq!(vm_file("vm_initrd", None, false).level, Level::Ok);
+        assert_eq!(vm_file("vm_kernel", Some(&f), true).status, Status::Ok);
+        assert_eq!(vm_file("vm_kernel", None, true).status, Status::Fail);
+        assert_eq!(vm_file("vm_initrd", None, false).status, Status::Ok);
         let c = vm_file("vm_kernel", Some(&d.path().join("nope")), true);
-        assert_eq!(c.level, Level::Fail);
+        assert_eq!(c.status, Status::Fail);
         assert!(
-            c.message().starts_with("guest kernel (vm_kernel) "),
+            message(&c).starts_with("guest kernel (vm_kernel) "),
             "{c:?}"
         );
         assert_eq!(
-            vm_file("vm_kernel", Some(d.path()), true).level,
-            Level::Fail
+            vm_file("vm_kernel", Some(d.path()), true).status,
+            Status::Fail
         );
         assert_eq!(
-            vm_file("vm_initrd", Some(Path::new("")), false).level,
-            Level::Fail
+            vm_file("vm_initrd", Some(Path::new("")), false).status,
+            Status::Fail
         );
-        let tmp = |p: &Path| dir_to_write("img_tmp", p, "made by a build");
-        assert_eq!(tmp(d.path()).level, Level::Ok);
-        assert_eq!(tmp(&d.path().join("new/deeper")).level, Level::Ok);
+        let tmp = |p: &Path| dir_to_write("img_tmp", p, Status::Ok, "made by a build");
+        assert_eq!(tmp(d.path()).status, Status::Ok);
+        assert_eq!(tmp(&d.path().join("new/deeper")).status, Status::Ok);
         assert!(!d.path().join("new").exists());
-        assert_eq!(tmp(&f).level, Level::Fail);
-        assert_eq!(tmp(&f.join("sub")).level, Level::Fail);
+        assert_eq!(tmp(&f).status, Status::Fail);
+        assert_eq!(tmp(&f.join("sub")).status, Status::Fail);
     }
 }

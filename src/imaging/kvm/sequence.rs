@@ -11,8 +11,9 @@
 use super::absolute;
 use super::commands::{self, Accel, Ssh, Vm};
 use super::orphans::{STEM_EXTS, STEM_PREFIX, kill_vm, read_pid, with_ext};
-use super::preflight::{Level, kvm_usable, preflight};
+use super::preflight::{kvm_usable, message, preflight};
 use crate::config::WorkerConfig;
+use crate::health::Status;
 use crate::imaging::{JobLog, Prepared, mic};
 use crate::process::{self, Capture, Outcome, Output, Registry, Run};
 use crate::workitem::Spec;
@@ -255,8 +256,8 @@ impl Guest<'_> {
     /// `doctor` shows too; its first failure fails the build).
     fn check_host(&mut self) -> Step<Accel> {
         let w = self.w;
-        if let Some(f) = preflight(w).into_iter().find(|f| f.level == Level::Fail) {
-            return Err(Stop::Failed(f.message()));
+        if let Some(c) = preflight(w).into_iter().find(|c| c.status == Status::Fail) {
+            return Err(Stop::Failed(message(&c)));
         }
         let (accel, line) =
             commands::choose_accel(w.vm_accel, kvm_usable()).map_err(Stop::Failed)?;
