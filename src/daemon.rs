@@ -152,7 +152,7 @@ impl Running {
             cfg.worker.workers,
             crate::imaging::mode(&cfg.worker),
         );
-        if let Some(why) = crate::imaging::mic_missing(&cfg.worker) {
+        if let Some(why) = crate::imaging::builder(&cfg.worker).unavailable() {
             log::warn!("{why}: every build will fail until it is fixed (build-image doctor)");
         }
         // Children of an earlier life of this daemon (SIGKILLed) must not build beside the new one.

@@ -8,7 +8,7 @@
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::imaging::{self, BuildEnd};
+use crate::imaging::{self, BuildEnd, Builder};
 use crate::journal::{Cause, EventKind, Input, Job, State, Status};
 use crate::lifecycle::{self, Step};
 use crate::outbox::Outbox;
@@ -114,6 +114,8 @@ pub struct Stage {
     /// Told when a build slot may have come free (a build ended, an intake finished): the AMQP
     /// intake waits on it for a slot instead of polling.
     slot_freed: (Sender<()>, Receiver<()>),
+    /// Native or KVM, as `cfg.worker` says.
+    builder: Arc<dyn Builder>,
 }
 
 impl Stage {
@@ -128,6 +130,7 @@ impl Stage {
         let pusher = Pusher::start(Arc::clone(&store), hooks, Arc::clone(&cfg), pushes)?;
         Ok(Stage {
             outbox: Outbox::new(&spool.outbox, &spool.worker),
+            builder: imaging::builder(&cfg.worker),
             cfg,
             spool,
             store,
@@ -852,7 +855,7 @@ impl Stage {
     /// Reconciles the log with the spool, then moves every open job forward: the normal
     /// steps, run again. Returns the open jobs it found.
     pub fn recover(&self) -> Result<Vec<u64>> {
-        imaging::kvm::recover_orphans(&self.cfg.worker, &self.registry);
+        self.builder.recover(&self.registry);
         let jobs = self.store.open_jobs();
         let me = self.spool.worker.as_str();
         let mine = |job: &Job| job.worker.as_deref().is_none_or(|w| w == me);
@@ -973,7 +976,9 @@ impl Stage {
             return Ok(());
         };
         self.pusher.push(id, Status::Building);
-        let end = imaging::build(w, &spec, &prepared, &guard.cancel, &self.registry);
+        let end = self
+            .builder
+            .build(&spec, &prepared, &guard.cancel, &self.registry);
         drop(prepared);
         let cancelled_by_operator = lock(&self.builds.by_operator).contains(&id);
         drop(guard);
@@ -1021,7 +1026,7 @@ impl Stage {
         self.store.record(
             Some(id),
             EventKind::Started {
-                mode: imaging::mode(&self.cfg.worker),
+                mode: self.builder.mode(),
                 attempt: job.attempts + 1,
             },
         )?;

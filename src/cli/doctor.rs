@@ -1,22 +1,23 @@
 //! `build-image doctor`: checks the configuration and the host, one line per check.
 //!
 //! Each check is a small function that returns a [`Check`] (status, what, detail: the type of
-//! `crate::health`, which the builders' checks share); [`report`] formats the list and
-//! [`exit_code`] judges it. Invariant: a check only looks. The one thing
-//! doctor writes is the rename test's hidden temp file (`tmp/.doctor-<pid>.tmp`, a name the
-//! daemon ignores), removed before the check returns; missing folders are reported, never
-//! created. Every child (`mic --version`, `sudo -n true`, `qemu-img --version`, ...) runs through
-//! [`probe`] ([`crate::process::output`] with [`CHILD_TIMEOUT`]). The KVM checks of files and directories
-//! are the KVM builder's own preflight ([`crate::imaging::kvm::preflight`]).
+//! `crate::health`, which the builders share); [`report`] formats the list and [`exit_code`]
+//! judges it. This file owns the daemon's own checks (config, base_dir, spool, state_dir, push,
+//! amqp); the builder's (mic and sudo; in KVM mode the preflight, qemu, qemu-img, ssh, scp) come
+//! from [`crate::imaging::Builder::checks`], in the places of the report they always had.
+//!
+//! Invariant: a check only looks. The one thing doctor writes is the rename test's hidden temp
+//! file (`tmp/.doctor-<pid>.tmp`, a name the daemon ignores), removed before the check returns;
+//! missing folders are reported, never created. Every child (`mic --version`, `sudo -n true`,
+//! `qemu-img --version`, ...) runs through [`crate::health::probe`] ([`crate::process::output`]
+//! with [`CHILD_TIMEOUT`]).
 
-use crate::config::{Config, HooksConfig, Ict, WatchMode, WorkerConfig};
+use crate::config::{Config, HooksConfig, WatchMode, WorkerConfig};
 use crate::health::{
-    CHILD_TIMEOUT, Check, Status, dir_to_write, find_on_path, nearest_existing, probe, writable_dir,
+    CHILD_TIMEOUT, Check, Status, dir_to_write, find_on_path, nearest_existing, writable_dir,
 };
-use crate::imaging::kvm;
 use crate::spool::Spool;
 use nix::unistd::AccessFlags;
-use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -33,22 +34,17 @@ pub fn run(cfg: &Config, config_path: Option<&Path>) -> i32 {
 
 fn all_checks(cfg: &Config, config_path: Option<&Path>) -> Vec<Check> {
     let w = &cfg.worker;
-    let mut checks = vec![
-        check_config(config_path),
-        check_mic_opts(w),
-        check_mic(w),
-        check_sudo(w),
-        check_base_dir(&w.base_dir),
-    ];
+    let builder = crate::imaging::builder(w).checks();
+    let mut checks = vec![check_config(config_path), check_mic_opts(w)];
+    checks.extend(builder.tools);
+    checks.push(check_base_dir(&w.base_dir));
     checks.extend(check_spool(cfg));
     checks.extend(check_state_dir(&cfg.state_dir()));
     checks.push(check_push(&cfg.hooks));
     if let Some(c) = check_amqp(&cfg.amqp) {
         checks.push(c);
     }
-    if w.use_kvm {
-        checks.extend(check_kvm(w));
-    }
+    checks.extend(builder.host);
     checks
 }
 
@@ -90,7 +86,7 @@ fn one_line(s: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// config, mic, sudo
+// config
 
 fn check_config(config_path: Option<&Path>) -> Check {
     match config_path {
@@ -108,79 +104,6 @@ fn check_mic_opts(w: &WorkerConfig) -> Check {
     } else {
         Check::ok("mic_opts", shell_words::join(&w.mic_opts))
     }
-}
-
-fn ict_name(ict: Ict) -> &'static str {
-    match ict {
-        Ict::Mic => "mic",
-        Ict::Mic2 => "mic2",
-    }
-}
-
-fn check_mic(w: &WorkerConfig) -> Check {
-    let what = ict_name(w.ict);
-    let mic = w.mic_path();
-    if w.use_kvm {
-        // In KVM mode the image creator runs inside the guest, over ssh: the host needs none.
-        return Check::ok(
-            what,
-            format!(
-                "not run on this host: with use_kvm = true, {} runs inside the guest",
-                mic.display()
-            ),
-        );
-    }
-    let argv = [mic.clone().into_os_string(), OsString::from("--version")];
-    match probe(&argv) {
-        Ok(line) if line.is_empty() => Check::ok(what, format!("{} runs", mic.display())),
-        Ok(line) => Check::ok(what, format!("{}: {line}", mic.display())),
-        Err(e) => Check::fail(what, e),
-    }
-}
-
-fn check_sudo(w: &WorkerConfig) -> Check {
-    if !w.sudo {
-        return Check::ok("sudo", "not used (sudo = false)");
-    }
-    if find_on_path(Path::new("sudo")).is_none() {
-        return Check::fail(
-            "sudo",
-            "sudo not found on PATH (sudo = true): install it, or set sudo = false",
-        );
-    }
-    let argv = [OsString::from("sudo"), "-n".into(), "true".into()];
-    let err = match probe(&argv) {
-        Ok(_) => return Check::ok("sudo", "`sudo -n true` works"),
-        Err(e) => e,
-    };
-    // A sudoers rule may allow mic alone without a password: ask sudo (it runs nothing).
-    let mic = w.mic_path();
-    let list = [
-        OsString::from("sudo"),
-        "-n".into(),
-        "-l".into(),
-        mic.clone().into_os_string(),
-    ];
-    if probe(&list).is_ok() {
-        return Check::ok(
-            "sudo",
-            format!(
-                "`sudo -n {}` is allowed (`sudo -n true` is not)",
-                mic.display()
-            ),
-        );
-    }
-    let needs = if w.use_kvm {
-        "sudo = true".to_string()
-    } else {
-        format!("mic runs as `sudo -n {}`", mic.display())
-    };
-    Check::fail(
-        "sudo",
-        format!(
-            "{err}; {needs}: allow it without a password (NOPASSWD in sudoers) or set sudo = false"
-        ),
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -542,32 +465,6 @@ fn check_amqp(a: &crate::config::AmqpConfig) -> Option<Check> {
     )
 }
 
-// ---------------------------------------------------------------------------------------------
-// KVM mode
-
-fn check_kvm(w: &WorkerConfig) -> Vec<Check> {
-    let mut checks = kvm::preflight(w);
-    for (what, argv) in [
-        ("qemu-system-x86_64", ["qemu-system-x86_64", "--version"]),
-        ("qemu-img", ["qemu-img", "--version"]),
-        ("ssh", ["ssh", "-V"]),
-    ] {
-        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
-        checks.push(match probe(&argv) {
-            Ok(line) => Check::ok(what, line),
-            Err(e) => Check::fail(what, e),
-        });
-    }
-    checks.push(match find_on_path(Path::new("scp")) {
-        Some(p) => Check::ok("scp", p.display().to_string()),
-        None => Check::fail(
-            "scp",
-            "scp not found on PATH (results are copied back with it)",
-        ),
-    });
-    checks
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -615,43 +512,6 @@ mod tests {
         assert_eq!(check_mic_opts(&w).detail, "none");
         w.mic_opts = vec!["--copy-kernel".into(), "--pack-to=a b".into()];
         assert_eq!(check_mic_opts(&w).detail, "--copy-kernel '--pack-to=a b'");
-    }
-
-    #[test]
-    fn mic_is_run_with_version() {
-        let d = tempfile::tempdir().unwrap();
-        let mut w = WorkerConfig {
-            mic_path: Some(script(d.path(), "mic", "echo \"mic 1.2.3\"; exit 0")),
-            use_kvm: false,
-            ..WorkerConfig::default()
-        };
-        let c = check_mic(&w);
-        assert_eq!(c.status, Status::Ok, "{c:?}");
-        assert!(c.detail.ends_with(": mic 1.2.3"), "{c:?}");
-
-        w.mic_path = Some(script(d.path(), "bad", "echo usage >&2; exit 2"));
-        let c = check_mic(&w);
-        assert_eq!(c.status, Status::Fail, "{c:?}");
-        assert!(c.detail.contains("exited with status 2: usage"), "{c:?}");
-
-        w.mic_path = Some(d.path().join("nope"));
-        let c = check_mic(&w);
-        assert_eq!(c.status, Status::Fail);
-        assert!(c.detail.contains("nope not found"), "{c:?}");
-
-        w.ict = Ict::Mic2;
-        w.use_kvm = true;
-        let c = check_mic(&w);
-        assert_eq!((c.status, c.what.as_str()), (Status::Ok, "mic2"));
-    }
-
-    #[test]
-    fn sudo_not_used() {
-        let w = WorkerConfig {
-            sudo: false,
-            ..WorkerConfig::default()
-        };
-        assert_eq!(check_sudo(&w).status, Status::Ok);
     }
 
     #[test]

@@ -20,12 +20,12 @@ pub use joblog::JobLog;
 pub use layout::{job_dir, ks_path, log_path, planned_urls, url_for};
 
 use crate::config::WorkerConfig;
-use crate::health::find_on_path;
+use crate::health::Check;
 use crate::journal::Mode;
 use crate::process::Registry;
 use crate::workitem::{Spec, Urls};
 use crossbeam_channel::Receiver;
-use std::path::Path;
+use std::sync::Arc;
 
 /// How a build ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,73 +53,53 @@ pub fn mode(w: &WorkerConfig) -> Mode {
     if w.use_kvm { Mode::Kvm } else { Mode::Native }
 }
 
-/// Why mic cannot be run on this host (not found, not a file, not executable; sudo missing when
-/// `sudo = true`), or None when it looks runnable. In KVM mode mic runs in the guest: None.
-pub fn mic_missing(w: &WorkerConfig) -> Option<String> {
-    if w.use_kvm {
-        return None;
+/// One kind of build (native, or in a KVM guest): what the stage runs for a job, what the
+/// daemon's start frees and reports, and what `doctor` checks.
+pub trait Builder: Send + Sync {
+    /// native or kvm (recorded in the `started` event).
+    fn mode(&self) -> Mode;
+
+    /// Runs one build of `spec` in the directory `prepare` made; `cancel` (a message, or the
+    /// sender dropped) stops it; every child is registered in `registry`.
+    fn build(
+        &self,
+        spec: &Spec,
+        prepared: &Prepared,
+        cancel: &Receiver<()>,
+        registry: &Registry,
+    ) -> BuildEnd;
+
+    /// At a daemon start, before any build: frees what builds left when the daemon died (KVM:
+    /// orphaned guests, overlays, LVM snapshots). Default: nothing.
+    fn recover(&self, _registry: &Registry) {}
+
+    /// Why this builder cannot run on this host now, if it cannot (native: mic or sudo missing).
+    /// Default: None.
+    fn unavailable(&self) -> Option<String> {
+        None
     }
-    if w.sudo && find_on_path(Path::new("sudo")).is_none() {
-        return Some("sudo not found on PATH (sudo = true)".into());
-    }
-    let mic = w.mic_path();
-    let path = if mic.components().count() == 1 && !mic.is_absolute() {
-        match find_on_path(&mic) {
-            Some(p) => p,
-            None => return Some(format!("{} not found on PATH", mic.display())),
-        }
-    } else {
-        mic.clone()
-    };
-    match std::fs::metadata(&path) {
-        Err(e) => Some(format!("{}: {e}", path.display())),
-        Ok(m) if !m.is_file() => Some(format!("{} is not a file", path.display())),
-        Ok(_) => nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK)
-            .err()
-            .map(|e| format!("{} is not executable: {}", path.display(), e.desc())),
-    }
+
+    /// What `doctor` checks for this builder.
+    fn checks(&self) -> Checks;
 }
 
-/// Runs the build for `spec` with the configured mode, in the directory `prepare` made.
-/// `cancel` stops it; every child is registered in `registry`.
-pub fn build(
-    w: &WorkerConfig,
-    spec: &Spec,
-    prepared: &Prepared,
-    cancel: &Receiver<()>,
-    registry: &Registry,
-) -> BuildEnd {
-    if w.use_kvm {
-        kvm::build(w, spec, prepared, cancel, registry)
-    } else {
-        native::build(w, spec, prepared, cancel, registry)
-    }
+/// A builder's checks, in the two places of `doctor`'s report they have always had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checks {
+    /// The image creator and sudo as this builder runs them: reported with the configuration,
+    /// before base_dir.
+    pub tools: Vec<Check>,
+    /// What only this kind of build needs of the host (KVM: the preflight, then qemu, qemu-img,
+    /// ssh, scp): reported last, after the daemon's own checks.
+    pub host: Vec<Check>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mic_missing_says_why() {
-        let d = tempfile::tempdir().unwrap();
-        let mut w = WorkerConfig {
-            sudo: false,
-            mic_path: Some(d.path().join("mic")),
-            ..WorkerConfig::default()
-        };
-        assert!(mic_missing(&w).unwrap().contains("No such file"));
-        std::fs::write(d.path().join("mic"), "#!/bin/sh\n").unwrap();
-        assert!(mic_missing(&w).unwrap().contains("not executable"));
-        std::fs::set_permissions(
-            d.path().join("mic"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        assert_eq!(mic_missing(&w), None);
-        w.mic_path = Some("surely-no-such-mic".into());
-        assert!(mic_missing(&w).unwrap().contains("not found on PATH"));
-        w.use_kvm = true;
-        assert_eq!(mic_missing(&w), None);
+/// The builder `w` configures: [`kvm::KvmBuilder`] with `use_kvm = true`, else
+/// [`native::NativeBuilder`]; each holds its own copy of `w`.
+pub fn builder(w: &WorkerConfig) -> Arc<dyn Builder> {
+    if w.use_kvm {
+        Arc::new(kvm::KvmBuilder::new(w.clone()))
+    } else {
+        Arc::new(native::NativeBuilder::new(w.clone()))
     }
 }
