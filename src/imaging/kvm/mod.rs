@@ -135,6 +135,7 @@ fn host_checks(w: &WorkerConfig) -> Vec<Check> {
     checks
 }
 
+/// `p` against the current directory (`p` itself when that cannot be read).
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }

@@ -1,9 +1,11 @@
-//! What KVM builds of an earlier life of the daemon left in `img_tmp`, and freeing it: the
-//! build's stem and lock file helpers, killing a build's qemu, [`recover_orphans`].
+//! A KVM build's files in `img_tmp`: the stem they share and its lock ([`new_stem`]), killing
+//! a build's qemu ([`kill_vm`]), and freeing what builds of an earlier life of the daemon left
+//! ([`recover_orphans`]).
 //!
-//! Invariant: only a stem whose `.lock` is free is touched (a running build, of this or another
-//! daemon sharing img_tmp, holds its lock), and a pid is killed only when its command line names
-//! the stem and qemu: a pid file naming another process kills nothing.
+//! Invariant: a build's lock is held from before its stem's name appears until the build's
+//! files are gone; only a stem whose `.lock` is free is touched (a running build, of this or
+//! another daemon sharing img_tmp, holds its lock), and a pid is killed only when its command
+//! line names the stem and qemu: a pid file naming another process kills nothing.
 
 use super::absolute;
 use super::commands;
@@ -15,10 +17,36 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// File names in `img_tmp` that belong to this program start with this.
-pub(super) const STEM_PREFIX: &str = "build-image-vm-";
+const STEM_PREFIX: &str = "build-image-vm-";
 /// The kinds of file a build keeps in `img_tmp`, by extension.
 /// (`out` is no longer made; it is still cleaned up after older versions.)
 pub(super) const STEM_EXTS: [&str; 6] = ["qcow2", "pid", "console", "out", "lv", "lock"];
+
+/// A new stem in img_tmp (created when missing) for a build of `dir_id`,
+/// `build-image-vm-<dir_id>-<random>`, and its `.lock`, held: locked under a hidden name, then
+/// renamed, so recovery never sees it unlocked.
+pub(super) fn new_stem(
+    img_tmp: &Path,
+    dir_id: &str,
+    random: u64,
+) -> Result<(PathBuf, Flock<File>), String> {
+    let tmp = absolute(img_tmp);
+    std::fs::create_dir_all(&tmp)
+        .map_err(|e| format!("cannot create img_tmp {}: {e}", tmp.display()))?;
+    let id: String = dir_id.chars().take(40).collect();
+    let name = format!("{STEM_PREFIX}{id}-{:012x}", random & 0xffff_ffff_ffff);
+    let stem = tmp.join(&name);
+    let hidden = tmp.join(format!(".{name}.lock"));
+    let file =
+        File::create(&hidden).map_err(|e| format!("cannot create {}: {e}", hidden.display()))?;
+    let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| format!("cannot lock {}: {e}", hidden.display()))?;
+    std::fs::rename(&hidden, with_ext(&stem, "lock")).map_err(|e| {
+        let _ = std::fs::remove_file(&hidden);
+        format!("cannot rename {}: {e}", hidden.display())
+    })?;
+    Ok((stem, lock))
+}
 
 /// Kills the qemu of a build (by pid, only if its command line names the build's stem) and
 /// waits a little for it to go.

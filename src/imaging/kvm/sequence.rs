@@ -10,7 +10,7 @@
 
 use super::absolute;
 use super::commands::{self, Accel, Ssh, Vm};
-use super::orphans::{STEM_EXTS, STEM_PREFIX, kill_vm, read_pid, with_ext};
+use super::orphans::{STEM_EXTS, kill_vm, new_stem, read_pid, with_ext};
 use super::preflight::{kvm_usable, message, preflight};
 use crate::config::WorkerConfig;
 use crate::health::Status;
@@ -18,7 +18,7 @@ use crate::imaging::{JobLog, Prepared, mic};
 use crate::process::{self, Capture, Outcome, Output, Registry, Run};
 use crate::workitem::Spec;
 use crossbeam_channel::{Receiver, TryRecvError};
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
@@ -276,23 +276,9 @@ impl Guest<'_> {
 
     /// The build's stem in img_tmp and its lock, taken before any other file is made.
     fn start_files(&mut self) -> Step<()> {
-        let tmp = absolute(&self.w.img_tmp);
-        std::fs::create_dir_all(&tmp)
-            .map_err(|e| Stop::Failed(format!("cannot create img_tmp {}: {e}", tmp.display())))?;
-        let id: String = self.spec.dir_id.chars().take(40).collect();
-        let name = format!("{STEM_PREFIX}{id}-{:012x}", random() & 0xffff_ffff_ffff);
-        self.stem = tmp.join(&name);
-        // Locked under a hidden name, then renamed: recovery never sees it unlocked.
-        let hidden = tmp.join(format!(".{name}.lock"));
-        let file = File::create(&hidden)
-            .map_err(|e| Stop::Failed(format!("cannot create {}: {e}", hidden.display())))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| Stop::Failed(format!("cannot lock {}: {e}", hidden.display())))?;
-        let lock_path = self.path("lock");
-        std::fs::rename(&hidden, &lock_path).map_err(|e| {
-            let _ = std::fs::remove_file(&hidden);
-            Stop::Failed(format!("cannot rename {}: {e}", hidden.display()))
-        })?;
+        let (stem, lock) =
+            new_stem(&self.w.img_tmp, &self.spec.dir_id, random()).map_err(Stop::Failed)?;
+        self.stem = stem;
         self.lock = Some(lock);
         self.torn_down = false;
         Ok(())
