@@ -1,6 +1,8 @@
 //! Builds: the job directory (`layout` says where, `jobdir` makes it), the job log (`joblog`,
-//! read back by `logread`), running the image creator (`native`, or in a KVM guest: `kvm`), and
-//! turning what it left behind into the OUT fields.
+//! read back by `logread`), running the image creator, and turning what it left behind into
+//! the OUT fields. This module owns the [`Builder`] trait, which the two modes implement
+//! (`native`: mic on this host; `kvm`: mic in a throw-away guest), [`builder`] (the one the
+//! config asks for), [`BuildEnd`] and [`mode`].
 //!
 //! Invariant: every path a build writes is under `base_dir/prefix/dir_id`, whose parts were
 //! validated by `workitem::normalise`, reached from base_dir without following a symlink that
@@ -49,6 +51,7 @@ impl BuildEnd {
     }
 }
 
+/// The mode `w` configures: the mode of `builder(w)`.
 pub fn mode(w: &WorkerConfig) -> Mode {
     if w.use_kvm { Mode::Kvm } else { Mode::Native }
 }
@@ -70,7 +73,8 @@ pub trait Builder: Send + Sync {
     ) -> BuildEnd;
 
     /// At a daemon start, before any build: frees what builds left when the daemon died (KVM:
-    /// orphaned guests, overlays, LVM snapshots). Default: nothing.
+    /// orphaned guests, overlays, LVM snapshots; native frees those too, for a daemon whose
+    /// config switched from KVM). Default: nothing.
     fn recover(&self, _registry: &Registry) {}
 
     /// Why this builder cannot run on this host now, if it cannot (native: mic or sudo missing).
@@ -79,7 +83,8 @@ pub trait Builder: Send + Sync {
         None
     }
 
-    /// What `doctor` checks for this builder.
+    /// What `doctor` checks for this builder (native: mic, sudo; KVM: mic's note, sudo, the
+    /// preflight, qemu, qemu-img, ssh, scp), split by where the report shows them.
     fn checks(&self) -> Checks;
 }
 

@@ -1,6 +1,6 @@
 //! Native mode ([`NativeBuilder`]): mic runs on this host, in its own process group, output into
 //! the job log; and what `doctor` and the daemon's start check of this host for it (mic and
-//! sudo, also shown in KVM mode: [`check_sudo`], [`ict_name`]).
+//! sudo, also shown in KVM mode: `check_sudo`, `ict_name`).
 //!
 //! Invariant: a build's result is what mic really did: its exit status, and an image file that
 //! this attempt wrote ([`Prepared::new_image`]); a cancel kills mic's whole process group.
