@@ -5,8 +5,8 @@
 
 mod common;
 
-use build_image::imaging::{BuildEnd, kvm};
 use build_image::config::{VmAccel, WorkerConfig};
+use build_image::imaging::{BuildEnd, Builder, kvm};
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -119,13 +119,13 @@ fn spec(id: &str) -> build_image::domain::workitem::Spec {
     build_image::domain::workitem::normalise(&kvm_item(id, "# ks\n", &[])).unwrap()
 }
 
-/// Runs kvm::build directly and returns its error.
+/// Runs the KVM builder directly and returns its error.
 fn preflight_error(w: &WorkerConfig, id: &str) -> String {
     let (_tx, rx) = crossbeam_channel::bounded::<()>(1);
     let spec = spec(id);
     let prepared = build_image::imaging::prepare(w, &spec, 1).unwrap();
     let registry = build_image::process::Registry::none();
-    match kvm::build(w, &spec, &prepared, &rx, &registry) {
+    match kvm::KvmBuilder::new(w.clone()).build(&spec, &prepared, &rx, &registry) {
         BuildEnd::Finished {
             result: false,
             error: Some(e),

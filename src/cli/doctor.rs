@@ -1,73 +1,26 @@
 //! `build-image doctor`: checks the configuration and the host, one line per check.
 //!
-//! Each check is a small function that returns a [`Check`] (status, what, detail); [`report`]
-//! formats the list and [`exit_code`] judges it. Invariant: a check only looks. The one thing
-//! doctor writes is the rename test's hidden temp file (`tmp/.doctor-<pid>.tmp`, a name the
-//! daemon ignores), removed before the check returns; missing folders are reported, never
-//! created. Every child (`mic --version`, `sudo -n true`, `qemu-img --version`, ...) runs through
-//! [`crate::process::output`] with [`CHILD_TIMEOUT`]. The KVM checks of files and directories
-//! are the KVM builder's own preflight ([`crate::imaging::kvm::preflight`]).
+//! Each check is a small function that returns a [`Check`] (status, what, detail: the type of
+//! `crate::health`, which the builders share); [`report`] formats the list and [`exit_code`]
+//! judges it. This file owns the daemon's own checks (config, base_dir, spool, state_dir, push,
+//! amqp); the builder's (mic and sudo; in KVM mode the preflight, qemu, qemu-img, ssh, scp) come
+//! from [`crate::imaging::Builder::checks`], in the places of the report they always had.
+//!
+//! Invariant: a check only looks. The one thing doctor writes is the rename test's hidden temp
+//! file (`tmp/.doctor-<pid>.tmp`, a name the daemon ignores), removed before the check returns;
+//! missing folders are reported, never created. Every child (`mic --version`, `sudo -n true`,
+//! `qemu-img --version`, ...) runs through [`crate::health::probe`] ([`crate::process::output`]
+//! with [`CHILD_TIMEOUT`]).
 
-use crate::imaging::kvm::{self, Level};
-use crate::config::{Config, HooksConfig, Ict, WatchMode, WorkerConfig};
-use crate::process::Registry;
+use crate::config::{Config, HooksConfig, WatchMode, WorkerConfig};
+use crate::health::{
+    CHILD_TIMEOUT, Check, Status, dir_to_write, find_on_path, nearest_existing, writable_dir,
+};
 use crate::edges::spool::Spool;
 use nix::unistd::AccessFlags;
-use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-/// How long one probe (`--version`, `sudo -n true`) may take.
-const CHILD_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A probe's output line kept for the report is cut to this many characters.
-const DETAIL_LINE_CHARS: usize = 160;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
-    Ok,
-    Warn,
-    Fail,
-}
-
-impl Status {
-    fn label(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Warn => "WARN",
-            Status::Fail => "FAIL",
-        }
-    }
-}
-
-/// One line of the report.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Check {
-    status: Status,
-    what: String,
-    detail: String,
-}
-
-impl Check {
-    fn new(status: Status, what: &str, detail: impl Into<String>) -> Check {
-        Check {
-            status,
-            what: what.to_string(),
-            detail: detail.into(),
-        }
-    }
-    fn ok(what: &str, detail: impl Into<String>) -> Check {
-        Check::new(Status::Ok, what, detail)
-    }
-    fn warn(what: &str, detail: impl Into<String>) -> Check {
-        Check::new(Status::Warn, what, detail)
-    }
-    fn fail(what: &str, detail: impl Into<String>) -> Check {
-        Check::new(Status::Fail, what, detail)
-    }
-}
+use std::path::Path;
 
 /// Runs every check, prints one line each, returns the exit code (0 ok, 1 a check failed).
 pub fn run(cfg: &Config, config_path: Option<&Path>) -> i32 {
@@ -81,22 +34,17 @@ pub fn run(cfg: &Config, config_path: Option<&Path>) -> i32 {
 
 fn all_checks(cfg: &Config, config_path: Option<&Path>) -> Vec<Check> {
     let w = &cfg.worker;
-    let mut checks = vec![
-        check_config(config_path),
-        check_mic_opts(w),
-        check_mic(w),
-        check_sudo(w),
-        check_base_dir(&w.base_dir),
-    ];
+    let builder = crate::imaging::builder(w).checks();
+    let mut checks = vec![check_config(config_path), check_mic_opts(w)];
+    checks.extend(builder.tools);
+    checks.push(check_base_dir(&w.base_dir));
     checks.extend(check_spool(cfg));
     checks.extend(check_state_dir(&cfg.state_dir()));
     checks.push(check_push(&cfg.hooks));
     if let Some(c) = check_amqp(&cfg.amqp) {
         checks.push(c);
     }
-    if w.use_kvm {
-        checks.extend(check_kvm(w));
-    }
+    checks.extend(builder.host);
     checks
 }
 
@@ -138,7 +86,7 @@ fn one_line(s: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// config, mic, sudo
+// config
 
 fn check_config(config_path: Option<&Path>) -> Check {
     match config_path {
@@ -158,203 +106,16 @@ fn check_mic_opts(w: &WorkerConfig) -> Check {
     }
 }
 
-fn ict_name(ict: Ict) -> &'static str {
-    match ict {
-        Ict::Mic => "mic",
-        Ict::Mic2 => "mic2",
-    }
-}
-
-fn check_mic(w: &WorkerConfig) -> Check {
-    let what = ict_name(w.ict);
-    let mic = w.mic_path();
-    if w.use_kvm {
-        // In KVM mode the image creator runs inside the guest, over ssh: the host needs none.
-        return Check::ok(
-            what,
-            format!(
-                "not run on this host: with use_kvm = true, {} runs inside the guest",
-                mic.display()
-            ),
-        );
-    }
-    let argv = [mic.clone().into_os_string(), OsString::from("--version")];
-    match probe(&argv) {
-        Ok(line) if line.is_empty() => Check::ok(what, format!("{} runs", mic.display())),
-        Ok(line) => Check::ok(what, format!("{}: {line}", mic.display())),
-        Err(e) => Check::fail(what, e),
-    }
-}
-
-fn check_sudo(w: &WorkerConfig) -> Check {
-    if !w.sudo {
-        return Check::ok("sudo", "not used (sudo = false)");
-    }
-    if find_on_path(Path::new("sudo")).is_none() {
-        return Check::fail(
-            "sudo",
-            "sudo not found on PATH (sudo = true): install it, or set sudo = false",
-        );
-    }
-    let argv = [OsString::from("sudo"), "-n".into(), "true".into()];
-    let err = match probe(&argv) {
-        Ok(_) => return Check::ok("sudo", "`sudo -n true` works"),
-        Err(e) => e,
-    };
-    // A sudoers rule may allow mic alone without a password: ask sudo (it runs nothing).
-    let mic = w.mic_path();
-    let list = [
-        OsString::from("sudo"),
-        "-n".into(),
-        "-l".into(),
-        mic.clone().into_os_string(),
-    ];
-    if probe(&list).is_ok() {
-        return Check::ok(
-            "sudo",
-            format!(
-                "`sudo -n {}` is allowed (`sudo -n true` is not)",
-                mic.display()
-            ),
-        );
-    }
-    let needs = if w.use_kvm {
-        "sudo = true".to_string()
-    } else {
-        format!("mic runs as `sudo -n {}`", mic.display())
-    };
-    Check::fail(
-        "sudo",
-        format!(
-            "{err}; {needs}: allow it without a password (NOPASSWD in sudoers) or set sudo = false"
-        ),
-    )
-}
-
-/// Runs a short command; `Ok(first line of its output)` when it exits 0, else why not, with
-/// the last line of its output.
-fn probe(argv: &[OsString]) -> Result<String, String> {
-    let (outcome, text) = crate::process::output(argv, CHILD_TIMEOUT, &Registry::none())
-        .map_err(|e| e.to_string())?;
-    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-    if outcome.success() {
-        return Ok(shorten(lines.next().unwrap_or("")));
-    }
-    let shown: Vec<String> = argv
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let mut msg = format!(
-        "`{}` {}",
-        shell_words::join(&shown),
-        outcome.describe(CHILD_TIMEOUT)
-    );
-    if let Some(last) = lines.next_back() {
-        msg.push_str(": ");
-        msg.push_str(&shorten(last));
-    }
-    Err(msg)
-}
-
-fn shorten(line: &str) -> String {
-    if line.chars().count() <= DETAIL_LINE_CHARS {
-        line.to_string()
-    } else {
-        let mut s: String = line.chars().take(DETAIL_LINE_CHARS).collect();
-        s.push('…');
-        s
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // directories
 
-/// The path itself if it exists, else its nearest existing ancestor ("." for a relative path
-/// whose first component is missing). `Err` names an ancestor that exists but is no directory.
-fn nearest_existing(p: &Path) -> Result<PathBuf, PathBuf> {
-    let mut cur = Some(p);
-    while let Some(c) = cur {
-        let c = if c.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            c
-        };
-        match std::fs::metadata(c) {
-            Ok(m) if m.is_dir() || c == p => return Ok(c.to_path_buf()),
-            Ok(_) => return Err(c.to_path_buf()),
-            Err(_) => {}
-        }
-        if c == Path::new(".") {
-            break;
-        }
-        cur = c.parent();
-    }
-    Ok(PathBuf::from("/"))
-}
-
-fn writable_dir(p: &Path) -> Result<(), String> {
-    nix::unistd::access(p, AccessFlags::W_OK | AccessFlags::X_OK)
-        .map_err(|e| format!("{} is not writable: {}", p.display(), e.desc()))
-}
-
-/// A directory the program writes into, which it creates (with its parents) when missing.
-/// `missing` is the status when it does not exist yet but could be created.
-fn check_dir_to_write(what: &str, dir: &Path, missing: Status, why_missing: &str) -> Check {
-    match std::fs::metadata(dir) {
-        Ok(m) if !m.is_dir() => {
-            return Check::fail(what, format!("{} is not a directory", dir.display()));
-        }
-        Ok(_) => {
-            return match writable_dir(dir) {
-                Ok(()) => Check::ok(what, format!("{} (writable)", dir.display())),
-                Err(e) => Check::fail(what, e),
-            };
-        }
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            // ENOTDIR (a file on the way) is looked at below; anything else is reported.
-            if e.raw_os_error() != Some(nix::libc::ENOTDIR) {
-                return Check::fail(what, format!("cannot look at {}: {e}", dir.display()));
-            }
-        }
-        Err(_) => {}
-    }
-    match nearest_existing(dir) {
-        Err(file) => Check::fail(
-            what,
-            format!(
-                "{} cannot be created: {} is not a directory",
-                dir.display(),
-                file.display()
-            ),
-        ),
-        Ok(ancestor) => match writable_dir(&ancestor) {
-            Ok(()) => Check::new(
-                missing,
-                what,
-                format!(
-                    "{} does not exist yet; {why_missing} (under {}, which is writable)",
-                    dir.display(),
-                    ancestor.display()
-                ),
-            ),
-            Err(e) => Check::fail(
-                what,
-                format!(
-                    "{} does not exist and cannot be created: {e}",
-                    dir.display()
-                ),
-            ),
-        },
-    }
-}
-
 fn check_base_dir(dir: &Path) -> Check {
-    check_dir_to_write("base_dir", dir, Status::Warn, "the first build creates it")
+    dir_to_write("base_dir", dir, Status::Warn, "the first build creates it")
 }
 
 fn check_state_dir(dir: &Path) -> Vec<Check> {
     vec![
-        check_dir_to_write(
+        dir_to_write(
             "state_dir",
             dir,
             Status::Ok,
@@ -704,53 +465,11 @@ fn check_amqp(a: &crate::config::AmqpConfig) -> Option<Check> {
     )
 }
 
-fn find_on_path(name: &Path) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-// ---------------------------------------------------------------------------------------------
-// KVM mode
-
-fn check_kvm(w: &WorkerConfig) -> Vec<Check> {
-    let mut checks: Vec<Check> = kvm::preflight(w)
-        .into_iter()
-        .map(|f| {
-            let status = match f.level {
-                Level::Ok => Status::Ok,
-                Level::Warn => Status::Warn,
-                Level::Fail => Status::Fail,
-            };
-            Check::new(status, f.what, f.detail)
-        })
-        .collect();
-    for (what, argv) in [
-        ("qemu-system-x86_64", ["qemu-system-x86_64", "--version"]),
-        ("qemu-img", ["qemu-img", "--version"]),
-        ("ssh", ["ssh", "-V"]),
-    ] {
-        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
-        checks.push(match probe(&argv) {
-            Ok(line) => Check::ok(what, line),
-            Err(e) => Check::fail(what, e),
-        });
-    }
-    checks.push(match find_on_path(Path::new("scp")) {
-        Some(p) => Check::ok("scp", p.display().to_string()),
-        None => Check::fail(
-            "scp",
-            "scp not found on PATH (results are copied back with it)",
-        ),
-    });
-    checks
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
 
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
         let p = dir.join(name);
@@ -796,43 +515,6 @@ mod tests {
     }
 
     #[test]
-    fn mic_is_run_with_version() {
-        let d = tempfile::tempdir().unwrap();
-        let mut w = WorkerConfig {
-            mic_path: Some(script(d.path(), "mic", "echo \"mic 1.2.3\"; exit 0")),
-            use_kvm: false,
-            ..WorkerConfig::default()
-        };
-        let c = check_mic(&w);
-        assert_eq!(c.status, Status::Ok, "{c:?}");
-        assert!(c.detail.ends_with(": mic 1.2.3"), "{c:?}");
-
-        w.mic_path = Some(script(d.path(), "bad", "echo usage >&2; exit 2"));
-        let c = check_mic(&w);
-        assert_eq!(c.status, Status::Fail, "{c:?}");
-        assert!(c.detail.contains("exited with status 2: usage"), "{c:?}");
-
-        w.mic_path = Some(d.path().join("nope"));
-        let c = check_mic(&w);
-        assert_eq!(c.status, Status::Fail);
-        assert!(c.detail.contains("nope not found"), "{c:?}");
-
-        w.ict = Ict::Mic2;
-        w.use_kvm = true;
-        let c = check_mic(&w);
-        assert_eq!((c.status, c.what.as_str()), (Status::Ok, "mic2"));
-    }
-
-    #[test]
-    fn sudo_not_used() {
-        let w = WorkerConfig {
-            sudo: false,
-            ..WorkerConfig::default()
-        };
-        assert_eq!(check_sudo(&w).status, Status::Ok);
-    }
-
-    #[test]
     fn base_dir_states() {
         let d = tempfile::tempdir().unwrap();
         let c = check_base_dir(d.path());
@@ -854,21 +536,6 @@ mod tests {
         );
         let c = check_base_dir(&file);
         assert_eq!(c.status, Status::Fail, "{c:?}");
-    }
-
-    #[test]
-    fn nearest_existing_ancestor() {
-        let d = tempfile::tempdir().unwrap();
-        assert_eq!(nearest_existing(&d.path().join("x/y")), Ok(d.path().into()));
-        assert_eq!(nearest_existing(d.path()), Ok(d.path().into()));
-        assert_eq!(
-            nearest_existing(Path::new("surely-not-here-doctor/x")),
-            Ok(PathBuf::from("."))
-        );
-        let f = d.path().join("f");
-        std::fs::write(&f, "").unwrap();
-        assert_eq!(nearest_existing(&f.join("x")), Err(f.clone()));
-        assert_eq!(nearest_existing(&f), Ok(f));
     }
 
     fn spool_folders(root: &Path) -> Vec<(&'static str, PathBuf)> {
@@ -998,19 +665,5 @@ mod tests {
         assert_eq!(check_push(&h).status, Status::Ok);
         h.push = Some("sh".into());
         assert_eq!(check_push(&h).status, Status::Ok, "found on PATH");
-    }
-
-    #[test]
-    fn probe_reports_output() {
-        let argv = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(
-            probe(&argv(&["sh", "-c", "echo; echo first; echo second"])),
-            Ok("first".to_string())
-        );
-        let e = probe(&argv(&["sh", "-c", "echo one; echo last >&2; exit 4"])).unwrap_err();
-        assert_eq!(
-            e,
-            "`sh -c 'echo one; echo last >&2; exit 4'` exited with status 4: last"
-        );
     }
 }

@@ -8,7 +8,7 @@
 //! written; a read is kept only when, before and after it, the file was below that length and
 //! the marker was the same. A reader that falls behind a cut learns how many bytes it missed.
 
-use super::{MARKER_MAX, parse_marker};
+use super::joblog::{MARKER_MAX, parse_marker};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -35,7 +35,7 @@ impl Bound {
 
     /// The bound of a job log written with this worker config.
     pub fn of(w: &crate::config::WorkerConfig) -> Bound {
-        Bound::new(super::job_log_limit(w))
+        Bound::new(super::joblog::job_log_limit(w))
     }
 
     /// The stream position where the kept head ends: output the bound cuts out starts here.

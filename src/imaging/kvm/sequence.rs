@@ -1,35 +1,31 @@
-//! KVM mode: each build runs mic inside a throw-away guest booted from an overlay of a base image
-//! (REFERENCE.md "KVM mode", steps 1-8). `commands` builds the command lines; this module
-//! sequences them, each through `process::run` with the per-command timeout, each command and
-//! its output in the job log.
+//! The guest sequence of one KVM build (REFERENCE.md "KVM mode", steps 1-8): the build's files
+//! in img_tmp and their lock, the overlay (a qcow2 file or an LVM snapshot), booting qemu,
+//! waiting for the guest's ssh, copying the job in, running mic, copying the results out, and
+//! the teardown.
 //!
-//! Invariant: whatever happens (failure, timeout, cancel), a build that started a guest or made
-//! an overlay stops the guest and removes the overlay before it returns; what a killed daemon
-//! left behind is found by `recover_orphans` on the next start. A build's files in `img_tmp` share
-//! one stem, `build-image-vm-<dir_id>-<random>`; its `.lock` file is flock'ed for the build's
-//! whole life, so a stem whose lock is free belongs to no running build.
+//! Invariant: [`Guest::teardown`] runs once whatever happened before (a failure, a timeout, a
+//! cancel, a panic: `Drop` calls it): the guest is powered off or its qemu killed, the overlay
+//! removed, the build's files in img_tmp removed; only an LVM snapshot that cannot be removed
+//! keeps its record (and the lock is let go), for the next start's recovery.
 
-pub mod commands;
-
-use super::{BuildEnd, JobLog, Prepared, mic, planned_urls, url_for};
-use crate::config::{VmAccel, WorkerConfig};
+use super::absolute;
+use super::commands::{self, Accel, Ssh, Vm};
+use super::orphans::{STEM_EXTS, kill_vm, new_stem, read_pid, with_ext};
+use super::preflight::{kvm_usable, message, preflight};
+use crate::config::WorkerConfig;
+use crate::health::Status;
+use crate::imaging::{JobLog, Prepared, mic};
 use crate::process::{self, Capture, Outcome, Output, Registry, Run};
 use crate::domain::workitem::Spec;
-use commands::{Accel, Ssh, Vm};
 use crossbeam_channel::{Receiver, TryRecvError};
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// File names in `img_tmp` that belong to this program start with this.
-const STEM_PREFIX: &str = "build-image-vm-";
-/// The kinds of file a build keeps in `img_tmp`, by extension.
-/// (`out` is no longer made; it is still cleaned up after older versions.)
-const STEM_EXTS: [&str; 6] = ["qcow2", "pid", "console", "out", "lv", "lock"];
 /// At most this long for the guest to power off, then its qemu is killed.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
 /// One ssh probe while waiting for the guest.
@@ -38,7 +34,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 const PORT_ATTEMPTS: usize = 5;
 
 /// Why a build stopped early.
-enum Stop {
+pub(super) enum Stop {
     Failed(String),
     Cancelled,
 }
@@ -51,56 +47,8 @@ enum Overlay {
     Lv(PathBuf),
 }
 
-/// Runs a KVM-mode build of `spec` in the job directory `prepare` made; `cancel` stops it (the
-/// guest is still cleaned up).
-pub fn build(
-    w: &WorkerConfig,
-    spec: &Spec,
-    prepared: &Prepared,
-    cancel: &Receiver<()>,
-    registry: &Registry,
-) -> BuildEnd {
-    let mut urls = planned_urls(w, spec);
-    let mut b = Builder {
-        w,
-        spec,
-        log: prepared.log().clone(),
-        prepared,
-        cancel,
-        registry,
-        dir: prepared.dir().to_path_buf(),
-        stem: PathBuf::new(),
-        lock: None,
-        overlay: None,
-        qemu_pid: None,
-        port: 0,
-        key: PathBuf::new(),
-        ssh_up: false,
-        torn_down: true,
-    };
-    let run = b.run();
-    b.teardown();
-    match run {
-        Ok(image) => {
-            urls.image_url = url_for(w, &image);
-            BuildEnd::Finished {
-                result: true,
-                error: None,
-                urls,
-            }
-        }
-        Err(Stop::Cancelled) => {
-            b.note("build cancelled");
-            BuildEnd::Cancelled
-        }
-        Err(Stop::Failed(error)) => {
-            b.note(&format!("error: {error}"));
-            BuildEnd::failed(error, urls)
-        }
-    }
-}
-
-struct Builder<'a> {
+/// One build's guest: its inputs, and what it has made so far (for the teardown).
+pub(super) struct Guest<'a> {
     w: &'a WorkerConfig,
     spec: &'a Spec,
     log: JobLog,
@@ -120,10 +68,39 @@ struct Builder<'a> {
     torn_down: bool,
 }
 
-impl Builder<'_> {
+impl<'a> Guest<'a> {
+    /// A build that has made nothing yet.
+    pub(super) fn new(
+        w: &'a WorkerConfig,
+        spec: &'a Spec,
+        prepared: &'a Prepared,
+        cancel: &'a Receiver<()>,
+        registry: &'a Registry,
+    ) -> Guest<'a> {
+        Guest {
+            w,
+            spec,
+            log: prepared.log().clone(),
+            prepared,
+            cancel,
+            registry,
+            dir: prepared.dir().to_path_buf(),
+            stem: PathBuf::new(),
+            lock: None,
+            overlay: None,
+            qemu_pid: None,
+            port: 0,
+            key: PathBuf::new(),
+            ssh_up: false,
+            torn_down: true,
+        }
+    }
+}
+
+impl Guest<'_> {
     /// A line in the job log (a log that cannot be written is reported once, then ignored: the
     /// build's outcome does not depend on it).
-    fn note(&mut self, text: &str) {
+    pub(super) fn note(&mut self, text: &str) {
         if let Err(e) = self.log.line(text) {
             log::warn!("cannot write job log {}: {e}", self.log.path().display());
         }
@@ -221,7 +198,7 @@ impl Builder<'_> {
         Ok((outcome, text))
     }
 
-    fn run(&mut self) -> Step<PathBuf> {
+    pub(super) fn run(&mut self) -> Step<PathBuf> {
         let w = self.w;
         self.note(&format!(
             "KVM build of {} ({} for {}) in a throw-away guest",
@@ -279,8 +256,8 @@ impl Builder<'_> {
     /// `doctor` shows too; its first failure fails the build).
     fn check_host(&mut self) -> Step<Accel> {
         let w = self.w;
-        if let Some(f) = preflight(w).into_iter().find(|f| f.level == Level::Fail) {
-            return Err(Stop::Failed(f.message()));
+        if let Some(c) = preflight(w).into_iter().find(|c| c.status == Status::Fail) {
+            return Err(Stop::Failed(message(&c)));
         }
         let (accel, line) =
             commands::choose_accel(w.vm_accel, kvm_usable()).map_err(Stop::Failed)?;
@@ -299,23 +276,9 @@ impl Builder<'_> {
 
     /// The build's stem in img_tmp and its lock, taken before any other file is made.
     fn start_files(&mut self) -> Step<()> {
-        let tmp = absolute(&self.w.img_tmp);
-        std::fs::create_dir_all(&tmp)
-            .map_err(|e| Stop::Failed(format!("cannot create img_tmp {}: {e}", tmp.display())))?;
-        let id: String = self.spec.dir_id.chars().take(40).collect();
-        let name = format!("{STEM_PREFIX}{id}-{:012x}", random() & 0xffff_ffff_ffff);
-        self.stem = tmp.join(&name);
-        // Locked under a hidden name, then renamed: recovery never sees it unlocked.
-        let hidden = tmp.join(format!(".{name}.lock"));
-        let file = File::create(&hidden)
-            .map_err(|e| Stop::Failed(format!("cannot create {}: {e}", hidden.display())))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| Stop::Failed(format!("cannot lock {}: {e}", hidden.display())))?;
-        let lock_path = self.path("lock");
-        std::fs::rename(&hidden, &lock_path).map_err(|e| {
-            let _ = std::fs::remove_file(&hidden);
-            Stop::Failed(format!("cannot rename {}: {e}", hidden.display()))
-        })?;
+        let (stem, lock) =
+            new_stem(&self.w.img_tmp, &self.spec.dir_id, random()).map_err(Stop::Failed)?;
+        self.stem = stem;
         self.lock = Some(lock);
         self.torn_down = false;
         Ok(())
@@ -581,7 +544,7 @@ impl Builder<'_> {
     /// Step 8: sync and power off the guest, wait for its qemu to end (kill it when it does
     /// not), remove the overlay and the build's files. Runs once, whatever happened before;
     /// nothing here can be cancelled.
-    fn teardown(&mut self) {
+    pub(super) fn teardown(&mut self) {
         if self.torn_down {
             return;
         }
@@ -662,442 +625,11 @@ impl Builder<'_> {
     }
 }
 
-impl Drop for Builder<'_> {
+impl Drop for Guest<'_> {
     /// A panic between start and teardown still stops the guest and removes the overlay.
     fn drop(&mut self) {
         self.teardown();
     }
-}
-
-/// Kills the qemu of a build (by pid, only if its command line names the build's stem) and
-/// waits a little for it to go.
-fn kill_vm(pid: i32, marker: &[u8]) -> std::io::Result<bool> {
-    let killed = process::kill_pid_if(pid, |cmdline| {
-        !marker.is_empty()
-            && cmdline.windows(marker.len()).any(|w| w == marker)
-            && cmdline.windows(4).any(|w| w == b"qemu")
-    })?;
-    if killed {
-        crate::wait::wait_for(Duration::from_secs(10), || !crate::process::pid_alive(pid));
-    }
-    Ok(killed)
-}
-
-/// Finds what builds of a previous life of the daemon left in `img_tmp` (a guest still running,
-/// an overlay, an LVM snapshot, pid and console files) and removes it. Only stems whose lock is
-/// free are touched: a running build (of this or another daemon sharing img_tmp) holds its lock.
-/// Returns the stems cleaned.
-pub fn recover_orphans(w: &WorkerConfig, registry: &Registry) -> Vec<String> {
-    let tmp = absolute(&w.img_tmp);
-    let Ok(rd) = std::fs::read_dir(&tmp) else {
-        return Vec::new();
-    };
-    let mut stems: Vec<String> = rd
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_str()?.to_string();
-            if !name.starts_with(STEM_PREFIX) {
-                return None;
-            }
-            let (stem, ext) = name.rsplit_once('.')?;
-            STEM_EXTS.contains(&ext).then(|| stem.to_string())
-        })
-        .collect();
-    stems.sort();
-    stems.dedup();
-    let mut cleaned = Vec::new();
-    for name in stems {
-        let stem = tmp.join(&name);
-        let lock_path = with_ext(&stem, "lock");
-        let _lock = match File::open(&lock_path) {
-            Ok(f) => match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-                Ok(l) => Some(l),
-                Err(_) => continue, // a live build holds it
-            },
-            Err(_) => None,
-        };
-        if let Some(pid) = read_pid(&with_ext(&stem, "pid")) {
-            match kill_vm(pid, name.as_bytes()) {
-                Ok(true) => {
-                    log::warn!("recovery: killed the orphaned guest {name} (qemu pid {pid})")
-                }
-                Ok(false) => {}
-                Err(e) => log::warn!("recovery: cannot kill qemu pid {pid} of {name}: {e}"),
-            }
-        }
-        let mut keep_lv = false;
-        if let Ok(lv) = std::fs::read(with_ext(&stem, "lv")) {
-            let lv = PathBuf::from(String::from_utf8_lossy(&lv).trim().to_string());
-            let ours = lv.starts_with("/dev")
-                && lv.file_name().and_then(|n| n.to_str()) == Some(name.as_str());
-            if ours && lv.exists() {
-                let argv = commands::lvremove(w.sudo, &lv);
-                let outcome = process::run(Run {
-                    argv: &argv,
-                    env: vec![],
-                    stdin: None,
-                    output: Output::Null,
-                    timeout: w.timeout(),
-                    cancel: None,
-                    registry,
-                });
-                match outcome {
-                    Ok(o) if o.success() => {
-                        log::warn!("recovery: removed the orphaned snapshot {}", lv.display())
-                    }
-                    Ok(o) => {
-                        keep_lv = true;
-                        log::warn!(
-                            "recovery: lvremove -f {} {}",
-                            lv.display(),
-                            o.describe(w.timeout())
-                        );
-                    }
-                    Err(e) => {
-                        keep_lv = true;
-                        log::warn!("recovery: lvremove -f {}: {e}", lv.display());
-                    }
-                }
-            }
-        }
-        if keep_lv {
-            continue;
-        }
-        if with_ext(&stem, "qcow2").exists() {
-            log::warn!("recovery: removing the orphaned overlay {name}.qcow2");
-        }
-        for ext in STEM_EXTS {
-            let _ = std::fs::remove_file(with_ext(&stem, ext));
-        }
-        cleaned.push(name);
-    }
-    cleaned
-}
-
-/// Is /dev/kvm usable for a guest: openable read-write, and the CPU has hardware virtualisation
-/// (without vmx/svm, as in a guest without nested virtualisation, /dev/kvm may open but a KVM
-/// guest never runs)?
-pub fn kvm_usable() -> Result<(), String> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map_err(|e| format!("cannot open /dev/kvm read-write: {e}"))?;
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")
-        .map_err(|e| format!("cannot read /proc/cpuinfo: {e}"))?;
-    if !commands::cpu_has_virt(&cpuinfo) {
-        return Err(
-            "the CPU shows no vmx or svm flag in /proc/cpuinfo (no hardware or nested \
-                    virtualisation)"
-                .into(),
-        );
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// preflight: what a KVM build needs on this host, looked at without running anything
-
-/// How a preflight finding weighs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    Ok,
-    Warn,
-    Fail,
-}
-
-/// One thing the preflight looked at: `what` is the config key or device, `detail` what was
-/// found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    pub level: Level,
-    pub what: &'static str,
-    pub detail: String,
-}
-
-impl Finding {
-    fn new(level: Level, what: &'static str, detail: impl Into<String>) -> Finding {
-        Finding {
-            level,
-            what,
-            detail: detail.into(),
-        }
-    }
-
-    /// The finding as one sentence, for a build's error: "ssh key (vm_ssh_key) /k: mode 0644...".
-    pub fn message(&self) -> String {
-        let label = match self.what {
-            "vm_base_img" => "base image (vm_base_img)",
-            "vm_kernel" => "guest kernel (vm_kernel)",
-            "vm_initrd" => "guest initrd (vm_initrd)",
-            "vm_ssh_key" => "ssh key (vm_ssh_key)",
-            other => other,
-        };
-        format!("{label} {}", self.detail)
-    }
-}
-
-/// Checks, without running or creating anything, what a KVM build needs on this host: the
-/// accelerator, the base image, kernel, initrd and ssh key, img_tmp (and mic_cachedir with the
-/// 9p cache). Shared by `doctor` and the KVM builder (which fails with the first failure).
-pub fn preflight(w: &WorkerConfig) -> Vec<Finding> {
-    let mut out = vec![
-        kvm_verdict(w.vm_accel, kvm_usable()),
-        vm_file("vm_base_img", w.vm_base_img.as_deref(), true),
-        vm_file("vm_kernel", w.vm_kernel.as_deref(), true),
-        vm_file("vm_initrd", w.vm_initrd.as_deref(), false),
-        ssh_key(w.vm_ssh_key.as_deref()),
-        dir_to_write(
-            "img_tmp",
-            &w.img_tmp,
-            "the first KVM build creates it for its overlay images",
-        ),
-    ];
-    if w.use_9p_cache {
-        out.push(dir_to_write(
-            "mic_cachedir",
-            &w.mic_cachedir,
-            "the first KVM build creates it",
-        ));
-    }
-    out
-}
-
-pub fn kvm_verdict(accel: VmAccel, usable: Result<(), String>) -> Finding {
-    let what = "/dev/kvm";
-    match (usable, accel) {
-        (Ok(()), VmAccel::Tcg) => Finding::new(
-            Level::Ok,
-            what,
-            "usable, but vm_accel = \"tcg\" does not use it",
-        ),
-        (Ok(()), _) => Finding::new(
-            Level::Ok,
-            what,
-            "usable (opens read-write, CPU has vmx/svm)",
-        ),
-        (Err(e), VmAccel::Kvm) => Finding::new(
-            Level::Fail,
-            what,
-            format!(
-                "is not usable: {e}; vm_accel = \"kvm\" needs it (or set vm_accel = \"auto\" or \
-                 \"tcg\")"
-            ),
-        ),
-        (Err(e), VmAccel::Auto) => Finding::new(
-            Level::Warn,
-            what,
-            format!("{e}; vm_accel = \"auto\" falls back to tcg, much slower"),
-        ),
-        (Err(e), VmAccel::Tcg) => Finding::new(
-            Level::Ok,
-            what,
-            format!("not used (vm_accel = \"tcg\"): {e}"),
-        ),
-    }
-}
-
-/// The configured path, or the finding that says it is unset (a failure when `required`) or
-/// empty (always a failure: a build reads `vm_initrd = ""` as a path, it does not mean "unset").
-fn configured<'a>(
-    what: &'static str,
-    p: Option<&'a Path>,
-    required: bool,
-) -> Result<&'a Path, Finding> {
-    match p {
-        None if required => Err(Finding::new(
-            Level::Fail,
-            what,
-            "not set (needed with use_kvm = true)",
-        )),
-        None => Err(Finding::new(Level::Ok, what, "not set (optional)")),
-        Some(p) if p.as_os_str().is_empty() => Err(Finding::new(
-            Level::Fail,
-            what,
-            format!(
-                "{what} = \"\" is an empty path, which a build tries to use; {}",
-                if required {
-                    "set it (needed with use_kvm = true)"
-                } else {
-                    "remove the key to leave it unset"
-                }
-            ),
-        )),
-        Some(p) => Ok(p),
-    }
-}
-
-/// A file qemu reads: a regular file or a block device (an LVM volume for the base image).
-pub fn vm_file(what: &'static str, path: Option<&Path>, required: bool) -> Finding {
-    let path = match configured(what, path, required) {
-        Ok(p) => p,
-        Err(f) => return f,
-    };
-    let m = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) => return Finding::new(Level::Fail, what, format!("{}: {e}", path.display())),
-    };
-    let kind = if m.is_file() {
-        format!("file, {} bytes", m.len())
-    } else if m.file_type().is_block_device() {
-        "block device".to_string()
-    } else {
-        return Finding::new(
-            Level::Fail,
-            what,
-            format!("{} is neither a file nor a block device", path.display()),
-        );
-    };
-    match File::open(path) {
-        Ok(_) => Finding::new(Level::Ok, what, format!("{} ({kind})", path.display())),
-        Err(e) => Finding::new(
-            Level::Fail,
-            what,
-            format!("{} is not readable: {e}", path.display()),
-        ),
-    }
-}
-
-/// ssh refuses a private key that group or others may read: mode 0600 or stricter.
-pub fn key_mode_verdict(mode: u32) -> Result<(), String> {
-    if mode & 0o077 == 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "mode {:04o}: group/other bits set, ssh refuses such a key",
-            mode & 0o7777
-        ))
-    }
-}
-
-pub fn ssh_key(path: Option<&Path>) -> Finding {
-    let what = "vm_ssh_key";
-    let path = match configured(what, path, true) {
-        Ok(p) => p,
-        Err(f) => return f,
-    };
-    let m = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) => return Finding::new(Level::Fail, what, format!("{}: {e}", path.display())),
-    };
-    if !m.is_file() {
-        return Finding::new(
-            Level::Fail,
-            what,
-            format!("{} is not a file", path.display()),
-        );
-    }
-    let mode = m.permissions().mode();
-    if let Err(e) = key_mode_verdict(mode) {
-        return Finding::new(
-            Level::Fail,
-            what,
-            format!("{}: {e}; chmod 600 {}", path.display(), path.display()),
-        );
-    }
-    match File::open(path) {
-        Ok(_) => Finding::new(
-            Level::Ok,
-            what,
-            format!("{} (mode {:04o}, readable)", path.display(), mode & 0o7777),
-        ),
-        Err(e) => Finding::new(
-            Level::Fail,
-            what,
-            format!("cannot read {}: {e}", path.display()),
-        ),
-    }
-}
-
-/// A directory a build creates when missing: fine when it is a writable directory, or when it
-/// is missing and its nearest existing ancestor is a writable directory.
-pub fn dir_to_write(what: &'static str, dir: &Path, why_missing: &str) -> Finding {
-    let writable = |p: &Path| {
-        nix::unistd::access(
-            p,
-            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
-        )
-        .map_err(|e| format!("{} is not writable: {}", p.display(), e.desc()))
-    };
-    match std::fs::metadata(dir) {
-        Ok(m) if !m.is_dir() => {
-            return Finding::new(
-                Level::Fail,
-                what,
-                format!("{} is not a directory", dir.display()),
-            );
-        }
-        Ok(_) => {
-            return match writable(dir) {
-                Ok(()) => Finding::new(Level::Ok, what, format!("{} (writable)", dir.display())),
-                Err(e) => Finding::new(Level::Fail, what, e),
-            };
-        }
-        Err(_) => {}
-    }
-    let mut cur = dir.parent();
-    while let Some(c) = cur {
-        let c = if c.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            c
-        };
-        match std::fs::metadata(c) {
-            Ok(m) if m.is_dir() => {
-                return match writable(c) {
-                    Ok(()) => Finding::new(
-                        Level::Ok,
-                        what,
-                        format!(
-                            "{} does not exist yet; {why_missing} (under {}, which is writable)",
-                            dir.display(),
-                            c.display()
-                        ),
-                    ),
-                    Err(e) => Finding::new(
-                        Level::Fail,
-                        what,
-                        format!(
-                            "{} does not exist and cannot be created: {e}",
-                            dir.display()
-                        ),
-                    ),
-                };
-            }
-            Ok(_) => {
-                return Finding::new(
-                    Level::Fail,
-                    what,
-                    format!(
-                        "{} cannot be created: {} is not a directory",
-                        dir.display(),
-                        c.display()
-                    ),
-                );
-            }
-            Err(_) => {}
-        }
-        if c == Path::new(".") {
-            break;
-        }
-        cur = c.parent();
-    }
-    Finding::new(
-        Level::Fail,
-        what,
-        format!("{} cannot be created: no existing parent", dir.display()),
-    )
-}
-
-fn with_ext(stem: &Path, ext: &str) -> PathBuf {
-    let mut s = stem.as_os_str().to_os_string();
-    s.push(".");
-    s.push(ext);
-    PathBuf::from(s)
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn program(argv: &[OsString]) -> String {
@@ -1105,15 +637,6 @@ fn program(argv: &[OsString]) -> String {
         .find(|a| *a != "sudo" && *a != "-n")
         .map(|a| a.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-fn read_pid(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|p| *p > 1)
 }
 
 /// Random bits from the kernel (the time and pid when /dev/urandom cannot be read).
@@ -1173,66 +696,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recovery_leaves_locked_stems_and_cleans_free_ones() {
-        let d = tempfile::tempdir().unwrap();
-        let w = WorkerConfig {
-            img_tmp: d.path().to_path_buf(),
-            sudo: false,
-            ..WorkerConfig::default()
-        };
-        let live = d.path().join("build-image-vm-a-1");
-        let dead = d.path().join("build-image-vm-b-2");
-        for stem in [&live, &dead] {
-            for ext in ["qcow2", "pid", "console", "lock"] {
-                std::fs::write(with_ext(stem, ext), b"").unwrap();
-            }
-        }
-        // a pid file naming a process that is not ours: never killed
-        let mut sleeper = std::process::Command::new("sleep")
-            .arg("302")
-            .spawn()
-            .unwrap();
-        std::fs::write(with_ext(&dead, "pid"), sleeper.id().to_string()).unwrap();
-        std::fs::write(d.path().join("unrelated.qcow2"), b"").unwrap();
-        let held = Flock::lock(
-            File::open(with_ext(&live, "lock")).unwrap(),
-            FlockArg::LockExclusiveNonblock,
-        )
-        .unwrap();
-        assert_eq!(
-            recover_orphans(&w, &Registry::none()),
-            vec!["build-image-vm-b-2".to_string()]
-        );
-        assert!(
-            sleeper.try_wait().unwrap().is_none(),
-            "a foreign pid was killed"
-        );
-        let _ = sleeper.kill();
-        let _ = sleeper.wait();
-        let mut left: Vec<String> = std::fs::read_dir(d.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            vec![
-                "build-image-vm-a-1.console",
-                "build-image-vm-a-1.lock",
-                "build-image-vm-a-1.pid",
-                "build-image-vm-a-1.qcow2",
-                "unrelated.qcow2"
-            ]
-        );
-        drop(held);
-        assert_eq!(
-            recover_orphans(&w, &Registry::none()),
-            vec!["build-image-vm-a-1".to_string()]
-        );
-        assert_eq!(recover_orphans(&w, &Registry::none()), Vec::<String>::new());
-    }
-
-    #[test]
     fn open_up_makes_group_and_other_writable() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("sub")).unwrap();
@@ -1252,72 +715,5 @@ mod tests {
         };
         assert_eq!(mode("sub/f"), 0o666);
         assert_eq!(mode("sub") & 0o066, 0o066);
-    }
-
-    #[test]
-    fn kvm_verdicts() {
-        let no = || Err("cannot open /dev/kvm read-write: No such file".to_string());
-        assert_eq!(kvm_verdict(VmAccel::Kvm, Ok(())).level, Level::Ok);
-        assert_eq!(kvm_verdict(VmAccel::Auto, Ok(())).level, Level::Ok);
-        assert_eq!(kvm_verdict(VmAccel::Kvm, no()).level, Level::Fail);
-        assert_eq!(kvm_verdict(VmAccel::Auto, no()).level, Level::Warn);
-        assert_eq!(kvm_verdict(VmAccel::Tcg, no()).level, Level::Ok);
-        assert!(
-            kvm_verdict(VmAccel::Kvm, no())
-                .message()
-                .starts_with("/dev/kvm is not usable: ")
-        );
-    }
-
-    #[test]
-    fn ssh_key_mode() {
-        assert!(key_mode_verdict(0o100600).is_ok());
-        assert!(key_mode_verdict(0o100400).is_ok());
-        assert!(key_mode_verdict(0o100700).is_ok());
-        assert!(key_mode_verdict(0o100640).is_err());
-        assert!(key_mode_verdict(0o100604).is_err());
-        assert!(key_mode_verdict(0o100644).unwrap_err().contains("0644"));
-
-        let d = tempfile::tempdir().unwrap();
-        let key = d.path().join("id");
-        std::fs::write(&key, "key").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let f = ssh_key(Some(&key));
-        assert_eq!(f.level, Level::Fail);
-        assert!(f.detail.contains("chmod 600"), "{f:?}");
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(ssh_key(Some(&key)).level, Level::Ok);
-        assert_eq!(ssh_key(None).level, Level::Fail);
-        assert_eq!(ssh_key(Some(Path::new(""))).level, Level::Fail);
-    }
-
-    #[test]
-    fn vm_files() {
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("vmlinuz");
-        std::fs::write(&f, "k").unwrap();
-        assert_eq!(vm_file("vm_kernel", Some(&f), true).level, Level::Ok);
-        assert_eq!(vm_file("vm_kernel", None, true).level, Level::Fail);
-        assert_eq!(vm_file("vm_initrd", None, false).level, Level::Ok);
-        let c = vm_file("vm_kernel", Some(&d.path().join("nope")), true);
-        assert_eq!(c.level, Level::Fail);
-        assert!(
-            c.message().starts_with("guest kernel (vm_kernel) "),
-            "{c:?}"
-        );
-        assert_eq!(
-            vm_file("vm_kernel", Some(d.path()), true).level,
-            Level::Fail
-        );
-        assert_eq!(
-            vm_file("vm_initrd", Some(Path::new("")), false).level,
-            Level::Fail
-        );
-        let tmp = |p: &Path| dir_to_write("img_tmp", p, "made by a build");
-        assert_eq!(tmp(d.path()).level, Level::Ok);
-        assert_eq!(tmp(&d.path().join("new/deeper")).level, Level::Ok);
-        assert!(!d.path().join("new").exists());
-        assert_eq!(tmp(&f).level, Level::Fail);
-        assert_eq!(tmp(&f.join("sub")).level, Level::Fail);
     }
 }

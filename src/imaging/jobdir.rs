@@ -1,0 +1,424 @@
+//! The job directory of one attempt: made (or opened) under base_dir, the kickstart written,
+//! the job log started ([`prepare`]), and after the build the image this attempt wrote
+//! ([`Prepared::new_image`]).
+//!
+//! Invariant: every path written is under `base_dir/prefix/dir_id`, whose parts were validated
+//! by `workitem::normalise`, reached from base_dir one component at a time without following a
+//! symlink that was already there; the image is a file that is new or changed since `prepare`,
+//! never one an earlier attempt left.
+
+use super::joblog::job_log_limit;
+use super::{JobLog, job_dir, mode};
+use crate::config::WorkerConfig;
+use crate::domain::workitem::Spec;
+use nix::dir::Dir;
+use nix::fcntl::{AtFlags, OFlag, renameat};
+use nix::sys::stat::{Mode as FileMode, SFlag, fchmod, fstatat, mkdirat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Component, Path, PathBuf};
+
+/// Why a job directory could not be prepared.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {source}")]
+pub struct PrepareError {
+    pub what: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl PrepareError {
+    /// The disk (or quota) is full: worth waiting for, not a reason to fail the job.
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self.source.raw_os_error(),
+            Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT)
+        )
+    }
+}
+
+/// One file as it was before mic ran: a file that is new, or whose identity, size or time
+/// changed since, was written by this attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+}
+
+/// A job directory ready for mic: opened (never through a symlink under base_dir), the
+/// kickstart written, the job log started, and what the directory held before the build.
+pub struct Prepared {
+    dir: OwnedFd,
+    path: PathBuf,
+    ks: PathBuf,
+    log: JobLog,
+    /// The names (relative to the job directory) of the kickstart and the log: never the image.
+    skip: [PathBuf; 2],
+    before: HashMap<PathBuf, FileId>,
+}
+
+impl Prepared {
+    /// `base_dir/prefix/dir_id`.
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// The kickstart written for this attempt.
+    pub fn ks(&self) -> &Path {
+        &self.ks
+    }
+
+    pub fn log(&self) -> &JobLog {
+        &self.log
+    }
+
+    /// The image this attempt wrote: the largest non-hidden regular file under the job
+    /// directory (hidden directories not entered, symlinks not followed), other than the
+    /// kickstart and the log, that is new or changed since `prepare`.
+    pub fn new_image(&self) -> Option<PathBuf> {
+        let now = snapshot(&self.dir);
+        let mut best: Option<(i64, &PathBuf)> = None;
+        for (rel, id) in &now {
+            if self.skip.contains(rel) || self.before.get(rel) == Some(id) {
+                continue;
+            }
+            let better = match best {
+                None => true,
+                Some((s, p)) => id.size > s || (id.size == s && rel < p),
+            };
+            if better {
+                best = Some((id.size, rel));
+            }
+        }
+        best.map(|(_, rel)| self.path.join(rel))
+    }
+}
+
+/// Deepest directory level a snapshot looks into.
+const SNAPSHOT_DEPTH: usize = 32;
+
+/// Every non-hidden regular file under `dir` (hidden directories not entered, symlinks not
+/// followed), by path relative to it.
+fn snapshot(dir: &OwnedFd) -> HashMap<PathBuf, FileId> {
+    let mut out = HashMap::new();
+    if let Ok(d) = Dir::openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        FileMode::empty(),
+    ) {
+        walk(d, PathBuf::new(), 0, &mut out);
+    }
+    out
+}
+
+fn walk(mut d: Dir, rel: PathBuf, depth: usize, out: &mut HashMap<PathBuf, FileId>) {
+    use std::os::fd::AsFd;
+    // the entries are looked at through a second descriptor while the first one is read
+    let Ok(fd) = d.as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let mut subdirs = Vec::new();
+    for entry in d.iter().flatten() {
+        let name = entry.file_name();
+        let bytes = name.to_bytes();
+        if bytes.is_empty() || bytes.starts_with(b".") {
+            continue;
+        }
+        let Ok(st) = fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        let path = rel.join(OsStr::from_bytes(bytes));
+        match st.st_mode & SFlag::S_IFMT.bits() {
+            m if m == SFlag::S_IFDIR.bits() => subdirs.push((name.to_owned(), path)),
+            m if m == SFlag::S_IFREG.bits() => {
+                out.insert(
+                    path,
+                    FileId {
+                        dev: st.st_dev,
+                        ino: st.st_ino,
+                        size: st.st_size,
+                        mtime: (st.st_mtime, st.st_mtime_nsec),
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    if depth >= SNAPSHOT_DEPTH {
+        return;
+    }
+    for (name, path) in subdirs {
+        if let Ok(sub) = Dir::openat(
+            &fd,
+            name.as_c_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            FileMode::empty(),
+        ) {
+            walk(sub, path, depth + 1, out);
+        }
+    }
+}
+
+fn io(e: nix::errno::Errno) -> std::io::Error {
+    std::io::Error::from(e)
+}
+
+/// Opens `base_dir/prefix/dir_id`, creating what is missing (mode 0775, as the original did),
+/// one component at a time from base_dir: base_dir itself may be a symlink, nothing under it
+/// is followed through one.
+fn open_job_dir(w: &WorkerConfig, spec: &Spec) -> Result<OwnedFd, PrepareError> {
+    let target = job_dir(w, spec);
+    let fail = |source: std::io::Error| PrepareError {
+        what: "cannot create job directory",
+        path: target.clone(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o775)
+        .create(&w.base_dir)
+        .map_err(fail)?;
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let mut fd =
+        nix::fcntl::open(&w.base_dir, dir_flags, FileMode::empty()).map_err(|e| fail(io(e)))?;
+    let mut at = w.base_dir.clone();
+    let rel = Path::new(&spec.prefix).join(&spec.dir_id);
+    for comp in rel.components() {
+        let Component::Normal(name) = comp else {
+            return Err(fail(std::io::Error::other(format!(
+                "{} is not a plain path under base_dir",
+                rel.display()
+            ))));
+        };
+        at.push(name);
+        let created = match mkdirat(&fd, name, FileMode::from_bits_truncate(0o775)) {
+            Ok(()) => true,
+            Err(nix::errno::Errno::EEXIST) => false,
+            Err(e) => return Err(fail(io(e))),
+        };
+        let next =
+            match nix::fcntl::openat(&fd, name, dir_flags | OFlag::O_NOFOLLOW, FileMode::empty()) {
+                Ok(next) => next,
+                Err(e) => {
+                    let is_link = fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                        .is_ok_and(|st| st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFLNK.bits());
+                    return Err(fail(if is_link {
+                        std::io::Error::other(format!(
+                            "{} is a symbolic link, and no path under base_dir is followed through \
+                         one",
+                            at.display()
+                        ))
+                    } else if e == nix::errno::Errno::ENOTDIR {
+                        std::io::Error::other(format!("{} is not a directory", at.display()))
+                    } else {
+                        std::io::Error::other(format!("cannot open {}: {}", at.display(), e.desc()))
+                    }));
+                }
+            };
+        if created || at == target {
+            fchmod(&next, FileMode::from_bits_truncate(0o775)).map_err(|e| fail(io(e)))?;
+        }
+        fd = next;
+    }
+    Ok(fd)
+}
+
+/// Writes `name` in `dir` (tmp + fsync + rename, relative to the directory, no symlink
+/// followed), mode 0644.
+fn write_in(dir: &OwnedFd, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let tmp = format!(".{name}.{}.tmp", std::process::id());
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mode = FileMode::from_bits_truncate(0o644);
+    let fd = match nix::fcntl::openat(dir, tmp.as_str(), flags, mode) {
+        Err(nix::errno::Errno::EEXIST) => {
+            // a leftover of an interrupted attempt
+            let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            nix::fcntl::openat(dir, tmp.as_str(), flags, mode).map_err(io)?
+        }
+        other => other.map_err(io)?,
+    };
+    let mut file = File::from(fd);
+    let written = file
+        .write_all(data)
+        .and_then(|()| fchmod(&file, mode).map_err(io))
+        .and_then(|()| file.sync_all())
+        .and_then(|()| renameat(dir, tmp.as_str(), dir, name).map_err(io));
+    if written.is_err() {
+        let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+    }
+    written
+}
+
+/// Makes the job directory, writes the kickstart and starts the job log, before a build starts;
+/// then notes what the directory holds, so that the image found after the build is one this
+/// attempt wrote.
+pub fn prepare(w: &WorkerConfig, spec: &Spec, attempt: u32) -> Result<Prepared, PrepareError> {
+    let dir = open_job_dir(w, spec)?;
+    let path = job_dir(w, spec);
+    let ks_name = format!("{}.ks", spec.name);
+    let log_name = format!("{}.log", spec.name);
+    let ks = path.join(&ks_name);
+    write_in(&dir, &ks_name, spec.kickstart.as_bytes()).map_err(|source| PrepareError {
+        what: "cannot write the kickstart",
+        path: ks.clone(),
+        source,
+    })?;
+    let log_path = path.join(&log_name);
+    let log_err = |source| PrepareError {
+        what: "cannot write the job log",
+        path: log_path.clone(),
+        source,
+    };
+    let log =
+        JobLog::open_in(&dir, &log_name, log_path.clone(), job_log_limit(w)).map_err(log_err)?;
+    log.line(&format!(
+        "build of {} ({} {} {}), attempt {attempt}, {:?} mode",
+        spec.image_id,
+        spec.name,
+        spec.arch,
+        spec.image_type,
+        mode(w)
+    ))
+    .map_err(log_err)?;
+    let before = snapshot(&dir);
+    Ok(Prepared {
+        dir,
+        path,
+        ks,
+        log,
+        skip: [PathBuf::from(ks_name), PathBuf::from(log_name)],
+        before,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn spec(prefix: &str, id: &str) -> Spec {
+        Spec {
+            image_id: id.into(),
+            dir_id: id.into(),
+            kickstart: "# ks\n".into(),
+            image_type: "fs".into(),
+            name: "n".into(),
+            arch: "i586".into(),
+            prefix: prefix.into(),
+            release: None,
+            tokenmap: None,
+            extra_opts: vec![],
+        }
+    }
+
+    fn worker(base: &Path) -> WorkerConfig {
+        WorkerConfig {
+            base_dir: base.to_path_buf(),
+            base_url: "http://img.example/images".into(),
+            ..WorkerConfig::default()
+        }
+    }
+
+    #[test]
+    fn image_is_the_largest_visible_file_this_attempt_wrote() {
+        let d = tempfile::tempdir().unwrap();
+        let w = worker(d.path());
+        let sp = spec("requests", "7-1");
+        let dir = job_dir(&w, &sp);
+        std::fs::create_dir_all(dir.join("old")).unwrap();
+        // left by an earlier attempt: bigger, but not this attempt's
+        std::fs::write(dir.join("old/big.img"), vec![0u8; 90_000]).unwrap();
+        std::fs::write(dir.join("same.img"), vec![0u8; 10]).unwrap();
+        let p = prepare(&w, &sp, 1).unwrap();
+        assert_eq!(p.new_image(), None);
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o775);
+        assert_eq!(std::fs::read_to_string(dir.join("n.ks")).unwrap(), "# ks\n");
+        std::fs::create_dir_all(dir.join("rel/images/n")).unwrap();
+        std::fs::create_dir_all(dir.join(".hidden")).unwrap();
+        std::fs::write(dir.join("rel/images/n/n.img"), vec![0u8; 3000]).unwrap();
+        std::fs::write(dir.join("rel/images/n/small"), vec![0u8; 30]).unwrap();
+        std::fs::write(dir.join(".big"), vec![0u8; 9000]).unwrap();
+        std::fs::write(dir.join(".hidden/x"), vec![0u8; 9000]).unwrap();
+        p.log().line(&"x".repeat(5000)).unwrap();
+        std::os::unix::fs::symlink(dir.join("old/big.img"), dir.join("link.img")).unwrap();
+        assert_eq!(p.new_image(), Some(dir.join("rel/images/n/n.img")));
+        // a file rewritten by this attempt counts
+        std::fs::remove_file(dir.join("same.img")).unwrap();
+        std::fs::write(dir.join("same.img"), vec![0u8; 5000]).unwrap();
+        assert_eq!(p.new_image(), Some(dir.join("same.img")));
+    }
+
+    #[test]
+    fn a_symlink_under_base_dir_is_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("images");
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, base.join("queue")).unwrap();
+        let w = worker(&base);
+        let e = match prepare(&w, &spec("queue/user", "9-1"), 1) {
+            Err(e) => e,
+            Ok(_) => panic!("prepared through a symlink"),
+        };
+        assert!(!e.is_no_space());
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!(
+                "{} is a symbolic link",
+                base.join("queue").display()
+            )),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "wrote outside"
+        );
+
+        // the job directory itself, and the log and kickstart inside a real one
+        std::fs::create_dir_all(base.join("requests")).unwrap();
+        std::os::unix::fs::symlink(&outside, base.join("requests/9-2")).unwrap();
+        assert!(prepare(&w, &spec("requests", "9-2"), 1).is_err());
+        std::fs::create_dir_all(base.join("requests/9-3")).unwrap();
+        std::os::unix::fs::symlink(outside.join("stolen.log"), base.join("requests/9-3/n.log"))
+            .unwrap();
+        assert!(prepare(&w, &spec("requests", "9-3"), 1).is_err());
+        std::fs::create_dir_all(base.join("requests/9-4")).unwrap();
+        std::os::unix::fs::symlink(outside.join("stolen.ks"), base.join("requests/9-4/n.ks"))
+            .unwrap();
+        let p = prepare(&w, &spec("requests", "9-4"), 1).unwrap();
+        // the kickstart replaced the link, it did not write through it
+        assert!(
+            !std::fs::symlink_metadata(p.ks())
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "wrote outside"
+        );
+
+        // base_dir itself may be a symlink
+        let real = d.path().join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        std::os::unix::fs::symlink(&real, d.path().join("base-link")).unwrap();
+        let w = worker(&d.path().join("base-link"));
+        prepare(&w, &spec("requests", "1-1"), 1).unwrap();
+        assert!(real.join("requests/1-1/n.ks").is_file());
+    }
+}

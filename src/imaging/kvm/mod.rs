@@ -1,0 +1,160 @@
+//! KVM mode: each build runs mic inside a throw-away guest booted from an overlay of a base image
+//! (REFERENCE.md "KVM mode", steps 1-8). `commands` builds the command lines, `preflight` checks
+//! the host before anything is made, `sequence` runs the guest's steps (each command through
+//! `process::run` with the per-command timeout, each command and its output in the job log),
+//! `orphans` frees what a killed daemon left. This module is the [`KvmBuilder`]: it runs one
+//! build and says how it ended, and tells `doctor` what KVM mode needs of the host.
+//!
+//! Invariant: whatever happens (failure, timeout, cancel), a build that started a guest or made
+//! an overlay stops the guest and removes the overlay before it returns; what a killed daemon
+//! left behind is found by `recover_orphans` on the next start. A build's files in `img_tmp` share
+//! one stem, `build-image-vm-<dir_id>-<random>`; its `.lock` file is flock'ed for the build's
+//! whole life, so a stem whose lock is free belongs to no running build.
+
+pub mod commands;
+mod orphans;
+mod preflight;
+mod sequence;
+
+pub use orphans::recover_orphans;
+pub use preflight::{
+    key_mode_verdict, kvm_usable, kvm_verdict, message, preflight, ssh_key, vm_file,
+};
+
+use super::native::{check_sudo, ict_name};
+use super::{BuildEnd, Builder, Checks, Prepared, planned_urls, url_for};
+use crate::config::WorkerConfig;
+use crate::health::{Check, find_on_path, probe};
+use crate::domain::Mode;
+use crate::process::Registry;
+use crate::domain::workitem::Spec;
+use crossbeam_channel::Receiver;
+use sequence::{Guest, Stop};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Builds in a throw-away KVM guest.
+pub struct KvmBuilder {
+    w: WorkerConfig,
+}
+
+impl KvmBuilder {
+    pub fn new(w: WorkerConfig) -> KvmBuilder {
+        KvmBuilder { w }
+    }
+}
+
+impl Builder for KvmBuilder {
+    fn mode(&self) -> Mode {
+        Mode::Kvm
+    }
+
+    /// Runs a KVM-mode build of `spec` in the job directory `prepare` made; `cancel` stops it
+    /// (the guest is still cleaned up).
+    fn build(
+        &self,
+        spec: &Spec,
+        prepared: &Prepared,
+        cancel: &Receiver<()>,
+        registry: &Registry,
+    ) -> BuildEnd {
+        let w = &self.w;
+        let mut urls = planned_urls(w, spec);
+        let mut b = Guest::new(w, spec, prepared, cancel, registry);
+        let run = b.run();
+        b.teardown();
+        match run {
+            Ok(image) => {
+                urls.image_url = url_for(w, &image);
+                BuildEnd::Finished {
+                    result: true,
+                    error: None,
+                    urls,
+                }
+            }
+            Err(Stop::Cancelled) => {
+                b.note("build cancelled");
+                BuildEnd::Cancelled
+            }
+            Err(Stop::Failed(error)) => {
+                b.note(&format!("error: {error}"));
+                BuildEnd::failed(error, urls)
+            }
+        }
+    }
+
+    /// Kills the guests and removes the overlays and LVM snapshots of builds a killed daemon
+    /// left ([`recover_orphans`]).
+    fn recover(&self, registry: &Registry) {
+        recover_orphans(&self.w, registry);
+    }
+
+    /// mic runs in the guest, sudo (with `sudo = true`) for the LVM commands; then the
+    /// preflight, and the programs a build runs on the host: qemu, qemu-img, ssh, scp.
+    fn checks(&self) -> Checks {
+        Checks {
+            tools: vec![mic_not_on_host(&self.w), check_sudo(&self.w, "sudo = true")],
+            host: host_checks(&self.w),
+        }
+    }
+}
+
+/// In KVM mode the image creator runs inside the guest, over ssh: the host needs none.
+fn mic_not_on_host(w: &WorkerConfig) -> Check {
+    Check::ok(
+        ict_name(w.ict),
+        format!(
+            "not run on this host: with use_kvm = true, {} runs inside the guest",
+            w.mic_path().display()
+        ),
+    )
+}
+
+/// The preflight, then each program a build runs on the host (run with `--version` or `-V`;
+/// scp only looked up on PATH).
+fn host_checks(w: &WorkerConfig) -> Vec<Check> {
+    let mut checks = preflight(w);
+    for (what, argv) in [
+        ("qemu-system-x86_64", ["qemu-system-x86_64", "--version"]),
+        ("qemu-img", ["qemu-img", "--version"]),
+        ("ssh", ["ssh", "-V"]),
+    ] {
+        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        checks.push(match probe(&argv) {
+            Ok(line) => Check::ok(what, line),
+            Err(e) => Check::fail(what, e),
+        });
+    }
+    checks.push(match find_on_path(Path::new("scp")) {
+        Some(p) => Check::ok("scp", p.display().to_string()),
+        None => Check::fail(
+            "scp",
+            "scp not found on PATH (results are copied back with it)",
+        ),
+    });
+    checks
+}
+
+/// `p` against the current directory (`p` itself when that cannot be read).
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Ict;
+    use crate::health::Status;
+
+    #[test]
+    fn mic_is_not_run_on_the_host() {
+        let w = WorkerConfig {
+            ict: Ict::Mic2,
+            use_kvm: true,
+            ..WorkerConfig::default()
+        };
+        let c = mic_not_on_host(&w);
+        assert_eq!((c.status, c.what.as_str()), (Status::Ok, "mic2"));
+        assert_eq!(super::super::builder(&w).mode(), Mode::Kvm);
+    }
+}
