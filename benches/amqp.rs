@@ -123,7 +123,8 @@ fn mic_floor(n: usize, workers: usize) -> f64 {
         .iter()
         .map(|b| {
             let spec =
-                build_image::domain::workitem::normalise(&serde_json::from_slice(b).unwrap()).unwrap();
+                build_image::domain::workitem::normalise(&serde_json::from_slice(b).unwrap())
+                    .unwrap();
             let out = build_image::imaging::job_dir(w, &spec);
             std::fs::create_dir_all(&out).unwrap();
             let ks = build_image::imaging::ks_path(w, &spec);

@@ -31,8 +31,8 @@
 
 mod common;
 
-use build_image::journal::Journal;
 use build_image::domain::EventKind;
+use build_image::journal::Journal;
 use common::{Stats, big, env_u64, met, quantile, runs, stats};
 use crossbeam_channel::{Receiver, RecvTimeoutError, unbounded};
 use std::collections::HashMap;

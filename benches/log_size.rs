@@ -15,8 +15,8 @@
 
 mod common;
 
-use build_image::journal::Journal;
 use build_image::engine::store::Store;
+use build_image::journal::Journal;
 use common::{big, env_u64, met, runs, stats};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;

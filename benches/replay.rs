@@ -19,9 +19,9 @@
 mod common;
 
 use build_image::config::Config;
+use build_image::edges::spool::Spool;
 use build_image::journal::Journal;
 use build_image::operate::ops;
-use build_image::edges::spool::Spool;
 use common::{BenchLog, big, env_u64, met, runs, stats};
 use criterion::{Criterion, SamplingMode, Throughput};
 use std::hint::black_box;

@@ -682,8 +682,14 @@ mod tests {
             crate::edges::amqp::config::redact("amqp://boss:s3cret@mq.example.org:5672/%2f"),
             "amqp://boss:***@mq.example.org:5672/%2f"
         );
-        assert_eq!(crate::edges::amqp::config::redact("amqp://boss:p@ss@h/v"), "amqp://boss:***@h/v");
-        assert_eq!(crate::edges::amqp::config::redact("amqp://h:5672/v"), "amqp://h:5672/v");
+        assert_eq!(
+            crate::edges::amqp::config::redact("amqp://boss:p@ss@h/v"),
+            "amqp://boss:***@h/v"
+        );
+        assert_eq!(
+            crate::edges::amqp::config::redact("amqp://h:5672/v"),
+            "amqp://h:5672/v"
+        );
         assert_eq!(crate::edges::amqp::config::redact("not a url"), "not a url");
         let cfg = Config::parse(
             "[amqp]\nurl = \"amqp://u:topsecret@h:5672/%2f\"\n",
@@ -720,7 +726,8 @@ mod tests {
         ] {
             assert!(Config::parse(bad, Path::new("t")).is_err(), "{bad}");
         }
-        let uri = crate::edges::amqp::config::parse_url("amqp://u:p@mq:5673/build%2fvhost").unwrap();
+        let uri =
+            crate::edges::amqp::config::parse_url("amqp://u:p@mq:5673/build%2fvhost").unwrap();
         assert_eq!(
             crate::edges::amqp::config::source_label(&uri, "build_image"),
             "amqp://mq:5673/build%2Fvhost/build_image"

@@ -5,9 +5,9 @@
 
 mod common;
 
-use build_image::journal::Journal;
 use build_image::domain::event::Delivery;
 use build_image::domain::{Event, EventKind, Receipt, Tag};
+use build_image::journal::Journal;
 use common::*;
 use serde_json::{Value, json};
 use std::collections::HashSet;

@@ -18,7 +18,10 @@ fn farm_answered() -> (Farm, Guard) {
     std::fs::write(farm.hook_dir().join("push.delay"), "1\n").unwrap();
     let daemon = farm.start_binary();
     for i in 0..JOBS {
-        farm.drop_json(&format!("s{i}.json"), &workitem(&format!("st-{i}"), "# ks\n"));
+        farm.drop_json(
+            &format!("s{i}.json"),
+            &workitem(&format!("st-{i}"), "# ks\n"),
+        );
     }
     for i in 0..JOBS {
         let out = farm.wait_outbox(&format!("s{i}.json"), Duration::from_secs(60));
@@ -53,7 +56,16 @@ fn a_stop_right_after_the_last_answer_pushes_every_status_first() {
     let done = farm
         .events()
         .iter()
-        .filter(|e| matches!(e.kind, EventKind::Pushed { status: Status::Done, ok: true, .. }))
+        .filter(|e| {
+            matches!(
+                e.kind,
+                EventKind::Pushed {
+                    status: Status::Done,
+                    ok: true,
+                    ..
+                }
+            )
+        })
         .count();
     assert_eq!(done, JOBS);
     let (code, _, err) = output(farm.bin().args(["status"]));

@@ -3,12 +3,12 @@
 //! exactly what the daemon would have written for the same job lifecycles).
 #![allow(dead_code)]
 
-use build_image::imaging;
 use build_image::config::WorkerConfig;
-use build_image::journal::Journal;
 use build_image::domain::event::Delivery;
-use build_image::domain::{Event, EventKind, Mode, Receipt, Status};
 use build_image::domain::workitem;
+use build_image::domain::{Event, EventKind, Mode, Receipt, Status};
+use build_image::imaging;
+use build_image::journal::Journal;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -258,7 +258,9 @@ pub fn append_jobs(journal: &Journal, jobs: u64, worker: &str, w: &WorkerConfig)
         }
         // append_batch stores each job's projection, as the daemon does
         let evs = journal
-            .append_batch(items, &|j| build_image::domain::lifecycle::is_open(j, &POLICY))
+            .append_batch(items, &|j| {
+                build_image::domain::lifecycle::is_open(j, &POLICY)
+            })
             .expect("append a batch");
         appended += evs.len() as u64;
         done += n;

@@ -2,8 +2,8 @@
 //! `crate::operate::archive`). All but `import` go through a running daemon, or the log when none runs.
 
 use super::access::{call, expect};
-use crate::operate::archive::{self, format_time, parse_time};
 use crate::config::Config;
+use crate::operate::archive::{self, format_time, parse_time};
 use crate::operate::control::{Request, Response};
 use anyhow::Context;
 use std::path::Path;

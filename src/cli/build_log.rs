@@ -5,9 +5,9 @@
 
 use super::access::{call, expect, open_offline};
 use crate::config::Config;
+use crate::operate::Host;
 use crate::operate::control::{self, Request, Response};
 use crate::operate::joblog::LogChunk;
-use crate::operate::Host;
 use std::io::Write;
 use std::time::{Duration, Instant};
 

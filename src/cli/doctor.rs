@@ -13,10 +13,10 @@
 //! with [`CHILD_TIMEOUT`]).
 
 use crate::config::{Config, HooksConfig, WatchMode, WorkerConfig};
+use crate::edges::spool::Spool;
 use crate::health::{
     CHILD_TIMEOUT, Check, Status, dir_to_write, find_on_path, nearest_existing, writable_dir,
 };
-use crate::edges::spool::Spool;
 use nix::unistd::AccessFlags;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

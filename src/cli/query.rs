@@ -2,8 +2,8 @@
 
 use super::access::{call, expect};
 use crate::config::Config;
-use crate::operate::control::{Client, Request, Response};
 use crate::domain::State;
+use crate::operate::control::{Client, Request, Response};
 use crate::operate::ops::{self, EventFilter, StatusRow};
 use comfy_table::{Table, presets::NOTHING};
 use std::time::Duration;

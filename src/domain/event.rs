@@ -401,10 +401,7 @@ mod tests {
     fn claimed_without_source_reads_as_before() {
         let old = r#"{"seq":1,"ts":"t","job":1,"kind":"claimed","file":"a","worker":"w","bytes":1,"sha256":"x"}"#;
         let ev: Event = serde_json::from_str(old).unwrap();
-        assert!(matches!(
-            ev.kind,
-            EventKind::Claimed { source: None, .. }
-        ));
+        assert!(matches!(ev.kind, EventKind::Claimed { source: None, .. }));
         assert_eq!(serde_json::to_string(&ev).unwrap(), old);
     }
 
@@ -439,7 +436,8 @@ mod tests {
             assert_eq!(serde_json::to_string(&ev).unwrap(), line);
         }
         // written by versions that told a published answer by a prefix
-        let old = r#"{"seq":3,"ts":"t","job":1,"kind":"delivered","outbox":"amqp:ruote_workitems"}"#;
+        let old =
+            r#"{"seq":3,"ts":"t","job":1,"kind":"delivered","outbox":"amqp:ruote_workitems"}"#;
         let ev: Event = serde_json::from_str(old).unwrap();
         assert!(matches!(
             ev.kind,

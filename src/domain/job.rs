@@ -304,11 +304,7 @@ impl Job {
             }
             Tag::Duplicate => {
                 let file = s(&ev.file).unwrap_or_default();
-                if !self
-                    .copies
-                    .iter()
-                    .any(|c| c.file == file && c.unanswered())
-                {
+                if !self.copies.iter().any(|c| c.file == file && c.unanswered()) {
                     self.copies.push(Copy {
                         origin: Origin::decode(ev.source.as_deref(), Some(&file)),
                         file,

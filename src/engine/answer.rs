@@ -10,10 +10,10 @@
 
 use super::ports::{Answer, AnswerError, Answerer};
 use super::store::Store;
+use super::store::lock;
 use super::{Engine, EngineError, Result};
 use crate::config::WorkerConfig;
 use crate::domain::event::Delivery;
-use super::store::lock;
 use crate::domain::workitem;
 use crate::domain::{EventKind, Job, Receipt, ReplyTo, Status};
 use std::collections::HashMap;
@@ -122,7 +122,12 @@ mod tests {
         assert_eq!(bytes.last(), Some(&b'\n'));
         let back: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(&back, v);
-        let push = push_bytes(&rig.engine.store, &rig.engine.cfg.worker, &job, Status::Building);
+        let push = push_bytes(
+            &rig.engine.store,
+            &rig.engine.cfg.worker,
+            &job,
+            Status::Building,
+        );
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&push.unwrap()).unwrap(),
             back

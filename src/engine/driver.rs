@@ -259,12 +259,8 @@ impl Engine {
 
     /// The open jobs of this worker.
     pub fn open_jobs_mine(&self) -> Vec<Job> {
-        self.store.with_open(|jobs| {
-            jobs.values()
-                .filter(|j| self.is_mine(j))
-                .cloned()
-                .collect()
-        })
+        self.store
+            .with_open(|jobs| jobs.values().filter(|j| self.is_mine(j)).cloned().collect())
     }
 
     pub(crate) fn running_ids(&self) -> HashSet<u64> {
@@ -287,10 +283,13 @@ mod tests {
         assert_eq!(rig.engine.store.job(id).unwrap().state, State::Finished);
         assert!(rig.engine.next_stall().is_some(), "stalled");
         rig.connect_outbox();
-        assert!(crate::wait::wait_for(std::time::Duration::from_secs(10), || {
-            rig.engine.run_due_stalled();
-            rig.engine.store.job(id).unwrap().state == State::Error
-        }));
+        assert!(crate::wait::wait_for(
+            std::time::Duration::from_secs(10),
+            || {
+                rig.engine.run_due_stalled();
+                rig.engine.store.job(id).unwrap().state == State::Error
+            }
+        ));
         assert!(rig.engine.next_stall().is_none());
     }
 

@@ -87,9 +87,9 @@ impl Engine {
             // An input byte-identical to an earlier one of this batch waits for the next round,
             // when the earlier one's job can be found by its content.
             let mut seen = HashSet::new();
-            let (now, later): (Vec<Claim>, Vec<Claim>) = round.into_iter().partition(|c| {
-                c.read.sha256.is_empty() || seen.insert(c.read.sha256.clone())
-            });
+            let (now, later): (Vec<Claim>, Vec<Claim>) = round
+                .into_iter()
+                .partition(|c| c.read.sha256.is_empty() || seen.insert(c.read.sha256.clone()));
             round = later;
             let mut claims = Vec::new();
             let mut fresh = Vec::new();
@@ -136,9 +136,7 @@ impl Engine {
                     Ok(Decision::Events(kinds)) => {
                         outcomes.extend(kinds.into_iter().map(|k| (Some(ev.job), k)))
                     }
-                    Ok(Decision::Defer(why)) => {
-                        deferred.push((ev.job, EngineError::Deferred(why)))
-                    }
+                    Ok(Decision::Defer(why)) => deferred.push((ev.job, EngineError::Deferred(why))),
                     Err(e) => deferred.push((ev.job, e)),
                 }
             }
@@ -380,7 +378,10 @@ impl Engine {
                 }
             },
             Err(WorkitemError::NotAWorkitem(e)) => {
-                return Ok(Decision::Events(vec![EventKind::Rejected { file, reason: e }]));
+                return Ok(Decision::Events(vec![EventKind::Rejected {
+                    file,
+                    reason: e,
+                }]));
             }
             Err(WorkitemError::Invalid(error)) => events.push(EventKind::Invalid {
                 image_id: raw_id,
@@ -450,7 +451,10 @@ mod tests {
         assert_eq!(a.copies.len(), 1, "{a:?}");
         assert_eq!(a.copies[0].file, "a-again.json");
         assert!(rig.engine.touched().contains(&a.id));
-        assert!(rig.job_by_file("a-again.json").is_none(), "no job of its own");
+        assert!(
+            rig.job_by_file("a-again.json").is_none(),
+            "no job of its own"
+        );
     }
 
     #[test]

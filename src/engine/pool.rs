@@ -60,7 +60,12 @@ impl Pool {
     /// Closes the queue, waits up to `grace` for the threads to drain it (or until `now`
     /// receives a message: a second stop signal), then calls `expire` with why (it should
     /// cancel running work) and waits for the rest. Says how it ended.
-    pub fn close(mut self, grace: Duration, now: &Receiver<()>, expire: impl FnOnce(&str)) -> Closed {
+    pub fn close(
+        mut self,
+        grace: Duration,
+        now: &Receiver<()>,
+        expire: impl FnOnce(&str),
+    ) -> Closed {
         self.tx = None;
         let deadline = Instant::now().checked_add(grace);
         let mut left = self.handles.len();

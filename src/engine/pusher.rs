@@ -9,10 +9,10 @@
 //! restart (the lifecycle asks for it again). A stop drains the queue ([`Pusher::drain`]):
 //! every push asked before it is made, within its deadline, unless a second signal cuts it.
 
+use super::Result;
 use super::backoff::Backoff;
 use super::ports::{Pushed, StatusPush};
 use super::store::{Store, lock};
-use super::Result;
 use crate::config::Config;
 use crate::domain::lifecycle::{self, Step};
 use crate::domain::{EventKind, Job, State, Status};
@@ -138,7 +138,8 @@ impl Pusher {
         let status = job.final_status();
         let stdin = super::answer::push_bytes(&self.ctx.store, &self.ctx.cfg.worker, job, status)?;
         let image_id = job.image_id.clone().unwrap_or_default();
-        let Some(pushed) = push.push_status(job.id, status, stdin, &image_id, Some(&self.ctx.cancel))
+        let Some(pushed) =
+            push.push_status(job.id, status, stdin, &image_id, Some(&self.ctx.cancel))
         else {
             return Ok(None);
         };
@@ -272,8 +273,10 @@ fn shard(ctx: &Ctx, rx: &Receiver<Msg>) -> usize {
                 attempt,
                 due,
             }) => {
-                if pending.insert((job, status)) {
-                    order += 1;
+                // An ask already queued for the job and status is not queued twice.
+                let fresh = pending.insert((job, status));
+                order += 1;
+                if fresh {
                     heap.push(Reverse((due, order, job, status, attempt)));
                 }
             }

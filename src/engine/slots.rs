@@ -269,7 +269,11 @@ mod tests {
     fn a_queued_job_is_built_recorded_and_answered() {
         let rig = Rig::new();
         let id = rig.drop_and_take("a.json", &rig.workitem("a-1"));
-        assert_eq!(rig.engine.free_slots(), 0, "the queued job takes the one slot");
+        assert_eq!(
+            rig.engine.free_slots(),
+            0,
+            "the queued job takes the one slot"
+        );
         rig.engine.build(id).unwrap();
         let job = rig.engine.store.job(id).unwrap();
         assert_eq!(job.state, State::Done, "{job:?}");

@@ -3,9 +3,7 @@
 //! and answers written to another: enough of an edge to drive each step, and nothing the edges
 //! themselves are (their own tests cover them).
 
-use super::ports::{
-    Answer, AnswerError, Answerer, Held, InputRead, Inputs, PortError, PortResult,
-};
+use super::ports::{Answer, AnswerError, Answerer, Held, InputRead, Inputs, PortError, PortResult};
 use super::store::Store;
 use super::{Engine, Parts};
 use crate::config::Config;
@@ -130,7 +128,8 @@ impl Rig {
         cfg.worker.base_dir = root.join("base");
         cfg.worker.base_url = "http://images.example/base".into();
         cfg.worker.img_tmp = root.join("tmp");
-        cfg.worker.mic_path = Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mic"));
+        cfg.worker.mic_path =
+            Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mic"));
         cfg.worker.sudo = false;
         cfg.spool.min_age_ms = 60_000;
         cfg.spool.poll_interval_ms = 10;

@@ -13,12 +13,12 @@ use super::logview::{LOG_TAIL, is_live, read_tail};
 use super::metrics::{self, Metrics};
 use super::pages;
 use super::routes::{param, parse_state};
-use crate::imaging::logread;
-use crate::operate::control::{self, Request as CtlRequest, Response as CtlResponse};
-use crate::journal::{Journal, JournalError};
 use crate::domain::{Job, State};
-use crate::operate::ops;
+use crate::imaging::logread;
+use crate::journal::{Journal, JournalError};
 use crate::operate::Host;
+use crate::operate::control::{self, Request as CtlRequest, Response as CtlResponse};
+use crate::operate::ops;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -253,10 +253,10 @@ impl App {
 
     /// `GET /metrics`.
     pub fn metrics(&self) -> Reply {
-        match self
-            .metrics
-            .render(SystemTime::now(), self.host.engine.store.failing().is_none())
-        {
+        match self.metrics.render(
+            SystemTime::now(),
+            self.host.engine.store.failing().is_none(),
+        ) {
             Some(text) => Reply::new(200, metrics::CONTENT_TYPE, text),
             None => Reply::new(503, TEXT, "the jobs are still being counted\n"),
         }

@@ -16,8 +16,8 @@
 //!   job is over, the line fills a whole read, or the log's kept head ends inside it).
 
 use super::pages;
-use crate::imaging::logread::{self, Bound, Chunk};
 use crate::domain::State;
+use crate::imaging::logread::{self, Bound, Chunk};
 use std::path::Path;
 
 /// The end of a build log shown on a job's page.

@@ -6,9 +6,9 @@
 //! Invariant: `build_image_jobs{state}` is the number of jobs whose folded state is `state`:
 //! each event moves its job from the state before it to the state after it.
 
-use crate::journal::{Journal, JournalError};
 use crate::domain::{Event, EventKind, Job, State};
 use crate::engine::store::{Change, Observer, lock};
+use crate::journal::{Journal, JournalError};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -367,7 +367,9 @@ impl Default for Metrics {
 /// Makes new metrics the store's observer (from now on every recorded event is counted) and
 /// counts the log's jobs ([`Metrics::seed`]) on a thread of its own, so a start does not wait
 /// for a read of every job.
-pub fn start_counting(store: &crate::engine::store::Store) -> std::io::Result<(Arc<Metrics>, Seeder)> {
+pub fn start_counting(
+    store: &crate::engine::store::Store,
+) -> std::io::Result<(Arc<Metrics>, Seeder)> {
     let journal = store.journal().map_err(std::io::Error::other)?;
     let metrics = Arc::new(Metrics::new());
     store.set_observer(Arc::clone(&metrics) as Arc<dyn Observer>);

@@ -22,10 +22,10 @@ pub use joblog::JobLog;
 pub use layout::{job_dir, ks_path, log_path, planned_urls, url_for};
 
 use crate::config::WorkerConfig;
-use crate::health::Check;
 use crate::domain::Mode;
-use crate::process::Registry;
 use crate::domain::workitem::{Spec, Urls};
+use crate::health::Check;
+use crate::process::Registry;
 use crossbeam_channel::Receiver;
 use std::sync::Arc;
 

@@ -7,10 +7,10 @@
 
 use super::{BuildEnd, Builder, Checks, Prepared, mic, planned_urls, url_for};
 use crate::config::{Ict, WorkerConfig};
-use crate::health::{Check, find_on_path, probe};
 use crate::domain::Mode;
-use crate::process::{self, Output, Registry, Run};
 use crate::domain::workitem::Spec;
+use crate::health::{Check, find_on_path, probe};
+use crate::process::{self, Output, Registry, Run};
 use crossbeam_channel::Receiver;
 use std::ffi::OsString;
 use std::path::Path;

@@ -308,8 +308,8 @@ fn fsync_tree(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use crate::domain::{Input, Tag};
     use super::*;
+    use crate::domain::{Input, Tag};
 
     fn ev(seq: u64, job: u64, kind: EventKind) -> Event {
         Event {

@@ -22,8 +22,8 @@ mod scan;
 
 pub use indexes::folder_key;
 
-use append::take_input;
 use crate::domain::{Event, EventKind, Job, Jobs, Tag};
+use append::take_input;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};

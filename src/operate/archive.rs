@@ -9,10 +9,10 @@
 //! `pushed`, `delivered`); a compaction writes its archive durably before the log loses a
 //! single event, and swaps the log so that a crash leaves the old or the new one.
 
+use crate::domain::lifecycle;
+use crate::domain::{Event, EventKind, Job};
 use crate::journal::archive as jarchive;
 use crate::journal::{Journal, JournalError};
-use crate::domain::{Event, EventKind, Job};
-use crate::domain::lifecycle;
 use crate::operate::Host;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;

@@ -6,10 +6,10 @@
 //! carries a log that its build will not add to any more (the `finished` event is recorded after
 //! the build's last output).
 
-use crate::imaging::{self, logread};
 use crate::config::Config;
-use crate::journal::Journal;
 use crate::domain::{EventKind, State};
+use crate::imaging::{self, logread};
+use crate::journal::Journal;
 use crate::operate::ops::{self, OpsError};
 use serde::{Deserialize, Serialize};
 

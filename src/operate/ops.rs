@@ -2,13 +2,13 @@
 //! check. Pure functions of the journal and the spool, so a running daemon (over its control
 //! socket) and a command that opened the log itself give the same answers.
 
-use crate::imaging;
 use crate::config::Config;
-use crate::journal::{Journal, JournalError};
-use crate::domain::{Event, EventKind, Job, Jobs, State, Tag};
 use crate::domain::lifecycle::{self, Policy};
-use crate::edges::spool::Spool;
 use crate::domain::workitem;
+use crate::domain::{Event, EventKind, Job, Jobs, State, Tag};
+use crate::edges::spool::Spool;
+use crate::imaging;
+use crate::journal::{Journal, JournalError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};

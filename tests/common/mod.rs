@@ -5,8 +5,8 @@
 pub mod broker;
 
 use build_image::config::Config;
-use build_image::journal::Journal;
 use build_image::domain::Event;
+use build_image::journal::Journal;
 use crossbeam_channel::{Sender, bounded};
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -10,8 +10,8 @@
 //! message of a lost connection is never claimed (the broker delivers it again).
 
 use super::client::{Handle, Incoming};
-use crate::domain::origin::{Body, Submission};
 use crate::domain::Origin;
+use crate::domain::origin::{Body, Submission};
 use crate::engine::Engine;
 use crossbeam_channel::{Receiver, select};
 use serde_json::Value;

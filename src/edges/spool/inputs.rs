@@ -17,10 +17,7 @@ use std::time::SystemTime;
 
 /// Is this name in `active/` a kept body (`.<word>-<digits>-<digits>.json`)?
 pub fn is_kept_name(name: &str) -> bool {
-    let Some(stem) = name
-        .strip_prefix('.')
-        .and_then(|n| n.strip_suffix(".json"))
-    else {
+    let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".json")) else {
         return false;
     };
     let mut parts = stem.split('-');
@@ -175,7 +172,10 @@ mod tests {
         assert_eq!((r.bytes.as_slice(), r.unreadable), (&b"{}"[..], None));
         let shown = Inputs::reject(&sp, &names[1], "not JSON").unwrap();
         assert!(!shown.starts_with('.'), "{shown}");
-        assert_eq!(std::fs::read(sp.rejected.join(&shown)).unwrap(), b"not json");
+        assert_eq!(
+            std::fs::read(sp.rejected.join(&shown)).unwrap(),
+            b"not json"
+        );
         sp.release(&names[0]).unwrap();
         sp.release(&names[0]).unwrap();
         assert!(!sp.holds(&names[0]));

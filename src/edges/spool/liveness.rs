@@ -30,7 +30,6 @@ pub enum Liveness {
     Unknown,
 }
 
-
 impl Spool {
     /// Writes or refreshes this daemon's liveness mark `active/<worker>/.alive` (host name, pid,
     /// time), for `requeue --worker` on other hosts to see that it is alive.
@@ -124,7 +123,6 @@ fn process_running(pid: i32) -> bool {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,7 +166,6 @@ mod tests {
         sp.clear_heartbeat().unwrap();
         assert_eq!(sp.liveness("w1", hour), Liveness::Unknown);
     }
-
 
     #[test]
     fn a_mark_of_this_host_naming_a_gone_process_is_dead_at_once() {

@@ -66,11 +66,9 @@ impl SpoolError {
     }
 }
 
-
 /// How old a hidden `*.tmp` file in `outbox/` or `tmp/` must be before a start removes it as the
 /// leftover of an interrupted write (a younger one may be a write in progress on another host).
 pub const LEFTOVER_AGE: Duration = Duration::from_secs(15 * 60);
-
 
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -421,7 +419,6 @@ fn list(dir: &Path) -> Result<Vec<String>, SpoolError> {
     Ok(names)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,5 +602,4 @@ mod tests {
             assert!(kept.exists(), "{}", kept.display());
         }
     }
-
 }

@@ -7,7 +7,7 @@
 //! once the scanner itself has seen it unchanged for the hard-link hold, so a writer's
 //! link-then-unlink is claimed, not rejected.
 
-use super::{SpoolError, ignored_name, not_regular, too_big, hard_link};
+use super::{SpoolError, hard_link, ignored_name, not_regular, too_big};
 use crate::config::SpoolConfig;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -31,7 +31,6 @@ pub enum Ready {
     /// A name that is not UTF-8: reject it unread with [`Spool::reject_bad_name`].
     BadName(OsString),
 }
-
 
 /// What the scanner keeps of a file to tell whether it changed: size, mtime, link count, ctime.
 type Stamp = (u64, i64, i64, u64, i64, i64);
@@ -231,7 +230,6 @@ mod tests {
         );
     }
 
-
     #[test]
     fn young_file_waits_for_min_age() {
         let d = tempfile::tempdir().unwrap();
@@ -241,7 +239,6 @@ mod tests {
         assert!(ready.is_empty());
         assert!(due.unwrap() <= Duration::from_secs(60));
     }
-
 
     /// Scans until something is ready (or a generous deadline passes).
     fn scan_until_ready(s: &mut Scanner, dir: &Path) -> Vec<Ready> {
@@ -276,7 +273,6 @@ mod tests {
         assert!(moved_in_ready(&inc, "a.json", 100).is_none());
     }
 
-
     #[test]
     fn default_hard_link_hold_is_not_shorter_than_min_age() {
         let s = Scanner::new(&cfg(0));
@@ -284,7 +280,6 @@ mod tests {
         let s = Scanner::new(&cfg(60_000));
         assert_eq!(s.hard_link_hold, Duration::from_secs(60));
     }
-
 
     #[test]
     fn link_then_unlink_writer_is_claimed_not_rejected() {
@@ -303,5 +298,4 @@ mod tests {
             Some(Ready::File("a.json".into()))
         );
     }
-
 }

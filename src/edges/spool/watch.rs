@@ -204,14 +204,7 @@ const MAX_BATCH_BYTES: u64 = 32 * 1024 * 1024;
 /// Claims or rejects the ready names, in batches of at most MAX_BATCH_BYTES of input.
 fn take(c: Claimer<'_>, scanner: &mut Scanner, ready: Vec<Ready>, unrecorded: &mut Vec<String>) {
     let size = |r: &Ready| match r {
-        Ready::File(n) => {
-            c.spool
-                .incoming
-                .join(n)
-                .metadata()
-                .map_or(0, |m| m.len())
-                + 4096
-        }
+        Ready::File(n) => c.spool.incoming.join(n).metadata().map_or(0, |m| m.len()) + 4096,
         _ => 0,
     };
     let mut batch = Vec::new();
@@ -219,13 +212,7 @@ fn take(c: Claimer<'_>, scanner: &mut Scanner, ready: Vec<Ready>, unrecorded: &m
     for r in ready {
         let b = size(&r);
         if !batch.is_empty() && bytes + b > MAX_BATCH_BYTES {
-            take_batch(
-                c,
-                scanner,
-                std::mem::take(&mut batch),
-                bytes,
-                unrecorded,
-            );
+            take_batch(c, scanner, std::mem::take(&mut batch), bytes, unrecorded);
             bytes = 0;
         }
         bytes += b;

@@ -24,10 +24,10 @@ pub use preflight::{
 use super::native::{check_sudo, ict_name};
 use super::{BuildEnd, Builder, Checks, Prepared, planned_urls, url_for};
 use crate::config::WorkerConfig;
-use crate::health::{Check, find_on_path, probe};
 use crate::domain::Mode;
-use crate::process::Registry;
 use crate::domain::workitem::Spec;
+use crate::health::{Check, find_on_path, probe};
+use crate::process::Registry;
 use crossbeam_channel::Receiver;
 use sequence::{Guest, Stop};
 use std::ffi::OsString;

@@ -140,7 +140,12 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
         }
         Request::Requeue { worker, force } => {
             drop(journal);
-            match crate::edges::spool::requeue::requeue_worker(&host.engine, &host.spool, &worker, force) {
+            match crate::edges::spool::requeue::requeue_worker(
+                &host.engine,
+                &host.spool,
+                &worker,
+                force,
+            ) {
                 Ok(moved) => Response::Requeued { moved },
                 Err(e) => err(&e),
             }
@@ -154,7 +159,9 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
         Request::Compact { before, archive } => {
             drop(journal);
             let r = humantime::parse_rfc3339_weak(&before)
-                .map_err(|e| crate::operate::archive::ArchiveError::Refused(format!("{before}: {e}")))
+                .map_err(|e| {
+                    crate::operate::archive::ArchiveError::Refused(format!("{before}: {e}"))
+                })
                 .and_then(|t| crate::operate::archive::compact(host, t, &archive));
             match r {
                 Ok(r) => Response::Compacted(r),
@@ -164,8 +171,9 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
         Request::Repush { since, until } => {
             drop(journal);
             let t = |s: &str| {
-                humantime::parse_rfc3339_weak(s)
-                    .map_err(|e| crate::operate::archive::ArchiveError::Refused(format!("{s}: {e}")))
+                humantime::parse_rfc3339_weak(s).map_err(|e| {
+                    crate::operate::archive::ArchiveError::Refused(format!("{s}: {e}"))
+                })
             };
             let r = t(&since)
                 .and_then(|a| Ok((a, t(&until)?)))

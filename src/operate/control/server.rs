@@ -5,8 +5,8 @@
 //! most `MAX_CONNECTIONS` connections, more are answered `Busy`), and a stop never waits for a
 //! client: every connection is cut off.
 
-use super::protocol::{Line, Request, Response, socket_path, write_line};
 use super::handle;
+use super::protocol::{Line, Request, Response, socket_path, write_line};
 use crate::engine::store::lock;
 use crate::operate::Host;
 use std::io::{BufRead, BufReader, Read};
