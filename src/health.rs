@@ -192,6 +192,75 @@ pub fn dir_to_write(what: &str, dir: &Path, missing: Status, why_missing: &str) 
     }
 }
 
+/// What a filesystem type means for a folder that must be shared (the spool) or local (the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    Local,
+    Network,
+    /// FUSE: sshfs and the like are remote, fuse-overlayfs is local; cannot tell.
+    Fuse,
+}
+
+/// The name and kind of a `statfs` `f_type` magic number.
+pub fn fs_kind(magic: u32) -> (String, FsKind) {
+    let (name, kind) = match magic {
+        0x6969 => ("nfs", FsKind::Network),
+        0xFF53_4D42 => ("cifs", FsKind::Network),
+        0xFE53_4D42 => ("smb2", FsKind::Network),
+        0x517B => ("smb", FsKind::Network),
+        0x5346_414F => ("afs", FsKind::Network),
+        0x00C3_6400 => ("ceph", FsKind::Network),
+        0x7375_7245 => ("coda", FsKind::Network),
+        0x0102_1997 => ("9p", FsKind::Network),
+        0x7461_636F => ("ocfs2", FsKind::Network),
+        0x0116_1970 => ("gfs2", FsKind::Network),
+        0x0BD0_0BD0 => ("lustre", FsKind::Network),
+        0x4750_4653 => ("gpfs", FsKind::Network),
+        0x564C => ("ncp", FsKind::Network),
+        0x6573_5546 => ("fuse", FsKind::Fuse),
+        0xEF53 => ("ext2/ext3/ext4", FsKind::Local),
+        0x5846_5342 => ("xfs", FsKind::Local),
+        0x9123_683E => ("btrfs", FsKind::Local),
+        0x0102_1994 => ("tmpfs", FsKind::Local),
+        0x794C_7630 => ("overlayfs", FsKind::Local),
+        0x2FC1_2FC1 => ("zfs", FsKind::Local),
+        0xF2F5_2010 => ("f2fs", FsKind::Local),
+        _ => return (format!("type {magic:#x}"), FsKind::Local),
+    };
+    (name.to_string(), kind)
+}
+
+/// Reads the filesystem type of `path` (or of its nearest existing ancestor) and judges it.
+/// `verdict` gets the path to show (saying which ancestor was looked at when `path` does not
+/// exist yet) and the magic number.
+pub fn check_fs_type(what: &str, path: &Path, verdict: impl FnOnce(&str, u32) -> Check) -> Check {
+    let at = match nearest_existing(path) {
+        Ok(p) => p,
+        Err(file) => file,
+    };
+    let shown = if at == path {
+        path.display().to_string()
+    } else {
+        format!(
+            "{} (not there yet; looked at {})",
+            path.display(),
+            at.display()
+        )
+    };
+    match nix::sys::statfs::statfs(&at) {
+        // f_type is a 32-bit magic number, whatever the width of the C type holding it.
+        Ok(st) => verdict(&shown, st.filesystem_type().0 as u64 as u32),
+        Err(e) => Check::warn(
+            what,
+            format!(
+                "cannot read the filesystem type of {}: {}",
+                at.display(),
+                e.desc()
+            ),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +292,27 @@ mod tests {
             e,
             "`sh -c 'echo one; echo last >&2; exit 4'` exited with status 4: last"
         );
+    }
+
+    #[test]
+    fn filesystem_kinds_and_the_nearest_existing_folder() {
+        assert_eq!(fs_kind(0x6969), ("nfs".to_string(), FsKind::Network));
+        assert_eq!(fs_kind(0xEF53).1, FsKind::Local);
+        assert_eq!(fs_kind(0x6573_5546).1, FsKind::Fuse);
+        assert_eq!(fs_kind(0x1234).0, "type 0x1234");
+        // this host's temp dir can be read
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("not/yet");
+        let c = check_fs_type("x", &missing, |shown, _| Check::ok("x", shown));
+        assert_eq!(
+            c.detail,
+            format!(
+                "{} (not there yet; looked at {})",
+                missing.display(),
+                d.path().display()
+            )
+        );
+        let c = check_fs_type("x", d.path(), |shown, _| Check::ok("x", shown));
+        assert_eq!(c.detail, d.path().display().to_string());
     }
 }

@@ -1,5 +1,5 @@
 //! The stop: nothing said is left unsaid (DESIGN.md). A daemon stopped right after its last
-//! answer, with a push utility that takes a second a call, pushes every BUILDING and final
+//! answer, with a push utility that takes two seconds a call, pushes every BUILDING and final
 //! status before it exits, within the grace; a second signal cuts that drain, `status` says
 //! what is left, and the next start pushes the rest.
 
@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 const JOBS: usize = 3;
 
-/// A farm with a slow job database (each push takes a second), and JOBS answered workitems,
+/// A farm with a slow job database (each push takes two seconds), and JOBS answered workitems,
 /// served by the binary (returned running).
 fn farm_answered() -> (Farm, Guard) {
     let farm = Farm::new();
-    std::fs::write(farm.hook_dir().join("push.delay"), "1\n").unwrap();
+    std::fs::write(farm.hook_dir().join("push.delay"), "2\n").unwrap();
     let daemon = farm.start_binary();
     for i in 0..JOBS {
         farm.drop_json(
@@ -38,7 +38,7 @@ fn recorded(farm: &Farm, id: &str) -> Vec<String> {
 #[test]
 fn a_stop_right_after_the_last_answer_pushes_every_status_first() {
     let (farm, mut daemon) = farm_answered();
-    // the last answer is in: stop now, with most pushes still queued (2 threads, 1 s each)
+    // the last answer is in: stop now, with most pushes still queued (2 threads, 2 s each)
     let before = farm.pushes().len();
     assert!(before < 2 * JOBS, "the pushes were not behind: {before}");
     let asked = Instant::now();
@@ -77,12 +77,15 @@ fn a_stop_right_after_the_last_answer_pushes_every_status_first() {
 fn a_second_signal_cuts_the_drain_and_the_next_start_pushes_the_rest() {
     let (farm, mut daemon) = farm_answered();
     let asked = Instant::now();
+    let before = farm.pushes().len();
     sigterm(&daemon.0);
-    // the drain has begun (or the builds' grace is over at once: none runs): cut it
+    // the stop has begun (signals sent back to back may arrive as one): once a push more is
+    // made, the drain runs; cut it
+    assert!(wait_for(Duration::from_secs(30), || farm.pushes().len() > before));
     sigterm(&daemon.0);
     let code = wait_exit(&mut daemon.0, Duration::from_secs(60));
     assert_eq!(code, Some(0));
-    // cut: the drain would have taken seconds (2 threads, 1 s a push)
+    // cut: the drain would have taken seconds more (2 threads, 2 s a push)
     let done_before: usize = (0..JOBS)
         .map(|i| {
             recorded(&farm, &format!("st-{i}"))

@@ -8,6 +8,7 @@
 use crate::config::HooksConfig;
 use crate::domain::Status;
 use crate::engine::ports::{Pushed, StatusPush};
+use crate::health::{Check, find_on_path};
 use crate::process::{self, Capture, Outcome, Output, ProcessError, Registry, Run};
 use serde_json::Value;
 use std::ffi::OsString;
@@ -214,6 +215,46 @@ impl HookLog {
     }
 }
 
+/// What `doctor` checks of the push utility: set, found, executable (it is not run).
+pub fn check(hooks: &HooksConfig) -> Check {
+    let what = "push";
+    let Some(push) = &hooks.push else {
+        return Check::ok(what, "not set: statuses are only logged");
+    };
+    if push.as_os_str().is_empty() {
+        return Check::warn(
+            what,
+            "push = \"\" is set but empty: every push will fail; remove the key to only log statuses",
+        );
+    }
+    let path = if push.components().count() == 1 && !push.is_absolute() {
+        match find_on_path(push) {
+            Some(p) => p,
+            None => {
+                return Check::fail(what, format!("{} not found on PATH", push.display()));
+            }
+        }
+    } else {
+        push.clone()
+    };
+    match std::fs::metadata(&path) {
+        Err(e) => Check::fail(what, format!("{}: {e}", path.display())),
+        Ok(m) if !m.is_file() => Check::fail(what, format!("{} is not a file", path.display())),
+        Ok(m) => match nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK) {
+            Ok(()) => Check::ok(what, format!("{} is executable (not run)", path.display())),
+            Err(e) => Check::fail(
+                what,
+                format!(
+                    "{} is not executable (mode {:04o}): {}",
+                    path.display(),
+                    m.permissions().mode() & 0o7777,
+                    e.desc()
+                ),
+            ),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,5 +412,29 @@ mod tests {
             }
             assert!(current.is_none());
         }
+    }
+
+    #[test]
+    fn push_states() {
+        let d = tempfile::tempdir().unwrap();
+        let mut h = HooksConfig::default();
+        assert_eq!(check(&h).status, crate::health::Status::Ok);
+        h.push = Some(PathBuf::new());
+        assert_eq!(check(&h).status, crate::health::Status::Warn);
+        h.push = Some(d.path().join("nope"));
+        let c = check(&h);
+        assert_eq!(c.status, crate::health::Status::Fail);
+        assert!(c.detail.contains("nope"));
+        let plain = d.path().join("plain");
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+        h.push = Some(plain);
+        let c = check(&h);
+        assert_eq!(c.status, crate::health::Status::Fail);
+        assert!(c.detail.contains("not executable (mode 0644)"), "{c:?}");
+        h.push = Some(script(d.path(), "exit 0"));
+        assert_eq!(check(&h).status, crate::health::Status::Ok);
+        h.push = Some("sh".into());
+        assert_eq!(check(&h).status, crate::health::Status::Ok, "found on PATH");
     }
 }

@@ -68,9 +68,11 @@ pub struct Parts {
     /// Where claimed inputs wait.
     pub inputs: Arc<dyn Inputs>,
     pub builder: Arc<dyn Builder>,
-    /// The status push; None, or `pushes` false (a command on the log while no daemon runs):
-    /// no push is made (the lifecycle asks for a final status again at the next start).
+    /// The status push (None: statuses are only logged).
     pub push: Option<Arc<dyn StatusPush>>,
+    /// False for a command that opened the log while no daemon runs: it pushes nothing by
+    /// itself (the lifecycle asks for a final status again at the next start); only an
+    /// operator's `repush` runs the push, in the command's own thread.
     pub pushes: bool,
 }
 
@@ -94,8 +96,8 @@ pub struct Engine {
 impl Engine {
     pub fn new(p: Parts) -> std::io::Result<Engine> {
         let offline = !p.pushes;
-        let push = p.push.filter(|_| p.pushes && p.cfg.hooks.push.is_some());
-        let pusher = Pusher::start(Arc::clone(&p.store), push, Arc::clone(&p.cfg))?;
+        let push = p.push.filter(|_| p.cfg.hooks.push.is_some());
+        let pusher = Pusher::start(Arc::clone(&p.store), push, Arc::clone(&p.cfg), p.pushes)?;
         Ok(Engine {
             cfg: p.cfg,
             worker: p.worker,

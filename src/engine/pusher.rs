@@ -70,14 +70,20 @@ impl Ctx {
 }
 
 impl Pusher {
-    /// Starts the push threads; with no status push, none: pushes asked for are dropped (the
-    /// lifecycle asks for a final status again at the next start).
+    /// Starts the push threads; with no status push, or `threads` false (a command working on
+    /// the log while no daemon runs), none: pushes asked for are dropped (the lifecycle asks for
+    /// a final status again at the next start).
     pub fn start(
         store: Arc<Store>,
         push: Option<Arc<dyn StatusPush>>,
         cfg: Arc<Config>,
+        threads: bool,
     ) -> std::io::Result<Pusher> {
-        let n = if push.is_some() { THREADS } else { 0 };
+        let n = if threads && push.is_some() {
+            THREADS
+        } else {
+            0
+        };
         let backoff = Backoff::new(
             Duration::from_millis(cfg.hooks.retry_delay_ms),
             Duration::from_secs(24 * 3600),

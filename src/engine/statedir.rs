@@ -7,6 +7,7 @@
 //! mark only ever names a seq that was durable.
 
 use super::store::{Result, StoreError};
+use crate::health::{Check, FsKind, Status, check_fs_type, dir_to_write, fs_kind};
 use crate::journal::{self, Journal, JournalError};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -111,5 +112,52 @@ pub(crate) fn restrict_files(dir: &Path) {
             };
             let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode));
         }
+    }
+}
+
+/// What `doctor` checks of the state directory: writable (or can be made), on local disk.
+pub fn checks(dir: &Path) -> Vec<Check> {
+    vec![
+        dir_to_write(
+            "state_dir",
+            dir,
+            Status::Ok,
+            "the daemon creates it on start",
+        ),
+        check_fs_type("state_dir filesystem", dir, state_fs_verdict),
+    ]
+}
+
+fn state_fs_verdict(path: &str, magic: u32) -> Check {
+    let what = "state_dir filesystem";
+    let (name, kind) = fs_kind(magic);
+    match kind {
+        FsKind::Local => Check::ok(what, format!("{path} is on {name} (local)")),
+        FsKind::Network => Check::fail(
+            what,
+            format!(
+                "{path} is on {name}, a network filesystem: the sled event log must be on local disk; set [spool] state_dir to a local directory"
+            ),
+        ),
+        FsKind::Fuse => Check::warn(
+            what,
+            format!(
+                "{path} is on {name}, possibly a network filesystem: the sled event log must be on local disk"
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_must_be_on_local_disk() {
+        let p = "/s";
+        assert_eq!(state_fs_verdict(p, 0x0102_1994).status, Status::Ok);
+        assert_eq!(state_fs_verdict(p, 0x6969).status, Status::Fail);
+        assert_eq!(state_fs_verdict(p, 0xFE53_4D42).status, Status::Fail);
+        assert_eq!(state_fs_verdict(p, 0x6573_5546).status, Status::Warn);
     }
 }

@@ -154,7 +154,19 @@ mod tests {
                 .unwrap();
             j.db.flush().unwrap();
         }
-        let err = Journal::open(dir.path()).err().unwrap().to_string();
+        // sled lets go of its lock a moment after the handle is dropped (its flusher thread)
+        let mut err = None;
+        let opened = crate::wait::wait_for(std::time::Duration::from_secs(10), || {
+            match Journal::open(dir.path()) {
+                Err(JournalError::Locked(_)) => false,
+                other => {
+                    err = other.err();
+                    true
+                }
+            }
+        });
+        assert!(opened, "the log stayed locked");
+        let err = err.unwrap().to_string();
         assert!(err.contains("newer than this build-image knows"), "{err}");
     }
 }

@@ -94,3 +94,19 @@ impl Participant {
         self.client.stop();
     }
 }
+
+/// What `doctor` checks with `[amqp] url`: the broker answers, and the queue exists or can be declared.
+pub fn check(a: &AmqpConfig) -> Option<crate::health::Check> {
+    let url = a.url.as_deref()?;
+    let shown = config::redact(url);
+    let uri = match config::parse_url(url) {
+        Ok(u) => u,
+        Err(e) => return Some(crate::health::Check::fail("amqp broker", e)),
+    };
+    Some(
+        match client::probe(&uri, &a.queue, crate::health::CHILD_TIMEOUT) {
+            Ok(detail) => crate::health::Check::ok("amqp broker", format!("{shown}: {detail}")),
+            Err(e) => crate::health::Check::fail("amqp broker", format!("{shown}: {e}")),
+        },
+    )
+}

@@ -11,6 +11,7 @@
 //! `max_bytes`. A name that is not UTF-8 is never read either: it is moved to `rejected/` under a
 //! safe name. Nothing in `rejected/` or `outbox/` is ever replaced.
 
+pub mod checks;
 pub mod inputs;
 pub mod liveness;
 pub mod outbox;
