@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::domain::Event;
 use crate::edges::spool::Spool;
+use crate::engine::statedir::StateDirError;
 use crate::engine::store::{Store, StoreError};
 use crate::engine::{Engine, Parts};
 use crate::journal::JournalError;
@@ -38,7 +39,10 @@ pub fn open_offline(cfg: &Config) -> anyhow::Result<Option<Host>> {
         Duration::ZERO,
     ) {
         Ok(s) => s,
-        Err(StoreError::Journal(JournalError::Locked(_))) | Err(StoreError::Locked(_)) => {
+        Err(StoreError::Journal(JournalError::Locked(_)))
+        | Err(StoreError::StateDir(StateDirError::Journal(JournalError::Locked(_))))
+        | Err(StoreError::StateDir(StateDirError::Locked(_)))
+        | Err(StoreError::Locked(_)) => {
             return Ok(None);
         }
         Err(e) => return Err(e.into()),

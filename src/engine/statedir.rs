@@ -6,12 +6,28 @@
 //! Invariant: nothing in the state directory is readable by other users, and the high-water
 //! mark only ever names a seq that was durable.
 
-use super::store::{Result, StoreError};
 use crate::health::{Check, FsKind, Status, check_fs_type, dir_to_write, fs_kind};
 use crate::journal::{self, Journal, JournalError};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// Why the state directory or its log could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("cannot prepare the state directory {path}: {source}")]
+    Prepare {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Another process holds the log (the message names it when it can).
+    #[error("{0}")]
+    Locked(String),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+type Result<T> = std::result::Result<T, StateDirError>;
 
 /// The file beside the log holding the highest seq known durable.
 pub fn mark_path(dir: &Path) -> PathBuf {
@@ -28,7 +44,7 @@ pub(crate) fn read_mark(dir: &Path) -> Option<u64> {
 
 /// Creates the state directory (mode 0700: the log holds kickstarts with password hashes).
 pub fn prepare_state_dir(dir: &Path) -> Result<()> {
-    let err = |source| StoreError::StateDir {
+    let err = |source| StateDirError::Prepare {
         path: dir.to_path_buf(),
         source,
     };
@@ -50,7 +66,7 @@ pub fn open_journal(dir: &Path, cache_bytes: u64, patience: Duration) -> Result<
                 let holder = journal::lock_holder(&p)
                     .map(|(pid, cmd)| format!(" (held by pid {pid}: {cmd})"))
                     .unwrap_or_default();
-                return Err(StoreError::Locked(format!(
+                return Err(StateDirError::Locked(format!(
                     "the event log in {} is locked by another process{holder}: is a build-image daemon already running on this state dir?",
                     p.display()
                 )));

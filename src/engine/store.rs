@@ -38,11 +38,8 @@ pub enum StoreError {
         mark: u64,
         mark_file: PathBuf,
     },
-    #[error("cannot prepare the state directory {path}: {source}")]
-    StateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    StateDir(#[from] statedir::StateDirError),
     #[error("the event log cannot be written now ({0}); it is retried")]
     Failing(String),
     #[error("job {0} has no input workitem in the log")]

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod logread;
 pub mod mic;
 pub mod native;
+pub mod tools;
 
 pub use jobdir::{PrepareError, Prepared, prepare};
 pub use joblog::JobLog;
@@ -106,5 +107,36 @@ pub fn builder(w: &WorkerConfig) -> Arc<dyn Builder> {
         Arc::new(kvm::KvmBuilder::new(w.clone()))
     } else {
         Arc::new(native::NativeBuilder::new(w.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builder_of_each_mode_says_what_the_host_lacks() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = WorkerConfig {
+            sudo: false,
+            mic_path: Some(d.path().join("surely-no-such-mic")),
+            ..WorkerConfig::default()
+        };
+        let native = builder(&w);
+        assert_eq!(native.mode(), Mode::Native);
+        assert!(native.unavailable().unwrap().contains("No such file"));
+        std::fs::write(d.path().join("mic"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            d.path().join("mic"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        w.mic_path = Some(d.path().join("mic"));
+        assert_eq!(builder(&w).unavailable(), None);
+        // in KVM mode mic runs in the guest: nothing is missing on this host
+        w.mic_path = Some("surely-no-such-mic".into());
+        w.use_kvm = true;
+        assert_eq!(builder(&w).mode(), Mode::Kvm);
+        assert_eq!(builder(&w).unavailable(), None);
     }
 }

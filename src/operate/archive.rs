@@ -171,7 +171,8 @@ fn staging_dir(dir: &Path) -> Result<PathBuf> {
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io("cannot remove", &tmp))?;
     }
-    crate::engine::statedir::prepare_state_dir(&tmp)?;
+    crate::engine::statedir::prepare_state_dir(&tmp)
+        .map_err(crate::engine::store::StoreError::from)?;
     Ok(tmp)
 }
 

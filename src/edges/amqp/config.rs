@@ -1,10 +1,10 @@
 //! The `[amqp]` section: the daemon as a BOSS participant (docs/amqp.md), and what is made of
-//! it: the broker URL parsed (only `amqp://`), shown without its password, the `source` label a
-//! claim records, and the client's settings.
+//! it: the broker URL parsed (only `amqp://`), shown without its password, and the `source`
+//! label a claim records. The config file's reader takes the section from here; this file
+//! imports nothing else of the crate.
 //!
 //! Invariant: the password of `url` is never shown: `Debug`, errors and logs get [`redact`].
 
-use super::client::Settings;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -129,26 +129,4 @@ pub fn source_label(uri: &AMQPUri, queue: &str) -> String {
         "amqp://{}:{}/{vhost}/{queue}",
         uri.authority.host, uri.authority.port
     )
-}
-
-/// The client settings for a config (None: no `[amqp] url`).
-pub fn settings(
-    cfg: &AmqpConfig,
-    workers: usize,
-    worker: &str,
-    consume: bool,
-) -> Result<Option<Settings>, String> {
-    let Some(url) = &cfg.url else {
-        return Ok(None);
-    };
-    let uri = parse_url(url)?;
-    Ok(Some(Settings {
-        uri,
-        shown: redact(url),
-        queue: cfg.queue.clone(),
-        reply_queue: cfg.reply_queue.clone(),
-        prefetch: cfg.prefetch_for(workers),
-        consume,
-        consumer_tag: format!("build-image-{worker}-{}", std::process::id()),
-    }))
 }

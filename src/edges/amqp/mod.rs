@@ -22,6 +22,28 @@ use std::sync::Arc;
 pub use client::{Client, Handle, Incoming, Settings};
 pub use config::AmqpConfig;
 
+/// The client settings for a config (None: no `[amqp] url`).
+pub fn settings(
+    cfg: &AmqpConfig,
+    workers: usize,
+    worker: &str,
+    consume: bool,
+) -> Result<Option<Settings>, String> {
+    let Some(url) = &cfg.url else {
+        return Ok(None);
+    };
+    let uri = config::parse_url(url)?;
+    Ok(Some(Settings {
+        uri,
+        shown: config::redact(url),
+        queue: cfg.queue.clone(),
+        reply_queue: cfg.reply_queue.clone(),
+        prefetch: cfg.prefetch_for(workers),
+        consume,
+        consumer_tag: format!("build-image-{worker}-{}", std::process::id()),
+    }))
+}
+
 /// The participant: the AMQP client and the intake thread that turns its messages into jobs.
 pub struct Participant {
     client: Client,
@@ -34,7 +56,7 @@ impl Participant {
     /// Nothing is consumed until [`Participant::start_intake`]. None without `[amqp] url`.
     pub fn start(engine: &Engine, consume: bool) -> anyhow::Result<Option<Participant>> {
         let cfg = &engine.cfg;
-        let Some(s) = config::settings(&cfg.amqp, cfg.worker.workers, &engine.worker, consume)
+        let Some(s) = settings(&cfg.amqp, cfg.worker.workers, &engine.worker, consume)
             .map_err(anyhow::Error::msg)?
         else {
             return Ok(None);

@@ -21,7 +21,7 @@ pub use preflight::{
     key_mode_verdict, kvm_usable, kvm_verdict, message, preflight, ssh_key, vm_file,
 };
 
-use super::native::{check_sudo, ict_name};
+use super::tools::{check_sudo, ict_name};
 use super::{BuildEnd, Builder, Checks, Prepared, planned_urls, url_for};
 use crate::config::WorkerConfig;
 use crate::domain::Mode;
