@@ -10,7 +10,6 @@ use crate::domain::Status;
 use crate::engine::ports::{Pushed, StatusPush};
 use crate::health::{Check, find_on_path};
 use crate::process::{self, Capture, Outcome, Output, ProcessError, Registry, Run};
-use serde_json::Value;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -55,23 +54,9 @@ impl Hooks {
         }
     }
 
-    /// Runs the push utility once for `job`; its output goes to hooks.log as one block.
-    /// `None` when no push utility is configured. A message or a disconnect on `cancel` kills
-    /// it (a stopping daemon does not wait for a hanging utility).
-    pub fn push(
-        &self,
-        job: u64,
-        status: Status,
-        workitem: &Value,
-        image_id: &str,
-        cancel: Option<&crossbeam_channel::Receiver<()>>,
-    ) -> Option<Pushed> {
-        self.push.as_ref()?;
-        let stdin = serde_json::to_vec(workitem).unwrap_or_default();
-        self.push_bytes(job, status, stdin, image_id, cancel)
-    }
-
-    /// [`Hooks::push`] with the workitem already encoded (`stdin`).
+    /// Runs the push utility once for `job` with the workitem (`stdin`, encoded); its output
+    /// goes to hooks.log as one block. `None` when no push utility is configured. A message or
+    /// a disconnect on `cancel` kills it (a stopping daemon does not wait for a hanging utility).
     pub fn push_bytes(
         &self,
         job: u64,
@@ -291,13 +276,18 @@ mod tests {
         let log = d.path().join("hooks.log");
         let wi = serde_json::json!({"image": {"image_id": "x"}});
         let h = Hooks::new(&config(None), log.clone(), Registry::none());
-        assert_eq!(h.push(1, Status::Done, &wi, "x", None), None);
+        assert_eq!(
+            h.push_bytes(1, Status::Done, serde_json::to_vec(&wi).unwrap(), "x", None),
+            None
+        );
         let h = Hooks::new(
             &config(Some(d.path().join("nope"))),
             log.clone(),
             Registry::none(),
         );
-        let p = h.push(1, Status::Done, &wi, "x", None).unwrap();
+        let p = h
+            .push_bytes(1, Status::Done, serde_json::to_vec(&wi).unwrap(), "x", None)
+            .unwrap();
         assert!(!p.ok);
         assert!(p.error.unwrap().contains("not found"));
         let text = std::fs::read_to_string(&log).unwrap();
@@ -307,9 +297,11 @@ mod tests {
             "cat > \"$0.$1.json\"; echo \"$BUILD_IMAGE_STATUS $BUILD_IMAGE_ID\" > \"$0.env\"; echo said; exit 0",
         );
         let h = Hooks::new(&config(Some(script)), log.clone(), Registry::none());
-        let p = h.push(2, Status::Done, &wi, "x", None).unwrap();
+        let p = h
+            .push_bytes(2, Status::Done, serde_json::to_vec(&wi).unwrap(), "x", None)
+            .unwrap();
         assert!(p.ok, "{p:?}");
-        let got: Value =
+        let got: serde_json::Value =
             serde_json::from_slice(&std::fs::read(d.path().join("push.DONE.json")).unwrap())
                 .unwrap();
         assert_eq!(got, wi);
@@ -335,7 +327,15 @@ mod tests {
         );
         let h = Hooks::new(&config(Some(push)), log.clone(), Registry::none());
         let wi = serde_json::json!({});
-        let p = h.push(7, Status::Building, &wi, "big", None).unwrap();
+        let p = h
+            .push_bytes(
+                7,
+                Status::Building,
+                serde_json::to_vec(&wi).unwrap(),
+                "big",
+                None,
+            )
+            .unwrap();
         assert_eq!(p.exit, Some(3));
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.len() < 2 * PUSH_OUTPUT_LIMIT, "{} bytes", text.len());
@@ -374,7 +374,7 @@ mod tests {
                     for i in 0..10 {
                         let id = format!("t{t}-{i}");
                         let p = h
-                            .push(i, Status::Done, &serde_json::json!({}), &id, None)
+                            .push_bytes(i, Status::Done, b"{}".to_vec(), &id, None)
                             .unwrap();
                         assert!(p.ok, "{p:?}");
                     }

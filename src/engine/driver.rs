@@ -14,7 +14,7 @@ use super::store::{StoreError, lock};
 use super::{Engine, EngineError, Result};
 use crate::domain::lifecycle::{self, Step};
 use crate::domain::origin::{Body, Submission};
-use crate::domain::{Cause, EventKind, Job, State};
+use crate::domain::{Cause, EventKind, State};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
@@ -255,12 +255,6 @@ impl Engine {
             log::info!("recovery: {queued} job(s) queued again");
         }
         Ok(open)
-    }
-
-    /// The open jobs of this worker.
-    pub fn open_jobs_mine(&self) -> Vec<Job> {
-        self.store
-            .with_open(|jobs| jobs.values().filter(|j| self.is_mine(j)).cloned().collect())
     }
 
     pub(crate) fn running_ids(&self) -> HashSet<u64> {

@@ -133,14 +133,6 @@ impl Engine {
     pub fn is_mine(&self, job: &crate::domain::Job) -> bool {
         job.worker.as_deref().is_none_or(|w| w == self.worker)
     }
-
-    pub fn builder(&self) -> &Arc<dyn Builder> {
-        &self.builder
-    }
-
-    pub fn inputs(&self) -> &Arc<dyn Inputs> {
-        &self.inputs
-    }
 }
 
 #[cfg(test)]
