@@ -120,3 +120,49 @@ fn a_second_signal_cuts_the_drain_and_the_next_start_pushes_the_rest() {
     }
     drop(daemon);
 }
+
+#[test]
+fn a_push_utility_that_hangs_does_not_hold_the_stop() {
+    let mut farm = Farm::new();
+    farm.cfg.hooks.timeout = 2;
+    std::fs::write(farm.hook_dir().join("push.hang"), "").unwrap();
+    let mut daemon = farm.start_binary();
+    for i in 0..JOBS {
+        farm.drop_json(
+            &format!("h{i}.json"),
+            &workitem(&format!("hang-{i}"), "# ks\n"),
+        );
+    }
+    for i in 0..JOBS {
+        farm.wait_outbox(&format!("h{i}.json"), Duration::from_secs(60));
+    }
+    // every push hangs until its 2 s timeout; each push thread has several queued
+    sigterm(&daemon.0);
+    assert_eq!(wait_exit(&mut daemon.0, Duration::from_secs(60)), Some(0));
+    // at the stop, the first push that gave no answer ended the drain: the final statuses
+    // behind it were not each waited for, they are left for the next start
+    let final_attempts = farm
+        .events()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                EventKind::Pushed {
+                    status: Status::Done,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(
+        final_attempts < JOBS,
+        "{final_attempts} final pushes waited for: {:#?}",
+        farm.events()
+            .iter()
+            .map(|e| format!("{} {} {}", e.ts, e.job, e.summary()))
+            .collect::<Vec<_>>()
+    );
+    let (code, _, err) = output(farm.bin().args(["status"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("wait for their final status push"), "{err}");
+}

@@ -240,77 +240,110 @@ fn shard(ctx: &Ctx, rx: &Receiver<Msg>) -> usize {
     let mut connected = true;
     // Pushes left for the next start by a drain: retries of pushes that are still failing.
     let mut left = 0;
+    // The last push made got no answer from the utility (it hung, or could not run).
+    let mut no_answer = false;
     loop {
         if ctx.cut() {
+            // The asks not read yet are left too.
+            let unread = rx
+                .try_iter()
+                .filter(|m| matches!(m, Msg::Ask { .. }))
+                .count();
+            return left + heap.len() + unread;
+        }
+        // Wait for an ask or the next due push, then take every message there is (a stop's
+        // drain is seen before the next push is made).
+        let wait = heap.peek().map_or(Duration::from_secs(3600), |Reverse(a)| {
+            a.0.saturating_duration_since(Instant::now())
+        });
+        let mut msgs = Vec::new();
+        if connected {
+            select! {
+                recv(rx) -> m => match m {
+                    Ok(m) => msgs.push(m),
+                    Err(_) => connected = false,
+                },
+                default(wait) => {}
+            }
+            msgs.extend(rx.try_iter());
+        } else {
+            std::thread::sleep(wait.min(Duration::from_millis(50)));
+        }
+        for m in msgs {
+            match m {
+                Msg::Ask {
+                    job,
+                    status,
+                    attempt,
+                    due,
+                } => {
+                    // An ask already queued for the job and status is not queued twice.
+                    if pending.insert((job, status)) {
+                        order += 1;
+                        heap.push(Reverse((due, order, job, status, attempt)));
+                    }
+                }
+                Msg::Drain => draining = true,
+            }
+        }
+        if !connected && !draining {
             return left + heap.len();
         }
         if draining {
             // Draining: every push asked is made once; one that is still failing is left for
-            // the next start (the lifecycle asks for its final status again).
+            // the next start (the lifecycle asks for its final status again). A utility that
+            // gave no answer would make each push behind it wait for the hook timeout too:
+            // those are left for the next start as well.
             let before = heap.len();
             heap.retain(|Reverse((_, _, _, _, attempt))| *attempt == 1);
             left += before - heap.len();
+            if no_answer && !heap.is_empty() {
+                log::warn!(
+                    "the push utility gave no answer at the stop: {} push(es) left for the next start",
+                    heap.len()
+                );
+                return left + heap.len();
+            }
             if heap.is_empty() {
                 return left;
             }
         }
-        let wait = heap.peek().map_or(Duration::from_secs(3600), |Reverse(a)| {
-            a.0.saturating_duration_since(Instant::now())
-        });
-        let msg = if connected {
-            select! {
-                recv(rx) -> m => match m {
-                    Ok(m) => Some(m),
-                    Err(_) => {
-                        connected = false;
-                        None
-                    }
-                },
-                default(wait) => None,
-            }
-        } else {
-            std::thread::sleep(wait.min(Duration::from_millis(50)));
-            None
+        // One due push at a time: between two, the queue is looked at again (new asks, a
+        // stop's drain).
+        let due = heap
+            .peek()
+            .is_some_and(|Reverse(top)| top.0 <= Instant::now());
+        if !due || ctx.cut() {
+            continue;
+        }
+        let Some(Reverse((_, _, job, status, attempt))) = heap.pop() else {
+            continue;
         };
-        match msg {
-            Some(Msg::Ask {
-                job,
-                status,
-                attempt,
-                due,
-            }) => {
-                // An ask already queued for the job and status is not queued twice.
-                let fresh = pending.insert((job, status));
-                order += 1;
-                if fresh {
-                    heap.push(Reverse((due, order, job, status, attempt)));
-                }
-            }
-            Some(Msg::Drain) => draining = true,
-            None if !connected && !draining => return left + heap.len(),
-            None => {}
+        pending.remove(&(job, status));
+        let tried = attempt_push(ctx, job, status, attempt);
+        if let Some(retry) = tried.retry {
+            order += 1;
+            pending.insert((job, status));
+            heap.push(Reverse((retry, order, job, status, attempt + 1)));
         }
-        while let Some(Reverse(top)) = heap.peek() {
-            if top.0 > Instant::now() || ctx.cut() {
-                break;
-            }
-            let Some(Reverse((_, _, job, status, attempt))) = heap.pop() else {
-                break;
-            };
-            pending.remove(&(job, status));
-            if let Some(retry) = attempt_push(ctx, job, status, attempt) {
-                order += 1;
-                pending.insert((job, status));
-                heap.push(Reverse((retry, order, job, status, attempt + 1)));
-            }
-        }
+        no_answer = tried.no_answer;
     }
 }
 
-/// One push attempt, if the lifecycle still asks for it; returns when to try again.
-fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Option<Instant> {
-    let push = ctx.push.as_ref()?;
-    let job = ctx.store.job(id)?;
+/// What one push attempt came to.
+#[derive(Default)]
+struct Tried {
+    /// When to try again (a failure, with retries left).
+    retry: Option<Instant>,
+    /// The utility gave no exit status: it timed out, was killed, or could not be run.
+    no_answer: bool,
+}
+
+/// One push attempt, if the lifecycle still asks for it.
+fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Tried {
+    let (Some(push), Some(job)) = (ctx.push.as_ref(), ctx.store.job(id)) else {
+        return Tried::default();
+    };
     let wanted = match status {
         // The first BUILDING is always tried (before the final status, which waits behind it
         // in this thread); a retry of it only while the build runs.
@@ -318,23 +351,26 @@ fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Option<Inst
         _ => lifecycle::next_step(&job, ctx.store.policy()) == Step::Push(status),
     };
     if !wanted {
-        return None;
+        return Tried::default();
     }
     // Only the bytes are kept while the utility runs.
     let stdin = match super::answer::push_bytes(&ctx.store, &ctx.cfg.worker, &job, status) {
         Ok(b) => b,
         Err(e) => {
             log::error!("job {id}: cannot push {status:?}: {e}");
-            return None;
+            return Tried::default();
         }
     };
     let image_id = job.image_id.clone().unwrap_or_default();
-    let pushed = push.push_status(id, status, stdin, &image_id, Some(&ctx.cancel))?;
+    let Some(pushed) = push.push_status(id, status, stdin, &image_id, Some(&ctx.cancel)) else {
+        return Tried::default();
+    };
     if !pushed.ok && ctx.cut() {
         // Killed by the daemon stopping: not an attempt of the utility's; the next start
         // pushes it again.
-        return None;
+        return Tried::default();
     }
+    let no_answer = !pushed.ok && pushed.exit.is_none();
     let retry = match &pushed.error {
         Some(e) => {
             log::warn!(
@@ -361,5 +397,144 @@ fn attempt_push(ctx: &Ctx, id: u64, status: Status, attempt: u32) -> Option<Inst
             status.as_str()
         );
     }
-    retry
+    Tried { retry, no_answer }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testkit::Rig;
+    use std::sync::Mutex as StdMutex;
+
+    /// A job database that answers each push after `delay`, with no answer (a hang past the
+    /// timeout) for `hang`, and a failure for the jobs in `fail`; it records what it was asked.
+    #[derive(Default)]
+    struct Db {
+        delay: Duration,
+        hang: bool,
+        fail: Vec<u64>,
+        asked: StdMutex<Vec<(u64, Status)>>,
+    }
+
+    impl StatusPush for Db {
+        fn push_status(
+            &self,
+            job: u64,
+            status: Status,
+            _stdin: Vec<u8>,
+            _image_id: &str,
+            _cancel: Option<&Receiver<()>>,
+        ) -> Option<Pushed> {
+            std::thread::sleep(self.delay);
+            lock(&self.asked).push((job, status));
+            Some(match (self.hang, self.fail.contains(&job)) {
+                (true, _) => Pushed {
+                    ok: false,
+                    exit: None,
+                    error: Some("timed out".into()),
+                },
+                (false, true) => Pushed {
+                    ok: false,
+                    exit: Some(1),
+                    error: Some("exit 1".into()),
+                },
+                (false, false) => Pushed {
+                    ok: true,
+                    exit: Some(0),
+                    error: None,
+                },
+            })
+        }
+    }
+
+    /// A rig with a push utility configured and `n` jobs built and answered (their final
+    /// statuses not pushed: the rig's engine pushes nothing itself).
+    fn answered(n: usize) -> (Rig, Vec<u64>) {
+        let rig = Rig::with(|cfg| {
+            cfg.hooks.push = Some("/bin/true".into());
+            cfg.hooks.retry_delay_ms = 60_000;
+        });
+        let ids = (0..n)
+            .map(|i| {
+                let id = rig.drop_and_take(&format!("p{i}.json"), &rig.workitem(&format!("p-{i}")));
+                rig.engine.build(id).unwrap();
+                id
+            })
+            .collect();
+        (rig, ids)
+    }
+
+    fn pusher(rig: &Rig, db: &Arc<Db>) -> Pusher {
+        let push: Arc<dyn StatusPush> = db.clone();
+        Pusher::start(
+            Arc::clone(&rig.engine.store),
+            Some(push),
+            Arc::clone(&rig.engine.cfg),
+            true,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_drain_makes_every_push_asked_once_and_leaves_the_failing_ones() {
+        let (rig, ids) = answered(4);
+        let db = Arc::new(Db {
+            delay: Duration::from_millis(20),
+            fail: vec![ids[0]],
+            ..Db::default()
+        });
+        let p = pusher(&rig, &db);
+        for id in &ids {
+            p.push(*id, Status::Done);
+        }
+        let (_tx, never) = crossbeam_channel::bounded::<()>(1);
+        let left = p.drain(Instant::now() + Duration::from_secs(60), &never);
+        let asked = lock(&db.asked).clone();
+        assert_eq!(asked.len(), 4, "each once: {asked:?}");
+        // the failed one's retry (a minute away) is left for the next start
+        assert_eq!(left, 1);
+        for id in &ids[1..] {
+            assert!(rig.engine.store.job(*id).unwrap().final_pushed);
+        }
+        assert!(!rig.engine.store.job(ids[0]).unwrap().final_pushed);
+    }
+
+    #[test]
+    fn a_utility_that_gives_no_answer_ends_the_drain() {
+        let (rig, ids) = answered(4);
+        let db = Arc::new(Db {
+            delay: Duration::from_millis(20),
+            hang: true,
+            ..Db::default()
+        });
+        let p = pusher(&rig, &db);
+        for id in &ids {
+            p.push(*id, Status::Done);
+        }
+        let (_tx, never) = crossbeam_channel::bounded::<()>(1);
+        let left = p.drain(Instant::now() + Duration::from_secs(60), &never);
+        let asked = lock(&db.asked).len();
+        // at most one hung push per thread; the rest left (and the hung ones' retries)
+        assert!(asked <= THREADS as usize, "{asked} pushes waited for");
+        assert!(left >= 4 - asked, "{left} left");
+    }
+
+    #[test]
+    fn a_second_signal_cuts_the_drain() {
+        let (rig, ids) = answered(6);
+        let db = Arc::new(Db {
+            delay: Duration::from_millis(300),
+            ..Db::default()
+        });
+        let p = pusher(&rig, &db);
+        for id in &ids {
+            p.push(*id, Status::Done);
+        }
+        let (tx, signal) = crossbeam_channel::bounded::<()>(1);
+        tx.send(()).unwrap();
+        let left = p.drain(Instant::now() + Duration::from_secs(60), &signal);
+        let asked = lock(&db.asked).len();
+        assert!(asked < 6, "cut: {asked} made");
+        assert!(left > 0);
+    }
 }

@@ -119,6 +119,11 @@ pub struct Rig {
 
 impl Rig {
     pub fn new() -> Rig {
+        Rig::with(|_| {})
+    }
+
+    /// A rig whose config `f` changes first.
+    pub fn with(f: impl FnOnce(&mut Config)) -> Rig {
         let dir = tempfile::tempdir().expect("a temp dir");
         let root = dir.path();
         for d in ["held", "outbox", "rejected", "base", "state", "tmp"] {
@@ -133,6 +138,7 @@ impl Rig {
         cfg.worker.sudo = false;
         cfg.spool.min_age_ms = 60_000;
         cfg.spool.poll_interval_ms = 10;
+        f(&mut cfg);
         let cfg = Arc::new(cfg);
         let store = Store::open(
             &root.join("state"),
