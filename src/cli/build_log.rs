@@ -220,7 +220,7 @@ mod tests {
             job: 7,
             image_id: Some("x-1".into()),
             state,
-            ended: crate::operate::joblog::ended(state),
+            ended: state.has_ended(),
             result,
             error: result
                 .is_some_and(|r| !r)

@@ -74,6 +74,15 @@ impl State {
     pub fn is_answered(self) -> bool {
         matches!(self, State::Done | State::Error)
     }
+
+    /// Is the job past any build (its build log will not grow)? Decided (an answer not yet
+    /// sent included), answered, not a workitem, or moved away.
+    pub fn has_ended(self) -> bool {
+        matches!(
+            self,
+            State::Finished | State::Done | State::Error | State::Rejected | State::Moved
+        )
+    }
 }
 
 impl std::fmt::Display for State {

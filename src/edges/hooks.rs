@@ -53,11 +53,14 @@ impl Hooks {
             },
         }
     }
+}
 
+/// The engine's status push, through the push utility.
+impl StatusPush for Hooks {
     /// Runs the push utility once for `job` with the workitem (`stdin`, encoded); its output
     /// goes to hooks.log as one block. `None` when no push utility is configured. A message or
     /// a disconnect on `cancel` kills it (a stopping daemon does not wait for a hanging utility).
-    pub fn push_bytes(
+    fn push_status(
         &self,
         job: u64,
         status: Status,
@@ -124,20 +127,6 @@ impl Hooks {
                 error: Some(e.to_string()),
             },
         })
-    }
-}
-
-/// The engine's status push, through the push utility.
-impl StatusPush for Hooks {
-    fn push_status(
-        &self,
-        job: u64,
-        status: Status,
-        stdin: Vec<u8>,
-        image_id: &str,
-        cancel: Option<&crossbeam_channel::Receiver<()>>,
-    ) -> Option<Pushed> {
-        self.push_bytes(job, status, stdin, image_id, cancel)
     }
 }
 
@@ -277,7 +266,7 @@ mod tests {
         let wi = serde_json::json!({"image": {"image_id": "x"}});
         let h = Hooks::new(&config(None), log.clone(), Registry::none());
         assert_eq!(
-            h.push_bytes(1, Status::Done, serde_json::to_vec(&wi).unwrap(), "x", None),
+            h.push_status(1, Status::Done, serde_json::to_vec(&wi).unwrap(), "x", None),
             None
         );
         let h = Hooks::new(
@@ -286,7 +275,7 @@ mod tests {
             Registry::none(),
         );
         let p = h
-            .push_bytes(1, Status::Done, serde_json::to_vec(&wi).unwrap(), "x", None)
+            .push_status(1, Status::Done, serde_json::to_vec(&wi).unwrap(), "x", None)
             .unwrap();
         assert!(!p.ok);
         assert!(p.error.unwrap().contains("not found"));
@@ -298,7 +287,7 @@ mod tests {
         );
         let h = Hooks::new(&config(Some(script)), log.clone(), Registry::none());
         let p = h
-            .push_bytes(2, Status::Done, serde_json::to_vec(&wi).unwrap(), "x", None)
+            .push_status(2, Status::Done, serde_json::to_vec(&wi).unwrap(), "x", None)
             .unwrap();
         assert!(p.ok, "{p:?}");
         let got: serde_json::Value =
@@ -328,7 +317,7 @@ mod tests {
         let h = Hooks::new(&config(Some(push)), log.clone(), Registry::none());
         let wi = serde_json::json!({});
         let p = h
-            .push_bytes(
+            .push_status(
                 7,
                 Status::Building,
                 serde_json::to_vec(&wi).unwrap(),
@@ -374,7 +363,7 @@ mod tests {
                     for i in 0..10 {
                         let id = format!("t{t}-{i}");
                         let p = h
-                            .push_bytes(i, Status::Done, b"{}".to_vec(), &id, None)
+                            .push_status(i, Status::Done, b"{}".to_vec(), &id, None)
                             .unwrap();
                         assert!(p.ok, "{p:?}");
                     }

@@ -25,10 +25,7 @@ pub const LOG_TAIL: u64 = 64 * 1024;
 
 /// May the job's build log still grow (it is waiting for, or in, a build)?
 pub fn is_live(s: State) -> bool {
-    matches!(
-        s,
-        State::Claimed | State::Queued | State::Building | State::Interrupted
-    )
+    !s.has_ended()
 }
 
 /// The line that says `n` bytes of output were cut out (as the log's bound writes it).

@@ -59,15 +59,6 @@ pub enum LogError {
     },
 }
 
-/// Has the job ended (its log will not grow)? Answered jobs, answers not yet delivered, inputs
-/// that were not a workitem, and files handed back to incoming/.
-pub fn ended(state: State) -> bool {
-    matches!(
-        state,
-        State::Finished | State::Done | State::Error | State::Rejected | State::Moved
-    )
-}
-
 /// The job `id` names (or `job` when given: a follower asks by number once it knows it), its
 /// state, and at most [`logread::MAX_CHUNK`] bytes of its build log from `from`. None: no such
 /// job (yet: a follower may wait for a file just dropped to be claimed).
@@ -95,7 +86,7 @@ pub fn read(
         _ => None,
     });
     let path = spec.map(|s| imaging::log_path(&cfg.worker, s));
-    let ended = ended(j.state);
+    let ended = j.state.has_ended();
     let mut out = LogChunk {
         job: job_id,
         image_id: j.image_id.clone(),

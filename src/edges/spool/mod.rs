@@ -426,7 +426,8 @@ mod tests {
     use crate::config::SpoolConfig;
     use std::ffi::OsString;
 
-    fn cfg(min_age_ms: u64) -> SpoolConfig {
+    /// A spool config for tests (also the scanner's).
+    pub(crate) fn cfg(min_age_ms: u64) -> SpoolConfig {
         SpoolConfig {
             min_age_ms,
             max_bytes: 100,

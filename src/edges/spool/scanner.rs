@@ -178,15 +178,8 @@ pub fn moved_in_ready(incoming: &Path, name: &str, max_bytes: u64) -> Option<Rea
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::cfg;
     use super::*;
-
-    fn cfg(min_age_ms: u64) -> SpoolConfig {
-        SpoolConfig {
-            min_age_ms,
-            max_bytes: 100,
-            ..SpoolConfig::default()
-        }
-    }
 
     #[test]
     fn scan_classifies() {
