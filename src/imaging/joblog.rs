@@ -1,9 +1,15 @@
 //! The job's log file, bounded: every command of a build and its output, each step after a
 //! timestamped line ([`JobLog`]).
 //!
-//! Invariant: past its bound the file holds its head, one marker line "[... N bytes of output
-//! omitted ...]" and its latest tail, N counting every byte cut so far (across attempts: a
-//! reopened log finds the marker and goes on counting); `logread` relies on this layout.
+//! Invariants:
+//! - The file is never longer than its bound (`job_log_max_mb`), its marker line included: a
+//!   write that would pass the bound cuts the log first.
+//! - Past its bound the file holds its head, one marker line "[... N bytes of output omitted
+//!   ...]" and its latest tail, N counting every byte cut so far (across attempts: a reopened
+//!   log finds the marker and goes on counting); `logread` relies on this layout.
+//! - A cut is seen by readers: while it rewrites the file, the marker is in its cutting form
+//!   (`[~~~ ` instead of `[... `, the same length); it takes its final form, with a larger N,
+//!   only after the file holds the new tail and has its new length.
 
 use crate::config::WorkerConfig;
 use nix::fcntl::OFlag;
@@ -17,27 +23,50 @@ use std::sync::{Arc, Mutex};
 
 /// The job log's bound in bytes (`job_log_max_mb`, at least 64 KiB).
 pub(super) fn job_log_limit(w: &WorkerConfig) -> u64 {
-    w.job_log_max_mb.saturating_mul(1024 * 1024).max(64 * 1024)
+    w.job_log_max_mb.saturating_mul(1024 * 1024).max(MIN_BOUND)
 }
 
-/// Room for the marker line between the head and the tail of a bounded job log.
+/// Room kept for the marker line between the head and the tail of a bounded job log.
 pub(super) const MARKER_MAX: u64 = 80;
+
+/// How the marker line opens: final, and while a cut rewrites the file.
+const OPEN: &[u8] = b"[... ";
+const OPEN_CUTTING: &[u8] = b"[~~~ ";
+
+/// The marker line of a cut log, as found at the end of its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Marker {
+    /// Bytes of output cut out so far.
+    pub omitted: u64,
+    /// The marker's length in the file (its leading newline included).
+    pub len: u64,
+    /// A cut is rewriting the file (or its writer died in one).
+    pub cutting: bool,
+}
+
+/// The smallest bound a job log has.
+const MIN_BOUND: u64 = 64 * 1024;
+
+/// The head of a log bounded at `max_bytes`: the first half.
+pub(super) fn head_of(max_bytes: u64) -> u64 {
+    max_bytes.max(MIN_BOUND) / 2
+}
 
 /// The job's log file: every command and its output, each step after a timestamped line.
 ///
-/// Bounded: past its limit it keeps its head (the first half) and its tail (the last half), with
-/// one marker line "[... N bytes of output omitted ...]" between them. Output is written
-/// through (a `tail -f` sees it at once); when the file passes head + 2 * tail, the part after
-/// the head is rewritten as the marker and the last `tail` bytes (each byte is copied O(1) times
-/// on average). Clones share the file.
+/// Bounded at `max_bytes`: it keeps its head (the first half) and, once more was written, the
+/// marker line and its latest tail. When a write would pass the bound, the part after the head
+/// is rewritten as the marker and the last `keep` bytes of the output (a quarter of the bound,
+/// or a little less), then the log grows again up to the bound: each byte is copied O(1) times
+/// on average. Output is written through (a `tail -f` sees it at once). Clones share the file.
 #[derive(Clone)]
 pub struct JobLog(Arc<Mutex<LogFile>>);
 
 struct LogFile {
     file: File,
     path: PathBuf,
+    max: u64,
     head: u64,
-    tail: u64,
     len: u64,
     /// Where the kept output after the head (and the marker, once there is one) starts.
     body_start: u64,
@@ -76,24 +105,25 @@ impl JobLog {
 
     fn from_file(file: File, path: PathBuf, max_bytes: u64) -> std::io::Result<JobLog> {
         let len = file.metadata()?.len();
-        let head = max_bytes / 2;
-        let tail = max_bytes - head;
+        let max = max_bytes.max(MIN_BOUND);
+        let head = head_of(max);
         let mut log = LogFile {
             file,
             path,
+            max,
             head,
-            tail,
             len,
             body_start: head,
             omitted: 0,
         };
         // An earlier attempt's marker, if the log was cut already.
-        if len > head {
-            let mut buf = [0u8; MARKER_MAX as usize];
-            let n = log.file.read_at(&mut buf, head).unwrap_or(0);
-            if let Some((omitted, marker_len)) = parse_marker(&buf[..n]) {
-                log.omitted = omitted;
-                log.body_start = head + marker_len;
+        if let Some(m) = read_marker(&log.file, head, len)? {
+            log.omitted = m.omitted;
+            log.body_start = head + m.len;
+            if m.cutting {
+                // Its writer died in a cut: what the file holds is what there is, and
+                // readers must not wait for the end of that cut.
+                log.finish_marker()?;
             }
         }
         Ok(JobLog(Arc::new(Mutex::new(log))))
@@ -132,64 +162,153 @@ impl JobLog {
     }
 }
 
-/// `[\n][... N bytes of output omitted ...]\n` at the start of `buf`: N and the marker's length.
-pub(super) fn parse_marker(buf: &[u8]) -> Option<(u64, u64)> {
+/// The marker line for `omitted` bytes, after a head that does not end a line (`lead`), in
+/// its final or cutting form (the same length).
+fn marker_text(omitted: u64, lead: bool, cutting: bool) -> Vec<u8> {
+    let mut m = Vec::with_capacity(64);
+    if lead {
+        m.push(b'\n');
+    }
+    m.extend_from_slice(if cutting { OPEN_CUTTING } else { OPEN });
+    m.extend_from_slice(format!("{omitted} bytes of output omitted ...]\n").as_bytes());
+    m
+}
+
+/// The marker at the start of `buf` (`[\n][... N bytes of output omitted ...]\n`, or its
+/// cutting form).
+pub(super) fn parse_marker(buf: &[u8]) -> Option<Marker> {
     let lead = usize::from(buf.first() == Some(&b'\n'));
     let rest = buf.get(lead..)?;
-    let rest = rest.strip_prefix(b"[... ")?;
+    let (rest, cutting) = match rest.strip_prefix(OPEN) {
+        Some(r) => (r, false),
+        None => (rest.strip_prefix(OPEN_CUTTING)?, true),
+    };
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let n: u64 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    let omitted: u64 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
     let after = rest[digits..].strip_prefix(b" bytes of output omitted ...]\n")?;
-    Some((n, (buf.len() - after.len()) as u64))
+    Some(Marker {
+        omitted,
+        len: (buf.len() - after.len()) as u64,
+        cutting,
+    })
+}
+
+/// The marker of a log of `len` bytes with head `head`, if it was cut.
+pub(super) fn read_marker(f: &File, head: u64, len: u64) -> std::io::Result<Option<Marker>> {
+    if len <= head {
+        return Ok(None);
+    }
+    let mut buf = [0u8; MARKER_MAX as usize];
+    let n = f.read_at(&mut buf, head)?;
+    Ok(parse_marker(&buf[..n]))
 }
 
 impl LogFile {
-    fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.file.write_all_at(data, self.len)?;
-        self.len += data.len() as u64;
-        if self.len > self.head + 2 * self.tail + MARKER_MAX {
-            self.cut()?;
+    fn append(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        if self.len + data.len() as u64 <= self.max {
+            self.file.write_all_at(data, self.len)?;
+            self.len += data.len() as u64;
+            return Ok(());
         }
-        Ok(())
+        if self.len < self.head {
+            // The head is filled first (it is below the bound).
+            let n = (self.head - self.len) as usize;
+            self.file.write_all_at(&data[..n], self.len)?;
+            self.len = self.head;
+            data = &data[n..];
+        }
+        let cut = self.cut(data);
+        if cut.is_err() {
+            // A cut that failed half-way (a full disk): readers must not wait for its end,
+            // and the next write starts from what the file holds.
+            let _ = self.finish_marker();
+            if let Ok(m) = self.file.metadata() {
+                self.len = m.len();
+            }
+            if let Ok(Some(m)) = read_marker(&self.file, self.head, self.len) {
+                self.omitted = m.omitted;
+                self.body_start = self.head + m.len;
+            }
+        }
+        cut
     }
 
-    /// Replaces everything between the head and the last `tail` bytes with the marker line.
-    fn cut(&mut self) -> std::io::Result<()> {
-        let mut keep_from = self.len - self.tail;
-        // start the kept tail on a line when one starts near
-        let mut probe = [0u8; 4096];
-        let n = self.file.read_at(&mut probe, keep_from)?;
-        if let Some(i) = probe[..n].iter().position(|b| *b == b'\n') {
-            keep_from += i as u64 + 1;
+    /// The output after the head (the kept output in the file, then `data`) becomes the marker
+    /// and its last `keep` bytes or so, from a line start when one is near: the file stays
+    /// within the bound before, during and after.
+    fn cut(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let room = self.max - self.head - MARKER_MAX;
+        let keep = room / 2;
+        let body_start = self.body_start.min(self.len);
+        let in_file = self.len - body_start;
+        let total = in_file + data.len() as u64;
+        // What is dropped: the first `skip` bytes of (file body, data).
+        let mut skip = total.saturating_sub(keep);
+        // From a line start when one is near: look at the 4 KiB from there.
+        let mut window = Vec::with_capacity(4097);
+        let before = skip.saturating_sub(1);
+        if before < in_file {
+            let mut buf = vec![0u8; (in_file - before).min(4097) as usize];
+            self.file.read_exact_at(&mut buf, body_start + before)?;
+            window.extend_from_slice(&buf);
         }
-        self.omitted += keep_from.saturating_sub(self.body_start);
-        let mut last = [0u8; 1];
-        let head_ends_line = self.head == 0
-            || (self.file.read_at(&mut last, self.head - 1)? == 1 && last[0] == b'\n');
-        let marker = format!(
-            "{}[... {} bytes of output omitted ...]\n",
-            if head_ends_line { "" } else { "\n" },
-            self.omitted
+        let from_data = before.saturating_sub(in_file) as usize;
+        let more = 4097usize.saturating_sub(window.len());
+        window.extend_from_slice(
+            &data[from_data.min(data.len())..(from_data + more).min(data.len())],
         );
-        let dst0 = self.head + marker.len() as u64;
-        // dst0 + tail < keep_from: the copy never overlaps what it still has to read
-        let mut buf = vec![0u8; 1 << 20];
-        let (mut src, mut dst) = (keep_from, dst0);
-        while src < self.len {
-            let want = ((self.len - src) as usize).min(buf.len());
-            let got = self.file.read_at(&mut buf[..want], src)?;
-            if got == 0 {
-                break;
-            }
-            self.file.write_all_at(&buf[..got], dst)?;
-            src += got as u64;
-            dst += got as u64;
+        if skip > 0
+            && window.first() != Some(&b'\n')
+            && let Some(i) = window.iter().skip(1).position(|b| *b == b'\n')
+        {
+            skip += i as u64 + 1;
         }
-        self.file.write_all_at(marker.as_bytes(), self.head)?;
+        let omitted = self.omitted + skip;
+        let mut last = [0u8; 1];
+        let lead = self.file.read_at(&mut last, self.head - 1)? == 1 && last[0] != b'\n';
+        let marker = marker_text(omitted, lead, false);
+        let dst0 = self.head + marker.len() as u64;
+        // 1. The cutting form: readers wait (or read again) from here on.
+        self.file
+            .write_all_at(&marker_text(omitted, lead, true), self.head)?;
+        // 2. The kept output: its part in the file moves down (dst0 <= head + MARKER_MAX <
+        //    head + keep <= where it is read from: a forward copy never overwrites what it
+        //    has still to read), then the part of `data`.
+        let mut dst = dst0;
+        if skip < in_file {
+            let mut src = body_start + skip;
+            debug_assert!(src >= dst);
+            let mut buf = vec![0u8; (self.len - src).min(1 << 20) as usize];
+            while src < self.len {
+                let want = ((self.len - src) as usize).min(buf.len());
+                let got = self.file.read_at(&mut buf[..want], src)?;
+                if got == 0 {
+                    break;
+                }
+                self.file.write_all_at(&buf[..got], dst)?;
+                src += got as u64;
+                dst += got as u64;
+            }
+        }
+        let from_data = skip.saturating_sub(in_file) as usize;
+        let rest = &data[from_data.min(data.len())..];
+        self.file.write_all_at(rest, dst)?;
+        dst += rest.len() as u64;
+        // 3. Its length, then 4. the final form of the marker.
         self.file.set_len(dst)?;
         self.len = dst;
         self.body_start = dst0;
-        Ok(())
+        self.omitted = omitted;
+        self.finish_marker()
+    }
+
+    /// Gives the marker at the head its final form (its opening after the newline it may
+    /// start with).
+    fn finish_marker(&mut self) -> std::io::Result<()> {
+        let mut first = [0u8; 1];
+        let n = self.file.read_at(&mut first, self.head)?;
+        let at = self.head + u64::from(n == 1 && first[0] == b'\n');
+        self.file.write_all_at(OPEN, at)
     }
 }
 
@@ -221,14 +340,12 @@ mod tests {
             let line = format!("output line {i:06} {}\n", "z".repeat(40));
             total += line.len() as u64;
             sink.write_all(line.as_bytes()).unwrap();
+            let len = std::fs::metadata(&path).unwrap().len();
+            assert!(len <= 64 * 1024, "{len} bytes after line {i}");
         }
         log.line("last line").unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(
-            text.len() as u64 <= 64 * 1024 * 2 + MARKER_MAX,
-            "{}",
-            text.len()
-        );
+        assert!(text.len() as u64 <= 64 * 1024, "{}", text.len());
         assert!(text.contains("] first line\n"));
         assert!(text.ends_with("] last line\n"));
         let markers: Vec<&str> = text
@@ -260,5 +377,92 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.matches("bytes of output omitted").count(), 1);
         assert!(text.contains("] first line\n"));
+        assert!(text.len() as u64 <= 64 * 1024, "{}", text.len());
+    }
+
+    /// The file is never longer than its bound, marker included: not after a write, not
+    /// while a cut rewrites it (a second thread looks all the time), not after writes larger
+    /// than the bound itself; and the marker counts every byte cut out.
+    #[test]
+    fn the_file_never_passes_its_bound() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("n.log");
+        let max = 256 * 1024;
+        let log = JobLog::open(&path, max).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (path, done) = (path.clone(), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let (mut longest, mut looks) = (0, 0u64);
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    longest = longest.max(std::fs::metadata(&path).unwrap().len());
+                    looks += 1;
+                }
+                (longest, looks)
+            })
+        };
+        let mut sink = log.sink();
+        let mut total = 0u64;
+        let mut rng = 7u64;
+        for i in 0..3000u32 {
+            // Writes of 1 byte to 600 KiB (past the bound), lines or not.
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let size = match rng >> 60 {
+                0 => (rng >> 20) as usize % (600 * 1024),
+                1..=3 => (rng >> 20) as usize % 8192,
+                _ => (rng >> 20) as usize % 200,
+            };
+            let mut chunk = format!("write {i:05} ").into_bytes();
+            chunk.resize(size.max(chunk.len()), b'x');
+            if rng & 1 == 0 {
+                chunk.push(b'\n');
+            }
+            sink.write_all(&chunk).unwrap();
+            total += chunk.len() as u64;
+            let len = std::fs::metadata(&path).unwrap().len();
+            assert!(len <= max, "{len} bytes after write {i}");
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (longest, looks) = watcher.join().unwrap();
+        assert!(looks > 0);
+        assert!(longest <= max, "{longest} bytes seen while it was written");
+        // Head + marker + tail account for every byte written.
+        let text = std::fs::read(&path).unwrap();
+        let head = head_of(max) as usize;
+        let m = parse_marker(&text[head..]).expect("a marker after the head");
+        assert!(!m.cutting);
+        let kept_tail = text.len() as u64 - head as u64 - m.len;
+        assert_eq!(head as u64 + m.omitted + kept_tail, total);
+        assert!(kept_tail > 0);
+    }
+
+    /// A log left in a cut (its writer died in one) is taken up by the next attempt: its
+    /// marker gets its final form, and the count goes on.
+    #[test]
+    fn a_log_left_in_a_cut_is_finished_when_reopened() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("n.log");
+        let max = 64 * 1024;
+        let head = head_of(max) as usize;
+        let mut text = vec![b'h'; head - 1];
+        text.push(b'\n');
+        text.extend_from_slice(&marker_text(5000, false, true));
+        text.extend_from_slice(b"tail\n");
+        std::fs::write(&path, &text).unwrap();
+        let log = JobLog::open(&path, max).unwrap();
+        let now = std::fs::read(&path).unwrap();
+        let m = parse_marker(&now[head..]).unwrap();
+        assert_eq!((m.omitted, m.cutting), (5000, false));
+        let mut sink = log.sink();
+        for _ in 0..2000 {
+            sink.write_all(&[b'y'; 99]).unwrap();
+            sink.write_all(b"\n").unwrap();
+        }
+        let now = std::fs::read(&path).unwrap();
+        assert!(now.len() <= max as usize);
+        let m = parse_marker(&now[head..]).unwrap();
+        assert!(m.omitted > 5000 + 100_000, "{m:?}");
     }
 }

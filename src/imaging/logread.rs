@@ -3,12 +3,13 @@
 //! the log so far, including those the bound has since cut out (see [`super::JobLog`]).
 //!
 //! Invariant: a chunk is never torn by a cut. A cut (the writer rewriting the part after the
-//! head as the marker and the latest tail) starts when the file passes head + 2 x tail +
-//! MARKER_MAX and ends with `set_len` back below it, after the marker with a larger count was
-//! written; a read is kept only when, before and after it, the file was below that length and
-//! the marker was the same. A reader that falls behind a cut learns how many bytes it missed.
+//! head as the marker and the latest tail) first gives the marker its cutting form, and gives
+//! it back its final form, with a larger count, only after the file holds the new tail and has
+//! its new length; a read is kept only when, before and after it, the marker was the same and
+//! final, and the file did not get shorter. A reader that falls behind a cut learns how many
+//! bytes it missed.
 
-use super::joblog::{MARKER_MAX, parse_marker};
+use super::joblog::{Marker, head_of, read_marker};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -21,15 +22,12 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bound {
     head: u64,
-    tail: u64,
 }
 
 impl Bound {
     pub fn new(max_bytes: u64) -> Bound {
-        let head = max_bytes / 2;
         Bound {
-            head,
-            tail: max_bytes - head,
+            head: head_of(max_bytes),
         }
     }
 
@@ -41,11 +39,6 @@ impl Bound {
     /// The stream position where the kept head ends: output the bound cuts out starts here.
     pub fn head(&self) -> u64 {
         self.head
-    }
-
-    /// Past this length a cut is due or under way.
-    fn cutting_above(&self) -> u64 {
-        self.head + 2 * self.tail + MARKER_MAX
     }
 }
 
@@ -71,22 +64,19 @@ impl Chunk {
     }
 }
 
-/// The marker at the head: (omitted bytes, marker length), if the log was cut.
-fn marker(f: &File, b: Bound, len: u64) -> std::io::Result<Option<(u64, u64)>> {
-    if len <= b.head {
-        return Ok(None);
-    }
-    let mut buf = [0u8; MARKER_MAX as usize];
-    let n = f.read_at(&mut buf, b.head)?;
-    Ok(parse_marker(&buf[..n]))
+/// The marker at the head, if the log was cut.
+fn marker(f: &File, b: Bound, len: u64) -> std::io::Result<Option<Marker>> {
+    read_marker(f, b.head, len)
 }
 
 /// Where stream position `from` is in a file of `len` bytes with `mark`: (file offset, where
 /// the readable run ends in the file, bytes skipped, stream length).
-fn locate(b: Bound, len: u64, mark: Option<(u64, u64)>, from: u64) -> Option<(u64, u64, u64, u64)> {
+fn locate(b: Bound, len: u64, mark: Option<Marker>, from: u64) -> Option<(u64, u64, u64, u64)> {
     match mark {
         None => (from <= len).then_some((from, len, 0, len)),
-        Some((omitted, mlen)) => {
+        Some(Marker {
+            omitted, len: mlen, ..
+        }) => {
             let end = len - mlen + omitted;
             if from < b.head {
                 return Some((from, b.head, 0, end));
@@ -115,15 +105,15 @@ pub fn read(path: &Path, b: Bound, from: u64, max: usize) -> std::io::Result<Opt
     ensure_regular(&f, path)?;
     const TRIES: u32 = 200;
     for attempt in 0..TRIES {
-        // On the last try a log left over the cut length (its writer died mid-cut) is read as
-        // it is: nobody will finish the cut.
+        // On the last try a log left in a cut (its writer died in it) is read as it is:
+        // nobody will finish the cut.
         let last = attempt + 1 == TRIES;
         let len = f.metadata()?.len();
-        if len > b.cutting_above() && !last {
+        let mark = marker(&f, b, len)?;
+        if mark.is_some_and(|m| m.cutting) && !last {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
-        let mark = marker(&f, b, len)?;
         let (mut from, restarted) = (from, false);
         let located = match locate(b, len, mark, from) {
             Some(l) => Some((l, restarted)),
@@ -147,7 +137,7 @@ pub fn read(path: &Path, b: Bound, from: u64, max: usize) -> std::io::Result<Opt
         }
         data.truncate(got);
         let len2 = f.metadata()?.len();
-        if !last && (len2 > b.cutting_above() || len2 < len || marker(&f, b, len2)? != mark) {
+        if !last && (len2 < len || marker(&f, b, len2)? != mark) {
             continue;
         }
         return Ok(Some(Chunk {
