@@ -5,9 +5,9 @@
 
 mod common;
 
+use common::web::*;
 use common::*;
 use serde_json::{Value, json};
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -15,175 +15,10 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(60);
 
-/// A farm whose daemon serves HTTP on a free loopback port.
-fn farm(max_connections: u64) -> Farm {
-    let mut farm = Farm::new();
-    farm.cfg.http.listen = Some("127.0.0.1:0".into());
-    farm.cfg.http.max_connections = max_connections;
-    farm
-}
-
-/// The address the daemon bound (it writes it beside its log).
-fn http_addr(farm: &Farm) -> String {
-    let p = farm.cfg.state_dir().join("http.addr");
-    assert!(
-        wait_for(Duration::from_secs(10), || p.exists()),
-        "no http.addr"
-    );
-    std::fs::read_to_string(p).unwrap().trim().to_string()
-}
-
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-        })
-    }
-}
-
-/// Sends a raw request and reads the answer to its end (HTTP/1.0: no chunked bodies).
-fn request(addr: &str, raw: &str) -> Answer {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(raw.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    Answer {
-        status,
-        head: head.to_string(),
-        body: body.to_string(),
-    }
-}
-
-fn get(addr: &str, path: &str) -> Answer {
-    request(addr, &format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n"))
-}
-
-fn get_json(addr: &str, path: &str) -> Value {
-    let a = get(addr, path);
-    assert_eq!(a.status, 200, "{path}: {}", a.body);
-    assert_eq!(
-        a.header("content-type").as_deref(),
-        Some("application/json")
-    );
-    serde_json::from_str(&a.body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {}", a.body))
-}
-
-fn bin_json(farm: &Farm, args: &[&str]) -> Value {
-    let (code, out, err) = output(farm.bin().args(args));
-    assert_eq!(code, 0, "{args:?}: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
-}
-
-/// One sample of the text exposition.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: HashMap<String, String>,
-    value: f64,
-}
-
-/// Parses the Prometheus / OpenMetrics text format: `# TYPE`/`# HELP`/`# UNIT` lines, samples
-/// `name{label="value",...} number`, and `# EOF` last. Returns the samples and the families'
-/// types; panics on any line it cannot read.
-fn parse_metrics(text: &str) -> (Vec<Sample>, HashMap<String, String>) {
-    let mut samples = Vec::new();
-    let mut types = HashMap::new();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.last(), Some(&"# EOF"), "{text}");
-    for line in &lines[..lines.len() - 1] {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, ty) = rest.split_once(' ').expect("TYPE name type");
-            types.insert(name.to_string(), ty.to_string());
-            continue;
-        }
-        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
-            continue;
-        }
-        assert!(!line.starts_with('#'), "unknown comment line {line:?}");
-        let (series, value) = line.rsplit_once(' ').expect("sample: series value");
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("not a number in {line:?}"));
-        let (name, labels) = match series.split_once('{') {
-            Some((n, l)) => (n, l.strip_suffix('}').expect("labels end with }")),
-            None => (series, ""),
-        };
-        assert!(
-            name.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "{name}"
-        );
-        let mut map = HashMap::new();
-        for pair in labels.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').expect("label k=v");
-            let v = v
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .expect("quoted label value");
-            map.insert(k.to_string(), v.to_string());
-        }
-        samples.push(Sample {
-            name: name.to_string(),
-            labels: map,
-            value,
-        });
-    }
-    (samples, types)
-}
-
-fn sample(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
-    samples
-        .iter()
-        .find(|s| {
-            s.name == name
-                && label.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v))
-        })
-        .map(|s| s.value)
-        .unwrap_or_else(|| panic!("no sample {name} {label:?}"))
-}
-
-fn metrics(addr: &str) -> (Vec<Sample>, HashMap<String, String>) {
-    // 503 while the daemon counts the log's jobs at a start
-    assert!(wait_for(Duration::from_secs(30), || get(addr, "/metrics")
-        .status
-        == 200));
-    let a = get(addr, "/metrics");
-    assert_eq!(a.status, 200);
-    assert!(
-        a.header("content-type")
-            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
-        "{}",
-        a.head
-    );
-    parse_metrics(&a.body)
-}
-
-/// The job number of an image_id.
-fn job_of(farm: &Farm, image_id: &str) -> u64 {
-    bin_json(farm, &["show", image_id, "--json"])["job"]["id"]
-        .as_u64()
-        .unwrap()
-}
-
 #[test]
 fn pages_api_and_metrics() {
     init_log();
-    let farm = farm(32);
+    let farm = http_farm(32);
     let d = farm.start();
     let addr = http_addr(&farm);
     farm.drop_json("a.json", &workitem("web-a", "ks\n"));
@@ -289,9 +124,9 @@ fn pages_api_and_metrics() {
     // Metrics: counted from the events of these builds.
     let (s, types) = metrics(&addr);
     assert_eq!(types["build_image_jobs"], "gauge");
-    assert_eq!(types["build_image_builds"], "counter");
+    assert_eq!(types["build_image_builds_total"], "counter");
     assert_eq!(types["build_image_build_duration_seconds"], "histogram");
-    assert_eq!(types["build_image_push_failures"], "counter");
+    assert_eq!(types["build_image_push_failures_total"], "counter");
     assert_eq!(types["build_image_oldest_queued_age_seconds"], "gauge");
     assert_eq!(types["build_image_last_event_seq"], "gauge");
     assert_eq!(sample(&s, "build_image_jobs", Some(("state", "done"))), 2.0);
@@ -335,6 +170,22 @@ fn pages_api_and_metrics() {
         sample(&s, "build_image_last_event_seq", None),
         last["seq"].as_f64().unwrap()
     );
+    // The same samples in OpenMetrics, to a scraper that asks for it (as Prometheus does).
+    let om = get_accepting(&addr, "/metrics", PROMETHEUS_ACCEPT);
+    assert_eq!(
+        om.header("content-type").as_deref(),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let (om_samples, om_types) = parse_metrics(&om.body, true);
+    assert_eq!(om_types["build_image_builds"], "counter");
+    assert_eq!(om_types["build_image_push_failures"], "counter");
+    let of_jobs = |v: &[Sample]| -> Vec<Sample> {
+        v.iter()
+            .filter(|s| !s.name.starts_with("build_image_http_"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(of_jobs(&om_samples), of_jobs(&s));
     let h = get(&addr, "/healthz");
     assert_eq!((h.status, h.body.as_str()), (200, "ok\n"));
     let js = get(&addr, "/live.js");
@@ -407,7 +258,7 @@ fn pages_api_and_metrics() {
 #[test]
 fn bounded_connections_and_slow_clients() {
     init_log();
-    let farm = farm(3);
+    let farm = http_farm(3);
     let d = farm.start();
     let addr = http_addr(&farm);
     // Three clients that send nothing hold every slot: a fourth is answered 503 at once.
@@ -440,7 +291,7 @@ fn bounded_connections_and_slow_clients() {
 #[test]
 fn the_log_of_a_running_build_is_streamed() {
     init_log();
-    let farm = farm(32);
+    let farm = http_farm(32);
     let d = farm.start();
     let addr = http_addr(&farm);
     farm.drop_json("s.json", &workitem("web-s", "# mic-fixture: sleep 3\n"));
@@ -549,7 +400,7 @@ fn run_chromium(bin: &Path, profile: &Path, args: &[String]) -> String {
 
 /// Jobs in every interesting state for the browser: done, error, escaped name, building.
 fn browser_farm() -> (Farm, Daemon, String) {
-    let mut farm = farm(32);
+    let mut farm = http_farm(32);
     // the long build below must outlast every chromium run of the test (each can take 30 s on a
     // loaded machine): it is cancelled at the end
     farm.cfg.worker.timeout = 900;

@@ -9,8 +9,9 @@
 //! - `/metrics` reads memory only ([`Metrics`], kept by the store's observer), and a page of
 //!   `/` looks at `PAGE_SCAN` job ids at most: both cost the same at any log size.
 
+use super::exposition::{Family, Format, encode};
 use super::logview::{LOG_TAIL, is_live, read_tail};
-use super::metrics::{self, Metrics};
+use super::metrics::Metrics;
 use super::pages;
 use super::routes::{param, parse_state};
 use crate::domain::{Job, State};
@@ -251,13 +252,16 @@ impl App {
         Reply::new(200, HTML, pages::job(&page).into_string())
     }
 
-    /// `GET /metrics`.
-    pub fn metrics(&self) -> Reply {
-        match self.metrics.render(
-            SystemTime::now(),
-            self.host.engine.store.failing().is_none(),
-        ) {
-            Some(text) => Reply::new(200, metrics::CONTENT_TYPE, text),
+    /// `GET /metrics`, in the format the scraper's `Accept` header asks for; `server`: the
+    /// web server's own families, served after the daemon's.
+    pub fn metrics(&self, accept: Option<&str>, server: Vec<Family>) -> Reply {
+        let format = Format::negotiate(accept);
+        let writable = self.host.engine.store.failing().is_none();
+        match self.metrics.families(SystemTime::now(), writable) {
+            Some(mut families) => {
+                families.extend(server);
+                Reply::new(200, format.content_type(), encode(&families, format))
+            }
             None => Reply::new(503, TEXT, "the jobs are still being counted\n"),
         }
     }

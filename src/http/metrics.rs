@@ -5,16 +5,14 @@
 //!
 //! Invariant: `build_image_jobs{state}` is the number of jobs whose folded state is `state`:
 //! each event moves its job from the state before it to the state after it.
+//!
+//! The families, their names and help texts are [`Metrics::families`]; how they are written
+//! (the classic text format or OpenMetrics) is [`super::exposition`].
 
+use super::exposition::{Data, Family, Format, Number, encode};
 use crate::domain::{Event, EventKind, Job, State};
 use crate::engine::store::{Change, Observer, lock};
 use crate::journal::{Journal, JournalError};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,34 +23,24 @@ pub const DURATION_BUCKETS: [f64; 11] = [
     10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
 ];
 
-/// The content type of the exposition (OpenMetrics text, which Prometheus reads).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabel {
-    state: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabel {
-    result: &'static str,
+/// Build durations: the count at or below each bucket's bound (not cumulative here), the
+/// sum and the count.
+#[derive(Default)]
+struct Durations {
+    buckets: [u64; DURATION_BUCKETS.len()],
+    sum: f64,
+    count: u64,
 }
 
 pub struct Metrics {
-    registry: Registry,
-    jobs: Family<StateLabel, Gauge>,
-    builds: Family<ResultLabel, Counter>,
-    duration: Histogram,
-    push_failures: Counter,
-    oldest_queued: Gauge<f64, AtomicU64>,
-    last_seq_gauge: Gauge,
-    log_writable: Gauge,
+    /// Builds that ran to their end: successes, failures.
+    builds: [AtomicU64; 2],
+    durations: Mutex<Durations>,
+    push_failures: AtomicU64,
     last_seq: AtomicU64,
     /// When each job now queued entered the queue.
     queued: Mutex<HashMap<u64, SystemTime>>,
-    /// One scrape at a time (the gauges computed at scrape time are set, then encoded).
-    scrape: Mutex<()>,
-    /// Jobs counted per state, kept beside the gauges for the status page's filter counts.
+    /// Jobs per state (`build_image_jobs`, and the status page's filter counts).
     counts: [AtomicI64; State::ALL.len()],
     /// While `seed` counts the jobs (None once it is done).
     seeding: Mutex<Option<Seeding>>,
@@ -89,69 +77,14 @@ fn ts(s: &str) -> Option<SystemTime> {
 }
 
 impl Metrics {
-    /// Empty metrics, every family registered (every state present, at 0).
+    /// Empty metrics: every family at 0.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("build_image");
-        let jobs = Family::<StateLabel, Gauge>::default();
-        let builds = Family::<ResultLabel, Counter>::default();
-        let duration = Histogram::new(DURATION_BUCKETS);
-        let push_failures = Counter::default();
-        let oldest_queued = Gauge::<f64, AtomicU64>::default();
-        let last_seq_gauge = Gauge::default();
-        let log_writable = Gauge::default();
-        registry.register(
-            "jobs",
-            "Jobs in each state (claimed, queued, building, interrupted, finished, done, error, rejected, moved)",
-            jobs.clone(),
-        );
-        registry.register(
-            "builds",
-            "Builds that ran to their end, by result (failure: mic failed, timed out, left no image, or was cancelled while running)",
-            builds.clone(),
-        );
-        registry.register(
-            "build_duration_seconds",
-            "Duration of the builds that ran to their end, from started to finished",
-            duration.clone(),
-        );
-        registry.register(
-            "push_failures",
-            "Runs of the push utility that failed (exit status, timeout, or could not start)",
-            push_failures.clone(),
-        );
-        registry.register(
-            "oldest_queued_age_seconds",
-            "How long the job queued longest has been waiting for a build slot (0: none queued)",
-            oldest_queued.clone(),
-        );
-        registry.register(
-            "last_event_seq",
-            "The seq of the last event recorded in the log",
-            last_seq_gauge.clone(),
-        );
-        registry.register(
-            "log_writable",
-            "1 while the event log takes writes, 0 while it cannot (disk full, write errors): nothing is claimed then",
-            log_writable.clone(),
-        );
-        for s in State::ALL {
-            let _ = jobs.get_or_create(&StateLabel { state: s.as_str() });
-        }
-        for result in ["success", "failure"] {
-            let _ = builds.get_or_create(&ResultLabel { result });
-        }
         Metrics {
-            registry,
-            jobs,
-            builds,
-            duration,
-            push_failures,
-            oldest_queued,
-            last_seq_gauge,
-            log_writable,
+            builds: [AtomicU64::new(0), AtomicU64::new(0)],
+            durations: Mutex::new(Durations::default()),
+            push_failures: AtomicU64::new(0),
             last_seq: AtomicU64::new(0),
             queued: Mutex::new(HashMap::new()),
-            scrape: Mutex::new(()),
             counts: std::array::from_fn(|_| AtomicI64::new(0)),
             seeding: Mutex::new(Some(Seeding::default())),
             cancel: std::sync::atomic::AtomicBool::new(false),
@@ -215,7 +148,8 @@ impl Metrics {
             let failed_pushes = job
                 .final_push_attempts
                 .saturating_sub(u32::from(job.final_pushed));
-            self.push_failures.inc_by(failed_pushes.into());
+            self.push_failures
+                .fetch_add(failed_pushes.into(), Ordering::SeqCst);
         }
         // When each job queued at the start entered the queue (a few: the open jobs).
         let mut since = Vec::new();
@@ -269,11 +203,8 @@ impl Metrics {
     }
 
     fn set_counts(&self, counts: &[i64; State::ALL.len()]) {
-        for (i, s) in State::ALL.iter().enumerate() {
-            self.counts[i].store(counts[i], Ordering::SeqCst);
-            self.jobs
-                .get_or_create(&StateLabel { state: s.as_str() })
-                .set(counts[i]);
+        for (i, n) in counts.iter().enumerate() {
+            self.counts[i].store(*n, Ordering::SeqCst);
         }
     }
 
@@ -293,13 +224,15 @@ impl Metrics {
     }
 
     fn build_ended(&self, result: bool, started: &str, finished: &str) {
-        let label = ResultLabel {
-            result: if result { "success" } else { "failure" },
-        };
-        self.builds.get_or_create(&label).inc();
+        self.builds[usize::from(!result)].fetch_add(1, Ordering::SeqCst);
         if let (Some(a), Some(b)) = (ts(started), ts(finished)) {
             let secs = b.duration_since(a).unwrap_or(Duration::ZERO).as_secs_f64();
-            self.duration.observe(secs);
+            let mut d = lock(&self.durations);
+            if let Some(i) = DURATION_BUCKETS.iter().position(|le| secs <= *le) {
+                d.buckets[i] += 1;
+            }
+            d.sum += secs;
+            d.count += 1;
         }
     }
 
@@ -309,16 +242,8 @@ impl Metrics {
         }
         if let Some(b) = before {
             self.counts[state_index(b)].fetch_sub(1, Ordering::SeqCst);
-            self.jobs
-                .get_or_create(&StateLabel { state: b.as_str() })
-                .dec();
         }
         self.counts[state_index(after)].fetch_add(1, Ordering::SeqCst);
-        self.jobs
-            .get_or_create(&StateLabel {
-                state: after.as_str(),
-            })
-            .inc();
     }
 
     /// Jobs per state now (what the gauges say), in `State::ALL` order; None until counted.
@@ -334,27 +259,91 @@ impl Metrics {
         Some(counts)
     }
 
-    /// The text exposition, at `now`; `log_writable` says whether the log takes writes. None
-    /// while the jobs are still being counted.
-    pub fn render(&self, now: SystemTime, log_writable: bool) -> Option<String> {
+    /// The families at `now`, in the order they are served; `log_writable` says whether the
+    /// log takes writes. None while the jobs are still being counted.
+    pub fn families(&self, now: SystemTime, log_writable: bool) -> Option<Vec<Family>> {
         if !self.counted() {
             return None;
         }
-        let _one = lock(&self.scrape);
         let oldest = lock(&self.queued).values().min().copied();
         let age = oldest.map_or(0.0, |t| {
             now.duration_since(t)
                 .unwrap_or(Duration::ZERO)
                 .as_secs_f64()
         });
-        self.oldest_queued.set(age);
-        self.last_seq_gauge
-            .set(i64::try_from(self.last_seq.load(Ordering::SeqCst)).unwrap_or(i64::MAX));
-        self.log_writable.set(i64::from(log_writable));
-        let mut out = String::with_capacity(4096);
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        Some(out)
+        let (buckets, sum, count) = {
+            let d = lock(&self.durations);
+            let mut below = 0;
+            let buckets = DURATION_BUCKETS
+                .iter()
+                .zip(d.buckets)
+                .map(|(le, n)| {
+                    below += n;
+                    (*le, below)
+                })
+                .collect();
+            (buckets, d.sum, d.count)
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        let int = |n: u64| Number::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        Some(vec![
+            Family {
+                name: "build_image_jobs",
+                help: "Jobs in each state (claimed, queued, building, interrupted, finished, done, error, rejected, moved)",
+                data: Data::Gauge(
+                    State::ALL
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| {
+                            let n = self.counts[i].load(Ordering::SeqCst);
+                            (vec![("state", s.as_str().to_string())], Number::Int(n))
+                        })
+                        .collect(),
+                ),
+            },
+            Family {
+                name: "build_image_builds",
+                help: "Builds that ran to their end, by result (failure: mic failed, timed out, left no image, or was cancelled while running)",
+                data: Data::Counter(vec![
+                    (vec![("result", "success".into())], load(&self.builds[0])),
+                    (vec![("result", "failure".into())], load(&self.builds[1])),
+                ]),
+            },
+            Family {
+                name: "build_image_build_duration_seconds",
+                help: "Duration of the builds that ran to their end, from started to finished",
+                data: Data::Histogram {
+                    buckets,
+                    sum,
+                    count,
+                },
+            },
+            Family {
+                name: "build_image_push_failures",
+                help: "Runs of the push utility that failed (exit status, timeout, or could not start)",
+                data: Data::Counter(vec![(vec![], load(&self.push_failures))]),
+            },
+            Family {
+                name: "build_image_oldest_queued_age_seconds",
+                help: "How long the job queued longest has been waiting for a build slot (0: none queued)",
+                data: Data::Gauge(vec![(vec![], Number::Float(age))]),
+            },
+            Family {
+                name: "build_image_last_event_seq",
+                help: "The seq of the last event recorded in the log",
+                data: Data::Gauge(vec![(vec![], int(load(&self.last_seq)))]),
+            },
+            Family {
+                name: "build_image_log_writable",
+                help: "1 while the event log takes writes, 0 while it cannot (disk full, write errors): nothing is claimed then",
+                data: Data::Gauge(vec![(vec![], Number::Int(i64::from(log_writable)))]),
+            },
+        ])
+    }
+
+    /// The exposition at `now` in `format`; None while the jobs are still being counted.
+    pub fn render(&self, now: SystemTime, log_writable: bool, format: Format) -> Option<String> {
+        self.families(now, log_writable).map(|f| encode(&f, format))
     }
 }
 
@@ -446,7 +435,7 @@ impl Observer for Metrics {
                 }
             }
             EventKind::Pushed { ok: false, .. } => {
-                self.push_failures.inc();
+                self.push_failures.fetch_add(1, Ordering::SeqCst);
             }
             _ => {}
         }
@@ -558,7 +547,9 @@ mod tests {
             before.load(Ordering::SeqCst),
             after.load(Ordering::SeqCst)
         );
-        let text = m.render(SystemTime::now(), true).unwrap();
+        let text = m
+            .render(SystemTime::now(), true, Format::OpenMetrics)
+            .unwrap();
         let last = store.journal().unwrap().last_seq();
         assert_eq!(
             line(&text, "build_image_last_event_seq"),
@@ -593,7 +584,9 @@ mod tests {
             &change(Some(State::Building), State::Finished),
         );
         m.recorded(&ev(3, failed_push), &change(Some(State::Done), State::Done));
-        let text = m.render(SystemTime::now(), true).unwrap();
+        let text = m
+            .render(SystemTime::now(), true, Format::OpenMetrics)
+            .unwrap();
         assert_eq!(
             line(&text, "build_image_jobs{state=\"finished\"}"),
             Some("1")
@@ -639,7 +632,9 @@ mod tests {
             &ev(4, finished),
             &change(Some(State::Queued), State::Finished),
         );
-        let text = m.render(SystemTime::now(), false).unwrap();
+        let text = m
+            .render(SystemTime::now(), false, Format::OpenMetrics)
+            .unwrap();
         assert_eq!(
             line(&text, "build_image_builds_total{result=\"success\"}"),
             Some("1")

@@ -25,6 +25,7 @@
 //! `server.rs` (the listener, its bounds, and hyper), [`pages`] (the markup) and [`metrics`].
 
 mod app;
+pub mod exposition;
 mod logview;
 pub mod metrics;
 pub mod pages;

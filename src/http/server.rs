@@ -251,7 +251,13 @@ async fn respond(app: Arc<App>, req: hyper::Request<Incoming>) -> HttpResponse {
         Route::Job(id) => blocking(app, move |a| a.job_page(&id)).await,
         Route::ApiJobs => blocking(app, move |a| a.api_jobs(&params)).await,
         Route::ApiJob(id) => blocking(app, move |a| a.api_job(&id)).await,
-        Route::Metrics => to_response(app.metrics()),
+        Route::Metrics => {
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            to_response(app.metrics(accept, Vec::new()))
+        }
         Route::Healthz => to_response(app.healthz()),
         Route::LiveJs => {
             let mut r = to_response(Reply::new(
