@@ -397,8 +397,12 @@ pub struct HttpConfig {
     /// empty: no server.
     #[serde(deserialize_with = "empty_string_is_none")]
     pub listen: Option<String>,
-    /// Connections served at once, 1..=1024; more are answered 503 at once.
+    /// Pages, API answers and whole logs served at once, 1..=1024; more are answered 503 at
+    /// once. `/healthz` and `/metrics` have a budget of their own, and so do live log streams.
     pub max_connections: u64,
+    /// Live log streams (`/jobs/ID/log/stream`) served at once, 1..=1024; more are answered
+    /// 503 at once (the page tries again a little later).
+    pub max_streams: u64,
 }
 
 impl Default for HttpConfig {
@@ -406,6 +410,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: None,
             max_connections: 32,
+            max_streams: 64,
         }
     }
 }
@@ -432,11 +437,15 @@ impl HttpConfig {
 
     fn check(&self) -> Result<(), ConfigError> {
         self.addr()?;
-        if !(1..=1024).contains(&self.max_connections) {
-            return Err(ConfigError::Value(format!(
-                "[http] max_connections = {} is out of range: it must be 1..=1024",
-                self.max_connections
-            )));
+        for (key, v) in [
+            ("max_connections", self.max_connections),
+            ("max_streams", self.max_streams),
+        ] {
+            if !(1..=1024).contains(&v) {
+                return Err(ConfigError::Value(format!(
+                    "[http] {key} = {v} is out of range: it must be 1..=1024"
+                )));
+            }
         }
         Ok(())
     }
@@ -642,9 +651,15 @@ mod tests {
                 .to_string();
             assert!(msg.contains("[http] listen") && msg.contains(bad), "{msg}");
         }
-        for (v, ok) in [(0, false), (1, true), (1024, true), (1025, false)] {
-            let r = Config::parse(&format!("[http]\nmax_connections = {v}\n"), Path::new("a"));
-            assert_eq!(r.is_ok(), ok, "{v}");
+        for key in ["max_connections", "max_streams"] {
+            for (v, ok) in [(0, false), (1, true), (1024, true), (1025, false)] {
+                let r = Config::parse(&format!("[http]\n{key} = {v}\n"), Path::new("a"));
+                assert_eq!(r.is_ok(), ok, "{key} = {v}");
+                if !ok {
+                    let msg = r.unwrap_err().to_string();
+                    assert!(msg.contains(&format!("[http] {key} = {v}")), "{msg}");
+                }
+            }
         }
         assert!(Config::parse("[http]\nport = 1\n", Path::new("a")).is_err());
     }

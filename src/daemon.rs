@@ -231,9 +231,12 @@ impl Running {
                     host: Arc::clone(&host),
                     metrics,
                 };
-                let max = cfg.http.max_connections as usize;
+                let budgets = crate::http::Budgets::new(
+                    cfg.http.max_connections as usize,
+                    cfg.http.max_streams as usize,
+                );
                 Some(
-                    crate::http::Server::start(app, seeder, listener, max)
+                    crate::http::Server::start(app, seeder, listener, budgets)
                         .context("cannot start the HTTP server")?,
                 )
             }

@@ -256,39 +256,6 @@ fn pages_api_and_metrics() {
 }
 
 #[test]
-fn bounded_connections_and_slow_clients() {
-    init_log();
-    let farm = http_farm(3);
-    let d = farm.start();
-    let addr = http_addr(&farm);
-    // Three clients that send nothing hold every slot: a fourth is answered 503 at once.
-    let idle: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&addr).unwrap()).collect();
-    assert!(wait_for(Duration::from_secs(5), || get(&addr, "/healthz")
-        .status
-        == 503));
-    let busy = get(&addr, "/healthz");
-    assert_eq!(busy.header("retry-after").as_deref(), Some("1"));
-    // A slow client is cut off after HEAD_TIMEOUT; its slot is free again.
-    let started = Instant::now();
-    let mut first = idle.into_iter().next().unwrap();
-    first
-        .set_read_timeout(Some(build_image::http::HEAD_TIMEOUT * 3))
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let n = first.read(&mut buf).unwrap_or(0);
-    let waited = started.elapsed();
-    assert!(
-        waited < build_image::http::HEAD_TIMEOUT * 2,
-        "a silent client was kept {waited:?}"
-    );
-    let _ = n; // hyper may answer 408 or just close: either way the connection ends
-    assert!(wait_for(Duration::from_secs(20), || get(&addr, "/healthz")
-        .status
-        == 200));
-    d.stop().unwrap();
-}
-
-#[test]
 fn the_log_of_a_running_build_is_streamed() {
     init_log();
     let farm = http_farm(32);

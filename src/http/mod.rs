@@ -25,6 +25,7 @@
 //! `server.rs` (the listener, its bounds, and hyper), [`pages`] (the markup) and [`metrics`].
 
 mod app;
+mod budget;
 pub mod exposition;
 mod logview;
 pub mod metrics;
@@ -33,8 +34,10 @@ mod routes;
 mod server;
 
 pub use app::{App, DEFAULT_PAGE, MAX_PAGE, PAGE_SCAN, Reply, newest};
+pub use budget::{Budgets, Kind, PROBES};
 pub use logview::{LOG_TAIL, is_live, read_tail, sse_chunk};
 pub use routes::{Route, query_params, route, valid_id};
 pub use server::{
-    CONNECTION_LIFETIME, HEAD_TIMEOUT, MAX_HEAD, STREAM_LIFETIME, STREAM_POLL, Server,
+    CONNECTION_LIFETIME, HEAD_TIMEOUT, MAX_HEAD, PROBE_LIFETIME, STREAM_HEARTBEAT, STREAM_LIFETIME,
+    STREAM_POLL, Server,
 };

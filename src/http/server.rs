@@ -1,22 +1,29 @@
 //! The server: binding, starting and stopping it on a thread of its own (a single-threaded
-//! tokio runtime for hyper), the bounds on connections, and turning a request into a response
-//! (the handlers' [`Reply`], the whole log as a file body, the live log as server-sent events).
+//! tokio runtime for hyper), the connections and their budgets ([`Budgets`]), and turning a
+//! request into a response (the handlers' [`Reply`], the whole log as a file body, the live log
+//! as server-sent events).
 //!
 //! Invariants:
 //! - It changes nothing: only GET and HEAD are served (others: 405).
-//! - Bounded: `max_connections` connections at once (more get 503 at once, without their
-//!   request being read), one request per connection, request heads of at most `MAX_HEAD` bytes
-//!   read within `HEAD_TIMEOUT`, every connection cut after `CONNECTION_LIFETIME`, a log stream
-//!   ended after `STREAM_LIFETIME`.
+//! - Bounded, each kind of request by its own budget ([`super::budget`]): `/healthz` and
+//!   `/metrics` are answered whatever the pages and streams hold; one request per connection;
+//!   request heads of at most `MAX_HEAD` bytes read within `HEAD_TIMEOUT`, and at most
+//!   `Budgets::waiting_cap` connections waiting for theirs (the one waiting longest makes room
+//!   for a new one); a probe's connection cut after `PROBE_LIFETIME`, every other after
+//!   `CONNECTION_LIFETIME`, a log stream ended after `STREAM_LIFETIME`.
+//! - A log stream sends what the log holds as fast as its client reads it, and waits
+//!   `STREAM_POLL` only when it has sent everything there was.
 //! - Every answer carries the same security headers ([`secure`]), and the handlers and the log
-//!   reads run on blocking threads, never on the one thread that serves the connections.
+//!   reads run on blocking threads, never on the one thread that serves the connections (the
+//!   probes read memory only and are answered on it).
 
 use super::app::{App, Reply, TEXT};
+use super::budget::{Budgets, Kind};
 use super::logview::{Step, is_live, shown, stream_step};
-use super::metrics;
 use super::pages;
 use super::routes::{Route, param, query_params, route};
 use crate::domain::Job;
+use crate::engine::store::lock;
 use crate::imaging::logread::{self, Bound, Chunk};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -26,8 +33,9 @@ use hyper::{Method, StatusCode};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// The longest request head (request line and headers) read; longer ones get 431.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -35,10 +43,14 @@ pub const MAX_HEAD: usize = 8 * 1024;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a connection is served (a log stream ends before; the browser reconnects).
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// The longest a probe's connection is served (its answer is a few KiB).
+pub const PROBE_LIFETIME: Duration = Duration::from_secs(10);
 /// The longest one log stream runs before it ends (the browser reconnects where it was).
 pub const STREAM_LIFETIME: Duration = Duration::from_secs(10 * 60);
-/// How often a log stream looks for new output.
+/// How long a log stream that sent everything the log held waits before it looks again.
 pub const STREAM_POLL: Duration = Duration::from_millis(300);
+/// A stream with nothing to send sends a comment this often (a client gone is noticed).
+pub const STREAM_HEARTBEAT: Duration = Duration::from_secs(15);
 
 type Body = BoxBody<Bytes, Infallible>;
 type HttpResponse = hyper::Response<Body>;
@@ -46,7 +58,7 @@ type HttpResponse = hyper::Response<Body>;
 /// The server: started by the daemon when `[http] listen` is set, stopped with it.
 pub struct Server {
     /// Counting the log's jobs at a start (cancelled by a stop).
-    _seeder: metrics::Seeder,
+    _seeder: super::metrics::Seeder,
     addr: SocketAddr,
     addr_file: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -60,13 +72,13 @@ impl Server {
         std::net::TcpListener::bind(addr)
     }
 
-    /// Serves on `listener` on a thread of its own. The address bound (port 0 picks one) is
-    /// written to `<state_dir>/http.addr`.
+    /// Serves on `listener` on a thread of its own, within `budgets`. The address bound (port
+    /// 0 picks one) is written to `<state_dir>/http.addr`.
     pub fn start(
         app: App,
-        seeder: metrics::Seeder,
+        seeder: super::metrics::Seeder,
         listener: std::net::TcpListener,
-        max_connections: usize,
+        budgets: Budgets,
     ) -> std::io::Result<Server> {
         listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
@@ -83,15 +95,16 @@ impl Server {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
-            .max_blocking_threads(8)
+            .max_blocking_threads(16)
             .thread_name("http")
             .build()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let app = Arc::new(app);
+        let budgets = Arc::new(budgets);
         let thread = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || {
-                runtime.block_on(accept(listener, app, max_connections, rx));
+                runtime.block_on(accept(listener, app, budgets, rx));
                 // Open connections (a log stream) are dropped, not waited for.
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })?;
@@ -130,7 +143,7 @@ impl Drop for Server {
 async fn accept(
     listener: std::net::TcpListener,
     app: Arc<App>,
-    max_connections: usize,
+    budgets: Arc<Budgets>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -140,7 +153,6 @@ async fn accept(
             return;
         }
     };
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
         tokio::select! {
             _ = &mut stop => return,
@@ -150,44 +162,89 @@ async fn accept(
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
-                match Arc::clone(&slots).try_acquire_owned() {
-                    Ok(slot) => {
-                        tokio::spawn(serve(stream, Arc::clone(&app), slot));
-                    }
-                    Err(_) => {
-                        tokio::spawn(busy(stream));
-                    }
-                }
+                tokio::spawn(serve(stream, Arc::clone(&app), Arc::clone(&budgets)));
             }
         }
     }
 }
 
-/// Over the connection limit: 503 at once, without reading the request.
-async fn busy(mut stream: tokio::net::TcpStream) {
-    use tokio::io::AsyncWriteExt;
-    let answer = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: 17\r\nConnection: close\r\n\r\ntoo many clients\n";
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+/// A budget is full: 503 at once, saying which.
+fn refused(kind: Kind, budgets: &Budgets) -> HttpResponse {
+    let what = match kind {
+        Kind::Probe => "probes",
+        Kind::Page => "pages",
+        Kind::Stream => "live log streams",
+    };
+    let mut r = to_response(Reply::new(
+        503,
+        TEXT,
+        format!(
+            "too many clients: {} {what} are being served; try again in a moment\n",
+            budgets.limit(kind)
+        ),
+    ));
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
-async fn serve(
-    stream: tokio::net::TcpStream,
-    app: Arc<App>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-) {
+/// One connection: waits for its request head (or its turn to make room for a newer one),
+/// takes room in its request's budget and answers, within its lifetime.
+async fn serve(stream: tokio::net::TcpStream, app: Arc<App>, budgets: Arc<Budgets>) {
+    let (id, mut must_go) = budgets.arrive();
+    // The room the request holds, until the connection ends.
+    let held: Arc<Mutex<Option<tokio::sync::OwnedSemaphorePermit>>> = Arc::default();
+    let (lifetime, mut deadline) =
+        tokio::sync::watch::channel(Instant::now() + CONNECTION_LIFETIME);
+    let lifetime = Arc::new(lifetime);
+    let service = {
+        let (budgets, held) = (Arc::clone(&budgets), Arc::clone(&held));
+        hyper::service::service_fn(move |req| {
+            let (app, budgets, held) = (Arc::clone(&app), Arc::clone(&budgets), Arc::clone(&held));
+            let lifetime = Arc::clone(&lifetime);
+            async move {
+                budgets.headed(id);
+                let kind = Kind::of(&route(req.uri().path()));
+                let Some(room) = budgets.take(kind) else {
+                    return Ok::<_, Infallible>(refused(kind, &budgets));
+                };
+                *lock(&held) = Some(room);
+                if kind == Kind::Probe {
+                    let _ = lifetime.send(Instant::now() + PROBE_LIFETIME);
+                }
+                Ok(respond(app, req, &budgets).await)
+            }
+        })
+    };
     let io = hyper_util::rt::TokioIo::new(stream);
-    let service = hyper::service::service_fn(move |req| {
-        let app = Arc::clone(&app);
-        async move { Ok::<_, Infallible>(respond(app, req).await) }
-    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
         .max_buf_size(MAX_HEAD)
         .keep_alive(false)
         .serve_connection(io, service);
-    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+    tokio::pin!(conn);
+    let (mut waiting, mut watching) = (true, true);
+    loop {
+        let until = *deadline.borrow_and_update();
+        tokio::select! {
+            _ = &mut conn => break,
+            _ = tokio::time::sleep_until(until) => break,
+            told = &mut must_go, if waiting => match told {
+                // Closed (unanswered) to make room for a newer connection.
+                Ok(()) => break,
+                // It sent its head: it waits no more.
+                Err(_) => waiting = false,
+            },
+            changed = deadline.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                }
+            }
+        }
+    }
+    budgets.headed(id);
+    drop(held);
 }
 
 fn full(body: impl Into<Bytes>) -> Body {
@@ -234,7 +291,7 @@ async fn blocking(app: Arc<App>, f: impl FnOnce(&App) -> Reply + Send + 'static)
     }
 }
 
-async fn respond(app: Arc<App>, req: hyper::Request<Incoming>) -> HttpResponse {
+async fn respond(app: Arc<App>, req: hyper::Request<Incoming>, budgets: &Budgets) -> HttpResponse {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = to_response(Reply::new(
             405,
@@ -256,7 +313,7 @@ async fn respond(app: Arc<App>, req: hyper::Request<Incoming>) -> HttpResponse {
                 .headers()
                 .get(header::ACCEPT)
                 .and_then(|v| v.to_str().ok());
-            to_response(app.metrics(accept, Vec::new()))
+            to_response(app.metrics(accept, budgets.families()))
         }
         Route::Healthz => to_response(app.healthz()),
         Route::LiveJs => {
@@ -390,9 +447,9 @@ async fn log_stream(app: Arc<App>, id: String, from: u64) -> HttpResponse {
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
     let job_id = job.id;
     tokio::spawn(async move {
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let mut position = from;
-        let mut tick = tokio::time::interval(STREAM_POLL);
+        let mut idle = Duration::ZERO;
         // Tell the browser how soon to come back when the stream ends by time.
         if tx
             .send_data(Bytes::from_static(b"retry: 1000\n\n"))
@@ -402,39 +459,59 @@ async fn log_stream(app: Arc<App>, id: String, from: u64) -> HttpResponse {
             return;
         }
         loop {
-            tick.tick().await;
-            // The state first: output written before the job left `building` is sent below.
-            let live = app
-                .host
-                .engine
-                .store
-                .job(job_id)
-                .is_some_and(|j| is_live(j.state));
-            let p = path.clone();
-            let read =
-                tokio::task::spawn_blocking(move || stream_step(&p, bound, position, live)).await;
-            // A read that failed sends nothing: the next tick tries again.
-            let step = match read {
-                Ok(Ok(step)) => step,
-                _ => Step {
-                    events: String::new(),
-                    next: position,
-                    progressed: false,
-                },
+            if started.elapsed() > STREAM_LIFETIME {
+                return;
+            }
+            let (a, p) = (Arc::clone(&app), path.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                // The state first: output written before the job left `building` is read
+                // below, and sent before the end.
+                let live = a
+                    .host
+                    .engine
+                    .store
+                    .job(job_id)
+                    .is_some_and(|j| is_live(j.state));
+                stream_step(&p, bound, position, live).map(|s| (s, live))
+            })
+            .await;
+            // A read that failed sends nothing: the next look tries again.
+            let (step, live) = match read {
+                Ok(Ok(x)) => x,
+                _ => (
+                    Step {
+                        events: String::new(),
+                        next: position,
+                        progressed: false,
+                    },
+                    true,
+                ),
             };
+            // As fast as the client reads: the channel holds a few events, no more.
             if !step.events.is_empty() && tx.send_data(Bytes::from(step.events)).await.is_err() {
                 return;
             }
             if step.progressed {
                 position = step.next;
-                continue; // more may be waiting: read again before looking at the state
+                idle = Duration::ZERO;
+                continue; // more may be there: read again at once
             }
             if !live {
                 let _ = tx.send_data(Bytes::from(end_event(position))).await;
                 return;
             }
-            if started.elapsed() > STREAM_LIFETIME {
-                return;
+            // Everything there was is sent: look again in a moment.
+            tokio::time::sleep(STREAM_POLL).await;
+            idle += STREAM_POLL;
+            if idle >= STREAM_HEARTBEAT {
+                idle = Duration::ZERO;
+                if tx
+                    .send_data(Bytes::from_static(b": idle\n\n"))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
         }
     });
