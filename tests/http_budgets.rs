@@ -219,15 +219,21 @@ fn a_stream_sends_what_the_log_holds_as_fast_as_it_is_read() {
     let deadline = Instant::now() + T;
     let mut text: Vec<u8> = Vec::with_capacity(len as usize * 2);
     let mut buf = vec![0u8; 1 << 16];
-    let mut reached = false;
+    // The last event: its id (the log's length) comes first, then its data, then a blank line.
+    let (mut last_at, mut reached) = (None, false);
     while Instant::now() < deadline {
         let n = s.read(&mut buf).expect("stream");
         assert!(n > 0, "the stream ended early");
         let from = text.len().saturating_sub(last_id.len());
         text.extend_from_slice(&buf[..n]);
-        if text[from..]
-            .windows(last_id.len())
-            .any(|w| w == last_id.as_bytes())
+        if last_at.is_none() {
+            last_at = text[from..]
+                .windows(last_id.len())
+                .position(|w| w == last_id.as_bytes())
+                .map(|i| from + i);
+        }
+        if let Some(at) = last_at
+            && text[at..].windows(2).any(|w| w == b"\n\n")
         {
             reached = true;
             break;
