@@ -239,7 +239,6 @@ impl App {
             row: ops::status_row(&view.job),
             files_url: urls.files_url.clone().or(planned),
             image_url: urls.image_url.clone(),
-            logfile_url: view.logfile_url.clone(),
             workitem: view
                 .workitem
                 .as_ref()
@@ -303,8 +302,17 @@ pub fn newest(
     Ok((out, (next > 0).then_some(next + 1)))
 }
 
-/// The answer's fields a person looks for, from the workitem as the outbox has it.
+/// The answer's fields a person looks for, from the workitem as the outbox has it. The job's
+/// error (the cause of a failure, shown with the job's facts) is not repeated: where a field
+/// holds it, the field says so instead.
 fn answer_fields(workitem: Option<&serde_json::Value>, job: &Job) -> Vec<(String, String)> {
+    let once = |v: String| -> String {
+        match job.error.as_deref().map(str::trim) {
+            Some(e) if !e.is_empty() && v.trim() == e => CAUSE_ABOVE.to_string(),
+            Some(e) if !e.is_empty() && v.contains(e) => v.replace(e, CAUSE_ABOVE),
+            _ => v,
+        }
+    };
     let mut out = Vec::new();
     let Some(w) = workitem else {
         return out;
@@ -322,18 +330,21 @@ fn answer_fields(workitem: Option<&serde_json::Value>, job: &Job) -> Vec<(String
     }
     for key in ["files_url", "image_url", "logfile_url", "error"] {
         if let Some(v) = image.and_then(|i| i.get(key)) {
-            out.push((format!("image.{key}"), text(v)));
+            out.push((format!("image.{key}"), once(text(v))));
         }
     }
     if let Some(v) = fields.get("__error__") {
-        out.push(("__error__".into(), text(v)));
+        out.push(("__error__".into(), once(text(v))));
     }
     if let Some(last) = fields
         .get("msg")
         .and_then(|m| m.as_array())
         .and_then(|m| m.last())
     {
-        out.push(("msg (last)".into(), text(last)));
+        out.push(("msg (last)".into(), once(text(last))));
     }
     out
 }
+
+/// What the answer's fields say in place of the job's error, shown once with its facts.
+const CAUSE_ABOVE: &str = "[the cause, shown with the job's facts]";

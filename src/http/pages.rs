@@ -48,7 +48,6 @@ pub struct JobPage {
     pub log: Option<LogTail>,
     pub files_url: Option<String>,
     pub image_url: Option<String>,
-    pub logfile_url: Option<String>,
 }
 
 /// The end of a job's build log (positions are stream positions, see
@@ -131,7 +130,9 @@ ol.timeline li.bad::before{border-color:#a01f19;background:#fde0de}
 .ev-kind{font-weight:600}
 .ev-time{color:var(--muted);font-size:12px;font-variant-numeric:tabular-nums}
 .ev-detail{color:#333b4a;overflow-wrap:anywhere;font-size:13px}
-pre.log{background:#0f1522;color:#dfe5ee;padding:12px 14px;border-radius:8px;max-height:560px;overflow:auto;font-size:12.5px;line-height:1.45;white-space:pre-wrap;overflow-wrap:anywhere;margin:0}
+.logbox{display:flex;flex-direction:column-reverse;max-height:560px;overflow:auto;background:#0f1522;border-radius:8px}
+pre.log{color:#dfe5ee;padding:12px 14px;font-size:12.5px;line-height:1.45;white-space:pre-wrap;overflow-wrap:anywhere;margin:0}
+.warn{color:#8f4300}
 pre.json{background:#f7f8fa;border:1px solid var(--line);padding:10px 12px;border-radius:8px;max-height:420px;overflow:auto;font-size:12px;margin:10px 0 0}
 .live{font-size:11.5px;padding:2px 9px;border-radius:999px;background:#eceff4;color:#4a5263;text-transform:none;letter-spacing:0;font-weight:600}
 .live.on{background:#d8f3e0;color:#166a2e}
@@ -187,6 +188,25 @@ pub fn human_duration(secs: f64) -> String {
     }
 }
 
+/// A size for people: 512 bytes, 64.0 KiB, 67.9 MiB, 1.2 GiB.
+pub fn human_size(bytes: u64) -> String {
+    const K: f64 = 1024.0;
+    let b = bytes as f64;
+    if bytes < 1024 {
+        format!("{bytes} bytes")
+    } else if b < K * K {
+        format!("{:.1} KiB", b / K)
+    } else if b < K * K * K {
+        format!("{:.1} MiB", b / (K * K))
+    } else {
+        format!("{:.1} GiB", b / (K * K * K))
+    }
+}
+
+/// What the status page and a job's page say of a build stopped by a daemon stop or death
+/// (not cancelled by anyone, not failed): it is built again at the next start.
+pub const INTERRUPTED: &str = "interrupted, will be built again";
+
 /// An RFC 3339 time as the status table shows it: `11-25 14:03:07` (UTC; the full time is
 /// the cell's title).
 pub fn table_time(ts: &str) -> String {
@@ -219,6 +239,9 @@ fn query(state: Option<State>, before: Option<u64>, limit: usize) -> String {
 }
 
 fn result_cell(r: &StatusRow) -> Markup {
+    if r.state == State::Interrupted {
+        return html! { span.warn { (INTERRUPTED) } };
+    }
     html! {
         @match (r.result, &r.error) {
             (Some(true), _) => span.ok { "ok" },
@@ -322,12 +345,23 @@ fn event_class(e: &Event) -> String {
     let bad = match &e.kind {
         K::Finished { result, .. } => !result,
         K::Pushed { ok, .. } => !ok,
-        K::Rejected { .. } | K::Invalid { .. } | K::Interrupted { .. } | K::Cancelled { .. } => {
-            true
-        }
+        K::Interrupted { cause, .. } => *cause == crate::domain::Cause::Crash,
+        K::Rejected { .. } | K::Invalid { .. } | K::Cancelled { .. } => true,
         _ => false,
     };
     format!("k-{}{}", e.kind.name(), if bad { " bad" } else { "" })
+}
+
+/// What the timeline says of `e`: the job's error (the cause, shown with its facts) is not
+/// repeated.
+fn event_detail(e: &Event, j: &Job) -> String {
+    let d = ops::event_detail(e);
+    match j.error.as_deref().map(str::trim) {
+        Some(err) if !err.is_empty() && d.contains(err) => {
+            d.replace(err, "[the cause, shown with the job's facts]")
+        }
+        _ => d,
+    }
 }
 
 /// A job's page: its facts, its events as a timeline, its answer and its build log's tail
@@ -377,21 +411,28 @@ pub fn job(p: &JobPage) -> Markup {
                             dt { "duration" } dd { (r.duration.map(human_duration).unwrap_or_else(|| "–".into())) }
                             dt { "result" } dd {
                                 @match r.result {
+                                    _ if j.state == State::Interrupted => span.warn { (INTERRUPTED) },
                                     Some(true) => span.ok { "ok" },
                                     Some(false) => span.err { "failed" },
                                     None => span.muted { "–" },
                                 }
                             }
-                            @if let Some(e) = &j.error { dt { "error" } dd.err { (e) } }
+                            @if let Some(e) = &j.error {
+                                dt { @if r.result == Some(false) { "cause" } @else { "error" } }
+                                dd.err #cause { (e) }
+                            }
                             @if let Some(why) = &j.reason { dt { "reason" } dd { (why) } }
                             @if let Some(h) = j.held_by { dt { "held by" } dd { a href={ "/jobs/" (h) } { "job " (h) } } }
                             @if let Some(r) = &j.receipt { dt { "answer" } dd.mono { (r.to_string()) } }
                         }
                         p.links {
-                            @if p.log.is_some() { a href={ "/jobs/" (j.id) "/log" } { "build log" } }
+                            @if let Some(l) = &p.log {
+                                a href={ "/jobs/" (j.id) "/log" } title="the whole build log, as this worker keeps it (plain text)" {
+                                    "whole build log (" (human_size(l.offset)) ")"
+                                }
+                            }
                             @if let Some(u) = &p.files_url { a href=(u) { "files" } }
                             @if let Some(u) = &p.image_url { a href=(u) { "image" } }
-                            @if let Some(u) = &p.logfile_url { a href=(u) { "log (web)" } }
                             a href={ "/api/jobs/" (j.id) } { "JSON" }
                         }
                     }
@@ -405,7 +446,7 @@ pub fn job(p: &JobPage) -> Markup {
                                         span.ev-time title=(e.ts) { (short_time(&e.ts)) }
                                         span.muted.mono { "#" (e.seq) }
                                     }
-                                    div.ev-detail { (ops::event_detail(e)) }
+                                    div.ev-detail { (event_detail(e, j)) }
                                 }
                             }
                         }
@@ -421,14 +462,23 @@ pub fn job(p: &JobPage) -> Markup {
                             None => p.muted { "This job has no build log (it was never accepted for building)." },
                             Some(l) => {
                                 @if l.skipped > 0 {
-                                    p.muted { "The first " (l.skipped) " bytes are not shown: "
-                                        a href={ "/jobs/" (j.id) "/log" } { "the whole log" } "." }
+                                    p.muted { "The last " (human_size(l.offset - l.skipped.min(l.offset))) " of " (human_size(l.offset)) " are shown, scrolled to the end; the first " (human_size(l.skipped)) " are in "
+                                        a href={ "/jobs/" (j.id) "/log" } { "the whole build log" } "." }
                                 }
                                 @if l.missing && !l.live {
                                     p.muted { "The log file does not exist." }
                                 }
-                                pre.log #logtext data-stream=[live.then(|| format!("/jobs/{}/log/stream", j.id))]
-                                    data-offset=(l.offset) { (l.text) }
+                                // The box opens at its end (column-reverse): where the build ended, or failed.
+                                @if live {
+                                    p.muted #logdropped hidden {
+                                        "Older output is dropped from this page as new output comes: "
+                                        a href={ "/jobs/" (j.id) "/log" } { "the whole build log" } " has it all."
+                                    }
+                                }
+                                div.logbox #logbox {
+                                    pre.log #logtext data-stream=[live.then(|| format!("/jobs/{}/log/stream", j.id))]
+                                        data-offset=(l.offset) data-keep=(2 * super::LOG_TAIL) { (l.text) }
+                                }
                             }
                         }
                     }
@@ -470,22 +520,40 @@ pub fn error(worker: &str, status: u16, message: &str) -> Markup {
 /// The script of the job page: appends the build log's new output as it comes (server-sent
 /// events from `/jobs/ID/log/stream`, from the page's stream position on; a reconnect goes on
 /// from the last event's), and reloads the page when the build is over. Text is added as text
-/// nodes, never as HTML.
+/// nodes, never as HTML. The box keeps the log's last `data-keep` characters or so: older
+/// output is dropped from the page as new output comes (the whole log is a link away). The
+/// box stays at its end (its CSS opens it there) unless the reader scrolled up.
 pub const LIVE_JS: &str = r#"(function () {
   var pre = document.getElementById('logtext');
   var badge = document.getElementById('live');
   if (!pre || !pre.dataset.stream || !window.EventSource) return;
+  var keep = parseInt(pre.dataset.keep || '131072', 10) || 131072;
+  var shown = pre.textContent.length;
+  var dropped = false;
+  function trim() {
+    if (shown <= keep) return;
+    var excess = shown - Math.floor(keep * 3 / 4);
+    while (excess > 0 && pre.firstChild) {
+      var n = pre.firstChild;
+      var len = n.nodeValue === null ? 0 : n.nodeValue.length;
+      if (len <= excess) { pre.removeChild(n); excess -= len; shown -= len; }
+      else { n.deleteData(0, excess); shown -= excess; excess = 0; }
+    }
+    if (!dropped) {
+      dropped = true;
+      var note = document.getElementById('logdropped');
+      if (note) note.hidden = false;
+    }
+  }
   var es = new EventSource(pre.dataset.stream + '?from=' + encodeURIComponent(pre.dataset.offset || '0'));
-  function atEnd() { return pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 16; }
-  pre.scrollTop = pre.scrollHeight;
   es.onopen = function () { if (badge) { badge.textContent = 'live'; badge.className = 'live on'; } pre.dataset.live = 'on'; };
   es.onmessage = function (e) {
-    var stick = atEnd();
     pre.appendChild(document.createTextNode(e.data + '\n'));
+    shown += e.data.length + 1;
     pre.dataset.offset = e.lastEventId;
-    if (stick) pre.scrollTop = pre.scrollHeight;
+    trim();
   };
-  es.addEventListener('reset', function () { pre.textContent = ''; });
+  es.addEventListener('reset', function () { pre.textContent = ''; shown = 0; });
   es.addEventListener('end', function () {
     es.close();
     if (badge) { badge.textContent = 'build over'; badge.className = 'live'; }
@@ -497,6 +565,7 @@ pub const LIVE_JS: &str = r#"(function () {
 
 #[cfg(test)]
 mod tests {
+    use super::job as job_markup;
     use super::*;
 
     fn row(name: &str) -> Row {
@@ -545,6 +614,98 @@ mod tests {
             page.contains("http-equiv=\"refresh\""),
             "reloads while building"
         );
+    }
+
+    /// A build stopped by a daemon stop is not shown as failed: the row and the page say it
+    /// is built again, and its timeline does not mark the stop as bad (a crash it does).
+    #[test]
+    fn an_interrupted_build_is_not_shown_as_failed() {
+        let mut r = row("n");
+        r.status.state = State::Interrupted;
+        r.status.result = None;
+        r.status.error = None;
+        let page = index(&Index {
+            worker: "w".into(),
+            rows: vec![r],
+            counts: None,
+            filter: None,
+            limit: 100,
+            older: None,
+            paged: false,
+            failing: None,
+        })
+        .into_string();
+        assert!(page.contains(INTERRUPTED), "{page}");
+        let job = Job {
+            id: 7,
+            state: State::Interrupted,
+            ..Job::default()
+        };
+        let ev = |cause| Event {
+            seq: 9,
+            ts: "2026-11-25T10:00:00Z".into(),
+            job: 7,
+            kind: crate::domain::EventKind::Interrupted {
+                reason: "the daemon stopped: the build was killed".into(),
+                cause,
+            },
+        };
+        assert_eq!(
+            event_class(&ev(crate::domain::Cause::Stop)),
+            "k-interrupted"
+        );
+        assert_eq!(
+            event_class(&ev(crate::domain::Cause::Crash)),
+            "k-interrupted bad"
+        );
+        let page = job_page(job, vec![ev(crate::domain::Cause::Stop)]);
+        assert!(page.contains(INTERRUPTED), "{page}");
+        assert!(!page.contains("failed"), "{page}");
+    }
+
+    fn job_page(job: Job, events: Vec<Event>) -> String {
+        let status = ops::status_row(&job);
+        job_markup(&JobPage {
+            worker: "w".into(),
+            row: status,
+            events,
+            answer: vec![],
+            workitem: None,
+            log: Some(LogTail {
+                text: "last line\n".into(),
+                skipped: 71_237_900,
+                offset: 71_237_900 + 65_536,
+                missing: false,
+                live: false,
+            }),
+            files_url: None,
+            image_url: None,
+            job,
+        })
+        .into_string()
+    }
+
+    /// Sizes are in KiB and MiB, and the big log's tail opens at its end.
+    #[test]
+    fn sizes_for_people_and_the_tail_at_its_end() {
+        assert_eq!(human_size(512), "512 bytes");
+        assert_eq!(human_size(65_536), "64.0 KiB");
+        assert_eq!(human_size(71_237_900), "67.9 MiB");
+        assert_eq!(human_size(3 << 30), "3.0 GiB");
+        let page = job_page(
+            Job {
+                id: 3,
+                state: State::Done,
+                result: Some(true),
+                ..Job::default()
+            },
+            vec![],
+        );
+        assert!(page.contains("the first 67.9 MiB are in"), "{page}");
+        assert!(page.contains("whole build log (68.0 MiB)"), "{page}");
+        assert!(!page.contains("71237900 bytes"), "{page}");
+        assert!(page.contains("class=\"logbox\""), "{page}");
+        assert!(CSS.contains(".logbox{display:flex;flex-direction:column-reverse"));
     }
 
     #[test]
