@@ -579,7 +579,16 @@ fn pages_render_in_chromium() {
     assert!(!dom.contains("log (web)"), "{dom}");
     // The status page's row says the cause too.
     let index = get(&addr, "/");
-    assert!(index.body.contains("mic-fixture: fail 4"), "{}", index.body);
+    let row = index
+        .body
+        .split("<tr data-job=")
+        .find(|r| r.contains("nemo-armv7hl-88"))
+        .unwrap();
+    assert!(
+        row.contains("<span class=\"err\" title=")
+            && row.contains("&gt;: failed to create image (mic-fixture: fail 4)</span>"),
+        "the cause in the row: {row}"
+    );
     let (code, _, err) = output(farm.bin().args(["cancel", "mer-core-x86_64-1202"]));
     assert_eq!(code, 0, "{err}");
     d.stop().unwrap();

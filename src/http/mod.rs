@@ -9,7 +9,8 @@
 //!   `status`, `ops::show` for `show`), so `/api/jobs` is `status --json` and `/api/jobs/ID`
 //!   is `show --json`.
 //! - `/metrics` reads memory only ([`metrics::Metrics`], kept by the store's observer).
-//! - Bounded: `max_connections` connections at once (more get 503 at once), one request per
+//! - Bounded, each kind of request within a budget of its own ([`Budgets`]: probes, pages up
+//!   to `max_connections`, live streams up to `max_streams`; past one, 503 at once), one request per
 //!   connection, request heads of at most `MAX_HEAD` bytes read within `HEAD_TIMEOUT`, every
 //!   connection cut after `CONNECTION_LIFETIME`; ids are job numbers or image_ids of
 //!   `[A-Za-z0-9._-]`, and no path is built from a request (the log's path comes from the job).

@@ -238,6 +238,24 @@ fn query(state: Option<State>, before: Option<u64>, limit: usize) -> String {
     }
 }
 
+/// The line of an error that says what went wrong, for the status page's row: of a command's
+/// error with its last output ("X exited with status 4; last output: a | b | Error: c"), the
+/// last line of that output that reports an error (else its last line); else the error.
+pub fn cause_line(error: &str) -> &str {
+    let Some((_, output)) = error.split_once("; last output: ") else {
+        return error.trim();
+    };
+    let lines: Vec<&str> = output.split(" | ").map(str::trim).collect();
+    lines
+        .iter()
+        .rev()
+        .find(|l| l.to_ascii_lowercase().contains("error"))
+        .or(lines.last())
+        .copied()
+        .filter(|l| !l.is_empty())
+        .unwrap_or(error.trim())
+}
+
 fn result_cell(r: &StatusRow) -> Markup {
     if r.state == State::Interrupted {
         return html! { span.warn { (INTERRUPTED) } };
@@ -246,8 +264,9 @@ fn result_cell(r: &StatusRow) -> Markup {
         @match (r.result, &r.error) {
             (Some(true), _) => span.ok { "ok" },
             (Some(false), Some(e)) => span.err title=(e) {
-                (e.chars().take(70).collect::<String>())
-                @if e.chars().count() > 70 { "…" }
+                @let c = cause_line(e);
+                (c.chars().take(90).collect::<String>())
+                @if c.chars().count() > 90 { "…" }
             },
             (Some(false), None) => span.err { "failed" },
             (None, _) => span.muted { "–" },
@@ -706,6 +725,21 @@ mod tests {
         assert!(!page.contains("71237900 bytes"), "{page}");
         assert!(page.contains("class=\"logbox\""), "{page}");
         assert!(CSS.contains(".logbox{display:flex;flex-direction:column-reverse"));
+    }
+
+    #[test]
+    fn the_row_says_the_cause() {
+        let e = "/x/mic exited with status 4; last output: mic arg: --arch=armv7hl | Error <creator>: failed to create image (fail 4) | bye";
+        assert_eq!(
+            cause_line(e),
+            "Error <creator>: failed to create image (fail 4)"
+        );
+        assert_eq!(
+            cause_line("/x/mic exited with status 4; last output: a | b"),
+            "b"
+        );
+        assert_eq!(cause_line("timed out after 30 s"), "timed out after 30 s");
+        assert_eq!(cause_line("x; last output: "), "x; last output:");
     }
 
     #[test]
