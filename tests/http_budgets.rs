@@ -269,7 +269,9 @@ fn prometheus_sees_the_daemon_up_while_streams_and_idle_connections_are_held() {
     let Some(prometheus) = host_tool("prometheus") else {
         return;
     };
-    let farm = http_farm(32);
+    let mut farm = http_farm(32);
+    // The build streamed must outlast the minute of scrapes (it is cancelled at the end).
+    farm.cfg.worker.timeout = 900;
     let d = farm.start();
     let addr = http_addr(&farm);
     let (job, _) = long_build(&farm, "watched-1", 1000);
