@@ -69,12 +69,13 @@ pub fn compact(cfg: &Config, before: &str, archive_file: &Path) -> anyhow::Resul
     };
     match &r.archive {
         Some(a) => println!(
-            "moved {} event(s) of {} job(s) to {}; {} event(s) left in the log (compacted event {})",
+            "moved {} event(s) of {} job(s) to {}; {} event(s) left in the log (compacted event {}, job {})",
             r.events,
             r.jobs,
             a.display(),
             r.kept,
-            r.seq.unwrap_or_default()
+            r.seq.unwrap_or_default(),
+            r.job.unwrap_or_default()
         ),
         None => println!("no job to move: nothing written, the log is unchanged"),
     }

@@ -306,6 +306,9 @@ pub struct CompactReport {
     pub archive: Option<PathBuf>,
     /// The seq of the `compacted` event (None: nothing to move).
     pub seq: Option<u64>,
+    /// The job number of the `compacted` record.
+    #[serde(default)]
+    pub job: Option<u64>,
 }
 
 /// How long a compaction waits for readers to let go of the log before it swaps it.
@@ -374,6 +377,7 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
             kept_for_folder,
             archive: None,
             seq: None,
+            job: None,
         });
     }
 
@@ -480,11 +484,13 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
             }
             tail.push(old.with_input(ev)?);
         }
-        let seq = old.next_seq();
+        // a job of its own: the next number, so the numbering goes on when the newest jobs
+        // went to the archive
+        let (seq, job) = (old.next_seq(), old.next_job());
         tail.push(Event {
             seq,
             ts: crate::journal::now_ts(),
-            job: seq,
+            job,
             kind: record,
         });
         new.import_events(&tail)?;
@@ -494,9 +500,9 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
         drop(old);
         swapping.set(true);
         jarchive::swap_in(&dir)?;
-        Ok(seq)
+        Ok((seq, job))
     });
-    let seq = swapped.map_err(|e| {
+    let (seq, job) = swapped.map_err(|e| {
         if swapping.get() {
             // The swap may have happened (it is finished at the next open once marked): the
             // archive stays, whatever the log now holds.
@@ -512,6 +518,7 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
         kept_for_folder,
         archive: Some(archive.to_path_buf()),
         seq: Some(seq),
+        job: Some(job),
     })
 }
 

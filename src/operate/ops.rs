@@ -331,6 +331,8 @@ pub struct ReplayReport {
 /// Folds the whole log from empty and compares it with what is derived from it (each job as its
 /// own index reads it, the open marks a start loads) and with the spool of `spool.worker`.
 pub fn replay(journal: &Journal, spool: &Spool, policy: &Policy) -> Result<ReplayReport> {
+    // The jobs numbered below `jobs_before` opened before `horizon` (read in this order).
+    let jobs_before = journal.next_job();
     let horizon = journal.next_seq();
     let started = Instant::now();
     let (jobs, n) = journal.fold_jobs(Some(horizon))?;
@@ -357,7 +359,7 @@ pub fn replay(journal: &Journal, spool: &Spool, policy: &Policy) -> Result<Repla
         }
     }
     for id in marked.iter().filter(|id| !jobs.contains_key(id)) {
-        if *id < horizon {
+        if *id < jobs_before {
             d.push(format!("job {id}: marked open, with no events"));
         }
     }
