@@ -43,6 +43,54 @@ pub struct Global {
     pub spool: Option<PathBuf>,
 }
 
+/// How a command names a job: an image_id, `#N` for job number N, or `--job N`.
+#[derive(Args, Debug, Clone)]
+pub struct JobRef {
+    /// The job: its image_id (the job that holds it), or #N for job number N. A bare number
+    /// that is both an image_id and another job's number is refused as ambiguous.
+    #[arg(
+        required_unless_present = "job",
+        conflicts_with = "job",
+        value_name = "ID"
+    )]
+    pub id: Option<String>,
+    /// The job with this number (the same as #N).
+    #[arg(long, value_name = "N")]
+    pub job: Option<u64>,
+}
+
+impl JobRef {
+    /// The reference as the operator protocol takes it (`#N` for a number given with --job);
+    /// a `#` not followed by a number is a usage error.
+    pub fn reference(&self) -> anyhow::Result<String> {
+        match (self.job, &self.id) {
+            (Some(n), _) => Ok(format!("#{n}")),
+            (None, Some(id)) => match id.strip_prefix('#') {
+                Some(n) if n.parse::<u64>().is_err() => Err(Usage(format!(
+                    "{id:?} is not a job number: write #N (or --job N) with N a number, or an image_id"
+                ))
+                .into()),
+                _ => Ok(id.clone()),
+            },
+            (None, None) => Err(Usage("no job named: give an ID or --job N".into()).into()),
+        }
+    }
+}
+
+/// What `ID` means, said in the help of every command that takes one.
+macro_rules! job_ref_help {
+    () => {
+        "ID is an image_id (the job that holds it), or #N (or --job N) for job number N. A bare number \
+         that is no image_id is that job number; one that is both an image_id and another job's number \
+         is refused as ambiguous, naming both."
+    };
+}
+
+/// A usage error found after parsing (exit 2, as clap's own).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: watch incoming/, build, answer in outbox/.
@@ -86,14 +134,15 @@ pub enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
-    /// A job's events and its current workitem fields (by image_id, or job number).
+    /// A job's events and its current workitem fields (by image_id, or #N for job number N).
     #[command(
-        after_help = "Examples:\n  build-image show 42-1700000000\n  build-image show 17 --json\n\n\
-                            Exit codes: 0, 1 no such job, 2 usage."
+        after_help = concat!("Examples:\n  build-image show 42-1700000000\n  build-image show '#17' --json\n  \
+                            build-image show --job 17\n\n", job_ref_help!(), "\n\
+                            Exit codes: 0, 1 no such job (or an ambiguous ID), 2 usage.")
     )]
     Show {
-        /// image_id (the newest job with it) or job number.
-        id: String,
+        #[command(flatten)]
+        id: JobRef,
         /// The job, its events and its workitem as one JSON object.
         #[arg(long)]
         json: bool,
@@ -126,22 +175,22 @@ pub enum Command {
     },
     /// A job's build log (mic's output); --follow keeps printing it until the job ends.
     #[command(
-        after_help = "Examples:\n  build-image log 42-1700000000\n  build-image log 17 --follow\n  \
+        after_help = concat!("Examples:\n  build-image log 42-1700000000\n  build-image log '#17' --follow\n  \
                             build-image submit --kickstart mer.ks --name mer-core --arch i586 --type fs --id n-1 && \
                             build-image log n-1 --follow\n\n\
                             Works through the running daemon, or from the event log and the file when none runs. \
                             --follow waits for a queued job's build to start (and, for an id not in the log yet, for a \
                             file just dropped to be claimed: [spool] min_age_ms + 2 x poll_interval_ms + 5 s), prints \
                             the output as it comes, and ends when the job is answered. Output the log's size bound ([worker] job_log_max_mb) \
-                            cut out before it was read is shown as one \"[... N bytes of output omitted ...]\" line.\n\
-                            Exit codes: without --follow: 0 the log was printed, 1 no such job, or it has no build log \
+                            cut out before it was read is shown as one \"[... N bytes of output omitted ...]\" line.\n", job_ref_help!(), "\n\
+                            Exit codes: without --follow: 0 the log was printed, 1 no such job (or an ambiguous ID), or it has no build log \
                             (queued and never built, or answered without a build: not a workitem, invalid, a \
                             conflict, cancelled before it ran), 2 usage. With --follow: 0 the job succeeded, 1 it \
-                            failed (or was answered without a build, or no such job), 2 usage."
+                            failed (or was answered without a build, or no such job, or an ambiguous ID), 2 usage.")
     )]
     Log {
-        /// image_id (the newest job with it) or job number.
-        id: String,
+        #[command(flatten)]
+        id: JobRef,
         /// Keep printing as the log grows, until the job ends; exit with its result.
         #[arg(long, short = 'f')]
         follow: bool,
@@ -159,22 +208,22 @@ pub enum Command {
         json: bool,
     },
     /// Build a finished job again (same workitem, attempt + 1).
-    #[command(after_help = "Examples:\n  build-image retry 42-1700000000\n\n\
+    #[command(after_help = concat!("Examples:\n  build-image retry 42-1700000000\n  build-image retry '#17'\n\n\
                             Only a job that was built can be built again: one answered without a build (invalid, \
                             a conflict, cancelled before it ran) is refused with the reason.\n\
-                            Without a running daemon the job is queued in the log and built by the next start.\n\
-                            Exit codes: 0 queued, 1 no such job, or it is not finished, or it was never built, 2 usage.")]
+                            Without a running daemon the job is queued in the log and built by the next start.\n", job_ref_help!(), "\n\
+                            Exit codes: 0 queued, 1 no such job (or an ambiguous ID), or it is not finished, or it was never built, 2 usage."))]
     Retry {
-        /// image_id (the newest job with it) or job number.
-        id: String,
+        #[command(flatten)]
+        id: JobRef,
     },
     /// Cancel a queued job (never built) or a running one (its process group is killed).
-    #[command(after_help = "Examples:\n  build-image cancel 42-1700000000\n\n\
-                            The job is answered in the outbox with the error \"cancelled\" and ERROR is pushed.\n\
-                            Exit codes: 0 cancelled, 1 no such job or it is not queued/running, 2 usage.")]
+    #[command(after_help = concat!("Examples:\n  build-image cancel 42-1700000000\n  build-image cancel --job 17\n\n\
+                            The job is answered in the outbox with the error \"cancelled\" and ERROR is pushed.\n", job_ref_help!(), "\n\
+                            Exit codes: 0 cancelled, 1 no such job (or an ambiguous ID) or it is not queued/running, 2 usage."))]
     Cancel {
-        /// image_id (the newest job with it) or job number.
-        id: String,
+        #[command(flatten)]
+        id: JobRef,
     },
     /// Move a dead worker's claimed files (active/W/) back to incoming/.
     #[command(
@@ -260,14 +309,14 @@ pub enum Command {
         until: Option<String>,
     },
     /// Write a job's answer to the outbox again (an answer upstream lost).
-    #[command(after_help = "Examples:\n  build-image redeliver 42-1700000000\n\n\
+    #[command(after_help = concat!("Examples:\n  build-image redeliver 42-1700000000\n  build-image redeliver '#17'\n\n\
                             The same answer as its first delivery, to outbox/<input name>; if that name holds another \
                             job's answer, to outbox/<stem>.<job>.json (an answer never replaces another's). Recorded as a \
-                            delivered event; nothing is pushed.\n\
-                            Exit codes: 0 written, 1 no such job or it is not answered, 2 usage.")]
+                            delivered event; nothing is pushed.\n", job_ref_help!(), "\n\
+                            Exit codes: 0 written, 1 no such job (or an ambiguous ID) or it is not answered, 2 usage."))]
     Redeliver {
-        /// image_id (the newest job with it) or job number.
-        id: String,
+        #[command(flatten)]
+        id: JobRef,
     },
     /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites.
     #[command(
@@ -340,7 +389,7 @@ pub fn main() -> i32 {
         Command::Run { once } => run(cfg, once),
         Command::Submit(args) => submit::run(&cfg, &args),
         Command::Status { json, state, limit } => query::status(&cfg, json, state, limit),
-        Command::Show { id, json } => query::show(&cfg, &id, json),
+        Command::Show { id, json } => id.reference().and_then(|r| query::show(&cfg, &r, json)),
         Command::Events {
             since,
             image,
@@ -359,9 +408,11 @@ pub fn main() -> i32 {
             json,
         ),
         Command::Replay { json } => query::replay(&cfg, json),
-        Command::Log { id, follow } => build_log::run(&cfg, &id, follow),
-        Command::Retry { id } => actions::retry(&cfg, &id),
-        Command::Cancel { id } => actions::cancel(&cfg, &id),
+        Command::Log { id, follow } => id
+            .reference()
+            .and_then(|r| build_log::run(&cfg, &r, follow)),
+        Command::Retry { id } => id.reference().and_then(|r| actions::retry(&cfg, &r)),
+        Command::Cancel { id } => id.reference().and_then(|r| actions::cancel(&cfg, &r)),
         Command::Requeue { worker, force } => actions::requeue(&cfg, &worker, force),
         Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
@@ -369,13 +420,17 @@ pub fn main() -> i32 {
         Command::Backup { dir } => archive::backup(&cfg, &dir),
         Command::Compact { before, archive } => archive::compact(&cfg, &before, &archive),
         Command::Repush { since, until } => archive::repush(&cfg, &since, until.as_deref()),
-        Command::Redeliver { id } => archive::redeliver(&cfg, &id),
+        Command::Redeliver { id } => id.reference().and_then(|r| archive::redeliver(&cfg, &r)),
     };
     match res {
         Ok(code) => code,
         Err(e) => {
             eprintln!("build-image: {}", describe(&e));
-            1
+            if e.downcast_ref::<Usage>().is_some() {
+                2
+            } else {
+                1
+            }
         }
     }
 }
