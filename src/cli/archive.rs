@@ -24,7 +24,7 @@ pub fn time_arg(s: &str) -> Result<String, String> {
     parse_time(s, SystemTime::now()).map(format_time)
 }
 
-pub fn import(cfg: &Config, file: &Path) -> anyhow::Result<i32> {
+pub fn import(cfg: &Config, file: &Path, partial: bool) -> anyhow::Result<i32> {
     let dir = cfg.state_dir();
     let reader = if file == Path::new("-") {
         archive::open_export(std::io::BufReader::new(std::io::stdin()))
@@ -34,13 +34,26 @@ pub fn import(cfg: &Config, file: &Path) -> anyhow::Result<i32> {
         archive::open_export(std::io::BufReader::new(f))
     }
     .with_context(|| format!("cannot read {}", file.display()))?;
-    let report = archive::import(reader, &dir)?;
+    let report = archive::import(reader, &dir, partial)
+        .with_context(|| format!("cannot import {}", file.display()))?;
+    if let Some(why) = &report.partial {
+        eprintln!(
+            "build-image: WARNING: {} is not a whole export: {why}. --partial: its {} event(s) were imported as they are; events after them may be missing",
+            file.display(),
+            report.events
+        );
+    }
     println!(
-        "imported {} event(s) of {} job(s) into {} (last seq {})",
+        "imported {} event(s) of {} job(s) into {} (last seq {}){}",
         report.events,
         report.jobs,
         report.dir.display(),
-        report.last_seq
+        report.last_seq,
+        if report.partial.is_some() {
+            ", PARTIAL: the export was not whole"
+        } else {
+            ""
+        }
     );
     Ok(0)
 }

@@ -152,8 +152,12 @@ pub enum Command {
         after_help = "Examples:\n  build-image events --since 1000\n  build-image events --image 42-1700000000 --json\n  \
                             build-image events --kind finished --follow\n  \
                             build-image events --json > log.jsonl   # the export: `import` reads it back\n\n\
-                            --json is the export form: each queued or invalid event carries its input workitem (input).\n\
-                            --follow keeps printing new events until interrupted.\nExit codes: 0, 1 the log cannot be read, 2 usage."
+                            --json is the export form: each queued or invalid event carries its input workitem (input), \
+                            and the last line is the trailer, {\"trailer\":\"build-image export\",\"events\":N,\"sha256\":\"...\"} \
+                            (the number of event lines and the sha256 of their bytes): `import` takes only an export that \
+                            ends with its trailer. An event has a seq; the trailer has none.\n\
+                            --follow keeps printing new events until interrupted (no trailer: it never ends).\n\
+                            Exit codes: 0, 1 the log cannot be read, 2 usage."
     )]
     Events {
         /// Start at this seq.
@@ -248,23 +252,33 @@ pub enum Command {
         after_help = "Examples:\n  build-image events --json > log.jsonl      # export (the daemon may run)\n  \
                             build-image import log.jsonl                # into the empty state dir of the config\n  \
                             build-image import archive.jsonl.gz         # gzip is recognised\n\n\
-                            The events keep their seq and time; the job states are folded from them at the next start. \
+                            The events keep their seq, time and job number; the job states are folded from them at the next start. \
+                            An export is taken only whole: ended by its trailer line, whose count and sha256 match the lines \
+                            before it. One cut short (an empty file included), or with lines lost or changed, is refused; \
+                            --partial takes the events it holds, and says what was wrong. \
                             The upgrade path when the stored form of the log changes: export with the old version, \
-                            import with the new (docs/operations.md).\n\
-                            Exit codes: 0 imported, 1 the state dir is not empty or a line is not an event (nothing is \
+                            import with the new (docs/operations.md); an export of a version without the trailer needs --partial.\n\
+                            Exit codes: 0 imported (with --partial: also when the export was not whole, said on stderr), \
+                            1 FILE cannot be read, the state dir is not empty, a line is not an event, or the export is not whole (nothing is \
                             written), 2 usage."
     )]
     Import {
-        /// JSON Lines, one event a line (gzip-compressed or not); - for stdin.
+        /// JSON Lines, one event a line, ended by the trailer (gzip-compressed or not); - for stdin.
         file: PathBuf,
+        /// Take an export that is not whole (no trailer, or one that does not match; a last line
+        /// cut short is left out): the events it holds are imported, and what was wrong is said.
+        #[arg(long)]
+        partial: bool,
     },
     /// Copy the event log, consistent, while the daemon runs.
     #[command(
         after_help = "Examples:\n  build-image backup /var/backups/build-image/$(date +%F)\n\n\
-                            DIR must be new or empty. It gets every event up to the log's durable end when the backup \
-                            began, as a state dir: restore by putting it in place of the state dir while no daemon runs \
-                            (docs/operations.md).\n\
-                            Exit codes: 0 backed up, 1 DIR is not empty or the copy failed, 2 usage."
+                            DIR must be new or empty, and outside the spool's incoming/, tmp/, active/, outbox/, rejected/ \
+                            and the state dir (a daemon takes what it finds there). It gets every event up to the log's \
+                            durable end when the backup began, as a state dir: restore by putting it in place of the state \
+                            dir while no daemon runs (docs/operations.md).\n\
+                            Exit codes: 0 backed up, 1 DIR is not empty, is inside the spool's folders or the state dir, or \
+                            the copy failed, 2 usage."
     )]
     Backup {
         /// A new or empty folder.
@@ -416,7 +430,7 @@ pub fn main() -> i32 {
         Command::Requeue { worker, force } => actions::requeue(&cfg, &worker, force),
         Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
-        Command::Import { file } => archive::import(&cfg, &file),
+        Command::Import { file, partial } => archive::import(&cfg, &file, partial),
         Command::Backup { dir } => archive::backup(&cfg, &dir),
         Command::Compact { before, archive } => archive::compact(&cfg, &before, &archive),
         Command::Repush { since, until } => archive::repush(&cfg, &since, until.as_deref()),

@@ -13,7 +13,7 @@ use crate::domain::lifecycle;
 use crate::domain::{Event, EventKind, Job};
 use crate::journal::archive as jarchive;
 use crate::journal::{Journal, JournalError};
-use crate::operate::Host;
+use crate::operate::{Host, export};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::io::{BufRead, Write};
@@ -128,16 +128,6 @@ pub fn open_export(mut r: impl BufRead + 'static) -> std::io::Result<Box<dyn Buf
     Ok(Box::new(r))
 }
 
-/// Parses one line of an export (`events --json`, an archive); None for a blank line.
-pub fn parse_line(line: &str, n: usize) -> Result<Option<Event>> {
-    if line.trim().is_empty() {
-        return Ok(None);
-    }
-    serde_json::from_str(line)
-        .map(Some)
-        .map_err(|e| ArchiveError::Refused(format!("line {n}: not an event of the log: {e}")))
-}
-
 /// Is there a log (or anything else) in `dir`? Import and backup write only into an empty
 /// or missing folder.
 fn ensure_empty(dir: &Path, what: &str) -> Result<()> {
@@ -224,25 +214,35 @@ pub struct ImportReport {
     pub events: u64,
     pub jobs: u64,
     pub last_seq: u64,
+    /// Taken with `--partial` although the export was not whole: why not.
+    #[serde(default)]
+    pub partial: Option<String>,
 }
 
 /// `import FILE`: builds a log in the empty (or missing) state dir `dir` from an export
-/// (JSON Lines). Written beside it and renamed into place, so a failed import leaves nothing.
-pub fn import(reader: impl BufRead, dir: &Path) -> Result<ImportReport> {
+/// (JSON Lines ended by its trailer, see `export`). Written beside it and renamed into place,
+/// so a failed import leaves nothing. An export that is not whole (no trailer, one that does
+/// not match, a last line cut short) is refused, unless `partial`: then the events it holds
+/// are imported and the report says what was wrong.
+pub fn import(reader: impl BufRead, dir: &Path, partial: bool) -> Result<ImportReport> {
     ensure_empty(dir, "the state dir")?;
     build_staged(dir, |tmp| {
         let journal = Journal::open(tmp)?;
+        let mut lines = export::Reader::new(reader);
         let mut batch = Vec::new();
         let mut bytes = 0usize;
-        let (mut events, mut jobs) = (0u64, 0u64);
-        for (i, line) in reader.lines().enumerate() {
-            let line = line.map_err(|e| ArchiveError::Refused(format!("line {}: {e}", i + 1)))?;
-            let Some(ev) = parse_line(&line, i + 1)? else {
-                continue;
-            };
-            bytes += line.len();
+        let (mut events, mut jobs, mut top) = (0u64, 0u64, 0u64);
+        while let Some((ev, len)) = lines
+            .next_event()
+            .map_err(|e| ArchiveError::Refused(e.to_string()))?
+        {
+            bytes += len;
             events += 1;
-            jobs += u64::from(ev.seq == ev.job);
+            // a job's first event: numbered above every job before it (checked on import)
+            if ev.job > top {
+                top = ev.job;
+                jobs += 1;
+            }
             batch.push(ev);
             if batch.len() >= 1024 || bytes >= 32 << 20 {
                 journal.import_events(&batch)?;
@@ -251,6 +251,15 @@ pub fn import(reader: impl BufRead, dir: &Path) -> Result<ImportReport> {
             }
         }
         journal.import_events(&batch)?;
+        let partial = match lines.check() {
+            Ok(()) => None,
+            Err(why) if partial => Some(why.to_string()),
+            Err(why) => {
+                return Err(ArchiveError::Refused(format!(
+                    "the export is not whole: {why}. Nothing was imported; `import --partial` takes the {events} event(s) it holds"
+                )));
+            }
+        };
         let last_seq = journal.last_seq();
         place(journal, tmp, dir)?;
         Ok(ImportReport {
@@ -258,6 +267,7 @@ pub fn import(reader: impl BufRead, dir: &Path) -> Result<ImportReport> {
             events,
             jobs,
             last_seq,
+            partial,
         })
     })
 }
@@ -393,7 +403,7 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
             .open(&tmp_archive)
             .map_err(io("cannot create", &tmp_archive))?;
         let mut out = ArchiveWriter::new(f, is_gzip_name(archive));
-        let mut n = 0;
+        let mut digest = export::Digest::default();
         for ev in journal.since(0) {
             let ev = ev?;
             if ev.seq >= horizon {
@@ -401,13 +411,16 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
             }
             if removed.contains(&ev.job) {
                 let ev = journal.with_input(ev)?;
-                let mut line = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
-                line.push(b'\n');
+                let line = export::event_line(&ev).map_err(JournalError::Encode)?;
                 out.write_all(&line)
                     .map_err(io("cannot write", &tmp_archive))?;
-                n += 1;
+                digest.line(&line);
             }
         }
+        // the export's trailer: an archive imports only whole
+        out.write_all(&digest.trailer_line())
+            .map_err(io("cannot write", &tmp_archive))?;
+        let n = digest.events();
         let f = out.finish().map_err(io("cannot write", &tmp_archive))?;
         f.sync_all().map_err(io("cannot fsync", &tmp_archive))?;
         if !crate::durable::rename_noreplace(&tmp_archive, archive)
@@ -633,12 +646,5 @@ mod tests {
                 .as_deref(),
             Some("2026-11-25T00:00:01.234Z")
         );
-    }
-
-    #[test]
-    fn lines() {
-        assert!(parse_line("  ", 1).unwrap().is_none());
-        let e = parse_line("{\"seq\":1}", 7).unwrap_err().to_string();
-        assert!(e.starts_with("line 7: not an event"), "{e}");
     }
 }
