@@ -74,6 +74,14 @@ pub fn backup(cfg: &Config, dir: &Path) -> anyhow::Result<i32> {
 }
 
 pub fn compact(cfg: &Config, before: &str, archive_file: &Path) -> anyhow::Result<i32> {
+    let now = SystemTime::now();
+    if parse_time(before, now).is_ok_and(|t| t > now) {
+        return Err(super::Usage(format!(
+            "--before {before} is in the future (now is {}): compact moves jobs settled before a time that has passed",
+            format_time(now)
+        ))
+        .into());
+    }
     let before = before.to_string();
     let archive = absolute(archive_file)?;
     let r = expect(call(cfg, Request::Compact { before, archive }, |_| true)?)?;
@@ -102,11 +110,20 @@ pub fn compact(cfg: &Config, before: &str, archive_file: &Path) -> anyhow::Resul
 }
 
 pub fn repush(cfg: &Config, since: &str, until: Option<&str>) -> anyhow::Result<i32> {
-    let since = since.to_string();
+    let now = SystemTime::now();
     let until = match until {
         Some(u) => u.to_string(),
-        None => format_time(SystemTime::now()),
+        None => format_time(now),
     };
+    if let (Ok(a), Ok(b)) = (parse_time(since, now), parse_time(&until, now))
+        && b <= a
+    {
+        return Err(super::Usage(format!(
+            "the window is empty: --until {until} is not after --since {since}"
+        ))
+        .into());
+    }
+    let since = since.to_string();
     let r = expect(call(
         cfg,
         Request::Repush {

@@ -289,12 +289,14 @@ pub enum Command {
         after_help = "Examples:\n  build-image compact --before 90days --archive /var/archive/build-image-2026-08.jsonl\n  \
                             build-image compact --before 2026-01-01T00:00:00Z --archive old.jsonl\n\n\
                             TIME: RFC 3339 (2026-01-01T00:00:00Z; without a zone, UTC) or a span back from now as \
-                            humantime reads it (90days, 2weeks, 12h).\n\
+                            humantime reads it (90days, 2weeks, 12h); a time in the future is refused.\n\
                             Moved: the jobs with nothing left to do whose last event is older than TIME, except those whose \
                             job folder still exists under base_dir (their image_id guards it). The archive (JSON Lines, like \
-                            events --json; gzip-compressed for a name ending in .gz; never replaced) is written and fsynced first; the log is rewritten beside the old \
-                            one and swapped in, recorded by a compacted event. A crash leaves the old or the new log.\n\
-                            Exit codes: 0 compacted (or nothing to move), 1 refused (FILE exists) or failed, 2 usage."
+                            events --json, ended by its trailer; gzip-compressed for a name ending in .gz; never replaced; \
+                            never inside the spool's folders or the state dir) is written and fsynced first; the log is rewritten beside the old \
+                            one and swapped in, recorded by a compacted event (a job of its own: the next job number). A crash leaves the old or the new log.\n\
+                            Exit codes: 0 compacted (or nothing to move), 1 refused (FILE exists, or is inside the spool's \
+                            folders or the state dir) or failed, 2 usage (a bad or future TIME)."
     )]
     Compact {
         /// Jobs settled before this time (RFC 3339, or a span back from now: 90days).
@@ -310,9 +312,10 @@ pub enum Command {
                             build-image repush --since 36h --until 12h\n\n\
                             For a job database restored from a backup: every answered job (not a conflict) that finished \
                             in [--since, --until) has its final status pushed again now, one at a time, each recorded as \
-                            a pushed event. TIME: RFC 3339 or a span back from now (humantime: 36h, 2days).\n\
+                            a pushed event. TIME: RFC 3339 or a span back from now (humantime: 36h, 2days); --until must \
+                            come after --since.\n\
                             Exit codes: 0 every push succeeded (or none was in the window), 1 a push failed or no push \
-                            utility is configured, 2 usage."
+                            utility is configured, 2 usage (a bad TIME, or --until not after --since)."
     )]
     Repush {
         /// Start of the window (inclusive).
@@ -352,8 +355,8 @@ pub enum ConfigCommand {
                             becomes a commented [amqp] url. A comment above each key names the INI key it came from; \
                             keys build-image does not know are listed on stderr and kept as comments.\n\
                             Exit codes: 0 converted, every key mapped; 1 converted, some keys left out (listed on \
-                            stderr); 2 the file cannot be read, is not INI, or a value cannot be converted (nothing \
-                            printed), or usage."
+                            stderr); 2 the file cannot be read, is empty (no key at all), is not INI, or a value cannot \
+                            be converted (nothing printed), or usage."
     )]
     Import {
         /// The original INI file.

@@ -146,6 +146,56 @@ fn ensure_empty(dir: &Path, what: &str) -> Result<()> {
     }
 }
 
+/// `p` as the file system sees it: its longest existing part with symlinks and `..` resolved,
+/// the rest (`.` and `..` applied) as written.
+fn resolved(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let parts: Vec<Component<'_>> = p.components().collect();
+    for i in (1..=parts.len()).rev() {
+        let head: PathBuf = parts[..i].iter().collect();
+        if let Ok(mut out) = head.canonicalize() {
+            for c in &parts[i..] {
+                match c {
+                    Component::ParentDir => {
+                        out.pop();
+                    }
+                    Component::CurDir => {}
+                    c => out.push(c.as_os_str()),
+                }
+            }
+            return out;
+        }
+    }
+    p.to_path_buf()
+}
+
+/// Refuses `path` (what a `backup` or `compact` writes, `what`) inside a folder the daemon
+/// takes as its own: the spool's `incoming/`, `tmp/`, `active/`, `outbox/`, `rejected/` (a file
+/// there is claimed, answered or moved away by a daemon) and the state dir.
+pub fn outside_spool(host: &Host, path: &Path, what: &str) -> Result<()> {
+    let spool = &host.spool;
+    let active = spool.root.join("active");
+    let state = host.cfg.state_dir();
+    let path = resolved(path);
+    for (dir, name) in [
+        (&spool.incoming, "the spool's incoming/"),
+        (&spool.tmp, "the spool's tmp/"),
+        (&active, "the spool's active/"),
+        (&spool.outbox, "the spool's outbox/"),
+        (&spool.rejected, "the spool's rejected/"),
+        (&state, "the state dir"),
+    ] {
+        if path.starts_with(resolved(dir)) {
+            return Err(ArchiveError::Refused(format!(
+                "{what} {} is inside {name} ({}), where a daemon takes what it finds: name a place outside the spool's folders and the state dir",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A hidden folder beside `dir` where a log is built before it is renamed into place.
 fn staging_dir(dir: &Path) -> Result<PathBuf> {
     let parent = dir
@@ -332,6 +382,15 @@ const SWAP_PATIENCE: Duration = Duration::from_secs(30);
 /// job (two jobs never share a job folder).
 pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<CompactReport> {
     let dir = host.engine.store.dir().to_path_buf();
+    let now = SystemTime::now();
+    if before > now {
+        return Err(ArchiveError::Refused(format!(
+            "--before {} is in the future (now is {}): a job is settled before a time that has passed",
+            format_time(before),
+            format_time(now)
+        )));
+    }
+    outside_spool(host, archive, "the archive")?;
     if archive.symlink_metadata().is_ok() {
         return Err(ArchiveError::Refused(format!(
             "{} exists: an archive is never replaced; name a new file",
