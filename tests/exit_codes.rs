@@ -133,3 +133,30 @@ fn config_import_of_a_file_with_no_setting_is_an_error() {
         assert!(err.contains("no setting"), "{err}");
     }
 }
+
+#[test]
+fn submit_with_arguments_that_make_no_workitem_is_a_usage_error() {
+    let farm = Farm::new();
+    let ks = farm.root().join("k.ks");
+    std::fs::write(&ks, "ks\n").unwrap();
+    for (flag, value) in [("--name", "a/b"), ("--arch", "")] {
+        let mut args = vec![
+            "submit",
+            "--kickstart",
+            ks.to_str().unwrap(),
+            "--name",
+            "n",
+            "--arch",
+            "i586",
+            "--type",
+            "fs",
+        ];
+        let at = args.iter().position(|a| *a == flag).unwrap();
+        args[at + 1] = value;
+        let (code, out, err) = output(farm.bin().args(&args));
+        assert_eq!(code, 2, "{flag} {value:?}: {out}{err}");
+        assert!(out.is_empty(), "no image_id printed: {out}");
+        assert!(!err.is_empty());
+    }
+    assert!(!farm.incoming().exists() || list(&farm.incoming()).is_empty());
+}

@@ -113,7 +113,8 @@ pub enum Command {
                             --extra-opt=--pkgmgr=zypp --id nightly-42\n\n\
                             Prints the image_id of each workitem dropped (generated when --id is not given).\n\
                             Exit codes: 0 dropped (with --wait: built successfully), 1 a file could not be dropped \
-                            (with --wait: the build failed or the input was rejected), 2 usage error, 3 --wait timed out.")]
+                            (with --wait: the build failed or the input was rejected), 2 usage error (with --kickstart: also \
+                            arguments that make no valid workitem, e.g. a --name with a '/'; nothing is dropped), 3 --wait timed out.")]
     Submit(Box<submit::SubmitArgs>),
     /// One line per job: id, state, name, arch, type, worker, started, duration, result.
     #[command(
