@@ -173,6 +173,8 @@ fn a_number_that_is_an_image_id_never_takes_over_a_job() {
     // references that name nothing, or that are not one
     for (args, want) in [
         (vec!["show", "#99"], "no job number 99"),
+        (vec!["log", "#99"], "no job number 99"),
+        (vec!["retry", "--job", "99"], "no job number 99"),
         (vec!["show", "no-such"], "no job with image_id"),
     ] {
         let (code, _, err) = output(farm.bin().args(&args));

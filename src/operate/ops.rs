@@ -37,7 +37,8 @@ pub enum OpsError {
     BadNumber(String),
 }
 
-fn not_found(id: &str) -> String {
+/// What a reference that names no job is told (`#N`: no job number N).
+pub fn not_found(id: &str) -> String {
     match id.strip_prefix('#') {
         Some(n) => format!("no job number {n}"),
         None => format!("no job with image_id or job number {id:?}"),
