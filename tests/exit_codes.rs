@@ -79,6 +79,7 @@ fn backup_and_archive_refuse_the_spools_folders() {
         farm.outbox().join("bk"),
         farm.rejected().join("bk"),
         farm.spool().join("outbox/../incoming/bk"),
+        farm.spool().join("state/another-worker"),
         state.join("bk"),
     ] {
         let (code, out, err) = output(farm.bin().arg("backup").arg(&dir));

@@ -274,8 +274,8 @@ pub enum Command {
     /// Copy the event log, consistent, while the daemon runs.
     #[command(
         after_help = "Examples:\n  build-image backup /var/backups/build-image/$(date +%F)\n\n\
-                            DIR must be new or empty, and outside the spool's incoming/, tmp/, active/, outbox/, rejected/ \
-                            and the state dir (a daemon takes what it finds there). It gets every event up to the log's \
+                            DIR must be new or empty, and outside the spool's incoming/, tmp/, active/, outbox/, rejected/, \
+                            state/ and the state dir (a daemon takes what it finds there). It gets every event up to the log's \
                             durable end when the backup began, as a state dir: restore by putting it in place of the state \
                             dir while no daemon runs (docs/operations.md).\n\
                             Exit codes: 0 backed up, 1 DIR is not empty, is inside the spool's folders or the state dir, or \

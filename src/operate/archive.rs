@@ -171,10 +171,12 @@ fn resolved(p: &Path) -> PathBuf {
 
 /// Refuses `path` (what a `backup` or `compact` writes, `what`) inside a folder the daemon
 /// takes as its own: the spool's `incoming/`, `tmp/`, `active/`, `outbox/`, `rejected/` (a file
-/// there is claimed, answered or moved away by a daemon) and the state dir.
+/// there is claimed, answered or moved away by a daemon), its `state/` (where each worker's
+/// daemon opens the log named after it) and the state dir.
 pub fn outside_spool(host: &Host, path: &Path, what: &str) -> Result<()> {
     let spool = &host.spool;
     let active = spool.root.join("active");
+    let states = spool.root.join("state");
     let state = host.cfg.state_dir();
     let path = resolved(path);
     for (dir, name) in [
@@ -183,6 +185,7 @@ pub fn outside_spool(host: &Host, path: &Path, what: &str) -> Result<()> {
         (&active, "the spool's active/"),
         (&spool.outbox, "the spool's outbox/"),
         (&spool.rejected, "the spool's rejected/"),
+        (&states, "the spool's state/"),
         (&state, "the state dir"),
     ] {
         if path.starts_with(resolved(dir)) {

@@ -159,7 +159,9 @@ impl<R: BufRead> Reader<R> {
                     return Ok(Some((ev, self.buf.len())));
                 }
                 Err(e) => {
-                    if let Ok(t) = serde_json::from_slice::<Trailer>(text) {
+                    if let Ok(t) = serde_json::from_slice::<Trailer>(text)
+                        && t.trailer == TRAILER
+                    {
                         self.trailer = Some((self.line, t));
                         continue;
                     }
@@ -290,6 +292,18 @@ mod tests {
                 ..
             })
         ));
+        // an object that only looks like a trailer: not an event, so refused
+        let other = format!(
+            "{}\n{}\n",
+            lines[0],
+            lines[3].replace(TRAILER, "some other export")
+        );
+        assert!(
+            read(other.as_bytes())
+                .0
+                .unwrap_err()
+                .starts_with("line 2: not an event")
+        );
         // two exports joined
         let joined = format!("{text}{text}");
         assert!(
