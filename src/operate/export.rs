@@ -2,7 +2,9 @@
 //! archives and what `import` reads. JSON Lines, one event a line (a `queued` or `invalid` event
 //! carrying its input), ended by one trailer line that says the export is whole:
 //!
-//!     {"trailer":"build-image export","events":N,"sha256":"<hex>"}
+//! ```text
+//! {"trailer":"build-image export","events":N,"sha256":"<hex>"}
+//! ```
 //!
 //! `events` is the number of event lines before it, `sha256` the digest of those lines' bytes
 //! as written, each with its newline. A trailer has no `seq`, so it is never read as an event.
