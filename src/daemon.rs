@@ -64,7 +64,7 @@ pub fn run_once(cfg: Config, stop: Receiver<()>) -> anyhow::Result<bool> {
         let mut ids: HashSet<u64> = running.open_at_start.iter().copied().collect();
         ids.extend(engine.touched());
         if let Ok(journal) = engine.store.journal() {
-            ids.extend(journal.projections_from(running.first_seq)?.into_keys());
+            ids.extend(running.first_job..journal.next_job());
         }
         let jobs: Vec<Job> = ids
             .into_iter()
@@ -101,8 +101,8 @@ struct Running {
     http: Option<crate::http::Server>,
     /// The BOSS participant (`[amqp] url` set).
     amqp: Option<Participant>,
-    /// The first seq of this run: jobs with a higher id were opened by it.
-    first_seq: u64,
+    /// The first job number of this run: the jobs from it on were opened by it.
+    first_job: u64,
     /// Jobs recovery found open.
     open_at_start: Vec<u64>,
 }
@@ -190,7 +190,7 @@ impl Running {
                 &spool.worker,
             ))),
         );
-        let first_seq = engine.store.journal()?.last_seq() + 1;
+        let first_job = engine.store.journal()?.next_job();
 
         let pool = {
             let engine = Arc::clone(&engine);
@@ -253,7 +253,7 @@ impl Running {
             control,
             http,
             amqp,
-            first_seq,
+            first_job,
             open_at_start,
         })
     }

@@ -374,9 +374,7 @@ fn forget_cancel_malformed_outage_and_the_spool() {
 fn events(farm: &Farm) -> Vec<Value> {
     let (code, text, err) = common::output(farm.bin().args(["events", "--json"]));
     assert_eq!(code, 0, "{err}");
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    common::export_events(&text)
 }
 
 fn job_of(events: &[Value], image_id: &str) -> u64 {

@@ -22,11 +22,9 @@ fn ok(farm: &Farm, args: &[&str]) -> String {
     out
 }
 
+/// The event lines of the log's export (its trailer checked and left out).
 fn export(farm: &Farm) -> Vec<String> {
-    ok(farm, &["events", "--json"])
-        .lines()
-        .map(str::to_string)
-        .collect()
+    export_lines(&ok(farm, &["events", "--json"]))
 }
 
 fn status(farm: &Farm) -> Vec<Value> {
@@ -104,7 +102,7 @@ fn log_with_every_kind(dir: &Path) {
         sha256: sha.into(),
         source: (file == "b.json").then(|| "amqp://127.0.0.1:5672/%2f/build_image".into()),
     };
-    let add = |job: Option<u64>, kind: EventKind| j.append(job, kind, &settled).unwrap().seq;
+    let add = |job: Option<u64>, kind: EventKind| j.append(job, kind, &settled).unwrap().job;
     // a built job, interrupted by a stop, retried, delivered, pushed, and re-dropped
     let a = add(None, claimed("a.json", "aa"));
     add(
@@ -273,7 +271,7 @@ fn export_import_export_gives_the_same_lines_for_every_kind() {
     assert_eq!(queued["input"], input("x-a"));
 
     let file = farm.root().join("log.jsonl");
-    std::fs::write(&file, first.join("\n") + "\n").unwrap();
+    std::fs::write(&file, ok(&farm, &["events", "--json"])).unwrap();
     let other = Farm::new();
     let out = ok(&other, &["import", file.to_str().unwrap()]);
     assert!(
@@ -293,7 +291,7 @@ fn export_import_export_gives_the_same_lines_for_every_kind() {
     // and once more: stable
     let again = Farm::new();
     let file2 = farm.root().join("log2.jsonl");
-    std::fs::write(&file2, second.join("\n") + "\n").unwrap();
+    std::fs::write(&file2, whole_export(&second)).unwrap();
     ok(&again, &["import", file2.to_str().unwrap()]);
     assert_eq!(export(&again), first);
     // numbering goes on after the imported events
@@ -308,7 +306,7 @@ fn import_refuses_a_non_empty_state_dir_and_a_bad_line() {
     log_with_every_kind(&farm.cfg.state_dir());
     let before = export(&farm);
     let file = farm.root().join("log.jsonl");
-    std::fs::write(&file, before.join("\n")).unwrap();
+    std::fs::write(&file, whole_export(&before)).unwrap();
     let (code, _, err) = output(farm.bin().args(["import", file.to_str().unwrap()]));
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is not empty"), "{err}");
@@ -447,11 +445,7 @@ fn compact_moves_settled_jobs_to_the_archive_and_replay_agrees() {
     let mode = std::fs::metadata(&archive).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "kickstarts carry password hashes");
     // the archive holds every removed event, in the export form, in order
-    let archived: Vec<String> = std::fs::read_to_string(&archive)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let archived: Vec<String> = export_lines(&std::fs::read_to_string(&archive).unwrap());
     let want: Vec<String> = before
         .iter()
         .filter(|l| gone.contains(&job_of(l)))
@@ -507,7 +501,11 @@ fn compact_moves_settled_jobs_to_the_archive_and_replay_agrees() {
         .into_iter()
         .find(|r| r["image_id"] == "cp-e")
         .unwrap();
-    assert!(e["job"].as_u64() > record["seq"].as_u64());
+    // the record is a job of its own, numbered after every job before it; the next job after it
+    let record_job = record["job"].as_u64().unwrap();
+    assert!(gone.iter().all(|j| *j < record_job), "{gone:?} {record}");
+    assert!(kept.iter().all(|l| job_of(l) < record_job), "{record}");
+    assert_eq!(e["job"].as_u64(), Some(record_job + 1));
     d.stop().unwrap();
     let (code, out, _) = output(farm.bin().arg("replay"));
     assert_eq!(code, 0, "{out}");
@@ -551,9 +549,7 @@ fn repush_runs_exactly_the_final_pushes_of_the_window() {
         [count("rp-a"), count("rp-b"), count("rp-c")],
         [(1, 1), (1, 1), (1, 1)]
     );
-    let pushed_before = ok(&farm, &["events", "--kind", "pushed", "--json"])
-        .lines()
-        .count();
+    let pushed_before = export_lines(&ok(&farm, &["events", "--kind", "pushed", "--json"])).len();
 
     let out = ok(&farm, &["repush", "--since", &since]);
     assert!(out.contains("2 final push(es)"), "{out}");
@@ -566,10 +562,7 @@ fn repush_runs_exactly_the_final_pushes_of_the_window() {
     assert_eq!(last("rp-b").0, "DONE");
     assert_eq!(last("rp-c").0, "ERROR");
     assert_eq!(last("rp-b").1, farm.outbox_file("rp-b.json").unwrap());
-    let pushed: Vec<Value> = ok(&farm, &["events", "--kind", "pushed", "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let pushed: Vec<Value> = export_events(&ok(&farm, &["events", "--kind", "pushed", "--json"]));
     assert_eq!(pushed.len(), pushed_before + 2);
     for p in &pushed[pushed_before..] {
         assert_ne!(p["job"].as_u64(), Some(a_done));
@@ -603,7 +596,7 @@ fn repush_runs_exactly_the_final_pushes_of_the_window() {
         [(1, 1), (1, 3), (1, 3)]
     );
     let pushed = ok(&farm, &["events", "--kind", "pushed", "--json"]);
-    assert_eq!(pushed.lines().count(), pushed_before + 6, "{pushed}");
+    assert_eq!(export_lines(&pushed).len(), pushed_before + 6, "{pushed}");
 
     // no push utility: a clear error
     let mut none = Farm::new();
@@ -641,10 +634,8 @@ fn redeliver_writes_the_identical_answer() {
     std::fs::remove_file(farm.outbox().join(&other)).unwrap();
     ok(&farm, &["redeliver", "rd-a"]);
     assert_eq!(std::fs::read(farm.outbox().join(&other)).unwrap(), first);
-    let delivered: Vec<Value> = ok(&farm, &["events", "--kind", "delivered", "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let delivered: Vec<Value> =
+        export_events(&ok(&farm, &["events", "--kind", "delivered", "--json"]));
     assert_eq!(delivered.len(), 4, "{delivered:?}");
     let sha = &delivered[0]["sha256"];
     assert!(delivered.iter().all(|d| &d["sha256"] == sha));
@@ -696,7 +687,7 @@ fn a_crash_during_compaction_leaves_the_old_or_the_new_log_and_the_archive() {
     assert_eq!(export(&farm), before);
     assert_eq!(
         std::fs::read_to_string(&first).unwrap(),
-        gone.join("\n") + "\n"
+        whole_export(&gone)
     );
 
     // killed after the swap mark, before the files moved: the next open finishes the swap
@@ -710,7 +701,7 @@ fn a_crash_during_compaction_leaves_the_old_or_the_new_log_and_the_archive() {
     assert!(after.last().unwrap().contains("\"kind\":\"compacted\""));
     assert_eq!(
         std::fs::read_to_string(&second).unwrap(),
-        gone.join("\n") + "\n"
+        whole_export(&gone)
     );
     let (code, out, _) = output(farm.bin().arg("replay"));
     assert_eq!(code, 0, "{out}");
@@ -797,7 +788,7 @@ fn a_gz_archive_is_gzip_and_imports() {
     assert!(plain.status.success());
     assert_eq!(
         String::from_utf8(plain.stdout).unwrap(),
-        before.join("\n") + "\n"
+        whole_export(&before)
     );
     let other = Farm::new();
     ok(&other, &["import", archive.to_str().unwrap()]);

@@ -169,7 +169,7 @@ fn hanging_or_missing_push_is_timed_out() {
     // the pushes run apart from the answer: wait for both to be recorded
     assert!(wait_for(T, || {
         let (_, out, _) = output(farm.bin().args(["events", "--kind", "pushed", "--json"]));
-        out.lines().count() >= 2
+        event_lines(&out).count() >= 2
     }));
     d.stop().unwrap();
     let errors: Vec<String> = farm

@@ -165,7 +165,7 @@ fn pages_api_and_metrics() {
     );
     assert_eq!(sample(&s, "build_image_log_writable", None), 1.0);
     let (_, events, _) = output(farm.bin().args(["events", "--json"]));
-    let last: Value = serde_json::from_str(events.lines().last().unwrap()).unwrap();
+    let last: Value = export_events(&events).last().unwrap().clone();
     assert_eq!(
         sample(&s, "build_image_last_event_seq", None),
         last["seq"].as_f64().unwrap()

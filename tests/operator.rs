@@ -17,10 +17,9 @@ fn json_out(farm: &Farm, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
 }
 
+/// The events of `events --json` output (its trailer checked and left out).
 fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
+    export_events(text)
 }
 
 /// Waits until `n` jobs are queued, as `status` says.

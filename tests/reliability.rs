@@ -409,7 +409,7 @@ fn every_final_status_is_pushed_without_a_restart() {
     }
     let all = wait_for(Duration::from_secs(120), || {
         let (_, out, _) = output(farm.bin().args(["events", "--kind", "pushed", "--json"]));
-        out.lines().filter(|l| l.contains("\"DONE\"")).count() >= N
+        event_lines(&out).filter(|l| l.contains("\"DONE\"")).count() >= N
     });
     d.stop().unwrap();
     let done: std::collections::HashSet<u64> = farm

@@ -24,7 +24,7 @@ pub fn time_arg(s: &str) -> Result<String, String> {
     parse_time(s, SystemTime::now()).map(format_time)
 }
 
-pub fn import(cfg: &Config, file: &Path) -> anyhow::Result<i32> {
+pub fn import(cfg: &Config, file: &Path, partial: bool) -> anyhow::Result<i32> {
     let dir = cfg.state_dir();
     let reader = if file == Path::new("-") {
         archive::open_export(std::io::BufReader::new(std::io::stdin()))
@@ -34,13 +34,26 @@ pub fn import(cfg: &Config, file: &Path) -> anyhow::Result<i32> {
         archive::open_export(std::io::BufReader::new(f))
     }
     .with_context(|| format!("cannot read {}", file.display()))?;
-    let report = archive::import(reader, &dir)?;
+    let report = archive::import(reader, &dir, partial)
+        .with_context(|| format!("cannot import {}", file.display()))?;
+    if let Some(why) = &report.partial {
+        eprintln!(
+            "build-image: WARNING: {} is not a whole export: {why}. --partial: its {} event(s) were imported as they are; events after them may be missing",
+            file.display(),
+            report.events
+        );
+    }
     println!(
-        "imported {} event(s) of {} job(s) into {} (last seq {})",
+        "imported {} event(s) of {} job(s) into {} (last seq {}){}",
         report.events,
         report.jobs,
         report.dir.display(),
-        report.last_seq
+        report.last_seq,
+        if report.partial.is_some() {
+            ", PARTIAL: the export was not whole"
+        } else {
+            ""
+        }
     );
     Ok(0)
 }
@@ -61,6 +74,14 @@ pub fn backup(cfg: &Config, dir: &Path) -> anyhow::Result<i32> {
 }
 
 pub fn compact(cfg: &Config, before: &str, archive_file: &Path) -> anyhow::Result<i32> {
+    let now = SystemTime::now();
+    if parse_time(before, now).is_ok_and(|t| t > now) {
+        return Err(super::Usage(format!(
+            "--before {before} is in the future (now is {}): compact moves jobs settled before a time that has passed",
+            format_time(now)
+        ))
+        .into());
+    }
     let before = before.to_string();
     let archive = absolute(archive_file)?;
     let r = expect(call(cfg, Request::Compact { before, archive }, |_| true)?)?;
@@ -69,12 +90,13 @@ pub fn compact(cfg: &Config, before: &str, archive_file: &Path) -> anyhow::Resul
     };
     match &r.archive {
         Some(a) => println!(
-            "moved {} event(s) of {} job(s) to {}; {} event(s) left in the log (compacted event {})",
+            "moved {} event(s) of {} job(s) to {}; {} event(s) left in the log (compacted event {}, job {})",
             r.events,
             r.jobs,
             a.display(),
             r.kept,
-            r.seq.unwrap_or_default()
+            r.seq.unwrap_or_default(),
+            r.job.unwrap_or_default()
         ),
         None => println!("no job to move: nothing written, the log is unchanged"),
     }
@@ -88,11 +110,20 @@ pub fn compact(cfg: &Config, before: &str, archive_file: &Path) -> anyhow::Resul
 }
 
 pub fn repush(cfg: &Config, since: &str, until: Option<&str>) -> anyhow::Result<i32> {
-    let since = since.to_string();
+    let now = SystemTime::now();
     let until = match until {
         Some(u) => u.to_string(),
-        None => format_time(SystemTime::now()),
+        None => format_time(now),
     };
+    if let (Ok(a), Ok(b)) = (parse_time(since, now), parse_time(&until, now))
+        && b <= a
+    {
+        return Err(super::Usage(format!(
+            "the window is empty: --until {until} is not after --since {since}"
+        ))
+        .into());
+    }
+    let since = since.to_string();
     let r = expect(call(
         cfg,
         Request::Repush {

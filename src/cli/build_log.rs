@@ -121,7 +121,7 @@ fn print_log(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
             anyhow::bail!("unexpected answer from the daemon: {r:?}");
         };
         let Some(c) = c else {
-            let no_job = format!("no job with image_id or job number {id:?}");
+            let no_job = crate::operate::ops::not_found(id);
             if !follow || std::time::Instant::now() >= give_up {
                 anyhow::bail!(no_job);
             }

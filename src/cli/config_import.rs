@@ -34,6 +34,19 @@ pub fn run(file: &Path) -> i32 {
             return EXIT_CANNOT;
         }
     };
+    // Nothing to convert is not a conversion: an empty file (or one of blank lines, comments
+    // and section headers only) is most likely the wrong file, or one cut short.
+    if text
+        .lines()
+        .map(str::trim)
+        .all(|l| l.is_empty() || l.starts_with('#') || l.starts_with(';') || l.starts_with('['))
+    {
+        eprintln!(
+            "build-image: {} holds no setting (it is empty, or only comments and section headers): nothing to convert",
+            file.display()
+        );
+        return EXIT_CANNOT;
+    }
     // An [amqp] section when this build has one (it takes the [boss] broker).
     let amqp = Config::parse("[amqp]\n", Path::new("-")).is_ok();
     let out = match legacy::import(&text, &file.display().to_string(), amqp) {

@@ -43,6 +43,54 @@ pub struct Global {
     pub spool: Option<PathBuf>,
 }
 
+/// How a command names a job: an image_id, `#N` for job number N, or `--job N`.
+#[derive(Args, Debug, Clone)]
+pub struct JobRef {
+    /// The job: its image_id (the job that holds it), or #N for job number N. A bare number
+    /// that is both an image_id and another job's number is refused as ambiguous.
+    #[arg(
+        required_unless_present = "job",
+        conflicts_with = "job",
+        value_name = "ID"
+    )]
+    pub id: Option<String>,
+    /// The job with this number (the same as #N).
+    #[arg(long, value_name = "N")]
+    pub job: Option<u64>,
+}
+
+impl JobRef {
+    /// The reference as the operator protocol takes it (`#N` for a number given with --job);
+    /// a `#` not followed by a number is a usage error.
+    pub fn reference(&self) -> anyhow::Result<String> {
+        match (self.job, &self.id) {
+            (Some(n), _) => Ok(format!("#{n}")),
+            (None, Some(id)) => match id.strip_prefix('#') {
+                Some(n) if n.parse::<u64>().is_err() => Err(Usage(format!(
+                    "{id:?} is not a job number: write #N (or --job N) with N a number, or an image_id"
+                ))
+                .into()),
+                _ => Ok(id.clone()),
+            },
+            (None, None) => Err(Usage("no job named: give an ID or --job N".into()).into()),
+        }
+    }
+}
+
+/// What `ID` means, said in the help of every command that takes one.
+macro_rules! job_ref_help {
+    () => {
+        "ID is an image_id (the job that holds it), or #N (or --job N) for job number N. A bare number \
+         that is no image_id is that job number; one that is both an image_id and another job's number \
+         is refused as ambiguous, naming both."
+    };
+}
+
+/// A usage error found after parsing (exit 2, as clap's own).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: watch incoming/, build, answer in outbox/.
@@ -65,7 +113,8 @@ pub enum Command {
                             --extra-opt=--pkgmgr=zypp --id nightly-42\n\n\
                             Prints the image_id of each workitem dropped (generated when --id is not given).\n\
                             Exit codes: 0 dropped (with --wait: built successfully), 1 a file could not be dropped \
-                            (with --wait: the build failed or the input was rejected), 2 usage error, 3 --wait timed out.")]
+                            (with --wait: the build failed or the input was rejected), 2 usage error (with --kickstart: also \
+                            arguments that make no valid workitem, e.g. a --name with a '/'; nothing is dropped), 3 --wait timed out.")]
     Submit(Box<submit::SubmitArgs>),
     /// One line per job: id, state, name, arch, type, worker, started, duration, result.
     #[command(
@@ -86,14 +135,15 @@ pub enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
-    /// A job's events and its current workitem fields (by image_id, or job number).
+    /// A job's events and its current workitem fields (by image_id, or #N for job number N).
     #[command(
-        after_help = "Examples:\n  build-image show 42-1700000000\n  build-image show 17 --json\n\n\
-                            Exit codes: 0, 1 no such job, 2 usage."
+        after_help = concat!("Examples:\n  build-image show 42-1700000000\n  build-image show '#17' --json\n  \
+                            build-image show --job 17\n\n", job_ref_help!(), "\n\
+                            Exit codes: 0, 1 no such job (or an ambiguous ID), 2 usage.")
     )]
     Show {
-        /// image_id (the newest job with it) or job number.
-        id: String,
+        #[command(flatten)]
+        id: JobRef,
         /// The job, its events and its workitem as one JSON object.
         #[arg(long)]
         json: bool,
@@ -103,8 +153,12 @@ pub enum Command {
         after_help = "Examples:\n  build-image events --since 1000\n  build-image events --image 42-1700000000 --json\n  \
                             build-image events --kind finished --follow\n  \
                             build-image events --json > log.jsonl   # the export: `import` reads it back\n\n\
-                            --json is the export form: each queued or invalid event carries its input workitem (input).\n\
-                            --follow keeps printing new events until interrupted.\nExit codes: 0, 1 the log cannot be read, 2 usage."
+                            --json is the export form: each queued or invalid event carries its input workitem (input), \
+                            and the last line is the trailer, {\"trailer\":\"build-image export\",\"events\":N,\"sha256\":\"...\"} \
+                            (the number of event lines and the sha256 of their bytes): `import` takes only an export that \
+                            ends with its trailer. An event has a seq; the trailer has none.\n\
+                            --follow keeps printing new events until interrupted (no trailer: it never ends).\n\
+                            Exit codes: 0, 1 the log cannot be read, 2 usage."
     )]
     Events {
         /// Start at this seq.
@@ -126,22 +180,22 @@ pub enum Command {
     },
     /// A job's build log (mic's output); --follow keeps printing it until the job ends.
     #[command(
-        after_help = "Examples:\n  build-image log 42-1700000000\n  build-image log 17 --follow\n  \
+        after_help = concat!("Examples:\n  build-image log 42-1700000000\n  build-image log '#17' --follow\n  \
                             build-image submit --kickstart mer.ks --name mer-core --arch i586 --type fs --id n-1 && \
                             build-image log n-1 --follow\n\n\
                             Works through the running daemon, or from the event log and the file when none runs. \
                             --follow waits for a queued job's build to start (and, for an id not in the log yet, for a \
                             file just dropped to be claimed: [spool] min_age_ms + 2 x poll_interval_ms + 5 s), prints \
                             the output as it comes, and ends when the job is answered. Output the log's size bound ([worker] job_log_max_mb) \
-                            cut out before it was read is shown as one \"[... N bytes of output omitted ...]\" line.\n\
-                            Exit codes: without --follow: 0 the log was printed, 1 no such job, or it has no build log \
+                            cut out before it was read is shown as one \"[... N bytes of output omitted ...]\" line.\n", job_ref_help!(), "\n\
+                            Exit codes: without --follow: 0 the log was printed, 1 no such job (or an ambiguous ID), or it has no build log \
                             (queued and never built, or answered without a build: not a workitem, invalid, a \
                             conflict, cancelled before it ran), 2 usage. With --follow: 0 the job succeeded, 1 it \
-                            failed (or was answered without a build, or no such job), 2 usage."
+                            failed (or was answered without a build, or no such job, or an ambiguous ID), 2 usage.")
     )]
     Log {
-        /// image_id (the newest job with it) or job number.
-        id: String,
+        #[command(flatten)]
+        id: JobRef,
         /// Keep printing as the log grows, until the job ends; exit with its result.
         #[arg(long, short = 'f')]
         follow: bool,
@@ -159,22 +213,22 @@ pub enum Command {
         json: bool,
     },
     /// Build a finished job again (same workitem, attempt + 1).
-    #[command(after_help = "Examples:\n  build-image retry 42-1700000000\n\n\
+    #[command(after_help = concat!("Examples:\n  build-image retry 42-1700000000\n  build-image retry '#17'\n\n\
                             Only a job that was built can be built again: one answered without a build (invalid, \
                             a conflict, cancelled before it ran) is refused with the reason.\n\
-                            Without a running daemon the job is queued in the log and built by the next start.\n\
-                            Exit codes: 0 queued, 1 no such job, or it is not finished, or it was never built, 2 usage.")]
+                            Without a running daemon the job is queued in the log and built by the next start.\n", job_ref_help!(), "\n\
+                            Exit codes: 0 queued, 1 no such job (or an ambiguous ID), or it is not finished, or it was never built, 2 usage."))]
     Retry {
-        /// image_id (the newest job with it) or job number.
-        id: String,
+        #[command(flatten)]
+        id: JobRef,
     },
     /// Cancel a queued job (never built) or a running one (its process group is killed).
-    #[command(after_help = "Examples:\n  build-image cancel 42-1700000000\n\n\
-                            The job is answered in the outbox with the error \"cancelled\" and ERROR is pushed.\n\
-                            Exit codes: 0 cancelled, 1 no such job or it is not queued/running, 2 usage.")]
+    #[command(after_help = concat!("Examples:\n  build-image cancel 42-1700000000\n  build-image cancel --job 17\n\n\
+                            The job is answered in the outbox with the error \"cancelled\" and ERROR is pushed.\n", job_ref_help!(), "\n\
+                            Exit codes: 0 cancelled, 1 no such job (or an ambiguous ID) or it is not queued/running, 2 usage."))]
     Cancel {
-        /// image_id (the newest job with it) or job number.
-        id: String,
+        #[command(flatten)]
+        id: JobRef,
     },
     /// Move a dead worker's claimed files (active/W/) back to incoming/.
     #[command(
@@ -199,23 +253,33 @@ pub enum Command {
         after_help = "Examples:\n  build-image events --json > log.jsonl      # export (the daemon may run)\n  \
                             build-image import log.jsonl                # into the empty state dir of the config\n  \
                             build-image import archive.jsonl.gz         # gzip is recognised\n\n\
-                            The events keep their seq and time; the job states are folded from them at the next start. \
+                            The events keep their seq, time and job number; the job states are folded from them at the next start. \
+                            An export is taken only whole: ended by its trailer line, whose count and sha256 match the lines \
+                            before it. One cut short (an empty file included), or with lines lost or changed, is refused; \
+                            --partial takes the events it holds, and says what was wrong. \
                             The upgrade path when the stored form of the log changes: export with the old version, \
-                            import with the new (docs/operations.md).\n\
-                            Exit codes: 0 imported, 1 the state dir is not empty or a line is not an event (nothing is \
+                            import with the new (docs/operations.md); an export of a version without the trailer needs --partial.\n\
+                            Exit codes: 0 imported (with --partial: also when the export was not whole, said on stderr), \
+                            1 FILE cannot be read, the state dir is not empty, a line is not an event, or the export is not whole (nothing is \
                             written), 2 usage."
     )]
     Import {
-        /// JSON Lines, one event a line (gzip-compressed or not); - for stdin.
+        /// JSON Lines, one event a line, ended by the trailer (gzip-compressed or not); - for stdin.
         file: PathBuf,
+        /// Take an export that is not whole (no trailer, or one that does not match; a last line
+        /// cut short is left out): the events it holds are imported, and what was wrong is said.
+        #[arg(long)]
+        partial: bool,
     },
     /// Copy the event log, consistent, while the daemon runs.
     #[command(
         after_help = "Examples:\n  build-image backup /var/backups/build-image/$(date +%F)\n\n\
-                            DIR must be new or empty. It gets every event up to the log's durable end when the backup \
-                            began, as a state dir: restore by putting it in place of the state dir while no daemon runs \
-                            (docs/operations.md).\n\
-                            Exit codes: 0 backed up, 1 DIR is not empty or the copy failed, 2 usage."
+                            DIR must be new or empty, and outside the spool's incoming/, tmp/, active/, outbox/, rejected/, \
+                            state/ and the state dir (a daemon takes what it finds there). It gets every event up to the log's \
+                            durable end when the backup began, as a state dir: restore by putting it in place of the state \
+                            dir while no daemon runs (docs/operations.md).\n\
+                            Exit codes: 0 backed up, 1 DIR is not empty, is inside the spool's folders or the state dir, or \
+                            the copy failed, 2 usage."
     )]
     Backup {
         /// A new or empty folder.
@@ -226,12 +290,14 @@ pub enum Command {
         after_help = "Examples:\n  build-image compact --before 90days --archive /var/archive/build-image-2026-08.jsonl\n  \
                             build-image compact --before 2026-01-01T00:00:00Z --archive old.jsonl\n\n\
                             TIME: RFC 3339 (2026-01-01T00:00:00Z; without a zone, UTC) or a span back from now as \
-                            humantime reads it (90days, 2weeks, 12h).\n\
+                            humantime reads it (90days, 2weeks, 12h); a time in the future is refused.\n\
                             Moved: the jobs with nothing left to do whose last event is older than TIME, except those whose \
                             job folder still exists under base_dir (their image_id guards it). The archive (JSON Lines, like \
-                            events --json; gzip-compressed for a name ending in .gz; never replaced) is written and fsynced first; the log is rewritten beside the old \
-                            one and swapped in, recorded by a compacted event. A crash leaves the old or the new log.\n\
-                            Exit codes: 0 compacted (or nothing to move), 1 refused (FILE exists) or failed, 2 usage."
+                            events --json, ended by its trailer; gzip-compressed for a name ending in .gz; never replaced; \
+                            never inside the spool's folders or the state dir) is written and fsynced first; the log is rewritten beside the old \
+                            one and swapped in, recorded by a compacted event (a job of its own: the next job number). A crash leaves the old or the new log.\n\
+                            Exit codes: 0 compacted (or nothing to move), 1 refused (FILE exists, or is inside the spool's \
+                            folders or the state dir) or failed, 2 usage (a bad or future TIME)."
     )]
     Compact {
         /// Jobs settled before this time (RFC 3339, or a span back from now: 90days).
@@ -247,9 +313,10 @@ pub enum Command {
                             build-image repush --since 36h --until 12h\n\n\
                             For a job database restored from a backup: every answered job (not a conflict) that finished \
                             in [--since, --until) has its final status pushed again now, one at a time, each recorded as \
-                            a pushed event. TIME: RFC 3339 or a span back from now (humantime: 36h, 2days).\n\
+                            a pushed event. TIME: RFC 3339 or a span back from now (humantime: 36h, 2days); --until must \
+                            come after --since.\n\
                             Exit codes: 0 every push succeeded (or none was in the window), 1 a push failed or no push \
-                            utility is configured, 2 usage."
+                            utility is configured, 2 usage (a bad TIME, or --until not after --since)."
     )]
     Repush {
         /// Start of the window (inclusive).
@@ -260,14 +327,14 @@ pub enum Command {
         until: Option<String>,
     },
     /// Write a job's answer to the outbox again (an answer upstream lost).
-    #[command(after_help = "Examples:\n  build-image redeliver 42-1700000000\n\n\
+    #[command(after_help = concat!("Examples:\n  build-image redeliver 42-1700000000\n  build-image redeliver '#17'\n\n\
                             The same answer as its first delivery, to outbox/<input name>; if that name holds another \
                             job's answer, to outbox/<stem>.<job>.json (an answer never replaces another's). Recorded as a \
-                            delivered event; nothing is pushed.\n\
-                            Exit codes: 0 written, 1 no such job or it is not answered, 2 usage.")]
+                            delivered event; nothing is pushed.\n", job_ref_help!(), "\n\
+                            Exit codes: 0 written, 1 no such job (or an ambiguous ID) or it is not answered, 2 usage."))]
     Redeliver {
-        /// image_id (the newest job with it) or job number.
-        id: String,
+        #[command(flatten)]
+        id: JobRef,
     },
     /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites.
     #[command(
@@ -289,8 +356,8 @@ pub enum ConfigCommand {
                             becomes a commented [amqp] url. A comment above each key names the INI key it came from; \
                             keys build-image does not know are listed on stderr and kept as comments.\n\
                             Exit codes: 0 converted, every key mapped; 1 converted, some keys left out (listed on \
-                            stderr); 2 the file cannot be read, is not INI, or a value cannot be converted (nothing \
-                            printed), or usage."
+                            stderr); 2 the file cannot be read, is empty (no key at all), is not INI, or a value cannot \
+                            be converted (nothing printed), or usage."
     )]
     Import {
         /// The original INI file.
@@ -340,7 +407,7 @@ pub fn main() -> i32 {
         Command::Run { once } => run(cfg, once),
         Command::Submit(args) => submit::run(&cfg, &args),
         Command::Status { json, state, limit } => query::status(&cfg, json, state, limit),
-        Command::Show { id, json } => query::show(&cfg, &id, json),
+        Command::Show { id, json } => id.reference().and_then(|r| query::show(&cfg, &r, json)),
         Command::Events {
             since,
             image,
@@ -359,23 +426,29 @@ pub fn main() -> i32 {
             json,
         ),
         Command::Replay { json } => query::replay(&cfg, json),
-        Command::Log { id, follow } => build_log::run(&cfg, &id, follow),
-        Command::Retry { id } => actions::retry(&cfg, &id),
-        Command::Cancel { id } => actions::cancel(&cfg, &id),
+        Command::Log { id, follow } => id
+            .reference()
+            .and_then(|r| build_log::run(&cfg, &r, follow)),
+        Command::Retry { id } => id.reference().and_then(|r| actions::retry(&cfg, &r)),
+        Command::Cancel { id } => id.reference().and_then(|r| actions::cancel(&cfg, &r)),
         Command::Requeue { worker, force } => actions::requeue(&cfg, &worker, force),
         Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
-        Command::Import { file } => archive::import(&cfg, &file),
+        Command::Import { file, partial } => archive::import(&cfg, &file, partial),
         Command::Backup { dir } => archive::backup(&cfg, &dir),
         Command::Compact { before, archive } => archive::compact(&cfg, &before, &archive),
         Command::Repush { since, until } => archive::repush(&cfg, &since, until.as_deref()),
-        Command::Redeliver { id } => archive::redeliver(&cfg, &id),
+        Command::Redeliver { id } => id.reference().and_then(|r| archive::redeliver(&cfg, &r)),
     };
     match res {
         Ok(code) => code,
         Err(e) => {
             eprintln!("build-image: {}", describe(&e));
-            1
+            if e.downcast_ref::<Usage>().is_some() {
+                2
+            } else {
+                1
+            }
         }
     }
 }

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::domain::State;
 use crate::operate::control::{Client, Request, Response};
 use crate::operate::ops::{self, EventFilter, StatusRow};
+use anyhow::Context;
 use comfy_table::{Table, presets::NOTHING};
 use std::time::Duration;
 
@@ -120,15 +121,36 @@ pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
 const PAGE: usize = 4096;
 
 pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> anyhow::Result<i32> {
+    use std::io::Write;
+    // With --json, the export: the lines printed are counted and digested for its trailer.
+    let digest = std::cell::RefCell::new(crate::operate::export::Digest::default());
     let print = |e: &crate::domain::Event| -> bool {
         let line = if json {
-            serde_json::to_string(e).unwrap_or_default()
+            match crate::operate::export::event_line(e) {
+                Ok(line) => line,
+                Err(_) => return false,
+            }
         } else {
-            ops::event_line(e)
+            let mut line = ops::event_line(e).into_bytes();
+            line.push(b'\n');
+            line
         };
-        use std::io::Write;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
+        let written = out.write_all(&line).and_then(|_| out.flush()).is_ok();
+        if written && json {
+            digest.borrow_mut().line(&line);
+        }
+        written
+    };
+    // The end of an export (not of --follow, which never ends): its trailer.
+    let end = || -> anyhow::Result<i32> {
+        if json {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&digest.borrow().trailer_line())
+                .and_then(|_| out.flush())
+                .context("cannot write the export's trailer")?;
+        }
+        Ok(0)
     };
     let mut next = filter.since;
     loop {
@@ -142,16 +164,19 @@ pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> an
         };
         // Through a daemon: it streams (and, with --follow, keeps streaming while it runs).
         if let Some(client) = Client::connect(&cfg.state_dir()) {
+            let mut stopped = false;
             let res = client.call(&req, |e| {
                 next = e.seq + 1;
-                print(e)
+                stopped = !print(e);
+                !stopped
             });
             match res {
                 Ok(r @ (Response::Error { .. } | Response::Busy)) => {
                     expect(r)?;
                 }
-                Ok(_) if !follow => return Ok(0),
+                Ok(_) if !follow => return end(),
                 Ok(_) => {} // the daemon stopped: go on reading the log directly
+                Err(_) if stopped => return Ok(0), // stdout closed: no trailer
                 Err(e) if !follow => return Err(e),
                 Err(_) => {}
             }
@@ -171,7 +196,7 @@ pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> an
                 continue; // the next page (one cut short by its inputs' size too)
             }
             if !follow {
-                return Ok(0);
+                return end();
             }
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -89,7 +89,8 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
         let name = args.name.clone().unwrap_or_default();
         let id = args.id.clone().unwrap_or_else(|| generate_id(&name));
         let wi = workitem_from(args, &ks, &id);
-        crate::domain::workitem::normalise(&wi).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The workitem is made of the arguments: one it refuses is a bad argument (exit 2).
+        crate::domain::workitem::normalise(&wi).map_err(|e| super::Usage(e.to_string()))?;
         let file = format!("{}.json", crate::domain::workitem::sanitise_id(&id));
         anyhow::ensure!(
             !spool.join("outbox").join(&file).exists(),

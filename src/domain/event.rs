@@ -43,7 +43,9 @@ impl<'de> Deserialize<'de> for Input {
     }
 }
 
-/// One entry of the log: `seq` is its sled key, `job` the seq of the event that opened the job.
+/// One entry of the log: `seq` is its place in the log, `job` the number of its job (jobs are
+/// numbered 1, 2, 3, ... as they open; in a log of an earlier version, by the seq of the event
+/// that opened them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub seq: u64,

@@ -260,9 +260,9 @@ impl Store {
         let policy = self.policy;
         let observer = self.observer.get();
         let evs = journal
-            .append_with(items, |ev, view| {
+            .append_with(items, |ev, view, opens| {
                 let job = pending.entry(ev.job).or_insert_with(|| {
-                    if ev.seq == ev.job {
+                    if opens {
                         return Job::default();
                     }
                     match open.get(&ev.job) {
@@ -274,7 +274,7 @@ impl Store {
                     }
                     .unwrap_or_default()
                 });
-                let before = (ev.seq != ev.job).then_some(job.state);
+                let before = (!opens).then_some(job.state);
                 job.apply(view);
                 if let Some(o) = observer {
                     let change = Change {
@@ -286,7 +286,12 @@ impl Store {
                 }
                 lifecycle::is_open(job, &policy)
             })
-            .inspect_err(|e| self.fail(e))?;
+            .inspect_err(|e| {
+                // a refused append (an event for a job never opened) wrote nothing
+                if !matches!(e, JournalError::Refused(_)) {
+                    self.fail(e)
+                }
+            })?;
         for (id, job) in pending {
             if lifecycle::is_open(&job, &policy) {
                 open.insert(id, job);

@@ -276,8 +276,8 @@ impl App {
 
 /// The newest jobs with ids below `before` (all: None) in state `state` (any: None), at most
 /// `limit`, looking at `PAGE_SCAN` job ids at most; and the `before` of the next page, if
-/// there may be older jobs. Each job is read by its id (a job's id is the seq of its first
-/// event), so a page costs the same at any log size.
+/// there may be older jobs. Each job is read by its number (dense from 1; in a log of an
+/// earlier version, the seq of its first event), so a page costs the same at any log size.
 pub fn newest(
     journal: &Journal,
     state: Option<State>,
@@ -285,7 +285,7 @@ pub fn newest(
     limit: usize,
 ) -> Result<(Vec<Job>, Option<u64>), JournalError> {
     let top = journal
-        .last_seq()
+        .last_job()
         .min(before.map_or(u64::MAX, |b| b.saturating_sub(1)));
     let mut out = Vec::new();
     let mut next = top; // every id above `next` (up to top) has been looked at

@@ -2,7 +2,8 @@
 //! ([`route`], [`query_params`]), and the parsing of a state filter.
 //!
 //! Invariant: a path either names a route with a job id of the project's syntax
-//! ([`valid_id`]: a job number or an image_id of `[A-Za-z0-9._-]`, not starting with a dot),
+//! ([`valid_id`]: a job number or an image_id of `[A-Za-z0-9._-]`, not starting with a dot; a
+//! number is always a job number, handed on as `#N`),
 //! or is refused ([`Route::BadPath`]): `.`/`..` segments, encoded slashes, backslashes and NULs
 //! never reach a handler, and no path on disk is ever built from a request.
 
@@ -47,9 +48,17 @@ pub fn route(path: &str) -> Route {
         }
         segs.push(seg.into_owned());
     }
+    // A number in a path is a job number (`#N`, `%23N` too), never an image_id: a page's link
+    // to job N always shows job N.
     let id = |s: &String, r: fn(String) -> Route| {
+        let digits = s.strip_prefix('#').unwrap_or(s);
         if s.is_empty() {
             Route::NotFound
+        } else if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            match digits.parse::<u64>() {
+                Ok(n) => r(format!("#{n}")),
+                Err(_) => Route::BadPath(format!("{s:?} is not a job number")),
+            }
         } else if valid_id(s) {
             r(s.clone())
         } else {
@@ -114,16 +123,24 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(route("/"), Route::Index);
-        assert_eq!(route("/jobs/17"), Route::Job("17".into()));
+        assert_eq!(route("/jobs/17"), Route::Job("#17".into()));
+        assert_eq!(route("/jobs/%2317"), Route::Job("#17".into()));
+        assert_eq!(route("/jobs/0017"), Route::Job("#17".into()));
+        assert!(matches!(route("/jobs/%23x"), Route::BadPath(_)));
+        assert!(matches!(
+            route("/jobs/99999999999999999999999"),
+            Route::BadPath(_)
+        ));
         assert_eq!(
             route("/jobs/nightly-4.2_x"),
             Route::Job("nightly-4.2_x".into())
         );
-        assert_eq!(route("/jobs/17/log"), Route::JobLog("17".into()));
+        assert_eq!(route("/jobs/17/log"), Route::JobLog("#17".into()));
         assert_eq!(
             route("/jobs/17/log/stream"),
-            Route::JobLogStream("17".into())
+            Route::JobLogStream("#17".into())
         );
+        assert_eq!(route("/api/jobs/17"), Route::ApiJob("#17".into()));
         assert_eq!(route("/api/jobs"), Route::ApiJobs);
         assert_eq!(route("/api/jobs/a-1"), Route::ApiJob("a-1".into()));
         assert_eq!(route("/metrics"), Route::Metrics);

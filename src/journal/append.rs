@@ -21,7 +21,8 @@ use super::{
 use crate::domain::job as fold;
 
 impl Journal {
-    /// Appends one event and flushes it. `job = None` opens a new job whose id is this seq.
+    /// Appends one event and flushes it. `job = None` opens a new job: it gets the next job
+    /// number (`next_job`).
     /// `is_open` says whether a job is still open after it (the store passes the lifecycle's).
     pub fn append(
         &self,
@@ -42,10 +43,13 @@ impl Journal {
         is_open: &dyn Fn(&Job) -> bool,
     ) -> Result<Vec<Event>> {
         let mut pending: std::collections::HashMap<u64, Job> = Default::default();
-        let evs = self.append_with(items, |ev, view| {
-            let job = pending
-                .entry(ev.job)
-                .or_insert_with(|| self.projection(ev.job).ok().flatten().unwrap_or_default());
+        let evs = self.append_with(items, |ev, view, opens| {
+            let job = pending.entry(ev.job).or_insert_with(|| {
+                if opens {
+                    return Job::default();
+                }
+                self.projection(ev.job).ok().flatten().unwrap_or_default()
+            });
             job.apply(view);
             is_open(job)
         })?;
@@ -55,13 +59,16 @@ impl Journal {
         Ok(evs)
     }
 
-    /// Appends events without flushing them (see `sync`). `project` is called for each event,
-    /// in order, under the append lock, with the event and its stored form, and says whether
-    /// the job is open after it (its open mark is kept or written, else removed).
+    /// Appends events without flushing them (see `sync`). An item with job None opens a new
+    /// job (the next job number); one with a job names a job already opened (else nothing is
+    /// appended and the append is refused). `project` is called for each event, in order,
+    /// under the append lock, with the event, its stored form and whether it opens its job,
+    /// and says whether the job is open after it (its open mark is kept or written, else
+    /// removed).
     pub fn append_with(
         &self,
         items: Vec<(Option<u64>, EventKind)>,
-        project: impl FnMut(&Event, &fold::EventView<'_>) -> bool,
+        project: impl FnMut(&Event, &fold::EventView<'_>, bool) -> bool,
     ) -> Result<Vec<Event>> {
         self.check_broken()?;
         let r = self.append_inner(items, project);
@@ -74,10 +81,21 @@ impl Journal {
     fn append_inner(
         &self,
         items: Vec<(Option<u64>, EventKind)>,
-        mut project: impl FnMut(&Event, &fold::EventView<'_>) -> bool,
+        mut project: impl FnMut(&Event, &fold::EventView<'_>, bool) -> bool,
     ) -> Result<Vec<Event>> {
         let mut out = Vec::with_capacity(items.len());
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next_job = self.next_job();
+        if let Some(job) = items
+            .iter()
+            .filter_map(|(j, _)| *j)
+            .find(|j| *j == 0 || *j >= next_job)
+        {
+            // A caller's mistake, refused before anything is written (not a write error).
+            return Err(JournalError::Refused(format!(
+                "an event for job {job}, which was never opened (the next job is {next_job})"
+            )));
+        }
         let mut stored: Vec<Stored> = Vec::with_capacity(items.len());
         let mut indexed: Vec<(&sled::Tree, Vec<u8>)> = Vec::new();
         let mut seqs: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
@@ -85,15 +103,20 @@ impl Journal {
         let mut projected: std::collections::HashMap<u64, bool> = Default::default();
         for (job, mut kind) in items {
             let input = take_input(&mut kind);
+            let opens = job.is_none();
+            let job = job.unwrap_or_else(|| {
+                next_job += 1;
+                next_job - 1
+            });
             let ev = Event {
                 seq,
                 ts: now_ts(),
-                job: job.unwrap_or(seq),
+                job,
                 kind,
             };
             let bytes = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
             let view = decode_view(seq, &bytes)?;
-            projected.insert(ev.job, project(&ev, &view));
+            projected.insert(ev.job, project(&ev, &view, opens));
             seqs.entry(ev.job).or_default().push(seq);
             indexed.extend(self.index_entry(ev.job, &ev.kind));
             stored.push(Stored {
@@ -130,6 +153,8 @@ impl Journal {
             }
         }
         *next = seq;
+        self.next_job
+            .store(next_job, std::sync::atomic::Ordering::SeqCst);
         Ok(out)
     }
 
@@ -347,7 +372,7 @@ mod tests {
                     for i in 0..50 {
                         let sha = if i % 2 == 0 { "aa" } else { "ab" };
                         let evs = j
-                            .append_with(vec![(None, claimed(sha))], |_, v| {
+                            .append_with(vec![(None, claimed(sha))], |_, v, _| {
                                 let mut job = Job::default();
                                 job.apply(v);
                                 job.id == v.job
@@ -367,7 +392,7 @@ mod tests {
         assert_eq!(j.jobs_for_sha("ab").unwrap().len(), 100);
         assert!(j.jobs_for_sha("a").unwrap().is_empty());
         assert_eq!(j.open_jobs().unwrap().len(), 200);
-        j.append_with(vec![(None, claimed("cc"))], |_, v| {
+        j.append_with(vec![(None, claimed("cc"))], |_, v, _| {
             let mut job = Job::default();
             job.apply(v);
             job.id != v.job

@@ -18,7 +18,8 @@ const BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 impl Journal {
     /// Writes `events` with their given seq, ts and job (ascending, each above the log's last
-    /// seq; gaps allowed), every index as `append` writes it, and the input each `queued` or
+    /// seq; gaps allowed; a job not in the log yet numbered above every job before it, as
+    /// `append` numbers them), every index as `append` writes it, and the input each `queued` or
     /// `invalid` event carries (the export form) into the inputs tree. Not flushed: the caller
     /// flushes once it has written all it writes (`flush`: one flush for a whole import). The
     /// projections are derived, not imported: `Store::open` folds them, all of them in a fresh
@@ -35,6 +36,8 @@ impl Journal {
     fn import_inner(&self, events: &[Event]) -> Result<()> {
         let mut next = lock(&self.next_seq);
         let mut expect = *next;
+        let mut next_job = self.next_job();
+        let mut known: std::collections::HashSet<u64> = Default::default();
         for ev in events {
             if ev.seq < expect {
                 return Err(JournalError::Refused(format!(
@@ -43,11 +46,26 @@ impl Journal {
                     expect.saturating_sub(1)
                 )));
             }
-            if ev.job > ev.seq {
+            if ev.job == 0 || ev.job > ev.seq {
                 return Err(JournalError::Refused(format!(
                     "event {} names job {}, which would open after it",
                     ev.seq, ev.job
                 )));
+            }
+            // A job's first event opens it: numbered above every job opened before it (the
+            // newest jobs are the highest numbers: how the log pages and numbers new jobs).
+            if ev.job >= next_job {
+                next_job = ev.job + 1;
+                known.insert(ev.job);
+            } else if !known.contains(&ev.job) && self.seqs_of(ev.job)?.is_empty() {
+                return Err(JournalError::Refused(format!(
+                    "event {} opens job {}, below job {} opened before it: job numbers go up as jobs open",
+                    ev.seq,
+                    ev.job,
+                    next_job - 1
+                )));
+            } else {
+                known.insert(ev.job);
             }
             expect = ev.seq + 1;
         }
@@ -77,6 +95,8 @@ impl Journal {
         }
         self.write_blocks(&stored)?;
         *next = expect;
+        self.next_job
+            .store(next_job, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -368,6 +388,26 @@ mod tests {
         assert!(matches!(again, Err(JournalError::Refused(_))), "{again:?}");
         assert_eq!(j.next_seq(), 8);
         assert_eq!(Tag::parse("claimed"), Some(Tag::Claimed));
+        // job numbers go on after the highest imported job
+        assert_eq!(j.next_job(), 4);
+        let c = j
+            .append_batch(
+                vec![(None, EventKind::Cancelled { reason: "r".into() })],
+                &|_| false,
+            )
+            .unwrap();
+        assert_eq!((c[0].seq, c[0].job), (8, 4));
+        // a job that opens below one opened before it: refused, nothing written
+        let cancel = || EventKind::Cancelled { reason: "r".into() };
+        let below = j.import_events(&[ev(9, 3, cancel()), ev(10, 2, cancel())]);
+        assert!(
+            matches!(&below, Err(JournalError::Refused(m)) if m.contains("opens job 2")),
+            "{below:?}"
+        );
+        assert_eq!((j.next_seq(), j.next_job()), (9, 5));
+        j.import_events(&[ev(9, 3, cancel()), ev(10, 7, cancel())])
+            .unwrap();
+        assert_eq!((j.next_seq(), j.next_job()), (11, 8));
     }
 
     #[test]

@@ -8,8 +8,12 @@
 //! them), `indexes` (the indexes and open marks derived from the events), `migrate` (stored
 //! form 1 into form 2) and `archive` (import, backup, rewrite).
 //!
-//! Invariant: seqs are handed out under one lock, so the log is totally ordered and a reader
-//! that has seen seq N has seen every event before it. The events are the truth; every other
+//! Invariant: seqs and job numbers are handed out under one lock, so the log is totally ordered
+//! and a reader that has seen seq N has seen every event before it. Job numbers are dense (1, 2,
+//! 3, ...): the next one is one above the highest job the job index holds (the index entry of a
+//! job is written before its first event, so it is durable with it); a log of an earlier
+//! version, whose jobs were numbered by the seq of their first event, goes on after its
+//! highest job. The events are the truth; every other
 //! tree is derived from them and can be rebuilt by folding them. Once a write has failed, the
 //! handle writes nothing more (`broken`) and the store reopens the log.
 
@@ -124,6 +128,8 @@ pub struct Journal {
     /// Seals so far (see `Scan`).
     seals: std::sync::atomic::AtomicU64,
     next_seq: Mutex<u64>,
+    /// The number the next job opened gets (changed only under `next_seq`).
+    next_job: std::sync::atomic::AtomicU64,
     /// The small blocks at the end of the log not merged yet (taken under `next_seq`).
     small: Mutex<Small>,
     commit: Mutex<Commit>,
@@ -209,6 +215,7 @@ impl Journal {
             blocks,
             tail,
             next_seq: Mutex::new(1),
+            next_job: std::sync::atomic::AtomicU64::new(1),
             small: Mutex::new(Small::default()),
             commit: Mutex::new(Commit {
                 durable: 1,
@@ -221,6 +228,8 @@ impl Journal {
         journal.migrate()?;
         journal.tidy_tail()?;
         let next = journal.scan_last_seq()? + 1;
+        let last_job = journal.tidy_job_index(next - 1)?;
+        *journal.next_job.get_mut() = last_job + 1;
         *journal
             .next_seq
             .get_mut()
@@ -241,6 +250,48 @@ impl Journal {
             }
         }
         Ok(0)
+    }
+
+    /// Removes the job index entries of the jobs whose first event a crash took (an append
+    /// writes a new job's index entry before its events: every seq it lists is above the
+    /// log's last), so that their numbers are given again; returns the highest job left (0:
+    /// none). Their other index entries and marks are harmless: the lookups check the job's
+    /// own events, and a start removes a mark with no events.
+    fn tidy_job_index(&self, last_seq: u64) -> Result<u64> {
+        let mut lost = Vec::new();
+        let mut last_job = 0;
+        for item in self.job_seqs.iter().rev() {
+            let (k, v) = item?;
+            // seqs ascend: the first tells (an entry cut short is left to its readers)
+            match block::take_varint(&mut &v[..]) {
+                Some(first) if first > last_seq => lost.push(k),
+                _ => {
+                    last_job = key_seq(&k);
+                    break;
+                }
+            }
+        }
+        if !lost.is_empty() {
+            log::warn!(
+                "log {}: the job index named {} job(s) whose events a crash took: their numbers are given again",
+                self.path.display(),
+                lost.len()
+            );
+            for k in lost {
+                self.job_seqs.remove(k)?;
+            }
+        }
+        Ok(last_job)
+    }
+
+    /// The number the next job opened gets.
+    pub fn next_job(&self) -> u64 {
+        self.next_job.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The highest job number in the log (0: none).
+    pub fn last_job(&self) -> u64 {
+        self.next_job() - 1
     }
 
     pub fn path(&self) -> &Path {
@@ -429,5 +480,47 @@ mod tests {
         );
         let seqs: Vec<u64> = j.job_events(1).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![1, 2]);
+    }
+
+    #[test]
+    fn jobs_are_numbered_densely_and_the_numbering_survives_a_reopening_and_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            assert_eq!((j.next_job(), j.last_job()), (1, 0));
+            let a = j.append(None, cancelled(), P).unwrap();
+            j.append(Some(a.job), cancelled(), P).unwrap();
+            j.append(Some(a.job), cancelled(), P).unwrap();
+            let b = j.append(None, cancelled(), P).unwrap();
+            let batch = j
+                .append_batch(vec![(None, cancelled()), (Some(b.job), cancelled())], P)
+                .unwrap();
+            assert_eq!((a.seq, a.job), (1, 1));
+            assert_eq!((b.seq, b.job), (4, 2));
+            assert_eq!((batch[0].seq, batch[0].job), (5, 3));
+            assert_eq!(j.last_job(), 3);
+            // an event for a job never opened is refused, and writes nothing
+            for never in [0, 4, 99] {
+                let e = j.append(Some(never), cancelled(), P).unwrap_err();
+                assert!(matches!(e, JournalError::Refused(_)), "{e}");
+            }
+            assert!(!j.is_broken());
+            assert_eq!((j.next_seq(), j.next_job()), (7, 4));
+            // a crash that took an append after its job index entry was written: the entry
+            // names a seq above the log's end
+            let mut lost = Vec::new();
+            block::put_varint(&mut lost, 7);
+            j.job_seqs.insert(4u64.to_be_bytes(), lost).unwrap();
+            j.flush().unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.next_job(), 4, "the lost job's number is given again");
+        let c = j.append(None, cancelled(), P).unwrap();
+        assert_eq!((c.seq, c.job), (7, 4));
+        assert_eq!(j.job_events(4).unwrap().len(), 1);
+        assert_eq!(
+            j.fold_all().unwrap().keys().copied().collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
     }
 }

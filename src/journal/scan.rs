@@ -3,6 +3,11 @@
 //! through `job_seqs`, and their folds into job states (`fold_job`, `fold_jobs` split over the
 //! cores, `projections`, `newest_projections`).
 //!
+//! A job's number says nothing of where its events are: in a log of this version jobs are
+//! numbered 1, 2, 3, ... as they open (in a log of an earlier version, by the seq of their first
+//! event); what holds in both is that a job opened after another has a higher number, and its
+//! first event comes after the other's.
+//!
 //! Invariant: a scan misses no event and yields each once, in seq order, even while seals move
 //! blocks of `tail` into `blocks` under it: `Scan` goes over both again when a seal was counted
 //! since it began, and the readers skip what it yields twice (and the copies a crash in a merge
@@ -280,33 +285,37 @@ impl Journal {
         self.fold_all()
     }
 
-    /// The state of the newest `n` jobs (and no others): the fold of the events from the id of
-    /// the `n`th newest job on, so it costs what those jobs' time in the log holds, not the log.
+    /// The state of the newest `n` jobs (and no others): the fold of the events from the first
+    /// event of the `n`th newest job on, so it costs what those jobs' time in the log holds,
+    /// not the log.
     pub fn newest_projections(&self, n: usize) -> Result<Jobs> {
         if n == 0 {
             return Ok(Jobs::new());
         }
-        let Some(first) = self.job_seqs.iter().keys().rev().take(n).last() else {
+        let mut first_job = None;
+        let mut first_seq = u64::MAX;
+        for item in self.job_seqs.iter().rev().take(n) {
+            let (k, v) = item?;
+            let job = key_seq(&k);
+            first_job = Some(job);
+            let mut rest = &v[..];
+            if let Some(seq) = block::take_varint(&mut rest) {
+                first_seq = first_seq.min(seq);
+            }
+        }
+        let Some(first_job) = first_job else {
             return Ok(Jobs::new());
         };
-        let first = key_seq(&first?);
-        let mut jobs = self.projections_from(first)?;
-        while jobs.len() > n {
-            jobs.pop_first();
-        }
-        Ok(jobs)
-    }
-
-    /// The state of the jobs with an id of at least `first`: the fold of the events from seq
-    /// `first` on (a job's events all come at or after its id).
-    pub fn projections_from(&self, first: u64) -> Result<Jobs> {
         let mut out = Jobs::new();
-        self.each_entry(first, u64::MAX, |e| {
-            if e.job >= first {
+        self.each_entry(first_seq, u64::MAX, |e| {
+            if e.job >= first_job {
                 fold::apply(&mut out, &decode_view(e.seq, e.json)?);
             }
             Ok(())
         })?;
+        while out.len() > n {
+            out.pop_first();
+        }
         Ok(out)
     }
 
@@ -435,7 +444,7 @@ mod tests {
             let j = std::sync::Arc::clone(&j);
             std::thread::spawn(move || {
                 for _ in 0..total {
-                    j.append_with(vec![(None, cancelled())], |_, _| false)
+                    j.append_with(vec![(None, cancelled())], |_, _, _| false)
                         .unwrap();
                 }
             })

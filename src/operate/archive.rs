@@ -13,7 +13,7 @@ use crate::domain::lifecycle;
 use crate::domain::{Event, EventKind, Job};
 use crate::journal::archive as jarchive;
 use crate::journal::{Journal, JournalError};
-use crate::operate::Host;
+use crate::operate::{Host, export};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::io::{BufRead, Write};
@@ -128,16 +128,6 @@ pub fn open_export(mut r: impl BufRead + 'static) -> std::io::Result<Box<dyn Buf
     Ok(Box::new(r))
 }
 
-/// Parses one line of an export (`events --json`, an archive); None for a blank line.
-pub fn parse_line(line: &str, n: usize) -> Result<Option<Event>> {
-    if line.trim().is_empty() {
-        return Ok(None);
-    }
-    serde_json::from_str(line)
-        .map(Some)
-        .map_err(|e| ArchiveError::Refused(format!("line {n}: not an event of the log: {e}")))
-}
-
 /// Is there a log (or anything else) in `dir`? Import and backup write only into an empty
 /// or missing folder.
 fn ensure_empty(dir: &Path, what: &str) -> Result<()> {
@@ -154,6 +144,59 @@ fn ensure_empty(dir: &Path, what: &str) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io("cannot read", dir)(e)),
     }
+}
+
+/// `p` as the file system sees it: its longest existing part with symlinks and `..` resolved,
+/// the rest (`.` and `..` applied) as written.
+fn resolved(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let parts: Vec<Component<'_>> = p.components().collect();
+    for i in (1..=parts.len()).rev() {
+        let head: PathBuf = parts[..i].iter().collect();
+        if let Ok(mut out) = head.canonicalize() {
+            for c in &parts[i..] {
+                match c {
+                    Component::ParentDir => {
+                        out.pop();
+                    }
+                    Component::CurDir => {}
+                    c => out.push(c.as_os_str()),
+                }
+            }
+            return out;
+        }
+    }
+    p.to_path_buf()
+}
+
+/// Refuses `path` (what a `backup` or `compact` writes, `what`) inside a folder the daemon
+/// takes as its own: the spool's `incoming/`, `tmp/`, `active/`, `outbox/`, `rejected/` (a file
+/// there is claimed, answered or moved away by a daemon), its `state/` (where each worker's
+/// daemon opens the log named after it) and the state dir.
+pub fn outside_spool(host: &Host, path: &Path, what: &str) -> Result<()> {
+    let spool = &host.spool;
+    let active = spool.root.join("active");
+    let states = spool.root.join("state");
+    let state = host.cfg.state_dir();
+    let path = resolved(path);
+    for (dir, name) in [
+        (&spool.incoming, "the spool's incoming/"),
+        (&spool.tmp, "the spool's tmp/"),
+        (&active, "the spool's active/"),
+        (&spool.outbox, "the spool's outbox/"),
+        (&spool.rejected, "the spool's rejected/"),
+        (&states, "the spool's state/"),
+        (&state, "the state dir"),
+    ] {
+        if path.starts_with(resolved(dir)) {
+            return Err(ArchiveError::Refused(format!(
+                "{what} {} is inside {name} ({}), where a daemon takes what it finds: name a place outside the spool's folders and the state dir",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A hidden folder beside `dir` where a log is built before it is renamed into place.
@@ -224,25 +267,35 @@ pub struct ImportReport {
     pub events: u64,
     pub jobs: u64,
     pub last_seq: u64,
+    /// Taken with `--partial` although the export was not whole: why not.
+    #[serde(default)]
+    pub partial: Option<String>,
 }
 
 /// `import FILE`: builds a log in the empty (or missing) state dir `dir` from an export
-/// (JSON Lines). Written beside it and renamed into place, so a failed import leaves nothing.
-pub fn import(reader: impl BufRead, dir: &Path) -> Result<ImportReport> {
+/// (JSON Lines ended by its trailer, see `export`). Written beside it and renamed into place,
+/// so a failed import leaves nothing. An export that is not whole (no trailer, one that does
+/// not match, a last line cut short) is refused, unless `partial`: then the events it holds
+/// are imported and the report says what was wrong.
+pub fn import(reader: impl BufRead, dir: &Path, partial: bool) -> Result<ImportReport> {
     ensure_empty(dir, "the state dir")?;
     build_staged(dir, |tmp| {
         let journal = Journal::open(tmp)?;
+        let mut lines = export::Reader::new(reader);
         let mut batch = Vec::new();
         let mut bytes = 0usize;
-        let (mut events, mut jobs) = (0u64, 0u64);
-        for (i, line) in reader.lines().enumerate() {
-            let line = line.map_err(|e| ArchiveError::Refused(format!("line {}: {e}", i + 1)))?;
-            let Some(ev) = parse_line(&line, i + 1)? else {
-                continue;
-            };
-            bytes += line.len();
+        let (mut events, mut jobs, mut top) = (0u64, 0u64, 0u64);
+        while let Some((ev, len)) = lines
+            .next_event()
+            .map_err(|e| ArchiveError::Refused(e.to_string()))?
+        {
+            bytes += len;
             events += 1;
-            jobs += u64::from(ev.seq == ev.job);
+            // a job's first event: numbered above every job before it (checked on import)
+            if ev.job > top {
+                top = ev.job;
+                jobs += 1;
+            }
             batch.push(ev);
             if batch.len() >= 1024 || bytes >= 32 << 20 {
                 journal.import_events(&batch)?;
@@ -251,6 +304,15 @@ pub fn import(reader: impl BufRead, dir: &Path) -> Result<ImportReport> {
             }
         }
         journal.import_events(&batch)?;
+        let partial = match lines.check() {
+            Ok(()) => None,
+            Err(why) if partial => Some(why.to_string()),
+            Err(why) => {
+                return Err(ArchiveError::Refused(format!(
+                    "the export is not whole: {why}. Nothing was imported; `import --partial` takes the {events} event(s) it holds"
+                )));
+            }
+        };
         let last_seq = journal.last_seq();
         place(journal, tmp, dir)?;
         Ok(ImportReport {
@@ -258,6 +320,7 @@ pub fn import(reader: impl BufRead, dir: &Path) -> Result<ImportReport> {
             events,
             jobs,
             last_seq,
+            partial,
         })
     })
 }
@@ -306,6 +369,9 @@ pub struct CompactReport {
     pub archive: Option<PathBuf>,
     /// The seq of the `compacted` event (None: nothing to move).
     pub seq: Option<u64>,
+    /// The job number of the `compacted` record.
+    #[serde(default)]
+    pub job: Option<u64>,
 }
 
 /// How long a compaction waits for readers to let go of the log before it swaps it.
@@ -319,6 +385,15 @@ const SWAP_PATIENCE: Duration = Duration::from_secs(30);
 /// job (two jobs never share a job folder).
 pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<CompactReport> {
     let dir = host.engine.store.dir().to_path_buf();
+    let now = SystemTime::now();
+    if before > now {
+        return Err(ArchiveError::Refused(format!(
+            "--before {} is in the future (now is {}): a job is settled before a time that has passed",
+            format_time(before),
+            format_time(now)
+        )));
+    }
+    outside_spool(host, archive, "the archive")?;
     if archive.symlink_metadata().is_ok() {
         return Err(ArchiveError::Refused(format!(
             "{} exists: an archive is never replaced; name a new file",
@@ -374,6 +449,7 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
             kept_for_folder,
             archive: None,
             seq: None,
+            job: None,
         });
     }
 
@@ -389,7 +465,7 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
             .open(&tmp_archive)
             .map_err(io("cannot create", &tmp_archive))?;
         let mut out = ArchiveWriter::new(f, is_gzip_name(archive));
-        let mut n = 0;
+        let mut digest = export::Digest::default();
         for ev in journal.since(0) {
             let ev = ev?;
             if ev.seq >= horizon {
@@ -397,13 +473,16 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
             }
             if removed.contains(&ev.job) {
                 let ev = journal.with_input(ev)?;
-                let mut line = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
-                line.push(b'\n');
+                let line = export::event_line(&ev).map_err(JournalError::Encode)?;
                 out.write_all(&line)
                     .map_err(io("cannot write", &tmp_archive))?;
-                n += 1;
+                digest.line(&line);
             }
         }
+        // the export's trailer: an archive imports only whole
+        out.write_all(&digest.trailer_line())
+            .map_err(io("cannot write", &tmp_archive))?;
+        let n = digest.events();
         let f = out.finish().map_err(io("cannot write", &tmp_archive))?;
         f.sync_all().map_err(io("cannot fsync", &tmp_archive))?;
         if !crate::durable::rename_noreplace(&tmp_archive, archive)
@@ -480,11 +559,13 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
             }
             tail.push(old.with_input(ev)?);
         }
-        let seq = old.next_seq();
+        // a job of its own: the next number, so the numbering goes on when the newest jobs
+        // went to the archive
+        let (seq, job) = (old.next_seq(), old.next_job());
         tail.push(Event {
             seq,
             ts: crate::journal::now_ts(),
-            job: seq,
+            job,
             kind: record,
         });
         new.import_events(&tail)?;
@@ -494,9 +575,9 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
         drop(old);
         swapping.set(true);
         jarchive::swap_in(&dir)?;
-        Ok(seq)
+        Ok((seq, job))
     });
-    let seq = swapped.map_err(|e| {
+    let (seq, job) = swapped.map_err(|e| {
         if swapping.get() {
             // The swap may have happened (it is finished at the next open once marked): the
             // archive stays, whatever the log now holds.
@@ -512,6 +593,7 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
         kept_for_folder,
         archive: Some(archive.to_path_buf()),
         seq: Some(seq),
+        job: Some(job),
     })
 }
 
@@ -626,12 +708,5 @@ mod tests {
                 .as_deref(),
             Some("2026-11-25T00:00:01.234Z")
         );
-    }
-
-    #[test]
-    fn lines() {
-        assert!(parse_line("  ", 1).unwrap().is_none());
-        let e = parse_line("{\"seq\":1}", 7).unwrap_err().to_string();
-        assert!(e.starts_with("line 7: not an event"), "{e}");
     }
 }

@@ -20,8 +20,29 @@ pub enum OpsError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Spool(#[from] crate::edges::spool::SpoolError),
-    #[error("no job with image_id or job number {0:?}")]
+    #[error("{}", not_found(.0))]
     NotFound(String),
+    /// A bare number that is the image_id of one job and the number of another.
+    #[error(
+        "{id:?} is ambiguous: it is the image_id of job {by_image} and the number of job {job}{}; say #{job} (or --job {job}) for job {job}, #{by_image} for the job with image_id {id}",
+        image_of.as_deref().map(|i| format!(" (image_id {i})")).unwrap_or_default()
+    )]
+    Ambiguous {
+        id: String,
+        by_image: u64,
+        job: u64,
+        image_of: Option<String>,
+    },
+    #[error("{0:?} is not a job number: write #N (or --job N) with N a number, or an image_id")]
+    BadNumber(String),
+}
+
+/// What a reference that names no job is told (`#N`: no job number N).
+pub fn not_found(id: &str) -> String {
+    match id.strip_prefix('#') {
+        Some(n) => format!("no job number {n}"),
+        None => format!("no job with image_id or job number {id:?}"),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, OpsError>;
@@ -93,24 +114,50 @@ pub fn status(jobs: &Jobs, state: Option<State>, limit: Option<usize>) -> Vec<St
         .collect()
 }
 
-/// Finds a job: the one that holds this image_id (the newest accepted for building with it),
-/// else the newest with it (an invalid or conflicting one), else the job number.
+/// Finds the job a reference names. `#N` is job number N, and only that. Anything else is an
+/// image_id: the job that holds it (the newest accepted for building with it), else the newest
+/// with it (an invalid or conflicting one); a bare number that is no image_id is the job with
+/// that number, and one that is both an image_id and the number of another job is refused as
+/// ambiguous, naming both (a reference is never guessed).
 pub fn resolve(journal: &Journal, id: &str) -> Result<u64> {
+    let exists = |n: u64| -> Result<bool> { Ok(n > 0 && journal.fold_job(n)?.is_some()) };
+    if let Some(n) = id.strip_prefix('#') {
+        let n: u64 = n.parse().map_err(|_| OpsError::BadNumber(id.to_string()))?;
+        return if exists(n)? {
+            Ok(n)
+        } else {
+            Err(OpsError::NotFound(format!("#{n}")))
+        };
+    }
+    let by_image = image_holder(journal, id)?;
+    let number = id
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| id.parse::<u64>().ok())
+        .flatten();
+    match (by_image, number) {
+        (Some(j), Some(n)) if j != n && exists(n)? => Err(OpsError::Ambiguous {
+            id: id.to_string(),
+            by_image: j,
+            job: n,
+            image_of: journal.fold_job(n)?.and_then(|job| job.image_id),
+        }),
+        (Some(j), _) => Ok(j),
+        (None, Some(n)) if exists(n)? => Ok(n),
+        _ => Err(OpsError::NotFound(id.to_string())),
+    }
+}
+
+/// The job an image_id names: the one that holds it (the newest accepted for building with
+/// it), else the newest with it.
+fn image_holder(journal: &Journal, id: &str) -> Result<Option<u64>> {
     let ids = journal.jobs_for_image(id)?;
     for job in ids.iter().rev() {
         if journal.projection(*job)?.is_some_and(|j| j.accepted) {
-            return Ok(*job);
+            return Ok(Some(*job));
         }
     }
-    if let Some(job) = ids.last() {
-        return Ok(*job);
-    }
-    if let Ok(n) = id.trim_start_matches('#').parse::<u64>()
-        && !journal.job_events(n)?.is_empty()
-    {
-        return Ok(n);
-    }
-    Err(OpsError::NotFound(id.to_string()))
+    Ok(ids.last().copied())
 }
 
 /// `show`: one job's events, state and current workitem.
@@ -331,6 +378,8 @@ pub struct ReplayReport {
 /// Folds the whole log from empty and compares it with what is derived from it (each job as its
 /// own index reads it, the open marks a start loads) and with the spool of `spool.worker`.
 pub fn replay(journal: &Journal, spool: &Spool, policy: &Policy) -> Result<ReplayReport> {
+    // The jobs numbered below `jobs_before` opened before `horizon` (read in this order).
+    let jobs_before = journal.next_job();
     let horizon = journal.next_seq();
     let started = Instant::now();
     let (jobs, n) = journal.fold_jobs(Some(horizon))?;
@@ -357,7 +406,7 @@ pub fn replay(journal: &Journal, spool: &Spool, policy: &Policy) -> Result<Repla
         }
     }
     for id in marked.iter().filter(|id| !jobs.contains_key(id)) {
-        if *id < horizon {
+        if *id < jobs_before {
             d.push(format!("job {id}: marked open, with no events"));
         }
     }

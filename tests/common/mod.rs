@@ -449,7 +449,7 @@ impl Farm {
         assert!(
             wait_for(Duration::from_secs(60), || {
                 let (_, out, _) = output(self.bin().args(["events", "--kind", "pushed", "--json"]));
-                out.lines().count() >= n
+                event_lines(&out).count() >= n
             }),
             "fewer than {n} pushed events"
         );
@@ -489,4 +489,66 @@ pub fn mic_runs_total(farm: &Farm) -> usize {
                 .unwrap_or(0)
         })
         .sum()
+}
+
+/// Is this line an export's trailer (a JSON object with `trailer` and no `seq`)?
+pub fn is_trailer(line: &str) -> bool {
+    serde_json::from_str::<Value>(line)
+        .is_ok_and(|v| v.get("trailer").is_some() && v.get("seq").is_none())
+}
+
+/// The event lines of an export (`events --json`, an archive), checked to end with the
+/// trailer that counts and digests them; the trailer left out.
+pub fn export_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let last = lines.pop().unwrap_or_default();
+    assert!(
+        is_trailer(&last),
+        "the last line is not the trailer: {last:?}"
+    );
+    let trailer: Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(trailer["trailer"], "build-image export");
+    assert_eq!(
+        trailer["events"].as_u64(),
+        Some(lines.len() as u64),
+        "{last}"
+    );
+    assert_eq!(trailer["sha256"], lines_sha256(&lines).as_str(), "{last}");
+    lines
+}
+
+/// The sha256 (hex) of lines, each with its newline: what a trailer says of them.
+fn lines_sha256(lines: &[String]) -> String {
+    use sha2::Digest;
+    let mut sha = sha2::Sha256::new();
+    for l in lines {
+        sha.update(l.as_bytes());
+        sha.update(b"\n");
+    }
+    sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The events of an export, as JSON values (trailer checked, left out).
+pub fn export_events(text: &str) -> Vec<Value> {
+    export_lines(text)
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("an event line is JSON"))
+        .collect()
+}
+
+/// Event lines made a whole export again: the lines and their trailer.
+pub fn whole_export(lines: &[String]) -> String {
+    let mut out: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    out.push_str(&format!(
+        "{{\"trailer\":\"build-image export\",\"events\":{},\"sha256\":\"{}\"}}\n",
+        lines.len(),
+        lines_sha256(lines)
+    ));
+    out
+}
+
+/// The event lines of an `events --json` output read while it may still be written to (the
+/// trailer, if there, left out).
+pub fn event_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines().filter(|l| !is_trailer(l))
 }

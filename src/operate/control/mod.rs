@@ -151,7 +151,11 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
             }
         }
         Request::Backup { dir } => {
-            match crate::operate::archive::backup(&journal, &dir, &|| host.engine.stopping()) {
+            let r = crate::operate::archive::outside_spool(host, &dir, "the backup folder")
+                .and_then(|()| {
+                    crate::operate::archive::backup(&journal, &dir, &|| host.engine.stopping())
+                });
+            match r {
                 Ok(r) => Response::BackedUp(r),
                 Err(e) => err(&e),
             }
