@@ -180,6 +180,10 @@ fn memory_stays_bounded_for_four_15_mb_inputs() {
     let mut farm = Farm::new();
     farm.cfg.spool.max_bytes = 16 * 1024 * 1024;
     farm.cfg.worker.workers = 2;
+    // Two 15 MB pushes at once through a shell script may take longer than the farm's 5 s on
+    // a loaded host, and a BUILDING push that timed out is not tried again once the build is
+    // over: this test is about memory, so the utility gets all the time it needs.
+    farm.cfg.hooks.timeout = 120;
     let mut child = farm.start_binary();
     let pid = child.0.id();
     let ks = format!(

@@ -99,8 +99,8 @@ impl Metrics {
         m
     }
 
-    /// Counts the log's jobs, folding them one by one by id through the job index (a
-    /// job's id is the seq of its first event) while the daemon runs and records: run it on a
+    /// Counts the log's jobs, folding them one by one by number through the job index (1 to
+    /// the highest number at the start; a job opened since is counted by its events) while the daemon runs and records: run it on a
     /// thread of its own after [`Metrics::new`] was made the store's observer; `cancel` ends
     /// it early. Until it is done, `/metrics` answers 503 and the state counts are unknown.
     ///
@@ -114,10 +114,11 @@ impl Metrics {
     pub fn seed(&self, journal: &Journal) -> Result<(), JournalError> {
         let started = std::time::Instant::now();
         let top = journal.last_seq();
+        let last_job = journal.last_job();
         let mut counts = [0i64; State::ALL.len()];
         let mut queued = Vec::new();
         let mut jobs = 0u64;
-        for id in 1..=top {
+        for id in 1..=last_job {
             if id % 4096 == 0 && self.cancel.load(Ordering::SeqCst) {
                 return Ok(());
             }
