@@ -5,6 +5,7 @@
 //! logfile_url,error}`, `fields.result`, `fields.msg` and `fields.__error__` changed or added;
 //! every other key, and the envelope/bare and new/old API form, is kept as given.
 
+use super::text;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -245,6 +246,11 @@ pub fn normalise(input: &Value) -> Result<Spec, WorkitemError> {
             "image_id {id:?} has no character of [A-Za-z0-9_-] to name its directory"
         ));
     }
+    if let Some(id) = &image_id
+        && id.chars().any(text::is_unsafe)
+    {
+        errors.push(format!("image_id {id:?} {CONTROL}"));
+    }
     if let Some(n) = &name
         && let Err(e) = check_component(n)
     {
@@ -302,10 +308,13 @@ fn is_word(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
-const CONTROL: &str = "must not contain control characters (such as a newline, a tab or DEL)";
+/// Why a name, prefix, release or image_id with a character [`text::is_unsafe`] is refused: it
+/// is printed by every command and shown on every page, and a terminal would act on it.
+const CONTROL: &str = "must not contain control characters (such as a newline, a tab, ESC or \
+                       DEL) or bidirectional formatting characters (such as U+202E)";
 
-/// One path component: not empty, not `.`/`..`, no `/`, no NUL or other control character, not
-/// hidden.
+/// One path component: not empty, not `.`/`..`, no `/`, no NUL, control or bidirectional
+/// formatting character, not hidden.
 fn check_component(s: &str) -> Result<(), &'static str> {
     if s.is_empty() {
         Err("is empty")
@@ -315,7 +324,7 @@ fn check_component(s: &str) -> Result<(), &'static str> {
         Err("must be one path component (no '/')")
     } else if s.contains('\0') {
         Err("must not contain NUL")
-    } else if s.chars().any(char::is_control) {
+    } else if s.chars().any(text::is_unsafe) {
         Err(CONTROL)
     } else if s.starts_with('.') {
         Err("must not start with '.'")
@@ -324,7 +333,7 @@ fn check_component(s: &str) -> Result<(), &'static str> {
     }
 }
 
-/// A relative path of safe components (no control character).
+/// A relative path of safe components (no control or bidirectional formatting character).
 fn check_prefix(p: &str) -> Result<(), &'static str> {
     if p.starts_with('/') {
         return Err("must be a relative path");
@@ -339,7 +348,7 @@ fn check_prefix(p: &str) -> Result<(), &'static str> {
         if part.contains('\0') {
             return Err("must not contain NUL");
         }
-        if part.chars().any(char::is_control) {
+        if part.chars().any(text::is_unsafe) {
             return Err(CONTROL);
         }
     }
@@ -583,6 +592,31 @@ mod tests {
                     "{key}={bad:?}: {e}"
                 );
             }
+        }
+        for bad in ["a\u{202e}b", "\u{2066}x", "x\u{200f}", "a\u{2028}b"] {
+            for key in ["name", "prefix", "release", "image_id"] {
+                let mut w = good();
+                w[key] = json!(bad);
+                let e = normalise(&w).unwrap_err().to_string();
+                assert!(
+                    e.contains(key) && e.contains("bidirectional"),
+                    "{key}={bad:?}: {e}"
+                );
+            }
+        }
+        for bad in [
+            "7-1\u{1b}[31m",
+            "7\u{1b}]0;t\u{7}",
+            "a\nFAKE-LINE done ok",
+            "x\u{85}",
+        ] {
+            let mut w = good();
+            w["image_id"] = json!(bad);
+            let e = normalise(&w).unwrap_err().to_string();
+            assert!(
+                e.contains("image_id") && e.contains("control"),
+                "{bad:?}: {e}"
+            );
         }
         let mut w = good();
         w["prefix"] = json!("queue/us\u{1}er");
