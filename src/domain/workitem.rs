@@ -2,8 +2,9 @@
 //! from the input plus the documented OUT fields.
 //!
 //! Invariant: the reply is the input with only `fields.image.{result,files_url,image_url,
-//! logfile_url,error}`, `fields.result`, `fields.msg` and `fields.__error__` changed or added;
-//! every other key, and the envelope/bare and new/old API form, is kept as given.
+//! logfile_url,error}`, `fields.result`, `fields.msg` and `fields.__error__` changed, added or
+//! removed (each written from the job's own outcome, none carried from the input; `msg` gets one
+//! line appended); every other key, and the envelope/bare and new/old API form, is kept as given.
 
 use super::text;
 use serde::{Deserialize, Serialize};
@@ -386,7 +387,7 @@ pub fn summary(
     } else {
         let mut s = format!(
             "Image {name} build for arch {arch} failed: {}",
-            error.unwrap_or("unknown error")
+            error.unwrap_or(UNKNOWN_ERROR)
         );
         if let Some(log) = &urls.logfile_url {
             s.push_str(&format!(" (log {log})"));
@@ -395,11 +396,20 @@ pub fn summary(
     }
 }
 
-/// The input with the OUT fields set. `status_only` leaves msg/__error__/result alone
-/// (used for the BUILDING push, which carries logfile_url only).
+/// The input with the OUT fields set: the answer when `result` is Some, else the workitem of a
+/// job not answered yet (the BUILDING push, `show` before the end: the URLs known so far, no
+/// result). Every OUT field is written from the arguments alone, never carried from the input: a
+/// field the build did not make (an image_url after a failure, an error after a success) is
+/// removed, whatever the input held.
 pub fn reply(input: &Value, result: Option<bool>, error: Option<&str>, urls: &Urls) -> Value {
     reply_owned(input.clone(), result, error, urls)
 }
+
+/// What a failure whose cause was not recorded says.
+const UNKNOWN_ERROR: &str = "unknown error";
+
+/// The `fields.image` OUT fields (README, "The workitem and its answer").
+const OUT_IMAGE: [&str; 5] = ["result", "files_url", "image_url", "logfile_url", "error"];
 
 /// [`reply`], changing the input in place (a large workitem is not copied).
 pub fn reply_owned(
@@ -429,21 +439,31 @@ pub fn reply_owned(
         )
     };
     if let Some(Value::Object(img)) = f.get_mut("image") {
-        for (k, v) in [
-            ("files_url", &urls.files_url),
-            ("image_url", &urls.image_url),
-            ("logfile_url", &urls.logfile_url),
-        ] {
-            if let Some(v) = v {
-                img.insert(k.to_string(), Value::String(v.clone()));
+        // A failure always says why; a success or a job not answered yet has no error.
+        let error = (result == Some(false)).then(|| error.unwrap_or(UNKNOWN_ERROR));
+        for key in OUT_IMAGE {
+            let value = match key {
+                "result" => result.map(Value::Bool),
+                "files_url" => urls.files_url.clone().map(Value::String),
+                "image_url" => urls.image_url.clone().map(Value::String),
+                "logfile_url" => urls.logfile_url.clone().map(Value::String),
+                _ => error.map(|e| Value::String(e.to_string())),
+            };
+            match value {
+                Some(v) => {
+                    img.insert(key.to_string(), v);
+                }
+                None => {
+                    img.shift_remove(key);
+                }
             }
         }
-        if let Some(r) = result {
-            img.insert("result".into(), Value::Bool(r));
-            if let Some(e) = error {
-                img.insert("error".into(), Value::String(e.to_string()));
-            }
-        }
+    }
+    if result != Some(false) {
+        f.shift_remove("__error__");
+    }
+    if result.is_none() {
+        f.shift_remove("result");
     }
     if let Some(r) = result {
         f.insert("result".into(), Value::Bool(r));
@@ -461,7 +481,7 @@ pub fn reply_owned(
                 "__error__".into(),
                 Value::String(format!(
                     "Image build FAILED: {}",
-                    error.unwrap_or("unknown error")
+                    error.unwrap_or(UNKNOWN_ERROR)
                 )),
             );
         }
@@ -626,6 +646,68 @@ mod tests {
         w["release"] = json!("0.1 beta");
         w["prefix"] = json!("queue/ユーザー");
         assert!(normalise(&w).is_ok());
+    }
+
+    #[test]
+    fn out_fields_are_never_carried_from_the_input() {
+        let stale = json!({"image": {"image_id": "7-1", "kickstart": "ks", "image_type": "fs",
+            "name": "n", "arch": "i586", "image_url": "javascript:alert(1)", "files_url": "x",
+            "logfile_url": "y", "error": "stale", "result": true, "custom": 1},
+            "result": true, "__error__": "stale", "msg": []});
+        let built = Urls {
+            files_url: Some("http://h/requests/7-1".into()),
+            image_url: Some("http://h/requests/7-1/n.img".into()),
+            logfile_url: Some("http://h/requests/7-1/n.log".into()),
+        };
+        let planned = Urls {
+            image_url: None,
+            ..built.clone()
+        };
+        // a failure that made no image: no image_url, its own error
+        let r = reply(&stale, Some(false), Some("mic failed"), &planned);
+        let img = &r["image"];
+        assert!(img.get("image_url").is_none(), "{r}");
+        assert_eq!(img["files_url"], json!("http://h/requests/7-1"));
+        assert_eq!(img["error"], json!("mic failed"));
+        assert_eq!(
+            (&img["result"], &r["result"]),
+            (&json!(false), &json!(false))
+        );
+        assert_eq!(r["__error__"], json!("Image build FAILED: mic failed"));
+        assert_eq!(img["custom"], json!(1), "other keys stay");
+        // a success: no error anywhere
+        let r = reply(&stale, Some(true), None, &built);
+        assert!(
+            r["image"].get("error").is_none() && r.get("__error__").is_none(),
+            "{r}"
+        );
+        assert_eq!(
+            r["image"]["image_url"],
+            json!("http://h/requests/7-1/n.img")
+        );
+        // answered without a build (invalid): no URL at all
+        let r = reply(&stale, Some(false), Some("invalid"), &Urls::default());
+        for k in ["files_url", "image_url", "logfile_url"] {
+            assert!(r["image"].get(k).is_none(), "{k}: {r}");
+        }
+        // not answered yet (BUILDING): the planned URLs, no result, no error
+        let r = reply(&stale, None, None, &planned);
+        for k in ["image_url", "error", "result"] {
+            assert!(r["image"].get(k).is_none(), "{k}: {r}");
+        }
+        assert!(
+            r.get("result").is_none() && r.get("__error__").is_none(),
+            "{r}"
+        );
+        assert_eq!(
+            r["image"]["logfile_url"],
+            json!("http://h/requests/7-1/n.log")
+        );
+        // old API: the flat keys are input keys, the OUT fields go to fields.image
+        let mut old = good();
+        old["image_url"] = json!("javascript:alert(1)");
+        let r = reply(&old, Some(false), Some("e"), &planned);
+        assert!(r["image"].get("image_url").is_none(), "{r}");
     }
 
     #[test]
