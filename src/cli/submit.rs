@@ -97,7 +97,7 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
             "outbox/{file} exists already (an earlier job with this id): choose another --id"
         );
         let used = drop_named(spool, &file, &serde_json::to_vec_pretty(&wi)?)?;
-        println!("{id}");
+        println!("{}", escape(&id));
         dropped.push(used);
     } else {
         for f in &args.files {

@@ -3,7 +3,8 @@
 //!
 //! Invariant: past its bound the file holds its head, one marker line "[... N bytes of output
 //! omitted ...]" and its latest tail, N counting every byte cut so far (across attempts: a
-//! reopened log finds the marker and goes on counting); `logread` relies on this layout.
+//! reopened log finds the marker and goes on counting); `logread` relies on this layout. The
+//! daemon's own lines ([`JobLog::line`]) hold no character a terminal acts on.
 
 use crate::config::WorkerConfig;
 use nix::fcntl::OFlag;
@@ -107,9 +108,15 @@ impl JobLog {
         self.lock().path.clone()
     }
 
-    /// A timestamped line.
+    /// A timestamped line of the daemon's own (the build's header, a command line, how it
+    /// ended), on one line and escaped ([`crate::domain::text::escape`]): `log` prints the file
+    /// as it is, so only mic's output is printed raw.
     pub fn line(&self, text: &str) -> std::io::Result<()> {
-        let line = format!("[{}] {text}\n", crate::journal::now_ts());
+        let line = format!(
+            "[{}] {}\n",
+            crate::journal::now_ts(),
+            crate::domain::text::escape(text)
+        );
         self.lock().append(line.as_bytes())
     }
 
@@ -392,6 +399,25 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.matches("bytes of output omitted").count(), 1);
         assert!(text.contains("] first line\n"));
+    }
+
+    #[test]
+    fn the_daemons_own_lines_are_escaped_the_output_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("n.log");
+        let log = JobLog::open(&path, 64 * 1024).unwrap();
+        log.line("build of t\u{1b}]0;x\u{7}\nFAKE \u{202e}")
+            .unwrap();
+        log.sink()
+            .write_all(b"mic says \x1b[1mbold\x1b[0m\n")
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("] build of t\\u001b]0;x\\u0007\\nFAKE \\u202e\n"),
+            "{text:?}"
+        );
+        assert_eq!(text.lines().count(), 2, "{text:?}");
+        assert!(text.ends_with("mic says \x1b[1mbold\x1b[0m\n"), "{text:?}");
     }
 
     #[test]
