@@ -402,8 +402,12 @@ fn kvm_mic_failing_in_the_guest_is_an_error_and_the_guest_is_cleaned_up() {
             && err.contains("mic-fixture: fail 3"),
         "{err}"
     );
+    // the error as the answer has it, mic's own line first, on one escaped line of the job log
     assert!(
-        log.contains("error: /usr/bin/mic failed in the guest"),
+        log.contains(
+            "] error: Error <creator>: failed to create image (mic-fixture: fail 3)\\n\
+             /usr/bin/mic failed in the guest: exited with status 3\n"
+        ),
         "{log}"
     );
     assert_cleaned_up(&farm, &log);
