@@ -2,6 +2,7 @@
 
 use super::access::{call, expect};
 use crate::config::Config;
+use crate::domain::text::escape;
 use crate::operate::control::{Request, Response};
 
 fn unexpected(r: &Response) -> anyhow::Error {
@@ -14,9 +15,12 @@ pub fn retry(cfg: &Config, id: &str) -> anyhow::Result<i32> {
         return Err(unexpected(&r));
     };
     if building_now {
-        println!("job {job} ({id}) queued again");
+        println!("job {job} ({}) queued again", escape(id));
     } else {
-        println!("job {job} ({id}) queued again; it is built when the daemon starts");
+        println!(
+            "job {job} ({}) queued again; it is built when the daemon starts",
+            escape(id)
+        );
     }
     Ok(0)
 }
@@ -27,9 +31,12 @@ pub fn cancel(cfg: &Config, id: &str) -> anyhow::Result<i32> {
         return Err(unexpected(&r));
     };
     if answered {
-        println!("job {job} ({id}) cancelled and answered");
+        println!("job {job} ({}) cancelled and answered", escape(id));
     } else {
-        println!("job {job} ({id}) is being cancelled: its build is killed and it is answered");
+        println!(
+            "job {job} ({}) is being cancelled: its build is killed and it is answered",
+            escape(id)
+        );
     }
     Ok(0)
 }
@@ -44,11 +51,12 @@ pub fn requeue(cfg: &Config, worker: &str, force: bool) -> anyhow::Result<i32> {
         return Err(unexpected(&r));
     };
     for m in &moved {
-        println!("incoming/{m}");
+        println!("incoming/{}", escape(m));
     }
     println!(
-        "{} file(s) of worker {worker} moved back to incoming/",
-        moved.len()
+        "{} file(s) of worker {} moved back to incoming/",
+        moved.len(),
+        escape(worker)
     );
     Ok(0)
 }

@@ -3,6 +3,7 @@
 
 use super::access::{call, expect};
 use crate::config::Config;
+use crate::domain::text::escape;
 use crate::operate::archive::{self, format_time, parse_time};
 use crate::operate::control::{Request, Response};
 use anyhow::Context;
@@ -139,14 +140,14 @@ pub fn repush(cfg: &Config, since: &str, until: Option<&str>) -> anyhow::Result<
     for p in &rows {
         let how = match (&p.ok, &p.error) {
             (true, _) => "ok".to_string(),
-            (false, Some(e)) => format!("FAILED: {e}"),
+            (false, Some(e)) => format!("FAILED: {}", escape(e)),
             (false, None) => "FAILED".to_string(),
         };
         failed += usize::from(!p.ok);
         println!(
             "job {} {} {} {how}",
             p.job,
-            p.image_id.as_deref().unwrap_or("-"),
+            escape(p.image_id.as_deref().unwrap_or("-")),
             p.status.as_str()
         );
     }
@@ -167,7 +168,12 @@ pub fn redeliver(cfg: &Config, id: &str) -> anyhow::Result<i32> {
         return Err(unexpected(&r));
     };
     // where it went: outbox/<name>, or published to the reply queue (docs/amqp.md)
-    println!("job {} ({id}) answered again: {}", r.job, r.to);
+    println!(
+        "job {} ({}) answered again: {}",
+        r.job,
+        escape(id),
+        escape(&r.to.to_string())
+    );
     if !r.identical {
         eprintln!(
             "build-image: WARNING: the answer differs from the one recorded at its delivery (the log has no sha256 of it, or this version writes answers differently)"

@@ -5,6 +5,7 @@
 
 use super::access::{call, expect, open_offline};
 use crate::config::Config;
+use crate::domain::text::{escape, escape_lines};
 use crate::operate::Host;
 use crate::operate::control::{self, Request, Response};
 use crate::operate::joblog::LogChunk;
@@ -54,7 +55,7 @@ fn ending(c: &LogChunk) -> (Option<String>, i32) {
         EXIT_FAILED
     };
     let what = job_name(c);
-    let why = c.error.as_deref().unwrap_or("no result");
+    let why = escape_lines(c.error.as_deref().unwrap_or("no result"));
     let note = match (c.result, c.exists, c.built) {
         (Some(true), _, _) => None,
         (_, _, false) => Some(format!(
@@ -67,9 +68,11 @@ fn ending(c: &LogChunk) -> (Option<String>, i32) {
     (note, code)
 }
 
+/// The job as the follower's own lines name it (its image_id escaped: these lines are the
+/// command's; the build's output is printed as it is).
 fn job_name(c: &LogChunk) -> String {
     match &c.image_id {
-        Some(i) => format!("job {} ({i})", c.job),
+        Some(i) => format!("job {} ({})", c.job, escape(i)),
         None => format!("job {}", c.job),
     }
 }
@@ -178,7 +181,7 @@ fn print_log(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
                 format!(
                     "{}: its build log {} is gone",
                     job_name(&c),
-                    c.path.as_deref().unwrap_or("-")
+                    escape(c.path.as_deref().unwrap_or("-"))
                 )
             };
             anyhow::bail!(why);
@@ -188,7 +191,7 @@ fn print_log(cfg: &Config, id: &str, follow: bool) -> anyhow::Result<i32> {
                 eprintln!(
                     "build-image: {}: its build log {} is gone",
                     job_name(&c),
-                    c.path.as_deref().unwrap_or("-")
+                    escape(c.path.as_deref().unwrap_or("-"))
                 );
             }
             let (note, code) = ending(&c);

@@ -1,6 +1,7 @@
 //! `config import OLD.conf`: prints the TOML for an original IMG `build_image.conf`.
 
 use crate::config::Config;
+use crate::domain::text::escape;
 use crate::legacy;
 use std::path::Path;
 
@@ -30,7 +31,11 @@ pub fn run(file: &Path) -> i32 {
     let text = match read_bounded(file) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("build-image: cannot read {}: {e}", file.display());
+            eprintln!(
+                "build-image: cannot read {}: {}",
+                escape(&file.display().to_string()),
+                escape(&e.to_string())
+            );
             return EXIT_CANNOT;
         }
     };
@@ -52,15 +57,20 @@ pub fn run(file: &Path) -> i32 {
     let out = match legacy::import(&text, &file.display().to_string(), amqp) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("build-image: {}: {e}", file.display());
+            eprintln!(
+                "build-image: {}: {}",
+                escape(&file.display().to_string()),
+                escape(&e.to_string())
+            );
             return EXIT_CANNOT;
         }
     };
     // What is printed loads: the same checks as `--config` (ranges, values).
     if let Err(e) = Config::parse(&out.toml, Path::new("(the converted configuration)")) {
         eprintln!(
-            "build-image: {} converts to a configuration build-image refuses: {e}",
-            file.display()
+            "build-image: {} converts to a configuration build-image refuses: {}",
+            escape(&file.display().to_string()),
+            escape(&e.to_string())
         );
         return EXIT_CANNOT;
     }
@@ -72,7 +82,7 @@ pub fn run(file: &Path) -> i32 {
         "build-image: {} key(s) of {} have no meaning in build-image and are left out \
          (shown as comments in the output): {}",
         out.unknown.len(),
-        file.display(),
+        escape(&file.display().to_string()),
         out.unknown.join(", ")
     );
     EXIT_UNKNOWN_KEYS

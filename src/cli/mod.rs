@@ -14,6 +14,7 @@ pub mod query;
 pub mod submit;
 
 use crate::config::Config;
+use crate::domain::text::escape;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -119,14 +120,22 @@ pub enum Command {
     /// One line per job: id, state, name, arch, type, worker, started, duration, result.
     #[command(
         after_help = "Examples:\n  build-image status\n  build-image status --state building\n  \
+                            build-image status --state error --wide   # every line of each error\n  \
                             build-image status --json --limit 20\n\n\
                             States: claimed, queued, building, interrupted, finished (answer not yet in the outbox), \
-                            done, error, rejected, moved.\nExit codes: 0, 1 the log cannot be read, 2 usage."
+                            done, error, rejected, moved.\n\
+                            RESULT: ok, or the error's first line (mic's own error, or the daemon's reason: a timeout, \
+                            a cancel); --wide shows every line. Text from a workitem or a build is printed with control \
+                            and bidirectional formatting characters escaped (\\n, \\u001b, \\u202e).\n\
+                            Exit codes: 0, 1 the log cannot be read, 2 usage."
     )]
     Status {
         /// A JSON array instead of a table.
         #[arg(long)]
         json: bool,
+        /// Every line of each error (the table shows its first line, the cause, whole).
+        #[arg(long)]
+        wide: bool,
         /// Only jobs in this state (claimed, queued, building, interrupted, finished, done,
         /// error, rejected, moved).
         #[arg(long, value_parser = parse_state)]
@@ -399,14 +408,19 @@ pub fn main() -> i32 {
     let cfg = match load_config(&cli.global) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("build-image: {}", describe(&e));
+            eprintln!("build-image: {}", escape(&describe(&e)));
             return 2;
         }
     };
     let res = match cli.command {
         Command::Run { once } => run(cfg, once),
         Command::Submit(args) => submit::run(&cfg, &args),
-        Command::Status { json, state, limit } => query::status(&cfg, json, state, limit),
+        Command::Status {
+            json,
+            wide,
+            state,
+            limit,
+        } => query::status(&cfg, query::StatusForm { json, wide }, state, limit),
         Command::Show { id, json } => id.reference().and_then(|r| query::show(&cfg, &r, json)),
         Command::Events {
             since,
@@ -443,7 +457,7 @@ pub fn main() -> i32 {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("build-image: {}", describe(&e));
+            eprintln!("build-image: {}", escape(&describe(&e)));
             if e.downcast_ref::<Usage>().is_some() {
                 2
             } else {

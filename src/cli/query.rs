@@ -3,6 +3,7 @@
 use super::access::{call, expect};
 use crate::config::Config;
 use crate::domain::State;
+use crate::domain::text::{escape, escape_lines};
 use crate::operate::control::{Client, Request, Response};
 use crate::operate::ops::{self, EventFilter, StatusRow};
 use anyhow::Context;
@@ -13,9 +14,18 @@ fn unexpected(r: &Response) -> anyhow::Error {
     anyhow::anyhow!("unexpected answer from the daemon: {r:?}")
 }
 
+/// How `status` prints its table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatusForm {
+    /// A JSON array instead of a table.
+    pub json: bool,
+    /// Every line of each error (else its first line).
+    pub wide: bool,
+}
+
 pub fn status(
     cfg: &Config,
-    json: bool,
+    form: StatusForm,
     state: Option<State>,
     limit: Option<usize>,
 ) -> anyhow::Result<i32> {
@@ -29,21 +39,43 @@ pub fn status(
         return Err(unexpected(&r));
     };
     if let Some(why) = failing {
-        eprintln!("build-image: WARNING: {why}; nothing is claimed until that is over");
+        eprintln!(
+            "build-image: WARNING: {}; nothing is claimed until that is over",
+            escape(&why)
+        );
     }
     if let Some(note) = unpushed {
-        eprintln!("build-image: note: {note}");
+        eprintln!("build-image: note: {}", escape(&note));
     }
-    if json {
+    if form.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        print!("{}", status_table(&rows));
+        print!("{}", status_table(&rows, form.wide));
     }
     Ok(0)
 }
 
-/// The aligned table people read.
-pub fn status_table(rows: &[StatusRow]) -> String {
+/// The RESULT column of a failed job: its error's first line whole (the cause: see
+/// `imaging::joblog::failure`), or with `wide` every line; each line escaped.
+fn error_cell(error: &str, wide: bool) -> String {
+    let lines: Vec<&str> = error.lines().filter(|l| !l.trim().is_empty()).collect();
+    match lines.as_slice() {
+        [] => "error".to_string(),
+        [one] => format!("error: {}", escape(one)),
+        [first, ..] if !wide => format!(
+            "error: {} (+{} line(s): --wide)",
+            escape(first),
+            lines.len() - 1
+        ),
+        all => format!(
+            "error: {}",
+            all.iter().map(|l| escape(l)).collect::<Vec<_>>().join("\n")
+        ),
+    }
+}
+
+/// The aligned table people read; every text from the log escaped (a terminal never acts on it).
+pub fn status_table(rows: &[StatusRow], wide: bool) -> String {
     let mut t = Table::new();
     t.load_preset(NOTHING);
     t.set_header(vec![
@@ -51,31 +83,29 @@ pub fn status_table(rows: &[StatusRow]) -> String {
         "RESULT", "SOURCE",
     ]);
     let dash = || "-".to_string();
+    let text = |s: &Option<String>| s.as_deref().map_or_else(dash, |s| escape(s).into_owned());
     for r in rows {
         let result = match (r.result, &r.error) {
             (Some(true), _) => "ok".to_string(),
-            (Some(false), Some(e)) => {
-                let e: String = e.chars().take(60).collect();
-                format!("error: {e}")
-            }
+            (Some(false), Some(e)) => error_cell(e, wide),
             (Some(false), None) => "error".to_string(),
             (None, _) => dash(),
         };
         t.add_row(vec![
             r.job.to_string(),
-            r.image_id.clone().unwrap_or_else(dash),
+            text(&r.image_id),
             r.state.to_string(),
-            r.name.clone().unwrap_or_else(dash),
-            r.arch.clone().unwrap_or_else(dash),
-            r.image_type.clone().unwrap_or_else(dash),
-            r.worker.clone().unwrap_or_else(dash),
-            r.started.clone().unwrap_or_else(dash),
+            text(&r.name),
+            text(&r.arch),
+            text(&r.image_type),
+            text(&r.worker),
+            text(&r.started),
             r.duration.map(|d| format!("{d:.1}s")).unwrap_or_else(dash),
             result,
             if r.source.is_empty() {
                 dash()
             } else {
-                r.source.clone()
+                escape(&r.source).into_owned()
             },
         ]);
     }
@@ -91,28 +121,36 @@ pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&view)?);
         return Ok(0);
     }
+    // Every text from the log escaped: a terminal never acts on what a workitem or mic said.
     let j = &view.job;
+    let text = |s: &Option<String>| escape(s.as_deref().unwrap_or("-")).into_owned();
     println!("job        {}", j.id);
-    println!("image_id   {}", j.image_id.as_deref().unwrap_or("-"));
+    println!("image_id   {}", text(&j.image_id));
     println!("state      {}", j.state);
-    println!("file       {}", j.file.as_deref().unwrap_or("-"));
-    println!("worker     {}", j.worker.as_deref().unwrap_or("-"));
+    println!("file       {}", text(&j.file));
+    println!("worker     {}", text(&j.worker));
     println!("source     {}", j.origin.name());
     println!("attempts   {}", j.attempts);
     if let Some(e) = &j.error {
-        println!("error      {e}");
+        // each line of a multi-line error under the first
+        println!(
+            "error      {}",
+            escape_lines(e).replace('\n', "\n           ")
+        );
     }
     if let Some(r) = &j.receipt {
-        println!("answer     {r}");
+        println!("answer     {}", escape(&r.to_string()));
     }
-    println!("log        {}", view.log_path.as_deref().unwrap_or("-"));
-    println!("log url    {}", view.logfile_url.as_deref().unwrap_or("-"));
+    println!("log        {}", text(&view.log_path));
+    println!("log url    {}", text(&view.logfile_url));
     println!("\nevents:");
     for e in &view.events {
-        println!("{}", ops::event_line(e));
+        println!("{}", escape(&ops::event_line(e)));
     }
     if let Some(w) = &view.workitem {
-        println!("\nworkitem:\n{}", serde_json::to_string_pretty(w)?);
+        // line by line: JSON's own line breaks stay, its strings keep their meaning
+        let json = serde_json::to_string_pretty(w)?;
+        println!("\nworkitem:\n{}", escape_lines(&json));
     }
     Ok(0)
 }
@@ -131,7 +169,7 @@ pub fn events(cfg: &Config, filter: EventFilter, follow: bool, json: bool) -> an
                 Err(_) => return false,
             }
         } else {
-            let mut line = ops::event_line(e).into_bytes();
+            let mut line = escape(&ops::event_line(e)).into_owned().into_bytes();
             line.push(b'\n');
             line
         };
@@ -212,7 +250,7 @@ pub fn replay(cfg: &Config, json: bool) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for d in &report.disagreements {
-            println!("DISAGREE {d}");
+            println!("DISAGREE {}", escape(d));
         }
         println!(
             "replayed {} events ({} jobs) in {:.3} s: {:.0} events/s; {} disagreement(s)",

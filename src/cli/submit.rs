@@ -3,6 +3,7 @@
 
 use super::drop_file;
 use crate::config::Config;
+use crate::domain::text::{escape, escape_lines};
 use anyhow::Context;
 use clap::Args;
 use serde_json::{Value, json};
@@ -97,7 +98,7 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
             "outbox/{file} exists already (an earlier job with this id): choose another --id"
         );
         let used = drop_named(spool, &file, &serde_json::to_vec_pretty(&wi)?)?;
-        println!("{id}");
+        println!("{}", escape(&id));
         dropped.push(used);
     } else {
         for f in &args.files {
@@ -119,9 +120,9 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
                 Ok(id)
             })();
             match res {
-                Ok(id) => println!("{id}"),
+                Ok(id) => println!("{}", escape(&id)),
                 Err(e) => {
-                    eprintln!("build-image: {}", super::describe(&e));
+                    eprintln!("build-image: {}", escape(&super::describe(&e)));
                     code = 1;
                 }
             }
@@ -138,11 +139,15 @@ pub fn run(cfg: &Config, args: &SubmitArgs) -> anyhow::Result<i32> {
             Answer::Result(true) => {}
             Answer::Result(false) => code = code.max(1),
             Answer::Rejected(reason) => {
-                eprintln!("build-image: {file} was rejected: {reason}");
+                eprintln!(
+                    "build-image: {} was rejected: {}",
+                    escape(file),
+                    escape_lines(&reason)
+                );
                 code = code.max(1);
             }
             Answer::TimedOut => {
-                eprintln!("build-image: no answer for {file} in time");
+                eprintln!("build-image: no answer for {} in time", escape(file));
                 return Ok(3);
             }
         }
@@ -160,7 +165,11 @@ fn drop_named(spool: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<String> 
         .unwrap_or(name)
         .to_string();
     if used != name {
-        eprintln!("incoming/{name} was taken: dropped as incoming/{used}");
+        eprintln!(
+            "incoming/{} was taken: dropped as incoming/{}",
+            escape(name),
+            escape(&used)
+        );
     }
     Ok(used)
 }
@@ -191,16 +200,11 @@ fn wait_answer(spool: &Path, file: &str, deadline: Option<Instant>) -> anyhow::R
             let ok = answer_result(&v);
             let f = v.get("fields").unwrap_or(&v);
             let img = f.get("image").unwrap_or(f);
+            let field = |k: &str| escape_lines(img.get(k).and_then(Value::as_str).unwrap_or("-"));
             if ok {
-                eprintln!(
-                    "{file}: built: {}",
-                    img.get("image_url").and_then(Value::as_str).unwrap_or("-")
-                );
+                eprintln!("{}: built: {}", escape(file), field("image_url"));
             } else {
-                eprintln!(
-                    "{file}: FAILED: {}",
-                    img.get("error").and_then(Value::as_str).unwrap_or("-")
-                );
+                eprintln!("{}: FAILED: {}", escape(file), field("error"));
             }
             return Ok(Answer::Result(ok));
         }

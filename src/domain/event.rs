@@ -385,12 +385,13 @@ impl Event {
             | EventKind::Requeued { reason, .. }
             | EventKind::Interrupted { reason, .. } => reason.clone(),
         };
+        // one line, nothing a terminal acts on (a multi-line error reads with `\n`)
         format!(
             "seq {} job {} {} {}",
             self.seq,
             self.job,
             self.kind.name(),
-            detail.trim_end()
+            super::text::escape(detail.trim_end())
         )
     }
 }

@@ -2,9 +2,11 @@
 //! from the input plus the documented OUT fields.
 //!
 //! Invariant: the reply is the input with only `fields.image.{result,files_url,image_url,
-//! logfile_url,error}`, `fields.result`, `fields.msg` and `fields.__error__` changed or added;
-//! every other key, and the envelope/bare and new/old API form, is kept as given.
+//! logfile_url,error}`, `fields.result`, `fields.msg` and `fields.__error__` changed, added or
+//! removed (each written from the job's own outcome, none carried from the input; `msg` gets one
+//! line appended); every other key, and the envelope/bare and new/old API form, is kept as given.
 
+use super::text;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -245,6 +247,11 @@ pub fn normalise(input: &Value) -> Result<Spec, WorkitemError> {
             "image_id {id:?} has no character of [A-Za-z0-9_-] to name its directory"
         ));
     }
+    if let Some(id) = &image_id
+        && id.chars().any(text::is_unsafe)
+    {
+        errors.push(format!("image_id {id:?} {CONTROL}"));
+    }
     if let Some(n) = &name
         && let Err(e) = check_component(n)
     {
@@ -302,10 +309,13 @@ fn is_word(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
-const CONTROL: &str = "must not contain control characters (such as a newline, a tab or DEL)";
+/// Why a name, prefix, release or image_id with a character [`text::is_unsafe`] is refused: it
+/// is printed by every command and shown on every page, and a terminal would act on it.
+const CONTROL: &str = "must not contain control characters (such as a newline, a tab, ESC or \
+                       DEL) or bidirectional formatting characters (such as U+202E)";
 
-/// One path component: not empty, not `.`/`..`, no `/`, no NUL or other control character, not
-/// hidden.
+/// One path component: not empty, not `.`/`..`, no `/`, no NUL, control or bidirectional
+/// formatting character, not hidden.
 fn check_component(s: &str) -> Result<(), &'static str> {
     if s.is_empty() {
         Err("is empty")
@@ -315,7 +325,7 @@ fn check_component(s: &str) -> Result<(), &'static str> {
         Err("must be one path component (no '/')")
     } else if s.contains('\0') {
         Err("must not contain NUL")
-    } else if s.chars().any(char::is_control) {
+    } else if s.chars().any(text::is_unsafe) {
         Err(CONTROL)
     } else if s.starts_with('.') {
         Err("must not start with '.'")
@@ -324,7 +334,7 @@ fn check_component(s: &str) -> Result<(), &'static str> {
     }
 }
 
-/// A relative path of safe components (no control character).
+/// A relative path of safe components (no control or bidirectional formatting character).
 fn check_prefix(p: &str) -> Result<(), &'static str> {
     if p.starts_with('/') {
         return Err("must be a relative path");
@@ -339,7 +349,7 @@ fn check_prefix(p: &str) -> Result<(), &'static str> {
         if part.contains('\0') {
             return Err("must not contain NUL");
         }
-        if part.chars().any(char::is_control) {
+        if part.chars().any(text::is_unsafe) {
             return Err(CONTROL);
         }
     }
@@ -377,7 +387,7 @@ pub fn summary(
     } else {
         let mut s = format!(
             "Image {name} build for arch {arch} failed: {}",
-            error.unwrap_or("unknown error")
+            error.unwrap_or(UNKNOWN_ERROR)
         );
         if let Some(log) = &urls.logfile_url {
             s.push_str(&format!(" (log {log})"));
@@ -386,11 +396,20 @@ pub fn summary(
     }
 }
 
-/// The input with the OUT fields set. `status_only` leaves msg/__error__/result alone
-/// (used for the BUILDING push, which carries logfile_url only).
+/// The input with the OUT fields set: the answer when `result` is Some, else the workitem of a
+/// job not answered yet (the BUILDING push, `show` before the end: the URLs known so far, no
+/// result). Every OUT field is written from the arguments alone, never carried from the input: a
+/// field the build did not make (an image_url after a failure, an error after a success) is
+/// removed, whatever the input held.
 pub fn reply(input: &Value, result: Option<bool>, error: Option<&str>, urls: &Urls) -> Value {
     reply_owned(input.clone(), result, error, urls)
 }
+
+/// What a failure whose cause was not recorded says.
+const UNKNOWN_ERROR: &str = "unknown error";
+
+/// The `fields.image` OUT fields (README, "The workitem and its answer").
+const OUT_IMAGE: [&str; 5] = ["result", "files_url", "image_url", "logfile_url", "error"];
 
 /// [`reply`], changing the input in place (a large workitem is not copied).
 pub fn reply_owned(
@@ -420,21 +439,31 @@ pub fn reply_owned(
         )
     };
     if let Some(Value::Object(img)) = f.get_mut("image") {
-        for (k, v) in [
-            ("files_url", &urls.files_url),
-            ("image_url", &urls.image_url),
-            ("logfile_url", &urls.logfile_url),
-        ] {
-            if let Some(v) = v {
-                img.insert(k.to_string(), Value::String(v.clone()));
+        // A failure always says why; a success or a job not answered yet has no error.
+        let error = (result == Some(false)).then(|| error.unwrap_or(UNKNOWN_ERROR));
+        for key in OUT_IMAGE {
+            let value = match key {
+                "result" => result.map(Value::Bool),
+                "files_url" => urls.files_url.clone().map(Value::String),
+                "image_url" => urls.image_url.clone().map(Value::String),
+                "logfile_url" => urls.logfile_url.clone().map(Value::String),
+                _ => error.map(|e| Value::String(e.to_string())),
+            };
+            match value {
+                Some(v) => {
+                    img.insert(key.to_string(), v);
+                }
+                None => {
+                    img.shift_remove(key);
+                }
             }
         }
-        if let Some(r) = result {
-            img.insert("result".into(), Value::Bool(r));
-            if let Some(e) = error {
-                img.insert("error".into(), Value::String(e.to_string()));
-            }
-        }
+    }
+    if result != Some(false) {
+        f.shift_remove("__error__");
+    }
+    if result.is_none() {
+        f.shift_remove("result");
     }
     if let Some(r) = result {
         f.insert("result".into(), Value::Bool(r));
@@ -452,7 +481,7 @@ pub fn reply_owned(
                 "__error__".into(),
                 Value::String(format!(
                     "Image build FAILED: {}",
-                    error.unwrap_or("unknown error")
+                    error.unwrap_or(UNKNOWN_ERROR)
                 )),
             );
         }
@@ -584,6 +613,31 @@ mod tests {
                 );
             }
         }
+        for bad in ["a\u{202e}b", "\u{2066}x", "x\u{200f}", "a\u{2028}b"] {
+            for key in ["name", "prefix", "release", "image_id"] {
+                let mut w = good();
+                w[key] = json!(bad);
+                let e = normalise(&w).unwrap_err().to_string();
+                assert!(
+                    e.contains(key) && e.contains("bidirectional"),
+                    "{key}={bad:?}: {e}"
+                );
+            }
+        }
+        for bad in [
+            "7-1\u{1b}[31m",
+            "7\u{1b}]0;t\u{7}",
+            "a\nFAKE-LINE done ok",
+            "x\u{85}",
+        ] {
+            let mut w = good();
+            w["image_id"] = json!(bad);
+            let e = normalise(&w).unwrap_err().to_string();
+            assert!(
+                e.contains("image_id") && e.contains("control"),
+                "{bad:?}: {e}"
+            );
+        }
         let mut w = good();
         w["prefix"] = json!("queue/us\u{1}er");
         assert!(normalise(&w).unwrap_err().to_string().contains("prefix"));
@@ -592,6 +646,68 @@ mod tests {
         w["release"] = json!("0.1 beta");
         w["prefix"] = json!("queue/ユーザー");
         assert!(normalise(&w).is_ok());
+    }
+
+    #[test]
+    fn out_fields_are_never_carried_from_the_input() {
+        let stale = json!({"image": {"image_id": "7-1", "kickstart": "ks", "image_type": "fs",
+            "name": "n", "arch": "i586", "image_url": "javascript:alert(1)", "files_url": "x",
+            "logfile_url": "y", "error": "stale", "result": true, "custom": 1},
+            "result": true, "__error__": "stale", "msg": []});
+        let built = Urls {
+            files_url: Some("http://h/requests/7-1".into()),
+            image_url: Some("http://h/requests/7-1/n.img".into()),
+            logfile_url: Some("http://h/requests/7-1/n.log".into()),
+        };
+        let planned = Urls {
+            image_url: None,
+            ..built.clone()
+        };
+        // a failure that made no image: no image_url, its own error
+        let r = reply(&stale, Some(false), Some("mic failed"), &planned);
+        let img = &r["image"];
+        assert!(img.get("image_url").is_none(), "{r}");
+        assert_eq!(img["files_url"], json!("http://h/requests/7-1"));
+        assert_eq!(img["error"], json!("mic failed"));
+        assert_eq!(
+            (&img["result"], &r["result"]),
+            (&json!(false), &json!(false))
+        );
+        assert_eq!(r["__error__"], json!("Image build FAILED: mic failed"));
+        assert_eq!(img["custom"], json!(1), "other keys stay");
+        // a success: no error anywhere
+        let r = reply(&stale, Some(true), None, &built);
+        assert!(
+            r["image"].get("error").is_none() && r.get("__error__").is_none(),
+            "{r}"
+        );
+        assert_eq!(
+            r["image"]["image_url"],
+            json!("http://h/requests/7-1/n.img")
+        );
+        // answered without a build (invalid): no URL at all
+        let r = reply(&stale, Some(false), Some("invalid"), &Urls::default());
+        for k in ["files_url", "image_url", "logfile_url"] {
+            assert!(r["image"].get(k).is_none(), "{k}: {r}");
+        }
+        // not answered yet (BUILDING): the planned URLs, no result, no error
+        let r = reply(&stale, None, None, &planned);
+        for k in ["image_url", "error", "result"] {
+            assert!(r["image"].get(k).is_none(), "{k}: {r}");
+        }
+        assert!(
+            r.get("result").is_none() && r.get("__error__").is_none(),
+            "{r}"
+        );
+        assert_eq!(
+            r["image"]["logfile_url"],
+            json!("http://h/requests/7-1/n.log")
+        );
+        // old API: the flat keys are input keys, the OUT fields go to fields.image
+        let mut old = good();
+        old["image_url"] = json!("javascript:alert(1)");
+        let r = reply(&old, Some(false), Some("e"), &planned);
+        assert!(r["image"].get("image_url").is_none(), "{r}");
     }
 
     #[test]

@@ -18,6 +18,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// What a build killed by an operator's `cancel` says (its `cancelled` event, its job log).
+const CANCELLED_BY_OPERATOR: &str = "cancelled by the operator";
+/// What a build killed by a daemon's stop says (its `interrupted` event, its job log): it did not
+/// fail, and it is built again.
+const INTERRUPTED_BY_STOP: &str = "interrupted by a daemon stop; built again at the next start";
+
 /// The builds running in this daemon, and the queue to the build threads.
 pub struct Slots {
     /// Each running build holds the sending side of its cancel channel here while it runs
@@ -155,8 +161,20 @@ impl Engine {
         let end = self
             .builder
             .build(&spec, &prepared, &guard.cancel, &self.registry);
-        drop(prepared);
         let cancelled_by_operator = lock(&self.slots.by_operator).contains(&id);
+        if matches!(end, BuildEnd::Cancelled) {
+            // The builder says the build was stopped; why is known here (the job log's reader
+            // must not take a stop for a failure).
+            let why = if cancelled_by_operator {
+                CANCELLED_BY_OPERATOR
+            } else {
+                INTERRUPTED_BY_STOP
+            };
+            if let Err(e) = prepared.log().line(why) {
+                log::warn!("job {id}: cannot write its job log: {e}");
+            }
+        }
+        drop(prepared);
         drop(guard);
         let kinds = match end {
             BuildEnd::Finished {
@@ -170,7 +188,7 @@ impl Engine {
             }],
             BuildEnd::Cancelled if cancelled_by_operator => vec![
                 EventKind::Cancelled {
-                    reason: "cancelled by the operator".into(),
+                    reason: CANCELLED_BY_OPERATOR.into(),
                 },
                 EventKind::Finished {
                     result: false,
@@ -179,7 +197,7 @@ impl Engine {
                 },
             ],
             BuildEnd::Cancelled => vec![EventKind::Interrupted {
-                reason: "the daemon stopped: the build was killed".into(),
+                reason: INTERRUPTED_BY_STOP.into(),
                 cause: Cause::Stop,
             }],
         };

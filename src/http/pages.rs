@@ -238,12 +238,14 @@ fn query(state: Option<State>, before: Option<u64>, limit: usize) -> String {
     }
 }
 
-/// The line of an error that says what went wrong, for the status page's row: of a command's
-/// error with its last output ("X exited with status 4; last output: a | b | Error: c"), the
-/// last line of that output that reports an error (else its last line); else the error.
+/// The line of an error that says what went wrong, for the status page's row: its first line
+/// (an error says its cause first: mic's own error line, or the daemon's reason). An error
+/// recorded by an older version ("X exited with status 4; last output: a | b | Error: c"):
+/// the last line of that output that reports an error (else its last line).
 pub fn cause_line(error: &str) -> &str {
-    let Some((_, output)) = error.split_once("; last output: ") else {
-        return error.trim();
+    let first = error.trim().lines().next().unwrap_or("").trim();
+    let Some((_, output)) = first.split_once("; last output: ") else {
+        return first;
     };
     let lines: Vec<&str> = output.split(" | ").map(str::trim).collect();
     lines
@@ -253,7 +255,7 @@ pub fn cause_line(error: &str) -> &str {
         .or(lines.last())
         .copied()
         .filter(|l| !l.is_empty())
-        .unwrap_or(error.trim())
+        .unwrap_or(first)
 }
 
 fn result_cell(r: &StatusRow) -> Markup {
@@ -740,6 +742,11 @@ mod tests {
         );
         assert_eq!(cause_line("timed out after 30 s"), "timed out after 30 s");
         assert_eq!(cause_line("x; last output: "), "x; last output:");
+        // today's errors: the cause first, the command's status after it
+        assert_eq!(
+            cause_line("Error <creator>: failed to resolve package foo\n/x/mic exited with status 1"),
+            "Error <creator>: failed to resolve package foo"
+        );
     }
 
     #[test]

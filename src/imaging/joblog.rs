@@ -10,6 +10,7 @@
 //! - A cut is seen by readers: while it rewrites the file, the marker is in its cutting form
 //!   (`[~~~ ` instead of `[... `, the same length); it takes its final form, with a larger N,
 //!   only after the file holds the new tail and has its new length.
+//! - The daemon's own lines ([`JobLog::line`]) hold no character a terminal acts on.
 
 use crate::config::WorkerConfig;
 use nix::fcntl::OFlag;
@@ -137,9 +138,15 @@ impl JobLog {
         self.lock().path.clone()
     }
 
-    /// A timestamped line.
+    /// A timestamped line of the daemon's own (the build's header, a command line, how it
+    /// ended), on one line and escaped ([`crate::domain::text::escape`]): `log` prints the file
+    /// as it is, so only mic's output is printed raw.
     pub fn line(&self, text: &str) -> std::io::Result<()> {
-        let line = format!("[{}] {text}\n", crate::journal::now_ts());
+        let line = format!(
+            "[{}] {}\n",
+            crate::journal::now_ts(),
+            crate::domain::text::escape(text)
+        );
         self.lock().append(line.as_bytes())
     }
 
@@ -148,17 +155,120 @@ impl JobLog {
         Box::new(LogSink(self.clone()))
     }
 
-    /// The last `n` non-empty lines, for error messages: reads the end of the file only.
-    pub fn tail(&self, n: usize) -> String {
-        let log = self.lock();
-        let start = log.len.saturating_sub(4096);
-        let mut buf = vec![0u8; (log.len - start) as usize];
-        let got = log.file.read_at(&mut buf, start).unwrap_or(0);
-        buf.truncate(got);
-        drop(log);
-        let text = String::from_utf8_lossy(&buf);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        lines[lines.len().saturating_sub(n)..].join(" | ")
+    /// A writer for a child's output that also keeps its last bytes in `kept`, for the error
+    /// that says why the command failed ([`failure`]).
+    pub fn sink_keeping(&self, kept: &OutputTail) -> Box<dyn Write + Send> {
+        Box::new(KeepingSink(LogSink(self.clone()), kept.clone()))
+    }
+}
+
+/// The last bytes one command printed (its job log line with the command aside), kept beside
+/// the job log while it runs: what its error quotes.
+#[derive(Clone, Default)]
+pub struct OutputTail(Arc<Mutex<Kept>>);
+
+#[derive(Default)]
+struct Kept {
+    bytes: Vec<u8>,
+    /// Output before `bytes` was let go (its first line is then a part of a line).
+    cut: bool,
+}
+
+/// How much of a command's output [`OutputTail`] keeps.
+const KEPT: usize = 16 * 1024;
+
+impl OutputTail {
+    pub fn new() -> OutputTail {
+        OutputTail::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, data: &[u8]) {
+        let mut kept = self.lock();
+        let from = data.len().saturating_sub(KEPT);
+        kept.cut |= from > 0;
+        kept.bytes.extend_from_slice(&data[from..]);
+        if kept.bytes.len() > 2 * KEPT {
+            let cut = kept.bytes.len() - KEPT;
+            kept.bytes.drain(..cut);
+            kept.cut = true;
+        }
+    }
+
+    /// The output kept, from the start of a line (invalid UTF-8 as U+FFFD).
+    pub fn text(&self) -> String {
+        let kept = self.lock();
+        let mut from = kept.bytes.len().saturating_sub(KEPT);
+        if kept.cut || from > 0 {
+            from += kept.bytes[from..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+        }
+        String::from_utf8_lossy(&kept.bytes[from..]).into_owned()
+    }
+}
+
+/// At most this many of a command's lines go into an error.
+const ERROR_LINES: usize = 3;
+/// A line of output longer than this is cut in an error.
+const ERROR_LINE_CHARS: usize = 400;
+
+/// Is this a line where a program says it failed: its first word ends in "error" or
+/// "exception", or is "fatal" (mic's `Error <creator>: …`, mic2's `Error: …`, the last line of a
+/// Python traceback `…Error: …`, `FATAL: …`)?
+fn is_error_line(line: &str) -> bool {
+    let word: String = line
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let rest = line.trim_start()[word.len()..].chars().next();
+    let ends_word = matches!(rest, None | Some(':' | ' ' | '<' | '(' | '['));
+    ends_word && (word.ends_with("error") || word.ends_with("exception") || word == "fatal")
+}
+
+/// What a command's output says about its failure: its last error lines ([`is_error_line`]),
+/// or, when it printed none, its last lines; at most [`ERROR_LINES`], in their order, each as a
+/// terminal showed it (the text after its last carriage return) and cut at
+/// [`ERROR_LINE_CHARS`].
+pub fn said(output: &str) -> Vec<String> {
+    let lines: Vec<&str> = output
+        .split('\n')
+        .map(|l| l.rsplit('\r').find(|s| !s.trim().is_empty()).unwrap_or(""))
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let errors: Vec<&str> = lines.iter().copied().filter(|l| is_error_line(l)).collect();
+    let pick = if errors.is_empty() { lines } else { errors };
+    pick[pick.len().saturating_sub(ERROR_LINES)..]
+        .iter()
+        .map(|l| match l.char_indices().nth(ERROR_LINE_CHARS) {
+            Some((i, _)) => format!("{} …", &l[..i]),
+            None => l.to_string(),
+        })
+        .collect()
+}
+
+/// The error of a failed command, its cause on the first line. `how` is what the daemon saw
+/// ("mic exited with status 1", "… timed out after 3600 s"); `reason_first`: `how` is the cause
+/// (a timeout, a signal) and the output's last lines follow it as context; otherwise the
+/// program's own error lines come first and `how` closes the text. A command that printed
+/// nothing is `how` alone.
+pub fn failure(how: &str, output: &str, reason_first: bool) -> String {
+    let said = said(output);
+    if said.is_empty() {
+        return how.to_string();
+    }
+    let said = said.join("\n");
+    if reason_first {
+        format!("{how}; its last output:\n{said}")
+    } else {
+        format!("{said}\n{how}")
     }
 }
 
@@ -314,6 +424,19 @@ impl LogFile {
 
 struct LogSink(JobLog);
 
+/// [`LogSink`] keeping the last bytes written in an [`OutputTail`] too.
+struct KeepingSink(LogSink, OutputTail);
+
+impl Write for KeepingSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.1.push(buf);
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().append(buf)?;
@@ -334,7 +457,8 @@ mod tests {
         let path = d.path().join("n.log");
         let log = JobLog::open(&path, 64 * 1024).unwrap();
         log.line("first line").unwrap();
-        let mut sink = log.sink();
+        let kept = OutputTail::new();
+        let mut sink = log.sink_keeping(&kept);
         let mut total = 0u64;
         for i in 0..20_000 {
             let line = format!("output line {i:06} {}\n", "z".repeat(40));
@@ -364,8 +488,23 @@ mod tests {
         // the line after the marker is whole
         let after = text.split("output omitted ...]\n").nth(1).unwrap();
         assert!(after.starts_with("output line "), "{}", &after[..40]);
-        assert_eq!(log.tail(1).split("] ").nth(1), Some("last line"));
-        assert!(log.tail(2).starts_with("output line 019999"));
+        // the command's own output, kept beside the log, starts on a line
+        let out = kept.text();
+        assert!(
+            out.len() <= KEPT && out.starts_with("output line "),
+            "{}",
+            &out[..40]
+        );
+        assert!(out.ends_with(&format!("output line 019999 {}\n", "z".repeat(40))));
+        assert_eq!(
+            said(&out),
+            [
+                "output line 019997",
+                "output line 019998",
+                "output line 019999"
+            ]
+            .map(|l| format!("{l} {}", "z".repeat(40)))
+        );
 
         // reopened (a retry): still one marker, the count goes on
         let again = JobLog::open(&path, 64 * 1024).unwrap();
@@ -464,5 +603,58 @@ mod tests {
         assert!(now.len() <= max as usize);
         let m = parse_marker(&now[head..]).unwrap();
         assert!(m.omitted > 5000 + 100_000, "{m:?}");
+    }
+
+    #[test]
+    fn the_daemons_own_lines_are_escaped_the_output_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("n.log");
+        let log = JobLog::open(&path, 64 * 1024).unwrap();
+        log.line("build of t\u{1b}]0;x\u{7}\nFAKE \u{202e}")
+            .unwrap();
+        log.sink()
+            .write_all(b"mic says \x1b[1mbold\x1b[0m\n")
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("] build of t\\u001b]0;x\\u0007\\nFAKE \\u202e\n"),
+            "{text:?}"
+        );
+        assert_eq!(text.lines().count(), 2, "{text:?}");
+        assert!(text.ends_with("mic says \x1b[1mbold\x1b[0m\n"), "{text:?}");
+    }
+
+    #[test]
+    fn a_failure_says_the_programs_own_error_lines_first() {
+        let mic = "Info: checking packages\nError <creator>: failed to resolve package foo\n\
+                   Info: cleaning up\n";
+        assert_eq!(
+            failure("/usr/bin/mic exited with status 1", mic, false),
+            "Error <creator>: failed to resolve package foo\n/usr/bin/mic exited with status 1"
+        );
+        // a traceback's last line; no error line: the last lines; a progress bar's last state
+        let tb = "Traceback (most recent call last):\n  File \"x\", line 1\nOSError: [Errno 28] No space left\n";
+        assert_eq!(said(tb), ["OSError: [Errno 28] No space left"]);
+        assert_eq!(said("a\nb\n\nc\nd\n"), ["b", "c", "d"]);
+        assert_eq!(
+            said("fetching 10%\rfetching 99%\r\nError: no\n"),
+            ["Error: no"]
+        );
+        assert_eq!(said("fetching 10%\rfetching 99%\n"), ["fetching 99%"]);
+        assert!(
+            said("errors found: 0\nErrorless\n").len() == 2,
+            "not error lines"
+        );
+        // the daemon's reason first when it is the cause
+        assert_eq!(
+            failure("mic timed out after 5 s", "Info: still going\n", true),
+            "mic timed out after 5 s; its last output:\nInfo: still going"
+        );
+        assert_eq!(
+            failure("mic exited with status 2", "", false),
+            "mic exited with status 2"
+        );
+        let long = format!("Error: {}", "x".repeat(1000));
+        assert!(said(&long)[0].chars().count() < 410);
     }
 }

@@ -2,8 +2,11 @@
 //! the job log; what it needs of the host (mic, sudo) is checked by [`super::tools`].
 //!
 //! Invariant: a build's result is what mic really did: its exit status, and an image file that
-//! this attempt wrote ([`Prepared::new_image`]); a cancel kills mic's whole process group.
+//! this attempt wrote ([`Prepared::new_image`]); a failure's error is mic's own error lines (not
+//! the command line, which stays in the job log) or the daemon's reason (a timeout, a signal); a
+//! cancel kills mic's whole process group.
 
+use super::joblog::{OutputTail, failure};
 use super::tools::{check_mic, check_sudo, mic_missing};
 use super::{BuildEnd, Builder, Checks, Prepared, mic, planned_urls, url_for};
 use crate::config::WorkerConfig;
@@ -77,11 +80,12 @@ fn run(
             urls,
         );
     }
+    let output = OutputTail::new();
     let outcome = process::run(Run {
         argv: &argv,
         env: vec![],
         stdin: None,
-        output: Output::Sink(log.sink()),
+        output: Output::Sink(log.sink_keeping(&output)),
         timeout: w.timeout(),
         cancel: Some(cancel),
         registry,
@@ -98,23 +102,15 @@ fn run(
             return BuildEnd::failed(e.to_string(), urls);
         }
     };
-    let tail = if outcome.success() {
-        String::new()
-    } else {
-        log.tail(3)
-    };
-    let _ = log.line(&format!("{tool} {}", outcome.describe(w.timeout())));
+    let how = format!("{tool} {}", outcome.describe(w.timeout()));
+    let _ = log.line(&how);
     if outcome == process::Outcome::Cancelled {
         return BuildEnd::Cancelled;
     }
     if !outcome.success() {
-        return BuildEnd::failed(
-            format!(
-                "{tool} {}; last output: {tail}",
-                outcome.describe(w.timeout())
-            ),
-            urls,
-        );
+        // mic's own error lines say the cause; a timeout or a signal is the cause itself.
+        let reason_first = outcome.exit_code().is_none();
+        return BuildEnd::failed(failure(&how, &output.text(), reason_first), urls);
     }
     match prepared.new_image() {
         Some(image) => {

@@ -78,7 +78,8 @@ impl Outcome {
             Outcome::Exited(c) => format!("exited with status {c}"),
             Outcome::Signalled(s) => format!("was killed by signal {s}"),
             Outcome::TimedOut => format!("timed out after {} s", timeout.as_secs()),
-            Outcome::Cancelled => "was cancelled".to_string(),
+            // Why (an operator's cancel, a daemon's stop) is said by whoever stopped it.
+            Outcome::Cancelled => "was stopped: its process group was killed".to_string(),
         }
     }
 }

@@ -73,7 +73,7 @@ impl Builder for KvmBuilder {
                 }
             }
             Err(Stop::Cancelled) => {
-                b.note("build cancelled");
+                b.note("build stopped: the guest is torn down");
                 BuildEnd::Cancelled
             }
             Err(Stop::Failed(error)) => {

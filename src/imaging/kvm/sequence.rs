@@ -15,6 +15,7 @@ use super::preflight::{kvm_usable, message, preflight};
 use crate::config::WorkerConfig;
 use crate::domain::workitem::Spec;
 use crate::health::Status;
+use crate::imaging::joblog::{OutputTail, failure};
 use crate::imaging::{JobLog, Prepared, mic};
 use crate::process::{self, Capture, Outcome, Output, Registry, Run};
 use crossbeam_channel::{Receiver, TryRecvError};
@@ -66,6 +67,8 @@ pub(super) struct Guest<'a> {
     key: PathBuf,
     ssh_up: bool,
     torn_down: bool,
+    /// The last output of the command [`Guest::exec`] ran last: what its error quotes.
+    output: OutputTail,
 }
 
 impl<'a> Guest<'a> {
@@ -93,6 +96,7 @@ impl<'a> Guest<'a> {
             key: PathBuf::new(),
             ssh_up: false,
             torn_down: true,
+            output: OutputTail::new(),
         }
     }
 }
@@ -127,11 +131,12 @@ impl Guest<'_> {
         cancellable: bool,
     ) -> Step<Outcome> {
         self.note(&format!("$ {}", mic::display(argv)));
+        self.output = OutputTail::new();
         let outcome = process::run(Run {
             argv,
             env: vec![],
             stdin,
-            output: Output::Sink(self.log.sink()),
+            output: Output::Sink(self.log.sink_keeping(&self.output)),
             timeout,
             cancel: cancellable.then_some(self.cancel),
             registry: self.registry,
@@ -153,11 +158,15 @@ impl Guest<'_> {
         if outcome.success() {
             return Ok(());
         }
-        Err(Stop::Failed(format!(
-            "{what} failed: {} {}; last output: {}",
+        let how = format!(
+            "{what} failed: {} {}",
             program(argv),
-            outcome.describe(timeout),
-            self.log.tail(3)
+            outcome.describe(timeout)
+        );
+        Err(Stop::Failed(failure(
+            &how,
+            &self.output.text(),
+            outcome.exit_code().is_none(),
         )))
     }
 
@@ -226,9 +235,13 @@ impl Guest<'_> {
                 Outcome::Exited(c) => format!("exited with status {c}"),
                 o => o.describe(timeout),
             };
-            return Err(Stop::Failed(format!(
-                "{tool} failed in the guest: {how}; last output: {}",
-                self.log.tail(3)
+            // mic's own error lines say the cause; ssh's failure, a timeout or a signal is the
+            // cause itself.
+            let reason_first = !matches!(outcome, Outcome::Exited(c) if c != 255);
+            return Err(Stop::Failed(failure(
+                &format!("{tool} failed in the guest: {how}"),
+                &self.output.text(),
+                reason_first,
             )));
         }
         self.note(&format!("{tool} exited with status 0 in the guest"));
@@ -395,10 +408,10 @@ impl Guest<'_> {
                 self.note(&format!("port {port} was taken meanwhile: trying another"));
                 continue;
             }
-            return Err(Stop::Failed(format!(
-                "qemu-system-x86_64 {}; last output: {}",
-                outcome.describe(w.timeout()),
-                self.log.tail(3)
+            return Err(Stop::Failed(failure(
+                &format!("qemu-system-x86_64 {}", outcome.describe(w.timeout())),
+                &self.output.text(),
+                outcome.exit_code().is_none(),
             )));
         }
         Err(Stop::Failed(format!(

@@ -1,25 +1,24 @@
 //! The original IMG `build_image.conf` (INI, read by Python's ConfigParser): `config import`
 //! turns it into this program's TOML, and `--config` given one says so instead of a bare TOML
-//! parse error.
+//! parse error. The INI text is read by [`ini`], exactly as Python reads it.
 //!
 //! Invariant: every key of the file is accounted for: mapped (with a comment naming the INI key
 //! it came from), or reported as unknown (on stderr and as a comment in the output), never
-//! dropped in silence. The TOML is built by a pure function of the INI text.
+//! dropped in silence. The TOML is built by a pure function of the INI text, and nothing of the
+//! INI text reaches it unescaped: values are TOML basic strings, and every comment quotes its
+//! text with control characters written out (a value's line break can never start a live line).
 
+pub mod ini;
+
+use crate::domain::text::escape;
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use std::collections::HashSet;
 use std::fmt::Write as _;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LegacyError {
-    #[error("not an INI file: line {line}, column {col}: {msg}")]
-    Parse {
-        line: usize,
-        col: usize,
-        msg: String,
-    },
-    #[error("[{section}] {key} is given twice (ConfigParser refuses that too)")]
-    Twice { section: String, key: String },
+    #[error("not an INI file ConfigParser reads: {0}")]
+    Ini(#[from] ini::IniError),
     #[error("[{section}] {key} = {value:?}: {why}")]
     Value {
         section: String,
@@ -87,52 +86,17 @@ pub struct Imported {
     pub unknown: Vec<String>,
 }
 
-/// A section's name ("" before any section) and its keys with their values, in file order.
-type Section = (String, Vec<(String, String)>);
+use ini::Section;
 
-/// Parses INI text as ConfigParser read it: `key = value` or `key: value`, `;` and `#` comment
-/// lines, keys case-insensitive (lowered), no quotes or escapes, and (as Python 2's ConfigParser,
-/// which IMG ran on) an inline comment after whitespace and `;` removed.
+/// The sections of the file as Python reads them (see [`ini`]); `[DEFAULT]`'s keys are in every
+/// section, and stand as a section of their own only when there is no other.
 fn parse(text: &str) -> Result<Vec<Section>, LegacyError> {
-    let opt = ini::ParseOption {
-        enabled_quote: false,
-        enabled_escape: false,
-        ..Default::default()
-    };
-    let parsed = ini::Ini::load_from_str_opt(text, opt).map_err(|e| LegacyError::Parse {
-        line: e.line,
-        col: e.col,
-        msg: e.msg.to_string(),
-    })?;
-    let mut out: Vec<Section> = Vec::new();
-    for (section, props) in parsed.iter() {
-        let name = section.unwrap_or("").to_string();
-        let idx = match out.iter().position(|(n, _)| *n == name) {
-            Some(i) => i,
-            None => {
-                out.push((name.clone(), Vec::new()));
-                out.len() - 1
-            }
-        };
-        for (k, v) in props.iter() {
-            let key = k.trim().to_ascii_lowercase();
-            if out[idx].1.iter().any(|(seen, _)| *seen == key) {
-                return Err(LegacyError::Twice { section: name, key });
-            }
-            out[idx].1.push((key, strip_inline_comment(v).to_string()));
-        }
+    let parsed = ini::parse(text)?;
+    let mut sections = parsed.sections;
+    if sections.is_empty() && !parsed.defaults.is_empty() {
+        sections.push(("DEFAULT".to_string(), parsed.defaults));
     }
-    Ok(out)
-}
-
-fn strip_inline_comment(v: &str) -> &str {
-    let b = v.as_bytes();
-    for i in 1..b.len() {
-        if b[i] == b';' && b[i - 1].is_ascii_whitespace() {
-            return v[..i].trim_end();
-        }
-    }
-    v.trim()
+    Ok(sections)
 }
 
 /// Does this text (which is not TOML) look like the original INI form? It parses as INI and has
@@ -154,12 +118,13 @@ fn bool_of(v: &str) -> Option<bool> {
 }
 
 /// mic_opts as build-image reads the colon string (empty parts dropped); a value with commas
-/// and no colon is the older comma-separated form.
+/// and no colon is the older comma-separated form. A value continued on indented lines holds
+/// options on each line: a line ends an option too.
 fn opt_list(v: &str) -> (Vec<String>, bool) {
     let comma = !v.contains(':') && v.contains(',');
     let sep = if comma { ',' } else { ':' };
     let list = v
-        .split(sep)
+        .split(['\n', sep])
         .map(|p| if comma { p.trim() } else { p })
         .filter(|p| !p.is_empty())
         .map(str::to_string)
@@ -167,8 +132,16 @@ fn opt_list(v: &str) -> (Vec<String>, bool) {
     (list, comma)
 }
 
+/// A TOML basic string: `"` and `\` escaped, and every character a terminal would act on written
+/// as its TOML escape (`\n`, `\t`, `\uXXXX`), so that the printed configuration is safe to show.
 fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
+    let quoted = s.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("\"{}\"", escape(&quoted))
+}
+
+/// A text of the INI file quoted in a TOML comment: on one line, nothing a terminal acts on.
+fn shown(s: &str) -> String {
+    escape(s).into_owned()
 }
 
 /// What may stand in a userinfo or path part of the AMQP URL as it is.
@@ -208,6 +181,7 @@ pub fn import(text: &str, origin: &str, amqp: bool) -> Result<Imported, LegacyEr
     let sections = parse(text)?;
     let mut unknown = Vec::new();
     let mut out = String::new();
+    let origin = shown(origin);
     let _ = writeln!(
         out,
         "# build-image configuration, converted by `build-image config import` from the original\n\
@@ -235,13 +209,24 @@ pub fn import(text: &str, origin: &str, amqp: bool) -> Result<Imported, LegacyEr
     }
     for (key, raw) in worker {
         let Some((_, kind)) = WORKER_KEYS.iter().find(|(k, _)| k == key) else {
-            unknown.push(format!("[worker] {key}"));
+            unknown.push(format!("[worker] {}", shown(key)));
             let _ = writeln!(
                 out,
-                "# [worker] {key} = {raw}: not a key build-image knows; left out"
+                "# [worker] {} = {}: not a key build-image knows; left out",
+                shown(key),
+                shown(raw)
             );
             continue;
         };
+        if raw.contains('\n') && *kind != Kind::OptList {
+            return Err(value_err(
+                "worker",
+                key,
+                raw,
+                "a value of several lines (indented lines continue the value above them); \
+                 this key takes one line",
+            ));
+        }
         if raw.contains("%(") {
             return Err(value_err(
                 "worker",
@@ -257,7 +242,7 @@ pub fn import(text: &str, origin: &str, amqp: bool) -> Result<Imported, LegacyEr
                 _ => return Err(value_err("worker", key, raw, "ict is mic or mic2")),
             },
             Kind::Bool => match bool_of(raw) {
-                Some(b) => (b.to_string(), format!(" (INI boolean {raw:?})")),
+                Some(b) => (b.to_string(), format!(" (INI boolean \"{}\")", shown(raw))),
                 None => {
                     return Err(value_err(
                         "worker",
@@ -286,15 +271,18 @@ pub fn import(text: &str, origin: &str, amqp: bool) -> Result<Imported, LegacyEr
             Kind::OptList => {
                 let (list, comma) = opt_list(raw);
                 let items: Vec<String> = list.iter().map(|s| toml_str(s)).collect();
-                let how = if comma {
-                    " (the older comma-separated form, split on commas)"
-                } else {
-                    " (colon-separated, split on colons)"
+                let how = match (comma, raw.contains('\n')) {
+                    (true, false) => " (the older comma-separated form, split on commas)",
+                    (true, true) => {
+                        " (the older comma-separated form, split on commas and line ends)"
+                    }
+                    (false, false) => " (colon-separated, split on colons)",
+                    (false, true) => " (colon-separated, split on colons and line ends)",
                 };
                 (format!("[{}]", items.join(", ")), how.to_string())
             }
         };
-        let _ = writeln!(out, "# from [worker] {key} = {raw}{note}");
+        let _ = writeln!(out, "# from [worker] {key} = {}{note}", shown(raw));
         let _ = writeln!(out, "{key} = {value}");
     }
 
@@ -305,9 +293,17 @@ pub fn import(text: &str, origin: &str, amqp: bool) -> Result<Imported, LegacyEr
                 .find(|(key, _)| key == k)
                 .map_or("", |(_, v)| v.as_str())
         };
-        for (key, _) in boss {
+        for (key, raw) in boss {
             if !BOSS_KEYS.contains(&key.as_str()) {
-                unknown.push(format!("[boss] {key}"));
+                unknown.push(format!("[boss] {}", shown(key)));
+            } else if raw.contains('\n') {
+                return Err(value_err(
+                    "boss",
+                    key,
+                    raw,
+                    "a value of several lines (indented lines continue the value above them); \
+                     this key takes one line",
+                ));
             }
         }
         let c = if amqp { "" } else { "# " };
@@ -342,7 +338,9 @@ pub fn import(text: &str, origin: &str, amqp: bool) -> Result<Imported, LegacyEr
             if !BOSS_KEYS.contains(&key.as_str()) {
                 let _ = writeln!(
                     out,
-                    "# [boss] {key} = {raw}: not a key build-image knows; left out"
+                    "# [boss] {} = {}: not a key build-image knows; left out",
+                    shown(key),
+                    shown(raw)
                 );
             }
         }
@@ -353,19 +351,17 @@ pub fn import(text: &str, origin: &str, amqp: bool) -> Result<Imported, LegacyEr
         if known.contains(name.as_str()) {
             continue;
         }
-        let label = if name.is_empty() {
-            "(before any section)".to_string()
-        } else {
-            format!("[{name}]")
-        };
-        if keys.is_empty() && !name.is_empty() {
+        let label = format!("[{}]", shown(name));
+        if keys.is_empty() {
             unknown.push(format!("{label} (an empty section)"));
         }
         for (key, raw) in keys {
-            unknown.push(format!("{label} {key}"));
+            unknown.push(format!("{label} {}", shown(key)));
             let _ = writeln!(
                 out,
-                "# {label} {key} = {raw}: not a section build-image knows; left out"
+                "# {label} {} = {}: not a section build-image knows; left out",
+                shown(key),
+                shown(raw)
             );
         }
     }
@@ -414,14 +410,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_sections_are_reported() {
-        let ini = "top = 1\n[worker]\nbase_dirr = /x\n[boss]\namqp_host = h\namqp_port = 1\n[extra]\nk = v\n[empty]\n";
+        let ini = "[worker]\nbase_dirr = /x\n[boss]\namqp_host = h\namqp_port = 1\n[extra]\nk = v\n[empty]\n";
         let out = import(ini, "x", false).unwrap();
         assert_eq!(
             out.unknown,
             vec![
                 "[worker] base_dirr",
                 "[boss] amqp_port",
-                "(before any section) top",
                 "[extra] k",
                 "[empty] (an empty section)"
             ]
@@ -440,6 +435,9 @@ mod tests {
             ("[worker]\nict = mic3\n", "mic or mic2"),
             ("[worker]\ntimeout = 1\nTimeout = 2\n", "given twice"),
             ("[worker\n", "not an INI file"),
+            ("top = 1\n[worker]\n", "before any [section]"),
+            ("[worker]\nbase_dir = /a\n  /b\n", "several lines"),
+            ("[boss]\namqp_host = h\n  evil\n", "several lines"),
             ("[worker]\nimg_tmp = %(base_dir)s/tmp\n", "interpolate"),
         ] {
             let e = import(ini, "x", false).unwrap_err().to_string();
@@ -474,5 +472,55 @@ mod tests {
         assert!(looks_like_ini("; c\n[boss]\namqp_host: h\n"));
         assert!(!looks_like_ini("[spool]\ndir = x\n"));
         assert!(!looks_like_ini("worker = \n"));
+    }
+
+    #[test]
+    fn nothing_of_the_ini_reaches_the_toml_unescaped() {
+        // a continuation after a comment-looking value stays in the value, and in comments it
+        // is written out: no live line comes from the INI text
+        let ini = "[worker]\nmic_opts = --a ; the first\n  --b:--c\nbase_url = x \u{1b}[31m\u{202e}\n\
+                   odd\u{7}key = '/tmp/evil' #\n  foo = 1\n[boss]\nx = y\n  [amqp]\n";
+        let out = import(ini, "x\u{1b}.conf", false).unwrap();
+        let cfg = Config::parse(&out.toml, Path::new("x")).unwrap();
+        assert_eq!(cfg.worker.mic_opts, ["--a", "--b", "--c"]);
+        assert_eq!(cfg.worker.base_url, "x \u{1b}[31m\u{202e}");
+        assert!(
+            !out.toml
+                .chars()
+                .any(|c| c != '\n' && crate::domain::text::is_unsafe(c)),
+            "{}",
+            out.toml
+        );
+        let live: Vec<&str> = out
+            .toml
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+            .collect();
+        assert_eq!(
+            live,
+            [
+                "[worker]",
+                "mic_opts = [\"--a\", \"--b\", \"--c\"]",
+                "base_url = \"x \\u001b[31m\\u202e\""
+            ],
+            "{}",
+            out.toml
+        );
+        assert_eq!(out.unknown, ["[worker] odd\\u0007key", "[boss] x"]);
+    }
+
+    #[test]
+    fn toml_strings_read_back_as_the_value() {
+        for v in [
+            "plain",
+            "a\"b\\c",
+            "x\u{7f}\u{85}\u{9b}\u{202e}\u{2028}\ty",
+            "'single'",
+            "é ユ",
+        ] {
+            let t = format!("v = {}\n", toml_str(v));
+            let back: toml::Value = toml::from_str(&t).unwrap();
+            assert_eq!(back["v"].as_str(), Some(v), "{t}");
+        }
     }
 }
