@@ -744,7 +744,9 @@ mod tests {
         assert_eq!(cause_line("x; last output: "), "x; last output:");
         // today's errors: the cause first, the command's status after it
         assert_eq!(
-            cause_line("Error <creator>: failed to resolve package foo\n/x/mic exited with status 1"),
+            cause_line(
+                "Error <creator>: failed to resolve package foo\n/x/mic exited with status 1"
+            ),
             "Error <creator>: failed to resolve package foo"
         );
     }

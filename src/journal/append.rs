@@ -433,7 +433,7 @@ mod tests {
             j.flush().unwrap();
         }
         // and the next open removes it
-        let j = Journal::open(dir.path()).unwrap();
+        let j = crate::journal::reopen_for_test(dir.path());
         assert_eq!(j.tail.len(), 300 - SEAL_EVENTS);
         assert_eq!(j.next_seq(), 301);
         assert_eq!(j.since(0).count(), 300);

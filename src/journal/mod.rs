@@ -171,6 +171,22 @@ pub fn now_ts() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// Opens the log a test has just closed again: sled releases its lock on the directory a
+/// little after the last handle is dropped (spacejam/sled#1234), so a `Locked` is waited out
+/// (as `engine::statedir` does at a start) for up to 10 s.
+#[cfg(test)]
+pub(crate) fn reopen_for_test(dir: &Path) -> Journal {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Journal::open(dir) {
+            Err(JournalError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 impl Journal {
     /// Opens (or creates) the log in `dir` with the default cache (8 MiB). Fails with
     /// [`JournalError::Locked`] when another process holds it.
@@ -445,7 +461,7 @@ mod tests {
                 Err(JournalError::Locked(_))
             ));
         }
-        let j = Journal::open(dir.path()).unwrap();
+        let j = reopen_for_test(dir.path());
         assert_eq!(j.next_seq(), 3);
         let all: Vec<Event> = j.since(0).collect::<Result<_>>().unwrap();
         assert_eq!(all.len(), 2);
@@ -513,7 +529,7 @@ mod tests {
             j.job_seqs.insert(4u64.to_be_bytes(), lost).unwrap();
             j.flush().unwrap();
         }
-        let j = Journal::open(dir.path()).unwrap();
+        let j = reopen_for_test(dir.path());
         assert_eq!(j.next_job(), 4, "the lost job's number is given again");
         let c = j.append(None, cancelled(), P).unwrap();
         assert_eq!((c.seq, c.job), (7, 4));
