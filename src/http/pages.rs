@@ -107,6 +107,7 @@ td.result{min-width:190px;max-width:380px;overflow-wrap:anywhere}
 @keyframes pulse{50%{opacity:.25}}
 .ok{color:#166a2e;font-weight:600}
 .err{color:#a01f19}
+#cause{white-space:pre-line}
 .muted{color:var(--muted)}
 .links a{margin-right:10px;white-space:nowrap}
 .pager{margin-top:14px;display:flex;justify-content:space-between;align-items:center;color:var(--muted);font-size:13px}
