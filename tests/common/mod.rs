@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod host;
 
 use build_image::config::Config;
 use build_image::domain::Event;
