@@ -113,6 +113,9 @@ pub struct WorkerConfig {
     /// latest tail (cut back to half the limit whenever it reaches it) are kept, with a marker
     /// line between: the file stays below 1.5 x the limit.
     pub job_log_max_mb: u64,
+    /// Put each build's processes into a cgroup v2 of their own, where the host has one (found
+    /// in /proc/self/mountinfo); false: find them by the environment marker only.
+    pub use_cgroup: bool,
 }
 
 impl Default for WorkerConfig {
@@ -143,6 +146,7 @@ impl Default for WorkerConfig {
             max_attempts: 2,
             grace: 7200,
             job_log_max_mb: 64,
+            use_cgroup: true,
         }
     }
 }

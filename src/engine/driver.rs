@@ -233,7 +233,9 @@ impl Engine {
         for (id, job) in jobs.iter().filter(|(_, j)| self.is_mine(j)) {
             open.push(*id);
             if job.state == State::Building {
-                // Nothing runs at a start: the daemon died under this build.
+                // Nothing runs at a start: the daemon died under this build; what it left on
+                // the host is freed before anything else is built.
+                self.release_lost(job);
                 if let Err(e) = self.store.record(
                     Some(*id),
                     EventKind::Interrupted {
@@ -255,6 +257,19 @@ impl Engine {
             log::info!("recovery: {queued} job(s) queued again");
         }
         Ok(open)
+    }
+
+    /// Frees what a build lost to a crash left on the host (its place), noted in its job log.
+    fn release_lost(&self, job: &crate::domain::Job) {
+        match self.store.build_spec(job) {
+            Ok(spec) => {
+                let r = crate::imaging::place::release_lost(&self.cfg.worker, &spec);
+                for l in &r.leaked {
+                    log::error!("job {}: its build left {}: {}", job.id, l.what, l.why);
+                }
+            }
+            Err(e) => log::warn!("job {}: cannot find its job folder to release: {e}", job.id),
+        }
     }
 
     pub(crate) fn running_ids(&self) -> HashSet<u64> {

@@ -155,7 +155,7 @@ impl Engine {
         let end = self
             .builder
             .build(&spec, &prepared, &guard.cancel, &self.registry);
-        drop(prepared);
+        let released = prepared.release();
         let cancelled_by_operator = lock(&self.slots.by_operator).contains(&id);
         drop(guard);
         let kinds = match end {
@@ -183,6 +183,9 @@ impl Engine {
                 cause: Cause::Stop,
             }],
         };
+        for l in &released.leaked {
+            log::error!("job {id}: its build left {}: {}", l.what, l.why);
+        }
         self.record_retrying(id, kinds)?;
         self.slot_may_be_free();
         self.advance(id).map(|_| ())

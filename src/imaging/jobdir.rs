@@ -8,6 +8,7 @@
 //! never one an earlier attempt left.
 
 use super::joblog::job_log_limit;
+use super::place::{Place, Release};
 use super::{JobLog, job_dir, mode};
 use crate::config::WorkerConfig;
 use crate::domain::workitem::Spec;
@@ -64,6 +65,7 @@ pub struct Prepared {
     /// The names (relative to the job directory) of the kickstart and the log: never the image.
     skip: [PathBuf; 2],
     before: HashMap<PathBuf, FileId>,
+    place: Place,
 }
 
 impl Prepared {
@@ -79,6 +81,27 @@ impl Prepared {
 
     pub fn log(&self) -> &JobLog {
         &self.log
+    }
+
+    /// The build's place (its temp dir, cgroup or marker).
+    pub fn place(&self) -> &Place {
+        &self.place
+    }
+
+    /// Releases the build's place after the build, whatever its end: each thing freed, and each
+    /// thing that could not be, is a line of the job log.
+    pub fn release(self) -> Release {
+        let r = self.place.release();
+        for line in &r.freed {
+            let _ = self.log.line(&format!("released: {line}"));
+        }
+        for l in &r.leaked {
+            let _ = self.log.line(&format!("leaked: {}: {}", l.what, l.why));
+        }
+        if r.freed.is_empty() && r.leaked.is_empty() {
+            let _ = self.log.line("released: nothing was left");
+        }
+        r
     }
 
     /// The image this attempt wrote: the largest non-hidden regular file under the job
@@ -291,6 +314,13 @@ pub fn prepare(w: &WorkerConfig, spec: &Spec, attempt: u32) -> Result<Prepared, 
         mode(w)
     ))
     .map_err(log_err)?;
+    let label = format!("{}-{attempt}", spec.dir_id);
+    let place = Place::open(w, &path, &label).map_err(|source| PrepareError {
+        what: "cannot make the build's place in",
+        path: path.clone(),
+        source,
+    })?;
+    log.line(&place.describe()).map_err(log_err)?;
     let before = snapshot(&dir);
     Ok(Prepared {
         dir,
@@ -299,6 +329,7 @@ pub fn prepare(w: &WorkerConfig, spec: &Spec, attempt: u32) -> Result<Prepared, 
         log,
         skip: [PathBuf::from(ks_name), PathBuf::from(log_name)],
         before,
+        place,
     })
 }
 

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod logread;
 pub mod mic;
 pub mod native;
+pub mod place;
 pub mod tools;
 
 pub use jobdir::{PrepareError, Prepared, prepare};

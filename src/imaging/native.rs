@@ -77,15 +77,19 @@ fn run(
             urls,
         );
     }
-    let outcome = process::run(Run {
-        argv: &argv,
-        env: vec![],
-        stdin: None,
-        output: Output::Sink(log.sink()),
-        timeout: w.timeout(),
-        cancel: Some(cancel),
-        registry,
-    });
+    let place = prepared.place();
+    let outcome = process::run_in(
+        Run {
+            argv: &argv,
+            env: place.env(),
+            stdin: None,
+            output: Output::Sink(log.sink()),
+            timeout: w.timeout(),
+            cancel: Some(cancel),
+            registry,
+        },
+        place.procs(),
+    );
     let tool = argv
         .iter()
         .find(|a| *a != "sudo" && *a != "-n")

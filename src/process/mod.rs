@@ -1,7 +1,8 @@
 //! Child processes: each runs in its own process group, with a timeout and a cancel channel;
 //! when it ends, times out or is cancelled, the whole group is killed and the leader reaped.
 //!
-//! Invariant: nothing else in the program sends signals. The group is killed while the leader is
+//! Invariant: nothing else in the program sends signals, but `cgroup` (the processes of one
+//! build's place, by its cgroup or its environment marker). The group is killed while the leader is
 //! still an unreaped zombie (`waitid(WNOWAIT)`), so its pgid cannot have been reused.
 //!
 //! This file owns spawning and waiting (`run`: the pidfd or `waitid` wait, the timeout, the
@@ -12,6 +13,7 @@
 //! its directory while it runs, from whatever thread started it.
 
 mod capture;
+pub mod cgroup;
 mod registry;
 
 pub use capture::{CAPTURE_LIMIT, Capture, output};
@@ -110,6 +112,30 @@ pub struct Run<'a> {
 
 /// Runs a command to its end in its own process group.
 pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
+    run_in(r, None)
+}
+
+/// Makes `cmd`'s child write itself into a cgroup (the `cgroup.procs` file given, opened by the
+/// caller) before it runs its program, so that nothing it starts can leave the cgroup.
+pub fn enter_before_exec(cmd: &mut Command, procs: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let fd = procs.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and calls only write(2), which
+    // is async-signal-safe; `fd` stays open in the parent until the spawn returns (the caller
+    // holds the file), so it is open in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// As [`run`], with the child (and all it starts) put into the cgroup whose `cgroup.procs` is
+/// `procs` before it runs its program.
+pub fn run_in(r: Run<'_>, procs: Option<&std::fs::File>) -> Result<Outcome, ProcessError> {
     let (program, args) = r.argv.split_first().ok_or(ProcessError::Empty)?;
     let name = program.to_string_lossy().into_owned();
     let spawn_err = |source: std::io::Error| ProcessError::Spawn {
@@ -118,6 +144,9 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
     };
     let mut cmd = Command::new(program);
     cmd.args(args).process_group(0);
+    if let Some(procs) = procs {
+        enter_before_exec(&mut cmd, procs);
+    }
     for (k, v) in &r.env {
         cmd.env(k, v);
     }
