@@ -274,3 +274,105 @@ fn sigkill_then_start_leaves_nothing_cgroup() {
 fn sigkill_then_start_leaves_nothing_marker() {
     sigkill_then_start(false);
 }
+
+/// `/metrics`' value of `build_image_leaked_resources` (None before the jobs are counted).
+fn leaked_metric(farm: &Farm) -> Option<f64> {
+    use std::io::{Read, Write};
+    let addr = std::fs::read_to_string(farm.cfg.state_dir().join("http.addr")).ok()?;
+    let mut s = std::net::TcpStream::connect(addr.trim()).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("build_image_leaked_resources "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A mount held busy by an outside process (kept by the test) cannot be freed: it is a `leaked`
+/// event, shown by `status`, `doctor` and `/metrics`, and freed by a later pass once the holder
+/// is gone.
+#[test]
+fn a_mount_held_busy_is_a_leak_until_its_holder_goes() {
+    init_log();
+    let mut farm = farm(true);
+    farm.cfg.http.listen = Some("127.0.0.1:0".into());
+    let guard = HostGuard::new(farm.root());
+    let d = farm.start();
+    farm.drop_json(
+        "l.json",
+        &workitem("l1", &format!("{HOST}# mic-fixture: sleep 300\n")),
+    );
+    wait_host_touched(&farm, "l1");
+    let log = job_log(&farm, "l1");
+    let root = log
+        .lines()
+        .find_map(|l| l.strip_prefix("mic-fixture mount: "))
+        .map(PathBuf::from)
+        .unwrap();
+    // an outside process working in the mounted root: not the build's, so never killed
+    let holder = Guard(
+        std::process::Command::new("sleep")
+            .arg("600")
+            .current_dir(&root)
+            .spawn()
+            .unwrap(),
+    );
+    let (code, out, err) = output(farm.bin().args(["cancel", "l1"]));
+    assert_eq!(code, 0, "{out}{err}");
+    farm.wait_outbox("l.json", T);
+    let mut status = String::new();
+    assert!(
+        wait_for(T, || {
+            status = output(farm.bin().arg("status")).1;
+            status.contains("LEAKED job 1: loop device /dev/loop")
+        }),
+        "status shows no leak:\n{status}\n{}",
+        job_log(&farm, "l1")
+    );
+    assert!(status.contains("in use"), "{status}");
+    let rows: serde_json::Value =
+        serde_json::from_str(&output(farm.bin().args(["status", "--json"])).1).unwrap();
+    let leaks = rows[0]["leaks"].as_array().cloned().unwrap_or_default();
+    assert!(!leaks.is_empty(), "{rows:#}");
+    let (code, doctor, _) = output(farm.bin().arg("doctor"));
+    assert_eq!(code, 1, "{doctor}");
+    assert!(
+        doctor.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("leaked resources")
+            && l.contains("loop device")),
+        "{doctor}"
+    );
+    let mut metric = None;
+    assert!(
+        wait_for(T, || {
+            metric = leaked_metric(&farm);
+            metric.is_some_and(|m| m >= 1.0)
+        }),
+        "{metric:?}"
+    );
+    assert!(job_log(&farm, "l1").contains("leaked: loop device /dev/loop"));
+    // the holder goes: a later pass frees what was left
+    drop(holder);
+    assert!(
+        wait_for(T, || leaked_metric(&farm) == Some(0.0)),
+        "{:?}",
+        leaked_metric(&farm)
+    );
+    let status = output(farm.bin().arg("status")).1;
+    assert!(!status.contains("LEAKED"), "{status}");
+    let (_, doctor, _) = output(farm.bin().arg("doctor"));
+    assert!(
+        doctor.lines().any(|l| l.contains("leaked resources: none")),
+        "{doctor}"
+    );
+    guard.assert_clean(&fixture_all_pids(&job_log(&farm, "l1")));
+    d.stop().unwrap();
+    let kinds: Vec<String> = farm
+        .events()
+        .iter()
+        .map(|e| e.kind.name().to_string())
+        .collect();
+    assert!(kinds.iter().any(|k| k == "leaked"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "leak_freed"), "{kinds:?}");
+}

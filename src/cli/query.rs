@@ -37,8 +37,20 @@ pub fn status(
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", status_table(&rows));
+        print!("{}", leak_lines(&rows));
     }
     Ok(0)
+}
+
+/// What builds left on the host and could not free, one line each, after the table.
+pub fn leak_lines(rows: &[StatusRow]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        for l in &r.leaks {
+            out.push_str(&format!("LEAKED job {}: {}: {}\n", r.job, l.what, l.why));
+        }
+    }
+    out
 }
 
 /// The aligned table people read.

@@ -171,6 +171,17 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<String>,
     },
+    /// What a build left on the host that its release could not free (a mount held busy, a
+    /// loop device in use, a process that survived): `what` names it, `why` says why. Shown by
+    /// `status`, `doctor` and `/metrics` until a later pass frees it (`leak_freed`).
+    Leaked {
+        what: String,
+        why: String,
+    },
+    /// A resource recorded `leaked` was found freed by a later pass.
+    LeakFreed {
+        what: String,
+    },
     /// `compact` moved the events of `jobs` jobs settled before `before` (`events` events) out
     /// of the log into the archive `file`. The event opens a record of its own, settled at
     /// once (state `moved`); it keeps the log's numbering going when the newest jobs went.
@@ -268,11 +279,13 @@ pub enum Tag {
     Interrupted,
     Duplicate,
     Compacted,
+    Leaked,
+    LeakFreed,
 }
 
 impl Tag {
     /// Every kind, in the order of a job's life.
-    pub const ALL: [Tag; 13] = [
+    pub const ALL: [Tag; 15] = [
         Tag::Claimed,
         Tag::Rejected,
         Tag::Invalid,
@@ -286,6 +299,8 @@ impl Tag {
         Tag::Interrupted,
         Tag::Duplicate,
         Tag::Compacted,
+        Tag::Leaked,
+        Tag::LeakFreed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -303,6 +318,8 @@ impl Tag {
             Tag::Interrupted => "interrupted",
             Tag::Duplicate => "duplicate",
             Tag::Compacted => "compacted",
+            Tag::Leaked => "leaked",
+            Tag::LeakFreed => "leak_freed",
         }
     }
 
@@ -344,6 +361,8 @@ impl EventKind {
             EventKind::Interrupted { .. } => Tag::Interrupted,
             EventKind::Duplicate { .. } => Tag::Duplicate,
             EventKind::Compacted { .. } => Tag::Compacted,
+            EventKind::Leaked { .. } => Tag::Leaked,
+            EventKind::LeakFreed { .. } => Tag::LeakFreed,
         }
     }
 
@@ -382,6 +401,8 @@ impl Event {
             | EventKind::Compacted { reason, .. }
             | EventKind::Requeued { reason, .. }
             | EventKind::Interrupted { reason, .. } => reason.clone(),
+            EventKind::Leaked { what, why } => format!("{what}: {why}"),
+            EventKind::LeakFreed { what } => what.clone(),
         };
         format!(
             "seq {} job {} {} {}",

@@ -158,6 +158,18 @@ pub struct Job {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub last_seq: u64,
+    /// What its builds left on the host and could not free (`leaked`, not yet `leak_freed`),
+    /// oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leaks: Vec<Leak>,
+}
+
+/// A resource a build left on the host: what it is, and why it could not be freed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Leak {
+    pub what: String,
+    pub why: String,
 }
 
 impl Job {
@@ -311,6 +323,18 @@ impl Job {
                 self.reason = s(&ev.reason);
                 self.claimed_at.get_or_insert_with(|| ev.ts.to_string());
             }
+            Tag::Leaked => {
+                let what = s(&ev.what).unwrap_or_default();
+                let why = s(&ev.why).unwrap_or_default();
+                match self.leaks.iter_mut().find(|l| l.what == what) {
+                    Some(l) => l.why = why,
+                    None => self.leaks.push(Leak { what, why }),
+                }
+            }
+            Tag::LeakFreed => {
+                let what = s(&ev.what).unwrap_or_default();
+                self.leaks.retain(|l| l.what != what);
+            }
             Tag::Duplicate => {
                 let file = s(&ev.file).unwrap_or_default();
                 if !self.copies.iter().any(|c| c.file == file && c.unanswered()) {
@@ -389,6 +413,10 @@ pub struct EventView<'a> {
     pub from_worker: Option<Cow<'a, str>>,
     #[serde(default)]
     pub cause: Option<Cause>,
+    #[serde(borrow, default)]
+    pub what: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub why: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

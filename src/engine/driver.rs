@@ -89,6 +89,8 @@ impl Engine {
                     self.pusher.push(id, *status);
                     return Ok(step);
                 }
+                // the timer's leak pass frees it (see `leaks`)
+                Step::Release => return Ok(step),
                 Step::Settled if job.state == State::Rejected => {
                     // Its input goes aside with the reason (again, after a crash).
                     if let Some(file) = &job.file
@@ -257,19 +259,6 @@ impl Engine {
             log::info!("recovery: {queued} job(s) queued again");
         }
         Ok(open)
-    }
-
-    /// Frees what a build lost to a crash left on the host (its place), noted in its job log.
-    fn release_lost(&self, job: &crate::domain::Job) {
-        match self.store.build_spec(job) {
-            Ok(spec) => {
-                let r = crate::imaging::place::release_lost(&self.cfg.worker, &spec);
-                for l in &r.leaked {
-                    log::error!("job {}: its build left {}: {}", job.id, l.what, l.why);
-                }
-            }
-            Err(e) => log::warn!("job {}: cannot find its job folder to release: {e}", job.id),
-        }
     }
 
     pub(crate) fn running_ids(&self) -> HashSet<u64> {

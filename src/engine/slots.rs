@@ -186,6 +186,8 @@ impl Engine {
         for l in &released.leaked {
             log::error!("job {id}: its build left {}: {}", l.what, l.why);
         }
+        let mut kinds = kinds;
+        kinds.extend(super::leaks::leaked_events(&released));
         self.record_retrying(id, kinds)?;
         self.slot_may_be_free();
         self.advance(id).map(|_| ())

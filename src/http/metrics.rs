@@ -47,6 +47,10 @@ pub struct Metrics {
     oldest_queued: Gauge<f64, AtomicU64>,
     last_seq_gauge: Gauge,
     log_writable: Gauge,
+    leaked_gauge: Gauge,
+    /// What builds left on the host and could not free, by job (`leaked` not yet
+    /// `leak_freed`).
+    leaks: Mutex<std::collections::HashSet<(u64, String)>>,
     last_seq: AtomicU64,
     /// When each job now queued entered the queue.
     queued: Mutex<HashMap<u64, SystemTime>>,
@@ -99,6 +103,7 @@ impl Metrics {
         let oldest_queued = Gauge::<f64, AtomicU64>::default();
         let last_seq_gauge = Gauge::default();
         let log_writable = Gauge::default();
+        let leaked_gauge = Gauge::default();
         registry.register(
             "jobs",
             "Jobs in each state (claimed, queued, building, interrupted, finished, done, error, rejected, moved)",
@@ -134,6 +139,11 @@ impl Metrics {
             "1 while the event log takes writes, 0 while it cannot (disk full, write errors): nothing is claimed then",
             log_writable.clone(),
         );
+        registry.register(
+            "leaked_resources",
+            "What builds left on the host and could not free (a mount held busy, a loop device in use, a process that survived), until a later pass frees it",
+            leaked_gauge.clone(),
+        );
         for s in State::ALL {
             let _ = jobs.get_or_create(&StateLabel { state: s.as_str() });
         }
@@ -149,6 +159,8 @@ impl Metrics {
             oldest_queued,
             last_seq_gauge,
             log_writable,
+            leaked_gauge,
+            leaks: Mutex::new(std::collections::HashSet::new()),
             last_seq: AtomicU64::new(0),
             queued: Mutex::new(HashMap::new()),
             scrape: Mutex::new(()),
@@ -196,6 +208,10 @@ impl Metrics {
                 return Ok(());
             };
             sd.cursor = id;
+            if !job.leaks.is_empty() {
+                let mut leaks = lock(&self.leaks);
+                leaks.extend(job.leaks.iter().map(|l| (id, l.what.clone())));
+            }
             if sd.touched.contains_key(&id) {
                 continue; // its events since the start say where it is
             }
@@ -351,6 +367,8 @@ impl Metrics {
         self.last_seq_gauge
             .set(i64::try_from(self.last_seq.load(Ordering::SeqCst)).unwrap_or(i64::MAX));
         self.log_writable.set(i64::from(log_writable));
+        self.leaked_gauge
+            .set(i64::try_from(lock(&self.leaks).len()).unwrap_or(i64::MAX));
         let mut out = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -447,6 +465,12 @@ impl Observer for Metrics {
             }
             EventKind::Pushed { ok: false, .. } => {
                 self.push_failures.inc();
+            }
+            EventKind::Leaked { what, .. } => {
+                lock(&self.leaks).insert((ev.job, what.clone()));
+            }
+            EventKind::LeakFreed { what } => {
+                lock(&self.leaks).remove(&(ev.job, what.clone()));
             }
             _ => {}
         }

@@ -516,6 +516,7 @@ mod tests {
                 attempts: 1,
                 result: Some(false),
                 error: Some("<img src=x onerror=alert(1)>".into()),
+                leaks: vec![],
             },
             files_url: Some("http://x/\"><script>alert(2)</script>".into()),
             has_log: true,

@@ -46,6 +46,9 @@ pub struct StatusRow {
     /// Where the workitem came from: `spool` (a dropped file) or `amqp` (a message).
     #[serde(default)]
     pub source: String,
+    /// What its builds left on the host and could not free (`leaked`), until freed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leaks: Vec<crate::domain::job::Leak>,
 }
 
 fn seconds_between(from: &str, to: Option<&str>) -> Option<f64> {
@@ -80,6 +83,7 @@ pub fn status_row(job: &Job) -> StatusRow {
         result: job.result,
         error: job.error.clone(),
         source: job.origin.name().to_string(),
+        leaks: job.leaks.clone(),
     }
 }
 
@@ -314,6 +318,8 @@ pub fn event_detail(e: &Event) -> String {
         ),
         EventKind::Interrupted { reason, cause } => format!("{reason} ({cause:?})"),
         EventKind::Compacted { reason, .. } => reason.clone(),
+        EventKind::Leaked { what, why } => format!("{what}: {why}"),
+        EventKind::LeakFreed { what } => what.clone(),
         EventKind::Cancelled { reason } | EventKind::Requeued { reason, .. } => reason.clone(),
     }
 }
