@@ -116,6 +116,9 @@ pub struct WorkerConfig {
     /// Put each build's processes into a cgroup v2 of their own, where the host has one (found
     /// in /proc/self/mountinfo); false: find them by the environment marker only.
     pub use_cgroup: bool,
+    /// Seconds a build may go without output (mic silent) before it is killed as stalled,
+    /// 0..=604800; 0: no stall limit (`timeout` stays the hard limit).
+    pub stall_timeout: u64,
 }
 
 impl Default for WorkerConfig {
@@ -147,6 +150,7 @@ impl Default for WorkerConfig {
             grace: 7200,
             job_log_max_mb: 64,
             use_cgroup: true,
+            stall_timeout: 0,
         }
     }
 }
@@ -163,6 +167,11 @@ impl WorkerConfig {
 
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout)
+    }
+
+    /// The stall limit of a build (None: `stall_timeout = 0`, no limit).
+    pub fn stall_timeout(&self) -> Option<Duration> {
+        (self.stall_timeout > 0).then(|| Duration::from_secs(self.stall_timeout))
     }
 }
 
@@ -305,7 +314,7 @@ impl Config {
     }
 
     /// The numeric keys with their values and allowed ranges (inclusive), as checked at load.
-    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 16] {
+    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 17] {
         let (w, s, h) = (&self.worker, &self.spool, &self.hooks);
         [
             ("[worker] timeout", w.timeout, 1, WEEK_S),
@@ -315,6 +324,7 @@ impl Config {
             ("[worker] vm_smp", w.vm_smp.into(), 1, 256),
             ("[worker] vm_wait", w.vm_wait, 1, 3600),
             ("[worker] job_log_max_mb", w.job_log_max_mb, 1, 65536),
+            ("[worker] stall_timeout", w.stall_timeout, 0, WEEK_S),
             ("[spool] poll_interval_ms", s.poll_interval_ms, 10, HOUR_MS),
             ("[spool] min_age_ms", s.min_age_ms, 0, HOUR_MS),
             ("[spool] max_bytes", s.max_bytes, 1, 1 << 30),
@@ -552,7 +562,7 @@ mod tests {
     }
 
     /// Every numeric key: section, key, lowest and highest accepted value.
-    const RANGES: [(&str, &str, u64, u64); 16] = [
+    const RANGES: [(&str, &str, u64, u64); 17] = [
         ("worker", "timeout", 1, 604800),
         ("worker", "grace", 0, 604800),
         ("worker", "workers", 1, 256),
@@ -560,6 +570,7 @@ mod tests {
         ("worker", "vm_smp", 1, 256),
         ("worker", "vm_wait", 1, 3600),
         ("worker", "job_log_max_mb", 1, 65536),
+        ("worker", "stall_timeout", 0, 604800),
         ("spool", "poll_interval_ms", 10, 3600000),
         ("spool", "min_age_ms", 0, 3600000),
         ("spool", "max_bytes", 1, 1073741824),

@@ -376,3 +376,35 @@ fn a_mount_held_busy_is_a_leak_until_its_holder_goes() {
     assert!(kinds.iter().any(|k| k == "leaked"), "{kinds:?}");
     assert!(kinds.iter().any(|k| k == "leak_freed"), "{kinds:?}");
 }
+
+fn stall(cgroup: bool) {
+    init_log();
+    let mut farm = farm(cgroup);
+    farm.cfg.worker.stall_timeout = 2;
+    farm.cfg.worker.timeout = 120;
+    let guard = HostGuard::new(farm.root());
+    let d = farm.start();
+    farm.drop_json(
+        "st.json",
+        &workitem("st1", &format!("{HOST}# mic-fixture: sleep 300\n")),
+    );
+    let r = farm.wait_outbox("st.json", T);
+    let err = r["image"]["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("mic stalled: no output for 2 s (stall_timeout), killed"),
+        "{r:#}"
+    );
+    assert_released(&farm, &guard, "st1", cgroup);
+    assert_slot_free(&farm, "st2");
+    d.stop().unwrap();
+}
+
+#[test]
+fn stall_timeout_leaves_nothing_cgroup() {
+    stall(true);
+}
+
+#[test]
+fn stall_timeout_leaves_nothing_marker() {
+    stall(false);
+}

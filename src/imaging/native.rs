@@ -78,7 +78,7 @@ fn run(
         );
     }
     let place = prepared.place();
-    let outcome = process::run_in(
+    let outcome = process::run_with(
         Run {
             argv: &argv,
             env: place.env(),
@@ -88,7 +88,10 @@ fn run(
             cancel: Some(cancel),
             registry,
         },
-        place.procs(),
+        process::With {
+            procs: place.procs(),
+            stall: w.stall_timeout(),
+        },
     );
     let tool = argv
         .iter()

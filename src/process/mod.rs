@@ -60,6 +60,8 @@ pub enum Outcome {
     Signalled(i32),
     TimedOut,
     Cancelled,
+    /// No output for this many seconds (a stall timeout): killed.
+    Stalled(u64),
 }
 
 impl Outcome {
@@ -81,6 +83,9 @@ impl Outcome {
             Outcome::Signalled(s) => format!("was killed by signal {s}"),
             Outcome::TimedOut => format!("timed out after {} s", timeout.as_secs()),
             Outcome::Cancelled => "was cancelled".to_string(),
+            Outcome::Stalled(s) => {
+                format!("stalled: no output for {s} s (stall_timeout), killed")
+            }
         }
     }
 }
@@ -112,7 +117,7 @@ pub struct Run<'a> {
 
 /// Runs a command to its end in its own process group.
 pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
-    run_in(r, None)
+    run_with(r, With::default())
 }
 
 /// Makes `cmd`'s child write itself into a cgroup (the `cgroup.procs` file given, opened by the
@@ -133,9 +138,58 @@ pub fn enter_before_exec(cmd: &mut Command, procs: &std::fs::File) {
     }
 }
 
-/// As [`run`], with the child (and all it starts) put into the cgroup whose `cgroup.procs` is
-/// `procs` before it runs its program.
-pub fn run_in(r: Run<'_>, procs: Option<&std::fs::File>) -> Result<Outcome, ProcessError> {
+/// What a build's command gets beyond [`Run`].
+#[derive(Default)]
+pub struct With<'a> {
+    /// The child (and all it starts) is put into the cgroup whose `cgroup.procs` this is
+    /// before it runs its program.
+    pub procs: Option<&'a std::fs::File>,
+    /// The child is killed as stalled ([`Outcome::Stalled`]) when it has written no output for
+    /// this long (its output must go to a sink or a capture).
+    pub stall: Option<Duration>,
+}
+
+/// When a child last wrote output: updated by the sink wrapper [`Touching`].
+#[derive(Clone)]
+struct LastOutput(std::sync::Arc<std::sync::Mutex<Instant>>);
+
+impl LastOutput {
+    fn silent_for(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
+}
+
+/// A sink that notes when output passed through it.
+struct Touching {
+    inner: Box<dyn Write + Send>,
+    last: LastOutput,
+}
+
+impl Write for Touching {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        *self.last.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The stall watch of one run: the limit and the last output.
+struct Stall {
+    limit: Duration,
+    last: LastOutput,
+}
+
+impl Stall {
+    fn check(&self) -> Option<Outcome> {
+        (self.last.silent_for() >= self.limit).then_some(Outcome::Stalled(self.limit.as_secs()))
+    }
+}
+
+/// As [`run`], with what [`With`] adds.
+pub fn run_with(r: Run<'_>, with: With<'_>) -> Result<Outcome, ProcessError> {
+    let procs = with.procs;
     let (program, args) = r.argv.split_first().ok_or(ProcessError::Empty)?;
     let name = program.to_string_lossy().into_owned();
     let spawn_err = |source: std::io::Error| ProcessError::Spawn {
@@ -154,6 +208,18 @@ pub fn run_in(r: Run<'_>, procs: Option<&std::fs::File>) -> Result<Outcome, Proc
         Output::Null => None,
         Output::Sink(s) => Some(s),
         Output::Capture(c) => Some(Box::new(c)),
+    };
+    let mut stall = None;
+    let sink = match (sink, with.stall) {
+        (Some(inner), Some(limit)) => {
+            let last = LastOutput(std::sync::Arc::new(std::sync::Mutex::new(Instant::now())));
+            stall = Some(Stall {
+                limit,
+                last: last.clone(),
+            });
+            Some(Box::new(Touching { inner, last }) as Box<dyn Write + Send>)
+        }
+        (sink, _) => sink,
     };
     let mut reader = None;
     match sink {
@@ -216,8 +282,8 @@ pub fn run_in(r: Run<'_>, procs: Option<&std::fs::File>) -> Result<Outcome, Proc
     let never_rx = never();
     let cancel = r.cancel.unwrap_or(&never_rx);
     let waited = match pidfd_open(pid) {
-        Some(fd) => wait_pidfd(&fd, deadline, cancel),
-        None => wait_thread(pid, deadline, cancel),
+        Some(fd) => wait_pidfd(&fd, deadline, cancel, stall.as_ref()),
+        None => wait_thread(pid, deadline, cancel, stall.as_ref()),
     };
     // Whatever happened, nothing of the group may outlive the call.
     kill_group(pid);
@@ -293,6 +359,7 @@ fn wait_pidfd(
     fd: &std::os::fd::OwnedFd,
     deadline: Instant,
     cancel: &Receiver<()>,
+    stall: Option<&Stall>,
 ) -> std::io::Result<Option<Outcome>> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd;
@@ -300,6 +367,9 @@ fn wait_pidfd(
         let now = Instant::now();
         if now >= deadline {
             return Ok(Some(Outcome::TimedOut));
+        }
+        if let Some(o) = stall.and_then(Stall::check) {
+            return Ok(Some(o));
         }
         match cancel.try_recv() {
             Ok(()) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
@@ -323,6 +393,7 @@ fn wait_thread(
     pid: Pid,
     deadline: Instant,
     cancel: &Receiver<()>,
+    stall: Option<&Stall>,
 ) -> std::io::Result<Option<Outcome>> {
     let (done_tx, done_rx) = bounded::<std::io::Result<()>>(1);
     std::thread::spawn(move || {
@@ -335,15 +406,24 @@ fn wait_thread(
         };
         let _ = done_tx.send(res);
     });
-    let stopped = select! {
-        recv(done_rx) -> res => {
-            if let Ok(Err(e)) = res {
-                return Err(e);
-            }
-            None
+    let stopped = loop {
+        if let Some(o) = stall.and_then(Stall::check) {
+            break Some(o);
         }
-        recv(cancel) -> _ => Some(Outcome::Cancelled),
-        default(deadline.saturating_duration_since(Instant::now())) => Some(Outcome::TimedOut),
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Some(Outcome::TimedOut);
+        }
+        select! {
+            recv(done_rx) -> res => {
+                if let Ok(Err(e)) = res {
+                    return Err(e);
+                }
+                break None;
+            }
+            recv(cancel) -> _ => break Some(Outcome::Cancelled),
+            default(left.min(CANCEL_CHECK)) => {}
+        }
     };
     if stopped.is_some() {
         kill_group(pid);
@@ -464,6 +544,39 @@ mod tests {
                     .unwrap_or(true)
         });
         assert!(gone, "grandchild {pid} survived");
+    }
+
+    #[test]
+    fn a_silent_child_stalls_and_a_talking_one_does_not() {
+        let stalled = |script: &str| {
+            let a = argv(&["sh", "-c", script]);
+            run_with(
+                Run {
+                    argv: &a,
+                    env: vec![],
+                    stdin: None,
+                    output: Output::Capture(Capture::new(1024)),
+                    timeout: Duration::from_secs(60),
+                    cancel: None,
+                    registry: &Registry::none(),
+                },
+                With {
+                    procs: None,
+                    stall: Some(Duration::from_secs(1)),
+                },
+            )
+            .unwrap()
+        };
+        assert_eq!(stalled("echo hi; sleep 300"), Outcome::Stalled(1));
+        assert_eq!(
+            stalled("for i in 1 2 3 4 5 6; do echo $i; sleep 0.3; done"),
+            Outcome::Exited(0)
+        );
+        assert!(
+            Outcome::Stalled(1)
+                .describe(Duration::ZERO)
+                .contains("stall_timeout")
+        );
     }
 
     #[test]
