@@ -119,6 +119,9 @@ pub struct WorkerConfig {
     /// Seconds a build may go without output (mic silent) before it is killed as stalled,
     /// 0..=604800; 0: no stall limit (`timeout` stays the hard limit).
     pub stall_timeout: u64,
+    /// Automatic new tries of a build that failed for the infrastructure (timeout, stall, guest
+    /// boot, ssh, disk full, killed by the host), 0..=100, before it is answered with its class.
+    pub infra_retries: u32,
 }
 
 impl Default for WorkerConfig {
@@ -151,6 +154,7 @@ impl Default for WorkerConfig {
             job_log_max_mb: 64,
             use_cgroup: true,
             stall_timeout: 0,
+            infra_retries: 1,
         }
     }
 }
@@ -314,7 +318,7 @@ impl Config {
     }
 
     /// The numeric keys with their values and allowed ranges (inclusive), as checked at load.
-    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 17] {
+    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 18] {
         let (w, s, h) = (&self.worker, &self.spool, &self.hooks);
         [
             ("[worker] timeout", w.timeout, 1, WEEK_S),
@@ -325,6 +329,7 @@ impl Config {
             ("[worker] vm_wait", w.vm_wait, 1, 3600),
             ("[worker] job_log_max_mb", w.job_log_max_mb, 1, 65536),
             ("[worker] stall_timeout", w.stall_timeout, 0, WEEK_S),
+            ("[worker] infra_retries", w.infra_retries.into(), 0, 100),
             ("[spool] poll_interval_ms", s.poll_interval_ms, 10, HOUR_MS),
             ("[spool] min_age_ms", s.min_age_ms, 0, HOUR_MS),
             ("[spool] max_bytes", s.max_bytes, 1, 1 << 30),
@@ -562,7 +567,7 @@ mod tests {
     }
 
     /// Every numeric key: section, key, lowest and highest accepted value.
-    const RANGES: [(&str, &str, u64, u64); 17] = [
+    const RANGES: [(&str, &str, u64, u64); 18] = [
         ("worker", "timeout", 1, 604800),
         ("worker", "grace", 0, 604800),
         ("worker", "workers", 1, 256),
@@ -571,6 +576,7 @@ mod tests {
         ("worker", "vm_wait", 1, 3600),
         ("worker", "job_log_max_mb", 1, 65536),
         ("worker", "stall_timeout", 0, 604800),
+        ("worker", "infra_retries", 0, 100),
         ("spool", "poll_interval_ms", 10, 3600000),
         ("spool", "min_age_ms", 0, 3600000),
         ("spool", "max_bytes", 1, 1073741824),

@@ -147,6 +147,7 @@ fn log_with_every_kind(dir: &Path) {
             result: true,
             error: None,
             urls: Default::default(),
+            failure: None,
         },
     );
     add(

@@ -202,6 +202,7 @@ pub fn job_lifecycle(
                 result: true,
                 error: None,
                 urls,
+                failure: None,
             },
         ),
         (

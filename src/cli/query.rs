@@ -67,7 +67,10 @@ pub fn status_table(rows: &[StatusRow]) -> String {
             (Some(true), _) => "ok".to_string(),
             (Some(false), Some(e)) => {
                 let e: String = e.chars().take(60).collect();
-                format!("error: {e}")
+                match r.failure {
+                    Some(f) => format!("error ({f}): {e}"),
+                    None => format!("error: {e}"),
+                }
             }
             (Some(false), None) => "error".to_string(),
             (None, _) => dash(),

@@ -127,6 +127,9 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
         urls: Urls,
+        /// A failed build's class (absent: a success, or a failure recorded before classes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failure: Option<super::Failure>,
     },
     /// The answer went out (see [`Delivery`]).
     Delivered(Delivery),

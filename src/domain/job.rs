@@ -162,6 +162,12 @@ pub struct Job {
     /// oldest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub leaks: Vec<Leak>,
+    /// The class of its failed build (its last `finished`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<super::Failure>,
+    /// Builds that failed for the infrastructure since it was queued (each retried
+    /// automatically while fewer than `infra_retries`).
+    pub infra_failures: u32,
 }
 
 /// A resource a build left on the host: what it is, and why it could not be freed.
@@ -237,6 +243,7 @@ impl Job {
                 self.input_seq = Some(ev.seq);
                 self.accepted = true;
                 self.lost = 0;
+                self.infra_failures = 0;
             }
             Tag::Started => {
                 self.state = State::Building;
@@ -248,6 +255,10 @@ impl Job {
                 self.state = State::Finished;
                 self.result = ev.result;
                 self.error = s(&ev.error);
+                self.failure = ev.failure;
+                if ev.failure == Some(super::Failure::Infrastructure) {
+                    self.infra_failures += 1;
+                }
                 self.urls = ev.urls.clone().unwrap_or_default();
                 self.finished_at = ts();
             }
@@ -301,6 +312,7 @@ impl Job {
                     self.reason = s(&ev.reason);
                     self.result = None;
                     self.error = None;
+                    self.failure = None;
                     self.urls = Urls::default();
                     self.receipt = None;
                     self.final_pushed = false;
@@ -417,6 +429,8 @@ pub struct EventView<'a> {
     pub what: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub why: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub failure: Option<super::Failure>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -183,6 +183,7 @@ mod tests {
                 result: true,
                 error: None,
                 urls: Urls::default(),
+                failure: None,
             },
             Tag::Delivered => EventKind::Delivered(Delivery {
                 receipt: Receipt::Outbox {

@@ -392,6 +392,14 @@ pub fn reply(input: &Value, result: Option<bool>, error: Option<&str>, urls: &Ur
     reply_owned(input.clone(), result, error, urls)
 }
 
+/// Adds a failed build's class to an answer: `image.failure` beside `image.error` (the OUT
+/// fields' image namespace, made by [`reply_owned`]).
+pub fn set_failure(out: &mut Value, failure: &str) {
+    if let Some(Value::Object(img)) = fields_mut(out).and_then(|f| f.get_mut("image")) {
+        img.insert("failure".into(), Value::String(failure.to_string()));
+    }
+}
+
 /// [`reply`], changing the input in place (a large workitem is not copied).
 pub fn reply_owned(
     mut out: Value,

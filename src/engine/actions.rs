@@ -55,6 +55,7 @@ impl Engine {
                     result: false,
                     error: Some("cancelled".into()),
                     urls: job.urls.clone(),
+                    failure: Some(crate::domain::Failure::Cancelled),
                 },
             ),
         ])?;

@@ -76,6 +76,7 @@ impl Engine {
                                 job.reason.as_deref().unwrap_or("unknown")
                             )),
                             urls: job.urls.clone(),
+                            failure: Some(crate::domain::Failure::Infrastructure),
                         },
                     )?;
                 }

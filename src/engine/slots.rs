@@ -11,7 +11,7 @@ use super::backoff::Backoff;
 use super::store::lock;
 use super::{Engine, EngineError, Result};
 use crate::domain::lifecycle::{self, Step};
-use crate::domain::{Cause, EventKind, Mode, State, Status};
+use crate::domain::{Cause, EventKind, Failure, Mode, State, Status};
 use crate::imaging::{self, BuildEnd};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use std::collections::{HashMap, HashSet};
@@ -138,6 +138,7 @@ impl Engine {
                         result: false,
                         error: Some(e.to_string()),
                         urls: imaging::planned_urls(w, &spec),
+                        failure: Some(Failure::Infrastructure),
                     },
                 )?;
                 self.slot_may_be_free();
@@ -163,11 +164,29 @@ impl Engine {
                 result,
                 error,
                 urls,
-            } => vec![EventKind::Finished {
-                result,
-                error,
-                urls,
-            }],
+                failure,
+            } => {
+                let mut kinds = vec![EventKind::Finished {
+                    result,
+                    error,
+                    urls,
+                    failure,
+                }];
+                // An infrastructure failure is tried again, up to infra_retries times.
+                let before = job.infra_failures;
+                if failure == Some(Failure::Infrastructure) && before < w.infra_retries {
+                    kinds.push(EventKind::Requeued {
+                        reason: format!(
+                            "infrastructure failure: tried again automatically ({} of infra_retries = {})",
+                            before + 1,
+                            w.infra_retries
+                        ),
+                        file: None,
+                        from_worker: None,
+                    });
+                }
+                kinds
+            }
             BuildEnd::Cancelled if cancelled_by_operator => vec![
                 EventKind::Cancelled {
                     reason: "cancelled by the operator".into(),
@@ -176,6 +195,7 @@ impl Engine {
                     result: false,
                     error: Some("cancelled".into()),
                     urls: imaging::planned_urls(w, &spec),
+                    failure: Some(Failure::Cancelled),
                 },
             ],
             BuildEnd::Cancelled => vec![EventKind::Interrupted {

@@ -6,7 +6,7 @@
 //! Invariant: `build_image_jobs{state}` is the number of jobs whose folded state is `state`:
 //! each event moves its job from the state before it to the state after it.
 
-use crate::domain::{Event, EventKind, Job, State};
+use crate::domain::{Event, EventKind, Failure, Job, State};
 use crate::engine::store::{Change, Observer, lock};
 use crate::journal::{Journal, JournalError};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -36,6 +36,9 @@ struct StateLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
+    /// A failure's class (image, infrastructure, cancelled; unknown for one recorded before
+    /// classes), `none` for a success.
+    failure: &'static str,
 }
 
 pub struct Metrics {
@@ -111,7 +114,7 @@ impl Metrics {
         );
         registry.register(
             "builds",
-            "Builds that ran to their end, by result (failure: mic failed, timed out, left no image, or was cancelled while running)",
+            "Builds that ran to their end, by result and, for a failure, its class (image: mic or the kickstart failed; infrastructure: timeout, stall, guest boot, ssh, disk, killed; cancelled)",
             builds.clone(),
         );
         registry.register(
@@ -147,8 +150,15 @@ impl Metrics {
         for s in State::ALL {
             let _ = jobs.get_or_create(&StateLabel { state: s.as_str() });
         }
-        for result in ["success", "failure"] {
-            let _ = builds.get_or_create(&ResultLabel { result });
+        let _ = builds.get_or_create(&ResultLabel {
+            result: "success",
+            failure: "none",
+        });
+        for f in Failure::ALL {
+            let _ = builds.get_or_create(&ResultLabel {
+                result: "failure",
+                failure: f.as_str(),
+            });
         }
         Metrics {
             registry,
@@ -226,7 +236,7 @@ impl Metrics {
                 && job.was_built()
                 && matches!(job.state, State::Finished | State::Done | State::Error)
             {
-                self.build_ended(result, start, end);
+                self.build_ended(result, job.failure, start, end);
             }
             let failed_pushes = job
                 .final_push_attempts
@@ -308,9 +318,14 @@ impl Metrics {
         Ok(())
     }
 
-    fn build_ended(&self, result: bool, started: &str, finished: &str) {
+    fn build_ended(&self, result: bool, failure: Option<Failure>, started: &str, finished: &str) {
         let label = ResultLabel {
             result: if result { "success" } else { "failure" },
+            failure: match (result, failure) {
+                (true, _) => "none",
+                (false, Some(f)) => f.as_str(),
+                (false, None) => "unknown",
+            },
         };
         self.builds.get_or_create(&label).inc();
         if let (Some(a), Some(b)) = (ts(started), ts(finished)) {
@@ -458,9 +473,11 @@ impl Observer for Metrics {
             }
         }
         match &ev.kind {
-            EventKind::Finished { result, .. } if c.before == Some(State::Building) => {
+            EventKind::Finished {
+                result, failure, ..
+            } if c.before == Some(State::Building) => {
                 if let Some(start) = &c.started_at {
-                    self.build_ended(*result, start, &ev.ts);
+                    self.build_ended(*result, *failure, start, &ev.ts);
                 }
             }
             EventKind::Pushed { ok: false, .. } => {
@@ -603,6 +620,7 @@ mod tests {
             result: true,
             error: None,
             urls: Default::default(),
+            failure: None,
         };
         let failed_push = EventKind::Pushed {
             status: crate::domain::Status::Done,
@@ -624,13 +642,21 @@ mod tests {
         );
         assert_eq!(line(&text, "build_image_jobs{state=\"queued\"}"), Some("1"));
         assert_eq!(
-            line(&text, "build_image_builds_total{result=\"success\"}"),
+            line(
+                &text,
+                "build_image_builds_total{result=\"success\",failure=\"none\"}"
+            ),
             Some("1")
         );
-        assert_eq!(
-            line(&text, "build_image_builds_total{result=\"failure\"}"),
-            Some("0")
-        );
+        for f in ["image", "infrastructure", "cancelled"] {
+            assert_eq!(
+                line(
+                    &text,
+                    &format!("build_image_builds_total{{result=\"failure\",failure=\"{f}\"}}")
+                ),
+                Some("0")
+            );
+        }
         assert_eq!(line(&text, "build_image_push_failures_total"), Some("1"));
         assert_eq!(line(&text, "build_image_last_event_seq"), Some("3"));
         assert_eq!(
@@ -665,7 +691,10 @@ mod tests {
         );
         let text = m.render(SystemTime::now(), false).unwrap();
         assert_eq!(
-            line(&text, "build_image_builds_total{result=\"success\"}"),
+            line(
+                &text,
+                "build_image_builds_total{result=\"success\",failure=\"none\"}"
+            ),
             Some("1")
         );
         assert_eq!(line(&text, "build_image_jobs{state=\"queued\"}"), Some("0"));

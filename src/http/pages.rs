@@ -383,6 +383,8 @@ pub fn job(p: &JobPage) -> Markup {
                                 }
                             }
                             @if let Some(e) = &j.error { dt { "error" } dd.err { (e) } }
+                            @if let (Some(false), Some(f)) = (j.result, j.failure) { dt { "failure" } dd { (f.as_str()) ": " (f.advice()) } }
+                            @for l in &j.leaks { dt { "leaked" } dd.err { (l.what) ": " (l.why) } }
                             @if let Some(why) = &j.reason { dt { "reason" } dd { (why) } }
                             @if let Some(h) = j.held_by { dt { "held by" } dd { a href={ "/jobs/" (h) } { "job " (h) } } }
                             @if let Some(r) = &j.receipt { dt { "answer" } dd.mono { (r.to_string()) } }
@@ -517,6 +519,7 @@ mod tests {
                 result: Some(false),
                 error: Some("<img src=x onerror=alert(1)>".into()),
                 leaks: vec![],
+                failure: None,
             },
             files_url: Some("http://x/\"><script>alert(2)</script>".into()),
             has_log: true,

@@ -5,10 +5,10 @@
 //! this attempt wrote ([`Prepared::new_image`]); a cancel kills mic's whole process group.
 
 use super::tools::{check_mic, check_sudo, mic_missing};
-use super::{BuildEnd, Builder, Checks, Prepared, mic, planned_urls, url_for};
+use super::{BuildEnd, Builder, Checks, Prepared, failure_of, mic, planned_urls, url_for};
 use crate::config::WorkerConfig;
-use crate::domain::Mode;
 use crate::domain::workitem::Spec;
+use crate::domain::{Failure, Mode};
 use crate::process::{self, Output, Registry, Run};
 use crossbeam_channel::Receiver;
 
@@ -75,6 +75,7 @@ fn run(
         return BuildEnd::failed(
             format!("cannot write job log {}: {e}", log.path().display()),
             urls,
+            Failure::Infrastructure,
         );
     }
     let place = prepared.place();
@@ -102,7 +103,7 @@ fn run(
         Ok(o) => o,
         Err(e) => {
             let _ = log.line(&format!("error: {e}"));
-            return BuildEnd::failed(e.to_string(), urls);
+            return BuildEnd::failed(e.to_string(), urls, Failure::Infrastructure);
         }
     };
     let tail = if outcome.success() {
@@ -115,12 +116,14 @@ fn run(
         return BuildEnd::Cancelled;
     }
     if !outcome.success() {
+        let (failure, why) = failure_of(outcome, dir);
         return BuildEnd::failed(
             format!(
-                "{tool} {}; last output: {tail}",
+                "{tool} {}{why}; last output: {tail}",
                 outcome.describe(w.timeout())
             ),
             urls,
+            failure,
         );
     }
     match prepared.new_image() {
@@ -130,6 +133,7 @@ fn run(
                 result: true,
                 error: None,
                 urls,
+                failure: None,
             }
         }
         None => BuildEnd::failed(
@@ -138,6 +142,7 @@ fn run(
                 dir.display()
             ),
             urls,
+            failure_of(process::Outcome::Exited(0), dir).0,
         ),
     }
 }

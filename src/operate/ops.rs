@@ -49,6 +49,9 @@ pub struct StatusRow {
     /// What its builds left on the host and could not free (`leaked`), until freed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub leaks: Vec<crate::domain::job::Leak>,
+    /// A failed build's class: image, infrastructure or cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<crate::domain::Failure>,
 }
 
 fn seconds_between(from: &str, to: Option<&str>) -> Option<f64> {
@@ -84,6 +87,7 @@ pub fn status_row(job: &Job) -> StatusRow {
         error: job.error.clone(),
         source: job.origin.name().to_string(),
         leaks: job.leaks.clone(),
+        failure: job.failure,
     }
 }
 
@@ -293,9 +297,14 @@ pub fn event_detail(e: &Event) -> String {
             result,
             error,
             urls,
+            failure,
         } => match (result, error) {
             (true, _) => format!("ok {}", urls.image_url.as_deref().unwrap_or("")),
-            (false, e) => format!("failed: {}", e.as_deref().unwrap_or("")),
+            (false, e) => format!(
+                "failed{}: {}",
+                failure.map(|f| format!(" ({f})")).unwrap_or_default(),
+                e.as_deref().unwrap_or("")
+            ),
         },
         EventKind::Delivered(d) => match &d.copy {
             Some(c) => format!("{} (the answer for the re-drop {c})", d.receipt),

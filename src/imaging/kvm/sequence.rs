@@ -35,7 +35,10 @@ const PORT_ATTEMPTS: usize = 5;
 
 /// Why a build stopped early.
 pub(super) enum Stop {
+    /// The host, qemu, the guest or ssh failed (an infrastructure failure).
     Failed(String),
+    /// mic itself failed in the guest (the image's failure).
+    Image(String),
     Cancelled,
 }
 
@@ -226,10 +229,14 @@ impl Guest<'_> {
                 Outcome::Exited(c) => format!("exited with status {c}"),
                 o => o.describe(timeout),
             };
-            return Err(Stop::Failed(format!(
+            let text = format!(
                 "{tool} failed in the guest: {how}; last output: {}",
                 self.log.tail(3)
-            )));
+            );
+            return Err(match outcome {
+                Outcome::Exited(c) if c != 255 => Stop::Image(text),
+                _ => Stop::Failed(text),
+            });
         }
         self.note(&format!("{tool} exited with status 0 in the guest"));
 
