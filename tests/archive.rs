@@ -148,6 +148,7 @@ fn log_with_every_kind(dir: &Path) {
             error: None,
             urls: Default::default(),
             failure: None,
+            boot_seconds: None,
         },
     );
     add(

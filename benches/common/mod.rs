@@ -203,6 +203,7 @@ pub fn job_lifecycle(
                 error: None,
                 urls,
                 failure: None,
+                boot_seconds: None,
             },
         ),
         (

@@ -130,6 +130,10 @@ pub enum EventKind {
         /// A failed build's class (absent: a success, or a failure recorded before classes).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         failure: Option<super::Failure>,
+        /// KVM: seconds from the guest's start to its ssh answering. (Known only once the guest
+        /// is up, after `started` was made durable, so it is recorded with the build's end.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_seconds: Option<f64>,
     },
     /// The answer went out (see [`Delivery`]).
     Delivered(Delivery),

@@ -168,6 +168,9 @@ pub struct Job {
     /// Builds that failed for the infrastructure since it was queued (each retried
     /// automatically while fewer than `infra_retries`).
     pub infra_failures: u32,
+    /// KVM: how long its last guest took to boot (seconds to ssh).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_seconds: Option<f64>,
 }
 
 /// A resource a build left on the host: what it is, and why it could not be freed.
@@ -256,6 +259,7 @@ impl Job {
                 self.result = ev.result;
                 self.error = s(&ev.error);
                 self.failure = ev.failure;
+                self.boot_seconds = ev.boot_seconds;
                 if ev.failure == Some(super::Failure::Infrastructure) {
                     self.infra_failures += 1;
                 }
@@ -431,6 +435,8 @@ pub struct EventView<'a> {
     pub why: Option<Cow<'a, str>>,
     #[serde(default)]
     pub failure: Option<super::Failure>,
+    #[serde(default)]
+    pub boot_seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -184,6 +184,7 @@ mod tests {
                 error: None,
                 urls: Urls::default(),
                 failure: None,
+                boot_seconds: None,
             },
             Tag::Delivered => EventKind::Delivered(Delivery {
                 receipt: Receipt::Outbox {

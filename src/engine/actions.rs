@@ -56,6 +56,7 @@ impl Engine {
                     error: Some("cancelled".into()),
                     urls: job.urls.clone(),
                     failure: Some(crate::domain::Failure::Cancelled),
+                    boot_seconds: None,
                 },
             ),
         ])?;

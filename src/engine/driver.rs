@@ -77,6 +77,7 @@ impl Engine {
                             )),
                             urls: job.urls.clone(),
                             failure: Some(crate::domain::Failure::Infrastructure),
+boot_seconds: None,
                         },
                     )?;
                 }

@@ -139,6 +139,7 @@ impl Engine {
                         error: Some(e.to_string()),
                         urls: imaging::planned_urls(w, &spec),
                         failure: Some(Failure::Infrastructure),
+                        boot_seconds: None,
                     },
                 )?;
                 self.slot_may_be_free();
@@ -156,6 +157,7 @@ impl Engine {
         let end = self
             .builder
             .build(&spec, &prepared, &guard.cancel, &self.registry);
+        let boot_seconds = prepared.boot_seconds();
         let released = prepared.release();
         let cancelled_by_operator = lock(&self.slots.by_operator).contains(&id);
         drop(guard);
@@ -171,6 +173,7 @@ impl Engine {
                     error,
                     urls,
                     failure,
+                    boot_seconds,
                 }];
                 // An infrastructure failure is tried again, up to infra_retries times.
                 let before = job.infra_failures;
@@ -196,6 +199,7 @@ impl Engine {
                     error: Some("cancelled".into()),
                     urls: imaging::planned_urls(w, &spec),
                     failure: Some(Failure::Cancelled),
+                    boot_seconds,
                 },
             ],
             BuildEnd::Cancelled => vec![EventKind::Interrupted {

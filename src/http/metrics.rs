@@ -25,6 +25,9 @@ pub const DURATION_BUCKETS: [f64; 11] = [
     10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
 ];
 
+/// The buckets of `build_image_guest_boot_seconds`: 1 s to 10 min.
+pub const BOOT_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 600.0];
+
 /// The content type of the exposition (OpenMetrics text, which Prometheus reads).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -51,6 +54,7 @@ pub struct Metrics {
     last_seq_gauge: Gauge,
     log_writable: Gauge,
     leaked_gauge: Gauge,
+    guest_boot: Histogram,
     /// What builds left on the host and could not free, by job (`leaked` not yet
     /// `leak_freed`).
     leaks: Mutex<std::collections::HashSet<(u64, String)>>,
@@ -107,6 +111,12 @@ impl Metrics {
         let last_seq_gauge = Gauge::default();
         let log_writable = Gauge::default();
         let leaked_gauge = Gauge::default();
+        let guest_boot = Histogram::new(BOOT_BUCKETS);
+        registry.register(
+            "guest_boot_seconds",
+            "KVM: seconds from a build's guest start to its ssh answering",
+            guest_boot.clone(),
+        );
         registry.register(
             "jobs",
             "Jobs in each state (claimed, queued, building, interrupted, finished, done, error, rejected, moved)",
@@ -170,6 +180,7 @@ impl Metrics {
             last_seq_gauge,
             log_writable,
             leaked_gauge,
+            guest_boot,
             leaks: Mutex::new(std::collections::HashSet::new()),
             last_seq: AtomicU64::new(0),
             queued: Mutex::new(HashMap::new()),
@@ -474,8 +485,14 @@ impl Observer for Metrics {
         }
         match &ev.kind {
             EventKind::Finished {
-                result, failure, ..
+                result,
+                failure,
+                boot_seconds,
+                ..
             } if c.before == Some(State::Building) => {
+                if let Some(b) = boot_seconds {
+                    self.guest_boot.observe(*b);
+                }
                 if let Some(start) = &c.started_at {
                     self.build_ended(*result, *failure, start, &ev.ts);
                 }
@@ -621,6 +638,7 @@ mod tests {
             error: None,
             urls: Default::default(),
             failure: None,
+            boot_seconds: None,
         };
         let failed_push = EventKind::Pushed {
             status: crate::domain::Status::Done,

@@ -25,6 +25,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 
+/// KVM: the guest's serial console, kept in the job folder (never taken for the image).
+pub const CONSOLE_LOG: &str = "console.log";
+
 /// Why a job directory could not be prepared.
 #[derive(Debug, thiserror::Error)]
 #[error("{what} {path}: {source}")]
@@ -62,10 +65,13 @@ pub struct Prepared {
     path: PathBuf,
     ks: PathBuf,
     log: JobLog,
-    /// The names (relative to the job directory) of the kickstart and the log: never the image.
-    skip: [PathBuf; 2],
+    /// The names (relative to the job directory) of the kickstart, the log and the console:
+    /// never the image.
+    skip: [PathBuf; 3],
     before: HashMap<PathBuf, FileId>,
     place: Place,
+    /// KVM: seconds the guest took to answer ssh (noted by the builder).
+    boot: std::sync::Mutex<Option<f64>>,
 }
 
 impl Prepared {
@@ -81,6 +87,16 @@ impl Prepared {
 
     pub fn log(&self) -> &JobLog {
         &self.log
+    }
+
+    /// Notes how long the build's guest took to boot (KVM).
+    pub fn note_boot(&self, seconds: f64) {
+        *self.boot.lock().unwrap_or_else(|p| p.into_inner()) = Some(seconds);
+    }
+
+    /// How long the build's guest took to boot, if it booted one.
+    pub fn boot_seconds(&self) -> Option<f64> {
+        *self.boot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The build's place (its temp dir, cgroup or marker).
@@ -327,9 +343,14 @@ pub fn prepare(w: &WorkerConfig, spec: &Spec, attempt: u32) -> Result<Prepared, 
         path,
         ks,
         log,
-        skip: [PathBuf::from(ks_name), PathBuf::from(log_name)],
+        skip: [
+            PathBuf::from(ks_name),
+            PathBuf::from(log_name),
+            PathBuf::from(CONSOLE_LOG),
+        ],
         before,
         place,
+        boot: std::sync::Mutex::new(None),
     })
 }
 

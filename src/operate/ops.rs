@@ -298,14 +298,20 @@ pub fn event_detail(e: &Event) -> String {
             error,
             urls,
             failure,
-        } => match (result, error) {
-            (true, _) => format!("ok {}", urls.image_url.as_deref().unwrap_or("")),
-            (false, e) => format!(
-                "failed{}: {}",
-                failure.map(|f| format!(" ({f})")).unwrap_or_default(),
-                e.as_deref().unwrap_or("")
-            ),
-        },
+            boot_seconds,
+        } => {
+            let boot = boot_seconds
+                .map(|b| format!(" (guest booted in {b:.1} s)"))
+                .unwrap_or_default();
+            match (result, error) {
+                (true, _) => format!("ok {}{boot}", urls.image_url.as_deref().unwrap_or("")),
+                (false, e) => format!(
+                    "failed{}: {}{boot}",
+                    failure.map(|f| format!(" ({f})")).unwrap_or_default(),
+                    e.as_deref().unwrap_or("")
+                ),
+            }
+        }
         EventKind::Delivered(d) => match &d.copy {
             Some(c) => format!("{} (the answer for the re-drop {c})", d.receipt),
             None => d.receipt.to_string(),
