@@ -184,7 +184,15 @@ pub fn release(job_dir: &Path) -> Release {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     if let Some(rec) = &record {
-        if let Some(path) = &rec.cgroup {
+        // the record lies in the job folder, which the build can write: only a cgroup this
+        // daemon makes (a `build-image-*` child of its own cgroup) is ever killed
+        if let Some(path) = rec.cgroup.as_ref().filter(|p| !Cgroup::is_ours(p)) {
+            r.leaked.push(Leak {
+                what: format!("cgroup {}", path.display()),
+                why: "recorded, but not a cgroup this daemon makes: left alone".into(),
+            });
+        }
+        if let Some(path) = rec.cgroup.as_ref().filter(|p| Cgroup::is_ours(p)) {
             match Cgroup::at(path.clone()).kill_and_remove(KILL_WAIT) {
                 Ok(0) => {}
                 Ok(n) => r.freed.push(format!(
@@ -410,6 +418,23 @@ fn detach(dev: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forged_record_kills_no_cgroup_it_did_not_make() {
+        let Some(mount) = cgroup::v2_mount() else {
+            return;
+        };
+        let d = tempfile::tempdir().unwrap();
+        let forged = Record {
+            marker: "forged".into(),
+            cgroup: Some(mount.clone()),
+        };
+        std::fs::write(d.path().join(RECORD), serde_json::to_vec(&forged).unwrap()).unwrap();
+        let r = release(d.path());
+        assert_eq!(r.leaked.len(), 1, "{r:?}");
+        assert!(r.leaked[0].why.contains("left alone"), "{r:?}");
+        assert!(mount.is_dir());
+    }
 
     #[test]
     fn an_empty_folder_releases_nothing_and_a_tmp_dir_is_removed() {

@@ -102,6 +102,19 @@ impl Cgroup {
         Ok(cg)
     }
 
+    /// Is `path` a cgroup [`Cgroup::create`] makes: a `build-image-*` directory right under
+    /// this process's own cgroup v2?
+    pub fn is_ours(path: &Path) -> bool {
+        let Some(parent) = v2_mount().and_then(|m| own_dir(&m)) else {
+            return false;
+        };
+        path.parent() == Some(parent.as_path())
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("build-image-") && !n.contains(".."))
+    }
+
     /// The cgroup at `path` (one recorded earlier, e.g. by a daemon that crashed).
     pub fn at(path: PathBuf) -> Cgroup {
         Cgroup { path }
@@ -283,6 +296,9 @@ mod tests {
             .parse()
             .unwrap();
         assert!(cg.members().contains(&pid), "{:?}", cg.members());
+        assert!(Cgroup::is_ours(cg.path()));
+        assert!(!Cgroup::is_ours(cg.path().parent().unwrap()));
+        assert!(!Cgroup::is_ours(Path::new("/sys/fs/cgroup/build-image-x")));
         assert_eq!(cg.kill_and_remove(Duration::from_secs(10)), Ok(1));
         assert!(!super::super::pid_alive(pid));
         assert!(!cg.path().exists());
