@@ -227,6 +227,19 @@ fn log_with_every_kind(dir: &Path) {
         },
     );
     add(
+        Some(d),
+        EventKind::Leaked {
+            what: "mount /srv/images/requests/x-d/.build-tmp/root".into(),
+            why: "busy".into(),
+        },
+    );
+    add(
+        Some(d),
+        EventKind::LeakFreed {
+            what: "mount /srv/images/requests/x-d/.build-tmp/root".into(),
+        },
+    );
+    add(
         None,
         EventKind::Requeued {
             reason: "moved".into(),
