@@ -46,6 +46,12 @@ fn wait_host_touched(farm: &Farm, id: &str) {
 fn assert_released(farm: &Farm, guard: &HostGuard, id: &str, cgroup: bool) {
     let log = job_log(farm, id);
     assert!(log.contains("mic-fixture loop: /dev/loop"), "{log}");
+    // mic worked in the tmpdir of the build's own mic config, in the build's place
+    let mic_tmp = job_dir(farm, id).join(".build-tmp/mic");
+    assert!(
+        log.contains(&format!("mic-fixture: temp dir {}", mic_tmp.display())),
+        "{log}"
+    );
     let pids = fixture_all_pids(&log);
     assert!(pids.len() >= 2, "the fixture's pids: {log}");
     guard.assert_clean(&pids);

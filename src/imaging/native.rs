@@ -70,7 +70,27 @@ fn run(
     // The job directory, the kickstart and the log were made by `super::prepare`.
     let dir = prepared.dir();
     let log = prepared.log();
-    let argv = mic::mic_command(spec, prepared.ks(), dir, w);
+    let mut argv = mic::mic_command(spec, prepared.ks(), dir, w);
+    if w.ict == crate::config::Ict::Mic {
+        // mic's own temp dir (its mounts, its loop images) in the build's place
+        match prepared.place().mic_config(&argv) {
+            Ok(Some(opt)) => {
+                let at = argv.len() - spec.extra_opts.len() - w.mic_opts.len();
+                argv.insert(at, opt.into());
+            }
+            Ok(None) => {
+                let _ = log
+                    .line("mic's config is named on its command line: its tmpdir is used as it is");
+            }
+            Err(e) => {
+                return BuildEnd::failed(
+                    format!("cannot write the build's mic config: {e}"),
+                    urls,
+                    Failure::Infrastructure,
+                );
+            }
+        }
+    }
     if let Err(e) = log.line(&format!("$ {}", mic::display(&argv))) {
         return BuildEnd::failed(
             format!("cannot write job log {}: {e}", log.path().display()),

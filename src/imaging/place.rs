@@ -28,6 +28,40 @@ pub const RECORD: &str = ".build-place";
 /// How long a release waits for killed processes to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
+/// Where mic reads its site config.
+const SITE_MIC_CONF: &str = "/etc/mic/mic.conf";
+
+/// A mic config (INI text) with `[create] tmpdir` set to `tmpdir`: the section's own `tmpdir`
+/// lines commented out, the new one first in it (the section added when missing).
+fn with_tmpdir(text: &str, tmpdir: &str) -> String {
+    let mut out = String::new();
+    let mut in_create = false;
+    let mut done = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_create = t.trim_start_matches('[').trim_end_matches(']').trim() == "create";
+            out.push_str(line);
+            out.push('\n');
+            if in_create && !done {
+                out.push_str(&format!("tmpdir = {tmpdir}\n"));
+                done = true;
+            }
+            continue;
+        }
+        let key = t.split(['=', ':']).next().unwrap_or("").trim();
+        if in_create && key == "tmpdir" {
+            out.push_str("# (build-image: the build's own tmpdir is set above) ");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if !done {
+        out.push_str(&format!("\n[create]\ntmpdir = {tmpdir}\n"));
+    }
+    out
+}
+
 /// How long a loop device set to detach itself is given to go before it counts as held.
 const DETACH_WAIT: Duration = Duration::from_secs(3);
 
@@ -149,6 +183,43 @@ impl Place {
     /// The build's temp dir.
     pub fn tmp_dir(&self) -> PathBuf {
         self.job_dir.join(TMP_DIR)
+    }
+
+    /// For mic (`ict = "mic"`): writes the build's own mic config, `<temp dir>/mic.conf`, the
+    /// site's (`/etc/mic/mic.conf`, if any) with `[create] tmpdir` set to `<temp dir>/mic`, and
+    /// `bootstrap.conf` beside it if the site has one (mic reads it beside its config), and
+    /// returns the `--config=` option that gives it to mic. mic takes its temp dir only from its
+    /// config file, and `--config` replaces the site's file (it is not merged), so the site's
+    /// settings are carried over. None when the command line already names a config (`-c`,
+    /// `--config`: the operator's or the workitem's is used as it is).
+    pub fn mic_config(&self, args: &[std::ffi::OsString]) -> std::io::Result<Option<String>> {
+        let named = args.iter().any(|a| {
+            let a = a.to_string_lossy();
+            a == "-c" || a.starts_with("--config") || (a.starts_with("-c") && !a.starts_with("--"))
+        });
+        if named {
+            return Ok(None);
+        }
+        let site = Path::new(SITE_MIC_CONF);
+        let text = match std::fs::read_to_string(site) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let tmp = self.tmp_dir();
+        let mic_tmp = tmp.join("mic");
+        std::fs::create_dir_all(&mic_tmp)?;
+        let conf = tmp.join("mic.conf");
+        let text = with_tmpdir(&text, &mic_tmp.to_string_lossy());
+        crate::durable::write_atomic(&conf, text.as_bytes(), 0o644)
+            .map_err(std::io::Error::other)?;
+        if let Some(dir) = site.parent()
+            && let Ok(b) = std::fs::read(dir.join("bootstrap.conf"))
+        {
+            crate::durable::write_atomic(&tmp.join("bootstrap.conf"), &b, 0o644)
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(Some(format!("--config={}", conf.display())))
     }
 
     /// `cgroup.procs` of the build's cgroup (None: the marker alone finds its processes).
@@ -418,6 +489,38 @@ fn detach(dev: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_site_config_gets_the_builds_tmpdir() {
+        let site = "[common]\ndistro_name = x\n\n[create]\ntmpdir= /var/tmp/mic\ncachedir = /c\n";
+        let t = with_tmpdir(site, "/j/.build-tmp/mic");
+        assert_eq!(
+            t,
+            "[common]\ndistro_name = x\n\n[create]\ntmpdir = /j/.build-tmp/mic\n\
+             # (build-image: the build's own tmpdir is set above) tmpdir= /var/tmp/mic\n\
+             cachedir = /c\n"
+        );
+        assert_eq!(with_tmpdir("", "/t"), "\n[create]\ntmpdir = /t\n");
+        let d = tempfile::tempdir().unwrap();
+        let w = WorkerConfig {
+            use_cgroup: false,
+            ..WorkerConfig::default()
+        };
+        let place = Place::open(&w, d.path(), "t").unwrap();
+        let opt = place.mic_config(&[]).unwrap().unwrap();
+        assert_eq!(
+            opt,
+            format!("--config={}", place.tmp_dir().join("mic.conf").display())
+        );
+        let conf = std::fs::read_to_string(place.tmp_dir().join("mic.conf")).unwrap();
+        assert!(conf.contains(&format!(
+            "tmpdir = {}",
+            place.tmp_dir().join("mic").display()
+        )));
+        assert_eq!(place.mic_config(&["--config=/x".into()]).unwrap(), None);
+        assert_eq!(place.mic_config(&["-c".into(), "/x".into()]).unwrap(), None);
+        place.release();
+    }
 
     #[test]
     fn a_forged_record_kills_no_cgroup_it_did_not_make() {
