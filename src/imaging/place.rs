@@ -211,12 +211,13 @@ impl Place {
         std::fs::create_dir_all(&mic_tmp)?;
         let conf = tmp.join("mic.conf");
         let text = with_tmpdir(&text, &mic_tmp.to_string_lossy());
-        crate::durable::write_atomic(&conf, text.as_bytes(), 0o644)
+        // private: a site config may hold proxy credentials, and base_dir is served by the web
+        crate::durable::write_atomic(&conf, text.as_bytes(), 0o600)
             .map_err(std::io::Error::other)?;
         if let Some(dir) = site.parent()
             && let Ok(b) = std::fs::read(dir.join("bootstrap.conf"))
         {
-            crate::durable::write_atomic(&tmp.join("bootstrap.conf"), &b, 0o644)
+            crate::durable::write_atomic(&tmp.join("bootstrap.conf"), &b, 0o600)
                 .map_err(std::io::Error::other)?;
         }
         Ok(Some(format!("--config={}", conf.display())))
