@@ -99,7 +99,7 @@ impl Engine {
     pub(crate) fn release_leaks(&self, job: &Job) -> Result<()> {
         let spec = self.store.build_spec(job)?;
         let dir = crate::imaging::job_dir(&self.cfg.worker, &spec);
-        let found = place::release(&dir);
+        let found = place::release(&dir, self.cfg.worker.sudo);
         for line in &found.freed {
             log::info!("job {}: released {line}", job.id);
         }

@@ -80,13 +80,15 @@ pub struct Place {
     procs: Option<File>,
     how: String,
     released: bool,
+    /// Unmount and detach through `sudo -n` when the daemon is not root.
+    sudo: bool,
 }
 
 impl Drop for Place {
     /// A place never used (the build did not start after all) is released all the same.
     fn drop(&mut self) {
         if !self.released {
-            let r = release(&self.job_dir);
+            let r = release(&self.job_dir, self.sudo);
             for l in r.leaked {
                 log::warn!("{}: {}", l.what, l.why);
             }
@@ -115,7 +117,7 @@ impl Place {
         let tmp = job_dir.join(TMP_DIR);
         if tmp.exists() {
             // an earlier attempt's, released already (or its release failed: tried again)
-            let r = release(job_dir);
+            let r = release(job_dir, w.sudo);
             if !r.leaked.is_empty() {
                 return Err(std::io::Error::other(format!(
                     "the job folder still holds what an earlier build left: {}",
@@ -166,6 +168,7 @@ impl Place {
             procs,
             how,
             released: false,
+            sudo: w.sudo,
         })
     }
 
@@ -241,7 +244,7 @@ impl Place {
     pub fn release(mut self) -> Release {
         self.released = true;
         self.procs = None;
-        release(&self.job_dir)
+        release(&self.job_dir, self.sudo)
     }
 }
 
@@ -250,7 +253,12 @@ impl Place {
 /// busy), the loop devices whose backing file is under it (device-mapper entries on them
 /// first), the temp dir, the record. Safe to run again; a folder with nothing left is an empty
 /// release.
-pub fn release(job_dir: &Path) -> Release {
+///
+/// A daemon that is not root unmounts, detaches and removes device-mapper entries through
+/// `sudo -n umount|losetup|dmsetup` when `sudo` is set (its sudoers rule must allow them), else
+/// tries itself (and records what it may not do as leaked).
+pub fn release(job_dir: &Path, sudo: bool) -> Release {
+    let priv_ = Privilege::of(sudo);
     let mut r = Release::default();
     let record: Option<Record> = std::fs::read(job_dir.join(RECORD))
         .ok()
@@ -291,7 +299,7 @@ pub fn release(job_dir: &Path) -> Release {
     }
     let root = std::fs::canonicalize(job_dir).unwrap_or_else(|_| job_dir.to_path_buf());
     for m in mounts_under(&root) {
-        match unmount(&m) {
+        match unmount(&m, priv_) {
             Ok(false) => r.freed.push(format!("unmounted {}", m.display())),
             Ok(true) => r.leaked.push(Leak {
                 what: format!("mount {}", m.display()),
@@ -306,7 +314,7 @@ pub fn release(job_dir: &Path) -> Release {
     }
     for (dev, backing) in loops_under(&root) {
         for dm in dm_holders(&dev) {
-            match dm_remove(&dm) {
+            match dm_remove(&dm, priv_) {
                 Ok(()) => r
                     .freed
                     .push(format!("removed device-mapper entry {dm} on {dev}")),
@@ -323,7 +331,7 @@ pub fn release(job_dir: &Path) -> Release {
                 loop_backing(&dev).is_none_or(|b| b != backing)
             })
         };
-        match detach(&dev) {
+        match detach(&dev, priv_) {
             Ok(()) if detached() => r.freed.push(format!("detached {what}")),
             Ok(()) => r.leaked.push(Leak {
                 what,
@@ -367,7 +375,7 @@ pub fn release_lost(w: &WorkerConfig, spec: &crate::domain::workitem::Spec) -> R
     if !dir.is_dir() {
         return Release::default();
     }
-    let r = release(&dir);
+    let r = release(&dir, w.sudo);
     let log_path = super::log_path(w, spec);
     if (!r.freed.is_empty() || !r.leaked.is_empty())
         && log_path.is_file()
@@ -397,8 +405,57 @@ pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// How the release does what needs root: itself (root, or no sudo), or through `sudo -n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Privilege {
+    Own,
+    Sudo,
+}
+
+impl Privilege {
+    fn of(sudo: bool) -> Privilege {
+        if sudo && !nix::unistd::geteuid().is_root() {
+            Privilege::Sudo
+        } else {
+            Privilege::Own
+        }
+    }
+}
+
+/// Runs `sudo -n ARGS` to its end: Ok, or Err with its output.
+fn sudo(args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let out = std::process::Command::new("sudo")
+        .arg("-n")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run sudo: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "sudo -n {}: {}",
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// Unmounts `m`; a busy one lazily. Ok(true): it was busy (detached lazily).
-fn unmount(m: &Path) -> nix::Result<bool> {
+fn unmount(m: &Path, p: Privilege) -> Result<bool, String> {
+    if p == Privilege::Sudo {
+        return match sudo(&["umount".as_ref(), m.as_os_str()]) {
+            Ok(()) => Ok(false),
+            Err(_) => sudo(&["umount".as_ref(), "-l".as_ref(), m.as_os_str()]).map(|()| true),
+        };
+    }
+    unmount_own(m).map_err(|e| e.to_string())
+}
+
+fn unmount_own(m: &Path) -> nix::Result<bool> {
     use nix::mount::{MntFlags, umount2};
     match umount2(m, MntFlags::empty()) {
         Ok(()) => Ok(false),
@@ -453,7 +510,15 @@ fn dm_holders(dev: &str) -> Vec<String> {
 }
 
 /// Removes a device-mapper entry with `dmsetup remove --retry`.
-fn dm_remove(name: &str) -> Result<(), String> {
+fn dm_remove(name: &str, p: Privilege) -> Result<(), String> {
+    if p == Privilege::Sudo {
+        return sudo(&[
+            "dmsetup".as_ref(),
+            "remove".as_ref(),
+            "--retry".as_ref(),
+            name.as_ref(),
+        ]);
+    }
     let out = std::process::Command::new("dmsetup")
         .args(["remove", "--retry", name])
         .stdin(std::process::Stdio::null())
@@ -471,7 +536,14 @@ fn dm_remove(name: &str) -> Result<(), String> {
 
 /// Detaches a loop device (LOOP_CLR_FD). A device still in use is set to detach itself when
 /// its last user closes it.
-fn detach(dev: &str) -> std::io::Result<()> {
+fn detach(dev: &str, p: Privilege) -> Result<(), String> {
+    if p == Privilege::Sudo {
+        return sudo(&["losetup".as_ref(), "-d".as_ref(), dev.as_ref()]);
+    }
+    detach_own(dev).map_err(|e| e.to_string())
+}
+
+fn detach_own(dev: &str) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     const LOOP_CLR_FD: nix::libc::c_ulong = 0x4C01;
     let f = File::open(dev)?;
@@ -534,7 +606,7 @@ mod tests {
             cgroup: Some(mount.clone()),
         };
         std::fs::write(d.path().join(RECORD), serde_json::to_vec(&forged).unwrap()).unwrap();
-        let r = release(d.path());
+        let r = release(d.path(), false);
         assert_eq!(r.leaked.len(), 1, "{r:?}");
         assert!(r.leaked[0].why.contains("left alone"), "{r:?}");
         assert!(mount.is_dir());
@@ -543,7 +615,7 @@ mod tests {
     #[test]
     fn an_empty_folder_releases_nothing_and_a_tmp_dir_is_removed() {
         let d = tempfile::tempdir().unwrap();
-        assert_eq!(release(d.path()), Release::default());
+        assert_eq!(release(d.path(), false), Release::default());
         let w = WorkerConfig {
             use_cgroup: false,
             ..WorkerConfig::default()
