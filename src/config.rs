@@ -122,6 +122,9 @@ pub struct WorkerConfig {
     /// Automatic new tries of a build that failed for the infrastructure (timeout, stall, guest
     /// boot, ssh, disk full, killed by the host), 0..=100, before it is answered with its class.
     pub infra_retries: u32,
+    /// Run mic in a private mount namespace of its own where possible (the daemon is root, mic
+    /// runs without sudo): its mounts are never seen by the host and go with its processes.
+    pub mount_namespace: bool,
 }
 
 impl Default for WorkerConfig {
@@ -155,6 +158,7 @@ impl Default for WorkerConfig {
             use_cgroup: true,
             stall_timeout: 0,
             infra_retries: 1,
+            mount_namespace: true,
         }
     }
 }

@@ -21,6 +21,8 @@ fn farm(cgroup: bool) -> Farm {
     let mut farm = Farm::new();
     farm.cfg.worker.use_cgroup = cgroup;
     farm.cfg.worker.workers = 1;
+    // mic's mounts on the host, for the release to find (the private namespace: at the end)
+    farm.cfg.worker.mount_namespace = false;
     farm
 }
 
@@ -413,4 +415,56 @@ fn stall_timeout_leaves_nothing_cgroup() {
 #[test]
 fn stall_timeout_leaves_nothing_marker() {
     stall(false);
+}
+
+/// Where the daemon is root and mic runs without sudo, mic gets a private mount namespace: what
+/// it mounts never shows on the host, and goes with its processes; the loop devices it attached
+/// (the host's) are detached by the release all the same.
+fn namespace(cancel: bool) {
+    init_log();
+    let mut farm = farm(true);
+    farm.cfg.worker.mount_namespace = true;
+    let guard = HostGuard::new(farm.root());
+    let d = farm.start();
+    let ks = if cancel {
+        format!("{HOST}# mic-fixture: sleep 300\n")
+    } else {
+        HOST.to_string()
+    };
+    farm.drop_json("n.json", &workitem("n1", &ks));
+    if cancel {
+        wait_host_touched(&farm, "n1");
+        let log = job_log(&farm, "n1");
+        assert!(log.contains("mic-fixture mount: "), "{log}");
+        assert!(
+            common::host::mounts_under(&guard.root).is_empty(),
+            "mic's mounts are not the host's"
+        );
+        let (code, out, err) = output(farm.bin().args(["cancel", "n1"]));
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let r = farm.wait_outbox("n.json", T);
+    assert_eq!(r["image"]["result"], json!(!cancel), "{r:#}");
+    let log = job_log(&farm, "n1");
+    assert!(log.contains("mounts in a private mount namespace"), "{log}");
+    assert!(
+        log.contains("released: detached loop device /dev/loop"),
+        "{log}"
+    );
+    assert!(log.contains("released: killed "), "{log}");
+    assert!(!log.contains("leaked:"), "{log}");
+    guard.assert_clean(&fixture_all_pids(&log));
+    assert!(!job_dir(&farm, "n1").join(".build-tmp").exists());
+    assert_slot_free(&farm, "n2");
+    d.stop().unwrap();
+}
+
+#[test]
+fn a_private_mount_namespace_success_leaves_nothing() {
+    namespace(false);
+}
+
+#[test]
+fn a_private_mount_namespace_cancel_leaves_nothing() {
+    namespace(true);
 }

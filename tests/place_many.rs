@@ -15,6 +15,8 @@ fn twenty_timeouts_leave_the_host_as_it_was() {
     let mut farm = Farm::new();
     farm.cfg.worker.timeout = 1;
     farm.cfg.worker.workers = 2;
+    // mic's mounts on the host (not in a namespace of its own), for the release to unmount
+    farm.cfg.worker.mount_namespace = false;
     let guard = HostGuard::new(farm.root());
     let (loops, mounts) = (all_loops(), all_mounts());
     eprintln!(

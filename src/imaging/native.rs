@@ -112,6 +112,7 @@ fn run(
         process::With {
             procs: place.procs(),
             stall: w.stall_timeout(),
+            private_mounts: place.private_mounts(),
         },
     );
     let tool = argv

@@ -82,6 +82,8 @@ pub struct Place {
     released: bool,
     /// Unmount and detach through `sudo -n` when the daemon is not root.
     sudo: bool,
+    /// mic gets a private mount namespace.
+    private_mounts: bool,
 }
 
 impl Drop for Place {
@@ -155,6 +157,14 @@ impl Place {
                 return Err(e);
             }
         };
+        // a private mount namespace needs root in the child: the daemon is root and mic runs
+        // without sudo (sudo's own rule would have to allow unshare)
+        let private_mounts = w.mount_namespace && !w.sudo && nix::unistd::geteuid().is_root();
+        let how = if private_mounts {
+            format!("{how}, mounts in a private mount namespace")
+        } else {
+            how
+        };
         let record = Record {
             marker,
             cgroup: cgroup.map(|c| c.path().to_path_buf()),
@@ -169,6 +179,7 @@ impl Place {
             how,
             released: false,
             sudo: w.sudo,
+            private_mounts,
         })
     }
 
@@ -181,6 +192,11 @@ impl Place {
                 self.tmp_dir().to_string_lossy().into_owned(),
             ),
         ]
+    }
+
+    /// Does mic run in a private mount namespace of its own?
+    pub fn private_mounts(&self) -> bool {
+        self.private_mounts
     }
 
     /// The build's temp dir.

@@ -147,6 +147,33 @@ pub struct With<'a> {
     /// The child is killed as stalled ([`Outcome::Stalled`]) when it has written no output for
     /// this long (its output must go to a sink or a capture).
     pub stall: Option<Duration>,
+    /// The child runs in a private mount namespace of its own (needs root; where it cannot,
+    /// it runs in the host's): what it mounts is never seen by the host, and goes when its
+    /// last process does.
+    pub private_mounts: bool,
+}
+
+/// Makes `cmd`'s child enter a private mount namespace before it runs its program: nothing
+/// it mounts propagates to the host. Where that fails (not root), it runs on in the host's.
+pub fn private_mounts_before_exec(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and calls only unshare(2) and
+    // mount(2), which are async-signal-safe, with static arguments.
+    unsafe {
+        cmd.pre_exec(|| {
+            use nix::libc;
+            if libc::unshare(libc::CLONE_NEWNS) == 0 {
+                let root = b"/\0";
+                libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr().cast(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                );
+            }
+            Ok(())
+        });
+    }
 }
 
 /// When a child last wrote output: updated by the sink wrapper [`Touching`].
@@ -200,6 +227,9 @@ pub fn run_with(r: Run<'_>, with: With<'_>) -> Result<Outcome, ProcessError> {
     cmd.args(args).process_group(0);
     if let Some(procs) = procs {
         enter_before_exec(&mut cmd, procs);
+    }
+    if with.private_mounts {
+        private_mounts_before_exec(&mut cmd);
     }
     for (k, v) in &r.env {
         cmd.env(k, v);
@@ -563,6 +593,7 @@ mod tests {
                 With {
                     procs: None,
                     stall: Some(Duration::from_secs(1)),
+                    private_mounts: false,
                 },
             )
             .unwrap()
