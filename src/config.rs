@@ -113,6 +113,18 @@ pub struct WorkerConfig {
     /// latest tail (cut back to half the limit whenever it reaches it) are kept, with a marker
     /// line between: the file stays below 1.5 x the limit.
     pub job_log_max_mb: u64,
+    /// Put each build's processes into a cgroup v2 of their own, where the host has one (found
+    /// in /proc/self/mountinfo); false: find them by the environment marker only.
+    pub use_cgroup: bool,
+    /// Seconds a build may go without output (mic silent) before it is killed as stalled,
+    /// 0..=604800; 0: no stall limit (`timeout` stays the hard limit).
+    pub stall_timeout: u64,
+    /// Automatic new tries of a build that failed for the infrastructure (timeout, stall, guest
+    /// boot, ssh, disk full, killed by the host), 0..=100, before it is answered with its class.
+    pub infra_retries: u32,
+    /// Run mic in a private mount namespace of its own where possible (the daemon is root, mic
+    /// runs without sudo): its mounts are never seen by the host and go with its processes.
+    pub mount_namespace: bool,
 }
 
 impl Default for WorkerConfig {
@@ -143,6 +155,10 @@ impl Default for WorkerConfig {
             max_attempts: 2,
             grace: 7200,
             job_log_max_mb: 64,
+            use_cgroup: true,
+            stall_timeout: 0,
+            infra_retries: 1,
+            mount_namespace: true,
         }
     }
 }
@@ -159,6 +175,11 @@ impl WorkerConfig {
 
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout)
+    }
+
+    /// The stall limit of a build (None: `stall_timeout = 0`, no limit).
+    pub fn stall_timeout(&self) -> Option<Duration> {
+        (self.stall_timeout > 0).then(|| Duration::from_secs(self.stall_timeout))
     }
 }
 
@@ -301,7 +322,7 @@ impl Config {
     }
 
     /// The numeric keys with their values and allowed ranges (inclusive), as checked at load.
-    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 16] {
+    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 18] {
         let (w, s, h) = (&self.worker, &self.spool, &self.hooks);
         [
             ("[worker] timeout", w.timeout, 1, WEEK_S),
@@ -311,6 +332,8 @@ impl Config {
             ("[worker] vm_smp", w.vm_smp.into(), 1, 256),
             ("[worker] vm_wait", w.vm_wait, 1, 3600),
             ("[worker] job_log_max_mb", w.job_log_max_mb, 1, 65536),
+            ("[worker] stall_timeout", w.stall_timeout, 0, WEEK_S),
+            ("[worker] infra_retries", w.infra_retries.into(), 0, 100),
             ("[spool] poll_interval_ms", s.poll_interval_ms, 10, HOUR_MS),
             ("[spool] min_age_ms", s.min_age_ms, 0, HOUR_MS),
             ("[spool] max_bytes", s.max_bytes, 1, 1 << 30),
@@ -557,7 +580,7 @@ mod tests {
     }
 
     /// Every numeric key: section, key, lowest and highest accepted value.
-    const RANGES: [(&str, &str, u64, u64); 16] = [
+    const RANGES: [(&str, &str, u64, u64); 18] = [
         ("worker", "timeout", 1, 604800),
         ("worker", "grace", 0, 604800),
         ("worker", "workers", 1, 256),
@@ -565,6 +588,8 @@ mod tests {
         ("worker", "vm_smp", 1, 256),
         ("worker", "vm_wait", 1, 3600),
         ("worker", "job_log_max_mb", 1, 65536),
+        ("worker", "stall_timeout", 0, 604800),
+        ("worker", "infra_retries", 0, 100),
         ("spool", "poll_interval_ms", 10, 3600000),
         ("spool", "min_age_ms", 0, 3600000),
         ("spool", "max_bytes", 1, 1073741824),

@@ -71,7 +71,13 @@ pub fn run_once(cfg: Config, stop: Receiver<()>) -> anyhow::Result<bool> {
             .filter_map(|id| engine.store.job(id))
             .filter(|j| engine.is_mine(j))
             .collect();
-        if jobs.iter().all(|j| lifecycle::is_settled(j, &policy)) {
+        // a job whose build left something that cannot be freed yet is not waited for: its
+        // leak stays recorded, and the next start's pass frees it
+        let done = |j: &Job| {
+            lifecycle::is_settled(j, &policy)
+                || lifecycle::next_step(j, &policy) == lifecycle::Step::Release
+        };
+        if jobs.iter().all(done) {
             let failed = jobs
                 .iter()
                 .filter(|j| j.result != Some(true) || lifecycle::push_failed(j, &policy))

@@ -145,6 +145,8 @@ fn log_with_every_kind(dir: &Path) {
             result: true,
             error: None,
             urls: Default::default(),
+            failure: None,
+            boot_seconds: None,
         },
     );
     add(
@@ -220,6 +222,19 @@ fn log_with_every_kind(dir: &Path) {
         Some(d),
         EventKind::Cancelled {
             reason: "by the operator".into(),
+        },
+    );
+    add(
+        Some(d),
+        EventKind::Leaked {
+            what: "mount /srv/images/requests/x-d/.build-tmp/root".into(),
+            why: "busy".into(),
+        },
+    );
+    add(
+        Some(d),
+        EventKind::LeakFreed {
+            what: "mount /srv/images/requests/x-d/.build-tmp/root".into(),
         },
     );
     add(

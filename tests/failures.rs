@@ -78,6 +78,8 @@ fn mic_hanging_past_timeout_is_killed_with_its_group() {
     init_log();
     let mut farm = Farm::new();
     farm.cfg.worker.timeout = 1;
+    // one build (a timeout is an infrastructure failure, else tried again: tests/classes.rs)
+    farm.cfg.worker.infra_retries = 0;
     let d = farm.start();
     farm.drop_json("h.json", &workitem("h1", "# mic-fixture: sleep 300\n"));
     let r = farm.wait_outbox("h.json", T);
@@ -104,6 +106,8 @@ fn missing_mic_is_a_clear_error() {
     init_log();
     let mut farm = Farm::new();
     farm.cfg.worker.mic_path = Some("/nonexistent/bin/mic".into());
+    // a mic that cannot start is the host's failure, tried again infra_retries times
+    farm.cfg.worker.infra_retries = 0;
     let d = farm.start();
     farm.drop_json("m.json", &workitem("m1", "ks\n"));
     let r = farm.wait_outbox("m.json", T);

@@ -139,11 +139,11 @@ fn pages_api_and_metrics() {
         0.0
     );
     assert_eq!(
-        sample(&s, "build_image_builds_total", Some(("result", "success"))),
+        total(&s, "build_image_builds_total", ("result", "success")),
         2.0
     );
     assert_eq!(
-        sample(&s, "build_image_builds_total", Some(("result", "failure"))),
+        total(&s, "build_image_builds_total", ("result", "failure")),
         1.0
     );
     assert_eq!(
@@ -241,11 +241,11 @@ fn pages_api_and_metrics() {
         1.0
     );
     assert_eq!(
-        sample(&s, "build_image_builds_total", Some(("result", "success"))),
+        total(&s, "build_image_builds_total", ("result", "success")),
         2.0
     );
     assert_eq!(
-        sample(&s, "build_image_builds_total", Some(("result", "failure"))),
+        total(&s, "build_image_builds_total", ("result", "failure")),
         1.0
     );
     assert_eq!(

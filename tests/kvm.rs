@@ -71,7 +71,23 @@ fn kvm_farm(g: &Guest) -> Farm {
     w.vm_accel = VmAccel::Tcg;
     w.vm_wait = 240;
     w.mic_cachedir = root.join("mic-cache");
+    // one guest per job: an infrastructure failure is not tried again here
+    w.infra_retries = 0;
     farm
+}
+
+/// GET `path` from the farm's HTTP server: the whole answer (head and body).
+fn http_get(farm: &Farm, path: &str) -> String {
+    use std::io::{Read, Write};
+    let p = farm.cfg.state_dir().join("http.addr");
+    assert!(wait_for(Duration::from_secs(10), || p.exists()));
+    let addr = std::fs::read_to_string(p).unwrap();
+    let mut s = std::net::TcpStream::connect(addr.trim()).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: t\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
 }
 
 /// What a KVM build left in img_tmp (nothing, once it is over).
@@ -299,7 +315,8 @@ fn assert_cleaned_up(farm: &Farm, log: &str) {
 #[ignore = "boots a real guest under TCG (minutes); .ci/run runs it"]
 fn kvm_build_in_a_real_guest_through_the_daemon() {
     let g = guest();
-    let farm = kvm_farm(&g);
+    let mut farm = kvm_farm(&g);
+    farm.cfg.http.listen = Some("127.0.0.1:0".into());
     let daemon = farm.start();
     let started = Instant::now();
     // mic (and its stand-in) take options only: the hostile words ride in option values
@@ -317,6 +334,29 @@ fn kvm_build_in_a_real_guest_through_the_daemon() {
     eprintln!(
         "kvm build answered in {:.0} s",
         started.elapsed().as_secs_f64()
+    );
+    // the guest's console is kept in the job folder and linked from the job page; its boot
+    // time is in the build's end and in /metrics
+    let console = farm.base().join("requests/k1/console.log");
+    assert!(
+        std::fs::metadata(&console).is_ok_and(|m| m.len() > 0),
+        "no console.log"
+    );
+    let (_, show, _) = output(farm.bin().args(["show", "k1", "--json"]));
+    let show: Value = serde_json::from_str(&show).unwrap();
+    let boot = show["job"]["boot_seconds"].as_f64().unwrap_or_default();
+    assert!(boot > 0.0, "{show:#}");
+    let page = http_get(&farm, "/jobs/1");
+    assert!(
+        page.contains("href=\"http://img.test/images/requests/k1/console.log\""),
+        "{page}"
+    );
+    let metrics = http_get(&farm, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "build_image_guest_boot_seconds_count 1"),
+        "{metrics}"
     );
     daemon.stop().unwrap();
 
@@ -410,6 +450,7 @@ fn kvm_mic_failing_in_the_guest_is_an_error_and_the_guest_is_cleaned_up() {
         ),
         "{log}"
     );
+    assert_eq!(out["image"]["failure"], json!("image"), "{out:#}");
     assert_cleaned_up(&farm, &log);
 }
 
@@ -432,6 +473,8 @@ fn kvm_ssh_never_coming_up_is_an_error_and_the_guest_is_killed() {
     );
     assert!(log.contains("guest console (last lines):"), "{log}");
     assert!(log.contains("killed"), "{log}");
+    assert_eq!(out["image"]["failure"], json!("infrastructure"), "{out:#}");
+    assert!(farm.base().join("requests/k3/console.log").is_file());
     assert_cleaned_up(&farm, &log);
 }
 

@@ -86,6 +86,15 @@ fn check_success(farm: &Farm, reply: &Value, fields: &Value, x: Expect<'_>) {
         want.push("--pack-to=@NAME@.tar.bz2".into());
     }
     want.extend(extra.iter().map(|s| s.to_string()));
+    // the build's own mic config (its tmpdir in the build's place), before the extra_opts
+    let opts = extra
+        .iter()
+        .filter(|a| !a.starts_with("--tokenmap="))
+        .count();
+    want.insert(
+        want.len() - opts,
+        format!("--config={}", job_dir.join(".build-tmp/mic.conf").display()),
+    );
     assert_eq!(fixture_argv(&log), want, "argv of {id}");
     let cmdline = format!("] $ {} create {ty} ", mic.display());
     assert!(

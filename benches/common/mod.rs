@@ -202,6 +202,8 @@ pub fn job_lifecycle(
                 result: true,
                 error: None,
                 urls,
+                failure: None,
+                boot_seconds: None,
             },
         ),
         (

@@ -42,7 +42,45 @@ fn all_checks(cfg: &Config, config_path: Option<&Path>) -> Vec<Check> {
         checks.push(c);
     }
     checks.extend(builder.host);
+    checks.push(check_leaks(cfg));
     checks
+}
+
+/// What builds left on the host and could not free, as the running daemon knows it (its
+/// `leaked` events not yet freed). Without a daemon: nothing to ask (its next start frees
+/// what builds lost to a crash left, and records what it cannot).
+fn check_leaks(cfg: &Config) -> Check {
+    use crate::operate::control::{Client, Request, Response};
+    let what = "leaked resources";
+    let Some(client) = Client::connect(&cfg.state_dir()) else {
+        return Check::ok(what, "no daemon running to ask");
+    };
+    let req = Request::Status {
+        state: None,
+        limit: None,
+    };
+    match client.call(&req, &mut |_: &crate::domain::Event| true) {
+        Ok(Response::Status { rows, .. }) => {
+            let leaks: Vec<String> = rows
+                .iter()
+                .flat_map(|r| {
+                    r.leaks
+                        .iter()
+                        .map(move |l| format!("job {}: {} ({})", r.job, l.what, l.why))
+                })
+                .collect();
+            if leaks.is_empty() {
+                Check::ok(what, "none")
+            } else {
+                Check::fail(
+                    what,
+                    format!("{}; see docs/operations.md", leaks.join("; ")),
+                )
+            }
+        }
+        Ok(r) => Check::warn(what, format!("unexpected answer from the daemon: {r:?}")),
+        Err(e) => Check::warn(what, format!("cannot ask the daemon: {e}")),
+    }
 }
 
 /// The report: one aligned line per check, then the summary line.

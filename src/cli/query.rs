@@ -2,7 +2,7 @@
 
 use super::access::{call, expect};
 use crate::config::Config;
-use crate::domain::State;
+use crate::domain::{Failure, State};
 use crate::domain::text::{escape, escape_lines};
 use crate::operate::control::{Client, Request, Response};
 use crate::operate::ops::{self, EventFilter, StatusRow};
@@ -51,24 +51,45 @@ pub fn status(
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", status_table(&rows, form.wide));
+        print!("{}", leak_lines(&rows));
     }
     Ok(0)
 }
 
-/// The RESULT column of a failed job: its error's first line whole (the cause: see
+/// What builds left on the host and could not free, one line each, after the table (escaped).
+pub fn leak_lines(rows: &[StatusRow]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        for l in &r.leaks {
+            out.push_str(&format!(
+                "LEAKED job {}: {}: {}\n",
+                r.job,
+                escape(&l.what),
+                escape(&l.why)
+            ));
+        }
+    }
+    out
+}
+
+/// The RESULT column of a failed job: its failure class and its error's first line whole (the cause: see
 /// `imaging::joblog::failure`), or with `wide` every line; each line escaped.
-fn error_cell(error: &str, wide: bool) -> String {
+fn error_cell(error: &str, failure: Option<Failure>, wide: bool) -> String {
+    let label = match failure {
+        Some(f) => format!("error ({f})"),
+        None => "error".to_string(),
+    };
     let lines: Vec<&str> = error.lines().filter(|l| !l.trim().is_empty()).collect();
     match lines.as_slice() {
-        [] => "error".to_string(),
-        [one] => format!("error: {}", escape(one)),
+        [] => label,
+        [one] => format!("{label}: {}", escape(one)),
         [first, ..] if !wide => format!(
-            "error: {} (+{} line(s): --wide)",
+            "{label}: {} (+{} line(s): --wide)",
             escape(first),
             lines.len() - 1
         ),
         all => format!(
-            "error: {}",
+            "{label}: {}",
             all.iter().map(|l| escape(l)).collect::<Vec<_>>().join("\n")
         ),
     }
@@ -87,7 +108,7 @@ pub fn status_table(rows: &[StatusRow], wide: bool) -> String {
     for r in rows {
         let result = match (r.result, &r.error) {
             (Some(true), _) => "ok".to_string(),
-            (Some(false), Some(e)) => error_cell(e, wide),
+            (Some(false), Some(e)) => error_cell(e, r.failure, wide),
             (Some(false), None) => "error".to_string(),
             (None, _) => dash(),
         };

@@ -129,6 +129,13 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
         urls: Urls,
+        /// A failed build's class (absent: a success, or a failure recorded before classes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failure: Option<super::Failure>,
+        /// KVM: seconds from the guest's start to its ssh answering. (Known only once the guest
+        /// is up, after `started` was made durable, so it is recorded with the build's end.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_seconds: Option<f64>,
     },
     /// The answer went out (see [`Delivery`]).
     Delivered(Delivery),
@@ -172,6 +179,17 @@ pub enum EventKind {
         /// As in `Claimed`: where the re-drop came from (absent for the spool).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<String>,
+    },
+    /// What a build left on the host that its release could not free (a mount held busy, a
+    /// loop device in use, a process that survived): `what` names it, `why` says why. Shown by
+    /// `status`, `doctor` and `/metrics` until a later pass frees it (`leak_freed`).
+    Leaked {
+        what: String,
+        why: String,
+    },
+    /// A resource recorded `leaked` was found freed by a later pass.
+    LeakFreed {
+        what: String,
     },
     /// `compact` moved the events of `jobs` jobs settled before `before` (`events` events) out
     /// of the log into the archive `file`. The event opens a record of its own, settled at
@@ -270,11 +288,13 @@ pub enum Tag {
     Interrupted,
     Duplicate,
     Compacted,
+    Leaked,
+    LeakFreed,
 }
 
 impl Tag {
     /// Every kind, in the order of a job's life.
-    pub const ALL: [Tag; 13] = [
+    pub const ALL: [Tag; 15] = [
         Tag::Claimed,
         Tag::Rejected,
         Tag::Invalid,
@@ -288,6 +308,8 @@ impl Tag {
         Tag::Interrupted,
         Tag::Duplicate,
         Tag::Compacted,
+        Tag::Leaked,
+        Tag::LeakFreed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -305,6 +327,8 @@ impl Tag {
             Tag::Interrupted => "interrupted",
             Tag::Duplicate => "duplicate",
             Tag::Compacted => "compacted",
+            Tag::Leaked => "leaked",
+            Tag::LeakFreed => "leak_freed",
         }
     }
 
@@ -346,6 +370,8 @@ impl EventKind {
             EventKind::Interrupted { .. } => Tag::Interrupted,
             EventKind::Duplicate { .. } => Tag::Duplicate,
             EventKind::Compacted { .. } => Tag::Compacted,
+            EventKind::Leaked { .. } => Tag::Leaked,
+            EventKind::LeakFreed { .. } => Tag::LeakFreed,
         }
     }
 
@@ -384,6 +410,8 @@ impl Event {
             | EventKind::Compacted { reason, .. }
             | EventKind::Requeued { reason, .. }
             | EventKind::Interrupted { reason, .. } => reason.clone(),
+            EventKind::Leaked { what, why } => format!("{what}: {why}"),
+            EventKind::LeakFreed { what } => what.clone(),
         };
         // one line, nothing a terminal acts on (a multi-line error reads with `\n`)
         format!(

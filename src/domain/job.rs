@@ -158,6 +158,27 @@ pub struct Job {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub last_seq: u64,
+    /// What its builds left on the host and could not free (`leaked`, not yet `leak_freed`),
+    /// oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leaks: Vec<Leak>,
+    /// The class of its failed build (its last `finished`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<super::Failure>,
+    /// Builds that failed for the infrastructure since it was queued (each retried
+    /// automatically while fewer than `infra_retries`).
+    pub infra_failures: u32,
+    /// KVM: how long its last guest took to boot (seconds to ssh).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_seconds: Option<f64>,
+}
+
+/// A resource a build left on the host: what it is, and why it could not be freed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Leak {
+    pub what: String,
+    pub why: String,
 }
 
 impl Job {
@@ -225,6 +246,7 @@ impl Job {
                 self.input_seq = Some(ev.seq);
                 self.accepted = true;
                 self.lost = 0;
+                self.infra_failures = 0;
             }
             Tag::Started => {
                 self.state = State::Building;
@@ -236,6 +258,11 @@ impl Job {
                 self.state = State::Finished;
                 self.result = ev.result;
                 self.error = s(&ev.error);
+                self.failure = ev.failure;
+                self.boot_seconds = ev.boot_seconds;
+                if ev.failure == Some(super::Failure::Infrastructure) {
+                    self.infra_failures += 1;
+                }
                 self.urls = ev.urls.clone().unwrap_or_default();
                 self.finished_at = ts();
             }
@@ -289,6 +316,7 @@ impl Job {
                     self.reason = s(&ev.reason);
                     self.result = None;
                     self.error = None;
+                    self.failure = None;
                     self.urls = Urls::default();
                     self.receipt = None;
                     self.final_pushed = false;
@@ -310,6 +338,18 @@ impl Job {
                 self.file = s(&ev.file);
                 self.reason = s(&ev.reason);
                 self.claimed_at.get_or_insert_with(|| ev.ts.to_string());
+            }
+            Tag::Leaked => {
+                let what = s(&ev.what).unwrap_or_default();
+                let why = s(&ev.why).unwrap_or_default();
+                match self.leaks.iter_mut().find(|l| l.what == what) {
+                    Some(l) => l.why = why,
+                    None => self.leaks.push(Leak { what, why }),
+                }
+            }
+            Tag::LeakFreed => {
+                let what = s(&ev.what).unwrap_or_default();
+                self.leaks.retain(|l| l.what != what);
             }
             Tag::Duplicate => {
                 let file = s(&ev.file).unwrap_or_default();
@@ -389,6 +429,14 @@ pub struct EventView<'a> {
     pub from_worker: Option<Cow<'a, str>>,
     #[serde(default)]
     pub cause: Option<Cause>,
+    #[serde(borrow, default)]
+    pub what: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub why: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub failure: Option<super::Failure>,
+    #[serde(default)]
+    pub boot_seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

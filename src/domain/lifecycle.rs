@@ -36,6 +36,9 @@ pub enum Step {
     DeliverCopy(String),
     /// Push the final status.
     Push(Status),
+    /// Free again what its builds left on the host and could not free (`leaked`): a job
+    /// stays open until it is freed.
+    Release,
     /// Nothing is left to do.
     Settled,
 }
@@ -54,6 +57,8 @@ pub fn next_step(job: &Job, policy: &Policy) -> Step {
                 Step::DeliverCopy(c.file.clone())
             } else if needs_push(job, policy) {
                 Step::Push(job.final_status())
+            } else if !job.leaks.is_empty() {
+                Step::Release
             } else {
                 Step::Settled
             }
@@ -178,6 +183,8 @@ mod tests {
                 result: true,
                 error: None,
                 urls: Urls::default(),
+                failure: None,
+                boot_seconds: None,
             },
             Tag::Delivered => EventKind::Delivered(Delivery {
                 receipt: Receipt::Outbox {
@@ -210,6 +217,13 @@ mod tests {
                 bytes: 10,
                 sha256: "ab".into(),
                 source: None,
+            },
+            Tag::Leaked => EventKind::Leaked {
+                what: "mount /srv/images/requests/7-1/.build-tmp/x".into(),
+                why: "busy".into(),
+            },
+            Tag::LeakFreed => EventKind::LeakFreed {
+                what: "mount /srv/images/requests/7-1/.build-tmp/x".into(),
             },
             Tag::Compacted => EventKind::Compacted {
                 file: "/var/archive.jsonl".into(),
@@ -261,7 +275,7 @@ mod tests {
 
     /// State × event: the state after applying each kind (columns in `Tag::ALL` order:
     /// claimed rejected invalid queued started finished delivered pushed cancelled requeued
-    /// interrupted duplicate compacted).
+    /// interrupted duplicate compacted leaked leak_freed).
     #[test]
     fn every_state_by_every_event() {
         use State::*;
@@ -275,15 +289,15 @@ mod tests {
         const R: State = Rejected;
         const M: State = Moved;
         let table: [(State, [State; Tag::ALL.len()]); State::ALL.len()] = [
-            (C, [C, R, F, Q, B, F, E, C, C, Q, I, C, M]),
-            (Q, [C, R, F, Q, B, F, E, Q, Q, Q, I, Q, M]),
-            (B, [C, R, F, Q, B, F, E, B, B, Q, I, B, M]),
-            (I, [C, R, F, Q, B, F, E, I, I, Q, I, I, M]),
-            (F, [C, R, F, Q, B, F, D, F, F, Q, I, F, M]),
-            (D, [C, R, F, Q, B, F, D, D, D, Q, I, D, M]),
-            (E, [C, R, F, Q, B, F, E, E, E, Q, I, E, M]),
-            (R, [C, R, F, Q, B, F, E, R, R, Q, I, R, M]),
-            (M, [C, R, F, Q, B, F, E, M, M, Q, I, M, M]),
+            (C, [C, R, F, Q, B, F, E, C, C, Q, I, C, M, C, C]),
+            (Q, [C, R, F, Q, B, F, E, Q, Q, Q, I, Q, M, Q, Q]),
+            (B, [C, R, F, Q, B, F, E, B, B, Q, I, B, M, B, B]),
+            (I, [C, R, F, Q, B, F, E, I, I, Q, I, I, M, I, I]),
+            (F, [C, R, F, Q, B, F, D, F, F, Q, I, F, M, F, F]),
+            (D, [C, R, F, Q, B, F, D, D, D, Q, I, D, M, D, D]),
+            (E, [C, R, F, Q, B, F, E, E, E, Q, I, E, M, E, E]),
+            (R, [C, R, F, Q, B, F, E, R, R, Q, I, R, M, R, R]),
+            (M, [C, R, F, Q, B, F, E, M, M, Q, I, M, M, M, M]),
         ];
         // Every state has its row, in order.
         assert_eq!(table.map(|(s, _)| s), State::ALL);

@@ -8,6 +8,7 @@
 //! ever `lifecycle::next_step`.
 
 pub mod event;
+pub mod failure;
 pub mod job;
 pub mod lifecycle;
 pub mod origin;
@@ -15,5 +16,6 @@ pub mod text;
 pub mod workitem;
 
 pub use event::{Cause, Event, EventKind, Input, Mode, Status, Tag};
+pub use failure::Failure;
 pub use job::{Job, Jobs, State};
 pub use origin::{Origin, Receipt, ReplyTo};

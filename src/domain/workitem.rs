@@ -409,7 +409,22 @@ pub fn reply(input: &Value, result: Option<bool>, error: Option<&str>, urls: &Ur
 const UNKNOWN_ERROR: &str = "unknown error";
 
 /// The `fields.image` OUT fields (README, "The workitem and its answer").
-const OUT_IMAGE: [&str; 5] = ["result", "files_url", "image_url", "logfile_url", "error"];
+const OUT_IMAGE: [&str; 6] = [
+    "result",
+    "files_url",
+    "image_url",
+    "logfile_url",
+    "error",
+    "failure",
+];
+
+/// Adds a failed build's class to an answer: `image.failure` beside `image.error` (the OUT
+/// fields' image namespace, made by [`reply_owned`]).
+pub fn set_failure(out: &mut Value, failure: &str) {
+    if let Some(Value::Object(img)) = fields_mut(out).and_then(|f| f.get_mut("image")) {
+        img.insert("failure".into(), Value::String(failure.to_string()));
+    }
+}
 
 /// [`reply`], changing the input in place (a large workitem is not copied).
 pub fn reply_owned(

@@ -90,6 +90,7 @@ impl StatusPush for Hooks {
             Ok(Outcome::TimedOut) => format!("timed out after {} s", self.timeout.as_secs()),
             Ok(Outcome::Signalled(s)) => format!("killed by signal {s}"),
             Ok(Outcome::Cancelled) => "cancelled".to_string(),
+            Ok(o @ Outcome::Stalled(_)) => o.describe(self.timeout),
             Err(ProcessError::NotFound { .. }) => "not found".to_string(),
             Err(e) => format!("not run: {e}"),
         };

@@ -55,6 +55,8 @@ impl Engine {
                     result: false,
                     error: Some("cancelled".into()),
                     urls: job.urls.clone(),
+                    failure: Some(crate::domain::Failure::Cancelled),
+                    boot_seconds: None,
                 },
             ),
         ])?;

@@ -40,7 +40,11 @@ pub fn answer(store: &Store, w: &WorkerConfig, job: &Job, building: bool) -> Res
         };
         workitem::reply_owned(input, None, None, &urls)
     } else {
-        workitem::reply_owned(input, job.result, job.error.as_deref(), &job.urls)
+        let mut v = workitem::reply_owned(input, job.result, job.error.as_deref(), &job.urls);
+        if let (Some(false), Some(f)) = (job.result, job.failure) {
+            workitem::set_failure(&mut v, f.as_str());
+        }
+        v
     };
     Ok(Answer::new(value))
 }

@@ -76,6 +76,8 @@ impl Engine {
                                 job.reason.as_deref().unwrap_or("unknown")
                             )),
                             urls: job.urls.clone(),
+                            failure: Some(crate::domain::Failure::Infrastructure),
+boot_seconds: None,
                         },
                     )?;
                 }
@@ -89,6 +91,8 @@ impl Engine {
                     self.pusher.push(id, *status);
                     return Ok(step);
                 }
+                // the timer's leak pass frees it (see `leaks`)
+                Step::Release => return Ok(step),
                 Step::Settled if job.state == State::Rejected => {
                     // Its input goes aside with the reason (again, after a crash).
                     if let Some(file) = &job.file
@@ -233,7 +237,9 @@ impl Engine {
         for (id, job) in jobs.iter().filter(|(_, j)| self.is_mine(j)) {
             open.push(*id);
             if job.state == State::Building {
-                // Nothing runs at a start: the daemon died under this build.
+                // Nothing runs at a start: the daemon died under this build; what it left on
+                // the host is freed before anything else is built.
+                self.release_lost(job);
                 if let Err(e) = self.store.record(
                     Some(*id),
                     EventKind::Interrupted {

@@ -19,6 +19,7 @@ pub mod answer;
 pub mod backoff;
 pub mod driver;
 pub mod intake;
+pub mod leaks;
 pub mod pool;
 pub mod ports;
 pub mod pusher;
@@ -88,6 +89,7 @@ pub struct Engine {
     slots: slots::Slots,
     stalls: driver::Stalls,
     intake: intake::Intake,
+    leak_pass: leaks::LeakPass,
     stopping: AtomicBool,
     /// Opened by a command while no daemon runs (it pushes and builds nothing).
     offline: bool,
@@ -110,6 +112,7 @@ impl Engine {
             slots: slots::Slots::default(),
             stalls: driver::Stalls::default(),
             intake: intake::Intake::default(),
+            leak_pass: leaks::LeakPass::default(),
             stopping: AtomicBool::new(false),
             offline,
         })

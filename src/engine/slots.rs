@@ -11,7 +11,7 @@ use super::backoff::Backoff;
 use super::store::lock;
 use super::{Engine, EngineError, Result};
 use crate::domain::lifecycle::{self, Step};
-use crate::domain::{Cause, EventKind, Mode, State, Status};
+use crate::domain::{Cause, EventKind, Failure, Mode, State, Status};
 use crate::imaging::{self, BuildEnd};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use std::collections::{HashMap, HashSet};
@@ -144,6 +144,8 @@ impl Engine {
                         result: false,
                         error: Some(e.to_string()),
                         urls: imaging::planned_urls(w, &spec),
+                        failure: Some(Failure::Infrastructure),
+                        boot_seconds: None,
                     },
                 )?;
                 self.slot_may_be_free();
@@ -161,6 +163,7 @@ impl Engine {
         let end = self
             .builder
             .build(&spec, &prepared, &guard.cancel, &self.registry);
+        let boot_seconds = prepared.boot_seconds();
         let cancelled_by_operator = lock(&self.slots.by_operator).contains(&id);
         if matches!(end, BuildEnd::Cancelled) {
             // The builder says the build was stopped; why is known here (the job log's reader
@@ -174,18 +177,37 @@ impl Engine {
                 log::warn!("job {id}: cannot write its job log: {e}");
             }
         }
-        drop(prepared);
+        let released = prepared.release();
         drop(guard);
         let kinds = match end {
             BuildEnd::Finished {
                 result,
                 error,
                 urls,
-            } => vec![EventKind::Finished {
-                result,
-                error,
-                urls,
-            }],
+                failure,
+            } => {
+                let mut kinds = vec![EventKind::Finished {
+                    result,
+                    error,
+                    urls,
+                    failure,
+                    boot_seconds,
+                }];
+                // An infrastructure failure is tried again, up to infra_retries times.
+                let before = job.infra_failures;
+                if failure == Some(Failure::Infrastructure) && before < w.infra_retries {
+                    kinds.push(EventKind::Requeued {
+                        reason: format!(
+                            "infrastructure failure: tried again automatically ({} of infra_retries = {})",
+                            before + 1,
+                            w.infra_retries
+                        ),
+                        file: None,
+                        from_worker: None,
+                    });
+                }
+                kinds
+            }
             BuildEnd::Cancelled if cancelled_by_operator => vec![
                 EventKind::Cancelled {
                     reason: CANCELLED_BY_OPERATOR.into(),
@@ -194,6 +216,8 @@ impl Engine {
                     result: false,
                     error: Some("cancelled".into()),
                     urls: imaging::planned_urls(w, &spec),
+                    failure: Some(Failure::Cancelled),
+                    boot_seconds,
                 },
             ],
             BuildEnd::Cancelled => vec![EventKind::Interrupted {
@@ -201,6 +225,11 @@ impl Engine {
                 cause: Cause::Stop,
             }],
         };
+        for l in &released.leaked {
+            log::error!("job {id}: its build left {}: {}", l.what, l.why);
+        }
+        let mut kinds = kinds;
+        kinds.extend(super::leaks::leaked_events(&released));
         self.record_retrying(id, kinds)?;
         self.slot_may_be_free();
         self.advance(id).map(|_| ())

@@ -10,7 +10,7 @@
 //! (the classic text format or OpenMetrics) is [`super::exposition`].
 
 use super::exposition::{Data, Family, Format, Number, encode};
-use crate::domain::{Event, EventKind, Job, State};
+use crate::domain::{Event, EventKind, Failure, Job, State};
 use crate::engine::store::{Change, Observer, lock};
 use crate::journal::{Journal, JournalError};
 use std::collections::HashMap;
@@ -23,19 +23,75 @@ pub const DURATION_BUCKETS: [f64; 11] = [
     10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
 ];
 
-/// Build durations: the count at or below each bucket's bound (not cumulative here), the
-/// sum and the count.
-#[derive(Default)]
+/// The buckets of `build_image_guest_boot_seconds`: 1 s to 10 min.
+pub const BOOT_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 600.0];
+
+/// Observations of a histogram: the count at or below each bucket's bound (not cumulative
+/// here), the sum and the count.
 struct Durations {
-    buckets: [u64; DURATION_BUCKETS.len()],
+    bounds: &'static [f64],
+    buckets: Vec<u64>,
     sum: f64,
     count: u64,
 }
 
+impl Durations {
+    fn new(bounds: &'static [f64]) -> Durations {
+        Durations {
+            bounds,
+            buckets: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, secs: f64) {
+        if let Some(i) = self.bounds.iter().position(|le| secs <= *le) {
+            self.buckets[i] += 1;
+        }
+        self.sum += secs;
+        self.count += 1;
+    }
+
+    /// The histogram's data: cumulative buckets, the sum and the count.
+    fn data(&self) -> Data {
+        let mut below = 0;
+        let buckets = self
+            .bounds
+            .iter()
+            .zip(&self.buckets)
+            .map(|(le, n)| {
+                below += n;
+                (*le, below)
+            })
+            .collect();
+        Data::Histogram {
+            buckets,
+            sum: self.sum,
+            count: self.count,
+        }
+    }
+}
+
+/// The `failure` label of a build's end: its class, `none` for a success, `unknown` for a
+/// failure recorded before classes.
+fn failure_label(result: bool, failure: Option<Failure>) -> &'static str {
+    match (result, failure) {
+        (true, _) => "none",
+        (false, Some(f)) => f.as_str(),
+        (false, None) => "unknown",
+    }
+}
+
 pub struct Metrics {
-    /// Builds that ran to their end: successes, failures.
-    builds: [AtomicU64; 2],
+    /// Builds that ran to their end, by (result, failure class).
+    builds: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
     durations: Mutex<Durations>,
+    /// KVM: seconds from a build's guest start to its ssh answering.
+    boots: Mutex<Durations>,
+    /// What builds left on the host and could not free, by job (`leaked` not yet
+    /// `leak_freed`).
+    leaks: Mutex<std::collections::HashSet<(u64, String)>>,
     push_failures: AtomicU64,
     last_seq: AtomicU64,
     /// When each job now queued entered the queue.
@@ -80,8 +136,15 @@ impl Metrics {
     /// Empty metrics: every family at 0.
     pub fn new() -> Metrics {
         Metrics {
-            builds: [AtomicU64::new(0), AtomicU64::new(0)],
-            durations: Mutex::new(Durations::default()),
+            builds: Mutex::new(
+                std::iter::once(("success", "none"))
+                    .chain(Failure::ALL.iter().map(|f| ("failure", f.as_str())))
+                    .map(|k| (k, 0))
+                    .collect(),
+            ),
+            durations: Mutex::new(Durations::new(&DURATION_BUCKETS)),
+            boots: Mutex::new(Durations::new(&BOOT_BUCKETS)),
+            leaks: Mutex::new(std::collections::HashSet::new()),
             push_failures: AtomicU64::new(0),
             last_seq: AtomicU64::new(0),
             queued: Mutex::new(HashMap::new()),
@@ -130,6 +193,10 @@ impl Metrics {
                 return Ok(());
             };
             sd.cursor = id;
+            if !job.leaks.is_empty() {
+                let mut leaks = lock(&self.leaks);
+                leaks.extend(job.leaks.iter().map(|l| (id, l.what.clone())));
+            }
             if sd.touched.contains_key(&id) {
                 continue; // its events since the start say where it is
             }
@@ -144,7 +211,7 @@ impl Metrics {
                 && job.was_built()
                 && matches!(job.state, State::Finished | State::Done | State::Error)
             {
-                self.build_ended(result, start, end);
+                self.build_ended(result, job.failure, start, end);
             }
             let failed_pushes = job
                 .final_push_attempts
@@ -224,16 +291,15 @@ impl Metrics {
         Ok(())
     }
 
-    fn build_ended(&self, result: bool, started: &str, finished: &str) {
-        self.builds[usize::from(!result)].fetch_add(1, Ordering::SeqCst);
+    fn build_ended(&self, result: bool, failure: Option<Failure>, started: &str, finished: &str) {
+        let label = (
+            if result { "success" } else { "failure" },
+            failure_label(result, failure),
+        );
+        *lock(&self.builds).entry(label).or_insert(0) += 1;
         if let (Some(a), Some(b)) = (ts(started), ts(finished)) {
             let secs = b.duration_since(a).unwrap_or(Duration::ZERO).as_secs_f64();
-            let mut d = lock(&self.durations);
-            if let Some(i) = DURATION_BUCKETS.iter().position(|le| secs <= *le) {
-                d.buckets[i] += 1;
-            }
-            d.sum += secs;
-            d.count += 1;
+            lock(&self.durations).observe(secs);
         }
     }
 
@@ -272,19 +338,13 @@ impl Metrics {
                 .unwrap_or(Duration::ZERO)
                 .as_secs_f64()
         });
-        let (buckets, sum, count) = {
-            let d = lock(&self.durations);
-            let mut below = 0;
-            let buckets = DURATION_BUCKETS
-                .iter()
-                .zip(d.buckets)
-                .map(|(le, n)| {
-                    below += n;
-                    (*le, below)
-                })
-                .collect();
-            (buckets, d.sum, d.count)
-        };
+        let durations = lock(&self.durations).data();
+        let boots = lock(&self.boots).data();
+        let builds = lock(&self.builds)
+            .iter()
+            .map(|((r, f), n)| (vec![("result", r.to_string()), ("failure", f.to_string())], *n))
+            .collect();
+        let leaked = lock(&self.leaks).len();
         let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
         let int = |n: u64| Number::Int(i64::try_from(n).unwrap_or(i64::MAX));
         Some(vec![
@@ -304,20 +364,18 @@ impl Metrics {
             },
             Family {
                 name: "build_image_builds",
-                help: "Builds that ran to their end, by result (failure: mic failed, timed out, left no image, or was cancelled while running)",
-                data: Data::Counter(vec![
-                    (vec![("result", "success".into())], load(&self.builds[0])),
-                    (vec![("result", "failure".into())], load(&self.builds[1])),
-                ]),
+                help: "Builds that ran to their end, by result and, for a failure, its class (image: mic or the kickstart failed; infrastructure: timeout, stall, guest boot, ssh, disk, killed; cancelled; unknown: recorded before classes)",
+                data: Data::Counter(builds),
             },
             Family {
                 name: "build_image_build_duration_seconds",
                 help: "Duration of the builds that ran to their end, from started to finished",
-                data: Data::Histogram {
-                    buckets,
-                    sum,
-                    count,
-                },
+                data: durations,
+            },
+            Family {
+                name: "build_image_guest_boot_seconds",
+                help: "KVM: seconds from a build's guest start to its ssh answering",
+                data: boots,
             },
             Family {
                 name: "build_image_push_failures",
@@ -338,6 +396,14 @@ impl Metrics {
                 name: "build_image_log_writable",
                 help: "1 while the event log takes writes, 0 while it cannot (disk full, write errors): nothing is claimed then",
                 data: Data::Gauge(vec![(vec![], Number::Int(i64::from(log_writable)))]),
+            },
+            Family {
+                name: "build_image_leaked_resources",
+                help: "What builds left on the host and could not free (a mount held busy, a loop device in use, a process that survived), until a later pass frees it",
+                data: Data::Gauge(vec![(
+                    vec![],
+                    Number::Int(i64::try_from(leaked).unwrap_or(i64::MAX)),
+                )]),
             },
         ])
     }
@@ -430,13 +496,27 @@ impl Observer for Metrics {
             }
         }
         match &ev.kind {
-            EventKind::Finished { result, .. } if c.before == Some(State::Building) => {
+            EventKind::Finished {
+                result,
+                failure,
+                boot_seconds,
+                ..
+            } if c.before == Some(State::Building) => {
+                if let Some(b) = boot_seconds {
+                    lock(&self.boots).observe(*b);
+                }
                 if let Some(start) = &c.started_at {
-                    self.build_ended(*result, start, &ev.ts);
+                    self.build_ended(*result, *failure, start, &ev.ts);
                 }
             }
             EventKind::Pushed { ok: false, .. } => {
                 self.push_failures.fetch_add(1, Ordering::SeqCst);
+            }
+            EventKind::Leaked { what, .. } => {
+                lock(&self.leaks).insert((ev.job, what.clone()));
+            }
+            EventKind::LeakFreed { what } => {
+                lock(&self.leaks).remove(&(ev.job, what.clone()));
             }
             _ => {}
         }
@@ -571,6 +651,8 @@ mod tests {
             result: true,
             error: None,
             urls: Default::default(),
+            failure: None,
+            boot_seconds: None,
         };
         let failed_push = EventKind::Pushed {
             status: crate::domain::Status::Done,
@@ -594,13 +676,21 @@ mod tests {
         );
         assert_eq!(line(&text, "build_image_jobs{state=\"queued\"}"), Some("1"));
         assert_eq!(
-            line(&text, "build_image_builds_total{result=\"success\"}"),
+            line(
+                &text,
+                "build_image_builds_total{result=\"success\",failure=\"none\"}"
+            ),
             Some("1")
         );
-        assert_eq!(
-            line(&text, "build_image_builds_total{result=\"failure\"}"),
-            Some("0")
-        );
+        for f in ["image", "infrastructure", "cancelled"] {
+            assert_eq!(
+                line(
+                    &text,
+                    &format!("build_image_builds_total{{result=\"failure\",failure=\"{f}\"}}")
+                ),
+                Some("0")
+            );
+        }
         assert_eq!(line(&text, "build_image_push_failures_total"), Some("1"));
         assert_eq!(line(&text, "build_image_last_event_seq"), Some("3"));
         assert_eq!(
@@ -637,7 +727,10 @@ mod tests {
             .render(SystemTime::now(), false, Format::OpenMetrics)
             .unwrap();
         assert_eq!(
-            line(&text, "build_image_builds_total{result=\"success\"}"),
+            line(
+                &text,
+                "build_image_builds_total{result=\"success\",failure=\"none\"}"
+            ),
             Some("1")
         );
         assert_eq!(line(&text, "build_image_jobs{state=\"queued\"}"), Some("0"));

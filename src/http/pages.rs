@@ -443,6 +443,8 @@ pub fn job(p: &JobPage) -> Markup {
                                 dt { @if r.result == Some(false) { "cause" } @else { "error" } }
                                 dd.err #cause { (e) }
                             }
+                            @if let (Some(false), Some(f)) = (j.result, j.failure) { dt { "failure" } dd { (f.as_str()) ": " (f.advice()) } }
+                            @for l in &j.leaks { dt { "leaked" } dd.err { (l.what) ": " (l.why) } }
                             @if let Some(why) = &j.reason { dt { "reason" } dd { (why) } }
                             @if let Some(h) = j.held_by { dt { "held by" } dd { a href={ "/jobs/" (h) } { "job " (h) } } }
                             @if let Some(r) = &j.receipt { dt { "answer" } dd.mono { (r.to_string()) } }
@@ -455,6 +457,7 @@ pub fn job(p: &JobPage) -> Markup {
                             }
                             @if let Some(u) = &p.files_url { a href=(u) { "files" } }
                             @if let Some(u) = &p.image_url { a href=(u) { "image" } }
+                            @if let (Some(u), Some(crate::domain::Mode::Kvm)) = (&p.files_url, j.mode) { a href={ (u) "/console.log" } { "guest console" } }
                             a href={ "/api/jobs/" (j.id) } { "JSON" }
                         }
                     }
@@ -607,6 +610,8 @@ mod tests {
                 attempts: 1,
                 result: Some(false),
                 error: Some("<img src=x onerror=alert(1)>".into()),
+                leaks: vec![],
+                failure: None,
             },
             files_url: Some("http://x/\"><script>alert(2)</script>".into()),
             has_log: true,

@@ -8,6 +8,7 @@
 //! never one an earlier attempt left.
 
 use super::joblog::job_log_limit;
+use super::place::{Place, Release};
 use super::{JobLog, job_dir, mode};
 use crate::config::WorkerConfig;
 use crate::domain::workitem::Spec;
@@ -23,6 +24,9 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
+
+/// KVM: the guest's serial console, kept in the job folder (never taken for the image).
+pub const CONSOLE_LOG: &str = "console.log";
 
 /// Why a job directory could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +65,13 @@ pub struct Prepared {
     path: PathBuf,
     ks: PathBuf,
     log: JobLog,
-    /// The names (relative to the job directory) of the kickstart and the log: never the image.
-    skip: [PathBuf; 2],
+    /// The names (relative to the job directory) of the kickstart, the log and the console:
+    /// never the image.
+    skip: [PathBuf; 3],
     before: HashMap<PathBuf, FileId>,
+    place: Place,
+    /// KVM: seconds the guest took to answer ssh (noted by the builder).
+    boot: std::sync::Mutex<Option<f64>>,
 }
 
 impl Prepared {
@@ -79,6 +87,37 @@ impl Prepared {
 
     pub fn log(&self) -> &JobLog {
         &self.log
+    }
+
+    /// Notes how long the build's guest took to boot (KVM).
+    pub fn note_boot(&self, seconds: f64) {
+        *self.boot.lock().unwrap_or_else(|p| p.into_inner()) = Some(seconds);
+    }
+
+    /// How long the build's guest took to boot, if it booted one.
+    pub fn boot_seconds(&self) -> Option<f64> {
+        *self.boot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The build's place (its temp dir, cgroup or marker).
+    pub fn place(&self) -> &Place {
+        &self.place
+    }
+
+    /// Releases the build's place after the build, whatever its end: each thing freed, and each
+    /// thing that could not be, is a line of the job log.
+    pub fn release(self) -> Release {
+        let r = self.place.release();
+        for line in &r.freed {
+            let _ = self.log.line(&format!("released: {line}"));
+        }
+        for l in &r.leaked {
+            let _ = self.log.line(&format!("leaked: {}: {}", l.what, l.why));
+        }
+        if r.freed.is_empty() && r.leaked.is_empty() {
+            let _ = self.log.line("released: nothing was left");
+        }
+        r
     }
 
     /// The image this attempt wrote: the largest non-hidden regular file under the job
@@ -291,14 +330,27 @@ pub fn prepare(w: &WorkerConfig, spec: &Spec, attempt: u32) -> Result<Prepared, 
         mode(w)
     ))
     .map_err(log_err)?;
+    let label = format!("{}-{attempt}", spec.dir_id);
+    let place = Place::open(w, &path, &label).map_err(|source| PrepareError {
+        what: "cannot make the build's place in",
+        path: path.clone(),
+        source,
+    })?;
+    log.line(&place.describe()).map_err(log_err)?;
     let before = snapshot(&dir);
     Ok(Prepared {
         dir,
         path,
         ks,
         log,
-        skip: [PathBuf::from(ks_name), PathBuf::from(log_name)],
+        skip: [
+            PathBuf::from(ks_name),
+            PathBuf::from(log_name),
+            PathBuf::from(CONSOLE_LOG),
+        ],
         before,
+        place,
+        boot: std::sync::Mutex::new(None),
     })
 }
 

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod logread;
 pub mod mic;
 pub mod native;
+pub mod place;
 pub mod tools;
 
 pub use jobdir::{PrepareError, Prepared, prepare};
@@ -23,8 +24,8 @@ pub use joblog::JobLog;
 pub use layout::{job_dir, ks_path, log_path, planned_urls, url_for};
 
 use crate::config::WorkerConfig;
-use crate::domain::Mode;
 use crate::domain::workitem::{Spec, Urls};
+use crate::domain::{Failure, Mode};
 use crate::health::Check;
 use crate::process::Registry;
 use crossbeam_channel::Receiver;
@@ -37,18 +38,52 @@ pub enum BuildEnd {
         result: bool,
         error: Option<String>,
         urls: Urls,
+        /// A failure's class (None for a success).
+        failure: Option<Failure>,
     },
     /// Cancelled through the cancel channel before it finished.
     Cancelled,
 }
 
 impl BuildEnd {
-    fn failed(error: String, urls: Urls) -> BuildEnd {
+    fn failed(error: String, urls: Urls, failure: Failure) -> BuildEnd {
         BuildEnd::Finished {
             result: false,
             error: Some(error),
             urls,
+            failure: Some(failure),
         }
+    }
+}
+
+/// Below this much free space, the filesystem of a job folder counts as full.
+const DISK_FULL_BYTES: u64 = 1 << 20;
+
+/// The class of a build whose image creator ended so (it did not succeed, or left no image),
+/// and a note for the error: mic's own failure is the image's (the same input fails again),
+/// unless the job folder's filesystem is full; a timeout, a stall or a signal is the
+/// infrastructure's.
+// the statvfs counts are u64 on this target, narrower on some others
+#[allow(clippy::unnecessary_cast)]
+pub fn failure_of(outcome: crate::process::Outcome, dir: &std::path::Path) -> (Failure, String) {
+    use crate::process::Outcome;
+    match outcome {
+        Outcome::Cancelled => (Failure::Cancelled, String::new()),
+        Outcome::TimedOut | Outcome::Stalled(_) | Outcome::Signalled(_) => {
+            (Failure::Infrastructure, String::new())
+        }
+        Outcome::Exited(_) => match nix::sys::statvfs::statvfs(dir) {
+            Ok(st)
+                if (st.blocks_available() as u64) * (st.fragment_size() as u64)
+                    < DISK_FULL_BYTES =>
+            {
+                (
+                    Failure::Infrastructure,
+                    format!(" (the filesystem of {} is full)", dir.display()),
+                )
+            }
+            _ => (Failure::Image, String::new()),
+        },
     }
 }
 

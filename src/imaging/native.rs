@@ -8,10 +8,10 @@
 
 use super::joblog::{OutputTail, failure};
 use super::tools::{check_mic, check_sudo, mic_missing};
-use super::{BuildEnd, Builder, Checks, Prepared, mic, planned_urls, url_for};
+use super::{BuildEnd, Builder, Checks, Prepared, failure_of, mic, planned_urls, url_for};
 use crate::config::WorkerConfig;
-use crate::domain::Mode;
 use crate::domain::workitem::Spec;
+use crate::domain::{Failure, Mode};
 use crate::process::{self, Output, Registry, Run};
 use crossbeam_channel::Receiver;
 
@@ -73,23 +73,52 @@ fn run(
     // The job directory, the kickstart and the log were made by `super::prepare`.
     let dir = prepared.dir();
     let log = prepared.log();
-    let argv = mic::mic_command(spec, prepared.ks(), dir, w);
+    let mut argv = mic::mic_command(spec, prepared.ks(), dir, w);
+    if w.ict == crate::config::Ict::Mic {
+        // mic's own temp dir (its mounts, its loop images) in the build's place
+        match prepared.place().mic_config(&argv) {
+            Ok(Some(opt)) => {
+                let at = argv.len() - spec.extra_opts.len() - w.mic_opts.len();
+                argv.insert(at, opt.into());
+            }
+            Ok(None) => {
+                let _ = log
+                    .line("mic's config is named on its command line: its tmpdir is used as it is");
+            }
+            Err(e) => {
+                return BuildEnd::failed(
+                    format!("cannot write the build's mic config: {e}"),
+                    urls,
+                    Failure::Infrastructure,
+                );
+            }
+        }
+    }
     if let Err(e) = log.line(&format!("$ {}", mic::display(&argv))) {
         return BuildEnd::failed(
             format!("cannot write job log {}: {e}", log.path().display()),
             urls,
+            Failure::Infrastructure,
         );
     }
     let output = OutputTail::new();
-    let outcome = process::run(Run {
-        argv: &argv,
-        env: vec![],
-        stdin: None,
-        output: Output::Sink(log.sink_keeping(&output)),
-        timeout: w.timeout(),
-        cancel: Some(cancel),
-        registry,
-    });
+    let place = prepared.place();
+    let outcome = process::run_with(
+        Run {
+            argv: &argv,
+            env: place.env(),
+            stdin: None,
+            output: Output::Sink(log.sink_keeping(&output)),
+            timeout: w.timeout(),
+            cancel: Some(cancel),
+            registry,
+        },
+        process::With {
+            procs: place.procs(),
+            stall: w.stall_timeout(),
+            private_mounts: place.private_mounts(),
+        },
+    );
     let tool = argv
         .iter()
         .find(|a| *a != "sudo" && *a != "-n")
@@ -99,7 +128,7 @@ fn run(
         Ok(o) => o,
         Err(e) => {
             let _ = log.line(&format!("error: {e}"));
-            return BuildEnd::failed(e.to_string(), urls);
+            return BuildEnd::failed(e.to_string(), urls, Failure::Infrastructure);
         }
     };
     let how = format!("{tool} {}", outcome.describe(w.timeout()));
@@ -108,9 +137,15 @@ fn run(
         return BuildEnd::Cancelled;
     }
     if !outcome.success() {
-        // mic's own error lines say the cause; a timeout or a signal is the cause itself.
-        let reason_first = outcome.exit_code().is_none();
-        return BuildEnd::failed(failure(&how, &output.text(), reason_first), urls);
+        // mic's own error lines say the cause; a timeout, a signal or a full disk is the cause
+        // itself.
+        let (class, why) = failure_of(outcome, dir);
+        let reason_first = outcome.exit_code().is_none() || !why.is_empty();
+        return BuildEnd::failed(
+            failure(&format!("{how}{why}"), &output.text(), reason_first),
+            urls,
+            class,
+        );
     }
     match prepared.new_image() {
         Some(image) => {
@@ -119,6 +154,7 @@ fn run(
                 result: true,
                 error: None,
                 urls,
+                failure: None,
             }
         }
         None => BuildEnd::failed(
@@ -127,6 +163,7 @@ fn run(
                 dir.display()
             ),
             urls,
+            failure_of(process::Outcome::Exited(0), dir).0,
         ),
     }
 }

@@ -67,6 +67,12 @@ pub struct StatusRow {
     /// Where the workitem came from: `spool` (a dropped file) or `amqp` (a message).
     #[serde(default)]
     pub source: String,
+    /// What its builds left on the host and could not free (`leaked`), until freed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leaks: Vec<crate::domain::job::Leak>,
+    /// A failed build's class: image, infrastructure or cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<crate::domain::Failure>,
 }
 
 fn seconds_between(from: &str, to: Option<&str>) -> Option<f64> {
@@ -101,6 +107,8 @@ pub fn status_row(job: &Job) -> StatusRow {
         result: job.result,
         error: job.error.clone(),
         source: job.origin.name().to_string(),
+        leaks: job.leaks.clone(),
+        failure: job.failure,
     }
 }
 
@@ -336,10 +344,21 @@ pub fn event_detail(e: &Event) -> String {
             result,
             error,
             urls,
-        } => match (result, error) {
-            (true, _) => format!("ok {}", urls.image_url.as_deref().unwrap_or("")),
-            (false, e) => format!("failed: {}", e.as_deref().unwrap_or("")),
-        },
+            failure,
+            boot_seconds,
+        } => {
+            let boot = boot_seconds
+                .map(|b| format!(" (guest booted in {b:.1} s)"))
+                .unwrap_or_default();
+            match (result, error) {
+                (true, _) => format!("ok {}{boot}", urls.image_url.as_deref().unwrap_or("")),
+                (false, e) => format!(
+                    "failed{}: {}{boot}",
+                    failure.map(|f| format!(" ({f})")).unwrap_or_default(),
+                    e.as_deref().unwrap_or("")
+                ),
+            }
+        }
         EventKind::Delivered(d) => match &d.copy {
             Some(c) => format!("{} (the answer for the re-drop {c})", d.receipt),
             None => d.receipt.to_string(),
@@ -361,6 +380,8 @@ pub fn event_detail(e: &Event) -> String {
         ),
         EventKind::Interrupted { reason, cause } => format!("{reason} ({cause:?})"),
         EventKind::Compacted { reason, .. } => reason.clone(),
+        EventKind::Leaked { what, why } => format!("{what}: {why}"),
+        EventKind::LeakFreed { what } => what.clone(),
         EventKind::Cancelled { reason } | EventKind::Requeued { reason, .. } => reason.clone(),
     }
 }

@@ -1,7 +1,8 @@
 //! Child processes: each runs in its own process group, with a timeout and a cancel channel;
 //! when it ends, times out or is cancelled, the whole group is killed and the leader reaped.
 //!
-//! Invariant: nothing else in the program sends signals. The group is killed while the leader is
+//! Invariant: nothing else in the program sends signals, but `cgroup` (the processes of one
+//! build's place, by its cgroup or its environment marker). The group is killed while the leader is
 //! still an unreaped zombie (`waitid(WNOWAIT)`), so its pgid cannot have been reused.
 //!
 //! This file owns spawning and waiting (`run`: the pidfd or `waitid` wait, the timeout, the
@@ -12,6 +13,7 @@
 //! its directory while it runs, from whatever thread started it.
 
 mod capture;
+pub mod cgroup;
 mod registry;
 
 pub use capture::{CAPTURE_LIMIT, Capture, output};
@@ -58,6 +60,8 @@ pub enum Outcome {
     Signalled(i32),
     TimedOut,
     Cancelled,
+    /// No output for this many seconds (a stall timeout): killed.
+    Stalled(u64),
 }
 
 impl Outcome {
@@ -80,6 +84,9 @@ impl Outcome {
             Outcome::TimedOut => format!("timed out after {} s", timeout.as_secs()),
             // Why (an operator's cancel, a daemon's stop) is said by whoever stopped it.
             Outcome::Cancelled => "was stopped: its process group was killed".to_string(),
+            Outcome::Stalled(s) => {
+                format!("stalled: no output for {s} s (stall_timeout), killed")
+            }
         }
     }
 }
@@ -111,6 +118,106 @@ pub struct Run<'a> {
 
 /// Runs a command to its end in its own process group.
 pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
+    run_with(r, With::default())
+}
+
+/// Makes `cmd`'s child write itself into a cgroup (the `cgroup.procs` file given, opened by the
+/// caller) before it runs its program, so that nothing it starts can leave the cgroup.
+pub fn enter_before_exec(cmd: &mut Command, procs: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let fd = procs.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and calls only write(2), which
+    // is async-signal-safe; `fd` stays open in the parent until the spawn returns (the caller
+    // holds the file), so it is open in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// What a build's command gets beyond [`Run`].
+#[derive(Default)]
+pub struct With<'a> {
+    /// The child (and all it starts) is put into the cgroup whose `cgroup.procs` this is
+    /// before it runs its program.
+    pub procs: Option<&'a std::fs::File>,
+    /// The child is killed as stalled ([`Outcome::Stalled`]) when it has written no output for
+    /// this long (its output must go to a sink or a capture).
+    pub stall: Option<Duration>,
+    /// The child runs in a private mount namespace of its own (needs root; where it cannot,
+    /// it runs in the host's): what it mounts is never seen by the host, and goes when its
+    /// last process does.
+    pub private_mounts: bool,
+}
+
+/// Makes `cmd`'s child enter a private mount namespace before it runs its program: nothing
+/// it mounts propagates to the host. Where that fails (not root), it runs on in the host's.
+pub fn private_mounts_before_exec(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and calls only unshare(2) and
+    // mount(2), which are async-signal-safe, with static arguments.
+    unsafe {
+        cmd.pre_exec(|| {
+            use nix::libc;
+            if libc::unshare(libc::CLONE_NEWNS) == 0 {
+                let root = b"/\0";
+                libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr().cast(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                );
+            }
+            Ok(())
+        });
+    }
+}
+
+/// When a child last wrote output: updated by the sink wrapper [`Touching`].
+#[derive(Clone)]
+struct LastOutput(std::sync::Arc<std::sync::Mutex<Instant>>);
+
+impl LastOutput {
+    fn silent_for(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
+}
+
+/// A sink that notes when output passed through it.
+struct Touching {
+    inner: Box<dyn Write + Send>,
+    last: LastOutput,
+}
+
+impl Write for Touching {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        *self.last.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The stall watch of one run: the limit and the last output.
+struct Stall {
+    limit: Duration,
+    last: LastOutput,
+}
+
+impl Stall {
+    fn check(&self) -> Option<Outcome> {
+        (self.last.silent_for() >= self.limit).then_some(Outcome::Stalled(self.limit.as_secs()))
+    }
+}
+
+/// As [`run`], with what [`With`] adds.
+pub fn run_with(r: Run<'_>, with: With<'_>) -> Result<Outcome, ProcessError> {
+    let procs = with.procs;
     let (program, args) = r.argv.split_first().ok_or(ProcessError::Empty)?;
     let name = program.to_string_lossy().into_owned();
     let spawn_err = |source: std::io::Error| ProcessError::Spawn {
@@ -119,6 +226,12 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
     };
     let mut cmd = Command::new(program);
     cmd.args(args).process_group(0);
+    if let Some(procs) = procs {
+        enter_before_exec(&mut cmd, procs);
+    }
+    if with.private_mounts {
+        private_mounts_before_exec(&mut cmd);
+    }
     for (k, v) in &r.env {
         cmd.env(k, v);
     }
@@ -126,6 +239,18 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
         Output::Null => None,
         Output::Sink(s) => Some(s),
         Output::Capture(c) => Some(Box::new(c)),
+    };
+    let mut stall = None;
+    let sink = match (sink, with.stall) {
+        (Some(inner), Some(limit)) => {
+            let last = LastOutput(std::sync::Arc::new(std::sync::Mutex::new(Instant::now())));
+            stall = Some(Stall {
+                limit,
+                last: last.clone(),
+            });
+            Some(Box::new(Touching { inner, last }) as Box<dyn Write + Send>)
+        }
+        (sink, _) => sink,
     };
     let mut reader = None;
     match sink {
@@ -188,8 +313,8 @@ pub fn run(r: Run<'_>) -> Result<Outcome, ProcessError> {
     let never_rx = never();
     let cancel = r.cancel.unwrap_or(&never_rx);
     let waited = match pidfd_open(pid) {
-        Some(fd) => wait_pidfd(&fd, deadline, cancel),
-        None => wait_thread(pid, deadline, cancel),
+        Some(fd) => wait_pidfd(&fd, deadline, cancel, stall.as_ref()),
+        None => wait_thread(pid, deadline, cancel, stall.as_ref()),
     };
     // Whatever happened, nothing of the group may outlive the call.
     kill_group(pid);
@@ -265,6 +390,7 @@ fn wait_pidfd(
     fd: &std::os::fd::OwnedFd,
     deadline: Instant,
     cancel: &Receiver<()>,
+    stall: Option<&Stall>,
 ) -> std::io::Result<Option<Outcome>> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd;
@@ -272,6 +398,9 @@ fn wait_pidfd(
         let now = Instant::now();
         if now >= deadline {
             return Ok(Some(Outcome::TimedOut));
+        }
+        if let Some(o) = stall.and_then(Stall::check) {
+            return Ok(Some(o));
         }
         match cancel.try_recv() {
             Ok(()) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
@@ -295,6 +424,7 @@ fn wait_thread(
     pid: Pid,
     deadline: Instant,
     cancel: &Receiver<()>,
+    stall: Option<&Stall>,
 ) -> std::io::Result<Option<Outcome>> {
     let (done_tx, done_rx) = bounded::<std::io::Result<()>>(1);
     std::thread::spawn(move || {
@@ -307,15 +437,24 @@ fn wait_thread(
         };
         let _ = done_tx.send(res);
     });
-    let stopped = select! {
-        recv(done_rx) -> res => {
-            if let Ok(Err(e)) = res {
-                return Err(e);
-            }
-            None
+    let stopped = loop {
+        if let Some(o) = stall.and_then(Stall::check) {
+            break Some(o);
         }
-        recv(cancel) -> _ => Some(Outcome::Cancelled),
-        default(deadline.saturating_duration_since(Instant::now())) => Some(Outcome::TimedOut),
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Some(Outcome::TimedOut);
+        }
+        select! {
+            recv(done_rx) -> res => {
+                if let Ok(Err(e)) = res {
+                    return Err(e);
+                }
+                break None;
+            }
+            recv(cancel) -> _ => break Some(Outcome::Cancelled),
+            default(left.min(CANCEL_CHECK)) => {}
+        }
     };
     if stopped.is_some() {
         kill_group(pid);
@@ -436,6 +575,40 @@ mod tests {
                     .unwrap_or(true)
         });
         assert!(gone, "grandchild {pid} survived");
+    }
+
+    #[test]
+    fn a_silent_child_stalls_and_a_talking_one_does_not() {
+        let stalled = |script: &str| {
+            let a = argv(&["sh", "-c", script]);
+            run_with(
+                Run {
+                    argv: &a,
+                    env: vec![],
+                    stdin: None,
+                    output: Output::Capture(Capture::new(1024)),
+                    timeout: Duration::from_secs(60),
+                    cancel: None,
+                    registry: &Registry::none(),
+                },
+                With {
+                    procs: None,
+                    stall: Some(Duration::from_secs(1)),
+                    private_mounts: false,
+                },
+            )
+            .unwrap()
+        };
+        assert_eq!(stalled("echo hi; sleep 300"), Outcome::Stalled(1));
+        assert_eq!(
+            stalled("for i in 1 2 3 4 5 6; do echo $i; sleep 0.3; done"),
+            Outcome::Exited(0)
+        );
+        assert!(
+            Outcome::Stalled(1)
+                .describe(Duration::ZERO)
+                .contains("stall_timeout")
+        );
     }
 
     #[test]

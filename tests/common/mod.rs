@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod host;
 pub mod web;
 
 use build_image::config::Config;

@@ -180,6 +180,17 @@ pub fn sample(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f6
         .unwrap_or_else(|| panic!("no sample {name} {label:?}"))
 }
 
+/// The sum of the samples of `name` with the label `k="v"` (over its other labels).
+pub fn total(samples: &[Sample], name: &str, (k, v): (&str, &str)) -> f64 {
+    let found: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.name == name && s.labels.get(k).map(String::as_str) == Some(v))
+        .map(|s| s.value)
+        .collect();
+    assert!(!found.is_empty(), "no sample {name} {k}={v}");
+    found.iter().sum()
+}
+
 /// `/metrics` in the classic text format (what a client that asks for nothing gets), parsed.
 pub fn metrics(addr: &str) -> (Vec<Sample>, HashMap<String, String>) {
     // 503 while the daemon counts the log's jobs at a start

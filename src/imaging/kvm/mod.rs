@@ -70,6 +70,7 @@ impl Builder for KvmBuilder {
                     result: true,
                     error: None,
                     urls,
+                    failure: None,
                 }
             }
             Err(Stop::Cancelled) => {
@@ -78,7 +79,11 @@ impl Builder for KvmBuilder {
             }
             Err(Stop::Failed(error)) => {
                 b.note(&format!("error: {error}"));
-                BuildEnd::failed(error, urls)
+                BuildEnd::failed(error, urls, crate::domain::Failure::Infrastructure)
+            }
+            Err(Stop::Image(error)) => {
+                b.note(&format!("error: {error}"));
+                BuildEnd::failed(error, urls, crate::domain::Failure::Image)
             }
         }
     }

@@ -36,7 +36,10 @@ const PORT_ATTEMPTS: usize = 5;
 
 /// Why a build stopped early.
 pub(super) enum Stop {
+    /// The host, qemu, the guest or ssh failed (an infrastructure failure).
     Failed(String),
+    /// mic itself failed in the guest (the image's failure).
+    Image(String),
     Cancelled,
 }
 
@@ -238,11 +241,15 @@ impl Guest<'_> {
             // mic's own error lines say the cause; ssh's failure, a timeout or a signal is the
             // cause itself.
             let reason_first = !matches!(outcome, Outcome::Exited(c) if c != 255);
-            return Err(Stop::Failed(failure(
+            let text = failure(
                 &format!("{tool} failed in the guest: {how}"),
                 &self.output.text(),
                 reason_first,
-            )));
+            );
+            return Err(match outcome {
+                Outcome::Exited(c) if c != 255 => Stop::Image(text),
+                _ => Stop::Failed(text),
+            });
         }
         self.note(&format!("{tool} exited with status 0 in the guest"));
 
@@ -258,7 +265,7 @@ impl Guest<'_> {
         }
         open_up(&self.dir);
         self.prepared.new_image().ok_or_else(|| {
-            Stop::Failed(format!(
+            Stop::Image(format!(
                 "{tool} exited 0 but left no image file (none new or changed under {})",
                 self.dir.display()
             ))
@@ -363,7 +370,9 @@ impl Guest<'_> {
     fn start_guest(&mut self, accel: Accel, disk: &Path, format: &str) -> Step<()> {
         let w = self.w;
         let pidfile = self.path("pid");
-        let console = self.path("console");
+        let console = self.dir.join(crate::imaging::jobdir::CONSOLE_LOG);
+        // an earlier attempt's console is not this one's
+        let _ = std::fs::remove_file(&console);
         let kernel = absolute(w.vm_kernel.as_deref().unwrap_or(Path::new("")));
         let initrd = w.vm_initrd.as_deref().map(absolute);
         let cache = absolute(&w.mic_cachedir);
@@ -456,9 +465,12 @@ impl Guest<'_> {
             let (outcome, out) = self.capture(&argv, timeout, false)?;
             if outcome.success() {
                 self.ssh_up = true;
+                let boot = started.elapsed().as_secs_f64();
+                self.prepared.note_boot(boot);
                 self.note(&format!(
-                    "guest's ssh answered after {:.1} s ({probes} probe(s))",
-                    started.elapsed().as_secs_f64()
+                    "guest's ssh answered after {boot:.1} s ({probes} probe(s)); its console is \
+                     {}",
+                    crate::imaging::jobdir::CONSOLE_LOG
                 ));
                 return Ok(());
             }
@@ -540,7 +552,8 @@ impl Guest<'_> {
 
     /// The last lines of the guest's serial console, one line.
     fn console_tail(&self, n: usize) -> String {
-        let text = std::fs::read(self.path("console")).unwrap_or_default();
+        let text =
+            std::fs::read(self.dir.join(crate::imaging::jobdir::CONSOLE_LOG)).unwrap_or_default();
         let start = text.len().saturating_sub(8192);
         let text = String::from_utf8_lossy(&text[start..]);
         let lines: Vec<&str> = text
