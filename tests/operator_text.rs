@@ -251,7 +251,7 @@ fn the_error_says_the_cause_and_status_shows_it_whole() {
     assert_eq!(code, 0);
     let row = table.lines().find(|l| l.contains(" e1 ")).unwrap();
     assert!(
-        row.contains(&format!("error: {cause} (+1 line(s): --wide)")),
+        row.contains(&format!("error (image): {cause} (+1 line(s): --wide)")),
         "{row}"
     );
     let (_, wide, _) = run(&farm, &["status", "--wide"]);
