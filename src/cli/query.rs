@@ -2,8 +2,8 @@
 
 use super::access::{call, expect};
 use crate::config::Config;
-use crate::domain::{Failure, State};
 use crate::domain::text::{escape, escape_lines};
+use crate::domain::{Failure, State};
 use crate::operate::control::{Client, Request, Response};
 use crate::operate::ops::{self, EventFilter, StatusRow};
 use anyhow::Context;

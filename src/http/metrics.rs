@@ -342,7 +342,12 @@ impl Metrics {
         let boots = lock(&self.boots).data();
         let builds = lock(&self.builds)
             .iter()
-            .map(|((r, f), n)| (vec![("result", r.to_string()), ("failure", f.to_string())], *n))
+            .map(|((r, f), n)| {
+                (
+                    vec![("result", r.to_string()), ("failure", f.to_string())],
+                    *n,
+                )
+            })
             .collect();
         let leaked = lock(&self.leaks).len();
         let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
