@@ -67,7 +67,8 @@ pub enum Command {
                             Exit codes: 0 dropped (with --wait: built successfully), 1 a file could not be dropped \
                             (with --wait: the build failed or the input was rejected), 2 usage error, 3 --wait timed out.")]
     Submit(Box<submit::SubmitArgs>),
-    /// One line per job: id, state, name, arch, type, worker, started, duration, result.
+    /// One line per job: id, state, name, arch, type, worker, started, duration, result (a
+    /// failure with its class); then a LEAKED line for what a build left and could not free.
     #[command(
         after_help = "Examples:\n  build-image status\n  build-image status --state building\n  \
                             build-image status --json --limit 20\n\n\
@@ -269,7 +270,8 @@ pub enum Command {
         /// image_id (the newest job with it) or job number.
         id: String,
     },
-    /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites.
+    /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites, and what
+    /// builds left on the host and could not free (asked of the running daemon).
     #[command(
         after_help = "Examples:\n  build-image doctor\n  build-image --config /etc/build-image.toml doctor\n\n\
                             One line per check: ok, WARN or FAIL, with what was checked.\n\
