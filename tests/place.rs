@@ -23,6 +23,8 @@ fn farm(cgroup: bool) -> Farm {
     farm.cfg.worker.workers = 1;
     // mic's mounts on the host, for the release to find (the private namespace: at the end)
     farm.cfg.worker.mount_namespace = false;
+    // one build per job (an infrastructure failure is tried again: tests/classes.rs)
+    farm.cfg.worker.infra_retries = 0;
     farm
 }
 
@@ -143,7 +145,8 @@ fn mic_failing_leaves_nothing_marker() {
 fn timeout(cgroup: bool) {
     init_log();
     let mut farm = farm(cgroup);
-    farm.cfg.worker.timeout = 2;
+    // long enough for the fixture to attach, make a filesystem and mount on a loaded machine
+    farm.cfg.worker.timeout = 8;
     let guard = HostGuard::new(farm.root());
     let d = farm.start();
     farm.drop_json(
@@ -388,7 +391,8 @@ fn a_mount_held_busy_is_a_leak_until_its_holder_goes() {
 fn stall(cgroup: bool) {
     init_log();
     let mut farm = farm(cgroup);
-    farm.cfg.worker.stall_timeout = 2;
+    // mkfs is silent for a moment: longer than that on a loaded machine
+    farm.cfg.worker.stall_timeout = 5;
     farm.cfg.worker.timeout = 120;
     let guard = HostGuard::new(farm.root());
     let d = farm.start();
@@ -399,7 +403,7 @@ fn stall(cgroup: bool) {
     let r = farm.wait_outbox("st.json", T);
     let err = r["image"]["error"].as_str().unwrap_or_default();
     assert!(
-        err.contains("mic stalled: no output for 2 s (stall_timeout), killed"),
+        err.contains("mic stalled: no output for 5 s (stall_timeout), killed"),
         "{r:#}"
     );
     assert_released(&farm, &guard, "st1", cgroup);
