@@ -23,6 +23,8 @@ fn farm(cgroup: bool) -> Farm {
     farm.cfg.worker.workers = 1;
     // mic's mounts on the host, for the release to find (the private namespace: at the end)
     farm.cfg.worker.mount_namespace = false;
+    // one build per job (an infrastructure failure is tried again: tests/classes.rs)
+    farm.cfg.worker.infra_retries = 0;
     farm
 }
 
@@ -143,7 +145,8 @@ fn mic_failing_leaves_nothing_marker() {
 fn timeout(cgroup: bool) {
     init_log();
     let mut farm = farm(cgroup);
-    farm.cfg.worker.timeout = 2;
+    // long enough for the fixture to attach, make a filesystem and mount on a loaded machine
+    farm.cfg.worker.timeout = 8;
     let guard = HostGuard::new(farm.root());
     let d = farm.start();
     farm.drop_json(
@@ -388,7 +391,8 @@ fn a_mount_held_busy_is_a_leak_until_its_holder_goes() {
 fn stall(cgroup: bool) {
     init_log();
     let mut farm = farm(cgroup);
-    farm.cfg.worker.stall_timeout = 2;
+    // mkfs is silent for a moment: longer than that on a loaded machine
+    farm.cfg.worker.stall_timeout = 5;
     farm.cfg.worker.timeout = 120;
     let guard = HostGuard::new(farm.root());
     let d = farm.start();
@@ -399,7 +403,7 @@ fn stall(cgroup: bool) {
     let r = farm.wait_outbox("st.json", T);
     let err = r["image"]["error"].as_str().unwrap_or_default();
     assert!(
-        err.contains("mic stalled: no output for 2 s (stall_timeout), killed"),
+        err.contains("mic stalled: no output for 5 s (stall_timeout), killed"),
         "{r:#}"
     );
     assert_released(&farm, &guard, "st1", cgroup);
@@ -467,4 +471,55 @@ fn a_private_mount_namespace_success_leaves_nothing() {
 #[test]
 fn a_private_mount_namespace_cancel_leaves_nothing() {
     namespace(true);
+}
+
+/// A prefix with a slash nests one job folder in another: the release of the outer job's build
+/// touches nothing of the inner job's build, which runs on.
+#[test]
+fn a_nested_job_folder_keeps_its_mounts_when_the_outer_build_ends() {
+    init_log();
+    let mut farm = farm(true);
+    farm.cfg.worker.workers = 2;
+    let guard = HostGuard::new(farm.root());
+    let go = farm.root().join("go");
+    let d = farm.start();
+    let mut outer = workitem(
+        "o1",
+        &format!("{HOST}# mic-fixture: wait-for {}\n", go.display()),
+    );
+    outer["image"]["prefix"] = json!("nest");
+    let mut inner = workitem("i1", &format!("{HOST}# mic-fixture: sleep 300\n"));
+    inner["image"]["prefix"] = json!("nest/o1");
+    farm.drop_json("o.json", &outer);
+    farm.drop_json("i.json", &inner);
+    let outer_log = farm.base().join("nest/o1/img-o1.log");
+    let inner_dir = farm.base().join("nest/o1/i1");
+    let inner_log = inner_dir.join("img-i1.log");
+    for log in [&outer_log, &inner_log] {
+        assert!(
+            wait_for(T, || std::fs::read_to_string(log)
+                .is_ok_and(|l| l.contains("mic-fixture escaped pid: "))),
+            "{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    std::fs::write(&go, "").unwrap();
+    let r = farm.wait_outbox("o.json", T);
+    assert_eq!(r["image"]["result"], json!(true), "{r:#}");
+    // the inner build's mounts, loop device and sleeper are untouched
+    let inner_root = std::fs::canonicalize(&inner_dir).unwrap();
+    assert_eq!(
+        common::host::mounts_under(&inner_root).len(),
+        2,
+        "{}",
+        std::fs::read_to_string(&outer_log).unwrap()
+    );
+    assert_eq!(common::host::loops_under(&inner_root).len(), 1);
+    let pids = fixture_all_pids(&std::fs::read_to_string(&inner_log).unwrap());
+    assert!(pids.iter().all(|p| alive(*p)), "{pids:?}");
+    let (code, out, err) = output(farm.bin().args(["cancel", "i1"]));
+    assert_eq!(code, 0, "{out}{err}");
+    farm.wait_outbox("i.json", T);
+    guard.assert_clean(&pids);
+    d.stop().unwrap();
 }

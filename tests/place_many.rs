@@ -13,10 +13,13 @@ use std::time::Duration;
 fn twenty_timeouts_leave_the_host_as_it_was() {
     init_log();
     let mut farm = Farm::new();
-    farm.cfg.worker.timeout = 1;
+    // long enough for the fixture to attach, make a filesystem and mount on a loaded machine
+    farm.cfg.worker.timeout = 4;
     farm.cfg.worker.workers = 2;
     // mic's mounts on the host (not in a namespace of its own), for the release to unmount
     farm.cfg.worker.mount_namespace = false;
+    // twenty builds, each one killed (a timeout is not tried again here)
+    farm.cfg.worker.infra_retries = 0;
     let guard = HostGuard::new(farm.root());
     let (loops, mounts) = (all_loops(), all_mounts());
     eprintln!(

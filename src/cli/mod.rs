@@ -117,7 +117,8 @@ pub enum Command {
                             (with --wait: the build failed or the input was rejected), 2 usage error (with --kickstart: also \
                             arguments that make no valid workitem, e.g. a --name with a '/'; nothing is dropped), 3 --wait timed out.")]
     Submit(Box<submit::SubmitArgs>),
-    /// One line per job: id, state, name, arch, type, worker, started, duration, result.
+    /// One line per job: id, state, name, arch, type, worker, started, duration, result (a
+    /// failure with its class); then a LEAKED line for what a build left and could not free.
     #[command(
         after_help = "Examples:\n  build-image status\n  build-image status --state building\n  \
                             build-image status --state error --wide   # every line of each error\n  \
@@ -345,7 +346,8 @@ pub enum Command {
         #[command(flatten)]
         id: JobRef,
     },
-    /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites.
+    /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites, and what
+    /// builds left on the host and could not free (asked of the running daemon).
     #[command(
         after_help = "Examples:\n  build-image doctor\n  build-image --config /etc/build-image.toml doctor\n\n\
                             One line per check: ok, WARN or FAIL, with what was checked.\n\

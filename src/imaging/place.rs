@@ -7,10 +7,11 @@
 //! it) or else an environment marker the build's processes inherit, and a record
 //! (`.build-place`, JSON) of both, written before anything runs, that a later daemon reads.
 //!
-//! Invariant: only what lies under the job folder is touched (mount points and loop backing
-//! files are compared with its canonical path; a process is killed only through the cgroup this
-//! place made or its own marker value); the temp dir is removed only once no mount is left
-//! under the job folder, so a removal never walks into a mounted filesystem.
+//! Invariant: only what lies under the build's temp dir is touched (mount points and loop
+//! backing files are compared with its canonical path: a job folder may hold another job's
+//! folder, never its temp dir); a process is killed only through the cgroup this place made or
+//! its own marker value; the temp dir is removed only once no mount is left under it, so a
+//! removal never walks into a mounted filesystem.
 
 use crate::config::WorkerConfig;
 use crate::process::cgroup::{self, Cgroup, ENV_MARKER};
@@ -265,8 +266,8 @@ impl Place {
 }
 
 /// Frees what a build left in `job_dir`: the processes of the place recorded there (its cgroup
-/// killed, its marked processes killed), the mounts under the folder (deepest first, lazily if
-/// busy), the loop devices whose backing file is under it (device-mapper entries on them
+/// killed, its marked processes killed), the mounts under its temp dir (deepest first, lazily
+/// if busy), the loop devices whose backing file is under it (device-mapper entries on them
 /// first), the temp dir, the record. Safe to run again; a folder with nothing left is an empty
 /// release.
 ///
@@ -313,7 +314,11 @@ pub fn release(job_dir: &Path, sudo: bool) -> Release {
             }),
         }
     }
-    let root = std::fs::canonicalize(job_dir).unwrap_or_else(|_| job_dir.to_path_buf());
+    // Only the build's temp dir, where mic works (its config's tmpdir): a job folder may hold
+    // another job's (a prefix with a slash nests one in another), whose mounts are not ours.
+    let root = std::fs::canonicalize(job_dir)
+        .unwrap_or_else(|_| job_dir.to_path_buf())
+        .join(TMP_DIR);
     for m in mounts_under(&root) {
         match unmount(&m, priv_) {
             Ok(false) => r.freed.push(format!("unmounted {}", m.display())),
