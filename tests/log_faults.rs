@@ -49,7 +49,7 @@ fn a_log_that_lost_its_tail_is_refused_at_start() {
 
     // the last events (the last two blocks of the log) are lost while no daemon runs
     {
-        let db = sled::open(&state).unwrap();
+        let db = open_sled(&state);
         // the newest events are in the small blocks of `tail` (see src/journal/block.rs)
         let tail = db.open_tree("tail").unwrap();
         for _ in 0..2 {

@@ -94,7 +94,7 @@ fn a_log_of_the_old_stored_form_reads_back_the_same() {
     let export = ok(&farm, &["events", "--json"]);
     assert_eq!(export_lines(&export), old_lines);
     {
-        let db = sled::open(farm.cfg.state_dir()).unwrap();
+        let db = open_sled(&farm.cfg.state_dir());
         let names: Vec<String> = db
             .tree_names()
             .iter()
@@ -174,7 +174,7 @@ fn a_move_cut_short_by_a_crash_is_made_again_at_the_next_opening() {
         "nothing printed from a half-moved log: {out}"
     );
     {
-        let db = sled::open(farm.cfg.state_dir()).unwrap();
+        let db = open_sled(&farm.cfg.state_dir());
         assert!(db.get("store_format").unwrap().is_none(), "not marked");
         assert!(
             db.tree_names().iter().any(|n| n.as_ref() == b"events"),

@@ -13,7 +13,7 @@ use crossbeam_channel::{Sender, bounded};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use build_image::wait::wait_for;
 
@@ -552,4 +552,22 @@ pub fn whole_export(lines: &[String]) -> String {
 /// trailer, if there, left out).
 pub fn event_lines(text: &str) -> impl Iterator<Item = &str> {
     text.lines().filter(|l| !is_trailer(l))
+}
+
+/// Opens the sled database of a state dir a daemon has just closed: sled releases its lock a
+/// little after the last handle is dropped (spacejam/sled#1234), so the lock is waited for (up
+/// to 10 s), as the daemon's own start does.
+pub fn open_sled(dir: &Path) -> sled::Db {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
 }
