@@ -461,6 +461,8 @@ fn p1_bare(n: usize, run: usize) -> f64 {
                 files_url: Some(format!("http://img.example.org/images/requests/{id}")),
                 image_url: Some(format!("http://img.example.org/images/requests/{id}/x.img")),
                 logfile_url: Some(format!("http://img.example.org/images/requests/{id}/x.log")),
+                // as long as the daemon's: a sha256 in hex
+                image_sha256: Some("0".repeat(64)),
             };
             let reply = build_image::domain::workitem::reply(&input, Some(true), None, &urls);
             (

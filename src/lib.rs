@@ -3,7 +3,8 @@
 //! The layers, from the bottom (docs/architecture.md has the map):
 //! - `domain`: the words (workitem, origin and reply destination, events, the job as a fold
 //!   of its events, the lifecycle's decisions); `journal`: the event log on disk;
-//!   `process`: every child process; `imaging`: the builders (mic command lines, native, KVM);
+//!   `process`: every child process; `artifacts`: a build's files as artifacts (their sha256,
+//!   `SHA256SUMS`); `imaging`: the builders (mic command lines, native, KVM);
 //! - `engine`: moves every job through its life (intake, steps, build slots, answering,
 //!   pushes, recovery) and knows no transport: it asks the world through its `ports`;
 //! - `edges`: the spool and AMQP (sources and answerers) and the push utility;
@@ -11,6 +12,7 @@
 //!   API and metrics; `cli`: the command line; `daemon::run` wires it all as a library
 //!   function.
 
+pub mod artifacts;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -303,6 +303,20 @@ fn forget_cancel_malformed_outage_and_the_spool() {
     broker.start_node();
     answers.wait(&broker, 3, Duration::from_secs(90));
     assert_eq!(answers.by_wfid["wf-4"][0]["fields"]["result"], json!(true));
+    // an AMQP answer carries the image's sha256, as an outbox answer does
+    let img4 = &answers.by_wfid["wf-4"][0]["fields"]["image"];
+    let path4 = farm.base().join(
+        img4["image_url"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("http://img.test/images/"),
+    );
+    let want4 = build_image::digest::sha256_hex(&std::fs::read(&path4).unwrap());
+    assert_eq!(img4["image_sha256"], json!(want4), "{img4}");
+    assert_eq!(
+        out["image"]["image_sha256"].as_str().map(str::len),
+        Some(64)
+    );
 
     // redeliver: an AMQP job's answer is published again (not written to the outbox).
     let (code, text, err) = common::output(farm.bin().args(["redeliver", "img4"]));

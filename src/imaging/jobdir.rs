@@ -1,6 +1,7 @@
 //! The job directory of one attempt: made (or opened) under base_dir, the kickstart written,
 //! the job log started ([`prepare`]), and after the build the image this attempt wrote
-//! ([`Prepared::new_image`]).
+//! ([`Prepared::new_image`]) and the files of the build hashed, `SHA256SUMS` written
+//! ([`Prepared::seal`]).
 //!
 //! Invariant: every path written is under `base_dir/prefix/dir_id`, whose parts were validated
 //! by `workitem::normalise`, reached from base_dir one component at a time without following a
@@ -10,6 +11,7 @@
 use super::joblog::job_log_limit;
 use super::place::{Place, Release};
 use super::{JobLog, job_dir, mode};
+use crate::artifacts::sums::{self, FileSum};
 use crate::config::WorkerConfig;
 use crate::domain::workitem::Spec;
 use nix::dir::Dir;
@@ -65,9 +67,9 @@ pub struct Prepared {
     path: PathBuf,
     ks: PathBuf,
     log: JobLog,
-    /// The names (relative to the job directory) of the kickstart, the log and the console:
-    /// never the image.
-    skip: [PathBuf; 3],
+    /// The names (relative to the job directory) of the kickstart, the log, the console and
+    /// `SHA256SUMS`: never the image, never a file of the build.
+    skip: [PathBuf; 4],
     before: HashMap<PathBuf, FileId>,
     place: Place,
     /// KVM: seconds the guest took to answer ssh (noted by the builder).
@@ -120,25 +122,111 @@ impl Prepared {
         r
     }
 
-    /// The image this attempt wrote: the largest non-hidden regular file under the job
-    /// directory (hidden directories not entered, symlinks not followed), other than the
-    /// kickstart and the log, that is new or changed since `prepare`.
+    /// The image this attempt wrote: the largest of [`Prepared::build_files`] (the first by
+    /// path among equals).
     pub fn new_image(&self) -> Option<PathBuf> {
-        let now = snapshot(&self.dir);
-        let mut best: Option<(i64, &PathBuf)> = None;
-        for (rel, id) in &now {
-            if self.skip.contains(rel) || self.before.get(rel) == Some(id) {
-                continue;
-            }
-            let better = match best {
+        let mut best: Option<(i64, PathBuf)> = None;
+        for (rel, size) in self.build_files() {
+            let better = match &best {
                 None => true,
-                Some((s, p)) => id.size > s || (id.size == s && rel < p),
+                Some((s, p)) => size > *s || (size == *s && rel < *p),
             };
             if better {
-                best = Some((id.size, rel));
+                best = Some((size, rel));
             }
         }
         best.map(|(_, rel)| self.path.join(rel))
+    }
+
+    /// The files this attempt wrote, by path relative to the job directory, with their sizes:
+    /// every non-hidden regular file under it (hidden directories not entered, symlinks not
+    /// followed), other than the kickstart, the log, the console and `SHA256SUMS`, that is new
+    /// or changed since `prepare`.
+    pub fn build_files(&self) -> Vec<(PathBuf, i64)> {
+        let mut files: Vec<(PathBuf, i64)> = snapshot(&self.dir)
+            .into_iter()
+            .filter(|(rel, id)| !self.skip.contains(rel) && self.before.get(rel) != Some(id))
+            .map(|(rel, id)| (rel, id.size))
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Hashes every file of [`Prepared::build_files`] once and writes `SHA256SUMS` listing them
+    /// (tmp, fsync, rename); `image` (a path under the job directory, one of those files) is
+    /// the image whose sha256 the answer carries.
+    pub fn seal(&self, image: &Path) -> Result<Sealed, String> {
+        let image_rel = image
+            .strip_prefix(&self.path)
+            .map_err(|_| format!("the image {} is not in the job directory", image.display()))?
+            .to_path_buf();
+        let mut files = Vec::new();
+        for (rel, _) in self.build_files() {
+            let fd = open_beneath(&self.dir, &rel).map_err(|e| {
+                format!(
+                    "cannot open {} to hash it: {e}",
+                    self.path.join(&rel).display()
+                )
+            })?;
+            let (sha256, bytes) = sums::hash_reader(File::from(fd)).map_err(|e| {
+                format!(
+                    "cannot read {} to hash it: {e}",
+                    self.path.join(&rel).display()
+                )
+            })?;
+            files.push(FileSum {
+                path: rel,
+                sha256,
+                bytes,
+            });
+        }
+        let image_sha256 = files
+            .iter()
+            .find(|f| f.path == image_rel)
+            .map(|f| f.sha256.clone())
+            .ok_or_else(|| format!("the image {} is gone", image.display()))?;
+        write_in(&self.dir, sums::SUMS_FILE, &sums::render(&files)).map_err(|e| {
+            format!(
+                "cannot write {}: {e}",
+                self.path.join(sums::SUMS_FILE).display()
+            )
+        })?;
+        let _ = self.log.line(&format!(
+            "{}: {} file(s), image {} sha256 {image_sha256}",
+            sums::SUMS_FILE,
+            files.len(),
+            image_rel.display()
+        ));
+        Ok(Sealed {
+            image: image.to_path_buf(),
+            image_sha256,
+            files,
+        })
+    }
+}
+
+/// A build's files once hashed: the image, its sha256, and every file `SHA256SUMS` lists.
+#[derive(Debug, Clone)]
+pub struct Sealed {
+    pub image: PathBuf,
+    pub image_sha256: String,
+    pub files: Vec<FileSum>,
+}
+
+/// Opens `rel` under `dir` for reading, without following a symlink anywhere on the way
+/// (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`; where the kernel has no `openat2`,
+/// `openat` with `O_NOFOLLOW`, which refuses a symlink as the last component).
+fn open_beneath(dir: &OwnedFd, rel: &Path) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{OpenHow, ResolveFlag, openat2};
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let how = OpenHow::new()
+        .flags(flags)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    match openat2(dir, rel, how) {
+        Err(nix::errno::Errno::ENOSYS) => {
+            nix::fcntl::openat(dir, rel, flags, FileMode::empty()).map_err(io)
+        }
+        other => other.map_err(io),
     }
 }
 
@@ -347,6 +435,7 @@ pub fn prepare(w: &WorkerConfig, spec: &Spec, attempt: u32) -> Result<Prepared, 
             PathBuf::from(ks_name),
             PathBuf::from(log_name),
             PathBuf::from(CONSOLE_LOG),
+            PathBuf::from(sums::SUMS_FILE),
         ],
         before,
         place,

@@ -49,6 +49,7 @@ pub fn planned_urls(w: &WorkerConfig, spec: &Spec) -> Urls {
         files_url: url_for(w, &job_dir(w, spec)),
         image_url: None,
         logfile_url: url_for(w, &log_path(w, spec)),
+        image_sha256: None,
     }
 }
 

@@ -19,7 +19,7 @@ pub mod native;
 pub mod place;
 pub mod tools;
 
-pub use jobdir::{PrepareError, Prepared, prepare};
+pub use jobdir::{PrepareError, Prepared, Sealed, prepare};
 pub use joblog::JobLog;
 pub use layout::{job_dir, ks_path, log_path, planned_urls, url_for};
 

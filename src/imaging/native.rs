@@ -148,15 +148,22 @@ fn run(
         );
     }
     match prepared.new_image() {
-        Some(image) => {
-            urls.image_url = url_for(w, &image);
-            BuildEnd::Finished {
-                result: true,
-                error: None,
-                urls,
-                failure: None,
+        Some(image) => match prepared.seal(&image) {
+            Ok(sealed) => {
+                urls.image_url = url_for(w, &image);
+                urls.image_sha256 = Some(sealed.image_sha256);
+                BuildEnd::Finished {
+                    result: true,
+                    error: None,
+                    urls,
+                    failure: None,
+                }
             }
-        }
+            Err(e) => {
+                let _ = log.line(&format!("error: {e}"));
+                BuildEnd::failed(e, urls, Failure::Infrastructure)
+            }
+        },
         None => BuildEnd::failed(
             format!(
                 "{tool} exited 0 but left no image file (none new or changed under {})",

@@ -64,15 +64,22 @@ impl Builder for KvmBuilder {
         let run = b.run();
         b.teardown();
         match run {
-            Ok(image) => {
-                urls.image_url = url_for(w, &image);
-                BuildEnd::Finished {
-                    result: true,
-                    error: None,
-                    urls,
-                    failure: None,
+            Ok(image) => match prepared.seal(&image) {
+                Ok(sealed) => {
+                    urls.image_url = url_for(w, &image);
+                    urls.image_sha256 = Some(sealed.image_sha256);
+                    BuildEnd::Finished {
+                        result: true,
+                        error: None,
+                        urls,
+                        failure: None,
+                    }
                 }
-            }
+                Err(e) => {
+                    b.note(&format!("error: {e}"));
+                    BuildEnd::failed(e, urls, crate::domain::Failure::Infrastructure)
+                }
+            },
             Err(Stop::Cancelled) => {
                 b.note("build stopped: the guest is torn down");
                 BuildEnd::Cancelled

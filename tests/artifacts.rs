@@ -1,0 +1,134 @@
+//! Images as artifacts, end to end with the real daemon (in-process) and the mic fixture: the
+//! answer's `image_sha256` and the job folder's `SHA256SUMS`, checked with coreutils' own
+//! `sha256sum`.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+/// The file an answer's `image_url` names.
+fn image_path(farm: &Farm, answer: &Value) -> PathBuf {
+    let url = answer["image"]["image_url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no image_url in {answer:#}"));
+    farm.base()
+        .join(url.trim_start_matches("http://img.test/images/"))
+}
+
+/// What `sha256sum FILE` says of a file.
+fn sha256sum(file: &Path) -> String {
+    let out = Command::new("sha256sum").arg(file).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// `sha256sum -c SHA256SUMS` run in `dir`: its exit code and what it printed.
+fn sha256sum_check(dir: &Path) -> (i32, String) {
+    let out = Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn the_answer_carries_the_image_sha256_and_sha256sums_checks_the_build() {
+    init_log();
+    let farm = Farm::new();
+    let d = farm.start();
+    // a release puts the image two folders down: SHA256SUMS names it by its path in the job folder
+    let mut w = workitem("a1", "# mic-fixture: bytes 300000\n");
+    w["image"]["release"] = json!("1.0");
+    farm.drop_json("a1.json", &w);
+    // a failed build: no hash, no SHA256SUMS
+    farm.drop_json("f1.json", &workitem("f1", "# mic-fixture: fail 3\n"));
+    let ok = farm.wait_outbox("a1.json", T);
+    let failed = farm.wait_outbox("f1.json", T);
+    d.stop().unwrap();
+
+    assert_eq!(ok["image"]["result"], json!(true), "{ok:#}");
+    let image = image_path(&farm, &ok);
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 300000);
+    let want = sha256sum(&image);
+    assert_eq!(ok["image"]["image_sha256"], json!(want), "{ok:#}");
+    // the answer's hash is the finished event's: show, status and the pages read it from the fold
+    let finished = farm
+        .events()
+        .into_iter()
+        .map(|e| serde_json::to_value(e).unwrap())
+        .find(|e| e["kind"] == json!("finished") && e["urls"]["image_sha256"] == json!(want));
+    assert!(
+        finished.is_some(),
+        "no finished event with the image's sha256"
+    );
+
+    let job_dir = farm.base().join("requests/a1");
+    let sums = std::fs::read_to_string(job_dir.join("SHA256SUMS")).unwrap();
+    // every file of the build, by its path in the job folder; not the kickstart nor the log
+    let listed: Vec<&str> = sums.lines().map(|l| &l[66..]).collect();
+    assert_eq!(
+        listed,
+        [
+            "1.0/images/img-a1/img-a1.img",
+            "1.0/images/img-a1/img-a1.ks.copy",
+            "1.0/images/img-a1/img-a1.packages",
+        ],
+        "{sums}"
+    );
+    assert!(sums.contains(&format!("{want}  1.0/images/img-a1/img-a1.img\n")));
+    let (code, text) = sha256sum_check(&job_dir);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(text.matches(": OK").count(), 3, "{text}");
+
+    // the check can fail: one changed byte of the image is named
+    let mut bytes = std::fs::read(&image).unwrap();
+    bytes[123_456] ^= 1;
+    std::fs::write(&image, &bytes).unwrap();
+    let (code, text) = sha256sum_check(&job_dir);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("1.0/images/img-a1/img-a1.img: FAILED"),
+        "{text}"
+    );
+
+    assert_eq!(failed["image"]["result"], json!(false), "{failed:#}");
+    assert!(failed["image"].get("image_sha256").is_none(), "{failed:#}");
+    assert!(farm.base().join("requests/f1").is_dir());
+    assert!(!farm.base().join("requests/f1/SHA256SUMS").exists());
+}
+
+#[test]
+fn a_second_attempt_lists_only_the_files_it_wrote() {
+    init_log();
+    let farm = Farm::new();
+    // attempt 1 left a file in the job folder, and a SHA256SUMS of its own
+    let job_dir = farm.base().join("requests/r1");
+    std::fs::create_dir_all(&job_dir).unwrap();
+    std::fs::write(job_dir.join("left-by-attempt-1.raw"), vec![1u8; 1 << 20]).unwrap();
+    std::fs::write(job_dir.join("SHA256SUMS"), b"stale\n").unwrap();
+    let d = farm.start();
+    farm.drop_json("r1.json", &workitem("r1", "# ks\n"));
+    let ok = farm.wait_outbox("r1.json", T);
+    d.stop().unwrap();
+    // the larger old file is neither the image nor listed
+    let image = image_path(&farm, &ok);
+    assert_eq!(image, job_dir.join("img-r1.img"));
+    assert_eq!(ok["image"]["image_sha256"], json!(sha256sum(&image)));
+    let sums = std::fs::read_to_string(job_dir.join("SHA256SUMS")).unwrap();
+    assert!(!sums.contains("left-by-attempt-1"), "{sums}");
+    assert!(!sums.contains("stale"), "{sums}");
+    let (code, text) = sha256sum_check(&job_dir);
+    assert_eq!(code, 0, "{text}");
+}
