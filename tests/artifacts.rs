@@ -46,8 +46,9 @@ fn sha256sum_check(dir: &Path) -> (i32, String) {
 #[test]
 fn the_answer_carries_the_image_sha256_and_sha256sums_checks_the_build() {
     init_log();
-    let farm = Farm::new();
+    let farm = web::http_farm(16);
     let d = farm.start();
+    let addr = web::http_addr(&farm);
     // a release puts the image two folders down: SHA256SUMS names it by its path in the job folder
     let mut w = workitem("a1", "# mic-fixture: bytes 300000\n");
     w["image"]["release"] = json!("1.0");
@@ -56,6 +57,7 @@ fn the_answer_carries_the_image_sha256_and_sha256sums_checks_the_build() {
     farm.drop_json("f1.json", &workitem("f1", "# mic-fixture: fail 3\n"));
     let ok = farm.wait_outbox("a1.json", T);
     let failed = farm.wait_outbox("f1.json", T);
+    let page = web::get(&addr, &format!("/jobs/{}", web::job_of(&farm, "a1")));
     d.stop().unwrap();
 
     assert_eq!(ok["image"]["result"], json!(true), "{ok:#}");
@@ -73,6 +75,17 @@ fn the_answer_carries_the_image_sha256_and_sha256sums_checks_the_build() {
         finished.is_some(),
         "no finished event with the image's sha256"
     );
+    // the job page shows it among the answer's fields; show, in its own line and the event's
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("image.image_sha256"), "{}", page.body);
+    assert!(page.body.contains(&want), "{}", page.body);
+    let (code, text, err) = output(farm.bin().args(["show", "a1"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains(&format!("image hash sha256:{want}\n")),
+        "{text}"
+    );
+    assert!(text.contains(&format!(" sha256 {want}\n")), "{text}");
 
     let job_dir = farm.base().join("requests/a1");
     let sums = std::fs::read_to_string(job_dir.join("SHA256SUMS")).unwrap();

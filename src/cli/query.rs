@@ -164,6 +164,9 @@ pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
     }
     println!("log        {}", text(&view.log_path));
     println!("log url    {}", text(&view.logfile_url));
+    if let Some(h) = &j.urls.image_sha256 {
+        println!("image hash sha256:{}", escape(h));
+    }
     println!("\nevents:");
     for e in &view.events {
         println!("{}", escape(&ops::event_line(e)));

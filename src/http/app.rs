@@ -328,7 +328,13 @@ fn answer_fields(workitem: Option<&serde_json::Value>, job: &Job) -> Vec<(String
     {
         out.push(("result".into(), text(r)));
     }
-    for key in ["files_url", "image_url", "logfile_url", "error"] {
+    for key in [
+        "files_url",
+        "image_url",
+        "image_sha256",
+        "logfile_url",
+        "error",
+    ] {
         if let Some(v) = image.and_then(|i| i.get(key)) {
             out.push((format!("image.{key}"), once(text(v))));
         }

@@ -351,7 +351,14 @@ pub fn event_detail(e: &Event) -> String {
                 .map(|b| format!(" (guest booted in {b:.1} s)"))
                 .unwrap_or_default();
             match (result, error) {
-                (true, _) => format!("ok {}{boot}", urls.image_url.as_deref().unwrap_or("")),
+                (true, _) => format!(
+                    "ok {}{}{boot}",
+                    urls.image_url.as_deref().unwrap_or(""),
+                    urls.image_sha256
+                        .as_deref()
+                        .map(|h| format!(" sha256 {h}"))
+                        .unwrap_or_default()
+                ),
                 (false, e) => format!(
                     "failed{}: {}{boot}",
                     failure.map(|f| format!(" ({f})")).unwrap_or_default(),
