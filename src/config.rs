@@ -60,6 +60,21 @@ pub struct Config {
     pub hooks: HooksConfig,
     pub http: HttpConfig,
     pub amqp: AmqpConfig,
+    pub artifacts: ArtifactsConfig,
+}
+
+/// `[artifacts]`: how long a build's images are kept, and the disk budget under base_dir
+/// (DESIGN.md, "Images are artifacts"). Every default keeps every image.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArtifactsConfig {
+    /// Images of builds finished more than this many days ago expire (0: no age limit).
+    pub keep_days: u64,
+    /// Only the newest this many images of each image name are kept (0: no count limit).
+    pub keep_last: u64,
+    /// Below this many MiB free under base_dir no build starts, and images expire (past the
+    /// policy first, then the oldest unpinned) until there is room again (0: no budget).
+    pub min_free_mb: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -322,7 +337,7 @@ impl Config {
     }
 
     /// The numeric keys with their values and allowed ranges (inclusive), as checked at load.
-    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 18] {
+    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 21] {
         let (w, s, h) = (&self.worker, &self.spool, &self.hooks);
         [
             ("[worker] timeout", w.timeout, 1, WEEK_S),
@@ -343,6 +358,19 @@ impl Config {
             ("[hooks] retries", h.retries.into(), 0, 1000),
             ("[hooks] retry_delay_ms", h.retry_delay_ms, 0, 24 * HOUR_MS),
             ("[hooks] log_max_mb", h.log_max_mb, 1, 65536),
+            ("[artifacts] keep_days", self.artifacts.keep_days, 0, 36500),
+            (
+                "[artifacts] keep_last",
+                self.artifacts.keep_last,
+                0,
+                1_000_000,
+            ),
+            (
+                "[artifacts] min_free_mb",
+                self.artifacts.min_free_mb,
+                0,
+                1 << 30,
+            ),
         ]
     }
 

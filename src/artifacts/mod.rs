@@ -3,4 +3,5 @@
 //! handed and writes nothing; the builders (`imaging`) decide which files are a build's and
 //! where the results go.
 
+pub mod policy;
 pub mod sums;

@@ -70,9 +70,75 @@ pub fn render(files: &[FileSum]) -> Vec<u8> {
     out
 }
 
+/// The files a `SHA256SUMS` text lists, as [`render`] writes them (and `sha256sum` reads them):
+/// each line's path (escapes undone) and hex digest. A line that is not of that form is an
+/// error naming it (1-based).
+pub fn parse(text: &[u8]) -> Result<Vec<(PathBuf, String)>, String> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = Vec::new();
+    for (n, line) in text.split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let (escaped, line) = match line.strip_prefix(b"\\") {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        let bad = || format!("line {} is not a sha256sum line", n + 1);
+        if line.len() < 66 || &line[64..66] != b"  " {
+            return Err(bad());
+        }
+        let hex = std::str::from_utf8(&line[..64]).map_err(|_| bad())?;
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        let mut name = Vec::with_capacity(line.len() - 66);
+        let mut it = line[66..].iter();
+        while let Some(&b) = it.next() {
+            if escaped && b == b'\\' {
+                match it.next() {
+                    Some(b'\\') => name.push(b'\\'),
+                    Some(b'n') => name.push(b'\n'),
+                    Some(b'r') => name.push(b'\r'),
+                    _ => return Err(bad()),
+                }
+            } else {
+                name.push(b);
+            }
+        }
+        out.push((
+            PathBuf::from(std::ffi::OsString::from_vec(name)),
+            hex.to_ascii_lowercase(),
+        ));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_reads_what_render_writes() {
+        let files: Vec<FileSum> = ["a.raw", "sub/b c.img", "odd\\name\nx", "r\rs"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| FileSum {
+                path: PathBuf::from(p),
+                sha256: format!("{i:x}").repeat(64),
+                bytes: 1,
+            })
+            .collect();
+        let mut back = parse(&render(&files)).unwrap();
+        back.sort();
+        let mut want: Vec<(PathBuf, String)> = files
+            .iter()
+            .map(|f| (f.path.clone(), f.sha256.clone()))
+            .collect();
+        want.sort();
+        assert_eq!(back, want);
+        assert!(parse(b"abc  x\n").unwrap_err().contains("line 1"));
+    }
 
     #[test]
     fn hashes_what_it_reads_in_one_pass() {

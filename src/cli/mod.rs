@@ -11,6 +11,7 @@ pub mod build_log;
 pub mod config_import;
 pub mod doctor;
 pub mod query;
+pub mod retention;
 pub mod submit;
 
 use crate::config::Config;
@@ -255,6 +256,35 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Keep a job's images out of every expiry (retention, the disk budget).
+    #[command(after_help = concat!("Examples:\n  build-image pin 42-1700000000\n  build-image pin '#17'\n\n\
+                            Only a built image can be pinned, and not once it expired. Pinning a pinned job changes nothing.\n", job_ref_help!(), "\n\
+                            Exit codes: 0 pinned (or already), 1 no such job (or an ambiguous ID), no image, or expired, 2 usage."))]
+    Pin {
+        #[command(flatten)]
+        id: JobRef,
+    },
+    /// Give a pinned job's images back to the retention policy.
+    #[command(after_help = concat!("Examples:\n  build-image unpin 42-1700000000\n\n", job_ref_help!(), "\n\
+                            Exit codes: 0 unpinned (or was not pinned), 1 no such job (or an ambiguous ID), 2 usage."))]
+    Unpin {
+        #[command(flatten)]
+        id: JobRef,
+    },
+    /// Expire the images the retention policy names now ([artifacts] keep_days, keep_last, min_free_mb).
+    #[command(
+        after_help = "Examples:\n  build-image gc --dry-run\n  build-image gc\n\n\
+                            Prints one line per image: the job, its image_id, what it frees and why (the rule). \
+                            --dry-run prints the same list and changes nothing. Expiry deletes the files the job's SHA256SUMS \
+                            lists; never its log, kickstart, answer, SHA256SUMS or provenance, never a pinned job's. \
+                            The daemon runs the same pass every minute when a rule is set.\n\
+                            Exit codes: 0 done (also when nothing expires), 1 the log cannot be read or written, 2 usage."
+    )]
+    Gc {
+        /// Print what would expire; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Configuration tools: `config import OLD.conf` converts IMG's build_image.conf.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -448,6 +478,9 @@ pub fn main() -> i32 {
         Command::Retry { id } => id.reference().and_then(|r| actions::retry(&cfg, &r)),
         Command::Cancel { id } => id.reference().and_then(|r| actions::cancel(&cfg, &r)),
         Command::Requeue { worker, force } => actions::requeue(&cfg, &worker, force),
+        Command::Pin { id } => id.reference().and_then(|r| retention::pin(&cfg, &r, true)),
+        Command::Unpin { id } => id.reference().and_then(|r| retention::pin(&cfg, &r, false)),
+        Command::Gc { dry_run } => retention::gc(&cfg, dry_run),
         Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
         Command::Import { file, partial } => archive::import(&cfg, &file, partial),

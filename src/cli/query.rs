@@ -34,6 +34,7 @@ pub fn status(
         rows,
         failing,
         unpushed,
+        waiting,
     } = r
     else {
         return Err(unexpected(&r));
@@ -43,6 +44,9 @@ pub fn status(
             "build-image: WARNING: {}; nothing is claimed until that is over",
             escape(&why)
         );
+    }
+    if let Some(why) = waiting {
+        eprintln!("build-image: WARNING: {}", escape(&why));
     }
     if let Some(note) = unpushed {
         eprintln!("build-image: note: {}", escape(&note));

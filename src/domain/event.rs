@@ -191,6 +191,19 @@ pub enum EventKind {
     LeakFreed {
         what: String,
     },
+    /// An operator kept the job's images out of every expiry (`pin`).
+    Pinned {},
+    /// An operator gave the job's images back to the retention policy (`unpin`).
+    Unpinned {},
+    /// The job's image files were expired by the retention policy (or the disk budget): `files`
+    /// (paths under base_dir, the ones its `SHA256SUMS` lists) are deleted after this event is
+    /// durable; `bytes` is what they held; `reason` says which rule chose them. The log, the
+    /// answer, `SHA256SUMS` and the provenance stay.
+    Expired {
+        files: Vec<String>,
+        bytes: u64,
+        reason: String,
+    },
     /// `compact` moved the events of `jobs` jobs settled before `before` (`events` events) out
     /// of the log into the archive `file`. The event opens a record of its own, settled at
     /// once (state `moved`); it keeps the log's numbering going when the newest jobs went.
@@ -290,11 +303,14 @@ pub enum Tag {
     Compacted,
     Leaked,
     LeakFreed,
+    Pinned,
+    Unpinned,
+    Expired,
 }
 
 impl Tag {
     /// Every kind, in the order of a job's life.
-    pub const ALL: [Tag; 15] = [
+    pub const ALL: [Tag; 18] = [
         Tag::Claimed,
         Tag::Rejected,
         Tag::Invalid,
@@ -310,6 +326,9 @@ impl Tag {
         Tag::Compacted,
         Tag::Leaked,
         Tag::LeakFreed,
+        Tag::Pinned,
+        Tag::Unpinned,
+        Tag::Expired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -329,6 +348,9 @@ impl Tag {
             Tag::Compacted => "compacted",
             Tag::Leaked => "leaked",
             Tag::LeakFreed => "leak_freed",
+            Tag::Pinned => "pinned",
+            Tag::Unpinned => "unpinned",
+            Tag::Expired => "expired",
         }
     }
 
@@ -372,6 +394,9 @@ impl EventKind {
             EventKind::Compacted { .. } => Tag::Compacted,
             EventKind::Leaked { .. } => Tag::Leaked,
             EventKind::LeakFreed { .. } => Tag::LeakFreed,
+            EventKind::Pinned {} => Tag::Pinned,
+            EventKind::Unpinned {} => Tag::Unpinned,
+            EventKind::Expired { .. } => Tag::Expired,
         }
     }
 
@@ -412,6 +437,12 @@ impl Event {
             | EventKind::Interrupted { reason, .. } => reason.clone(),
             EventKind::Leaked { what, why } => format!("{what}: {why}"),
             EventKind::LeakFreed { what } => what.clone(),
+            EventKind::Pinned {} | EventKind::Unpinned {} => String::new(),
+            EventKind::Expired {
+                files,
+                bytes,
+                reason,
+            } => format!("{} file(s), {bytes} bytes: {reason}", files.len()),
         };
         // one line, nothing a terminal acts on (a multi-line error reads with `\n`)
         format!(

@@ -171,6 +171,23 @@ pub struct Job {
     /// KVM: how long its last guest took to boot (seconds to ssh).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boot_seconds: Option<f64>,
+    /// An operator pinned its images: no expiry takes them.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
+    /// Its images were expired (since its last build).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expired: Option<Expiry>,
+}
+
+/// An `expired` event as the fold keeps it: when, why, what it held, and the files (paths
+/// under base_dir) to delete (again, after a crash cut a delete short).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Expiry {
+    pub at: String,
+    pub reason: String,
+    pub bytes: u64,
+    pub files: Vec<String>,
 }
 
 /// A resource a build left on the host: what it is, and why it could not be freed.
@@ -323,6 +340,7 @@ impl Job {
                     self.final_push_attempts = 0;
                     self.finished_at = None;
                     self.lost = 0;
+                    self.expired = None;
                 }
             }
             Tag::Interrupted => {
@@ -350,6 +368,16 @@ impl Job {
             Tag::LeakFreed => {
                 let what = s(&ev.what).unwrap_or_default();
                 self.leaks.retain(|l| l.what != what);
+            }
+            Tag::Pinned => self.pinned = true,
+            Tag::Unpinned => self.pinned = false,
+            Tag::Expired => {
+                self.expired = Some(Expiry {
+                    at: ev.ts.to_string(),
+                    reason: s(&ev.reason).unwrap_or_default(),
+                    bytes: ev.bytes.unwrap_or_default(),
+                    files: ev.files.iter().flatten().map(|f| f.to_string()).collect(),
+                })
             }
             Tag::Duplicate => {
                 let file = s(&ev.file).unwrap_or_default();
@@ -437,6 +465,8 @@ pub struct EventView<'a> {
     pub failure: Option<super::Failure>,
     #[serde(default)]
     pub boot_seconds: Option<f64>,
+    #[serde(borrow, default)]
+    pub files: Option<Vec<Cow<'a, str>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

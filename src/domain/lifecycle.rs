@@ -225,6 +225,13 @@ mod tests {
             Tag::LeakFreed => EventKind::LeakFreed {
                 what: "mount /srv/images/requests/7-1/.build-tmp/x".into(),
             },
+            Tag::Pinned => EventKind::Pinned {},
+            Tag::Unpinned => EventKind::Unpinned {},
+            Tag::Expired => EventKind::Expired {
+                files: vec!["requests/7-1/a.raw".into()],
+                bytes: 10,
+                reason: "keep_last = 1".into(),
+            },
             Tag::Compacted => EventKind::Compacted {
                 file: "/var/archive.jsonl".into(),
                 reason: "compacted".into(),

@@ -368,6 +368,10 @@ pub struct Urls {
     /// The sha256 (lowercase hex) of the file at `image_url`, taken once as the build found it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_sha256: Option<String>,
+    /// The bytes of the build's files (the ones `SHA256SUMS` lists): what an expiry frees. Not
+    /// an answer field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_bytes: Option<u64>,
 }
 
 /// The human summary line appended to `msg`, exactly one per reply.

@@ -126,6 +126,16 @@ boot_seconds: None,
         let _ = self.stalls.wake.0.try_send(());
     }
 
+    /// Every stalled job is due now (room came back: a build waiting for it need not wait out
+    /// its back-off).
+    pub(crate) fn stalled_now(&self) {
+        let now = Instant::now();
+        for entry in lock(&self.stalls.due).values_mut() {
+            entry.0 = entry.0.min(now);
+        }
+        let _ = self.stalls.wake.0.try_send(());
+    }
+
     /// When the next stalled job is due.
     pub fn next_stall(&self) -> Option<Instant> {
         lock(&self.stalls.due).values().map(|(due, _)| *due).min()

@@ -23,6 +23,7 @@ pub mod leaks;
 pub mod pool;
 pub mod ports;
 pub mod pusher;
+pub mod retention;
 pub mod slots;
 pub mod statedir;
 pub mod store;
@@ -90,6 +91,7 @@ pub struct Engine {
     stalls: driver::Stalls,
     intake: intake::Intake,
     leak_pass: leaks::LeakPass,
+    retention: retention::Retention,
     stopping: AtomicBool,
     /// Opened by a command while no daemon runs (it pushes and builds nothing).
     offline: bool,
@@ -113,6 +115,7 @@ impl Engine {
             stalls: driver::Stalls::default(),
             intake: intake::Intake::default(),
             leak_pass: leaks::LeakPass::default(),
+            retention: retention::Retention::default(),
             stopping: AtomicBool::new(false),
             offline,
         })

@@ -129,6 +129,8 @@ impl Engine {
         if lifecycle::next_step(&job, self.store.policy()) != Step::Build {
             return Ok(());
         }
+        // The disk budget under base_dir: no build starts below it (the job stays queued).
+        self.room_to_build().map_err(EngineError::Deferred)?;
         let mut spec = self.store.build_spec(&job)?;
         let w = &self.cfg.worker;
         let prepared = match imaging::prepare(w, &spec, job.attempts + 1) {

@@ -1,7 +1,7 @@
 //! The engine's timer thread: flushes lazily appended events, writes the log's high-water
 //! mark, repairs a log that failed a write (with back-off, then moves every open job on
 //! again), moves stalled jobs when they fall due, passes over what builds left on the host
-//! (`leaks`), and runs the periodic duties the daemon
+//! (`leaks`), expires images by the retention policy (`retention`), and runs the periodic duties the daemon
 //! hands it (a liveness mark, the service manager's watchdog), so that they stop
 //! when this thread does.
 //!
@@ -94,5 +94,6 @@ fn run(engine: &Engine, mut duties: Vec<Periodic>, stop: &Receiver<()>) {
         engine.store.tick();
         engine.run_due_stalled();
         engine.run_leak_pass();
+        engine.run_retention_pass();
     }
 }

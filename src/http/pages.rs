@@ -189,20 +189,7 @@ pub fn human_duration(secs: f64) -> String {
     }
 }
 
-/// A size for people: 512 bytes, 64.0 KiB, 67.9 MiB, 1.2 GiB.
-pub fn human_size(bytes: u64) -> String {
-    const K: f64 = 1024.0;
-    let b = bytes as f64;
-    if bytes < 1024 {
-        format!("{bytes} bytes")
-    } else if b < K * K {
-        format!("{:.1} KiB", b / K)
-    } else if b < K * K * K {
-        format!("{:.1} MiB", b / (K * K))
-    } else {
-        format!("{:.1} GiB", b / (K * K * K))
-    }
-}
+pub use crate::domain::text::human_size;
 
 /// What the status page and a job's page say of a build stopped by a daemon stop or death
 /// (not cancelled by anyone, not failed): it is built again at the next start.

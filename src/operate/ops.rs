@@ -389,6 +389,17 @@ pub fn event_detail(e: &Event) -> String {
         EventKind::Compacted { reason, .. } => reason.clone(),
         EventKind::Leaked { what, why } => format!("{what}: {why}"),
         EventKind::LeakFreed { what } => what.clone(),
+        EventKind::Pinned {} => "kept out of every expiry".into(),
+        EventKind::Unpinned {} => "back under the retention policy".into(),
+        EventKind::Expired {
+            files,
+            bytes,
+            reason,
+        } => format!(
+            "{} file(s) deleted ({}): {reason}",
+            files.len(),
+            crate::domain::text::human_size(*bytes)
+        ),
         EventKind::Cancelled { reason } | EventKind::Requeued { reason, .. } => reason.clone(),
     }
 }

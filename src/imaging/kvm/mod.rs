@@ -68,6 +68,7 @@ impl Builder for KvmBuilder {
                 Ok(sealed) => {
                     urls.image_url = url_for(w, &image);
                     urls.image_sha256 = Some(sealed.image_sha256);
+                    urls.artifact_bytes = Some(sealed.files.iter().map(|f| f.bytes).sum());
                     BuildEnd::Finished {
                         result: true,
                         error: None,

@@ -40,6 +40,7 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
                     rows: ops::status(&host.engine.store.open_jobs(), *state, *limit),
                     failing: Some(why),
                     unpushed: unpushed(host),
+                    waiting: host.engine.waiting_for_room(),
                 };
             }
             return err(&e);
@@ -57,6 +58,7 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
                     rows: ops::status(&jobs, state, limit),
                     failing: host.engine.store.failing(),
                     unpushed: unpushed(host),
+                    waiting: host.engine.waiting_for_room(),
                 },
                 Err(e) => err(&e),
             }
@@ -131,6 +133,29 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
                         .map_err(|e| e.to_string())
                 });
             result.unwrap_or_else(|message| Response::Error { message })
+        }
+        Request::Pin { id, pin } => {
+            let result = ops::resolve(&journal, &id)
+                .map_err(|e| e.to_string())
+                .and_then(|job| {
+                    drop(journal);
+                    host.engine
+                        .pin(job, pin)
+                        .map(|changed| Response::Pinned {
+                            job,
+                            pinned: pin,
+                            changed,
+                        })
+                        .map_err(|e| e.to_string())
+                });
+            result.unwrap_or_else(|message| Response::Error { message })
+        }
+        Request::Gc { dry_run } => {
+            drop(journal);
+            match host.engine.gc(dry_run) {
+                Ok(expired) => Response::Gc { dry_run, expired },
+                Err(e) => err(&e),
+            }
         }
         Request::Log { id, job, from } => {
             match crate::operate::joblog::read(&journal, &host.cfg, &id, job, from) {

@@ -62,6 +62,15 @@ pub enum Request {
     Redeliver {
         id: String,
     },
+    /// `pin ID` (`pin: true`) or `unpin ID`.
+    Pin {
+        id: String,
+        pin: bool,
+    },
+    /// `gc [--dry-run]`.
+    Gc {
+        dry_run: bool,
+    },
 }
 
 /// The answer to a request.
@@ -75,6 +84,9 @@ pub enum Response {
         /// Answered jobs whose final status is still to be pushed, if any (why they wait).
         #[serde(default)]
         unpushed: Option<String>,
+        /// Why builds wait for room under base_dir (`[artifacts] min_free_mb`), if they do.
+        #[serde(default)]
+        waiting: Option<String>,
     },
     Show(Box<JobView>),
     /// The end of an event stream (the events came before it).
@@ -97,6 +109,17 @@ pub enum Response {
     Compacted(crate::operate::archive::CompactReport),
     Repushed(Vec<crate::operate::archive::Repushed>),
     Redelivered(crate::operate::archive::Redelivered),
+    /// `pin`/`unpin`: the job, and whether it changed (false: it already was).
+    Pinned {
+        job: u64,
+        pinned: bool,
+        changed: bool,
+    },
+    /// `gc`: the images expired (or, with `dry_run`, that would be), in order.
+    Gc {
+        dry_run: bool,
+        expired: Vec<crate::engine::retention::Planned>,
+    },
     /// The request was refused or failed; the command exits 1 with this message.
     Error {
         message: String,
