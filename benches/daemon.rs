@@ -463,6 +463,7 @@ fn p1_bare(n: usize, run: usize) -> f64 {
                 logfile_url: Some(format!("http://img.example.org/images/requests/{id}/x.log")),
                 // as long as the daemon's: a sha256 in hex
                 image_sha256: Some("0".repeat(64)),
+                artifact_bytes: Some(65536),
             };
             let reply = build_image::domain::workitem::reply(&input, Some(true), None, &urls);
             (

@@ -51,7 +51,7 @@ pub fn plan(images: &[Image], rules: Rules, now: u64, free: Option<u64>) -> Vec<
     }
     let mut rank: BTreeMap<u64, usize> = BTreeMap::new();
     for list in by_name.values_mut() {
-        list.sort_by(|a, b| (b.finished, b.job).cmp(&(a.finished, a.job)));
+        list.sort_by_key(|i| std::cmp::Reverse((i.finished, i.job)));
         for (n, i) in list.iter().enumerate() {
             rank.insert(i.job, n);
         }

@@ -111,7 +111,10 @@ pub fn status_table(rows: &[StatusRow], wide: bool) -> String {
     let text = |s: &Option<String>| s.as_deref().map_or_else(dash, |s| escape(s).into_owned());
     for r in rows {
         let result = match (r.result, &r.error) {
-            (Some(true), _) => "ok".to_string(),
+            (Some(true), _) => match &r.images {
+                Some(what) => format!("ok ({what})"),
+                None => "ok".to_string(),
+            },
             (Some(false), Some(e)) => error_cell(e, r.failure, wide),
             (Some(false), None) => "error".to_string(),
             (None, _) => dash(),
@@ -170,6 +173,18 @@ pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
     println!("log url    {}", text(&view.logfile_url));
     if let Some(h) = &j.urls.image_sha256 {
         println!("image hash sha256:{}", escape(h));
+    }
+    if j.pinned {
+        println!("images     pinned (kept out of every expiry)");
+    }
+    if let Some(e) = &j.expired {
+        println!(
+            "images     expired at {} ({}, {} file(s)): {}",
+            escape(&e.at),
+            crate::domain::text::human_size(e.bytes),
+            e.files.len(),
+            escape(&e.reason)
+        );
     }
     println!("\nevents:");
     for e in &view.events {

@@ -684,6 +684,7 @@ mod tests {
             image_url: Some("http://h/requests/7-1/n.img".into()),
             logfile_url: Some("http://h/requests/7-1/n.log".into()),
             image_sha256: Some("ab".repeat(32)),
+            artifact_bytes: Some(300),
         };
         let planned = Urls {
             image_url: None,
@@ -714,6 +715,8 @@ mod tests {
             json!("http://h/requests/7-1/n.img")
         );
         assert_eq!(r["image"]["image_sha256"], json!("ab".repeat(32)));
+        // what the files hold is the log's, not an answer field
+        assert!(!r.to_string().contains("artifact_bytes"), "{r}");
         // answered without a build (invalid): no URL at all
         let r = reply(&stale, Some(false), Some("invalid"), &Urls::default());
         for k in ["files_url", "image_url", "logfile_url"] {
@@ -748,6 +751,7 @@ mod tests {
             image_url: Some("http://h/requests/7-1/a.img".into()),
             logfile_url: Some("http://h/requests/7-1/mer-core.log".into()),
             image_sha256: None,
+            artifact_bytes: None,
         };
         let r = reply(&env, Some(true), None, &urls);
         assert_eq!(r["fei"], env["fei"]);

@@ -320,6 +320,10 @@ impl Engine {
             EventKind::Unpinned {}
         };
         self.store.record(Some(id), kind)?;
+        if !pin {
+            // an image given back to the policy may make room for a build waiting for it
+            self.stalled_now();
+        }
         Ok(true)
     }
 }

@@ -92,6 +92,10 @@ pub struct Metrics {
     /// What builds left on the host and could not free, by job (`leaked` not yet
     /// `leak_freed`).
     leaks: Mutex<std::collections::HashSet<(u64, String)>>,
+    /// The bytes of each built job's images that have not expired.
+    artifacts: Mutex<HashMap<u64, u64>>,
+    /// Images expired (`expired` events).
+    expired: AtomicU64,
     push_failures: AtomicU64,
     last_seq: AtomicU64,
     /// When each job now queued entered the queue.
@@ -145,6 +149,8 @@ impl Metrics {
             durations: Mutex::new(Durations::new(&DURATION_BUCKETS)),
             boots: Mutex::new(Durations::new(&BOOT_BUCKETS)),
             leaks: Mutex::new(std::collections::HashSet::new()),
+            artifacts: Mutex::new(HashMap::new()),
+            expired: AtomicU64::new(0),
             push_failures: AtomicU64::new(0),
             last_seq: AtomicU64::new(0),
             queued: Mutex::new(HashMap::new()),
@@ -197,8 +203,15 @@ impl Metrics {
                 let mut leaks = lock(&self.leaks);
                 leaks.extend(job.leaks.iter().map(|l| (id, l.what.clone())));
             }
+            match (job.result, job.expired.is_some(), job.urls.artifact_bytes) {
+                (Some(true), false, Some(b)) => lock(&self.artifacts).insert(id, b),
+                _ => lock(&self.artifacts).remove(&id),
+            };
             if sd.touched.contains_key(&id) {
                 continue; // its events since the start say where it is
+            }
+            if job.expired.is_some() {
+                self.expired.fetch_add(1, Ordering::SeqCst);
             }
             drop(seeding);
             jobs += 1;
@@ -350,6 +363,7 @@ impl Metrics {
             })
             .collect();
         let leaked = lock(&self.leaks).len();
+        let artifact_bytes: u64 = lock(&self.artifacts).values().sum();
         let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
         let int = |n: u64| Number::Int(i64::try_from(n).unwrap_or(i64::MAX));
         Some(vec![
@@ -401,6 +415,16 @@ impl Metrics {
                 name: "build_image_log_writable",
                 help: "1 while the event log takes writes, 0 while it cannot (disk full, write errors): nothing is claimed then",
                 data: Data::Gauge(vec![(vec![], Number::Int(i64::from(log_writable)))]),
+            },
+            Family {
+                name: "build_image_artifact_bytes",
+                help: "Bytes of the built images this worker keeps (the files each build's SHA256SUMS lists), not expired",
+                data: Data::Gauge(vec![(vec![], int(artifact_bytes))]),
+            },
+            Family {
+                name: "build_image_expired",
+                help: "Images expired by the retention policy or the disk budget (expired events)",
+                data: Data::Counter(vec![(vec![], load(&self.expired))]),
             },
             Family {
                 name: "build_image_leaked_resources",
@@ -523,7 +547,21 @@ impl Observer for Metrics {
             EventKind::LeakFreed { what } => {
                 lock(&self.leaks).remove(&(ev.job, what.clone()));
             }
+            EventKind::Expired { .. } => {
+                lock(&self.artifacts).remove(&ev.job);
+                self.expired.fetch_add(1, Ordering::SeqCst);
+            }
+            EventKind::Requeued { file: None, .. } => {
+                lock(&self.artifacts).remove(&ev.job);
+            }
             _ => {}
+        }
+        if let EventKind::Finished {
+            result: true, urls, ..
+        } = &ev.kind
+            && let Some(b) = urls.artifact_bytes
+        {
+            lock(&self.artifacts).insert(ev.job, b);
         }
         if c.after == State::Queued && c.before != Some(State::Queued) {
             let at = ts(&ev.ts).unwrap_or_else(SystemTime::now);

@@ -432,6 +432,10 @@ pub fn job(p: &JobPage) -> Markup {
                             }
                             @if let (Some(false), Some(f)) = (j.result, j.failure) { dt { "failure" } dd { (f.as_str()) ": " (f.advice()) } }
                             @for l in &j.leaks { dt { "leaked" } dd.err { (l.what) ": " (l.why) } }
+                            @if j.pinned { dt { "images" } dd #pinned { "pinned: kept out of every expiry" } }
+                            @if let Some(e) = &j.expired {
+                                dt { "images" } dd.warn #expired { "expired " (short_time(&e.at)) " (" (human_size(e.bytes)) "): " (e.reason) }
+                            }
                             @if let Some(why) = &j.reason { dt { "reason" } dd { (why) } }
                             @if let Some(h) = j.held_by { dt { "held by" } dd { a href={ "/jobs/" (h) } { "job " (h) } } }
                             @if let Some(r) = &j.receipt { dt { "answer" } dd.mono { (r.to_string()) } }
@@ -599,6 +603,7 @@ mod tests {
                 error: Some("<img src=x onerror=alert(1)>".into()),
                 leaks: vec![],
                 failure: None,
+                images: None,
             },
             files_url: Some("http://x/\"><script>alert(2)</script>".into()),
             has_log: true,

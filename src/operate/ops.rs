@@ -73,6 +73,9 @@ pub struct StatusRow {
     /// A failed build's class: image, infrastructure or cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<crate::domain::Failure>,
+    /// What became of a built job's images: `pinned` or `expired` (absent: kept by the policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<String>,
 }
 
 fn seconds_between(from: &str, to: Option<&str>) -> Option<f64> {
@@ -109,6 +112,13 @@ pub fn status_row(job: &Job) -> StatusRow {
         source: job.origin.name().to_string(),
         leaks: job.leaks.clone(),
         failure: job.failure,
+        images: if job.expired.is_some() {
+            Some("expired".into())
+        } else if job.pinned {
+            Some("pinned".into())
+        } else {
+            None
+        },
     }
 }
 
