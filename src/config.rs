@@ -608,7 +608,7 @@ mod tests {
     }
 
     /// Every numeric key: section, key, lowest and highest accepted value.
-    const RANGES: [(&str, &str, u64, u64); 18] = [
+    const RANGES: [(&str, &str, u64, u64); 21] = [
         ("worker", "timeout", 1, 604800),
         ("worker", "grace", 0, 604800),
         ("worker", "workers", 1, 256),
@@ -627,6 +627,9 @@ mod tests {
         ("hooks", "retries", 0, 1000),
         ("hooks", "retry_delay_ms", 0, 86400000),
         ("hooks", "log_max_mb", 1, 65536),
+        ("artifacts", "keep_days", 0, 36500),
+        ("artifacts", "keep_last", 0, 1000000),
+        ("artifacts", "min_free_mb", 0, 1073741824),
     ];
 
     fn with(section: &str, key: &str, value: &str) -> Result<Config, ConfigError> {

@@ -1,6 +1,8 @@
 //! Retention: which images expire (`artifacts::policy`, a pure function of the log and the
 //! disk), the pass that expires them, the disk budget a build must find before it starts, and
-//! `pin`/`unpin`.
+//! `pin`/`unpin`. The policy (`keep_days`, `keep_last`) is applied by the timer every minute;
+//! the disk budget (`min_free_mb`) when a build is about to start and finds too little room
+//! (and while one waits), and by an operator's `gc`.
 //!
 //! Invariants: an expiry is recorded (`expired`, durable) before any of its files is deleted,
 //! and deleting is done again by a later pass for an expiry a crash or an error cut short (the
@@ -122,22 +124,31 @@ impl Engine {
             if NEVER.contains(&name) || whole == log || whole == ks {
                 continue;
             }
+            let plain = rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !plain {
+                log::warn!(
+                    "job {}: {} lists {}, not a path in the job folder: left alone",
+                    job.id,
+                    sums_path.display(),
+                    rel.display()
+                );
+                continue;
+            }
             files.push(under.join(&rel).to_string_lossy().into_owned());
         }
         Ok(files)
     }
 
-    /// What the policy expires now, in order (what `gc --dry-run` prints and `gc` does).
-    pub fn gc_plan(&self) -> Result<Vec<Planned>> {
-        let jobs = self.store.journal()?.projections()?;
-        Ok(self.plan_of(&jobs))
-    }
-
-    fn plan_of(&self, jobs: &crate::domain::job::Jobs) -> Vec<Planned> {
+    /// What expires now, in order: the policy's images, and with `budget` those the disk
+    /// budget takes too.
+    fn plan_of(&self, jobs: &crate::domain::job::Jobs, budget: bool) -> Vec<Planned> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let chosen = policy::plan(&self.images(jobs), self.rules(), now, self.base_free());
+        let free = if budget { self.base_free() } else { None };
+        let chosen = policy::plan(&self.images(jobs), self.rules(), now, free);
         let mut out = Vec::new();
         for c in chosen {
             let Some(job) = jobs.get(&c.job) else {
@@ -158,12 +169,18 @@ impl Engine {
         out
     }
 
-    /// Expires what the policy names (`dry_run`: only says what): each expiry recorded, then
-    /// its files deleted. Also finishes the deletes of earlier expiries left undone.
+    /// `gc`: expires what the policy and the disk budget name (`dry_run`: only says what).
     pub fn gc(&self, dry_run: bool) -> Result<Vec<Planned>> {
+        self.expire(dry_run, true)
+    }
+
+    /// Expires what the policy names, and with `budget` what the disk budget takes too
+    /// (`dry_run`: only says what): each expiry recorded, then its files deleted. Also
+    /// finishes the deletes of earlier expiries left undone.
+    fn expire(&self, dry_run: bool, budget: bool) -> Result<Vec<Planned>> {
         let _pass = lock(&self.retention.pass);
         let jobs = self.store.journal()?.projections()?;
-        let plan = self.plan_of(&jobs);
+        let plan = self.plan_of(&jobs, budget);
         if dry_run {
             return Ok(plan);
         }
@@ -228,7 +245,9 @@ impl Engine {
         clean
     }
 
-    /// The timer's pass: when a rule is set and it is due (every minute, at once after a start).
+    /// The timer's pass: when a rule is set and it is due (every minute, at once after a
+    /// start). The disk budget takes images only while a build waits for room: an image just
+    /// built and answered is not deleted to keep a margin no build asked for yet.
     pub fn run_retention_pass(&self) {
         let r = self.rules();
         if (r.keep_days == 0 && r.keep_last == 0 && r.min_free == 0) || self.stopping() {
@@ -237,11 +256,14 @@ impl Engine {
         if lock(&self.retention.due).is_some_and(|at| Instant::now() < at) {
             return;
         }
-        if let Err(e) = self.gc(false) {
+        let waiting = self.waiting_for_room().is_some();
+        if let Err(e) = self.expire(false, waiting) {
             log::error!("retention pass: {e}");
             *lock(&self.retention.due) = Some(Instant::now() + PASS_EVERY);
         }
-        let _ = self.check_room();
+        if waiting {
+            let _ = self.check_room();
+        }
     }
 
     /// Is there room under base_dir for a build to start (`min_free_mb`)? When not, the policy's
@@ -250,7 +272,7 @@ impl Engine {
         if self.check_room().is_ok() {
             return Ok(());
         }
-        if let Err(e) = self.gc(false) {
+        if let Err(e) = self.expire(false, true) {
             log::error!("retention pass: {e}");
         }
         self.check_room()
