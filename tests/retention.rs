@@ -268,6 +268,29 @@ fn keep_days_with_back_dated_events_and_the_events_go_through_export_import_and_
     assert_eq!(code, 0, "{out}{err}");
     // d3 is unpinned and 30 days old: it is next
     assert_eq!(gc_jobs(&ok(&farm, &["gc", "--dry-run"])), ["d3"]);
+
+    // A crash between an expiry's event and its deletes: the event is in the log, the files
+    // are still there. The next pass deletes them (and chooses nothing new for them).
+    let mut lines = export_lines(&ok(&farm, &["events", "--json"]));
+    let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let d2_job = web::job_of(&farm, "d2");
+    let d2_files = listed(&farm, "d2");
+    let under: Vec<String> = d2_files
+        .iter()
+        .map(|f| f.strip_prefix(farm.base()).unwrap().display().to_string())
+        .collect();
+    lines.push(
+        json!({"seq": last["seq"].as_u64().unwrap() + 1, "ts": last["ts"], "job": d2_job,
+               "kind": "expired", "files": under, "bytes": 10045, "reason": "cut short"})
+        .to_string(),
+    );
+    reimport(&farm, &whole_export(&lines), "state-3");
+    assert!(d2_files.iter().all(|f| f.exists()));
+    assert_eq!(gc_jobs(&ok(&farm, &["gc"])), ["d3"]);
+    assert!(
+        d2_files.iter().all(|f| !f.exists()),
+        "the cut-short expiry was not finished"
+    );
 }
 
 /// The value of a sample in an exposition.
