@@ -60,6 +60,22 @@ pub struct Config {
     pub hooks: HooksConfig,
     pub http: HttpConfig,
     pub amqp: AmqpConfig,
+    pub artifacts: ArtifactsConfig,
+}
+
+/// `[artifacts]`: what a build's images are known by after it (DESIGN.md, "Images are
+/// artifacts"). Every key optional: without `sign_key` the provenance is written unsigned.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArtifactsConfig {
+    /// An OpenSSH ed25519 private key file (unencrypted) that signs each build's provenance as
+    /// a DSSE envelope (`provenance.intoto.jsonl`).
+    #[serde(deserialize_with = "empty_is_none")]
+    pub sign_key: Option<PathBuf>,
+    /// An OpenSSH public key file that `verify` checks signatures with (default: the public
+    /// half of `sign_key`).
+    #[serde(deserialize_with = "empty_is_none")]
+    pub verify_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

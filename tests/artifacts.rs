@@ -145,3 +145,68 @@ fn a_second_attempt_lists_only_the_files_it_wrote() {
     let (code, text) = sha256sum_check(&job_dir);
     assert_eq!(code, 0, "{text}");
 }
+
+/// `ssh-keygen -t TYPE -N PASS -f DIR/NAME`: the private key's path (`.pub` beside it).
+fn keygen(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    let out = Command::new("ssh-keygen")
+        .args(args)
+        .args(["-q", "-C", "build-image test", "-f"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    path
+}
+
+#[test]
+fn a_sign_key_that_is_not_ed25519_or_is_encrypted_stops_the_start_naming_the_file() {
+    init_log();
+    let mut farm = Farm::new();
+    let keys = farm.root().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let rsa = keygen(&keys, "rsa", &["-t", "rsa", "-b", "2048", "-N", ""]);
+    let enc = keygen(&keys, "enc", &["-t", "ed25519", "-N", "secret"]);
+    let good = keygen(&keys, "good", &["-t", "ed25519", "-N", ""]);
+    for (key, why) in [(&rsa, "not ed25519"), (&enc, "encrypted")] {
+        farm.cfg.artifacts.sign_key = Some(key.clone());
+        let named = format!("[artifacts] sign_key {}", key.display());
+        // `run` stops before it starts anything, with a config error (exit 2) naming the file
+        let err_file = farm.root().join("run.err");
+        let child = farm
+            .bin()
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err_file).unwrap())
+            .spawn()
+            .unwrap();
+        let mut child = Guard(child);
+        assert_eq!(wait_exit(&mut child.0, T), Some(2));
+        let out = std::fs::read_to_string(&err_file).unwrap();
+        assert!(out.contains(&named), "{out}");
+        assert!(out.contains(why), "{out}");
+        assert!(
+            !farm.incoming().exists(),
+            "the daemon made its spool before it checked the key"
+        );
+        // the in-process daemon refuses the same way
+        let e = build_image::daemon::run(farm.cfg.clone(), crossbeam_channel::bounded(1).1)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains(&named), "{e:#}");
+        // doctor: a failed check naming the file
+        let (code, text, err) = output(farm.bin().arg("doctor"));
+        assert_eq!(code, 1, "{text}{err}");
+        let line = text
+            .lines()
+            .find(|l| l.contains("sign_key"))
+            .unwrap_or_else(|| panic!("no sign_key check in {text}"));
+        assert!(line.contains(&key.display().to_string()), "{line}");
+        assert!(line.contains(why), "{line}");
+    }
+    // a good key passes doctor's check, with its fingerprint
+    farm.cfg.artifacts.sign_key = Some(good.clone());
+    let (_, text, _) = output(farm.bin().arg("doctor"));
+    let line = text.lines().find(|l| l.contains("sign_key")).unwrap();
+    assert!(line.contains("ed25519 SHA256:"), "{line}");
+    assert!(!line.to_lowercase().contains("fail"), "{line}");
+}

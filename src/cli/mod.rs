@@ -2,7 +2,7 @@
 //! command family; the dispatcher is a flat match.
 //!
 //! Exit codes: 0 success, 1 failure (a build failed, a check failed, a disagreement), 2 usage or
-//! config error, 3 `submit --wait` timed out.
+//! config error (an `[artifacts]` key that cannot be used is one), 3 `submit --wait` timed out.
 
 pub mod access;
 pub mod actions;
@@ -460,7 +460,10 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("build-image: {}", escape(&describe(&e)));
-            if e.downcast_ref::<Usage>().is_some() {
+            if e.downcast_ref::<Usage>().is_some()
+                || e.downcast_ref::<crate::artifacts::key::KeyError>()
+                    .is_some()
+            {
                 2
             } else {
                 1
