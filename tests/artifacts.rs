@@ -96,14 +96,18 @@ fn the_answer_carries_the_image_sha256_and_sha256sums_checks_the_build() {
         [
             "1.0/images/img-a1/img-a1.img",
             "1.0/images/img-a1/img-a1.ks.copy",
-            "1.0/images/img-a1/img-a1.packages",
         ],
         "{sums}"
     );
     assert!(sums.contains(&format!("{want}  1.0/images/img-a1/img-a1.img\n")));
     let (code, text) = sha256sum_check(&job_dir);
     assert_eq!(code, 0, "{text}");
-    assert_eq!(text.matches(": OK").count(), 3, "{text}");
+    assert_eq!(text.matches(": OK").count(), 2, "{text}");
+    // without --record-pkgs mic wrote no package list: the provenance names none
+    let p: Value =
+        serde_json::from_slice(&std::fs::read(job_dir.join("provenance.json")).unwrap()).unwrap();
+    let deps = &p["predicate"]["buildDefinition"]["resolvedDependencies"];
+    assert!(deps.is_null(), "{p:#}");
 
     // the check can fail: one changed byte of the image is named
     let mut bytes = std::fs::read(&image).unwrap();
@@ -209,4 +213,216 @@ fn a_sign_key_that_is_not_ed25519_or_is_encrypted_stops_the_start_naming_the_fil
     let line = text.lines().find(|l| l.contains("sign_key")).unwrap();
     assert!(line.contains("ed25519 SHA256:"), "{line}");
     assert!(!line.to_lowercase().contains("fail"), "{line}");
+}
+
+/// The python that has the in-toto framework's verifiers (`.ci/run` makes a venv with them and
+/// names its python in `BUILD_IMAGE_TEST_PYTHON`). Missing, the test fails saying what to install.
+fn python() -> PathBuf {
+    const HOW: &str = "BUILD_IMAGE_TEST_PYTHON must name a python3 with the in-toto verifiers: \
+                       python3 -m venv target/pyvenv && target/pyvenv/bin/pip install \
+                       in-toto-attestation securesystemslib cryptography, then \
+                       BUILD_IMAGE_TEST_PYTHON=target/pyvenv/bin/python (.ci/run does this)";
+    let p = std::env::var_os("BUILD_IMAGE_TEST_PYTHON").unwrap_or_else(|| panic!("{HOW}"));
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(p);
+    let probe = Command::new(&p)
+        .args([
+            "-c",
+            "import in_toto_attestation, securesystemslib, cryptography",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}; {HOW}", p.display()));
+    assert!(
+        probe.status.success(),
+        "{}: {}; {HOW}",
+        p.display(),
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    p
+}
+
+/// `verify_provenance.py ARGS...`: exit code and stdout + stderr.
+fn verifier(args: &[&std::ffi::OsStr]) -> (i32, String) {
+    let out = Command::new(python())
+        .arg(fixtures().join("verify_provenance.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The in-toto Statement / SLSA Provenance validators on a `provenance.json`.
+fn check_statement(file: &Path) -> (i32, String) {
+    verifier(&["statement".as_ref(), file.as_os_str()])
+}
+
+fn ts(s: &str) -> std::time::SystemTime {
+    humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// Every file `SHA256SUMS` lists in `dir`: (path, sha256).
+fn sums_in(dir: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(dir.join("SHA256SUMS"))
+        .unwrap()
+        .lines()
+        .map(|l| (l[66..].to_string(), l[..64].to_string()))
+        .collect()
+}
+
+#[test]
+fn provenance_states_the_build_and_passes_the_in_toto_validators() {
+    init_log();
+    let python = python(); // before the build: a missing verifier fails at once
+    let mut farm = Farm::new();
+    farm.cfg.worker.mic_opts = vec!["--record-pkgs=name".into()];
+    let d = farm.start();
+    let ks = "# ks\nrepo --name=core --baseurl=http://repo.test/@RELEASE@/core/@ARCH@/ --save\n\
+              repo --name \"adaptation one\" --baseurl 'http://repo.test/a b/@ARCH@'\n\
+              # mic-fixture: bytes 200000\n";
+    let mut w = workitem("p1", ks);
+    w["image"]["release"] = json!("1.0");
+    w["image"]["tokenmap"] = json!("RELEASE:1.0,ARCH:i586");
+    w["image"]["extra_opts"] = json!(["--pkgmgr=zypp", "--copy-kernel"]);
+    farm.drop_json("p1.json", &w);
+    let ok = farm.wait_outbox("p1.json", T);
+    d.stop().unwrap();
+    assert_eq!(ok["image"]["result"], json!(true), "{ok:#}");
+
+    let job_dir = farm.base().join("requests/p1");
+    let file = job_dir.join("provenance.json");
+    assert_eq!(
+        ok["image"]["provenance_url"],
+        json!("http://img.test/images/requests/p1/provenance.json"),
+        "{ok:#}"
+    );
+    // the framework's own validators accept it
+    let (code, text) = check_statement(&file);
+    assert_eq!(code, 0, "{text}");
+    let _ = python;
+
+    let p: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(p["_type"], json!("https://in-toto.io/Statement/v1"));
+    assert_eq!(p["predicateType"], json!("https://slsa.dev/provenance/v1"));
+    // subjects: every file of the build with the hash SHA256SUMS has (one pass), the image's
+    // being the answer's and coreutils'
+    let subjects: Vec<(String, String)> = p["subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["digest"]["sha256"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(subjects, sums_in(&job_dir), "{p:#}");
+    let image = image_path(&farm, &ok);
+    let image_sha = sha256sum(&image);
+    assert_eq!(ok["image"]["image_sha256"], json!(image_sha));
+    assert!(subjects.contains(&("1.0/images/img-p1/img-p1.img".into(), image_sha)));
+
+    let b = &p["predicate"]["buildDefinition"];
+    assert!(
+        b["buildType"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:build-image:")
+    );
+    let ext = &b["externalParameters"];
+    assert_eq!(
+        ext["kickstart"],
+        json!({"name": "img-p1.ks", "sha256": sha256sum(&job_dir.join("img-p1.ks"))})
+    );
+    assert_eq!(
+        ext["image"],
+        json!({"image_id": "p1", "name": "img-p1", "arch": "i586", "image_type": "loop",
+               "prefix": "requests", "release": "1.0", "tokenmap": "RELEASE:1.0,ARCH:i586"})
+    );
+    assert_eq!(ext["extra_opts"], json!(["--pkgmgr=zypp", "--copy-kernel"]));
+    let int = &b["internalParameters"];
+    assert_eq!(int["mode"], json!("native"));
+    assert_eq!(
+        int["mic"],
+        json!({"ict": "mic", "path": fixtures().join("mic").to_str().unwrap(),
+               "version": "mic 0.0-fixture", "opts": ["--record-pkgs=name"]})
+    );
+    assert!(int.get("base_image").is_none(), "{int:#}");
+    // the repos after tokenmap, then the package list mic wrote
+    let packages = job_dir.join("1.0/images/img-p1/img-p1.packages");
+    assert_eq!(
+        b["resolvedDependencies"],
+        json!([
+            {"name": "core", "uri": "http://repo.test/1.0/core/i586/",
+             "annotations": {"kind": "repo"}},
+            {"name": "adaptation one", "uri": "http://repo.test/a b/i586",
+             "annotations": {"kind": "repo"}},
+            {"name": "1.0/images/img-p1/img-p1.packages",
+             "digest": {"sha256": sha256sum(&packages)},
+             "annotations": {"kind": "package-list", "packages":
+                ["bash-3.2.57-1.1.i586", "kernel-2.6.37-1.1.i586", "mic-0.0-1.noarch"]}}
+        ])
+    );
+
+    // who built it, which job, when
+    let run = &p["predicate"]["runDetails"];
+    assert_eq!(run["builder"]["id"], json!("w1"));
+    assert_eq!(
+        run["builder"]["version"]["build-image"],
+        json!(env!("CARGO_PKG_VERSION"))
+    );
+    let events = farm.events();
+    let started = events
+        .iter()
+        .find(|e| e.kind.tag().as_str() == "started")
+        .unwrap();
+    let finished = events
+        .iter()
+        .find(|e| e.kind.tag().as_str() == "finished")
+        .unwrap();
+    assert_eq!(
+        run["metadata"]["invocationId"],
+        json!(started.job.to_string())
+    );
+    let (on, off) = (
+        ts(run["metadata"]["startedOn"].as_str().unwrap()),
+        ts(run["metadata"]["finishedOn"].as_str().unwrap()),
+    );
+    let second = Duration::from_secs(1);
+    assert!(ts(&started.ts) <= on + second, "{} vs {on:?}", started.ts);
+    assert!(on <= off, "{run:#}");
+    assert!(
+        off <= ts(&finished.ts) + second,
+        "{} vs {off:?}",
+        finished.ts
+    );
+    // the finished event names the statement: show says it
+    let (code, text, err) = output(farm.bin().args(["show", "p1"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("provenance http://img.test/images/requests/p1/provenance.json\n"),
+        "{text}"
+    );
+    // unsigned without a sign key
+    assert!(!job_dir.join("provenance.intoto.jsonl").exists());
+
+    // the validators can fail: a statement without subjects, and a predicate with a field
+    // SLSA Provenance v1 does not have
+    let mut bad = p.clone();
+    bad["subject"] = json!([]);
+    let bad_file = farm.root().join("bad.json");
+    std::fs::write(&bad_file, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let (code, text) = check_statement(&bad_file);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("At least one subject required"), "{text}");
+    let mut bad = p.clone();
+    bad["predicate"]["runDetails"]["nonsense"] = json!(1);
+    std::fs::write(&bad_file, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let (code, text) = check_statement(&bad_file);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("nonsense"), "{text}");
 }

@@ -4,5 +4,7 @@
 //! module knows files, never the log or a transport; the builders (`imaging`) decide which files
 //! are a build's, the engine when the statement is written.
 
+pub mod dsse;
 pub mod key;
+pub mod provenance;
 pub mod sums;

@@ -167,6 +167,9 @@ pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
     if let Some(h) = &j.urls.image_sha256 {
         println!("image hash sha256:{}", escape(h));
     }
+    if let Some(p) = &j.urls.provenance_url {
+        println!("provenance {}", escape(p));
+    }
     println!("\nevents:");
     for e in &view.events {
         println!("{}", escape(&ops::event_line(e)));

@@ -16,6 +16,7 @@
 
 pub mod actions;
 pub mod answer;
+pub mod attest;
 pub mod backoff;
 pub mod driver;
 pub mod intake;
@@ -90,6 +91,7 @@ pub struct Engine {
     stalls: driver::Stalls,
     intake: intake::Intake,
     leak_pass: leaks::LeakPass,
+    attest: attest::Attest,
     stopping: AtomicBool,
     /// Opened by a command while no daemon runs (it pushes and builds nothing).
     offline: bool,
@@ -113,6 +115,7 @@ impl Engine {
             stalls: driver::Stalls::default(),
             intake: intake::Intake::default(),
             leak_pass: leaks::LeakPass::default(),
+            attest: attest::Attest::default(),
             stopping: AtomicBool::new(false),
             offline,
         })

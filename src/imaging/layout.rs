@@ -50,6 +50,7 @@ pub fn planned_urls(w: &WorkerConfig, spec: &Spec) -> Urls {
         image_url: None,
         logfile_url: url_for(w, &log_path(w, spec)),
         image_sha256: None,
+        provenance_url: None,
     }
 }
 

@@ -225,6 +225,15 @@ impl Guest<'_> {
         let guest_ks = format!("{guest_dir}/{}.ks", self.spec.name);
         self.prepare_guest(&guest_dir, &guest_ks)?;
 
+        // the guest's mic, as the provenance states it (a guest that cannot say is no failure)
+        let argv = self.ssh(10).ssh(&commands::mic_version_remote(w));
+        let (outcome, text) = self.capture(&argv, Duration::from_secs(60), true)?;
+        if outcome.success()
+            && let Some(line) = text.lines().map(str::trim).find(|l| !l.is_empty())
+        {
+            self.prepared.note_mic_version(line);
+        }
+
         let mic_line = commands::mic_remote(self.spec, &guest_ks, &guest_dir, w);
         let argv = self.ssh(10).ssh(&mic_line);
         let timeout = w.timeout();
