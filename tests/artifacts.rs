@@ -426,3 +426,197 @@ fn provenance_states_the_build_and_passes_the_in_toto_validators() {
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("nonsense"), "{text}");
 }
+
+/// `build-image verify ARGS...`: exit code and stdout + stderr.
+fn verify(farm: &Farm, args: &[&std::ffi::OsStr]) -> (i32, String) {
+    let (code, out, err) = output(farm.bin().arg("verify").args(args));
+    (code, format!("{out}{err}"))
+}
+
+/// Flips one bit of byte `at` of `file`.
+fn flip(file: &Path, at: usize) {
+    let mut bytes = std::fs::read(file).unwrap();
+    bytes[at] ^= 1;
+    std::fs::write(file, &bytes).unwrap();
+}
+
+#[test]
+fn a_signed_build_verifies_and_a_changed_byte_or_key_is_named() {
+    init_log();
+    let _ = python();
+    let mut farm = Farm::new();
+    let keys = farm.root().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = keygen(&keys, "sign", &["-t", "ed25519", "-N", ""]);
+    let other = keygen(&keys, "other", &["-t", "ed25519", "-N", ""]);
+    let (pubkey, other_pub) = (key.with_extension("pub"), other.with_extension("pub"));
+    farm.cfg.artifacts.sign_key = Some(key.clone());
+    let d = farm.start();
+    let mut w = workitem("s1", "# mic-fixture: bytes 100000\n");
+    w["image"]["release"] = json!("1.0");
+    farm.drop_json("s1.json", &w);
+    let ok = farm.wait_outbox("s1.json", T);
+    assert_eq!(ok["image"]["result"], json!(true), "{ok:#}");
+    let job = web::job_of(&farm, "s1");
+    // with the daemon running (through its socket), by image_id and by job number
+    let (code, text) = verify(&farm, &["s1".as_ref()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("verified: 2 file(s)"), "{text}");
+    let (code, text) = verify(&farm, &[format!("#{job}").as_ref()]);
+    assert_eq!(code, 0, "{text}");
+    d.stop().unwrap();
+
+    let dir = farm.base().join("requests/s1");
+    let image = image_path(&farm, &ok);
+    let envelope = dir.join("provenance.intoto.jsonl");
+    let statement = dir.join("provenance.json");
+    let text = std::fs::read_to_string(&envelope).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let e: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(e["payloadType"], json!("application/vnd.in-toto+json"));
+    let fp = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(&pubkey)
+        .output()
+        .unwrap();
+    let fp = String::from_utf8(fp.stdout).unwrap();
+    let keyid = e["signatures"][0]["keyid"].as_str().unwrap().to_string();
+    assert!(
+        keyid.starts_with("SHA256:") && fp.contains(&keyid),
+        "{fp} / {keyid}"
+    );
+    let dsse = |pub_file: &Path| {
+        verifier(&[
+            "dsse".as_ref(),
+            envelope.as_os_str(),
+            pub_file.as_os_str(),
+            dir.as_os_str(),
+        ])
+    };
+
+    // untouched: securesystemslib, the validators and verify (daemon stopped) all agree
+    let (code, text) = dsse(&pubkey);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = verify(&farm, &["s1".as_ref()]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = verify(&farm, &[image.as_os_str()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("verified: 1 file(s)"), "{text}");
+    // verify_key (the public file) does what the sign key's public half does
+    let mut pub_only = Farm::new();
+    pub_only.cfg.artifacts.verify_key = Some(pubkey.clone());
+    let (code, text) = verify(&pub_only, &[image.as_os_str()]);
+    assert_eq!(code, 0, "{text}");
+
+    // one image byte: that subject is named, by verify and by the python check
+    flip(&image, 4321);
+    let name = "1.0/images/img-s1/img-s1.img";
+    for arg in ["s1".as_ref(), image.as_os_str()] {
+        let (code, text) = verify(&farm, &[arg]);
+        assert_eq!(code, 1, "{text}");
+        assert!(
+            text.contains(&format!("differs: {name}: sha256 ")),
+            "{text}"
+        );
+    }
+    let (code, text) = dsse(&pubkey);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(&format!("subject {name}")), "{text}");
+    flip(&image, 4321);
+
+    // one statement byte (the kickstart's hash in provenance.json)
+    let at = std::fs::read_to_string(&statement)
+        .unwrap()
+        .find("\"sha256\"")
+        .unwrap()
+        + 12;
+    flip(&statement, at);
+    let (code, text) = verify(&farm, &["s1".as_ref()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("signature does not match"), "{text}");
+    let (code, text) = dsse(&pubkey);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("not the payload that was signed"), "{text}");
+    flip(&statement, at);
+    // ... or one byte of the signed payload in the envelope: securesystemslib refuses it
+    let saved = std::fs::read(&envelope).unwrap();
+    let mut e2 = e.clone();
+    let payload = String::from_utf8(std::fs::read(&statement).unwrap()).unwrap();
+    let changed = payload.replacen("\"w1\"", "\"w2\"", 1);
+    assert_ne!(changed, payload);
+    let b64 = |s: &str| {
+        let out = Command::new("base64")
+            .arg("-w0")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(s.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    e2["payload"] = json!(b64(&changed));
+    std::fs::write(&envelope, format!("{e2}\n")).unwrap();
+    std::fs::write(&statement, &changed).unwrap();
+    let (code, text) = dsse(&pubkey);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("DSSE signature not verified"), "{text}");
+    let (code, text) = verify(&farm, &["s1".as_ref()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("signature does not match"), "{text}");
+    std::fs::write(&envelope, &saved).unwrap();
+    std::fs::write(&statement, &payload).unwrap();
+    assert_eq!(verify(&farm, &["s1".as_ref()]).0, 0);
+
+    // another key
+    let other_fp = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(&other_pub)
+        .output()
+        .unwrap();
+    let other_fp = String::from_utf8(other_fp.stdout).unwrap();
+    let (code, text) = verify(
+        &farm,
+        &["s1".as_ref(), "--key".as_ref(), other_pub.as_os_str()],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(&format!("signed by another key (fingerprint {keyid})")),
+        "{text}"
+    );
+    assert!(
+        other_fp.contains(
+            text.split(", not ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+        )
+    );
+    let (code, text) = dsse(&other_pub);
+    assert_eq!(code, 1, "{text}");
+
+    // missing files: exit 2
+    let (code, text) = verify(&farm, &[farm.root().join("no/such.img").as_os_str()]);
+    assert_eq!(code, 2, "{text}");
+    let moved = farm.root().join("moved.img");
+    std::fs::rename(&image, &moved).unwrap();
+    let (code, text) = verify(&farm, &["s1".as_ref()]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains(&format!("missing: {}", image.display())),
+        "{text}"
+    );
+    std::fs::rename(&moved, &image).unwrap();
+    std::fs::remove_file(&envelope).unwrap();
+    let (code, text) = verify(&farm, &["s1".as_ref()]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains(&format!("missing: {}", envelope.display())),
+        "{text}"
+    );
+}

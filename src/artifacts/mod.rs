@@ -8,3 +8,4 @@ pub mod dsse;
 pub mod key;
 pub mod provenance;
 pub mod sums;
+pub mod verify;

@@ -7,6 +7,7 @@
 pub mod access;
 pub mod actions;
 pub mod archive;
+pub mod artifacts;
 pub mod build_log;
 pub mod config_import;
 pub mod doctor;
@@ -144,6 +145,27 @@ pub enum Command {
         /// At most this many jobs (newest first).
         #[arg(long)]
         limit: Option<usize>,
+    },
+    /// Check an image against its build's signed provenance (provenance.intoto.jsonl).
+    #[command(
+        after_help = concat!("Examples:\n  build-image verify 42-1700000000\n  \
+                            build-image verify /srv/images/requests/42-1700000000/mer-core.img\n  \
+                            build-image verify '#17' --key /etc/build-image/provenance.pub\n\n\
+                            The envelope's signature is checked with --key, else [artifacts] verify_key, else the \
+                            public half of [artifacts] sign_key; provenance.json must be the signed statement byte for \
+                            byte; then every image file the statement names (for IMAGE_FILE: that one) is hashed again \
+                            and compared. Works with the daemon running or stopped.\n", job_ref_help!(), "\n\
+                            Exit codes: 0 everything matches, 1 something differs (an image's bytes: that file is named; \
+                            the statement: signature does not match; the key: signed by another key), 2 a file is \
+                            missing (the envelope, the statement, an image) or usage.")
+    )]
+    Verify {
+        /// The job (image_id, or #N) or an image file.
+        #[arg(value_name = "ID|IMAGE_FILE")]
+        target: String,
+        /// The OpenSSH public key (ed25519) to check the signature with.
+        #[arg(long, value_name = "FILE.pub")]
+        key: Option<PathBuf>,
     },
     /// A job's events and its current workitem fields (by image_id, or #N for job number N).
     #[command(
@@ -450,6 +472,7 @@ pub fn main() -> i32 {
         Command::Requeue { worker, force } => actions::requeue(&cfg, &worker, force),
         Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
+        Command::Verify { target, key } => artifacts::verify(&cfg, &target, key.as_deref()),
         Command::Import { file, partial } => archive::import(&cfg, &file, partial),
         Command::Backup { dir } => archive::backup(&cfg, &dir),
         Command::Compact { before, archive } => archive::compact(&cfg, &before, &archive),
