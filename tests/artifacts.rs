@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::provenance::{check_statement, python, verifier};
 use common::*;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -135,6 +136,8 @@ fn a_second_attempt_lists_only_the_files_it_wrote() {
     std::fs::create_dir_all(&job_dir).unwrap();
     std::fs::write(job_dir.join("left-by-attempt-1.raw"), vec![1u8; 1 << 20]).unwrap();
     std::fs::write(job_dir.join("SHA256SUMS"), b"stale\n").unwrap();
+    // and a signature, from when a sign key was set: it is not of this attempt's statement
+    std::fs::write(job_dir.join("provenance.intoto.jsonl"), b"{}\n").unwrap();
     let d = farm.start();
     farm.drop_json("r1.json", &workitem("r1", "# ks\n"));
     let ok = farm.wait_outbox("r1.json", T);
@@ -146,6 +149,8 @@ fn a_second_attempt_lists_only_the_files_it_wrote() {
     let sums = std::fs::read_to_string(job_dir.join("SHA256SUMS")).unwrap();
     assert!(!sums.contains("left-by-attempt-1"), "{sums}");
     assert!(!sums.contains("stale"), "{sums}");
+    assert!(job_dir.join("provenance.json").is_file());
+    assert!(!job_dir.join("provenance.intoto.jsonl").exists());
     let (code, text) = sha256sum_check(&job_dir);
     assert_eq!(code, 0, "{text}");
 }
@@ -213,51 +218,6 @@ fn a_sign_key_that_is_not_ed25519_or_is_encrypted_stops_the_start_naming_the_fil
     let line = text.lines().find(|l| l.contains("sign_key")).unwrap();
     assert!(line.contains("ed25519 SHA256:"), "{line}");
     assert!(!line.to_lowercase().contains("fail"), "{line}");
-}
-
-/// The python that has the in-toto framework's verifiers (`.ci/run` makes a venv with them and
-/// names its python in `BUILD_IMAGE_TEST_PYTHON`). Missing, the test fails saying what to install.
-fn python() -> PathBuf {
-    const HOW: &str = "BUILD_IMAGE_TEST_PYTHON must name a python3 with the in-toto verifiers: \
-                       python3 -m venv target/pyvenv && target/pyvenv/bin/pip install \
-                       in-toto-attestation securesystemslib cryptography, then \
-                       BUILD_IMAGE_TEST_PYTHON=target/pyvenv/bin/python (.ci/run does this)";
-    let p = std::env::var_os("BUILD_IMAGE_TEST_PYTHON").unwrap_or_else(|| panic!("{HOW}"));
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(p);
-    let probe = Command::new(&p)
-        .args([
-            "-c",
-            "import in_toto_attestation, securesystemslib, cryptography",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}; {HOW}", p.display()));
-    assert!(
-        probe.status.success(),
-        "{}: {}; {HOW}",
-        p.display(),
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    p
-}
-
-/// `verify_provenance.py ARGS...`: exit code and stdout + stderr.
-fn verifier(args: &[&std::ffi::OsStr]) -> (i32, String) {
-    let out = Command::new(python())
-        .arg(fixtures().join("verify_provenance.py"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
-/// The in-toto Statement / SLSA Provenance validators on a `provenance.json`.
-fn check_statement(file: &Path) -> (i32, String) {
-    verifier(&["statement".as_ref(), file.as_os_str()])
 }
 
 fn ts(s: &str) -> std::time::SystemTime {

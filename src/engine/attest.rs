@@ -102,10 +102,14 @@ impl Engine {
         let key = self
             .sign_key()
             .map_err(|e| format!("cannot sign the provenance: {e}"))?;
-        // the envelope first: a statement never stands beside an older attempt's signature
-        if let Some(key) = &key {
-            let line = dsse::render(&dsse::sign(&bytes, key));
-            prepared.write_file(dsse::ENVELOPE_FILE, &line)?;
+        // the envelope first (or an earlier attempt's removed, when no key signs now): a
+        // statement never stands beside a signature that is not of it
+        match &key {
+            Some(key) => {
+                let line = dsse::render(&dsse::sign(&bytes, key));
+                prepared.write_file(dsse::ENVELOPE_FILE, &line)?;
+            }
+            None => prepared.remove_file(dsse::ENVELOPE_FILE)?,
         }
         let path = prepared.write_file(PROVENANCE_FILE, &bytes)?;
         let _ = prepared.log().line(&format!(

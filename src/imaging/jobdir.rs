@@ -273,6 +273,18 @@ impl Prepared {
         }))
     }
 
+    /// Removes `name` from the job directory (a file that is not there is no error).
+    pub fn remove_file(&self, name: &str) -> Result<(), String> {
+        match unlinkat(&self.dir, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(format!(
+                "cannot remove {}: {}",
+                self.path.join(name).display(),
+                e.desc()
+            )),
+        }
+    }
+
     /// Writes `name` in the job directory (tmp + fsync + rename); its path.
     pub fn write_file(&self, name: &str, data: &[u8]) -> Result<PathBuf, String> {
         let path = self.path.join(name);
