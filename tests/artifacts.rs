@@ -80,6 +80,13 @@ fn the_answer_carries_the_image_sha256_and_sha256sums_checks_the_build() {
     assert_eq!(page.status, 200);
     assert!(page.body.contains("image.image_sha256"), "{}", page.body);
     assert!(page.body.contains(&want), "{}", page.body);
+    // and links the provenance
+    assert!(
+        page.body
+            .contains("href=\"http://img.test/images/requests/a1/provenance.json\""),
+        "{}",
+        page.body
+    );
     let (code, text, err) = output(farm.bin().args(["show", "a1"]));
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -579,4 +586,42 @@ fn a_signed_build_verifies_and_a_changed_byte_or_key_is_named() {
         text.contains(&format!("missing: {}", envelope.display())),
         "{text}"
     );
+}
+
+#[test]
+fn mic_is_asked_its_version_once_per_daemon_start() {
+    init_log();
+    let mut farm = Farm::new();
+    // a copy of the fixture of this test's own: it notes each `--version` in mic.versions
+    let bin = farm.root().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(fixtures().join("mic"), bin.join("mic")).unwrap();
+    let asked = bin.join("mic.versions");
+    std::fs::write(&asked, "").unwrap();
+    farm.cfg.worker.mic_path = Some(bin.join("mic"));
+    let version_of = |id: &str| {
+        let p: Value = serde_json::from_slice(
+            &std::fs::read(farm.base().join(format!("requests/{id}/provenance.json"))).unwrap(),
+        )
+        .unwrap();
+        p["predicate"]["buildDefinition"]["internalParameters"]["mic"]["version"].clone()
+    };
+    let d = farm.start();
+    for id in ["v1", "v2"] {
+        farm.drop_json(&format!("{id}.json"), &workitem(id, "# ks\n"));
+    }
+    for id in ["v1", "v2"] {
+        let ok = farm.wait_outbox(&format!("{id}.json"), T);
+        assert_eq!(ok["image"]["result"], json!(true), "{ok:#}");
+        assert_eq!(version_of(id), json!("mic 0.0-fixture"));
+    }
+    d.stop().unwrap();
+    assert_eq!(std::fs::read_to_string(&asked).unwrap().lines().count(), 1);
+    // the next start asks again
+    let d = farm.start();
+    farm.drop_json("v3.json", &workitem("v3", "# ks\n"));
+    farm.wait_outbox("v3.json", T);
+    d.stop().unwrap();
+    assert_eq!(version_of("v3"), json!("mic 0.0-fixture"));
+    assert_eq!(std::fs::read_to_string(&asked).unwrap().lines().count(), 2);
 }
