@@ -464,6 +464,9 @@ fn p1_bare(n: usize, run: usize) -> f64 {
                 // as long as the daemon's: a sha256 in hex
                 image_sha256: Some("0".repeat(64)),
                 artifact_bytes: Some(65536),
+                provenance_url: Some(format!(
+                    "http://img.example.org/images/requests/{id}/provenance.json"
+                )),
             };
             let reply = build_image::domain::workitem::reply(&input, Some(true), None, &urls);
             (

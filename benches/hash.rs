@@ -117,9 +117,18 @@ fn main() {
     let ratio = o.median / t.median;
     let read = stats(&read_per_seal.iter().map(|b| *b as f64).collect::<Vec<_>>());
     println!("P9 hash, one {mb} MiB image, {n} pairs (order alternating), from the page cache");
-    println!("  seal (hash every build file once + SHA256SUMS): {}", o.show(0, " MiB/s"));
-    println!("  sha256sum (coreutils, same file):              {}", t.show(0, " MiB/s"));
-    println!("  ratio seal / sha256sum (medians): {ratio:.2}x (goal >= 0.9x: {})", met(ratio >= 0.9));
+    println!(
+        "  seal (hash every build file once + SHA256SUMS): {}",
+        o.show(0, " MiB/s")
+    );
+    println!(
+        "  sha256sum (coreutils, same file):              {}",
+        t.show(0, " MiB/s")
+    );
+    println!(
+        "  ratio seal / sha256sum (medians): {ratio:.2}x (goal >= 0.9x: {})",
+        met(ratio >= 0.9)
+    );
     println!(
         "  bytes one seal read: {:.0} (the image is {want_len}: {:.4} reads of it)",
         read.median,

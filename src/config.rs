@@ -63,11 +63,20 @@ pub struct Config {
     pub artifacts: ArtifactsConfig,
 }
 
-/// `[artifacts]`: how long a build's images are kept, and the disk budget under base_dir
-/// (DESIGN.md, "Images are artifacts"). Every default keeps every image.
+/// `[artifacts]`: what a build's images are known by after it, how long they are kept, and the
+/// disk budget under base_dir (DESIGN.md, "Images are artifacts"). Every key optional: without
+/// `sign_key` the provenance is written unsigned; every default keeps every image.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArtifactsConfig {
+    /// An OpenSSH ed25519 private key file (unencrypted) that signs each build's provenance as
+    /// a DSSE envelope (`provenance.intoto.jsonl`).
+    #[serde(deserialize_with = "empty_is_none")]
+    pub sign_key: Option<PathBuf>,
+    /// An OpenSSH public key file that `verify` checks signatures with (default: the public
+    /// half of `sign_key`).
+    #[serde(deserialize_with = "empty_is_none")]
+    pub verify_key: Option<PathBuf>,
     /// Images of builds finished more than this many days ago expire (0: no age limit).
     pub keep_days: u64,
     /// Only the newest this many images of each image name are kept (0: no count limit).

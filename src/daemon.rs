@@ -125,6 +125,15 @@ impl Running {
         unsafe {
             nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 1 << 20);
         }
+        // A sign key that cannot sign (not ed25519, encrypted, unreadable) stops the start: the
+        // operator asked for signed provenance.
+        if let Some(k) = crate::artifacts::key::sign_key(&cfg.artifacts)? {
+            log::info!(
+                "provenance signed with {} ({})",
+                k.path.display(),
+                k.fingerprint
+            );
+        }
         let cfg = Arc::new(cfg);
         // A taken HTTP port stops the start before anything else is started.
         let http_listener = match cfg.http.addr()? {

@@ -313,6 +313,20 @@ fn forget_cancel_malformed_outage_and_the_spool() {
     );
     let want4 = build_image::digest::sha256_hex(&std::fs::read(&path4).unwrap());
     assert_eq!(img4["image_sha256"], json!(want4), "{img4}");
+    // and its provenance, beside the image
+    assert_eq!(
+        img4["provenance_url"],
+        json!(format!(
+            "{}/provenance.json",
+            img4["files_url"].as_str().unwrap()
+        )),
+        "{img4}"
+    );
+    let dir4 = img4["files_url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://img.test/images/");
+    assert!(farm.base().join(dir4).join("provenance.json").is_file());
     assert_eq!(
         out["image"]["image_sha256"].as_str().map(str::len),
         Some(64)

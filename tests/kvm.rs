@@ -305,9 +305,12 @@ fn assert_cleaned_up(farm: &Farm, log: &str) {
 #[test]
 #[ignore = "boots a real guest under TCG (minutes); .ci/run runs it"]
 fn kvm_build_in_a_real_guest_through_the_daemon() {
+    let _ = common::provenance::python(); // before the guest: a missing verifier fails at once
     let g = guest();
     let mut farm = kvm_farm(&g);
     farm.cfg.http.listen = Some("127.0.0.1:0".into());
+    // mic writes its package list (the provenance names it)
+    farm.cfg.worker.mic_opts = vec!["--record-pkgs=name".into()];
     let daemon = farm.start();
     let started = Instant::now();
     // mic (and its stand-in) take options only: the hostile words ride in option values
@@ -391,8 +394,58 @@ fn kvm_build_in_a_real_guest_through_the_daemon() {
             "--x='; touch /x'",
             "--y=$(touch /tmp/pwned) `id`; reboot",
             "--z=a\"b\\ c",
+            "--record-pkgs=name",
         ],
         "{log}"
+    );
+
+    // the answer's hash is the copied image's; SHA256SUMS checks the folder
+    let sha256sum = |f: &Path| {
+        let out = Command::new("sha256sum").arg(f).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()[..64].to_string()
+    };
+    assert_eq!(img["image_sha256"], json!(sha256sum(&image)), "{out:#}");
+    let check = Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    // the provenance: valid for the in-toto framework, mode kvm, the guest's mic, the base
+    // image with its sha256, the package list
+    assert_eq!(
+        img["provenance_url"],
+        json!("http://img.test/images/requests/k1/provenance.json")
+    );
+    let (code, text) = common::provenance::check_statement(&dir.join("provenance.json"));
+    assert_eq!(code, 0, "{text}");
+    let p: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("provenance.json")).unwrap()).unwrap();
+    let int = &p["predicate"]["buildDefinition"]["internalParameters"];
+    assert_eq!(int["mode"], json!("kvm"), "{p:#}");
+    assert_eq!(int["mic"]["version"], json!("mic 0.0-fixture"), "{p:#}");
+    let base = g.dir.join("base.qcow2");
+    assert_eq!(
+        int["base_image"],
+        json!({"path": base.to_str().unwrap(), "sha256": sha256sum(&base)}),
+        "{p:#}"
+    );
+    let subjects = p["subject"].as_array().unwrap();
+    assert!(
+        subjects
+            .iter()
+            .any(|s| s["name"] == json!("kvm-k1.img")
+                && s["digest"]["sha256"] == img["image_sha256"]),
+        "{p:#}"
+    );
+    let deps = p["predicate"]["buildDefinition"]["resolvedDependencies"]
+        .as_array()
+        .unwrap();
+    assert!(
+        deps.iter().any(|d| d["name"] == json!("kvm-k1.packages")
+            && d["digest"]["sha256"] == json!(sha256sum(&dir.join("kvm-k1.packages")))),
+        "{p:#}"
     );
 
     // the job log tells every step, with timestamps

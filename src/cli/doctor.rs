@@ -35,6 +35,7 @@ fn all_checks(cfg: &Config, config_path: Option<&Path>) -> Vec<Check> {
     let mut checks = vec![check_config(config_path), check_mic_opts(w)];
     checks.extend(builder.tools);
     checks.push(check_base_dir(&w.base_dir));
+    checks.extend(check_keys(&cfg.artifacts));
     checks.extend(crate::edges::spool::checks::checks(cfg));
     checks.extend(crate::engine::statedir::checks(&cfg.state_dir()));
     checks.push(crate::edges::hooks::check(&cfg.hooks));
@@ -143,6 +144,32 @@ fn check_mic_opts(w: &WorkerConfig) -> Check {
 
 // ---------------------------------------------------------------------------------------------
 // directories
+
+/// `[artifacts] sign_key` and `verify_key`, when set: each must be an ed25519 key (the sign
+/// key unencrypted); a failure names the file.
+fn check_keys(a: &crate::config::ArtifactsConfig) -> Vec<Check> {
+    use crate::artifacts::key::{SIGN_KEY, SignKey, VERIFY_KEY, VerifyKey};
+    let mut out = Vec::new();
+    if let Some(p) = &a.sign_key {
+        out.push(match SignKey::load(SIGN_KEY, p) {
+            Ok(k) => Check::ok(
+                "sign_key",
+                format!("{} (ed25519 {})", p.display(), k.fingerprint),
+            ),
+            Err(e) => Check::fail("sign_key", e.to_string()),
+        });
+    }
+    if let Some(p) = &a.verify_key {
+        out.push(match VerifyKey::load(VERIFY_KEY, p) {
+            Ok(k) => Check::ok(
+                "verify_key",
+                format!("{} (ed25519 {})", p.display(), k.fingerprint),
+            ),
+            Err(e) => Check::fail("verify_key", e.to_string()),
+        });
+    }
+    out
+}
 
 fn check_base_dir(dir: &Path) -> Check {
     dir_to_write("base_dir", dir, Status::Warn, "the first build creates it")

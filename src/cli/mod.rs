@@ -2,11 +2,12 @@
 //! command family; the dispatcher is a flat match.
 //!
 //! Exit codes: 0 success, 1 failure (a build failed, a check failed, a disagreement), 2 usage or
-//! config error, 3 `submit --wait` timed out.
+//! config error (an `[artifacts]` key that cannot be used is one), 3 `submit --wait` timed out.
 
 pub mod access;
 pub mod actions;
 pub mod archive;
+pub mod artifacts;
 pub mod build_log;
 pub mod config_import;
 pub mod doctor;
@@ -145,6 +146,27 @@ pub enum Command {
         /// At most this many jobs (newest first).
         #[arg(long)]
         limit: Option<usize>,
+    },
+    /// Check an image against its build's signed provenance (provenance.intoto.jsonl).
+    #[command(
+        after_help = concat!("Examples:\n  build-image verify 42-1700000000\n  \
+                            build-image verify /srv/images/requests/42-1700000000/mer-core.img\n  \
+                            build-image verify '#17' --key /etc/build-image/provenance.pub\n\n\
+                            The envelope's signature is checked with --key, else [artifacts] verify_key, else the \
+                            public half of [artifacts] sign_key; provenance.json must be the signed statement byte for \
+                            byte; then every image file the statement names (for IMAGE_FILE: that one) is hashed again \
+                            and compared. Works with the daemon running or stopped.\n", job_ref_help!(), "\n\
+                            Exit codes: 0 everything matches, 1 something differs (an image's bytes: that file is named; \
+                            the statement: signature does not match; the key: signed by another key), 2 a file is \
+                            missing (the envelope, the statement, an image) or usage.")
+    )]
+    Verify {
+        /// The job (image_id, or #N) or an image file.
+        #[arg(value_name = "ID|IMAGE_FILE")]
+        target: String,
+        /// The OpenSSH public key (ed25519) to check the signature with.
+        #[arg(long, value_name = "FILE.pub")]
+        key: Option<PathBuf>,
     },
     /// A job's events and its current workitem fields (by image_id, or #N for job number N).
     #[command(
@@ -483,6 +505,7 @@ pub fn main() -> i32 {
         Command::Gc { dry_run } => retention::gc(&cfg, dry_run),
         Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
+        Command::Verify { target, key } => artifacts::verify(&cfg, &target, key.as_deref()),
         Command::Import { file, partial } => archive::import(&cfg, &file, partial),
         Command::Backup { dir } => archive::backup(&cfg, &dir),
         Command::Compact { before, archive } => archive::compact(&cfg, &before, &archive),
@@ -493,7 +516,10 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("build-image: {}", escape(&describe(&e)));
-            if e.downcast_ref::<Usage>().is_some() {
+            if e.downcast_ref::<Usage>().is_some()
+                || e.downcast_ref::<crate::artifacts::key::KeyError>()
+                    .is_some()
+            {
                 2
             } else {
                 1

@@ -186,6 +186,9 @@ pub fn show(cfg: &Config, id: &str, json: bool) -> anyhow::Result<i32> {
             escape(&e.reason)
         );
     }
+    if let Some(p) = &j.urls.provenance_url {
+        println!("provenance {}", escape(p));
+    }
     println!("\nevents:");
     for e in &view.events {
         println!("{}", escape(&ops::event_line(e)));

@@ -2,7 +2,7 @@
 //! from the input plus the documented OUT fields.
 //!
 //! Invariant: the reply is the input with only `fields.image.{result,files_url,image_url,
-//! image_sha256,logfile_url,error}`, `fields.result`, `fields.msg` and `fields.__error__` changed, added or
+//! image_sha256,provenance_url,logfile_url,error}`, `fields.result`, `fields.msg` and `fields.__error__` changed, added or
 //! removed (each written from the job's own outcome, none carried from the input; `msg` gets one
 //! line appended); every other key, and the envelope/bare and new/old API form, is kept as given.
 
@@ -372,6 +372,9 @@ pub struct Urls {
     /// an answer field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_bytes: Option<u64>,
+    /// The build's provenance statement (`provenance.json` in the job folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance_url: Option<String>,
 }
 
 /// The human summary line appended to `msg`, exactly one per reply.
@@ -416,11 +419,12 @@ pub fn reply(input: &Value, result: Option<bool>, error: Option<&str>, urls: &Ur
 const UNKNOWN_ERROR: &str = "unknown error";
 
 /// The `fields.image` OUT fields (README, "The workitem and its answer").
-const OUT_IMAGE: [&str; 7] = [
+const OUT_IMAGE: [&str; 8] = [
     "result",
     "files_url",
     "image_url",
     "image_sha256",
+    "provenance_url",
     "logfile_url",
     "error",
     "failure",
@@ -470,6 +474,7 @@ pub fn reply_owned(
                 "files_url" => urls.files_url.clone().map(Value::String),
                 "image_url" => urls.image_url.clone().map(Value::String),
                 "image_sha256" => urls.image_sha256.clone().map(Value::String),
+                "provenance_url" => urls.provenance_url.clone().map(Value::String),
                 "logfile_url" => urls.logfile_url.clone().map(Value::String),
                 _ => error.map(|e| Value::String(e.to_string())),
             };
@@ -677,7 +682,7 @@ mod tests {
         let stale = json!({"image": {"image_id": "7-1", "kickstart": "ks", "image_type": "fs",
             "name": "n", "arch": "i586", "image_url": "javascript:alert(1)", "files_url": "x",
             "logfile_url": "y", "error": "stale", "result": true, "custom": 1,
-            "image_sha256": "stale"},
+            "image_sha256": "stale", "provenance_url": "stale"},
             "result": true, "__error__": "stale", "msg": []});
         let built = Urls {
             files_url: Some("http://h/requests/7-1".into()),
@@ -685,10 +690,12 @@ mod tests {
             logfile_url: Some("http://h/requests/7-1/n.log".into()),
             image_sha256: Some("ab".repeat(32)),
             artifact_bytes: Some(300),
+            provenance_url: Some("http://h/requests/7-1/provenance.json".into()),
         };
         let planned = Urls {
             image_url: None,
             image_sha256: None,
+            provenance_url: None,
             ..built.clone()
         };
         // a failure that made no image: no image_url, its own error
@@ -696,6 +703,7 @@ mod tests {
         let img = &r["image"];
         assert!(img.get("image_url").is_none(), "{r}");
         assert!(img.get("image_sha256").is_none(), "{r}");
+        assert!(img.get("provenance_url").is_none(), "{r}");
         assert_eq!(img["files_url"], json!("http://h/requests/7-1"));
         assert_eq!(img["error"], json!("mic failed"));
         assert_eq!(
@@ -717,6 +725,10 @@ mod tests {
         assert_eq!(r["image"]["image_sha256"], json!("ab".repeat(32)));
         // what the files hold is the log's, not an answer field
         assert!(!r.to_string().contains("artifact_bytes"), "{r}");
+        assert_eq!(
+            r["image"]["provenance_url"],
+            json!("http://h/requests/7-1/provenance.json")
+        );
         // answered without a build (invalid): no URL at all
         let r = reply(&stale, Some(false), Some("invalid"), &Urls::default());
         for k in ["files_url", "image_url", "logfile_url"] {
@@ -752,6 +764,7 @@ mod tests {
             logfile_url: Some("http://h/requests/7-1/mer-core.log".into()),
             image_sha256: None,
             artifact_bytes: None,
+            provenance_url: None,
         };
         let r = reply(&env, Some(true), None, &urls);
         assert_eq!(r["fei"], env["fei"]);

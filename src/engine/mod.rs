@@ -16,6 +16,7 @@
 
 pub mod actions;
 pub mod answer;
+pub mod attest;
 pub mod backoff;
 pub mod driver;
 pub mod intake;
@@ -92,6 +93,7 @@ pub struct Engine {
     intake: intake::Intake,
     leak_pass: leaks::LeakPass,
     retention: retention::Retention,
+    attest: attest::Attest,
     stopping: AtomicBool,
     /// Opened by a command while no daemon runs (it pushes and builds nothing).
     offline: bool,
@@ -116,6 +118,7 @@ impl Engine {
             intake: intake::Intake::default(),
             leak_pass: leaks::LeakPass::default(),
             retention: retention::Retention::default(),
+            attest: attest::Attest::default(),
             stopping: AtomicBool::new(false),
             offline,
         })

@@ -162,9 +162,12 @@ impl Engine {
             return Ok(());
         };
         self.pusher.push(id, Status::Building);
+        let started = std::time::SystemTime::now();
         let end = self
             .builder
             .build(&spec, &prepared, &guard.cancel, &self.registry);
+        // provenance.json (and its signature) before `finished` names it
+        let end = self.attest(id, &spec, &prepared, started, end);
         let boot_seconds = prepared.boot_seconds();
         let cancelled_by_operator = lock(&self.slots.by_operator).contains(&id);
         if matches!(end, BuildEnd::Cancelled) {

@@ -332,6 +332,7 @@ fn answer_fields(workitem: Option<&serde_json::Value>, job: &Job) -> Vec<(String
         "files_url",
         "image_url",
         "image_sha256",
+        "provenance_url",
         "logfile_url",
         "error",
     ] {

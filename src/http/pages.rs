@@ -448,6 +448,7 @@ pub fn job(p: &JobPage) -> Markup {
                             }
                             @if let Some(u) = &p.files_url { a href=(u) { "files" } }
                             @if let Some(u) = &p.image_url { a href=(u) { "image" } }
+                            @if let Some(u) = &p.job.urls.provenance_url { a href=(u) title="in-toto statement: the image's sha256 and what it was built from" { "provenance" } }
                             @if let (Some(u), Some(crate::domain::Mode::Kvm)) = (&p.files_url, j.mode) { a href={ (u) "/console.log" } { "guest console" } }
                             a href={ "/api/jobs/" (j.id) } { "JSON" }
                         }

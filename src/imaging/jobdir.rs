@@ -11,6 +11,7 @@
 use super::joblog::job_log_limit;
 use super::place::{Place, Release};
 use super::{JobLog, job_dir, mode};
+use crate::artifacts::provenance::{self, PROVENANCE_FILE, Repo};
 use crate::artifacts::sums::{self, FileSum};
 use crate::config::WorkerConfig;
 use crate::domain::workitem::Spec;
@@ -67,13 +68,20 @@ pub struct Prepared {
     path: PathBuf,
     ks: PathBuf,
     log: JobLog,
-    /// The names (relative to the job directory) of the kickstart, the log, the console and
-    /// `SHA256SUMS`: never the image, never a file of the build.
-    skip: [PathBuf; 4],
+    /// The names (relative to the job directory) of the kickstart, the log, the console,
+    /// `SHA256SUMS` and the provenance files: never the image, never a file of the build.
+    skip: [PathBuf; 6],
+    /// The kickstart's sha256 and its repos (tokenmap applied), taken from the text written.
+    ks_sha256: String,
+    repos: Vec<Repo>,
+    /// What [`Prepared::seal`] hashed.
+    sealed: std::sync::Mutex<Option<Sealed>>,
     before: HashMap<PathBuf, FileId>,
     place: Place,
     /// KVM: seconds the guest took to answer ssh (noted by the builder).
     boot: std::sync::Mutex<Option<f64>>,
+    /// KVM: what the guest's `mic --version` printed (noted by the builder).
+    mic_version: std::sync::Mutex<Option<String>>,
 }
 
 impl Prepared {
@@ -99,6 +107,19 @@ impl Prepared {
     /// How long the build's guest took to boot, if it booted one.
     pub fn boot_seconds(&self) -> Option<f64> {
         *self.boot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes what the build's mic said of its version (KVM: the guest's).
+    pub fn note_mic_version(&self, line: &str) {
+        *self.mic_version.lock().unwrap_or_else(|p| p.into_inner()) = Some(line.to_string());
+    }
+
+    /// What [`Prepared::note_mic_version`] noted.
+    pub fn mic_version(&self) -> Option<String> {
+        self.mic_version
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The build's place (its temp dir, cgroup or marker).
@@ -197,11 +218,79 @@ impl Prepared {
             files.len(),
             image_rel.display()
         ));
-        Ok(Sealed {
+        let sealed = Sealed {
             image: image.to_path_buf(),
             image_sha256,
             files,
-        })
+        };
+        *self.sealed.lock().unwrap_or_else(|p| p.into_inner()) = Some(sealed.clone());
+        Ok(sealed)
+    }
+
+    /// What [`Prepared::seal`] hashed, if the build got that far.
+    pub fn sealed(&self) -> Option<Sealed> {
+        self.sealed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The kickstart's file name in the job folder and its sha256.
+    pub fn kickstart_sha256(&self) -> (String, String) {
+        let name = self.skip[0].to_string_lossy().into_owned();
+        (name, self.ks_sha256.clone())
+    }
+
+    /// The kickstart's `repo --baseurl`s, tokenmap applied.
+    pub fn repos(&self) -> &[Repo] {
+        &self.repos
+    }
+
+    /// The package list mic wrote (`<name>.packages`, with `--record-pkgs=name`) among the
+    /// sealed files, read (it is small; at most 64 MiB is taken).
+    pub fn packages(&self, name: &str) -> Result<Option<provenance::Packages>, String> {
+        let want = format!("{name}.packages");
+        let Some(file) = self.sealed().and_then(|s| {
+            s.files
+                .into_iter()
+                .filter(|f| f.path.file_name().is_some_and(|n| n == want.as_str()))
+                .min_by_key(|f| f.path.components().count())
+        }) else {
+            return Ok(None);
+        };
+        let shown = self.path.join(&file.path);
+        let fd = open_beneath(&self.dir, &file.path)
+            .map_err(|e| format!("cannot open {}: {e}", shown.display()))?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(File::from(fd), 64 << 20),
+            &mut text,
+        )
+        .map_err(|e| format!("cannot read {}: {e}", shown.display()))?;
+        Ok(Some(provenance::Packages {
+            packages: provenance::package_lines(&text),
+            file,
+        }))
+    }
+
+    /// Removes `name` from the job directory (a file that is not there is no error).
+    pub fn remove_file(&self, name: &str) -> Result<(), String> {
+        match unlinkat(&self.dir, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(format!(
+                "cannot remove {}: {}",
+                self.path.join(name).display(),
+                e.desc()
+            )),
+        }
+    }
+
+    /// Writes `name` in the job directory (tmp + fsync + rename); its path.
+    pub fn write_file(&self, name: &str, data: &[u8]) -> Result<PathBuf, String> {
+        let path = self.path.join(name);
+        write_in(&self.dir, name, data)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
     }
 }
 
@@ -489,10 +578,16 @@ pub fn prepare(w: &WorkerConfig, spec: &Spec, attempt: u32) -> Result<Prepared, 
             PathBuf::from(log_name),
             PathBuf::from(CONSOLE_LOG),
             PathBuf::from(sums::SUMS_FILE),
+            PathBuf::from(PROVENANCE_FILE),
+            PathBuf::from(crate::artifacts::dsse::ENVELOPE_FILE),
         ],
+        ks_sha256: crate::digest::sha256_hex(spec.kickstart.as_bytes()),
+        repos: provenance::repos(&spec.kickstart, spec.tokenmap.as_deref()),
+        sealed: std::sync::Mutex::new(None),
         before,
         place,
         boot: std::sync::Mutex::new(None),
+        mic_version: std::sync::Mutex::new(None),
     })
 }
 

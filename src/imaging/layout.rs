@@ -51,6 +51,7 @@ pub fn planned_urls(w: &WorkerConfig, spec: &Spec) -> Urls {
         logfile_url: url_for(w, &log_path(w, spec)),
         image_sha256: None,
         artifact_bytes: None,
+        provenance_url: None,
     }
 }
 

@@ -87,6 +87,25 @@ pub fn failure_of(outcome: crate::process::Outcome, dir: &std::path::Path) -> (F
     }
 }
 
+/// The host facts common to both modes (mic's path and options), with `version`.
+pub fn mic_facts(
+    w: &WorkerConfig,
+    version: Option<String>,
+) -> crate::artifacts::provenance::HostFacts {
+    crate::artifacts::provenance::HostFacts {
+        mode: match mode(w) {
+            Mode::Native => "native",
+            Mode::Kvm => "kvm",
+        }
+        .to_string(),
+        ict: tools::ict_name(w.ict).to_string(),
+        mic_path: w.mic_path(),
+        mic_version: version,
+        mic_opts: w.mic_opts.clone(),
+        base_image: None,
+    }
+}
+
 /// The mode `w` configures: the mode of `builder(w)`.
 pub fn mode(w: &WorkerConfig) -> Mode {
     if w.use_kvm { Mode::Kvm } else { Mode::Native }
@@ -118,6 +137,12 @@ pub trait Builder: Send + Sync {
     fn unavailable(&self) -> Option<String> {
         None
     }
+
+    /// How this builder builds, as a build's provenance states it: mode, mic's path, version
+    /// and options; KVM: the base image and its sha256. Asked after a successful build (of
+    /// `prepared`); what costs (mic --version, hashing the base image) is done once per daemon
+    /// start and cached.
+    fn host_facts(&self, prepared: &Prepared) -> crate::artifacts::provenance::HostFacts;
 
     /// What `doctor` checks for this builder (native: mic, sudo; KVM: mic's note, sudo, the
     /// preflight, qemu, qemu-img, ssh, scp), split by where the report shows them.

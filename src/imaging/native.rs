@@ -18,11 +18,16 @@ use crossbeam_channel::Receiver;
 /// Builds with mic on this host.
 pub struct NativeBuilder {
     w: WorkerConfig,
+    /// What `mic --version` printed, asked once (None when it could not be asked).
+    version: std::sync::OnceLock<Option<String>>,
 }
 
 impl NativeBuilder {
     pub fn new(w: WorkerConfig) -> NativeBuilder {
-        NativeBuilder { w }
+        NativeBuilder {
+            w,
+            version: std::sync::OnceLock::new(),
+        }
     }
 }
 
@@ -46,6 +51,16 @@ impl Builder for NativeBuilder {
     /// frees them.
     fn recover(&self, registry: &Registry) {
         super::kvm::recover_orphans(&self.w, registry);
+    }
+
+    fn host_facts(&self, _prepared: &Prepared) -> crate::artifacts::provenance::HostFacts {
+        let version = self.version.get_or_init(|| {
+            let argv = [self.w.mic_path().into_os_string(), "--version".into()];
+            crate::health::probe(&argv)
+                .map_err(|e| log::warn!("provenance: cannot ask mic its version: {e}"))
+                .ok()
+        });
+        super::mic_facts(&self.w, version.clone())
     }
 
     fn unavailable(&self) -> Option<String> {

@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod host;
+pub mod provenance;
 pub mod web;
 
 use build_image::config::Config;

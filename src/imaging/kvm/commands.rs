@@ -361,6 +361,14 @@ pub fn mic_remote(spec: &Spec, ks: &str, outdir: &str, w: &WorkerConfig) -> Stri
     remote(&v)
 }
 
+/// `mic --version` in the guest (what the provenance states of the guest's mic).
+pub fn mic_version_remote(w: &WorkerConfig) -> String {
+    remote(&[
+        w.mic_path().to_string_lossy().into_owned(),
+        "--version".to_string(),
+    ])
+}
+
 /// Flushes the guest's disks, then powers it off (qemu runs with `-no-reboot`, so a reboot also
 /// ends it).
 pub fn shutdown() -> String {

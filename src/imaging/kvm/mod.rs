@@ -36,11 +36,49 @@ use std::path::{Path, PathBuf};
 /// Builds in a throw-away KVM guest.
 pub struct KvmBuilder {
     w: WorkerConfig,
+    /// The base image's sha256, by the (dev, ino, mtime) it was taken at: hashed once per
+    /// daemon start, again only when the file changed.
+    base_sha256: std::sync::Mutex<Option<(FileKey, String)>>,
 }
+
+/// A file's identity and time.
+type FileKey = (u64, u64, i64, i64);
 
 impl KvmBuilder {
     pub fn new(w: WorkerConfig) -> KvmBuilder {
-        KvmBuilder { w }
+        KvmBuilder {
+            w,
+            base_sha256: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The base image and its sha256 (cached by dev, ino and mtime); None when it cannot be
+    /// read (said in the log).
+    fn base_image(&self) -> Option<(PathBuf, String)> {
+        use std::os::unix::fs::MetadataExt;
+        let base = absolute(self.w.vm_base_img.as_deref()?);
+        let mut cache = self.base_sha256.lock().unwrap_or_else(|p| p.into_inner());
+        let hashed = std::fs::metadata(&base).and_then(|m| {
+            let key = (m.dev(), m.ino(), m.mtime(), m.mtime_nsec());
+            if let Some((k, sha)) = cache.as_ref()
+                && *k == key
+            {
+                return Ok(sha.clone());
+            }
+            let (sha, _) = crate::artifacts::sums::hash_reader(std::fs::File::open(&base)?)?;
+            *cache = Some((key, sha.clone()));
+            Ok(sha)
+        });
+        match hashed {
+            Ok(sha) => Some((base, sha)),
+            Err(e) => {
+                log::warn!(
+                    "provenance: cannot hash the base image {}: {e}",
+                    base.display()
+                );
+                None
+            }
+        }
     }
 }
 
@@ -94,6 +132,12 @@ impl Builder for KvmBuilder {
                 BuildEnd::failed(error, urls, crate::domain::Failure::Image)
             }
         }
+    }
+
+    fn host_facts(&self, prepared: &Prepared) -> crate::artifacts::provenance::HostFacts {
+        let mut facts = super::mic_facts(&self.w, prepared.mic_version());
+        facts.base_image = self.base_image();
+        facts
     }
 
     /// Kills the guests and removes the overlays and LVM snapshots of builds a killed daemon
@@ -151,6 +195,34 @@ fn host_checks(w: &WorkerConfig) -> Vec<Check> {
 /// `p` against the current directory (`p` itself when that cannot be read).
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// `chmod -R g+rw,o+rw` of the job directory, as the original did (symlinks not followed).
+fn open_up(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            if meta.is_dir() {
+                stack.push(path.clone());
+            }
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+            if mode & 0o066 != 0o066 {
+                let _ = std::fs::set_permissions(
+                    &path,
+                    <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(
+                        (mode | 0o066) & 0o7777,
+                    ),
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,10 +8,10 @@
 //! removed, the build's files in img_tmp removed; only an LVM snapshot that cannot be removed
 //! keeps its record (and the lock is let go), for the next start's recovery.
 
-use super::absolute;
 use super::commands::{self, Accel, Ssh, Vm};
 use super::orphans::{STEM_EXTS, kill_vm, new_stem, read_pid, with_ext};
 use super::preflight::{kvm_usable, message, preflight};
+use super::{absolute, open_up};
 use crate::config::WorkerConfig;
 use crate::domain::workitem::Spec;
 use crate::health::Status;
@@ -23,7 +23,6 @@ use nix::fcntl::Flock;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -224,6 +223,15 @@ impl Guest<'_> {
         let guest_dir = commands::guest_job_dir(self.spec);
         let guest_ks = format!("{guest_dir}/{}.ks", self.spec.name);
         self.prepare_guest(&guest_dir, &guest_ks)?;
+
+        // the guest's mic, as the provenance states it (a guest that cannot say is no failure)
+        let argv = self.ssh(10).ssh(&commands::mic_version_remote(w));
+        let (outcome, text) = self.capture(&argv, Duration::from_secs(60), true)?;
+        if outcome.success()
+            && let Some(line) = text.lines().map(str::trim).find(|l| !l.is_empty())
+        {
+            self.prepared.note_mic_version(line);
+        }
 
         let mic_line = commands::mic_remote(self.spec, &guest_ks, &guest_dir, w);
         let argv = self.ssh(10).ssh(&mic_line);
@@ -691,35 +699,10 @@ fn free_port() -> Option<u16> {
         .find(|p| port_is_free(*p))
 }
 
-/// `chmod -R g+rw,o+rw` of the job directory, as the original did (symlinks not followed).
-fn open_up(dir: &Path) {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.file_type().is_symlink() {
-                continue;
-            }
-            if meta.is_dir() {
-                stack.push(path.clone());
-            }
-            let mode = meta.permissions().mode();
-            if mode & 0o066 != 0o066 {
-                let _ = std::fs::set_permissions(
-                    &path,
-                    std::fs::Permissions::from_mode((mode | 0o066) & 0o7777),
-                );
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn open_up_makes_group_and_other_writable() {
