@@ -245,6 +245,24 @@ fn keep_days_with_back_dated_events_and_the_events_go_through_export_import_and_
     let d1_files = listed(&farm, "d1");
     assert_eq!(gc_jobs(&ok(&farm, &["gc"])), ["d1"]);
     assert!(d1_files.iter().all(|f| !f.exists()));
+    // verify of an expired job says so (exit 2: the files are missing, on purpose)
+    let key = farm.root().join("k");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (code, _, err) = output(
+        farm.bin()
+            .args(["verify", "d1", "--key"])
+            .arg(key.with_extension("pub")),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("expired at") && err.contains("keep_days"),
+        "{err}"
+    );
     ok(&farm, &["unpin", "d3"]);
     ok(&farm, &["pin", "d2"]);
 

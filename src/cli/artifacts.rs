@@ -47,6 +47,16 @@ pub fn verify(cfg: &Config, target: &str, key: Option<&Path>) -> anyhow::Result<
         let Response::Show(view) = r else {
             anyhow::bail!("unexpected answer from the daemon: {r:?}");
         };
+        if let Some(e) = &view.job.expired {
+            // the images are gone on purpose: say so, rather than a bare "missing"
+            eprintln!(
+                "build-image: missing: job {}'s images expired at {} ({}); its provenance and SHA256SUMS are kept",
+                view.job.id,
+                escape(&e.at),
+                escape(&e.reason)
+            );
+            return Ok(2);
+        }
         let Some(dir) = view.log_path.as_deref().and_then(|l| Path::new(l).parent()) else {
             anyhow::bail!("job {target} has no job folder (it was never built)");
         };
