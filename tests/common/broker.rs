@@ -5,7 +5,7 @@
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -251,6 +251,20 @@ impl Broker {
                 .unwrap();
             let _ = c.close(200, "".into()).await;
             q.message_count()
+        })
+    }
+}
+
+impl Broker {
+    /// Deletes `queue` and the messages in it (an operator's maintenance).
+    pub fn delete_queue(&self, queue: &str) {
+        self.rt.block_on(async {
+            let c = self.connect().await;
+            let ch = c.create_channel().await.unwrap();
+            ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+            let _ = c.close(200, "".into()).await;
         })
     }
 }

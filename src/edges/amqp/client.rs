@@ -1,12 +1,15 @@
 //! The AMQP connection: one thread with its own single-threaded tokio runtime (lapin's
 //! executor), talking to the daemon over channels. It consumes the participant's queue
 //! (manual acks, `basic_qos(prefetch)`), hands each delivery to the daemon, acks or rejects
-//! what the daemon says, and publishes answers with publisher confirms. A lost connection is
-//! reconnected with back-off; meanwhile publishes fail at once (the caller tries again later).
+//! what the daemon says, and publishes answers `mandatory` with publisher confirms. A lost
+//! connection is reconnected with back-off; meanwhile publishes fail at once (the caller tries
+//! again later).
 //!
-//! Invariant: a delivery is tagged with the generation (connection) it came from; once that
+//! Invariants: a delivery is tagged with the generation (connection) it came from; once that
 //! connection is lost (`connected` false from the moment the client sees it) the broker has
-//! requeued every unacked one, so the daemon drops them unclaimed.
+//! requeued every unacked one, so the daemon drops them unclaimed. An answer the broker
+//! returned (no queue to route it to) is a failed publish, never a delivered one; the reply
+//! queue is declared again before the next publish.
 
 use crate::engine::backoff::Backoff;
 use crossbeam_channel::{Receiver, Sender, unbounded};
@@ -270,6 +273,9 @@ async fn serve(
     } else {
         None
     };
+    // Set when the broker returned an answer: the reply queue is gone (deleted by an operator),
+    // declared again before the next publish.
+    let redeclare = Arc::new(AtomicBool::new(false));
     let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
     shared.connected.store(true, Ordering::SeqCst);
     log::info!(
@@ -308,15 +314,28 @@ async fn serve(
             c = cmds.recv() => match c {
                 None | Some(Cmd::Stop) => return Ok(()),
                 Some(Cmd::Publish { body, done }) => {
+                    if redeclare.load(Ordering::SeqCst) {
+                        match declare_again(conn, &s.reply_queue).await {
+                            Ok(()) => {
+                                redeclare.store(false, Ordering::SeqCst);
+                                log::info!("AMQP: reply queue {} declared again", s.reply_queue);
+                            }
+                            Err(why) => {
+                                let _ = done.send(Err(why));
+                                continue;
+                            }
+                        }
+                    }
                     let ch = publish.clone();
                     let key = s.reply_queue.clone();
+                    let redeclare = Arc::clone(&redeclare);
                     tokio::spawn(async move {
                         let r = async {
                             let confirm = ch
                                 .basic_publish(
                                     "".into(),
                                     key.as_str().into(),
-                                    BasicPublishOptions::default(),
+                                    BasicPublishOptions { mandatory: true, immediate: false },
                                     &body,
                                     persistent(),
                                 )
@@ -324,13 +343,12 @@ async fn serve(
                                 .map_err(|e| format!("cannot publish: {e}"))?
                                 .await
                                 .map_err(|e| format!("no confirm: {e}"))?;
-                            match confirm {
-                                Confirmation::Ack(_) => Ok(()),
-                                Confirmation::Nack(_) => Err("the broker nacked the answer".to_string()),
-                                Confirmation::NotRequested => Ok(()),
-                            }
+                            confirmed(confirm, &key)
                         }
                         .await;
+                        if r.as_ref().is_err_and(|e| e.contains(RETURNED)) {
+                            redeclare.store(true, Ordering::SeqCst);
+                        }
                         let _ = done.send(r);
                     });
                 }
@@ -352,6 +370,59 @@ async fn serve(
             },
         }
     }
+}
+
+/// What an error of a returned answer says (the client declares the reply queue again).
+const RETURNED: &str = "the broker returned the answer";
+
+/// A publisher confirm judged: only an ack of a message the broker routed is a delivery; a
+/// returned message (mandatory, no queue bound to its routing key) is acked by the broker too,
+/// but it went nowhere.
+fn confirmed(c: Confirmation, queue: &str) -> Result<(), String> {
+    match c {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => Err(format!(
+            "{RETURNED} ({} {}): no queue {queue}",
+            r.reply_code, r.reply_text
+        )),
+        Confirmation::Nack(None) => Err("the broker nacked the answer".to_string()),
+    }
+}
+
+/// Declares a queue that went away (durable), on a channel of its own: a queue an operator
+/// declared again in the meantime, with whatever arguments, is used as it is (a passive
+/// declare first; it closes its channel when the queue is missing).
+async fn declare_again(conn: &Connection, queue: &str) -> Result<(), String> {
+    let e = |what: &'static str| move |err: lapin::Error| format!("{what} {queue}: {err}");
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(e("cannot open a channel to declare"))?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::durable()
+    };
+    if ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok()
+    {
+        let _ = ch.close(200, "declared".into()).await;
+        return Ok(());
+    }
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(e("cannot open a channel to declare"))?;
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(e("cannot declare the reply queue"))?;
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
 }
 
 /// An answer's properties: persistent (delivery_mode 2), JSON.

@@ -1,9 +1,9 @@
 //! The broker as an answerer: a job that came over AMQP is answered by publishing its answer
-//! to `[amqp] reply_queue` (default exchange, persistent, with publisher confirms), unless its
-//! workitem asks for no reply (`fields.params.forget`).
+//! to `[amqp] reply_queue` (default exchange, persistent, `mandatory`, with publisher
+//! confirms), unless its workitem asks for no reply (`fields.params.forget`).
 //!
 //! Invariant: the receipt (and so `delivered`) is returned only after the broker confirmed the
-//! message; without a connection or a confirm the answer is not delivered and the engine tries
+//! message and did not return it (no queue to route it to); without a connection or a confirm the answer is not delivered and the engine tries
 //! the step again (at least once).
 
 use super::client::Handle;

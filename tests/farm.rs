@@ -1,0 +1,116 @@
+//! Several hosts, one farm (docs/amqp.md, issue 22), against a real RabbitMQ (a private node per
+//! test, see tests/common/broker.rs): no answer is stranded.
+
+mod common;
+
+use common::broker::{self, Broker};
+use common::{Farm, wait_for};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const Q: &str = "build_image";
+const R: &str = "ruote_workitems";
+
+/// A Ruote workitem as the engine publishes it.
+fn ruote(n: usize, ks: &str) -> Value {
+    json!({
+        "fei": {"wfid": format!("wf-{n}"), "subid": "s", "expid": "0_0_1", "engine_id": "engine"},
+        "participant_name": "build_image",
+        "fields": {
+            "params": {},
+            "image": {
+                "image_id": format!("img{n}"),
+                "kickstart": ks,
+                "image_type": "loop",
+                "name": format!("img-img{n}"),
+                "arch": "i586"
+            },
+            "msg": []
+        }
+    })
+}
+
+fn bytes(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap()
+}
+
+fn farm_with(broker: &Broker, workers: usize) -> Farm {
+    let mut farm = Farm::new();
+    farm.cfg.amqp.url = Some(broker.url());
+    farm.cfg.worker.workers = workers;
+    farm.cfg.hooks.push = None;
+    farm
+}
+
+/// The log through the running daemon (`events --json`).
+fn events(farm: &Farm) -> Vec<Value> {
+    let (code, text, err) = common::output(farm.bin().args(["events", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    common::export_events(&text)
+}
+
+fn job_of(events: &[Value], image_id: &str) -> Option<u64> {
+    events
+        .iter()
+        .find(|e| e["kind"] == json!("queued") && e["image_id"] == json!(image_id))
+        .and_then(|e| e["job"].as_u64())
+}
+
+fn kinds_of(events: &[Value], job: u64) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["job"].as_u64() == Some(job))
+        .filter_map(|e| e["kind"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Point 3 of the issue: the reply queue is deleted while a build runs (maintenance: moving it,
+/// say, to another queue type). The answer the broker cannot route is returned, so it is not
+/// `delivered`: the daemon declares the reply queue again and publishes the answer again, and
+/// the answer is there when `delivered` is recorded.
+#[test]
+fn an_answer_to_a_deleted_reply_queue_is_not_lost() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    let farm = farm_with(&broker, 1);
+    let d = farm.start();
+
+    let go = farm.root().join("go");
+    let ks = format!("# mic-fixture: wait-for {}\n", go.display());
+    broker.publish(Q, &[bytes(&ruote(1, &ks))]);
+    farm.wait_mic_running("img1");
+    broker.delete_queue(R);
+    std::fs::write(&go, b"").unwrap();
+
+    // `delivered` only once the answer is in the reply queue.
+    let mut job = None;
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let evs = events(&farm);
+            job = job_of(&evs, "img1");
+            job.is_some_and(|j| kinds_of(&evs, j).iter().any(|k| k == "delivered"))
+        }),
+        "never delivered: {:?}",
+        events(&farm)
+    );
+    let answers = broker.take(R);
+    assert_eq!(
+        answers.len(),
+        1,
+        "the answer is in the reply queue declared again, once"
+    );
+    let v: Value = serde_json::from_slice(&answers[0].0).unwrap();
+    assert_eq!(v["fei"]["wfid"], json!("wf-1"), "{v}");
+    assert_eq!(v["fields"]["result"], json!(true), "{v}");
+    let evs = events(&farm);
+    let kinds = kinds_of(&evs, job.unwrap());
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "delivered").count(),
+        1,
+        "{kinds:?}"
+    );
+    d.stop().unwrap();
+}
