@@ -114,3 +114,58 @@ fn an_answer_to_a_deleted_reply_queue_is_not_lost() {
     );
     d.stop().unwrap();
 }
+
+/// Point 7 of the issue: the same bytes delivered again while their job builds (the broker
+/// re-delivering a message whose ack it lost, or the engine sending it twice) are a `duplicate`
+/// of the job; the job's one answer answers both (the same `fei`): exactly one answer.
+#[test]
+fn a_byte_identical_redelivery_during_a_build_is_answered_once() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    let farm = farm_with(&broker, 2);
+    let d = farm.start();
+
+    let go = farm.root().join("go");
+    let ks = format!("# mic-fixture: wait-for {}\n", go.display());
+    let body = bytes(&ruote(1, &ks));
+    broker.publish(Q, std::slice::from_ref(&body));
+    farm.wait_mic_running("img1");
+    broker.publish(Q, &[body]);
+    assert!(
+        wait_for(Duration::from_secs(60), || events(&farm)
+            .iter()
+            .any(|e| e["kind"] == json!("duplicate"))),
+        "the re-delivery is a duplicate of the job: {:?}",
+        events(&farm)
+    );
+    std::fs::write(&go, b"").unwrap();
+
+    // Both are settled: the job's answer and the copy's (withheld: the job's answer is its).
+    let delivered = |evs: &[Value]| {
+        evs.iter()
+            .filter(|e| e["kind"] == json!("delivered"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || delivered(&events(&farm)).len()
+            == 2),
+        "{:?}",
+        events(&farm)
+    );
+    let answers = broker.take(R);
+    assert_eq!(
+        answers.len(),
+        1,
+        "one answer for one fei: {:?}",
+        delivered(&events(&farm))
+    );
+    let v: Value = serde_json::from_slice(&answers[0].0).unwrap();
+    assert_eq!(v["fei"]["wfid"], json!("wf-1"), "{v}");
+    assert_eq!(v["fields"]["result"], json!(true), "{v}");
+    assert_eq!(common::mic_runs(&farm, "img1"), 1, "built once");
+    d.stop().unwrap();
+}
