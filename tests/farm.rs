@@ -169,3 +169,59 @@ fn a_byte_identical_redelivery_during_a_build_is_answered_once() {
     assert_eq!(common::mic_runs(&farm, "img1"), 1, "built once");
     d.stop().unwrap();
 }
+
+/// Point 5 of the issue: queues an operator declared with arguments (a dead-letter exchange, a
+/// quorum queue) are consumed and answered as they are; queues the daemon declares itself get
+/// `[amqp] queue_arguments` / `reply_queue_arguments`.
+#[test]
+fn queues_declared_with_arguments_are_used_as_they_are() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    broker.declare_with(Q, &[("x-dead-letter-exchange", "dlx")]);
+    broker.declare_with(R, &[("x-queue-type", "quorum")]);
+    let farm = farm_with(&broker, 1);
+    let d = farm.start();
+    broker.publish_to_existing(Q, &[bytes(&ruote(1, "# ks\n"))]);
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let evs = events(&farm);
+            job_of(&evs, "img1").is_some_and(|j| kinds_of(&evs, j).iter().any(|k| k == "delivered"))
+        }),
+        "the workitem on a queue with a dead-letter exchange is consumed and answered: {:?}",
+        events(&farm)
+    );
+    let answers = broker.take_existing(R);
+    assert_eq!(answers.len(), 1, "the answer is in the quorum reply queue");
+    let v: Value = serde_json::from_slice(&answers[0].0).unwrap();
+    assert_eq!(v["fields"]["result"], json!(true), "{v}");
+    d.stop().unwrap();
+
+    // Queues the daemon declares: with the configured arguments.
+    let broker = Broker::start();
+    let mut farm = farm_with(&broker, 1);
+    farm.cfg.amqp.queue_arguments.insert(
+        "x-queue-type".into(),
+        build_image::edges::amqp::config::Argument::Text("quorum".into()),
+    );
+    let d = farm.start();
+    assert!(
+        wait_for(Duration::from_secs(30), || broker
+            .queue_arguments(Q)
+            .contains("quorum")),
+        "{Q} declared with its arguments: {:?}",
+        broker.queue_arguments(Q)
+    );
+    broker.publish_to_existing(Q, &[bytes(&ruote(2, "# ks\n"))]);
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let evs = events(&farm);
+            job_of(&evs, "img2").is_some_and(|j| kinds_of(&evs, j).iter().any(|k| k == "delivered"))
+        }),
+        "{:?}",
+        events(&farm)
+    );
+    d.stop().unwrap();
+}

@@ -33,7 +33,10 @@ pub struct Settings {
     /// The url without its password, for logs.
     pub shown: String,
     pub queue: String,
+    /// Declared with these when missing (`[amqp] queue_arguments`).
+    pub queue_arguments: FieldTable,
     pub reply_queue: String,
+    pub reply_queue_arguments: FieldTable,
     pub prefetch: u16,
     /// Consume the queue (false: publish only, e.g. `run --once`).
     pub consume: bool,
@@ -236,16 +239,8 @@ async fn serve(
         .create_channel()
         .await
         .map_err(e("cannot open a channel"))?;
-    for q in [&s.queue, &s.reply_queue] {
-        consume
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(e("cannot declare the queue"))?;
-    }
+    declare(conn, &s.queue, &s.queue_arguments).await?;
+    declare(conn, &s.reply_queue, &s.reply_queue_arguments).await?;
     let publish = conn
         .create_channel()
         .await
@@ -315,7 +310,7 @@ async fn serve(
                 None | Some(Cmd::Stop) => return Ok(()),
                 Some(Cmd::Publish { body, done }) => {
                     if redeclare.load(Ordering::SeqCst) {
-                        match declare_again(conn, &s.reply_queue).await {
+                        match declare(conn, &s.reply_queue, &s.reply_queue_arguments).await {
                             Ok(()) => {
                                 redeclare.store(false, Ordering::SeqCst);
                                 log::info!("AMQP: reply queue {} declared again", s.reply_queue);
@@ -389,10 +384,10 @@ fn confirmed(c: Confirmation, queue: &str) -> Result<(), String> {
     }
 }
 
-/// Declares a queue that went away (durable), on a channel of its own: a queue an operator
-/// declared again in the meantime, with whatever arguments, is used as it is (a passive
-/// declare first; it closes its channel when the queue is missing).
-async fn declare_again(conn: &Connection, queue: &str) -> Result<(), String> {
+/// Makes sure `queue` exists: one an operator declared, with whatever arguments (a dead-letter
+/// exchange, `x-queue-type = quorum`), is used as it is (a passive declare, on a channel of its
+/// own: a missing queue closes it); a missing one is declared durable with `arguments`.
+pub async fn declare(conn: &Connection, queue: &str, arguments: &FieldTable) -> Result<(), String> {
     let e = |what: &'static str| move |err: lapin::Error| format!("{what} {queue}: {err}");
     let ch = conn
         .create_channel()
@@ -417,10 +412,10 @@ async fn declare_again(conn: &Connection, queue: &str) -> Result<(), String> {
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions::durable(),
-        FieldTable::default(),
+        arguments.clone(),
     )
     .await
-    .map_err(e("cannot declare the reply queue"))?;
+    .map_err(e("cannot declare the queue"))?;
     let _ = ch.close(200, "declared".into()).await;
     Ok(())
 }
@@ -432,8 +427,13 @@ pub fn persistent() -> BasicProperties {
         .with_content_type("application/json".into())
 }
 
-/// Connects, opens a channel and checks the queue exists or can be declared (for `doctor`).
-pub fn probe(uri: &AMQPUri, queue: &str, timeout: Duration) -> Result<String, String> {
+/// Connects and checks the queue exists or can be declared (for `doctor`).
+pub fn probe(
+    uri: &AMQPUri,
+    queue: &str,
+    arguments: &FieldTable,
+    timeout: Duration,
+) -> Result<String, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -443,18 +443,19 @@ pub fn probe(uri: &AMQPUri, queue: &str, timeout: Duration) -> Result<String, St
             let conn = Connection::connect_uri(uri.clone(), ConnectionProperties::default())
                 .await
                 .map_err(|e| format!("cannot connect: {e}"))?;
+            declare(&conn, queue, arguments).await?;
             let ch = conn
                 .create_channel()
                 .await
                 .map_err(|e| format!("cannot open a channel: {e}"))?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::durable()
+            };
             let q = ch
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions::durable(),
-                    FieldTable::default(),
-                )
+                .queue_declare(queue.into(), passive, FieldTable::default())
                 .await
-                .map_err(|e| format!("cannot declare queue {queue}: {e}"))?;
+                .map_err(|e| format!("cannot look at queue {queue}: {e}"))?;
             let _ = conn.close(200, "doctor".into()).await;
             Ok(format!(
                 "queue {queue}: {} message(s) waiting, {} consumer(s)",

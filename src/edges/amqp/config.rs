@@ -7,6 +7,7 @@
 
 use lapin::uri::{AMQPScheme, AMQPUri};
 use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
 
 /// An empty string is "not set".
 fn empty_is_unset<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -28,6 +29,22 @@ pub struct AmqpConfig {
     pub reply_queue: String,
     /// Unacked messages held, 0..=1000; 0 = the number of build slots (`[worker] workers`).
     pub prefetch: u32,
+    /// The arguments `queue` is declared with when it does not exist yet (say
+    /// `{ "x-queue-type" = "quorum" }`); a queue that exists is used as it is.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub queue_arguments: BTreeMap<String, Argument>,
+    /// The same for `reply_queue`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub reply_queue_arguments: BTreeMap<String, Argument>,
+}
+
+/// A queue argument's value: what AMQP queue arguments take (a string, an integer, a boolean).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Argument {
+    Bool(bool),
+    Int(i64),
+    Text(String),
 }
 
 impl Default for AmqpConfig {
@@ -37,6 +54,8 @@ impl Default for AmqpConfig {
             queue: "build_image".into(),
             reply_queue: "ruote_workitems".into(),
             prefetch: 0,
+            queue_arguments: BTreeMap::new(),
+            reply_queue_arguments: BTreeMap::new(),
         }
     }
 }
@@ -48,6 +67,8 @@ impl std::fmt::Debug for AmqpConfig {
             .field("queue", &self.queue)
             .field("reply_queue", &self.reply_queue)
             .field("prefetch", &self.prefetch)
+            .field("queue_arguments", &self.queue_arguments)
+            .field("reply_queue_arguments", &self.reply_queue_arguments)
             .finish()
     }
 }
@@ -68,6 +89,16 @@ impl AmqpConfig {
                 ));
             }
         }
+        for (key, args) in [
+            ("queue_arguments", &self.queue_arguments),
+            ("reply_queue_arguments", &self.reply_queue_arguments),
+        ] {
+            if let Some(name) = args.keys().find(|k| k.is_empty() || k.len() > 255) {
+                return Err(format!(
+                    "[amqp] {key}: the name {name:?} must be 1..=255 bytes long (an AMQP short string)"
+                ));
+            }
+        }
         if let Some(url) = &self.url {
             parse_url(url)?;
         }
@@ -83,6 +114,21 @@ impl AmqpConfig {
         };
         n.clamp(1, u16::MAX as u32) as u16
     }
+}
+
+/// Queue arguments as AMQP puts them (`x-queue-type` a long string, an integer a long long).
+pub fn field_table(args: &BTreeMap<String, Argument>) -> lapin::types::FieldTable {
+    use lapin::types::AMQPValue;
+    let mut t = lapin::types::FieldTable::default();
+    for (k, v) in args {
+        let v = match v {
+            Argument::Bool(b) => AMQPValue::Boolean(*b),
+            Argument::Int(i) => AMQPValue::LongLongInt(*i),
+            Argument::Text(s) => AMQPValue::LongString(s.as_str().into()),
+        };
+        t.insert(k.as_str().into(), v);
+    }
+    t
 }
 
 /// The url with its password replaced by `***` (for logs and `Debug`).

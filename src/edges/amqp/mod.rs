@@ -37,7 +37,9 @@ pub fn settings(
         uri,
         shown: config::redact(url),
         queue: cfg.queue.clone(),
+        queue_arguments: config::field_table(&cfg.queue_arguments),
         reply_queue: cfg.reply_queue.clone(),
+        reply_queue_arguments: config::field_table(&cfg.reply_queue_arguments),
         prefetch: cfg.prefetch_for(workers),
         consume,
         consumer_tag: format!("build-image-{worker}-{}", std::process::id()),
@@ -126,7 +128,12 @@ pub fn check(a: &AmqpConfig) -> Option<crate::health::Check> {
         Err(e) => return Some(crate::health::Check::fail("amqp broker", e)),
     };
     Some(
-        match client::probe(&uri, &a.queue, crate::health::CHILD_TIMEOUT) {
+        match client::probe(
+            &uri,
+            &a.queue,
+            &config::field_table(&a.queue_arguments),
+            crate::health::CHILD_TIMEOUT,
+        ) {
             Ok(detail) => crate::health::Check::ok("amqp broker", format!("{shown}: {detail}")),
             Err(e) => crate::health::Check::fail("amqp broker", format!("{shown}: {e}")),
         },
