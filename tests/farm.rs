@@ -225,3 +225,39 @@ fn queues_declared_with_arguments_are_used_as_they_are() {
     );
     d.stop().unwrap();
 }
+
+/// Point 5 of the issue: a broker that refuses the daemon (a wrong password) is not a debug line
+/// among retries: it is logged at ERROR with the broker's reason, and the daemon keeps trying.
+#[test]
+fn a_refused_login_is_an_error_with_the_reason() {
+    if !broker::available() {
+        return;
+    }
+    let broker = Broker::start();
+    let mut farm = farm_with(&broker, 1);
+    farm.cfg.amqp.url = Some(broker.url().replace("guest:guest@", "guest:wrong@"));
+    let stderr = farm.root().join("daemon.stderr");
+    let child = farm
+        .bin()
+        .arg("run")
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("start the daemon");
+    let mut guard = common::Guard(child);
+    let text = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(
+        wait_for(Duration::from_secs(60), || text()
+            .lines()
+            .any(|l| l.contains("ERROR")
+                && l.contains("refuses")
+                && l.contains("ACCESS"))),
+        "{}",
+        text()
+    );
+    assert!(!text().contains("wrong"), "the password is never logged");
+    common::sigterm(&guard.0);
+    assert_eq!(
+        common::wait_exit(&mut guard.0, Duration::from_secs(60)),
+        Some(0)
+    );
+}

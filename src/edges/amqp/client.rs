@@ -3,7 +3,9 @@
 //! (manual acks, `basic_qos(prefetch)`), hands each delivery to the daemon, acks or rejects
 //! what the daemon says, and publishes answers `mandatory` with publisher confirms. A lost
 //! connection is reconnected with back-off; meanwhile publishes fail at once (the caller tries
-//! again later).
+//! again later). A broker that refuses the daemon (credentials, permissions, a vhost, a queue's
+//! arguments) is an ERROR with its reason, not a quiet retry; [`Handle::problem`] says why the
+//! client is not connected.
 //!
 //! Invariants: a delivery is tagged with the generation (connection) it came from; once that
 //! connection is lost (`connected` false from the moment the client sees it) the broker has
@@ -68,6 +70,8 @@ enum Cmd {
 struct Shared {
     connected: AtomicBool,
     generation: AtomicU64,
+    /// Why the client is not connected (None while connected, or before the first try ends).
+    problem: std::sync::Mutex<Option<String>>,
 }
 
 /// The sending side: cheap to clone, used by any thread.
@@ -80,6 +84,15 @@ pub struct Handle {
 impl Handle {
     pub fn connected(&self) -> bool {
         self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// Why the client is not connected to the broker (None: connected, or still trying for
+    /// the first time).
+    pub fn problem(&self) -> Option<String> {
+        match self.shared.problem.lock() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 
     /// The current connection's generation.
@@ -164,6 +177,9 @@ async fn run(
 ) {
     let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut tries = 0u32;
+    // The refusal last logged at ERROR, and when (it is logged again when it changes, and every
+    // REFUSAL_REPEAT while it lasts).
+    let mut refusal: Option<(String, std::time::Instant)> = None;
     loop {
         let before = shared.generation.load(Ordering::SeqCst);
         let why = match session(&s, &shared, &mut cmds, &deliveries).await {
@@ -177,7 +193,20 @@ async fn run(
         }
         tries += 1;
         let delay = backoff.delay(tries);
-        if tries == 1 {
+        set_problem(&shared, Some(why.clone()));
+        if refused(&why) {
+            let again = refusal
+                .as_ref()
+                .is_none_or(|(last, at)| *last != why || at.elapsed() >= REFUSAL_REPEAT);
+            if again {
+                log::error!(
+                    "AMQP {}: the broker refuses: {why}; nothing is consumed or answered over AMQP until this is fixed (trying again every {:?} at most)",
+                    s.shown,
+                    Duration::from_secs(5)
+                );
+                refusal = Some((why.clone(), std::time::Instant::now()));
+            }
+        } else if tries == 1 {
             log::warn!(
                 "AMQP {}: {why}; reconnecting (every {:?} at most)",
                 s.shown,
@@ -202,6 +231,36 @@ async fn run(
                 },
             }
         }
+    }
+}
+
+/// How often a refusal that lasts is logged at ERROR again.
+const REFUSAL_REPEAT: Duration = Duration::from_secs(300);
+
+/// Is this failure one that trying again does not heal (an operator must act): credentials,
+/// permissions, a missing vhost, a queue whose arguments differ? The broker says so with these
+/// AMQP reply names.
+pub fn refused(why: &str) -> bool {
+    [
+        "ACCESS_REFUSED",
+        "ACCESS-REFUSED",
+        "NOT_ALLOWED",
+        "NOT-ALLOWED",
+        "PRECONDITION_FAILED",
+        "PRECONDITION-FAILED",
+        "NOT_FOUND",
+        "NOT-FOUND",
+        "RESOURCE_LOCKED",
+        "RESOURCE-LOCKED",
+    ]
+    .iter()
+    .any(|name| why.contains(name))
+}
+
+fn set_problem(shared: &Shared, problem: Option<String>) {
+    match shared.problem.lock() {
+        Ok(mut p) => *p = problem,
+        Err(p) => *p.into_inner() = problem,
     }
 }
 
@@ -272,6 +331,7 @@ async fn serve(
     // declared again before the next publish.
     let redeclare = Arc::new(AtomicBool::new(false));
     let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    set_problem(shared, None);
     shared.connected.store(true, Ordering::SeqCst);
     log::info!(
         "AMQP {}: connected; {} (prefetch {}), answers to {}",
@@ -468,4 +528,24 @@ pub fn probe(
             Err(_) => Err(format!("no answer within {timeout:?}")),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_told_from_outages() {
+        assert!(refused(
+            "cannot connect: protocol error: AMQP soft error: ACCESS-REFUSED: ACCESS_REFUSED - Login was refused"
+        ));
+        assert!(refused(
+            "cannot declare the queue build_image: PRECONDITION_FAILED - inequivalent arg"
+        ));
+        assert!(refused("NOT_ALLOWED - vhost boss not found"));
+        assert!(!refused(
+            "cannot connect: IO error: Connection refused (os error 111)"
+        ));
+        assert!(!refused("connection lost: connection reset by peer"));
+    }
 }
