@@ -12,6 +12,7 @@
 //!   function.
 
 pub mod cli;
+pub mod conditions;
 pub mod config;
 pub mod daemon;
 pub mod digest;

@@ -4,6 +4,7 @@
 mod common;
 
 use common::broker::{self, Broker};
+use common::web;
 use common::{Farm, wait_for};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -182,7 +183,8 @@ fn queues_declared_with_arguments_are_used_as_they_are() {
     let broker = Broker::start();
     broker.declare_with(Q, &[("x-dead-letter-exchange", "dlx")]);
     broker.declare_with(R, &[("x-queue-type", "quorum")]);
-    let farm = farm_with(&broker, 1);
+    let mut farm = farm_with(&broker, 1);
+    farm.cfg.http.listen = Some("127.0.0.1:0".into());
     let d = farm.start();
     broker.publish_to_existing(Q, &[bytes(&ruote(1, "# ks\n"))]);
     assert!(
@@ -197,6 +199,15 @@ fn queues_declared_with_arguments_are_used_as_they_are() {
     assert_eq!(answers.len(), 1, "the answer is in the quorum reply queue");
     let v: Value = serde_json::from_slice(&answers[0].0).unwrap();
     assert_eq!(v["fields"]["result"], json!(true), "{v}");
+    // Connected: healthy, and the metric says so.
+    let addr = web::http_addr(&farm);
+    let health = web::get(&addr, "/healthz");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let metrics = web::get(&addr, "/metrics").body;
+    assert!(
+        metrics.lines().any(|l| l == "build_image_amqp_connected 1"),
+        "{metrics}"
+    );
     d.stop().unwrap();
 
     // Queues the daemon declares: with the configured arguments.
@@ -227,7 +238,8 @@ fn queues_declared_with_arguments_are_used_as_they_are() {
 }
 
 /// Point 5 of the issue: a broker that refuses the daemon (a wrong password) is not a debug line
-/// among retries: it is logged at ERROR with the broker's reason, and the daemon keeps trying.
+/// among retries: it is logged at ERROR with the broker's reason, `/healthz` says degraded and
+/// why, `build_image_amqp_connected` is 0; and the daemon keeps trying.
 #[test]
 fn a_refused_login_is_an_error_with_the_reason() {
     if !broker::available() {
@@ -236,6 +248,7 @@ fn a_refused_login_is_an_error_with_the_reason() {
     let broker = Broker::start();
     let mut farm = farm_with(&broker, 1);
     farm.cfg.amqp.url = Some(broker.url().replace("guest:guest@", "guest:wrong@"));
+    farm.cfg.http.listen = Some("127.0.0.1:0".into());
     let stderr = farm.root().join("daemon.stderr");
     let child = farm
         .bin()
@@ -255,6 +268,20 @@ fn a_refused_login_is_an_error_with_the_reason() {
         text()
     );
     assert!(!text().contains("wrong"), "the password is never logged");
+    let addr = web::http_addr(&farm);
+    let health = web::get(&addr, "/healthz");
+    assert_eq!(health.status, 200, "the spool is still served");
+    assert!(
+        health.body.contains("degraded: amqp:") && health.body.contains("ACCESS_REFUSED"),
+        "{}",
+        health.body
+    );
+    assert!(!health.body.contains("wrong"), "{}", health.body);
+    let metrics = web::get(&addr, "/metrics").body;
+    assert!(
+        metrics.lines().any(|l| l == "build_image_amqp_connected 0"),
+        "{metrics}"
+    );
     common::sigterm(&guard.0);
     assert_eq!(
         common::wait_exit(&mut guard.0, Duration::from_secs(60)),

@@ -14,6 +14,7 @@ pub mod config;
 pub mod intake;
 pub mod reply;
 
+use crate::conditions::Condition;
 use crate::domain::{Origin, ReplyTo};
 use crate::engine::Engine;
 use crossbeam_channel::{Sender, bounded};
@@ -21,6 +22,9 @@ use std::sync::Arc;
 
 pub use client::{Client, Handle, Incoming, Settings};
 pub use config::AmqpConfig;
+
+/// The name the participant's condition is shown under (`/healthz`, `/metrics`, `status`).
+pub const CONDITION: &str = "amqp";
 
 /// The client settings for a config (None: no `[amqp] url`).
 pub fn settings(
@@ -67,7 +71,25 @@ impl Participant {
             source: Some(config::source_label(&s.uri, &s.queue)),
         };
         let queue = s.reply_queue.clone();
+        let shown = s.shown.clone();
         let client = Client::start(s)?;
+        let h = client.handle.clone();
+        engine.conditions.register(CONDITION, move || {
+            if h.connected() {
+                Condition {
+                    ok: true,
+                    detail: format!("connected to {shown}"),
+                }
+            } else {
+                Condition {
+                    ok: false,
+                    detail: format!(
+                        "not connected to {shown}: {}",
+                        h.problem().unwrap_or_else(|| "connecting".to_string())
+                    ),
+                }
+            }
+        });
         engine.set_answerer(
             ReplyTo::Broker,
             Some(Arc::new(reply::Reply {
@@ -115,6 +137,7 @@ impl Participant {
     pub fn stop(mut self, engine: &Engine) {
         self.stop_intake();
         engine.set_answerer(ReplyTo::Broker, None);
+        engine.conditions.remove(CONDITION);
         self.client.stop();
     }
 }
