@@ -239,7 +239,7 @@ fn queues_declared_with_arguments_are_used_as_they_are() {
 
 /// Point 5 of the issue: a broker that refuses the daemon (a wrong password) is not a debug line
 /// among retries: it is logged at ERROR with the broker's reason, `/healthz` says degraded and
-/// why, `build_image_amqp_connected` is 0; and the daemon keeps trying.
+/// why, `build_image_amqp_connected` is 0, `status` warns; and the daemon keeps trying.
 #[test]
 fn a_refused_login_is_an_error_with_the_reason() {
     if !broker::available() {
@@ -281,6 +281,15 @@ fn a_refused_login_is_an_error_with_the_reason() {
     assert!(
         metrics.lines().any(|l| l == "build_image_amqp_connected 0"),
         "{metrics}"
+    );
+    let (code, _, err) = common::output(farm.bin().arg("status"));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("WARNING: amqp: not connected")
+                && l.contains("ACCESS_REFUSED")
+                && !l.contains("wrong")),
+        "status warns: {err}"
     );
     common::sigterm(&guard.0);
     assert_eq!(

@@ -40,6 +40,7 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
                     rows: ops::status(&host.engine.store.open_jobs(), *state, *limit),
                     failing: Some(why),
                     unpushed: unpushed(host),
+                    degraded: degraded(host),
                 };
             }
             return err(&e);
@@ -57,6 +58,7 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
                     rows: ops::status(&jobs, state, limit),
                     failing: host.engine.store.failing(),
                     unpushed: unpushed(host),
+                    degraded: degraded(host),
                 },
                 Err(e) => err(&e),
             }
@@ -204,6 +206,17 @@ pub fn kinds() -> String {
 
 /// Answered jobs of this worker whose final status is still to be pushed (the push utility
 /// failed and is tried again, or a stop left it for the next start), said in one line.
+/// The parts of the daemon that are not working, each `NAME: why`.
+fn degraded(host: &Host) -> Vec<String> {
+    host.engine
+        .conditions
+        .now()
+        .into_iter()
+        .filter(|(_, c)| !c.ok)
+        .map(|(name, c)| format!("{name}: {}", c.detail))
+        .collect()
+}
+
 fn unpushed(host: &Host) -> Option<String> {
     let policy = *host.engine.store.policy();
     let (waiting, failed) = host.engine.store.with_open(|jobs| {

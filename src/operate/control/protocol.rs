@@ -75,6 +75,9 @@ pub enum Response {
         /// Answered jobs whose final status is still to be pushed, if any (why they wait).
         #[serde(default)]
         unpushed: Option<String>,
+        /// Parts of the daemon that are not working (`amqp: not connected to …: why`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        degraded: Vec<String>,
     },
     Show(Box<JobView>),
     /// The end of an event stream (the events came before it).
