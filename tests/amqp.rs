@@ -163,7 +163,7 @@ fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
     println!("w2 SIGKILLed at {killed_at}; broker stopped at {broker_stopped_at}");
     let mut claims_of: HashMap<String, Vec<String>> = HashMap::new();
     for w in ["w1", "w2"] {
-        let j = build_image::journal::Journal::open(&farm.spool().join("state").join(w)).unwrap();
+        let j = common::open_journal(&farm.spool().join("state").join(w));
         for e in j.since(0).filter_map(Result::ok) {
             if let build_image::domain::EventKind::Queued { image_id, .. } = &e.kind {
                 claims_of
@@ -182,7 +182,7 @@ fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
         }
     }
     for w in ["w1", "w2"] {
-        let j = build_image::journal::Journal::open(&farm.spool().join("state").join(w)).unwrap();
+        let j = common::open_journal(&farm.spool().join("state").join(w));
         let claims = j
             .since(0)
             .filter_map(Result::ok)

@@ -91,7 +91,7 @@ fn input(id: &str) -> Value {
 /// A log holding every kind of event, written through the journal as the daemon writes it.
 fn log_with_every_kind(dir: &Path) {
     build_image::engine::statedir::prepare_state_dir(dir).unwrap();
-    let j = Journal::open(dir).unwrap();
+    let j = open_journal(dir);
     let settled = |_: &build_image::domain::Job| false;
     let spec = |v: &Value| Box::new(build_image::domain::workitem::normalise(v).unwrap());
     // a file from the spool; one of AMQP below keeps its source through the round trip
@@ -310,7 +310,7 @@ fn export_import_export_gives_the_same_lines_for_every_kind() {
     ok(&again, &["import", file2.to_str().unwrap()]);
     assert_eq!(export(&again), first);
     // numbering goes on after the imported events
-    let j = Journal::open(&again.cfg.state_dir()).unwrap();
+    let j = open_journal(&again.cfg.state_dir());
     assert_eq!(j.next_seq(), seq_of(first.last().unwrap()) + 1);
 }
 
@@ -386,8 +386,8 @@ fn backup_while_builds_run_restores_to_the_same_status() {
     // The backup is exactly the log's first `upto` events, inputs included.
     let state = farm.cfg.state_dir();
     {
-        let orig = Journal::open(&state).unwrap();
-        let copy = Journal::open(&backup).unwrap();
+        let orig = open_journal(&state);
+        let copy = open_journal(&backup);
         let full = |j: &Journal| -> Vec<Event> {
             j.since(0)
                 .map(|e| j.with_input(e.unwrap()).unwrap())
@@ -730,7 +730,7 @@ fn a_long_export_comes_in_pages_and_loses_nothing() {
     build_image::engine::statedir::prepare_state_dir(&dir).unwrap();
     let big = "x".repeat(6 << 20);
     {
-        let j = Journal::open(&dir).unwrap();
+        let j = open_journal(&dir);
         let settled = |_: &build_image::domain::Job| false;
         let mut batch = Vec::new();
         for i in 0..4200u64 {

@@ -19,16 +19,7 @@ fn farm() -> Farm {
 }
 
 fn http_get(farm: &Farm, path: &str) -> String {
-    use std::io::{Read, Write};
-    let p = farm.cfg.state_dir().join("http.addr");
-    assert!(wait_for(Duration::from_secs(10), || p.exists()));
-    let addr = std::fs::read_to_string(p).unwrap();
-    let mut s = std::net::TcpStream::connect(addr.trim()).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: t\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
+    common::web::get(&common::web::http_addr(farm), path).body
 }
 
 /// The value of `build_image_builds_total{result="failure",failure=CLASS}`.

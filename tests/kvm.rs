@@ -78,16 +78,7 @@ fn kvm_farm(g: &Guest) -> Farm {
 
 /// GET `path` from the farm's HTTP server: the whole answer (head and body).
 fn http_get(farm: &Farm, path: &str) -> String {
-    use std::io::{Read, Write};
-    let p = farm.cfg.state_dir().join("http.addr");
-    assert!(wait_for(Duration::from_secs(10), || p.exists()));
-    let addr = std::fs::read_to_string(p).unwrap();
-    let mut s = std::net::TcpStream::connect(addr.trim()).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: t\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
+    common::web::get(&common::web::http_addr(farm), path).body
 }
 
 /// What a KVM build left in img_tmp (nothing, once it is over).

@@ -7,7 +7,7 @@
 
 mod common;
 
-use build_image::journal::{Journal, STORE_VERSION};
+use build_image::journal::STORE_VERSION;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -135,7 +135,7 @@ fn a_log_of_the_old_stored_form_reads_back_the_same() {
     assert_eq!(first_new["job"], 21);
     assert_eq!(first_new["seq"].as_u64(), Some(old_lines.len() as u64 + 1));
     let new_events = lines.len() - old_lines.len();
-    let j = Journal::open(&farm.cfg.state_dir()).unwrap();
+    let j = common::open_journal(&farm.cfg.state_dir());
     assert_eq!(j.job_events(21).unwrap().len(), 2 + new_events);
     let jobs = j.fold_all().unwrap();
     assert_eq!(jobs.len(), 7);

@@ -200,13 +200,7 @@ timeout = 5
 
     /// All events of the log (the daemon must be stopped).
     pub fn events(&self) -> Vec<Event> {
-        // On a FUSE file system the lock of a just-closed log is released asynchronously.
-        let mut opened = None;
-        wait_for(Duration::from_secs(10), || {
-            opened = Journal::open(&self.cfg.state_dir()).ok();
-            opened.is_some()
-        });
-        let j = opened.unwrap_or_else(|| Journal::open(&self.cfg.state_dir()).expect("open log"));
+        let j = open_journal(&self.cfg.state_dir());
         j.since(0).collect::<Result<_, _>>().expect("read log")
     }
 }
@@ -552,6 +546,21 @@ pub fn whole_export(lines: &[String]) -> String {
 /// trailer, if there, left out).
 pub fn event_lines(text: &str) -> impl Iterator<Item = &str> {
     text.lines().filter(|l| !is_trailer(l))
+}
+
+/// Opens the log of a state dir a daemon has just closed: sled releases its lock a little after
+/// the last handle is dropped (spacejam/sled#1234, and later still on a FUSE file system), so a
+/// `Locked` is waited out (up to 10 s), as the daemon's own start does.
+pub fn open_journal(dir: &Path) -> Journal {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Journal::open(dir) {
+            Err(build_image::journal::JournalError::Locked(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => return other.unwrap_or_else(|e| panic!("open log {}: {e}", dir.display())),
+        }
+    }
 }
 
 /// Opens the sled database of a state dir a daemon has just closed: sled releases its lock a
