@@ -10,12 +10,22 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 /// How a part is doing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Condition {
     /// Working as it should.
     pub ok: bool,
     /// What it is doing, or why it is not working (never a secret).
     pub detail: String,
+    /// What `/metrics` shows of it, each a gauge family of its own.
+    pub gauges: Vec<Gauge>,
+}
+
+/// A number a part shows in `/metrics` (a gauge family with no labels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gauge {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub value: i64,
 }
 
 type Probe = Arc<dyn Fn() -> Condition + Send + Sync>;
@@ -73,6 +83,7 @@ mod tests {
         c.register("amqp", move || Condition {
             ok: u.load(Ordering::SeqCst),
             detail: "x".into(),
+            gauges: Vec::new(),
         });
         assert!(!c.get("amqp").unwrap().ok);
         up.store(true, Ordering::SeqCst);

@@ -258,12 +258,12 @@ impl App {
         let writable = self.host.engine.store.failing().is_none();
         match self.metrics.families(SystemTime::now(), writable) {
             Some(mut families) => {
-                if let Some(c) = self.host.engine.conditions.get("amqp") {
-                    families.push(Family {
-                        name: "build_image_amqp_connected",
-                        help: "1 while the daemon is connected to its AMQP broker, 0 while it is not (refused, away, connecting)",
-                        data: Data::Gauge(vec![(vec![], Number::Int(i64::from(c.ok)))]),
-                    });
+                for (_, c) in self.host.engine.conditions.now() {
+                    families.extend(c.gauges.into_iter().map(|g| Family {
+                        name: g.name,
+                        help: g.help,
+                        data: Data::Gauge(vec![(vec![], Number::Int(g.value))]),
+                    }));
                 }
                 families.extend(server);
                 Reply::new(200, format.content_type(), encode(&families, format))

@@ -315,6 +315,24 @@ impl Broker {
             .to_string()
     }
 
+    /// Runs `rabbitmqctl ARGS` against this node; its stdout (the command must succeed).
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new("rabbitmqctl");
+        self.env(&mut cmd);
+        let out = cmd
+            .args(["-n", &self.node])
+            .args(args)
+            .output()
+            .expect("rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Deletes `queue` and the messages in it (an operator's maintenance).
     pub fn delete_queue(&self, queue: &str) {
         self.rt.block_on(async {

@@ -5,7 +5,9 @@
 //! connection is reconnected with back-off; meanwhile publishes fail at once (the caller tries
 //! again later). A broker that refuses the daemon (credentials, permissions, a vhost, a queue's
 //! arguments) is an ERROR with its reason, not a quiet retry; [`Handle::problem`] says why the
-//! client is not connected.
+//! client is not connected. A broker that blocks publishers (`connection.blocked`: a memory or
+//! disk alarm) is honoured: no publish starts until it unblocks ([`Handle::blocked`]), and a
+//! publish has no time-out (its confirm comes when the broker reads it again).
 //!
 //! Invariants: a delivery is tagged with the generation (connection) it came from; once that
 //! connection is lost (`connected` false from the moment the client sees it) the broker has
@@ -54,10 +56,13 @@ pub struct Incoming {
     acker: lapin::Acker,
 }
 
+/// Told once how a publish went: confirmed (Ok), or nacked, returned, or lost (Err).
+pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+
 enum Cmd {
     Publish {
         body: Vec<u8>,
-        done: Sender<Result<(), String>>,
+        done: Done,
     },
     Ack(lapin::Acker),
     /// Reject; `requeue` puts it back for another consumer.
@@ -72,6 +77,8 @@ struct Shared {
     generation: AtomicU64,
     /// Why the client is not connected (None while connected, or before the first try ends).
     problem: std::sync::Mutex<Option<String>>,
+    /// Why the broker blocks this connection's publishers (`connection.blocked`), while it does.
+    blocked: std::sync::Mutex<Option<String>>,
 }
 
 /// The sending side: cheap to clone, used by any thread.
@@ -100,21 +107,37 @@ impl Handle {
         self.shared.generation.load(Ordering::SeqCst)
     }
 
-    /// Publishes `body` persistent to the default exchange (routing key: the reply queue) and
-    /// waits for the broker's confirm. Err when not connected, nacked, lost, or no confirm
-    /// within `timeout`.
-    pub fn publish(&self, body: Vec<u8>, timeout: Duration) -> Result<(), String> {
+    /// Why the broker blocks publishers on this connection (`connection.blocked`, a memory or
+    /// disk alarm), while it does.
+    pub fn blocked(&self) -> Option<String> {
+        match self.shared.blocked.lock() {
+            Ok(b) => b.clone(),
+            Err(b) => b.into_inner().clone(),
+        }
+    }
+
+    /// Starts publishing `body` persistent and `mandatory` to the default exchange (routing
+    /// key: the reply queue); `done` is told once how it went: Ok when the broker confirmed it
+    /// and routed it, Err when it was nacked, returned, or lost with its connection. There is no
+    /// time-out: a blocked broker confirms when it unblocks. Err at once (and `done` is not
+    /// called) when not connected or while the broker blocks publishers.
+    pub fn start_publish(
+        &self,
+        body: Vec<u8>,
+        done: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) -> Result<(), String> {
         if !self.connected() {
             return Err("not connected to the broker".into());
         }
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.cmds
-            .send(Cmd::Publish { body, done: tx })
-            .map_err(|_| "the AMQP client has stopped".to_string())?;
-        match rx.recv_timeout(timeout) {
-            Ok(r) => r,
-            Err(_) => Err(format!("no publisher confirm within {timeout:?}")),
+        if let Some(why) = self.blocked() {
+            return Err(format!("{BLOCKED}: {why}"));
         }
+        self.cmds
+            .send(Cmd::Publish {
+                body,
+                done: Box::new(done),
+            })
+            .map_err(|_| "the AMQP client has stopped".to_string())
     }
 
     pub fn ack(&self, m: Incoming) {
@@ -224,9 +247,7 @@ async fn run(
                 _ = &mut sleep => break,
                 c = cmds.recv() => match c {
                     None | Some(Cmd::Stop) => return,
-                    Some(Cmd::Publish { done, .. }) => {
-                        let _ = done.send(Err("not connected to the broker".into()));
-                    }
+                    Some(Cmd::Publish { done, .. }) => done(Err("not connected to the broker".into())),
                     Some(Cmd::Ack(_)) | Some(Cmd::Reject(..)) => {}
                 },
             }
@@ -257,6 +278,16 @@ pub fn refused(why: &str) -> bool {
     .any(|name| why.contains(name))
 }
 
+/// What a publish refused while the broker blocks publishers says (before the broker's reason).
+pub const BLOCKED: &str = "the broker blocks publishers";
+
+fn set_blocked(shared: &Shared, why: Option<String>) {
+    match shared.blocked.lock() {
+        Ok(mut b) => *b = why,
+        Err(b) => *b.into_inner() = why,
+    }
+}
+
 fn set_problem(shared: &Shared, problem: Option<String>) {
     match shared.problem.lock() {
         Ok(mut p) => *p = problem,
@@ -280,6 +311,7 @@ async fn session(
         .map_err(|e| format!("cannot connect: {e}"))?;
     let result = serve(s, shared, &conn, cmds, deliveries).await;
     shared.connected.store(false, Ordering::SeqCst);
+    set_blocked(shared, None);
     if result.is_ok() {
         let _ = conn.close(200, "build-image stopping".into()).await;
     }
@@ -294,6 +326,8 @@ async fn serve(
     deliveries: &Sender<Incoming>,
 ) -> Result<(), String> {
     let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
+    // Subscribed first: a `connection.blocked` is told only to listeners there are.
+    let mut events = Box::pin(conn.events_listener());
     let consume = conn
         .create_channel()
         .await
@@ -366,6 +400,21 @@ async fn serve(
                 Some(Err(err)) => return Err(format!("connection lost: {err}")),
                 None => return Err("the broker cancelled the consumer".into()),
             },
+            ev = events.next() => match ev {
+                Some(lapin::Event::ConnectionBlocked(why)) => {
+                    log::warn!(
+                        "AMQP {}: {BLOCKED} ({why}): answers wait until it unblocks; builds go on",
+                        s.shown
+                    );
+                    set_blocked(shared, Some(why));
+                }
+                Some(lapin::Event::ConnectionUnblocked) => {
+                    log::info!("AMQP {}: the broker takes publishes again", s.shown);
+                    set_blocked(shared, None);
+                }
+                Some(_) => {}
+                None => return Err("the connection's events ended".into()),
+            },
             c = cmds.recv() => match c {
                 None | Some(Cmd::Stop) => return Ok(()),
                 Some(Cmd::Publish { body, done }) => {
@@ -376,7 +425,7 @@ async fn serve(
                                 log::info!("AMQP: reply queue {} declared again", s.reply_queue);
                             }
                             Err(why) => {
-                                let _ = done.send(Err(why));
+                                done(Err(why));
                                 continue;
                             }
                         }
@@ -404,7 +453,7 @@ async fn serve(
                         if r.as_ref().is_err_and(|e| e.contains(RETURNED)) {
                             redeclare.store(true, Ordering::SeqCst);
                         }
-                        let _ = done.send(r);
+                        done(r);
                     });
                 }
                 Some(Cmd::Ack(a)) => {

@@ -53,6 +53,9 @@ pub struct Source<'a> {
     pub handle: &'a Handle,
     /// Where the messages come from (`claimed.source`).
     pub origin: Origin,
+    /// The answerer: jobs whose answer's confirm came after their step let go, or whose answer
+    /// waits for the broker to take publishes again, are moved then, not at their back-off's end.
+    pub reply: &'a super::reply::Reply,
 }
 
 /// The intake thread: takes messages until `stop` (or the client) goes.
@@ -77,7 +80,15 @@ pub fn run(src: &Source<'_>, deliveries: &Receiver<Incoming>, stop: &Receiver<()
                 Err(_) => return,
             },
             recv(engine.slot_wakeups()) -> _ => {}
+            recv(src.reply.woken()) -> id => {
+                if let Ok(id) = id {
+                    engine.wake_stalled(id);
+                }
+            }
             default(wait) => {}
+        }
+        for id in src.reply.ready_again() {
+            engine.wake_stalled(id);
         }
         while let Ok(m) = deliveries.try_recv() {
             pending.push_back(m);

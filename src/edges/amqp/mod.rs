@@ -14,7 +14,7 @@ pub mod config;
 pub mod intake;
 pub mod reply;
 
-use crate::conditions::Condition;
+use crate::conditions::{Condition, Gauge};
 use crate::domain::{Origin, ReplyTo};
 use crate::engine::Engine;
 use crossbeam_channel::{Sender, bounded};
@@ -54,6 +54,7 @@ pub fn settings(
 pub struct Participant {
     client: Client,
     origin: Origin,
+    reply: Arc<reply::Reply>,
     intake: Option<(Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
@@ -74,32 +75,18 @@ impl Participant {
         let shown = s.shown.clone();
         let client = Client::start(s)?;
         let h = client.handle.clone();
-        engine.conditions.register(CONDITION, move || {
-            if h.connected() {
-                Condition {
-                    ok: true,
-                    detail: format!("connected to {shown}"),
-                }
-            } else {
-                Condition {
-                    ok: false,
-                    detail: format!(
-                        "not connected to {shown}: {}",
-                        h.problem().unwrap_or_else(|| "connecting".to_string())
-                    ),
-                }
-            }
-        });
+        engine
+            .conditions
+            .register(CONDITION, move || condition(&h, &shown));
+        let reply = Arc::new(reply::Reply::new(client.handle.clone(), queue));
         engine.set_answerer(
             ReplyTo::Broker,
-            Some(Arc::new(reply::Reply {
-                handle: client.handle.clone(),
-                queue,
-            })),
+            Some(Arc::clone(&reply) as Arc<dyn crate::engine::ports::Answerer>),
         );
         Ok(Some(Participant {
             client,
             origin,
+            reply,
             intake: None,
         }))
     }
@@ -110,6 +97,7 @@ impl Participant {
         let handle = self.client.handle.clone();
         let deliveries = self.client.deliveries.clone();
         let origin = self.origin.clone();
+        let reply = Arc::clone(&self.reply);
         let t = std::thread::Builder::new()
             .name("amqp-intake".into())
             .spawn(move || {
@@ -117,6 +105,7 @@ impl Participant {
                     engine: &engine,
                     handle: &handle,
                     origin,
+                    reply: &reply,
                 };
                 intake::run(&src, &deliveries, &rx)
             })?;
@@ -139,6 +128,40 @@ impl Participant {
         engine.set_answerer(ReplyTo::Broker, None);
         engine.conditions.remove(CONDITION);
         self.client.stop();
+    }
+}
+
+/// The participant's condition: connected (and publishers not blocked), or why not; with the
+/// gauges `build_image_amqp_connected` and `build_image_amqp_blocked`.
+fn condition(h: &Handle, shown: &str) -> Condition {
+    let connected = h.connected();
+    let blocked = h.blocked().filter(|_| connected);
+    let (ok, detail) = match (&blocked, connected) {
+        (Some(why), _) => (false, format!("{}: {why}", client::BLOCKED)),
+        (None, true) => (true, format!("connected to {shown}")),
+        (None, false) => (
+            false,
+            format!(
+                "not connected to {shown}: {}",
+                h.problem().unwrap_or_else(|| "connecting".to_string())
+            ),
+        ),
+    };
+    Condition {
+        ok,
+        detail,
+        gauges: vec![
+            Gauge {
+                name: "build_image_amqp_connected",
+                help: "1 while the daemon is connected to its AMQP broker, 0 while it is not (refused, away, connecting)",
+                value: i64::from(connected),
+            },
+            Gauge {
+                name: "build_image_amqp_blocked",
+                help: "1 while the broker blocks the daemon's publishes (connection.blocked: a memory or disk alarm); answers wait, builds go on",
+                value: i64::from(blocked.is_some()),
+            },
+        ],
     }
 }
 

@@ -204,8 +204,6 @@ pub fn kinds() -> String {
     Tag::ALL.map(|t| t.as_str()).join(", ")
 }
 
-/// Answered jobs of this worker whose final status is still to be pushed (the push utility
-/// failed and is tried again, or a stop left it for the next start), said in one line.
 /// The parts of the daemon that are not working, each `NAME: why`.
 fn degraded(host: &Host) -> Vec<String> {
     host.engine
@@ -217,6 +215,8 @@ fn degraded(host: &Host) -> Vec<String> {
         .collect()
 }
 
+/// Answered jobs of this worker whose final status is still to be pushed (the push utility
+/// failed and is tried again, or a stop left it for the next start), said in one line.
 fn unpushed(host: &Host) -> Option<String> {
     let policy = *host.engine.store.policy();
     let (waiting, failed) = host.engine.store.with_open(|jobs| {
