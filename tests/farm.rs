@@ -414,3 +414,282 @@ fn a_broker_blocking_publishers_neither_multiplies_answers_nor_holds_slots() {
     );
     d.stop().unwrap();
 }
+
+/// The config of another daemon of `farm` (the same spool, broker and base_dir), as `worker`.
+fn config_for(farm: &Farm, worker: &str) -> std::path::PathBuf {
+    let mut cfg = farm.cfg.clone();
+    cfg.spool.worker_id = Some(worker.to_string());
+    let p = farm.root().join(format!("{worker}.toml"));
+    std::fs::write(&p, toml::to_string(&cfg).unwrap()).unwrap();
+    p
+}
+
+/// Starts the binary as another daemon of the farm, its stderr in `<worker>.stderr`.
+fn start_worker(farm: &Farm, worker: &str) -> common::Guard {
+    let cfg = config_for(farm, worker);
+    let err = std::fs::File::create(farm.root().join(format!("{worker}.stderr"))).unwrap();
+    common::Guard(
+        common::bin()
+            .arg("--config")
+            .arg(cfg)
+            .arg("run")
+            .stderr(err)
+            .spawn()
+            .expect("start the daemon"),
+    )
+}
+
+/// Stops a daemon started by [`start_worker`] (SIGTERM, exit 0).
+fn stop_worker(mut g: common::Guard) {
+    common::sigterm(&g.0);
+    assert_eq!(
+        common::wait_exit(&mut g.0, Duration::from_secs(120)),
+        Some(0)
+    );
+}
+
+/// The answers taken so far, by wfid.
+#[derive(Default)]
+struct Answers(std::collections::BTreeMap<String, Vec<Value>>);
+
+impl Answers {
+    fn collect(&mut self, broker: &Broker) {
+        for (body, _) in broker.take(R) {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            let wfid = v["fei"]["wfid"].as_str().unwrap().to_string();
+            self.0.entry(wfid).or_default().push(v);
+        }
+    }
+    fn of(&self, n: usize) -> &[Value] {
+        self.0
+            .get(&format!("wf-{n}"))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+}
+
+fn cancel_of(n: usize) -> Value {
+    json!({"fei": ruote(n, "")["fei"], "cancel": true})
+}
+
+/// The build of img<n> is running (its mic fixture waits), on whichever daemon.
+fn mic_running(farm: &Farm, n: usize) -> bool {
+    std::fs::read_to_string(farm.base().join(format!("requests/img{n}/img-img{n}.log")))
+        .is_ok_and(|l| l.contains("mic-fixture: sleeping"))
+}
+
+/// Points 1 and 2 of the issue: with the farm queue, work waits in the broker, so a cancel is
+/// never stuck behind it and reaches whichever daemon holds the build. Three 1-slot daemons
+/// each run a hanging build with 10 workitems waiting behind them; 20 times in a row one
+/// running build is cancelled: its processes are gone within seconds, it is answered
+/// cancelled exactly once, and the freed daemon takes the next workitem.
+#[test]
+fn a_cancel_reaches_a_hanging_build_on_any_host_twenty_times() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    let farm = farm_with(&broker, 1);
+    let release = farm.root().join("release");
+    let ks = format!("# mic-fixture: wait-for {}\n", release.display());
+    let items: Vec<Vec<u8>> = (1..=13).map(|n| bytes(&ruote(n, &ks))).collect();
+    broker.publish(Q, &items);
+    let d = farm.start();
+    let w2 = start_worker(&farm, "w2");
+    let w3 = start_worker(&farm, "w3");
+    let running = |farm: &Farm, upto: usize, gone: &std::collections::BTreeSet<usize>| {
+        (1..=upto)
+            .filter(|n| !gone.contains(n) && mic_running(farm, *n))
+            .collect::<Vec<_>>()
+    };
+    let mut cancelled = std::collections::BTreeSet::new();
+    let mut published = 13;
+    assert!(
+        wait_for(Duration::from_secs(60), || running(
+            &farm, published, &cancelled
+        )
+        .len()
+            == 3),
+        "three builds run: {:?}",
+        running(&farm, published, &cancelled)
+    );
+    let work = format!("{Q}.farm");
+    assert!(
+        wait_for(Duration::from_secs(30), || broker.depth(&work) == 10),
+        "ten wait in the farm queue: {}",
+        broker.depth(&work)
+    );
+    let mut answers = Answers::default();
+    for round in 0..20 {
+        let now = running(&farm, published, &cancelled);
+        assert_eq!(now.len(), 3, "round {round}: {now:?}");
+        let n = now[round % 3];
+        let log =
+            std::fs::read_to_string(farm.base().join(format!("requests/img{n}/img-img{n}.log")))
+                .unwrap();
+        let pids = common::fixture_pids(&log);
+        assert!(!pids.is_empty(), "{log}");
+        broker.publish(Q, &[bytes(&cancel_of(n))]);
+        let at = std::time::Instant::now();
+        assert!(
+            wait_for(Duration::from_secs(10), || pids
+                .iter()
+                .all(|p| !common::alive(*p))),
+            "round {round}: the build of img{n} still runs after {:?}",
+            at.elapsed()
+        );
+        cancelled.insert(n);
+        assert!(
+            wait_for(Duration::from_secs(30), || {
+                answers.collect(&broker);
+                !answers.of(n).is_empty()
+            }),
+            "round {round}: img{n} not answered"
+        );
+        let a = &answers.of(n)[0];
+        assert_eq!(a["fields"]["result"], json!(false), "{a}");
+        assert_eq!(a["fields"]["image"]["error"], json!("cancelled"), "{a}");
+        // One more behind the others, and the freed daemon takes the next one.
+        published += 1;
+        broker.publish(Q, &[bytes(&ruote(published, &ks))]);
+        assert!(
+            wait_for(Duration::from_secs(60), || running(
+                &farm, published, &cancelled
+            )
+            .len()
+                == 3),
+            "round {round}: the freed slot takes the next workitem: {:?}",
+            running(&farm, published, &cancelled)
+        );
+    }
+    // Every build lets go; each cancelled one was answered once (cancelled), each other once.
+    std::fs::write(&release, b"").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(180), || {
+            answers.collect(&broker);
+            (1..=published).all(|n| !answers.of(n).is_empty())
+        }),
+        "not all answered: {:?}",
+        (1..=published)
+            .filter(|n| answers.of(*n).is_empty())
+            .collect::<Vec<_>>()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    answers.collect(&broker);
+    for n in 1..=published {
+        let a = answers.of(n);
+        assert_eq!(a.len(), 1, "img{n} answered {} times: {a:?}", a.len());
+        let want = !cancelled.contains(&n);
+        assert_eq!(a[0]["fields"]["result"], json!(want), "img{n}: {}", a[0]);
+    }
+    for n in &cancelled {
+        assert_eq!(common::mic_runs(&farm, &format!("img{n}")), 1, "img{n}");
+    }
+    stop_worker(w2);
+    stop_worker(w3);
+    d.stop().unwrap();
+}
+
+/// Point 1 of the issue: a cancel that arrives before its workitem is remembered by every
+/// daemon; the workitem, taken later by either, is answered cancelled and never built.
+#[test]
+fn a_cancel_before_its_workitem_means_it_is_never_built() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    let farm = farm_with(&broker, 1);
+    let d = farm.start();
+    let w2 = start_worker(&farm, "w2");
+    // Both daemons listen on the farm exchange (a cancel published before would reach none).
+    assert!(
+        wait_for(Duration::from_secs(60), || broker
+            .ctl(&["-q", "list_bindings", "source_name"])
+            .lines()
+            .filter(|l| l.trim() == format!("{Q}.farm"))
+            .count()
+            == 2),
+        "{}",
+        broker.ctl(&["-q", "list_bindings", "source_name", "destination_name"])
+    );
+    broker.publish(Q, &[bytes(&cancel_of(1))]);
+    broker.publish(Q, &[bytes(&ruote(1, "# ks\n")), bytes(&ruote(2, "# ks\n"))]);
+    let mut answers = Answers::default();
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            answers.collect(&broker);
+            !answers.of(1).is_empty() && !answers.of(2).is_empty()
+        }),
+        "{:?}",
+        answers.0
+    );
+    let a = &answers.of(1)[0];
+    assert_eq!(a["fields"]["result"], json!(false), "{a}");
+    assert_eq!(a["fields"]["image"]["error"], json!("cancelled"), "{a}");
+    assert_eq!(
+        answers.of(2)[0]["fields"]["result"],
+        json!(true),
+        "the other is built"
+    );
+    assert_eq!(common::mic_runs(&farm, "img1"), 0, "never built");
+    std::thread::sleep(Duration::from_millis(500));
+    answers.collect(&broker);
+    assert_eq!(answers.of(1).len(), 1, "{:?}", answers.of(1));
+    stop_worker(w2);
+    d.stop().unwrap();
+}
+
+/// Point 2 of the issue: work waits in the broker, not in a busy daemon. Two 1-slot daemons,
+/// a 25 s job, then three 1 s jobs: every short job is answered while the long one still
+/// builds (on the base, one of them waited 23 s in the busy daemon's prefetch).
+#[test]
+fn short_jobs_do_not_wait_behind_a_long_one() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    let farm = farm_with(&broker, 1);
+    let d = farm.start();
+    let w2 = start_worker(&farm, "w2");
+    broker.publish(Q, &[bytes(&ruote(1, "# mic-fixture: sleep 25\n"))]);
+    assert!(wait_for(Duration::from_secs(60), || mic_running(&farm, 1)));
+    let at = std::time::Instant::now();
+    let short: Vec<Vec<u8>> = (2..=4)
+        .map(|n| bytes(&ruote(n, "# mic-fixture: sleep 1\n")))
+        .collect();
+    broker.publish(Q, &short);
+    let mut answers = Answers::default();
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            answers.collect(&broker);
+            (2..=4).all(|n| !answers.of(n).is_empty())
+        }),
+        "{:?}",
+        answers.0
+    );
+    let took = at.elapsed();
+    assert!(
+        answers.of(1).is_empty(),
+        "the short jobs are answered before the long one ends ({took:?})"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "three 1 s jobs on the idle daemon took {took:?}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            answers.collect(&broker);
+            !answers.of(1).is_empty()
+        }),
+        "the long job is answered too"
+    );
+    for n in 1..=4 {
+        assert_eq!(answers.of(n).len(), 1, "img{n}: {:?}", answers.of(n));
+        assert_eq!(answers.of(n)[0]["fields"]["result"], json!(true));
+    }
+    stop_worker(w2);
+    d.stop().unwrap();
+}

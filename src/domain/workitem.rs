@@ -504,6 +504,30 @@ pub fn reply_owned(
     out
 }
 
+/// The key a cancel and its workitem share: a `fei` (Ruote's flow expression id) as canonical
+/// JSON (object keys sorted, at every depth), so that the same id written with its keys in
+/// another order is the same key. None for a `fei` that is not an object.
+pub fn fei_key(fei: &Value) -> Option<String> {
+    fn canonical(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), canonical(&m[k])))
+                        .collect(),
+                )
+            }
+            Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+            other => other.clone(),
+        }
+    }
+    fei.is_object()
+        .then(|| serde_json::to_string(&canonical(fei)).ok())
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -763,5 +787,17 @@ mod tests {
             json!("Image build FAILED: mic exited with status 1")
         );
         assert!(r["msg"][0].as_str().unwrap().contains("failed: mic exited"));
+    }
+
+    #[test]
+    fn a_fei_key_does_not_depend_on_the_order_of_keys() {
+        let a = serde_json::json!({"wfid": "w", "expid": "0_1", "sub": {"b": 1, "a": 2}});
+        let b: Value =
+            serde_json::from_str(r#"{"sub": {"a": 2, "b": 1}, "expid": "0_1", "wfid": "w"}"#)
+                .unwrap();
+        assert_eq!(fei_key(&a), fei_key(&b));
+        assert!(fei_key(&a).is_some());
+        assert_eq!(fei_key(&Value::Null), None);
+        assert_ne!(fei_key(&a), fei_key(&serde_json::json!({"wfid": "x"})));
     }
 }

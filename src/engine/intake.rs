@@ -30,7 +30,15 @@ pub struct Intake {
     settling: Mutex<HashMap<u64, (String, Instant)>>,
     /// Jobs a byte-identical re-drop was added to (for `run --once`).
     touched: Mutex<BTreeSet<u64>>,
+    /// A source's word on whether a workitem was cancelled before it came (see
+    /// [`Engine::set_cancelled_before`]).
+    cancelled_before: Mutex<Option<CancelledBefore>>,
 }
+
+/// Says whether a workitem was cancelled before it came (Some: why): such a workitem is
+/// queued and cancelled in one step, never built.
+pub type CancelledBefore =
+    std::sync::Arc<dyn Fn(&Origin, &serde_json::Value) -> Option<String> + Send + Sync>;
 
 /// What a claimed input's content makes of its job.
 enum Decision {
@@ -53,6 +61,13 @@ struct Claim {
 }
 
 impl Engine {
+    /// Sets (None: removes) the source's word on workitems cancelled before they came: a
+    /// workitem it names is recorded `queued`, `cancelled` and `finished` (result false,
+    /// `cancelled`) in the intake's one flush, so no build slot ever starts it.
+    pub fn set_cancelled_before(&self, check: Option<CancelledBefore>) {
+        *lock(&self.intake.cancelled_before) = check;
+    }
+
     /// Takes submissions: keeps the bodies handed over whole, records every claim and what
     /// each input is, with one flush for all, then moves the jobs forward. An error means the
     /// claims are not recorded (a source keeps its names and tries again; a body's source gets
@@ -338,6 +353,8 @@ impl Engine {
         }
         let normalised = workitem::normalise(&value);
         let raw_id = workitem::raw_image_id(&value);
+        let check = lock(&self.intake.cancelled_before).clone();
+        let cancelled = check.and_then(|c| c(origin, &value));
         drop(value);
         let file = file.to_string();
         let input = Input(read.bytes);
@@ -366,15 +383,28 @@ impl Engine {
                     });
                 }
                 None => {
-                    batch.image_ids.insert(spec.image_id.clone(), id);
-                    batch.folders.insert(crate::journal::folder_key(&spec), id);
+                    if cancelled.is_none() {
+                        batch.image_ids.insert(spec.image_id.clone(), id);
+                        batch.folders.insert(crate::journal::folder_key(&spec), id);
+                    }
                     // The kickstart is read from the stored input when a build needs it.
                     spec.kickstart = String::new();
+                    let urls = crate::imaging::planned_urls(&self.cfg.worker, &spec);
                     events.push(EventKind::Queued {
                         image_id: spec.image_id.clone(),
                         spec: Box::new(spec),
                         input,
                     });
+                    if let Some(reason) = cancelled {
+                        events.push(EventKind::Cancelled { reason });
+                        events.push(EventKind::Finished {
+                            result: false,
+                            error: Some("cancelled".into()),
+                            urls,
+                            failure: Some(crate::domain::Failure::Cancelled),
+                            boot_seconds: None,
+                        });
+                    }
                 }
             },
             Err(WorkitemError::NotAWorkitem(e)) => {

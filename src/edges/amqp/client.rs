@@ -19,8 +19,9 @@ use crate::engine::backoff::Backoff;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
@@ -41,6 +42,11 @@ pub struct Settings {
     pub queue_arguments: FieldTable,
     pub reply_queue: String,
     pub reply_queue_arguments: FieldTable,
+    /// The farm's work queue: workitems drained from `queue` wait there for a free slot.
+    pub work_queue: String,
+    pub work_queue_arguments: FieldTable,
+    /// The farm's fanout exchange: cancels reach every daemon through it.
+    pub farm_exchange: String,
     pub prefetch: u16,
     /// Consume the queue (false: publish only, e.g. `run --once`).
     pub consume: bool,
@@ -59,11 +65,29 @@ pub struct Incoming {
 /// Told once how a publish went: confirmed (Ok), or nacked, returned, or lost (Err).
 pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 
+/// Where a message drained from the participant's queue goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The farm's work queue (a workitem).
+    Work,
+    /// The farm's fanout exchange (a cancel: every daemon gets it).
+    Farm,
+}
+
+/// What a `basic.get` of the work queue brought: a message, or none waiting.
+pub type Got = Result<Option<Incoming>, String>;
+
 enum Cmd {
     Publish {
         body: Vec<u8>,
         done: Done,
     },
+    Forward {
+        to: Target,
+        body: Vec<u8>,
+        done: Done,
+    },
+    Get(Sender<Got>),
     Ack(lapin::Acker),
     /// Reject; `requeue` puts it back for another consumer.
     Reject(lapin::Acker, bool),
@@ -140,6 +164,39 @@ impl Handle {
             .map_err(|_| "the AMQP client has stopped".to_string())
     }
 
+    /// Starts publishing `body` (a message drained from the participant's queue) persistent
+    /// and confirmed to the farm's work queue or fanout exchange; `done` is told how it went.
+    /// Unlike an answer, it is not refused while the broker blocks publishers: it waits in the
+    /// client (the original stays unacked meanwhile). Err at once when not connected.
+    pub fn forward(
+        &self,
+        to: Target,
+        body: Vec<u8>,
+        done: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) -> Result<(), String> {
+        if !self.connected() {
+            return Err("not connected to the broker".into());
+        }
+        self.cmds
+            .send(Cmd::Forward {
+                to,
+                body,
+                done: Box::new(done),
+            })
+            .map_err(|_| "the AMQP client has stopped".to_string())
+    }
+
+    /// Asks the work queue for one message (`basic.get`, acked later by [`Handle::ack`]); the
+    /// answer comes on `done`. Err at once when not connected.
+    pub fn get(&self, done: Sender<Got>) -> Result<(), String> {
+        if !self.connected() {
+            return Err("not connected to the broker".into());
+        }
+        self.cmds
+            .send(Cmd::Get(done))
+            .map_err(|_| "the AMQP client has stopped".to_string())
+    }
+
     pub fn ack(&self, m: Incoming) {
         let _ = self.cmds.send(Cmd::Ack(m.acker));
     }
@@ -152,7 +209,10 @@ impl Handle {
 /// The running client.
 pub struct Client {
     pub handle: Handle,
+    /// Messages of the participant's queue.
     pub deliveries: Receiver<Incoming>,
+    /// Messages of the farm's fanout exchange (this daemon's private queue bound to it).
+    pub farm: Receiver<Incoming>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -160,6 +220,7 @@ impl Client {
     pub fn start(settings: Settings) -> std::io::Result<Client> {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (del_tx, del_rx) = unbounded();
+        let (farm_tx, farm_rx) = unbounded();
         let shared = Arc::new(Shared::default());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -168,7 +229,17 @@ impl Client {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("amqp".into())
-                .spawn(move || runtime.block_on(run(settings, shared, cmd_rx, del_tx)))?
+                .spawn(move || {
+                    runtime.block_on(run(
+                        settings,
+                        shared,
+                        cmd_rx,
+                        Outlets {
+                            deliveries: del_tx,
+                            farm: farm_tx,
+                        },
+                    ))
+                })?
         };
         Ok(Client {
             handle: Handle {
@@ -176,6 +247,7 @@ impl Client {
                 shared,
             },
             deliveries: del_rx,
+            farm: farm_rx,
             thread: Some(thread),
         })
     }
@@ -192,11 +264,17 @@ impl Client {
 /// The heartbeat asked for when the url does not set one (seconds).
 pub const HEARTBEAT_S: u16 = 10;
 
+/// Where the client hands the messages it receives.
+struct Outlets {
+    deliveries: Sender<Incoming>,
+    farm: Sender<Incoming>,
+}
+
 async fn run(
     s: Settings,
     shared: Arc<Shared>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
-    deliveries: Sender<Incoming>,
+    out: Outlets,
 ) {
     let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut tries = 0u32;
@@ -205,7 +283,7 @@ async fn run(
     let mut refusal: Option<(String, std::time::Instant)> = None;
     loop {
         let before = shared.generation.load(Ordering::SeqCst);
-        let why = match session(&s, &shared, &mut cmds, &deliveries).await {
+        let why = match session(&s, &shared, &mut cmds, &out).await {
             Ok(()) => return,
             Err(e) => e,
         };
@@ -247,7 +325,12 @@ async fn run(
                 _ = &mut sleep => break,
                 c = cmds.recv() => match c {
                     None | Some(Cmd::Stop) => return,
-                    Some(Cmd::Publish { done, .. }) => done(Err("not connected to the broker".into())),
+                    Some(Cmd::Publish { done, .. }) | Some(Cmd::Forward { done, .. }) => {
+                        done(Err("not connected to the broker".into()))
+                    }
+                    Some(Cmd::Get(done)) => {
+                        let _ = done.send(Err("not connected to the broker".into()));
+                    }
                     Some(Cmd::Ack(_)) | Some(Cmd::Reject(..)) => {}
                 },
             }
@@ -300,7 +383,7 @@ async fn session(
     s: &Settings,
     shared: &Shared,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
-    deliveries: &Sender<Incoming>,
+    out: &Outlets,
 ) -> Result<(), String> {
     let mut uri = s.uri.clone();
     uri.query.heartbeat.get_or_insert(HEARTBEAT_S);
@@ -309,7 +392,7 @@ async fn session(
     let conn = Connection::connect_uri(uri, props)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let result = serve(s, shared, &conn, cmds, deliveries).await;
+    let result = serve(s, shared, &conn, cmds, out).await;
     shared.connected.store(false, Ordering::SeqCst);
     set_blocked(shared, None);
     if result.is_ok() {
@@ -323,7 +406,7 @@ async fn serve(
     shared: &Shared,
     conn: &Connection,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
-    deliveries: &Sender<Incoming>,
+    out: &Outlets,
 ) -> Result<(), String> {
     let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
     // Subscribed first: a `connection.blocked` is told only to listeners there are.
@@ -334,6 +417,7 @@ async fn serve(
         .map_err(e("cannot open a channel"))?;
     declare(conn, &s.queue, &s.queue_arguments).await?;
     declare(conn, &s.reply_queue, &s.reply_queue_arguments).await?;
+    declare(conn, &s.work_queue, &s.work_queue_arguments).await?;
     let publish = conn
         .create_channel()
         .await
@@ -361,9 +445,62 @@ async fn serve(
     } else {
         None
     };
+    // The farm's fanout exchange, and this daemon's private queue bound to it.
+    let mut farm = if s.consume {
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(e("cannot open a channel"))?;
+        ch.exchange_declare(
+            s.farm_exchange.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|err| format!("cannot declare the exchange {}: {err}", s.farm_exchange))?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(e("cannot declare this daemon's farm queue"))?;
+        ch.queue_bind(
+            q.name().clone(),
+            s.farm_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(e("cannot bind this daemon's farm queue"))?;
+        Some(
+            ch.basic_consume(
+                q.name().clone(),
+                format!("{}-farm", s.consumer_tag).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(e("cannot consume this daemon's farm queue"))?,
+        )
+    } else {
+        None
+    };
     // Set when the broker returned an answer: the reply queue is gone (deleted by an operator),
     // declared again before the next publish.
     let redeclare = Arc::new(AtomicBool::new(false));
+    // The same for the work queue (a forwarded workitem returned).
+    let redeclare_work = Arc::new(AtomicBool::new(false));
     let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
     set_problem(shared, None);
     shared.connected.store(true, Ordering::SeqCst);
@@ -393,12 +530,32 @@ async fn serve(
                         generation,
                         acker: d.acker,
                     };
-                    if deliveries.send(m).is_err() {
+                    if out.deliveries.send(m).is_err() {
                         return Ok(());
                     }
                 }
                 Some(Err(err)) => return Err(format!("connection lost: {err}")),
                 None => return Err("the broker cancelled the consumer".into()),
+            },
+            d = async {
+                match farm.as_mut() {
+                    Some(c) => c.next().await,
+                    None => std::future::pending().await,
+                }
+            } => match d {
+                Some(Ok(d)) => {
+                    let m = Incoming {
+                        body: d.data,
+                        redelivered: d.redelivered,
+                        generation,
+                        acker: d.acker,
+                    };
+                    if out.farm.send(m).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Err(err)) => return Err(format!("connection lost: {err}")),
+                None => return Err("the broker cancelled the farm consumer".into()),
             },
             ev = events.next() => match ev {
                 Some(lapin::Event::ConnectionBlocked(why)) => {
@@ -454,6 +611,64 @@ async fn serve(
                             redeclare.store(true, Ordering::SeqCst);
                         }
                         done(r);
+                    });
+                }
+                Some(Cmd::Forward { to, body, done }) => {
+                    if to == Target::Work && redeclare_work.load(Ordering::SeqCst) {
+                        match declare(conn, &s.work_queue, &s.work_queue_arguments).await {
+                            Ok(()) => redeclare_work.store(false, Ordering::SeqCst),
+                            Err(why) => {
+                                done(Err(why));
+                                continue;
+                            }
+                        }
+                    }
+                    let ch = publish.clone();
+                    let (exchange, key) = match to {
+                        Target::Work => (String::new(), s.work_queue.clone()),
+                        Target::Farm => (s.farm_exchange.clone(), String::new()),
+                    };
+                    let again = Arc::clone(&redeclare_work);
+                    tokio::spawn(async move {
+                        let r = async {
+                            let confirm = ch
+                                .basic_publish(
+                                    exchange.as_str().into(),
+                                    key.as_str().into(),
+                                    BasicPublishOptions { mandatory: to == Target::Work, immediate: false },
+                                    &body,
+                                    persistent(),
+                                )
+                                .await
+                                .map_err(|e| format!("cannot publish: {e}"))?
+                                .await
+                                .map_err(|e| format!("no confirm: {e}"))?;
+                            confirmed(confirm, &key)
+                        }
+                        .await;
+                        if r.as_ref().is_err_and(|e| e.contains(RETURNED)) {
+                            again.store(true, Ordering::SeqCst);
+                        }
+                        done(r);
+                    });
+                }
+                Some(Cmd::Get(done)) => {
+                    let ch = consume.clone();
+                    let queue = s.work_queue.clone();
+                    tokio::spawn(async move {
+                        let r = ch
+                            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                            .await
+                            .map(|m| {
+                                m.map(|m| Incoming {
+                                    body: m.delivery.data,
+                                    redelivered: m.delivery.redelivered,
+                                    generation,
+                                    acker: m.delivery.acker,
+                                })
+                            })
+                            .map_err(|e| format!("cannot get from {queue}: {e}"));
+                        let _ = done.send(r);
                     });
                 }
                 Some(Cmd::Ack(a)) => {

@@ -36,6 +36,26 @@ pub struct AmqpConfig {
     /// The same for `reply_queue`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub reply_queue_arguments: BTreeMap<String, Argument>,
+    /// The farm's work queue (durable): workitems drained from `queue` wait here until a
+    /// daemon has a free build slot. Unset: `<queue>.farm`.
+    #[serde(
+        deserialize_with = "empty_is_unset",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub work_queue: Option<String>,
+    /// The arguments `work_queue` is declared with when it does not exist yet.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub work_queue_arguments: BTreeMap<String, Argument>,
+    /// The farm's fanout exchange (durable): cancels reach every daemon through it. Unset:
+    /// `<queue>.farm`.
+    #[serde(
+        deserialize_with = "empty_is_unset",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub farm_exchange: Option<String>,
+    /// How long a daemon remembers a cancel (days), so that its workitem taken later is
+    /// answered cancelled, never built.
+    pub cancel_memory_days: u32,
 }
 
 /// A queue argument's value: what AMQP queue arguments take (a string, an integer, a boolean).
@@ -56,6 +76,10 @@ impl Default for AmqpConfig {
             prefetch: 0,
             queue_arguments: BTreeMap::new(),
             reply_queue_arguments: BTreeMap::new(),
+            work_queue: None,
+            work_queue_arguments: BTreeMap::new(),
+            farm_exchange: None,
+            cancel_memory_days: 7,
         }
     }
 }
@@ -69,6 +93,10 @@ impl std::fmt::Debug for AmqpConfig {
             .field("prefetch", &self.prefetch)
             .field("queue_arguments", &self.queue_arguments)
             .field("reply_queue_arguments", &self.reply_queue_arguments)
+            .field("work_queue", &self.work_queue)
+            .field("work_queue_arguments", &self.work_queue_arguments)
+            .field("farm_exchange", &self.farm_exchange)
+            .field("cancel_memory_days", &self.cancel_memory_days)
             .finish()
     }
 }
@@ -82,7 +110,13 @@ impl AmqpConfig {
                 self.prefetch
             ));
         }
-        for (key, name) in [("queue", &self.queue), ("reply_queue", &self.reply_queue)] {
+        let (work, farm) = (self.work_queue(), self.farm_exchange());
+        for (key, name) in [
+            ("queue", &self.queue),
+            ("reply_queue", &self.reply_queue),
+            ("work_queue", &work),
+            ("farm_exchange", &farm),
+        ] {
             if name.is_empty() || name.len() > 255 {
                 return Err(format!(
                     "[amqp] {key} must be 1..=255 bytes long (an AMQP short string)"
@@ -92,6 +126,7 @@ impl AmqpConfig {
         for (key, args) in [
             ("queue_arguments", &self.queue_arguments),
             ("reply_queue_arguments", &self.reply_queue_arguments),
+            ("work_queue_arguments", &self.work_queue_arguments),
         ] {
             if let Some(name) = args.keys().find(|k| k.is_empty() || k.len() > 255) {
                 return Err(format!(
@@ -105,7 +140,21 @@ impl AmqpConfig {
         Ok(())
     }
 
-    /// The unacked messages a daemon with `workers` build slots holds.
+    /// The farm's work queue (`work_queue`, or `<queue>.farm`).
+    pub fn work_queue(&self) -> String {
+        self.work_queue
+            .clone()
+            .unwrap_or_else(|| format!("{}.farm", self.queue))
+    }
+
+    /// The farm's fanout exchange (`farm_exchange`, or `<queue>.farm`).
+    pub fn farm_exchange(&self) -> String {
+        self.farm_exchange
+            .clone()
+            .unwrap_or_else(|| format!("{}.farm", self.queue))
+    }
+
+    /// The unacked messages of `queue` a daemon with `workers` build slots holds.
     pub fn prefetch_for(&self, workers: usize) -> u16 {
         let n = if self.prefetch == 0 {
             workers as u32

@@ -12,6 +12,7 @@
 pub mod client;
 pub mod config;
 pub mod intake;
+pub mod notes;
 pub mod reply;
 
 use crate::conditions::{Condition, Gauge};
@@ -44,6 +45,9 @@ pub fn settings(
         queue_arguments: config::field_table(&cfg.queue_arguments),
         reply_queue: cfg.reply_queue.clone(),
         reply_queue_arguments: config::field_table(&cfg.reply_queue_arguments),
+        work_queue: cfg.work_queue(),
+        work_queue_arguments: config::field_table(&cfg.work_queue_arguments),
+        farm_exchange: cfg.farm_exchange(),
         prefetch: cfg.prefetch_for(workers),
         consume,
         consumer_tag: format!("build-image-{worker}-{}", std::process::id()),
@@ -91,13 +95,21 @@ impl Participant {
         }))
     }
 
-    /// Starts turning messages into jobs.
+    /// Starts turning messages into jobs: drains the participant's queue, takes work from the
+    /// farm's work queue while a build slot is free, and applies the farm's cancels.
     pub fn start_intake(&mut self, engine: Arc<Engine>) -> std::io::Result<()> {
         let (tx, rx) = bounded::<()>(1);
         let handle = self.client.handle.clone();
         let deliveries = self.client.deliveries.clone();
+        let farm = self.client.farm.clone();
         let origin = self.origin.clone();
         let reply = Arc::clone(&self.reply);
+        let notes = Arc::new(notes::Notes::open(notes::path_in(engine.store.dir())));
+        let check = Arc::clone(&notes);
+        engine.set_cancelled_before(Some(Arc::new(move |origin, workitem| {
+            intake::cancelled_before(&check, origin, workitem)
+        })));
+        let cancel_days = engine.cfg.amqp.cancel_memory_days;
         let t = std::thread::Builder::new()
             .name("amqp-intake".into())
             .spawn(move || {
@@ -106,6 +118,9 @@ impl Participant {
                     handle: &handle,
                     origin,
                     reply: &reply,
+                    farm: &farm,
+                    notes: &notes,
+                    cancel_days,
                 };
                 intake::run(&src, &deliveries, &rx)
             })?;
@@ -125,6 +140,7 @@ impl Participant {
     /// Closes the connection (after the builds and answers are done).
     pub fn stop(mut self, engine: &Engine) {
         self.stop_intake();
+        engine.set_cancelled_before(None);
         engine.set_answerer(ReplyTo::Broker, None);
         engine.conditions.remove(CONDITION);
         self.client.stop();
