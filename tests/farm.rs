@@ -693,3 +693,64 @@ fn short_jobs_do_not_wait_behind_a_long_one() {
     stop_worker(w2);
     d.stop().unwrap();
 }
+
+/// Point 4 of the issue: a workitem over `max_bytes` (50 MB) is answered `result: false` naming
+/// the limit (to the `fei` read from its head), and `rejected/` keeps only its first 1 MB; one
+/// with no `fei` is rejected (no answer to give), its head kept the same way.
+#[test]
+fn a_workitem_too_big_is_answered_and_only_its_head_kept() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    let farm = farm_with(&broker, 1);
+    let d = farm.start();
+    let mut big = ruote(1, "# ks\n");
+    big["fields"]["padding"] = json!("x".repeat(50 << 20));
+    broker.publish(Q, &[bytes(&big)]);
+    let mut answers = Answers::default();
+    assert!(
+        wait_for(Duration::from_secs(120), || {
+            answers.collect(&broker);
+            !answers.of(1).is_empty()
+        }),
+        "the big workitem is answered: {:?}",
+        events(&farm)
+    );
+    let a = &answers.of(1)[0];
+    assert_eq!(a["fei"], big["fei"], "{a}");
+    assert_eq!(a["fields"]["result"], json!(false), "{a}");
+    let error = a["fields"]["image"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("max_bytes") && error.contains(&(16u64 << 20).to_string()),
+        "{a}"
+    );
+    // No fei: nothing to answer; rejected.
+    let mut nofei = big.clone();
+    nofei.as_object_mut().unwrap().remove("fei");
+    broker.publish(Q, &[bytes(&nofei)]);
+    let heads = |farm: &Farm| {
+        common::list(&farm.rejected())
+            .into_iter()
+            .filter(|n| n.starts_with("amqp-") && !n.ends_with(".reason"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_for(Duration::from_secs(120), || heads(&farm).len() == 2),
+        "{:?}",
+        common::list(&farm.rejected())
+    );
+    for h in heads(&farm) {
+        let len = std::fs::metadata(farm.rejected().join(&h)).unwrap().len();
+        assert_eq!(len, 1 << 20, "{h}: only the head is kept");
+        let reason = std::fs::read_to_string(farm.rejected().join(format!("{h}.reason"))).unwrap();
+        assert!(reason.contains("max_bytes"), "{reason}");
+    }
+    assert!(wait_for(Duration::from_secs(30), || broker.depth(Q) == 0));
+    std::thread::sleep(Duration::from_millis(500));
+    answers.collect(&broker);
+    assert_eq!(answers.0.len(), 1, "{:?}", answers.0.keys());
+    assert_eq!(answers.of(1).len(), 1);
+    d.stop().unwrap();
+}

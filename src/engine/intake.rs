@@ -58,6 +58,8 @@ struct Batch {
 struct Claim {
     origin: Origin,
     read: InputRead,
+    /// A body over `max_bytes` (its head read): its whole size, and why it is not built.
+    too_big: Option<(u64, String)>,
 }
 
 impl Engine {
@@ -76,7 +78,41 @@ impl Engine {
         let one = lock(&self.intake.one);
         let mut round: Vec<Claim> = Vec::with_capacity(submissions.len());
         for s in submissions {
+            let mut too_big = None;
             let read = match s.body {
+                Body::TooBig {
+                    head,
+                    bytes,
+                    sha256,
+                } => {
+                    let why = format!(
+                        "the workitem is {bytes} bytes, over [spool] max_bytes = {} (its first {} bytes are kept in rejected/)",
+                        self.cfg.spool.max_bytes,
+                        head.len()
+                    );
+                    // Answered (a fei): the head is the job's input, and a copy of it goes to
+                    // rejected/ now; else the job is rejected and its input goes there.
+                    let answered = workitem::fei_in_head(&head).is_some();
+                    let copies: Vec<&[u8]> = if answered {
+                        vec![&head, &head]
+                    } else {
+                        vec![&head]
+                    };
+                    let mut names = self.inputs.keep(&s.origin, &copies)?.into_iter();
+                    let name = names.next().unwrap_or_default();
+                    if let Some(copy) = names.next()
+                        && let Err(e) = self.inputs.reject(&copy, &why)
+                    {
+                        log::warn!("cannot keep the head of a body too big in rejected/: {e}");
+                    }
+                    too_big = Some((bytes, why));
+                    InputRead {
+                        sha256,
+                        name,
+                        bytes: head,
+                        unreadable: None,
+                    }
+                }
                 Body::Claimed(name) => self.read_held(&name),
                 Body::Bytes(bytes) => {
                     let names = self.inputs.keep(&s.origin, &[&bytes])?;
@@ -92,6 +128,7 @@ impl Engine {
             round.push(Claim {
                 origin: s.origin,
                 read,
+                too_big,
             });
         }
         let mut batch = Batch::default();
@@ -117,7 +154,7 @@ impl Engine {
                             EventKind::Duplicate {
                                 file: r.name.clone(),
                                 worker: self.worker.clone(),
-                                bytes: r.bytes.len() as u64,
+                                bytes: c.too_big.as_ref().map_or(r.bytes.len() as u64, |t| t.0),
                                 sha256: r.sha256.clone(),
                                 source: c.origin.source().map(str::to_string),
                             },
@@ -130,7 +167,7 @@ impl Engine {
                             EventKind::Claimed {
                                 file: r.name.clone(),
                                 worker: self.worker.clone(),
-                                bytes: r.bytes.len() as u64,
+                                bytes: c.too_big.as_ref().map_or(r.bytes.len() as u64, |t| t.0),
                                 sha256: r.sha256.clone(),
                                 source: c.origin.source().map(str::to_string),
                             },
@@ -147,7 +184,11 @@ impl Engine {
                     lock(&self.intake.touched).insert(ev.job);
                     continue;
                 };
-                match self.decide(ev.job, &c.origin, c.read, &mut batch) {
+                let decided = match c.too_big {
+                    Some((_, why)) => Ok(Decision::Events(vec![too_big(c.read, why)])),
+                    None => self.decide(ev.job, &c.origin, c.read, &mut batch),
+                };
+                match decided {
                     Ok(Decision::Events(kinds)) => {
                         outcomes.extend(kinds.into_iter().map(|k| (Some(ev.job), k)))
                     }
@@ -421,6 +462,27 @@ impl Engine {
             }),
         }
         Ok(Decision::Events(events))
+    }
+}
+
+/// What a body too big to be read whole makes of its job: an answer `result: false` saying
+/// why, to the `fei` read from its head (invalid; the answer is that envelope with the OUT
+/// fields), or, with no `fei` to answer, rejected.
+fn too_big(read: InputRead, why: String) -> EventKind {
+    match workitem::fei_in_head(&read.bytes) {
+        Some(fei) => EventKind::Invalid {
+            image_id: None,
+            error: why,
+            held_by: None,
+            input: Input(
+                serde_json::to_vec(&serde_json::json!({"fei": fei, "fields": {}}))
+                    .unwrap_or_default(),
+            ),
+        },
+        None => EventKind::Rejected {
+            file: read.name,
+            reason: format!("not a workitem that can be answered: {why}, and no fei in its head"),
+        },
     }
 }
 

@@ -24,7 +24,7 @@ use super::notes::{self, Notes};
 use super::reply::Reply;
 use crate::domain::Origin;
 use crate::domain::origin::{Body, Submission};
-use crate::domain::workitem::fei_key;
+use crate::domain::workitem::{HEAD_BYTES, fei_in_head, fei_key};
 use crate::engine::Engine;
 use crossbeam_channel::{Receiver, select, unbounded};
 use serde_json::Value;
@@ -88,7 +88,8 @@ pub fn run(src: &Source<'_>, deliveries: &Receiver<Incoming>, stop: &Receiver<()
     let mut getting: Option<Instant> = None;
     // When the work queue may be asked again (it was empty).
     let mut next_get = Instant::now();
-    // Malformed bodies waiting for the log to take writes again.
+    // Bodies handled here rather than moved on (not JSON objects, too big), waiting for the log
+    // to take writes.
     let mut malformed: VecDeque<Incoming> = VecDeque::new();
     loop {
         let now = Instant::now();
@@ -135,7 +136,12 @@ pub fn run(src: &Source<'_>, deliveries: &Receiver<Incoming>, stop: &Receiver<()
         let writable = engine.store.failing().is_none() && !engine.stopping();
         if writable {
             while let Some(m) = malformed.pop_front() {
-                if fresh(handle, &m) {
+                if !fresh(handle, &m) {
+                    continue;
+                }
+                if m.body.len() as u64 > engine.cfg.spool.max_bytes {
+                    claim_too_big(src, m);
+                } else {
                     claim(src, vec![m], false);
                 }
             }
@@ -166,6 +172,15 @@ fn fresh(handle: &Handle, m: &Incoming) -> bool {
 /// A message of the participant's queue: moved on at once.
 fn drain(src: &Source<'_>, mut m: Incoming, malformed: &mut VecDeque<Incoming>) {
     if !fresh(src.handle, &m) {
+        return;
+    }
+    if m.body.len() as u64 > src.engine.cfg.spool.max_bytes {
+        log::warn!(
+            "AMQP: a message of {} bytes is over [spool] max_bytes = {}: answered result false when it has a fei",
+            m.body.len(),
+            src.engine.cfg.spool.max_bytes
+        );
+        malformed.push_back(m);
         return;
     }
     let to = match classify(&m.body) {
@@ -244,6 +259,30 @@ fn taken(src: &Source<'_>, m: Incoming, malformed: &mut VecDeque<Incoming>) {
         Message::Malformed(why) => {
             log::warn!("AMQP: a message of the work queue is not a workitem ({why}): rejected");
             malformed.push_back(m);
+        }
+    }
+}
+
+/// A body over `max_bytes`: claimed with its head only (the engine answers it `result: false`
+/// when its head has a `fei`, else rejects it), then acked when answered, else rejected without
+/// requeue (to the queue's dead-letter exchange, if any).
+fn claim_too_big(src: &Source<'_>, m: Incoming) {
+    let head = m.body[..m.body.len().min(HEAD_BYTES)].to_vec();
+    let answered = fei_in_head(&head).is_some();
+    let submission = Submission {
+        origin: src.origin.clone(),
+        body: Body::TooBig {
+            bytes: m.body.len() as u64,
+            sha256: crate::digest::sha256_hex(&m.body),
+            head,
+        },
+    };
+    match src.engine.submit(vec![submission]) {
+        Ok(()) if answered => src.handle.ack(m),
+        Ok(()) => src.handle.reject(m, false),
+        Err(e) => {
+            log::error!("AMQP: cannot record a message too big ({e}): back to the queue");
+            src.handle.reject(m, true);
         }
     }
 }
