@@ -754,3 +754,101 @@ fn a_workitem_too_big_is_answered_and_only_its_head_kept() {
     assert_eq!(answers.of(1).len(), 1);
     d.stop().unwrap();
 }
+
+/// Point 9 of the issue: an image_id belongs to one job in the farm. Two daemons with spools of
+/// their own share one `base_dir`; the same image_id dropped on both at once, 50 times: one
+/// build each time, and the other daemon answers a conflict naming the worker that holds it.
+#[test]
+fn one_image_id_on_two_hosts_sharing_base_dir_is_built_once() {
+    common::init_log();
+    let mut a = Farm::new();
+    a.cfg.hooks.push = None;
+    a.cfg.worker.workers = 2;
+    let mut b = Farm::new();
+    b.cfg.hooks.push = None;
+    b.cfg.worker.workers = 2;
+    b.cfg.worker.base_dir = a.base();
+    b.cfg.spool.worker_id = Some("w2".into());
+    let da = a.start();
+    let db = b.start_binary();
+    for r in 0..50 {
+        let id = format!("same{r}");
+        let w = common::workitem(&id, "# ks\n");
+        let name = format!("r{r}.json");
+        a.drop_json(&name, &w);
+        b.drop_json(&name, &w);
+        let ra = a.wait_outbox(&name, Duration::from_secs(60));
+        let rb = b.wait_outbox(&name, Duration::from_secs(60));
+        let (won, lost, holder) = match (&ra["result"], &rb["result"]) {
+            (Value::Bool(true), Value::Bool(false)) => (&ra, &rb, "w1"),
+            (Value::Bool(false), Value::Bool(true)) => (&rb, &ra, "w2"),
+            _ => panic!("round {r}: one build and one conflict: {ra} / {rb}"),
+        };
+        assert_eq!(won["result"], json!(true));
+        let error = lost["image"]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("conflict") && error.contains(&format!("held by worker {holder}")),
+            "round {r}: {error}"
+        );
+        assert_eq!(common::mic_runs(&a, &id), 1, "round {r}: built once");
+    }
+    drop(db);
+    da.stop().unwrap();
+}
+
+/// The farm queue's moving window (docs/amqp.md): a workitem left twice in the work queue (a
+/// daemon died between the copy's confirm and the original's ack) and taken by two hosts that
+/// share `base_dir` is built once and answered once: the second host finds the job folder held
+/// by the first with the same bytes, and neither builds nor answers it (its body goes to its
+/// `rejected/` with the reason).
+#[test]
+fn a_workitem_taken_twice_by_two_hosts_is_built_and_answered_once() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    let a = farm_with(&broker, 1);
+    let mut b = farm_with(&broker, 1);
+    b.cfg.worker.base_dir = a.base();
+    b.cfg.spool.worker_id = Some("w2".into());
+    let go = a.root().join("go");
+    let ks = format!("# mic-fixture: wait-for {}\n", go.display());
+    let body = bytes(&ruote(1, &ks));
+    let da = a.start();
+    let db = b.start_binary();
+    let work = format!("{Q}.farm");
+    broker.publish(&work, std::slice::from_ref(&body));
+    assert!(wait_for(Duration::from_secs(60), || mic_running(&a, 1)));
+    broker.publish(&work, &[body]);
+    let reasons = |farm: &Farm| {
+        common::list(&farm.rejected())
+            .into_iter()
+            .filter(|n| n.ends_with(".reason"))
+            .map(|n| std::fs::read_to_string(farm.rejected().join(n)).unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || reasons(&a)
+            .iter()
+            .chain(reasons(&b).iter())
+            .any(|r| r.contains("byte-identical copy"))),
+        "the second copy is set aside: {:?} {:?}",
+        reasons(&a),
+        reasons(&b)
+    );
+    std::fs::write(&go, b"").unwrap();
+    let mut answers = Answers::default();
+    assert!(wait_for(Duration::from_secs(60), || {
+        answers.collect(&broker);
+        !answers.of(1).is_empty()
+    }));
+    std::thread::sleep(Duration::from_millis(500));
+    answers.collect(&broker);
+    assert_eq!(answers.of(1).len(), 1, "{:?}", answers.of(1));
+    assert_eq!(answers.of(1)[0]["fields"]["result"], json!(true));
+    assert_eq!(common::mic_runs(&a, "img1"), 1, "built once");
+    assert_eq!(broker.depth(&work), 0);
+    drop(db);
+    da.stop().unwrap();
+}

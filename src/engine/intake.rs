@@ -354,6 +354,7 @@ impl Engine {
         batch: &mut Batch,
     ) -> Result<Decision> {
         let file = read.name.as_str();
+        let sha256 = read.sha256.clone();
         let reject = |reason: String| {
             Ok(Decision::Events(vec![EventKind::Rejected {
                 file: file.to_string(),
@@ -425,6 +426,45 @@ impl Engine {
                 }
                 None => {
                     if cancelled.is_none() {
+                        // Hosts sharing base_dir: the folder is claimed farm-wide.
+                        let me = crate::imaging::jobdir::Owner {
+                            worker: self.worker.clone(),
+                            job: id,
+                            sha256,
+                        };
+                        match crate::imaging::jobdir::claim_folder(&self.cfg.worker, &spec, &me) {
+                            Ok(crate::imaging::jobdir::FolderClaim::Ours) => {}
+                            Ok(crate::imaging::jobdir::FolderClaim::Held(o))
+                                if o.sha256 == me.sha256
+                                    && matches!(origin, Origin::Broker { .. }) =>
+                            {
+                                // The same message taken by two hosts (the farm queue's moving
+                                // window): the holder's answer is this one's too (same fei).
+                                events.push(EventKind::Rejected {
+                                    file: file.clone(),
+                                    reason: format!(
+                                        "a byte-identical copy of the workitem of job {} on worker {}, which builds and answers it (the same fei): neither built nor answered here",
+                                        o.job, o.worker
+                                    ),
+                                });
+                                return Ok(Decision::Events(events));
+                            }
+                            Ok(crate::imaging::jobdir::FolderClaim::Held(o)) => {
+                                events.push(EventKind::Invalid {
+                                    image_id: Some(spec.image_id.clone()),
+                                    error: format!(
+                                        "conflict: the job folder of image_id {:?} ({}/{}) is held by worker {} (its job {}); rebuilding an image is `build-image retry {}` on {}",
+                                        spec.image_id, spec.prefix, spec.dir_id, o.worker, o.job, o.job, o.worker
+                                    ),
+                                    held_by: None,
+                                    input,
+                                });
+                                return Ok(Decision::Events(events));
+                            }
+                            Err(e) => log::warn!(
+                                "job {id}: {e}; the build will say whether its folder can be made"
+                            ),
+                        }
                         batch.image_ids.insert(spec.image_id.clone(), id);
                         batch.folders.insert(crate::journal::folder_key(&spec), id);
                     }
