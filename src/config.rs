@@ -787,6 +787,46 @@ mod tests {
     }
 
     #[test]
+    fn queue_arguments_take_strings_integers_and_booleans() {
+        use crate::edges::amqp::config::Argument;
+        let cfg = Config::parse(
+            "[amqp]\nqueue_arguments = { \"x-queue-type\" = \"quorum\", \"x-max-length\" = 10 }\n\
+             reply_queue_arguments = { \"x-single-active-consumer\" = true }\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.amqp.queue_arguments.get("x-queue-type"),
+            Some(&Argument::Text("quorum".into()))
+        );
+        assert_eq!(
+            cfg.amqp.queue_arguments.get("x-max-length"),
+            Some(&Argument::Int(10))
+        );
+        assert_eq!(
+            cfg.amqp
+                .reply_queue_arguments
+                .get("x-single-active-consumer"),
+            Some(&Argument::Bool(true))
+        );
+        assert!(
+            Config::parse("", Path::new("t"))
+                .unwrap()
+                .amqp
+                .queue_arguments
+                .is_empty()
+        );
+        for bad in [
+            "[amqp]\nqueue_arguments = { \"x-max-length\" = 1.5 }\n",
+            "[amqp]\nqueue_arguments = { \"x\" = [1] }\n",
+            "[amqp]\nqueue_arguments = { \"\" = 1 }\n",
+            "[amqp]\nqueue_arguments = 3\n",
+        ] {
+            assert!(Config::parse(bad, Path::new("t")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn config_defaults_ranges_and_urls() {
         let cfg = Config::parse("", Path::new("t")).unwrap();
         assert_eq!(cfg.amqp.url, None);

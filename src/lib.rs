@@ -14,6 +14,7 @@
 
 pub mod artifacts;
 pub mod cli;
+pub mod conditions;
 pub mod config;
 pub mod daemon;
 pub mod digest;

@@ -35,10 +35,14 @@ pub fn status(
         failing,
         unpushed,
         waiting,
+        degraded,
     } = r
     else {
         return Err(unexpected(&r));
     };
+    for what in degraded {
+        eprintln!("build-image: WARNING: {}", escape(&what));
+    }
     if let Some(why) = failing {
         eprintln!(
             "build-image: WARNING: {}; nothing is claimed until that is over",

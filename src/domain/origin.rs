@@ -220,6 +220,15 @@ pub enum Body {
     /// it records the claim. A source acknowledges such a body only after the intake returned
     /// Ok: a body kept but never claimed was never acknowledged, and its source sends it again.
     Bytes(Vec<u8>),
+    /// A body over `[spool] max_bytes`, of which the source kept only the first
+    /// [`super::workitem::HEAD_BYTES`] (`head`): claimed with the size and sha256 of the whole,
+    /// answered `result: false` when a `fei` can be read from its head (invalid), else
+    /// rejected; the head is what `rejected/` keeps.
+    TooBig {
+        head: Vec<u8>,
+        bytes: u64,
+        sha256: String,
+    },
 }
 
 #[cfg(test)]

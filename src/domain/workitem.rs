@@ -518,6 +518,50 @@ pub fn reply_owned(
     out
 }
 
+/// The key a cancel and its workitem share: a `fei` (Ruote's flow expression id) as canonical
+/// JSON (object keys sorted, at every depth), so that the same id written with its keys in
+/// another order is the same key. None for a `fei` that is not an object.
+pub fn fei_key(fei: &Value) -> Option<String> {
+    fn canonical(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), canonical(&m[k])))
+                        .collect(),
+                )
+            }
+            Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+            other => other.clone(),
+        }
+    }
+    fei.is_object()
+        .then(|| serde_json::to_string(&canonical(fei)).ok())
+        .flatten()
+}
+
+/// How much of a body over `max_bytes` is kept (in `rejected/`) and read for its `fei`.
+pub const HEAD_BYTES: usize = 1 << 20;
+
+/// The `fei` of a workitem read from the head of its body (a body too big to be read whole): the
+/// value of the first `"fei"` key, when it is an object that ends within the head. Ruote writes
+/// the envelope's `fei` first, so it is found however long the fields after it are.
+pub fn fei_in_head(head: &[u8]) -> Option<Value> {
+    let at = head.windows(5).position(|w| w == b"\"fei\"")?;
+    let rest = &head[at + 5..];
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    let value = serde_json::Deserializer::from_slice(&rest[colon + 1..])
+        .into_iter::<Value>()
+        .next()?
+        .ok()?;
+    value.is_object().then_some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -795,5 +839,30 @@ mod tests {
             json!("Image build FAILED: mic exited with status 1")
         );
         assert!(r["msg"][0].as_str().unwrap().contains("failed: mic exited"));
+    }
+
+    #[test]
+    fn a_fei_key_does_not_depend_on_the_order_of_keys() {
+        let a = serde_json::json!({"wfid": "w", "expid": "0_1", "sub": {"b": 1, "a": 2}});
+        let b: Value =
+            serde_json::from_str(r#"{"sub": {"a": 2, "b": 1}, "expid": "0_1", "wfid": "w"}"#)
+                .unwrap();
+        assert_eq!(fei_key(&a), fei_key(&b));
+        assert!(fei_key(&a).is_some());
+        assert_eq!(fei_key(&Value::Null), None);
+        assert_ne!(fei_key(&a), fei_key(&serde_json::json!({"wfid": "x"})));
+    }
+
+    #[test]
+    fn a_fei_is_read_from_the_head_of_a_body() {
+        let body =
+            br#"{"fei" : {"wfid": "w", "expid": "0"}, "fields": {"image": {"kickstart": "xxxxxxxx"#;
+        assert_eq!(
+            fei_in_head(body),
+            Some(serde_json::json!({"wfid": "w", "expid": "0"}))
+        );
+        assert_eq!(fei_in_head(br#"{"fields": {"a": 1}}"#), None);
+        assert_eq!(fei_in_head(br#"{"fei": {"wfid": "w", "exp"#), None, "cut");
+        assert_eq!(fei_in_head(br#"{"fei": 3}"#), None);
     }
 }

@@ -136,6 +136,18 @@ boot_seconds: None,
         let _ = self.stalls.wake.0.try_send(());
     }
 
+    /// Makes a stalled job due now (what its step waited for has come, e.g. the broker's
+    /// confirm of its answer) rather than at the end of its back-off. A job not stalled is left
+    /// alone (its step is under way, or done).
+    pub fn wake_stalled(&self, id: u64) {
+        let mut due = lock(&self.stalls.due);
+        if let Some(entry) = due.get_mut(&id) {
+            entry.0 = Instant::now();
+            drop(due);
+            let _ = self.stalls.wake.0.try_send(());
+        }
+    }
+
     /// When the next stalled job is due.
     pub fn next_stall(&self) -> Option<Instant> {
         lock(&self.stalls.due).values().map(|(due, _)| *due).min()

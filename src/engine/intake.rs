@@ -30,7 +30,15 @@ pub struct Intake {
     settling: Mutex<HashMap<u64, (String, Instant)>>,
     /// Jobs a byte-identical re-drop was added to (for `run --once`).
     touched: Mutex<BTreeSet<u64>>,
+    /// A source's word on whether a workitem was cancelled before it came (see
+    /// [`Engine::set_cancelled_before`]).
+    cancelled_before: Mutex<Option<CancelledBefore>>,
 }
+
+/// Says whether a workitem was cancelled before it came (Some: why): such a workitem is
+/// queued and cancelled in one step, never built.
+pub type CancelledBefore =
+    std::sync::Arc<dyn Fn(&Origin, &serde_json::Value) -> Option<String> + Send + Sync>;
 
 /// What a claimed input's content makes of its job.
 enum Decision {
@@ -50,9 +58,18 @@ struct Batch {
 struct Claim {
     origin: Origin,
     read: InputRead,
+    /// A body over `max_bytes` (its head read): its whole size, and why it is not built.
+    too_big: Option<(u64, String)>,
 }
 
 impl Engine {
+    /// Sets (None: removes) the source's word on workitems cancelled before they came: a
+    /// workitem it names is recorded `queued`, `cancelled` and `finished` (result false,
+    /// `cancelled`) in the intake's one flush, so no build slot ever starts it.
+    pub fn set_cancelled_before(&self, check: Option<CancelledBefore>) {
+        *lock(&self.intake.cancelled_before) = check;
+    }
+
     /// Takes submissions: keeps the bodies handed over whole, records every claim and what
     /// each input is, with one flush for all, then moves the jobs forward. An error means the
     /// claims are not recorded (a source keeps its names and tries again; a body's source gets
@@ -61,7 +78,41 @@ impl Engine {
         let one = lock(&self.intake.one);
         let mut round: Vec<Claim> = Vec::with_capacity(submissions.len());
         for s in submissions {
+            let mut too_big = None;
             let read = match s.body {
+                Body::TooBig {
+                    head,
+                    bytes,
+                    sha256,
+                } => {
+                    let why = format!(
+                        "the workitem is {bytes} bytes, over [spool] max_bytes = {} (its first {} bytes are kept in rejected/)",
+                        self.cfg.spool.max_bytes,
+                        head.len()
+                    );
+                    // Answered (a fei): the head is the job's input, and a copy of it goes to
+                    // rejected/ now; else the job is rejected and its input goes there.
+                    let answered = workitem::fei_in_head(&head).is_some();
+                    let copies: Vec<&[u8]> = if answered {
+                        vec![&head, &head]
+                    } else {
+                        vec![&head]
+                    };
+                    let mut names = self.inputs.keep(&s.origin, &copies)?.into_iter();
+                    let name = names.next().unwrap_or_default();
+                    if let Some(copy) = names.next()
+                        && let Err(e) = self.inputs.reject(&copy, &why)
+                    {
+                        log::warn!("cannot keep the head of a body too big in rejected/: {e}");
+                    }
+                    too_big = Some((bytes, why));
+                    InputRead {
+                        sha256,
+                        name,
+                        bytes: head,
+                        unreadable: None,
+                    }
+                }
                 Body::Claimed(name) => self.read_held(&name),
                 Body::Bytes(bytes) => {
                     let names = self.inputs.keep(&s.origin, &[&bytes])?;
@@ -77,6 +128,7 @@ impl Engine {
             round.push(Claim {
                 origin: s.origin,
                 read,
+                too_big,
             });
         }
         let mut batch = Batch::default();
@@ -102,7 +154,7 @@ impl Engine {
                             EventKind::Duplicate {
                                 file: r.name.clone(),
                                 worker: self.worker.clone(),
-                                bytes: r.bytes.len() as u64,
+                                bytes: c.too_big.as_ref().map_or(r.bytes.len() as u64, |t| t.0),
                                 sha256: r.sha256.clone(),
                                 source: c.origin.source().map(str::to_string),
                             },
@@ -115,7 +167,7 @@ impl Engine {
                             EventKind::Claimed {
                                 file: r.name.clone(),
                                 worker: self.worker.clone(),
-                                bytes: r.bytes.len() as u64,
+                                bytes: c.too_big.as_ref().map_or(r.bytes.len() as u64, |t| t.0),
                                 sha256: r.sha256.clone(),
                                 source: c.origin.source().map(str::to_string),
                             },
@@ -132,7 +184,11 @@ impl Engine {
                     lock(&self.intake.touched).insert(ev.job);
                     continue;
                 };
-                match self.decide(ev.job, &c.origin, c.read, &mut batch) {
+                let decided = match c.too_big {
+                    Some((_, why)) => Ok(Decision::Events(vec![too_big(c.read, why)])),
+                    None => self.decide(ev.job, &c.origin, c.read, &mut batch),
+                };
+                match decided {
                     Ok(Decision::Events(kinds)) => {
                         outcomes.extend(kinds.into_iter().map(|k| (Some(ev.job), k)))
                     }
@@ -298,6 +354,7 @@ impl Engine {
         batch: &mut Batch,
     ) -> Result<Decision> {
         let file = read.name.as_str();
+        let sha256 = read.sha256.clone();
         let reject = |reason: String| {
             Ok(Decision::Events(vec![EventKind::Rejected {
                 file: file.to_string(),
@@ -338,6 +395,8 @@ impl Engine {
         }
         let normalised = workitem::normalise(&value);
         let raw_id = workitem::raw_image_id(&value);
+        let check = lock(&self.intake.cancelled_before).clone();
+        let cancelled = check.and_then(|c| c(origin, &value));
         drop(value);
         let file = file.to_string();
         let input = Input(read.bytes);
@@ -366,15 +425,67 @@ impl Engine {
                     });
                 }
                 None => {
-                    batch.image_ids.insert(spec.image_id.clone(), id);
-                    batch.folders.insert(crate::journal::folder_key(&spec), id);
+                    if cancelled.is_none() {
+                        // Hosts sharing base_dir: the folder is claimed farm-wide.
+                        let me = crate::imaging::jobdir::Owner {
+                            worker: self.worker.clone(),
+                            job: id,
+                            sha256,
+                        };
+                        match crate::imaging::jobdir::claim_folder(&self.cfg.worker, &spec, &me) {
+                            Ok(crate::imaging::jobdir::FolderClaim::Ours) => {}
+                            Ok(crate::imaging::jobdir::FolderClaim::Held(o))
+                                if o.sha256 == me.sha256
+                                    && matches!(origin, Origin::Broker { .. }) =>
+                            {
+                                // The same message taken by two hosts (the farm queue's moving
+                                // window): the holder's answer is this one's too (same fei).
+                                events.push(EventKind::Rejected {
+                                    file: file.clone(),
+                                    reason: format!(
+                                        "a byte-identical copy of the workitem of job {} on worker {}, which builds and answers it (the same fei): neither built nor answered here",
+                                        o.job, o.worker
+                                    ),
+                                });
+                                return Ok(Decision::Events(events));
+                            }
+                            Ok(crate::imaging::jobdir::FolderClaim::Held(o)) => {
+                                events.push(EventKind::Invalid {
+                                    image_id: Some(spec.image_id.clone()),
+                                    error: format!(
+                                        "conflict: the job folder of image_id {:?} ({}/{}) is held by worker {} (its job {}); rebuilding an image is `build-image retry {}` on {}",
+                                        spec.image_id, spec.prefix, spec.dir_id, o.worker, o.job, o.job, o.worker
+                                    ),
+                                    held_by: None,
+                                    input,
+                                });
+                                return Ok(Decision::Events(events));
+                            }
+                            Err(e) => log::warn!(
+                                "job {id}: {e}; the build will say whether its folder can be made"
+                            ),
+                        }
+                        batch.image_ids.insert(spec.image_id.clone(), id);
+                        batch.folders.insert(crate::journal::folder_key(&spec), id);
+                    }
                     // The kickstart is read from the stored input when a build needs it.
                     spec.kickstart = String::new();
+                    let urls = crate::imaging::planned_urls(&self.cfg.worker, &spec);
                     events.push(EventKind::Queued {
                         image_id: spec.image_id.clone(),
                         spec: Box::new(spec),
                         input,
                     });
+                    if let Some(reason) = cancelled {
+                        events.push(EventKind::Cancelled { reason });
+                        events.push(EventKind::Finished {
+                            result: false,
+                            error: Some("cancelled".into()),
+                            urls,
+                            failure: Some(crate::domain::Failure::Cancelled),
+                            boot_seconds: None,
+                        });
+                    }
                 }
             },
             Err(WorkitemError::NotAWorkitem(e)) => {
@@ -391,6 +502,27 @@ impl Engine {
             }),
         }
         Ok(Decision::Events(events))
+    }
+}
+
+/// What a body too big to be read whole makes of its job: an answer `result: false` saying
+/// why, to the `fei` read from its head (invalid; the answer is that envelope with the OUT
+/// fields), or, with no `fei` to answer, rejected.
+fn too_big(read: InputRead, why: String) -> EventKind {
+    match workitem::fei_in_head(&read.bytes) {
+        Some(fei) => EventKind::Invalid {
+            image_id: None,
+            error: why,
+            held_by: None,
+            input: Input(
+                serde_json::to_vec(&serde_json::json!({"fei": fei, "fields": {}}))
+                    .unwrap_or_default(),
+            ),
+        },
+        None => EventKind::Rejected {
+            file: read.name,
+            reason: format!("not a workitem that can be answered: {why}, and no fei in its head"),
+        },
     }
 }
 

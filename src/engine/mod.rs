@@ -84,6 +84,8 @@ pub struct Engine {
     pub worker: String,
     pub store: Arc<Store>,
     pub registry: Registry,
+    /// What the running edges say about their own health (a broker connection).
+    pub conditions: crate::conditions::Conditions,
     inputs: Arc<dyn Inputs>,
     builder: Arc<dyn Builder>,
     answerers: answer::Answerers,
@@ -109,6 +111,7 @@ impl Engine {
             worker: p.worker,
             store: p.store,
             registry: p.registry,
+            conditions: crate::conditions::Conditions::default(),
             inputs: p.inputs,
             builder: p.builder,
             answerers: answer::Answerers::default(),

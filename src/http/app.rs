@@ -9,7 +9,7 @@
 //! - `/metrics` reads memory only ([`Metrics`], kept by the store's observer), and a page of
 //!   `/` looks at `PAGE_SCAN` job ids at most: both cost the same at any log size.
 
-use super::exposition::{Family, Format, encode};
+use super::exposition::{Data, Family, Format, Number, encode};
 use super::logview::{LOG_TAIL, is_live, read_tail};
 use super::metrics::Metrics;
 use super::pages;
@@ -258,6 +258,13 @@ impl App {
         let writable = self.host.engine.store.failing().is_none();
         match self.metrics.families(SystemTime::now(), writable) {
             Some(mut families) => {
+                for (_, c) in self.host.engine.conditions.now() {
+                    families.extend(c.gauges.into_iter().map(|g| Family {
+                        name: g.name,
+                        help: g.help,
+                        data: Data::Gauge(vec![(vec![], Number::Int(g.value))]),
+                    }));
+                }
                 families.extend(server);
                 Reply::new(200, format.content_type(), encode(&families, format))
             }
@@ -265,10 +272,27 @@ impl App {
         }
     }
 
-    /// `GET /healthz`: 200 "ok" while the log takes writes, else 503 and why.
+    /// `GET /healthz`: 200 "ok" while the log takes writes, else 503 and why; 200 with a
+    /// `degraded:` line for each part that is not working (a broker away or refusing: the spool
+    /// is still served).
     pub fn healthz(&self) -> Reply {
         match self.host.engine.store.failing() {
-            None => Reply::new(200, TEXT, "ok\n"),
+            None => {
+                let degraded: String = self
+                    .host
+                    .engine
+                    .conditions
+                    .now()
+                    .into_iter()
+                    .filter(|(_, c)| !c.ok)
+                    .map(|(name, c)| format!("degraded: {name}: {}\n", c.detail))
+                    .collect();
+                if degraded.is_empty() {
+                    Reply::new(200, TEXT, "ok\n")
+                } else {
+                    Reply::new(200, TEXT, degraded)
+                }
+            }
             Some(why) => Reply::new(503, TEXT, format!("failing: {why}\n")),
         }
     }

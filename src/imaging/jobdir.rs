@@ -529,6 +529,123 @@ fn write_in(dir: &OwnedFd, name: &str, data: &[u8]) -> std::io::Result<()> {
     written
 }
 
+/// Who holds a job folder: the `.owner` file in it (worker, job, sha256 of the input).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Owner {
+    pub worker: String,
+    pub job: u64,
+    pub sha256: String,
+}
+
+/// The owner file's name in a job folder.
+pub const OWNER_FILE: &str = ".owner";
+
+/// How a claim of a job folder went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FolderClaim {
+    /// This worker holds it (claimed now, or before: recovery, a retry).
+    Ours,
+    /// Another worker holds it (hosts sharing `base_dir`).
+    Held(Owner),
+}
+
+/// Claims a job's folder farm-wide, for hosts that share `base_dir`: makes the folder (as a
+/// build does: no symlink followed), writes an owner file whole (fsynced) under a name of its
+/// own, and links it to `.owner`: a link is exclusive (it fails when `.owner` exists, also over
+/// NFSv3+) and the file is whole when it appears. A folder whose `.owner` names this worker is
+/// this worker's; one naming another worker is held by it. A folder without `.owner` (made by a
+/// version before this one, or by a build on this host) is claimed like a new one.
+pub fn claim_folder(
+    w: &WorkerConfig,
+    spec: &Spec,
+    me: &Owner,
+) -> Result<FolderClaim, PrepareError> {
+    let dir = open_job_dir(w, spec)?;
+    let path = job_dir(w, spec).join(OWNER_FILE);
+    let fail = |what: &'static str| {
+        let path = path.clone();
+        move |e: nix::errno::Errno| PrepareError {
+            what,
+            path,
+            source: io(e),
+        }
+    };
+    let tmp = format!(".owner.{}.{}.{}.tmp", me.worker, std::process::id(), me.job);
+    let body = serde_json::to_vec(me).unwrap_or_default();
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::openat(
+        &dir,
+        tmp.as_str(),
+        flags,
+        FileMode::from_bits_truncate(0o644),
+    )
+    .map_err(fail("cannot write the owner file of"))?;
+    let mut file = File::from(fd);
+    file.write_all(&body)
+        .and_then(|()| file.sync_all())
+        .map_err(|source| PrepareError {
+            what: "cannot write the owner file of",
+            path: path.clone(),
+            source,
+        })?;
+    drop(file);
+    let linked = nix::unistd::linkat(&dir, tmp.as_str(), &dir, OWNER_FILE, AtFlags::empty());
+    let _ = unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+    match linked {
+        Ok(()) => {
+            let _ = nix::unistd::fsync(&dir);
+            Ok(FolderClaim::Ours)
+        }
+        Err(nix::errno::Errno::EEXIST) => {
+            let fd = nix::fcntl::openat(
+                &dir,
+                OWNER_FILE,
+                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                FileMode::empty(),
+            )
+            .map_err(fail("cannot read the owner file of"))?;
+            let mut text = Vec::new();
+            std::io::Read::read_to_end(&mut File::from(fd), &mut text).map_err(|source| {
+                PrepareError {
+                    what: "cannot read the owner file of",
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            let owner: Owner = serde_json::from_slice(&text).unwrap_or_else(|_| Owner {
+                worker: "an unknown worker (its .owner is not readable)".into(),
+                job: 0,
+                sha256: String::new(),
+            });
+            Ok(if owner.worker == me.worker {
+                FolderClaim::Ours
+            } else {
+                FolderClaim::Held(owner)
+            })
+        }
+        Err(e) => Err(fail("cannot claim the job folder (link .owner) of")(e)),
+    }
+}
+
+/// Lets go of `worker`'s claim of a job folder (a dead worker's job handed to the farm again by
+/// `requeue --worker`): its `.owner` is removed when it names `worker`. True when one was.
+pub fn release_folder(w: &WorkerConfig, spec: &Spec, worker: &str) -> std::io::Result<bool> {
+    let path = job_dir(w, spec).join(OWNER_FILE);
+    match path.symlink_metadata() {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let owner: Option<Owner> = serde_json::from_slice(&std::fs::read(&path)?).ok();
+    if owner.is_some_and(|o| o.worker == worker) {
+        std::fs::remove_file(&path)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 /// Makes the job directory, writes the kickstart and starts the job log, before a build starts;
 /// then notes what the directory holds, so that the image found after the build is one this
 /// attempt wrote.
@@ -617,6 +734,54 @@ mod tests {
             base_url: "http://img.example/images".into(),
             ..WorkerConfig::default()
         }
+    }
+
+    #[test]
+    fn a_job_folder_is_claimed_once_in_the_farm() {
+        let d = tempfile::tempdir().unwrap();
+        let w = worker(d.path());
+        let sp = spec("requests", "x-1");
+        let owner = |worker: &str, job| Owner {
+            worker: worker.into(),
+            job,
+            sha256: "s".into(),
+        };
+        assert_eq!(
+            claim_folder(&w, &sp, &owner("w1", 3)).unwrap(),
+            FolderClaim::Ours
+        );
+        assert_eq!(
+            claim_folder(&w, &sp, &owner("w2", 9)).unwrap(),
+            FolderClaim::Held(owner("w1", 3))
+        );
+        assert_eq!(
+            claim_folder(&w, &sp, &owner("w1", 4)).unwrap(),
+            FolderClaim::Ours,
+            "this worker's (a retry, recovery)"
+        );
+        let names: Vec<String> = std::fs::read_dir(job_dir(&w, &sp))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            vec![OWNER_FILE.to_string()],
+            "no temporary file left"
+        );
+        // A dead worker's claim let go (requeue --worker): another worker claims it.
+        assert!(!release_folder(&w, &sp, "w2").unwrap(), "not w2's");
+        assert!(release_folder(&w, &sp, "w1").unwrap());
+        assert_eq!(
+            claim_folder(&w, &sp, &owner("w2", 9)).unwrap(),
+            FolderClaim::Ours
+        );
+        // A folder made by an older version (no owner file) is claimed like a new one.
+        let old = spec("requests", "x-2");
+        std::fs::create_dir_all(job_dir(&w, &old)).unwrap();
+        assert_eq!(
+            claim_folder(&w, &old, &owner("w2", 1)).unwrap(),
+            FolderClaim::Ours
+        );
     }
 
     #[test]

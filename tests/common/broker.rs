@@ -5,7 +5,7 @@
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -180,6 +180,15 @@ impl Broker {
     /// Publishes each body persistent to the default exchange with this routing key (declared
     /// durable), with confirms.
     pub fn publish(&self, queue: &str, bodies: &[Vec<u8>]) {
+        self.publish_as(queue, bodies, false)
+    }
+
+    /// Publishes to a queue that exists (declared passively: its arguments are left as they are).
+    pub fn publish_to_existing(&self, queue: &str, bodies: &[Vec<u8>]) {
+        self.publish_as(queue, bodies, true)
+    }
+
+    fn publish_as(&self, queue: &str, bodies: &[Vec<u8>], existing: bool) {
         self.rt.block_on(async {
             let c = self.connect().await;
             let ch = c.create_channel().await.unwrap();
@@ -188,7 +197,10 @@ impl Broker {
                 .unwrap();
             ch.queue_declare(
                 queue.into(),
-                QueueDeclareOptions::durable(),
+                QueueDeclareOptions {
+                    passive: existing,
+                    ..QueueDeclareOptions::durable()
+                },
                 FieldTable::default(),
             )
             .await
@@ -212,12 +224,24 @@ impl Broker {
 
     /// Takes every message now in `queue` (acked), with its delivery mode.
     pub fn take(&self, queue: &str) -> Vec<(Vec<u8>, Option<u8>)> {
+        self.take_as(queue, false)
+    }
+
+    /// Takes every message now in a queue that exists (declared passively).
+    pub fn take_existing(&self, queue: &str) -> Vec<(Vec<u8>, Option<u8>)> {
+        self.take_as(queue, true)
+    }
+
+    fn take_as(&self, queue: &str, existing: bool) -> Vec<(Vec<u8>, Option<u8>)> {
         self.rt.block_on(async {
             let c = self.connect().await;
             let ch = c.create_channel().await.unwrap();
             ch.queue_declare(
                 queue.into(),
-                QueueDeclareOptions::durable(),
+                QueueDeclareOptions {
+                    passive: existing,
+                    ..QueueDeclareOptions::durable()
+                },
                 FieldTable::default(),
             )
             .await
@@ -251,6 +275,73 @@ impl Broker {
                 .unwrap();
             let _ = c.close(200, "".into()).await;
             q.message_count()
+        })
+    }
+}
+
+impl Broker {
+    /// Declares `queue` durable with string arguments, as an operator does (say a dead-letter
+    /// exchange, or `x-queue-type = quorum`).
+    pub fn declare_with(&self, queue: &str, arguments: &[(&str, &str)]) {
+        self.rt.block_on(async {
+            let c = self.connect().await;
+            let ch = c.create_channel().await.unwrap();
+            let mut t = FieldTable::default();
+            for (k, v) in arguments {
+                t.insert(
+                    (*k).into(),
+                    lapin::types::AMQPValue::LongString((*v).into()),
+                );
+            }
+            ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), t)
+                .await
+                .unwrap();
+            let _ = c.close(200, "".into()).await;
+        })
+    }
+
+    /// The arguments a queue has, as the broker lists them (`rabbitmqctl list_queues`).
+    pub fn queue_arguments(&self, queue: &str) -> String {
+        let mut cmd = Command::new("rabbitmqctl");
+        self.env(&mut cmd);
+        let out = cmd
+            .args(["-n", &self.node, "-q", "list_queues", "name", "arguments"])
+            .output()
+            .expect("rabbitmqctl list_queues");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(queue))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Runs `rabbitmqctl ARGS` against this node; its stdout (the command must succeed).
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new("rabbitmqctl");
+        self.env(&mut cmd);
+        let out = cmd
+            .args(["-n", &self.node])
+            .args(args)
+            .output()
+            .expect("rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Deletes `queue` and the messages in it (an operator's maintenance).
+    pub fn delete_queue(&self, queue: &str) {
+        self.rt.block_on(async {
+            let c = self.connect().await;
+            let ch = c.create_channel().await.unwrap();
+            ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+            let _ = c.close(200, "".into()).await;
         })
     }
 }

@@ -1,19 +1,27 @@
 //! The AMQP connection: one thread with its own single-threaded tokio runtime (lapin's
 //! executor), talking to the daemon over channels. It consumes the participant's queue
 //! (manual acks, `basic_qos(prefetch)`), hands each delivery to the daemon, acks or rejects
-//! what the daemon says, and publishes answers with publisher confirms. A lost connection is
-//! reconnected with back-off; meanwhile publishes fail at once (the caller tries again later).
+//! what the daemon says, and publishes answers `mandatory` with publisher confirms. A lost
+//! connection is reconnected with back-off; meanwhile publishes fail at once (the caller tries
+//! again later). A broker that refuses the daemon (credentials, permissions, a vhost, a queue's
+//! arguments) is an ERROR with its reason, not a quiet retry; [`Handle::problem`] says why the
+//! client is not connected. A broker that blocks publishers (`connection.blocked`: a memory or
+//! disk alarm) is honoured: no publish starts until it unblocks ([`Handle::blocked`]), and a
+//! publish has no time-out (its confirm comes when the broker reads it again).
 //!
-//! Invariant: a delivery is tagged with the generation (connection) it came from; once that
+//! Invariants: a delivery is tagged with the generation (connection) it came from; once that
 //! connection is lost (`connected` false from the moment the client sees it) the broker has
-//! requeued every unacked one, so the daemon drops them unclaimed.
+//! requeued every unacked one, so the daemon drops them unclaimed. An answer the broker
+//! returned (no queue to route it to) is a failed publish, never a delivered one; the reply
+//! queue is declared again before the next publish.
 
 use crate::engine::backoff::Backoff;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
@@ -30,7 +38,15 @@ pub struct Settings {
     /// The url without its password, for logs.
     pub shown: String,
     pub queue: String,
+    /// Declared with these when missing (`[amqp] queue_arguments`).
+    pub queue_arguments: FieldTable,
     pub reply_queue: String,
+    pub reply_queue_arguments: FieldTable,
+    /// The farm's work queue: workitems drained from `queue` wait there for a free slot.
+    pub work_queue: String,
+    pub work_queue_arguments: FieldTable,
+    /// The farm's fanout exchange: cancels reach every daemon through it.
+    pub farm_exchange: String,
     pub prefetch: u16,
     /// Consume the queue (false: publish only, e.g. `run --once`).
     pub consume: bool,
@@ -46,11 +62,32 @@ pub struct Incoming {
     acker: lapin::Acker,
 }
 
+/// Told once how a publish went: confirmed (Ok), or nacked, returned, or lost (Err).
+pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// Where a message drained from the participant's queue goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The farm's work queue (a workitem).
+    Work,
+    /// The farm's fanout exchange (a cancel: every daemon gets it).
+    Farm,
+}
+
+/// What a `basic.get` of the work queue brought: a message, or none waiting.
+pub type Got = Result<Option<Incoming>, String>;
+
 enum Cmd {
     Publish {
         body: Vec<u8>,
-        done: Sender<Result<(), String>>,
+        done: Done,
     },
+    Forward {
+        to: Target,
+        body: Vec<u8>,
+        done: Done,
+    },
+    Get(Sender<Got>),
     Ack(lapin::Acker),
     /// Reject; `requeue` puts it back for another consumer.
     Reject(lapin::Acker, bool),
@@ -62,6 +99,10 @@ enum Cmd {
 struct Shared {
     connected: AtomicBool,
     generation: AtomicU64,
+    /// Why the client is not connected (None while connected, or before the first try ends).
+    problem: std::sync::Mutex<Option<String>>,
+    /// Why the broker blocks this connection's publishers (`connection.blocked`), while it does.
+    blocked: std::sync::Mutex<Option<String>>,
 }
 
 /// The sending side: cheap to clone, used by any thread.
@@ -76,26 +117,84 @@ impl Handle {
         self.shared.connected.load(Ordering::SeqCst)
     }
 
+    /// Why the client is not connected to the broker (None: connected, or still trying for
+    /// the first time).
+    pub fn problem(&self) -> Option<String> {
+        match self.shared.problem.lock() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
     /// The current connection's generation.
     pub fn generation(&self) -> u64 {
         self.shared.generation.load(Ordering::SeqCst)
     }
 
-    /// Publishes `body` persistent to the default exchange (routing key: the reply queue) and
-    /// waits for the broker's confirm. Err when not connected, nacked, lost, or no confirm
-    /// within `timeout`.
-    pub fn publish(&self, body: Vec<u8>, timeout: Duration) -> Result<(), String> {
+    /// Why the broker blocks publishers on this connection (`connection.blocked`, a memory or
+    /// disk alarm), while it does.
+    pub fn blocked(&self) -> Option<String> {
+        match self.shared.blocked.lock() {
+            Ok(b) => b.clone(),
+            Err(b) => b.into_inner().clone(),
+        }
+    }
+
+    /// Starts publishing `body` persistent and `mandatory` to the default exchange (routing
+    /// key: the reply queue); `done` is told once how it went: Ok when the broker confirmed it
+    /// and routed it, Err when it was nacked, returned, or lost with its connection. There is no
+    /// time-out: a blocked broker confirms when it unblocks. Err at once (and `done` is not
+    /// called) when not connected or while the broker blocks publishers.
+    pub fn start_publish(
+        &self,
+        body: Vec<u8>,
+        done: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) -> Result<(), String> {
         if !self.connected() {
             return Err("not connected to the broker".into());
         }
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.cmds
-            .send(Cmd::Publish { body, done: tx })
-            .map_err(|_| "the AMQP client has stopped".to_string())?;
-        match rx.recv_timeout(timeout) {
-            Ok(r) => r,
-            Err(_) => Err(format!("no publisher confirm within {timeout:?}")),
+        if let Some(why) = self.blocked() {
+            return Err(format!("{BLOCKED}: {why}"));
         }
+        self.cmds
+            .send(Cmd::Publish {
+                body,
+                done: Box::new(done),
+            })
+            .map_err(|_| "the AMQP client has stopped".to_string())
+    }
+
+    /// Starts publishing `body` (a message drained from the participant's queue) persistent
+    /// and confirmed to the farm's work queue or fanout exchange; `done` is told how it went.
+    /// Unlike an answer, it is not refused while the broker blocks publishers: it waits in the
+    /// client (the original stays unacked meanwhile). Err at once when not connected.
+    pub fn forward(
+        &self,
+        to: Target,
+        body: Vec<u8>,
+        done: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) -> Result<(), String> {
+        if !self.connected() {
+            return Err("not connected to the broker".into());
+        }
+        self.cmds
+            .send(Cmd::Forward {
+                to,
+                body,
+                done: Box::new(done),
+            })
+            .map_err(|_| "the AMQP client has stopped".to_string())
+    }
+
+    /// Asks the work queue for one message (`basic.get`, acked later by [`Handle::ack`]); the
+    /// answer comes on `done`. Err at once when not connected.
+    pub fn get(&self, done: Sender<Got>) -> Result<(), String> {
+        if !self.connected() {
+            return Err("not connected to the broker".into());
+        }
+        self.cmds
+            .send(Cmd::Get(done))
+            .map_err(|_| "the AMQP client has stopped".to_string())
     }
 
     pub fn ack(&self, m: Incoming) {
@@ -110,7 +209,10 @@ impl Handle {
 /// The running client.
 pub struct Client {
     pub handle: Handle,
+    /// Messages of the participant's queue.
     pub deliveries: Receiver<Incoming>,
+    /// Messages of the farm's fanout exchange (this daemon's private queue bound to it).
+    pub farm: Receiver<Incoming>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -118,6 +220,7 @@ impl Client {
     pub fn start(settings: Settings) -> std::io::Result<Client> {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (del_tx, del_rx) = unbounded();
+        let (farm_tx, farm_rx) = unbounded();
         let shared = Arc::new(Shared::default());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -126,7 +229,17 @@ impl Client {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("amqp".into())
-                .spawn(move || runtime.block_on(run(settings, shared, cmd_rx, del_tx)))?
+                .spawn(move || {
+                    runtime.block_on(run(
+                        settings,
+                        shared,
+                        cmd_rx,
+                        Outlets {
+                            deliveries: del_tx,
+                            farm: farm_tx,
+                        },
+                    ))
+                })?
         };
         Ok(Client {
             handle: Handle {
@@ -134,6 +247,7 @@ impl Client {
                 shared,
             },
             deliveries: del_rx,
+            farm: farm_rx,
             thread: Some(thread),
         })
     }
@@ -150,17 +264,26 @@ impl Client {
 /// The heartbeat asked for when the url does not set one (seconds).
 pub const HEARTBEAT_S: u16 = 10;
 
+/// Where the client hands the messages it receives.
+struct Outlets {
+    deliveries: Sender<Incoming>,
+    farm: Sender<Incoming>,
+}
+
 async fn run(
     s: Settings,
     shared: Arc<Shared>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
-    deliveries: Sender<Incoming>,
+    out: Outlets,
 ) {
     let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut tries = 0u32;
+    // The refusal last logged at ERROR, and when (it is logged again when it changes, and every
+    // REFUSAL_REPEAT while it lasts).
+    let mut refusal: Option<(String, std::time::Instant)> = None;
     loop {
         let before = shared.generation.load(Ordering::SeqCst);
-        let why = match session(&s, &shared, &mut cmds, &deliveries).await {
+        let why = match session(&s, &shared, &mut cmds, &out).await {
             Ok(()) => return,
             Err(e) => e,
         };
@@ -171,7 +294,20 @@ async fn run(
         }
         tries += 1;
         let delay = backoff.delay(tries);
-        if tries == 1 {
+        set_problem(&shared, Some(why.clone()));
+        if refused(&why) {
+            let again = refusal
+                .as_ref()
+                .is_none_or(|(last, at)| *last != why || at.elapsed() >= REFUSAL_REPEAT);
+            if again {
+                log::error!(
+                    "AMQP {}: the broker refuses: {why}; nothing is consumed or answered over AMQP until this is fixed (trying again every {:?} at most)",
+                    s.shown,
+                    Duration::from_secs(5)
+                );
+                refusal = Some((why.clone(), std::time::Instant::now()));
+            }
+        } else if tries == 1 {
             log::warn!(
                 "AMQP {}: {why}; reconnecting (every {:?} at most)",
                 s.shown,
@@ -189,7 +325,10 @@ async fn run(
                 _ = &mut sleep => break,
                 c = cmds.recv() => match c {
                     None | Some(Cmd::Stop) => return,
-                    Some(Cmd::Publish { done, .. }) => {
+                    Some(Cmd::Publish { done, .. }) | Some(Cmd::Forward { done, .. }) => {
+                        done(Err("not connected to the broker".into()))
+                    }
+                    Some(Cmd::Get(done)) => {
                         let _ = done.send(Err("not connected to the broker".into()));
                     }
                     Some(Cmd::Ack(_)) | Some(Cmd::Reject(..)) => {}
@@ -199,12 +338,52 @@ async fn run(
     }
 }
 
+/// How often a refusal that lasts is logged at ERROR again.
+const REFUSAL_REPEAT: Duration = Duration::from_secs(300);
+
+/// Is this failure one that trying again does not heal (an operator must act): credentials,
+/// permissions, a missing vhost, a queue whose arguments differ? The broker says so with these
+/// AMQP reply names.
+pub fn refused(why: &str) -> bool {
+    [
+        "ACCESS_REFUSED",
+        "ACCESS-REFUSED",
+        "NOT_ALLOWED",
+        "NOT-ALLOWED",
+        "PRECONDITION_FAILED",
+        "PRECONDITION-FAILED",
+        "NOT_FOUND",
+        "NOT-FOUND",
+        "RESOURCE_LOCKED",
+        "RESOURCE-LOCKED",
+    ]
+    .iter()
+    .any(|name| why.contains(name))
+}
+
+/// What a publish refused while the broker blocks publishers says (before the broker's reason).
+pub const BLOCKED: &str = "the broker blocks publishers";
+
+fn set_blocked(shared: &Shared, why: Option<String>) {
+    match shared.blocked.lock() {
+        Ok(mut b) => *b = why,
+        Err(b) => *b.into_inner() = why,
+    }
+}
+
+fn set_problem(shared: &Shared, problem: Option<String>) {
+    match shared.problem.lock() {
+        Ok(mut p) => *p = problem,
+        Err(p) => *p.into_inner() = problem,
+    }
+}
+
 /// One connection's life. Ok: stopped; Err: lost (the reason).
 async fn session(
     s: &Settings,
     shared: &Shared,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
-    deliveries: &Sender<Incoming>,
+    out: &Outlets,
 ) -> Result<(), String> {
     let mut uri = s.uri.clone();
     uri.query.heartbeat.get_or_insert(HEARTBEAT_S);
@@ -213,8 +392,9 @@ async fn session(
     let conn = Connection::connect_uri(uri, props)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let result = serve(s, shared, &conn, cmds, deliveries).await;
+    let result = serve(s, shared, &conn, cmds, out).await;
     shared.connected.store(false, Ordering::SeqCst);
+    set_blocked(shared, None);
     if result.is_ok() {
         let _ = conn.close(200, "build-image stopping".into()).await;
     }
@@ -226,23 +406,18 @@ async fn serve(
     shared: &Shared,
     conn: &Connection,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
-    deliveries: &Sender<Incoming>,
+    out: &Outlets,
 ) -> Result<(), String> {
     let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
+    // Subscribed first: a `connection.blocked` is told only to listeners there are.
+    let mut events = Box::pin(conn.events_listener());
     let consume = conn
         .create_channel()
         .await
         .map_err(e("cannot open a channel"))?;
-    for q in [&s.queue, &s.reply_queue] {
-        consume
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(e("cannot declare the queue"))?;
-    }
+    declare(conn, &s.queue, &s.queue_arguments).await?;
+    declare(conn, &s.reply_queue, &s.reply_queue_arguments).await?;
+    declare(conn, &s.work_queue, &s.work_queue_arguments).await?;
     let publish = conn
         .create_channel()
         .await
@@ -270,7 +445,64 @@ async fn serve(
     } else {
         None
     };
+    // The farm's fanout exchange, and this daemon's private queue bound to it.
+    let mut farm = if s.consume {
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(e("cannot open a channel"))?;
+        ch.exchange_declare(
+            s.farm_exchange.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|err| format!("cannot declare the exchange {}: {err}", s.farm_exchange))?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(e("cannot declare this daemon's farm queue"))?;
+        ch.queue_bind(
+            q.name().clone(),
+            s.farm_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(e("cannot bind this daemon's farm queue"))?;
+        Some(
+            ch.basic_consume(
+                q.name().clone(),
+                format!("{}-farm", s.consumer_tag).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(e("cannot consume this daemon's farm queue"))?,
+        )
+    } else {
+        None
+    };
+    // Set when the broker returned an answer: the reply queue is gone (deleted by an operator),
+    // declared again before the next publish.
+    let redeclare = Arc::new(AtomicBool::new(false));
+    // The same for the work queue (a forwarded workitem returned).
+    let redeclare_work = Arc::new(AtomicBool::new(false));
     let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    set_problem(shared, None);
     shared.connected.store(true, Ordering::SeqCst);
     log::info!(
         "AMQP {}: connected; {} (prefetch {}), answers to {}",
@@ -298,25 +530,73 @@ async fn serve(
                         generation,
                         acker: d.acker,
                     };
-                    if deliveries.send(m).is_err() {
+                    if out.deliveries.send(m).is_err() {
                         return Ok(());
                     }
                 }
                 Some(Err(err)) => return Err(format!("connection lost: {err}")),
                 None => return Err("the broker cancelled the consumer".into()),
             },
+            d = async {
+                match farm.as_mut() {
+                    Some(c) => c.next().await,
+                    None => std::future::pending().await,
+                }
+            } => match d {
+                Some(Ok(d)) => {
+                    let m = Incoming {
+                        body: d.data,
+                        redelivered: d.redelivered,
+                        generation,
+                        acker: d.acker,
+                    };
+                    if out.farm.send(m).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Err(err)) => return Err(format!("connection lost: {err}")),
+                None => return Err("the broker cancelled the farm consumer".into()),
+            },
+            ev = events.next() => match ev {
+                Some(lapin::Event::ConnectionBlocked(why)) => {
+                    log::warn!(
+                        "AMQP {}: {BLOCKED} ({why}): answers wait until it unblocks; builds go on",
+                        s.shown
+                    );
+                    set_blocked(shared, Some(why));
+                }
+                Some(lapin::Event::ConnectionUnblocked) => {
+                    log::info!("AMQP {}: the broker takes publishes again", s.shown);
+                    set_blocked(shared, None);
+                }
+                Some(_) => {}
+                None => return Err("the connection's events ended".into()),
+            },
             c = cmds.recv() => match c {
                 None | Some(Cmd::Stop) => return Ok(()),
                 Some(Cmd::Publish { body, done }) => {
+                    if redeclare.load(Ordering::SeqCst) {
+                        match declare(conn, &s.reply_queue, &s.reply_queue_arguments).await {
+                            Ok(()) => {
+                                redeclare.store(false, Ordering::SeqCst);
+                                log::info!("AMQP: reply queue {} declared again", s.reply_queue);
+                            }
+                            Err(why) => {
+                                done(Err(why));
+                                continue;
+                            }
+                        }
+                    }
                     let ch = publish.clone();
                     let key = s.reply_queue.clone();
+                    let redeclare = Arc::clone(&redeclare);
                     tokio::spawn(async move {
                         let r = async {
                             let confirm = ch
                                 .basic_publish(
                                     "".into(),
                                     key.as_str().into(),
-                                    BasicPublishOptions::default(),
+                                    BasicPublishOptions { mandatory: true, immediate: false },
                                     &body,
                                     persistent(),
                                 )
@@ -324,13 +604,70 @@ async fn serve(
                                 .map_err(|e| format!("cannot publish: {e}"))?
                                 .await
                                 .map_err(|e| format!("no confirm: {e}"))?;
-                            match confirm {
-                                Confirmation::Ack(_) => Ok(()),
-                                Confirmation::Nack(_) => Err("the broker nacked the answer".to_string()),
-                                Confirmation::NotRequested => Ok(()),
-                            }
+                            confirmed(confirm, &key)
                         }
                         .await;
+                        if r.as_ref().is_err_and(|e| e.contains(RETURNED)) {
+                            redeclare.store(true, Ordering::SeqCst);
+                        }
+                        done(r);
+                    });
+                }
+                Some(Cmd::Forward { to, body, done }) => {
+                    if to == Target::Work && redeclare_work.load(Ordering::SeqCst) {
+                        match declare(conn, &s.work_queue, &s.work_queue_arguments).await {
+                            Ok(()) => redeclare_work.store(false, Ordering::SeqCst),
+                            Err(why) => {
+                                done(Err(why));
+                                continue;
+                            }
+                        }
+                    }
+                    let ch = publish.clone();
+                    let (exchange, key) = match to {
+                        Target::Work => (String::new(), s.work_queue.clone()),
+                        Target::Farm => (s.farm_exchange.clone(), String::new()),
+                    };
+                    let again = Arc::clone(&redeclare_work);
+                    tokio::spawn(async move {
+                        let r = async {
+                            let confirm = ch
+                                .basic_publish(
+                                    exchange.as_str().into(),
+                                    key.as_str().into(),
+                                    BasicPublishOptions { mandatory: to == Target::Work, immediate: false },
+                                    &body,
+                                    persistent(),
+                                )
+                                .await
+                                .map_err(|e| format!("cannot publish: {e}"))?
+                                .await
+                                .map_err(|e| format!("no confirm: {e}"))?;
+                            confirmed(confirm, &key)
+                        }
+                        .await;
+                        if r.as_ref().is_err_and(|e| e.contains(RETURNED)) {
+                            again.store(true, Ordering::SeqCst);
+                        }
+                        done(r);
+                    });
+                }
+                Some(Cmd::Get(done)) => {
+                    let ch = consume.clone();
+                    let queue = s.work_queue.clone();
+                    tokio::spawn(async move {
+                        let r = ch
+                            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                            .await
+                            .map(|m| {
+                                m.map(|m| Incoming {
+                                    body: m.delivery.data,
+                                    redelivered: m.delivery.redelivered,
+                                    generation,
+                                    acker: m.delivery.acker,
+                                })
+                            })
+                            .map_err(|e| format!("cannot get from {queue}: {e}"));
                         let _ = done.send(r);
                     });
                 }
@@ -354,6 +691,59 @@ async fn serve(
     }
 }
 
+/// What an error of a returned answer says (the client declares the reply queue again).
+const RETURNED: &str = "the broker returned the answer";
+
+/// A publisher confirm judged: only an ack of a message the broker routed is a delivery; a
+/// returned message (mandatory, no queue bound to its routing key) is acked by the broker too,
+/// but it went nowhere.
+fn confirmed(c: Confirmation, queue: &str) -> Result<(), String> {
+    match c {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => Err(format!(
+            "{RETURNED} ({} {}): no queue {queue}",
+            r.reply_code, r.reply_text
+        )),
+        Confirmation::Nack(None) => Err("the broker nacked the answer".to_string()),
+    }
+}
+
+/// Makes sure `queue` exists: one an operator declared, with whatever arguments (a dead-letter
+/// exchange, `x-queue-type = quorum`), is used as it is (a passive declare, on a channel of its
+/// own: a missing queue closes it); a missing one is declared durable with `arguments`.
+pub async fn declare(conn: &Connection, queue: &str, arguments: &FieldTable) -> Result<(), String> {
+    let e = |what: &'static str| move |err: lapin::Error| format!("{what} {queue}: {err}");
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(e("cannot open a channel to declare"))?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::durable()
+    };
+    if ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok()
+    {
+        let _ = ch.close(200, "declared".into()).await;
+        return Ok(());
+    }
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(e("cannot open a channel to declare"))?;
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::durable(),
+        arguments.clone(),
+    )
+    .await
+    .map_err(e("cannot declare the queue"))?;
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
 /// An answer's properties: persistent (delivery_mode 2), JSON.
 pub fn persistent() -> BasicProperties {
     BasicProperties::default()
@@ -361,8 +751,13 @@ pub fn persistent() -> BasicProperties {
         .with_content_type("application/json".into())
 }
 
-/// Connects, opens a channel and checks the queue exists or can be declared (for `doctor`).
-pub fn probe(uri: &AMQPUri, queue: &str, timeout: Duration) -> Result<String, String> {
+/// Connects and checks the queue exists or can be declared (for `doctor`).
+pub fn probe(
+    uri: &AMQPUri,
+    queue: &str,
+    arguments: &FieldTable,
+    timeout: Duration,
+) -> Result<String, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -372,18 +767,19 @@ pub fn probe(uri: &AMQPUri, queue: &str, timeout: Duration) -> Result<String, St
             let conn = Connection::connect_uri(uri.clone(), ConnectionProperties::default())
                 .await
                 .map_err(|e| format!("cannot connect: {e}"))?;
+            declare(&conn, queue, arguments).await?;
             let ch = conn
                 .create_channel()
                 .await
                 .map_err(|e| format!("cannot open a channel: {e}"))?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::durable()
+            };
             let q = ch
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions::durable(),
-                    FieldTable::default(),
-                )
+                .queue_declare(queue.into(), passive, FieldTable::default())
                 .await
-                .map_err(|e| format!("cannot declare queue {queue}: {e}"))?;
+                .map_err(|e| format!("cannot look at queue {queue}: {e}"))?;
             let _ = conn.close(200, "doctor".into()).await;
             Ok(format!(
                 "queue {queue}: {} message(s) waiting, {} consumer(s)",
@@ -396,4 +792,24 @@ pub fn probe(uri: &AMQPUri, queue: &str, timeout: Duration) -> Result<String, St
             Err(_) => Err(format!("no answer within {timeout:?}")),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_told_from_outages() {
+        assert!(refused(
+            "cannot connect: protocol error: AMQP soft error: ACCESS-REFUSED: ACCESS_REFUSED - Login was refused"
+        ));
+        assert!(refused(
+            "cannot declare the queue build_image: PRECONDITION_FAILED - inequivalent arg"
+        ));
+        assert!(refused("NOT_ALLOWED - vhost boss not found"));
+        assert!(!refused(
+            "cannot connect: IO error: Connection refused (os error 111)"
+        ));
+        assert!(!refused("connection lost: connection reset by peer"));
+    }
 }

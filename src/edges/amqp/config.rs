@@ -7,6 +7,7 @@
 
 use lapin::uri::{AMQPScheme, AMQPUri};
 use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
 
 /// An empty string is "not set".
 fn empty_is_unset<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -28,6 +29,42 @@ pub struct AmqpConfig {
     pub reply_queue: String,
     /// Unacked messages held, 0..=1000; 0 = the number of build slots (`[worker] workers`).
     pub prefetch: u32,
+    /// The arguments `queue` is declared with when it does not exist yet (say
+    /// `{ "x-queue-type" = "quorum" }`); a queue that exists is used as it is.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub queue_arguments: BTreeMap<String, Argument>,
+    /// The same for `reply_queue`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub reply_queue_arguments: BTreeMap<String, Argument>,
+    /// The farm's work queue (durable): workitems drained from `queue` wait here until a
+    /// daemon has a free build slot. Unset: `<queue>.farm`.
+    #[serde(
+        deserialize_with = "empty_is_unset",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub work_queue: Option<String>,
+    /// The arguments `work_queue` is declared with when it does not exist yet.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub work_queue_arguments: BTreeMap<String, Argument>,
+    /// The farm's fanout exchange (durable): cancels reach every daemon through it. Unset:
+    /// `<queue>.farm`.
+    #[serde(
+        deserialize_with = "empty_is_unset",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub farm_exchange: Option<String>,
+    /// How long a daemon remembers a cancel (days), so that its workitem taken later is
+    /// answered cancelled, never built.
+    pub cancel_memory_days: u32,
+}
+
+/// A queue argument's value: what AMQP queue arguments take (a string, an integer, a boolean).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Argument {
+    Bool(bool),
+    Int(i64),
+    Text(String),
 }
 
 impl Default for AmqpConfig {
@@ -37,6 +74,12 @@ impl Default for AmqpConfig {
             queue: "build_image".into(),
             reply_queue: "ruote_workitems".into(),
             prefetch: 0,
+            queue_arguments: BTreeMap::new(),
+            reply_queue_arguments: BTreeMap::new(),
+            work_queue: None,
+            work_queue_arguments: BTreeMap::new(),
+            farm_exchange: None,
+            cancel_memory_days: 7,
         }
     }
 }
@@ -48,6 +91,12 @@ impl std::fmt::Debug for AmqpConfig {
             .field("queue", &self.queue)
             .field("reply_queue", &self.reply_queue)
             .field("prefetch", &self.prefetch)
+            .field("queue_arguments", &self.queue_arguments)
+            .field("reply_queue_arguments", &self.reply_queue_arguments)
+            .field("work_queue", &self.work_queue)
+            .field("work_queue_arguments", &self.work_queue_arguments)
+            .field("farm_exchange", &self.farm_exchange)
+            .field("cancel_memory_days", &self.cancel_memory_days)
             .finish()
     }
 }
@@ -61,10 +110,27 @@ impl AmqpConfig {
                 self.prefetch
             ));
         }
-        for (key, name) in [("queue", &self.queue), ("reply_queue", &self.reply_queue)] {
+        let (work, farm) = (self.work_queue(), self.farm_exchange());
+        for (key, name) in [
+            ("queue", &self.queue),
+            ("reply_queue", &self.reply_queue),
+            ("work_queue", &work),
+            ("farm_exchange", &farm),
+        ] {
             if name.is_empty() || name.len() > 255 {
                 return Err(format!(
                     "[amqp] {key} must be 1..=255 bytes long (an AMQP short string)"
+                ));
+            }
+        }
+        for (key, args) in [
+            ("queue_arguments", &self.queue_arguments),
+            ("reply_queue_arguments", &self.reply_queue_arguments),
+            ("work_queue_arguments", &self.work_queue_arguments),
+        ] {
+            if let Some(name) = args.keys().find(|k| k.is_empty() || k.len() > 255) {
+                return Err(format!(
+                    "[amqp] {key}: the name {name:?} must be 1..=255 bytes long (an AMQP short string)"
                 ));
             }
         }
@@ -74,7 +140,21 @@ impl AmqpConfig {
         Ok(())
     }
 
-    /// The unacked messages a daemon with `workers` build slots holds.
+    /// The farm's work queue (`work_queue`, or `<queue>.farm`).
+    pub fn work_queue(&self) -> String {
+        self.work_queue
+            .clone()
+            .unwrap_or_else(|| format!("{}.farm", self.queue))
+    }
+
+    /// The farm's fanout exchange (`farm_exchange`, or `<queue>.farm`).
+    pub fn farm_exchange(&self) -> String {
+        self.farm_exchange
+            .clone()
+            .unwrap_or_else(|| format!("{}.farm", self.queue))
+    }
+
+    /// The unacked messages of `queue` a daemon with `workers` build slots holds.
     pub fn prefetch_for(&self, workers: usize) -> u16 {
         let n = if self.prefetch == 0 {
             workers as u32
@@ -83,6 +163,21 @@ impl AmqpConfig {
         };
         n.clamp(1, u16::MAX as u32) as u16
     }
+}
+
+/// Queue arguments as AMQP puts them (`x-queue-type` a long string, an integer a long long).
+pub fn field_table(args: &BTreeMap<String, Argument>) -> lapin::types::FieldTable {
+    use lapin::types::AMQPValue;
+    let mut t = lapin::types::FieldTable::default();
+    for (k, v) in args {
+        let v = match v {
+            Argument::Bool(b) => AMQPValue::Boolean(*b),
+            Argument::Int(i) => AMQPValue::LongLongInt(*i),
+            Argument::Text(s) => AMQPValue::LongString(s.as_str().into()),
+        };
+        t.insert(k.as_str().into(), v);
+    }
+    t
 }
 
 /// The url with its password replaced by `***` (for logs and `Debug`).

@@ -1,26 +1,41 @@
-//! AMQP as a source: the messages the client consumed become submissions to the engine's
-//! intake, exactly as dropped files do (same validation, events, builds, pushes, operator
-//! commands); a cancel message cancels the job with that `fei`; a body that is not a JSON
-//! object is rejected without requeue (kept in `rejected/` with a reason, like any input that
-//! is not a workitem).
+//! AMQP as a source, in two steps (docs/amqp.md, "Several hosts, one farm"):
 //!
-//! Invariants: a message is acked only after the intake recorded its claim durably (the
-//! engine keeps the body before it records the claim); a workitem is claimed only when a build
-//! slot is free for it (the broker holds the rest, at most `prefetch` of them unacked here); a
-//! message of a lost connection is never claimed (the broker delivers it again).
+//! - **Drain**: every message of the participant's queue is handled at once, whatever the
+//!   build slots: a workitem is re-published (persistent, confirmed) to the farm's work queue,
+//!   a cancel to the farm's fanout exchange, and only then is the original acked; a body that
+//!   is not a JSON object is rejected without requeue (kept in `rejected/` with a reason, like
+//!   any input that is not a workitem). Each message is classified once.
+//! - **Take**: while a build slot is free, one workitem at a time is taken from the work queue
+//!   (`basic.get`) and becomes a submission to the engine's intake, exactly as a dropped file
+//!   does (same validation, events, builds, pushes, operator commands).
+//!
+//! Every cancel comes back to every daemon from the fanout exchange: it is noted (with an
+//! expiry, durably) and applied to the job that holds its `fei` here, if any; a workitem taken
+//! later whose `fei` is noted is answered cancelled, never built.
+//!
+//! Invariants: a participant message is acked only after its copy is confirmed by the broker;
+//! a work-queue message is acked only after the intake recorded its claim durably; a daemon
+//! takes work only while a build slot is free for it (work waits in the broker, never in a
+//! busy daemon); a message of a lost connection is never claimed or acked (the broker delivers
+//! it again); a cancel is noted durably before its message is acked.
 
-use super::client::{Handle, Incoming};
+use super::client::{Got, Handle, Incoming, Target};
+use super::notes::{self, Notes};
+use super::reply::Reply;
 use crate::domain::Origin;
 use crate::domain::origin::{Body, Submission};
+use crate::domain::workitem::{HEAD_BYTES, fei_in_head, fei_key};
 use crate::engine::Engine;
-use crossbeam_channel::{Receiver, select};
+use crossbeam_channel::{Receiver, select, unbounded};
 use serde_json::Value;
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How long messages waiting for a build slot wait at most before the slots are counted again
-/// (the build threads tell the intake when a slot frees; this covers any path that does not).
-const SLOT_RECHECK: Duration = Duration::from_millis(50);
+/// How often a daemon with a free build slot asks the work queue for work when it was empty.
+const POLL: Duration = Duration::from_millis(250);
+
+/// A get whose answer never came (its command lost with the client) is given up after this.
+const GET_PATIENCE: Duration = Duration::from_secs(30);
 
 /// What a message is.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,68 +68,234 @@ pub struct Source<'a> {
     pub handle: &'a Handle,
     /// Where the messages come from (`claimed.source`).
     pub origin: Origin,
+    /// The answerer: jobs whose answer's confirm came after their step let go, or whose answer
+    /// waits for the broker to take publishes again, are moved then, not at their back-off's end.
+    pub reply: &'a Reply,
+    /// Messages of the farm's fanout exchange.
+    pub farm: &'a Receiver<Incoming>,
+    /// The cancels heard of.
+    pub notes: &'a Notes,
+    /// How long a cancel is remembered.
+    pub cancel_days: u32,
 }
 
-/// The intake thread: takes messages until `stop` (or the client) goes.
+/// The intake thread: drains, takes and applies cancels until `stop` (or the client) goes.
 pub fn run(src: &Source<'_>, deliveries: &Receiver<Incoming>, stop: &Receiver<()>) {
     let engine = src.engine;
     let handle = src.handle;
-    let mut pending: VecDeque<Incoming> = VecDeque::new();
+    let (got_tx, got_rx) = unbounded::<Got>();
+    // A get asked for and not answered yet (since when).
+    let mut getting: Option<Instant> = None;
+    // When the work queue may be asked again (it was empty).
+    let mut next_get = Instant::now();
+    // Bodies handled here rather than moved on (not JSON objects, too big), waiting for the log
+    // to take writes.
+    let mut malformed: VecDeque<Incoming> = VecDeque::new();
     loop {
-        // Messages waiting for a slot: woken when one may have come free (a build ended, an
-        // intake or a cancel let one go), and at the latest after SLOT_RECHECK (a slot freed
-        // by a path that does not tell, e.g. a job failed before its build); none: sleep until
-        // one arrives.
-        let wait = if pending.is_empty() {
-            Duration::from_millis(200)
+        let now = Instant::now();
+        let wait = if getting.is_none() && engine.free_slots() > 0 {
+            next_get
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1))
         } else {
-            SLOT_RECHECK
+            Duration::from_secs(1)
         };
         select! {
             recv(stop) -> _ => return,
             recv(deliveries) -> m => match m {
-                Ok(m) => pending.push_back(m),
+                Ok(m) => drain(src, m, &mut malformed),
                 Err(_) => return,
             },
+            recv(src.farm) -> m => match m {
+                Ok(m) => farm_message(src, m),
+                Err(_) => return,
+            },
+            recv(got_rx) -> g => {
+                getting = None;
+                match g {
+                    Ok(Ok(Some(m))) => taken(src, m, &mut malformed),
+                    Ok(Ok(None)) => next_get = Instant::now() + POLL,
+                    Ok(Err(why)) => {
+                        log::debug!("AMQP: {why}");
+                        next_get = Instant::now() + POLL;
+                    }
+                    Err(_) => return,
+                }
+            },
             recv(engine.slot_wakeups()) -> _ => {}
+            recv(src.reply.woken()) -> id => {
+                if let Ok(id) = id {
+                    engine.wake_stalled(id);
+                }
+            }
             default(wait) => {}
         }
-        while let Ok(m) = deliveries.try_recv() {
-            pending.push_back(m);
+        for id in src.reply.ready_again() {
+            engine.wake_stalled(id);
         }
-        // A lost connection's messages are the broker's again (it requeues them): never
-        // claimed, even before the reconnect (an ack on a dead channel goes nowhere).
-        let generation = handle.generation();
-        let connected = handle.connected();
-        pending.retain(|m| connected && m.generation == generation);
-        if pending.is_empty() || engine.store.failing().is_some() || engine.stopping() {
-            continue;
-        }
-        // Cancels and malformed bodies need no build slot: they go first.
-        let mut i = 0;
-        while i < pending.len() {
-            match classify(&pending[i].body) {
-                Message::Workitem => i += 1,
-                Message::Cancel(fei) => {
-                    if let Some(m) = pending.remove(i) {
-                        cancel(src, &fei, &mut pending);
-                        handle.ack(m);
-                    }
+        let writable = engine.store.failing().is_none() && !engine.stopping();
+        if writable {
+            while let Some(m) = malformed.pop_front() {
+                if !fresh(handle, &m) {
+                    continue;
                 }
-                Message::Malformed(why) => {
-                    if let Some(m) = pending.remove(i) {
-                        log::warn!("AMQP: a message is not a workitem ({why}): rejected");
-                        claim(src, vec![m], false);
-                    }
+                if m.body.len() as u64 > engine.cfg.spool.max_bytes {
+                    claim_too_big(src, m);
+                } else {
+                    claim(src, vec![m], false);
                 }
             }
         }
-        let free = engine.free_slots().min(pending.len());
-        if free > 0 {
-            let batch: Vec<Incoming> = pending.drain(..free).collect();
-            claim(src, batch, true);
+        if getting.is_some_and(|at| at.elapsed() > GET_PATIENCE) {
+            getting = None;
+        }
+        if getting.is_none()
+            && Instant::now() >= next_get
+            && writable
+            && handle.connected()
+            && engine.free_slots() > 0
+        {
+            match handle.get(got_tx.clone()) {
+                Ok(()) => getting = Some(Instant::now()),
+                Err(_) => next_get = Instant::now() + POLL,
+            }
         }
     }
+}
+
+/// Is the message of the connection there is now? (One of a lost connection is the broker's
+/// again: it requeued it.)
+fn fresh(handle: &Handle, m: &Incoming) -> bool {
+    handle.connected() && m.generation == handle.generation()
+}
+
+/// A message of the participant's queue: moved on at once.
+fn drain(src: &Source<'_>, mut m: Incoming, malformed: &mut VecDeque<Incoming>) {
+    if !fresh(src.handle, &m) {
+        return;
+    }
+    if m.body.len() as u64 > src.engine.cfg.spool.max_bytes {
+        log::warn!(
+            "AMQP: a message of {} bytes is over [spool] max_bytes = {}: answered result false when it has a fei",
+            m.body.len(),
+            src.engine.cfg.spool.max_bytes
+        );
+        malformed.push_back(m);
+        return;
+    }
+    let to = match classify(&m.body) {
+        Message::Workitem => Target::Work,
+        Message::Cancel(_) => Target::Farm,
+        Message::Malformed(why) => {
+            log::warn!("AMQP: a message is not a workitem ({why}): rejected");
+            malformed.push_back(m);
+            return;
+        }
+    };
+    let body = std::mem::take(&mut m.body);
+    let h = src.handle.clone();
+    let sent = src.handle.forward(to, body, move |r| match r {
+        Ok(()) => h.ack(m),
+        Err(why) => {
+            log::warn!("AMQP: a message could not be moved to the farm ({why}): back to the queue");
+            h.reject(m, true);
+        }
+    });
+    if let Err(why) = sent {
+        // Not connected: the broker has it again.
+        log::debug!("AMQP: {why}");
+    }
+}
+
+/// A message of the farm's fanout exchange: a cancel, noted and applied to the job that holds
+/// its `fei` here.
+fn farm_message(src: &Source<'_>, m: Incoming) {
+    if !fresh(src.handle, &m) {
+        return;
+    }
+    let fei = match classify(&m.body) {
+        Message::Cancel(fei) => fei,
+        _ => {
+            log::warn!("AMQP: a message on the farm exchange is not a cancel: dropped");
+            src.handle.ack(m);
+            return;
+        }
+    };
+    let Some(key) = fei_key(&fei) else {
+        log::warn!("AMQP: a cancel without a fei: nothing to cancel");
+        src.handle.ack(m);
+        return;
+    };
+    if let Err(e) = src.notes.note(key, notes::expiry(src.cancel_days)) {
+        log::error!(
+            "AMQP: cannot remember the cancel of fei {fei} ({e}): a workitem of it taken later would be built"
+        );
+    }
+    match job_of_fei(src.engine, &fei) {
+        Some(id) => match src.engine.cancel(id) {
+            Ok(_) => log::info!("AMQP: job {id} cancelled (fei {fei})"),
+            Err(e) => log::warn!("AMQP: cannot cancel job {id}: {e}"),
+        },
+        None => log::debug!(
+            "AMQP: cancel of fei {fei} noted: no open job of this worker has it (another host holds it, or its workitem is still to be taken)"
+        ),
+    }
+    src.handle.ack(m);
+}
+
+/// A message taken from the work queue: claimed (a free slot was there for it).
+fn taken(src: &Source<'_>, m: Incoming, malformed: &mut VecDeque<Incoming>) {
+    if !fresh(src.handle, &m) {
+        return;
+    }
+    // A cancel that came first is noted before its workitem is claimed.
+    while let Ok(f) = src.farm.try_recv() {
+        farm_message(src, f);
+    }
+    match classify(&m.body) {
+        Message::Workitem => claim(src, vec![m], true),
+        // Not put there by a daemon: handled as if it came from the participant's queue.
+        Message::Cancel(_) => drain(src, m, malformed),
+        Message::Malformed(why) => {
+            log::warn!("AMQP: a message of the work queue is not a workitem ({why}): rejected");
+            malformed.push_back(m);
+        }
+    }
+}
+
+/// A body over `max_bytes`: claimed with its head only (the engine answers it `result: false`
+/// when its head has a `fei`, else rejects it), then acked when answered, else rejected without
+/// requeue (to the queue's dead-letter exchange, if any).
+fn claim_too_big(src: &Source<'_>, m: Incoming) {
+    let head = m.body[..m.body.len().min(HEAD_BYTES)].to_vec();
+    let answered = fei_in_head(&head).is_some();
+    let submission = Submission {
+        origin: src.origin.clone(),
+        body: Body::TooBig {
+            bytes: m.body.len() as u64,
+            sha256: crate::digest::sha256_hex(&m.body),
+            head,
+        },
+    };
+    match src.engine.submit(vec![submission]) {
+        Ok(()) if answered => src.handle.ack(m),
+        Ok(()) => src.handle.reject(m, false),
+        Err(e) => {
+            log::error!("AMQP: cannot record a message too big ({e}): back to the queue");
+            src.handle.reject(m, true);
+        }
+    }
+}
+
+/// Says whether a broker workitem was cancelled before it was taken (its `fei` is noted).
+pub fn cancelled_before(notes: &Notes, origin: &Origin, workitem: &Value) -> Option<String> {
+    if !matches!(origin, Origin::Broker { .. }) {
+        return None;
+    }
+    let key = fei_key(workitem.get("fei")?)?;
+    notes.noted(&key).then(|| {
+        "cancelled before its workitem was taken (a cancel on the farm exchange)".to_string()
+    })
 }
 
 /// Hands message bodies to the intake (one flush for all), then acks them (workitems) or
@@ -147,32 +328,6 @@ fn claim(src: &Source<'_>, mut batch: Vec<Incoming>, workitem: bool) {
                 src.handle.reject(m, true);
             }
         }
-    }
-}
-
-/// Cancels the job with this `fei`: an open AMQP job of this daemon, or a message held here
-/// and not claimed yet (claimed now, then cancelled: never built).
-fn cancel(src: &Source<'_>, fei: &Value, pending: &mut VecDeque<Incoming>) {
-    if fei.is_null() {
-        log::warn!("AMQP: a cancel without a fei: nothing to cancel");
-        return;
-    }
-    let held = pending.iter().position(|m| {
-        crate::domain::workitem::parse_object(&m.body).is_ok_and(|v| v.get("fei") == Some(fei))
-    });
-    if let Some(i) = held
-        && let Some(m) = pending.remove(i)
-    {
-        claim(src, vec![m], true);
-    }
-    match job_of_fei(src.engine, fei) {
-        Some(id) => match src.engine.cancel(id) {
-            Ok(_) => log::info!("AMQP: job {id} cancelled (fei {fei})"),
-            Err(e) => log::warn!("AMQP: cannot cancel job {id}: {e}"),
-        },
-        None => log::warn!(
-            "AMQP: cancel of fei {fei}: no open job of this worker has it (answered already, or another host holds it)"
-        ),
     }
 }
 

@@ -12,8 +12,10 @@
 pub mod client;
 pub mod config;
 pub mod intake;
+pub mod notes;
 pub mod reply;
 
+use crate::conditions::{Condition, Gauge};
 use crate::domain::{Origin, ReplyTo};
 use crate::engine::Engine;
 use crossbeam_channel::{Sender, bounded};
@@ -21,6 +23,9 @@ use std::sync::Arc;
 
 pub use client::{Client, Handle, Incoming, Settings};
 pub use config::AmqpConfig;
+
+/// The name the participant's condition is shown under (`/healthz`, `/metrics`, `status`).
+pub const CONDITION: &str = "amqp";
 
 /// The client settings for a config (None: no `[amqp] url`).
 pub fn settings(
@@ -37,7 +42,12 @@ pub fn settings(
         uri,
         shown: config::redact(url),
         queue: cfg.queue.clone(),
+        queue_arguments: config::field_table(&cfg.queue_arguments),
         reply_queue: cfg.reply_queue.clone(),
+        reply_queue_arguments: config::field_table(&cfg.reply_queue_arguments),
+        work_queue: cfg.work_queue(),
+        work_queue_arguments: config::field_table(&cfg.work_queue_arguments),
+        farm_exchange: cfg.farm_exchange(),
         prefetch: cfg.prefetch_for(workers),
         consume,
         consumer_tag: format!("build-image-{worker}-{}", std::process::id()),
@@ -48,6 +58,7 @@ pub fn settings(
 pub struct Participant {
     client: Client,
     origin: Origin,
+    reply: Arc<reply::Reply>,
     intake: Option<(Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
@@ -65,27 +76,40 @@ impl Participant {
             source: Some(config::source_label(&s.uri, &s.queue)),
         };
         let queue = s.reply_queue.clone();
+        let shown = s.shown.clone();
         let client = Client::start(s)?;
+        let h = client.handle.clone();
+        engine
+            .conditions
+            .register(CONDITION, move || condition(&h, &shown));
+        let reply = Arc::new(reply::Reply::new(client.handle.clone(), queue));
         engine.set_answerer(
             ReplyTo::Broker,
-            Some(Arc::new(reply::Reply {
-                handle: client.handle.clone(),
-                queue,
-            })),
+            Some(Arc::clone(&reply) as Arc<dyn crate::engine::ports::Answerer>),
         );
         Ok(Some(Participant {
             client,
             origin,
+            reply,
             intake: None,
         }))
     }
 
-    /// Starts turning messages into jobs.
+    /// Starts turning messages into jobs: drains the participant's queue, takes work from the
+    /// farm's work queue while a build slot is free, and applies the farm's cancels.
     pub fn start_intake(&mut self, engine: Arc<Engine>) -> std::io::Result<()> {
         let (tx, rx) = bounded::<()>(1);
         let handle = self.client.handle.clone();
         let deliveries = self.client.deliveries.clone();
+        let farm = self.client.farm.clone();
         let origin = self.origin.clone();
+        let reply = Arc::clone(&self.reply);
+        let notes = Arc::new(notes::Notes::open(notes::path_in(engine.store.dir())));
+        let check = Arc::clone(&notes);
+        engine.set_cancelled_before(Some(Arc::new(move |origin, workitem| {
+            intake::cancelled_before(&check, origin, workitem)
+        })));
+        let cancel_days = engine.cfg.amqp.cancel_memory_days;
         let t = std::thread::Builder::new()
             .name("amqp-intake".into())
             .spawn(move || {
@@ -93,6 +117,10 @@ impl Participant {
                     engine: &engine,
                     handle: &handle,
                     origin,
+                    reply: &reply,
+                    farm: &farm,
+                    notes: &notes,
+                    cancel_days,
                 };
                 intake::run(&src, &deliveries, &rx)
             })?;
@@ -112,8 +140,44 @@ impl Participant {
     /// Closes the connection (after the builds and answers are done).
     pub fn stop(mut self, engine: &Engine) {
         self.stop_intake();
+        engine.set_cancelled_before(None);
         engine.set_answerer(ReplyTo::Broker, None);
+        engine.conditions.remove(CONDITION);
         self.client.stop();
+    }
+}
+
+/// The participant's condition: connected (and publishers not blocked), or why not; with the
+/// gauges `build_image_amqp_connected` and `build_image_amqp_blocked`.
+fn condition(h: &Handle, shown: &str) -> Condition {
+    let connected = h.connected();
+    let blocked = h.blocked().filter(|_| connected);
+    let (ok, detail) = match (&blocked, connected) {
+        (Some(why), _) => (false, format!("{}: {why}", client::BLOCKED)),
+        (None, true) => (true, format!("connected to {shown}")),
+        (None, false) => (
+            false,
+            format!(
+                "not connected to {shown}: {}",
+                h.problem().unwrap_or_else(|| "connecting".to_string())
+            ),
+        ),
+    };
+    Condition {
+        ok,
+        detail,
+        gauges: vec![
+            Gauge {
+                name: "build_image_amqp_connected",
+                help: "1 while the daemon is connected to its AMQP broker, 0 while it is not (refused, away, connecting)",
+                value: i64::from(connected),
+            },
+            Gauge {
+                name: "build_image_amqp_blocked",
+                help: "1 while the broker blocks the daemon's publishes (connection.blocked: a memory or disk alarm); answers wait, builds go on",
+                value: i64::from(blocked.is_some()),
+            },
+        ],
     }
 }
 
@@ -126,7 +190,12 @@ pub fn check(a: &AmqpConfig) -> Option<crate::health::Check> {
         Err(e) => return Some(crate::health::Check::fail("amqp broker", e)),
     };
     Some(
-        match client::probe(&uri, &a.queue, crate::health::CHILD_TIMEOUT) {
+        match client::probe(
+            &uri,
+            &a.queue,
+            &config::field_table(&a.queue_arguments),
+            crate::health::CHILD_TIMEOUT,
+        ) {
             Ok(detail) => crate::health::Check::ok("amqp broker", format!("{shown}: {detail}")),
             Err(e) => crate::health::Check::fail("amqp broker", format!("{shown}: {e}")),
         },

@@ -1,5 +1,6 @@
 //! `requeue --worker W`: the files a dead worker had claimed (its `active/W/`) handed back to
-//! `incoming/` for the farm's other workers, each move recorded first.
+//! `incoming/` for the farm's other workers, each move recorded first, and W's claim of each
+//! one's job folder (a shared `base_dir`) let go.
 //!
 //! Invariants: refused for this daemon's own worker id (its files are recovered at its start)
 //! and, unless forced, for a worker whose liveness mark says it is alive; a file never replaces
@@ -44,6 +45,16 @@ pub fn requeue_worker(
         while spool.incoming.join(&target).symlink_metadata().is_ok() {
             target = format!("requeued-{n}-{name}");
             n += 1;
+        }
+        // The dead worker's claim of the job folder (a shared base_dir) is let go, so that
+        // the host that takes the file builds it rather than finding it held.
+        if let Ok(bytes) = std::fs::read(dir.join(&name))
+            && let Ok(v) = crate::domain::workitem::parse_object(&bytes)
+            && let Ok(spec) = crate::domain::workitem::normalise(&v)
+            && let Err(e) =
+                crate::imaging::jobdir::release_folder(&engine.cfg.worker, &spec, worker)
+        {
+            log::warn!("requeue: cannot let go of {worker}'s claim of the folder of {name}: {e}");
         }
         engine.store.record(
             None,

@@ -41,6 +41,7 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
                     failing: Some(why),
                     unpushed: unpushed(host),
                     waiting: host.engine.waiting_for_room(),
+                    degraded: degraded(host),
                 };
             }
             return err(&e);
@@ -59,6 +60,7 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
                     failing: host.engine.store.failing(),
                     unpushed: unpushed(host),
                     waiting: host.engine.waiting_for_room(),
+                    degraded: degraded(host),
                 },
                 Err(e) => err(&e),
             }
@@ -225,6 +227,17 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
 /// The event kinds and states a request may name, for error messages.
 pub fn kinds() -> String {
     Tag::ALL.map(|t| t.as_str()).join(", ")
+}
+
+/// The parts of the daemon that are not working, each `NAME: why`.
+fn degraded(host: &Host) -> Vec<String> {
+    host.engine
+        .conditions
+        .now()
+        .into_iter()
+        .filter(|(_, c)| !c.ok)
+        .map(|(name, c)| format!("{name}: {}", c.detail))
+        .collect()
 }
 
 /// Answered jobs of this worker whose final status is still to be pushed (the push utility

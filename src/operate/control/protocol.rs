@@ -87,6 +87,9 @@ pub enum Response {
         /// Why builds wait for room under base_dir (`[artifacts] min_free_mb`), if they do.
         #[serde(default)]
         waiting: Option<String>,
+        /// Parts of the daemon that are not working (`amqp: not connected to …: why`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        degraded: Vec<String>,
     },
     Show(Box<JobView>),
     /// The end of an event stream (the events came before it).
