@@ -159,6 +159,30 @@ fn keep_last_expires_exactly_what_the_policy_names_never_a_pinned_one() {
         images.iter().filter(|(_, v)| v.1.is_some()).count() == 1,
         "{images:?}"
     );
+    // --wide gives each image's sha256, --json its provenance too
+    let wide = ok(&farm, &["status", "--wide"]);
+    let k3 = farm.outbox_file("k3.json").unwrap();
+    let k3_sha = k3["image"]["image_sha256"].as_str().unwrap();
+    assert!(
+        wide.lines()
+            .any(|l| l.contains("k3") && l.contains(&format!("ok sha256:{k3_sha}"))),
+        "{wide}"
+    );
+    let rows = web::bin_json(&farm, &["status", "--json"]);
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["image_id"] == json!("k3"))
+        .unwrap();
+    assert_eq!(row["image_sha256"], json!(k3_sha));
+    assert!(
+        row["provenance_url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/k3/provenance.json"),
+        "{row}"
+    );
     let status = ok(&farm, &["status"]);
     assert!(
         status
