@@ -441,3 +441,31 @@ fn a_full_base_dir_holds_builds_expires_the_oldest_unpinned_image_and_builds_res
         .collect();
     assert_eq!(expired.len(), 1, "{expired:?}");
 }
+
+#[test]
+fn doctor_judges_the_disk_budget_against_base_dir() {
+    init_log();
+    let mut farm = Farm::new();
+    std::fs::create_dir_all(farm.base()).unwrap();
+    let line = |farm: &Farm| -> String {
+        let (_, out, err) = output(farm.bin().arg("doctor"));
+        out.lines()
+            .find(|l| l.contains("disk budget:"))
+            .unwrap_or_else(|| panic!("no disk budget line:\n{out}{err}"))
+            .to_string()
+    };
+    farm.cfg.artifacts.min_free_mb = 1;
+    let ok_line = line(&farm);
+    assert!(ok_line.starts_with("ok"), "{ok_line}");
+    // more than the file system holds: no build would ever start
+    farm.cfg.artifacts.min_free_mb = 1 << 30;
+    let fail = line(&farm);
+    assert!(
+        fail.starts_with("FAIL") && fail.contains("no build would ever start"),
+        "{fail}"
+    );
+    // no budget: no line
+    farm.cfg.artifacts.min_free_mb = 0;
+    let (_, out, _) = output(farm.bin().arg("doctor"));
+    assert!(!out.contains("disk budget"), "{out}");
+}
