@@ -188,6 +188,16 @@ fn log_with_every_kind(dir: &Path) {
             copy: Some("a2.json".into()),
         }),
     );
+    add(Some(a), EventKind::Pinned {});
+    add(Some(a), EventKind::Unpinned {});
+    add(
+        Some(a),
+        EventKind::Expired {
+            files: vec!["requests/x-a/img-x-a.img".into()],
+            bytes: 65536,
+            reason: "keep_last = 1".into(),
+        },
+    );
     // invalid, rejected, cancelled, moved, and a compaction's record
     let b = add(None, claimed("b.json", "bb"));
     let mut bad = input("x-b");

@@ -159,6 +159,30 @@ fn keep_last_expires_exactly_what_the_policy_names_never_a_pinned_one() {
         images.iter().filter(|(_, v)| v.1.is_some()).count() == 1,
         "{images:?}"
     );
+    // --wide gives each image's sha256, --json its provenance too
+    let wide = ok(&farm, &["status", "--wide"]);
+    let k3 = farm.outbox_file("k3.json").unwrap();
+    let k3_sha = k3["image"]["image_sha256"].as_str().unwrap();
+    assert!(
+        wide.lines()
+            .any(|l| l.contains("k3") && l.contains(&format!("ok sha256:{k3_sha}"))),
+        "{wide}"
+    );
+    let rows = web::bin_json(&farm, &["status", "--json"]);
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["image_id"] == json!("k3"))
+        .unwrap();
+    assert_eq!(row["image_sha256"], json!(k3_sha));
+    assert!(
+        row["provenance_url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/k3/provenance.json"),
+        "{row}"
+    );
     let status = ok(&farm, &["status"]);
     assert!(
         status
@@ -416,4 +440,32 @@ fn a_full_base_dir_holds_builds_expires_the_oldest_unpinned_image_and_builds_res
         .filter(|e| e.kind.name() == "expired")
         .collect();
     assert_eq!(expired.len(), 1, "{expired:?}");
+}
+
+#[test]
+fn doctor_judges_the_disk_budget_against_base_dir() {
+    init_log();
+    let mut farm = Farm::new();
+    std::fs::create_dir_all(farm.base()).unwrap();
+    let line = |farm: &Farm| -> String {
+        let (_, out, err) = output(farm.bin().arg("doctor"));
+        out.lines()
+            .find(|l| l.contains("disk budget:"))
+            .unwrap_or_else(|| panic!("no disk budget line:\n{out}{err}"))
+            .to_string()
+    };
+    farm.cfg.artifacts.min_free_mb = 1;
+    let ok_line = line(&farm);
+    assert!(ok_line.starts_with("ok"), "{ok_line}");
+    // more than the file system holds: no build would ever start
+    farm.cfg.artifacts.min_free_mb = 1 << 30;
+    let fail = line(&farm);
+    assert!(
+        fail.starts_with("FAIL") && fail.contains("no build would ever start"),
+        "{fail}"
+    );
+    // no budget: no line
+    farm.cfg.artifacts.min_free_mb = 0;
+    let (_, out, _) = output(farm.bin().arg("doctor"));
+    assert!(!out.contains("disk budget"), "{out}");
 }

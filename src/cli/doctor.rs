@@ -35,6 +35,9 @@ fn all_checks(cfg: &Config, config_path: Option<&Path>) -> Vec<Check> {
     let mut checks = vec![check_config(config_path), check_mic_opts(w)];
     checks.extend(builder.tools);
     checks.push(check_base_dir(&w.base_dir));
+    if let Some(c) = check_budget(cfg) {
+        checks.push(c);
+    }
     checks.extend(check_keys(&cfg.artifacts));
     checks.extend(crate::edges::spool::checks::checks(cfg));
     checks.extend(crate::engine::statedir::checks(&cfg.state_dir()));
@@ -45,6 +48,45 @@ fn all_checks(cfg: &Config, config_path: Option<&Path>) -> Vec<Check> {
     checks.extend(builder.host);
     checks.push(check_leaks(cfg));
     checks
+}
+
+/// `[artifacts] min_free_mb` against base_dir's file system: a budget larger than the file system
+/// can never be met (no build would ever start); one not met now holds builds until images expire.
+fn check_budget(cfg: &Config) -> Option<Check> {
+    let min = cfg.artifacts.min_free_mb;
+    if min == 0 {
+        return None;
+    }
+    let what = "disk budget";
+    let st = match nix::sys::statvfs::statvfs(&cfg.worker.base_dir) {
+        Ok(st) => st,
+        Err(e) => {
+            return Some(Check::warn(
+                what,
+                format!("cannot look at {}: {e}", cfg.worker.base_dir.display()),
+            ));
+        }
+    };
+    let frag = st.fragment_size() as u64;
+    let total = (st.blocks() as u64).saturating_mul(frag) >> 20;
+    let free = (st.blocks_available() as u64).saturating_mul(frag) >> 20;
+    Some(if min >= total {
+        Check::fail(
+            what,
+            format!(
+                "[artifacts] min_free_mb = {min} but base_dir's file system holds {total} MiB: no build would ever start"
+            ),
+        )
+    } else if free < min {
+        Check::warn(
+            what,
+            format!(
+                "base_dir has {free} MiB free, below [artifacts] min_free_mb = {min}: builds wait until images expire (pin, keep_days, keep_last; gc --dry-run)"
+            ),
+        )
+    } else {
+        Check::ok(what, format!("{free} MiB free, min_free_mb = {min}"))
+    })
 }
 
 /// What builds left on the host and could not free, as the running daemon knows it (its

@@ -115,10 +115,16 @@ pub fn status_table(rows: &[StatusRow], wide: bool) -> String {
     let text = |s: &Option<String>| s.as_deref().map_or_else(dash, |s| escape(s).into_owned());
     for r in rows {
         let result = match (r.result, &r.error) {
-            (Some(true), _) => match &r.images {
-                Some(what) => format!("ok ({what})"),
-                None => "ok".to_string(),
-            },
+            (Some(true), _) => {
+                let mut cell = match &r.images {
+                    Some(what) => format!("ok ({what})"),
+                    None => "ok".to_string(),
+                };
+                if let (true, Some(h)) = (wide, &r.image_sha256) {
+                    cell.push_str(&format!(" sha256:{}", escape(h)));
+                }
+                cell
+            }
             (Some(false), Some(e)) => error_cell(e, r.failure, wide),
             (Some(false), None) => "error".to_string(),
             (None, _) => dash(),

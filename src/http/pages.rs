@@ -605,6 +605,8 @@ mod tests {
                 leaks: vec![],
                 failure: None,
                 images: None,
+                image_sha256: None,
+                provenance_url: None,
             },
             files_url: Some("http://x/\"><script>alert(2)</script>".into()),
             has_log: true,

@@ -76,6 +76,12 @@ pub struct StatusRow {
     /// What became of a built job's images: `pinned` or `expired` (absent: kept by the policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images: Option<String>,
+    /// The sha256 of the image at `image_url` (a successful build).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
+    /// The build's provenance statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance_url: Option<String>,
 }
 
 fn seconds_between(from: &str, to: Option<&str>) -> Option<f64> {
@@ -119,6 +125,8 @@ pub fn status_row(job: &Job) -> StatusRow {
         } else {
             None
         },
+        image_sha256: job.urls.image_sha256.clone(),
+        provenance_url: job.urls.provenance_url.clone(),
     }
 }
 
