@@ -20,10 +20,18 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// A stalled job: when it is due, its failures so far, and whether its step is being run again
+/// now (taken by the timer: handed to a build slot, say), so that nothing else moves it meanwhile.
+#[derive(Debug, Clone, Copy)]
+struct Stall {
+    at: Instant,
+    tries: u32,
+    moving: bool,
+}
+
 /// Jobs whose step failed (a full disk, a peer away), to be moved again later.
 pub struct Stalls {
-    /// job -> (due, failures so far).
-    due: Mutex<BTreeMap<u64, (Instant, u32)>>,
+    due: Mutex<BTreeMap<u64, Stall>>,
     /// Wakes the timer thread (a stall scheduled).
     wake: (Sender<()>, Receiver<()>),
 }
@@ -112,7 +120,7 @@ boot_seconds: None,
     /// poll_interval_ms up to a minute).
     pub fn stall(&self, id: u64, why: &EngineError) {
         let mut due = lock(&self.stalls.due);
-        let tries = due.get(&id).map_or(1, |(_, n)| n + 1);
+        let tries = due.get(&id).map_or(1, |st| st.tries + 1);
         let delay = Backoff::new(
             Duration::from_millis(self.cfg.spool.poll_interval_ms),
             Duration::from_secs(60),
@@ -122,16 +130,24 @@ boot_seconds: None,
             EngineError::Deferred(_) => log::info!("job {id}: {why}; trying again in {delay:?}"),
             _ => log::error!("job {id}: {why}; trying again in {delay:?}"),
         }
-        due.insert(id, (Instant::now() + delay, tries));
+        due.insert(
+            id,
+            Stall {
+                at: Instant::now() + delay,
+                tries,
+                moving: false,
+            },
+        );
         let _ = self.stalls.wake.0.try_send(());
     }
 
     /// Every stalled job is due now (room came back: a build waiting for it need not wait out
-    /// its back-off).
+    /// its back-off), except one whose step is being run again right now: moving it too would
+    /// hand one job to two build slots at once.
     pub(crate) fn stalled_now(&self) {
         let now = Instant::now();
-        for entry in lock(&self.stalls.due).values_mut() {
-            entry.0 = entry.0.min(now);
+        for st in lock(&self.stalls.due).values_mut().filter(|st| !st.moving) {
+            st.at = st.at.min(now);
         }
         let _ = self.stalls.wake.0.try_send(());
     }
@@ -150,7 +166,7 @@ boot_seconds: None,
 
     /// When the next stalled job is due.
     pub fn next_stall(&self) -> Option<Instant> {
-        lock(&self.stalls.due).values().map(|(due, _)| *due).min()
+        lock(&self.stalls.due).values().map(|st| st.at).min()
     }
 
     /// Ready when a stall was scheduled.
@@ -166,15 +182,16 @@ boot_seconds: None,
         let now = Instant::now();
         let due: Vec<u64> = lock(&self.stalls.due)
             .iter()
-            .filter(|(_, (d, _))| *d <= now)
+            .filter(|(_, st)| !st.moving && st.at <= now)
             .map(|(id, _)| *id)
             .collect();
         for id in due {
             // Not due again while this step runs. If it hands the job to a build slot, the slot
             // says how it went: a build deferred again stalls it with a longer back-off (so this
             // mark is set before, never after, the hand-over), a build that starts clears it.
-            if let Some(entry) = lock(&self.stalls.due).get_mut(&id) {
-                entry.0 = now + Duration::from_secs(3600);
+            if let Some(st) = lock(&self.stalls.due).get_mut(&id) {
+                st.moving = true;
+                st.at = now + Duration::from_secs(3600);
             }
             match self.advance(id) {
                 Ok(Step::Build) => {}

@@ -505,7 +505,10 @@ fn open_job_dir(w: &WorkerConfig, spec: &Spec) -> Result<OwnedFd, PrepareError> 
 /// Writes `name` in `dir` (tmp + fsync + rename, relative to the directory, no symlink
 /// followed), mode 0644.
 fn write_in(dir: &OwnedFd, name: &str, data: &[u8]) -> std::io::Result<()> {
-    let tmp = format!(".{name}.{}.tmp", std::process::id());
+    // pid and a count: two writes of one process (two threads) never share a temp file
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = format!(".{name}.{}.{n}.tmp", std::process::id());
     let flags =
         OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let mode = FileMode::from_bits_truncate(0o644);
