@@ -157,8 +157,8 @@ boot_seconds: None,
     /// alone (its step is under way, or done).
     pub fn wake_stalled(&self, id: u64) {
         let mut due = lock(&self.stalls.due);
-        if let Some(entry) = due.get_mut(&id) {
-            entry.0 = Instant::now();
+        if let Some(st) = due.get_mut(&id).filter(|st| !st.moving) {
+            st.at = Instant::now();
             drop(due);
             let _ = self.stalls.wake.0.try_send(());
         }
