@@ -315,10 +315,15 @@ fn cancel_a_queued_and_a_running_build() {
             .collect::<Vec<_>>(),
         ["ERROR"]
     );
-    assert!(
-        !farm.base().join("requests/c-queued").exists(),
-        "never built"
-    );
+    // never built: its folder holds no kickstart and no build log (only the farm-wide claim of
+    // its image_id, `.owner`, made when it was queued)
+    for f in ["img-c-queued.ks", "img-c-queued.log"] {
+        assert!(
+            !farm.base().join("requests/c-queued").join(f).exists(),
+            "never built, but {f} is there"
+        );
+    }
+    assert_eq!(mic_runs(&farm, "c-queued"), 0);
 
     let (code, out, err) = output(farm.bin().args(["cancel", "c-run"]));
     assert_eq!(code, 0, "{err}");
