@@ -261,6 +261,9 @@ impl Client {
     }
 }
 
+/// How long a stop waits for the broker to answer the connection's close.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// The heartbeat asked for when the url does not set one (seconds).
 pub const HEARTBEAT_S: u16 = 10;
 
@@ -396,7 +399,15 @@ async fn session(
     shared.connected.store(false, Ordering::SeqCst);
     set_blocked(shared, None);
     if result.is_ok() {
-        let _ = conn.close(200, "build-image stopping".into()).await;
+        // A broker that blocks publishers may read nothing from this connection, the close
+        // included: a stop never waits on it longer than this.
+        let close = conn.close(200, "build-image stopping".into());
+        if tokio::time::timeout(CLOSE_WAIT, close).await.is_err() {
+            log::warn!(
+                "AMQP {}: the broker did not answer the close within {CLOSE_WAIT:?}; the connection is dropped",
+                s.shown
+            );
+        }
     }
     result
 }
