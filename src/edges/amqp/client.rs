@@ -47,6 +47,11 @@ pub struct Settings {
     pub work_queue_arguments: FieldTable,
     /// The farm's fanout exchange: cancels reach every daemon through it.
     pub farm_exchange: String,
+    /// This daemon's queue bound to the exchange (durable, named after the worker, so that a
+    /// cancel broadcast while the daemon is away waits for it), deleted by the broker after
+    /// this long unused (ms).
+    pub farm_queue: String,
+    pub farm_queue_expires_ms: u64,
     pub prefetch: u16,
     /// Consume the queue (false: publish only, e.g. `run --once`).
     pub consume: bool,
@@ -211,7 +216,7 @@ pub struct Client {
     pub handle: Handle,
     /// Messages of the participant's queue.
     pub deliveries: Receiver<Incoming>,
-    /// Messages of the farm's fanout exchange (this daemon's private queue bound to it).
+    /// Messages of the farm's fanout exchange (this daemon's own queue bound to it).
     pub farm: Receiver<Incoming>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -338,6 +343,9 @@ async fn run(
     }
 }
 
+/// How long a stop waits for the broker to answer the connection's close.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// How often a refusal that lasts is logged at ERROR again.
 const REFUSAL_REPEAT: Duration = Duration::from_secs(300);
 
@@ -387,16 +395,38 @@ async fn session(
 ) -> Result<(), String> {
     let mut uri = s.uri.clone();
     uri.query.heartbeat.get_or_insert(HEARTBEAT_S);
-    let props = ConnectionProperties::default()
-        .with_connection_name(format!("build-image {}", s.consumer_tag).into());
-    let conn = Connection::connect_uri(uri, props)
+    // Two connections: a broker under an alarm blocks the connections that publish, and lapin
+    // writes nothing at all on a blocked one (no get, no ack). Consuming, getting work and
+    // acking go on their own connection, which never publishes, so they go on through an alarm.
+    let named = |what: &str| {
+        ConnectionProperties::default()
+            .with_connection_name(format!("build-image {}{what}", s.consumer_tag).into())
+    };
+    let conn = Connection::connect_uri(uri.clone(), named(""))
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let result = serve(s, shared, &conn, cmds, out).await;
+    let pconn = match Connection::connect_uri(uri, named(" publish")).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tokio::time::timeout(CLOSE_PATIENCE, conn.close(200, "".into())).await;
+            return Err(format!("cannot connect: {e}"));
+        }
+    };
+    let result = serve(s, shared, &conn, &pconn, cmds, out).await;
     shared.connected.store(false, Ordering::SeqCst);
     set_blocked(shared, None);
     if result.is_ok() {
-        let _ = conn.close(200, "build-image stopping".into()).await;
+        // A broker that blocks the connection never reads the close (lapin writes nothing
+        // while blocked): a stop does not wait for it longer than this.
+        for c in [&conn, &pconn] {
+            let closing = c.close(200, "build-image stopping".into());
+            if tokio::time::timeout(CLOSE_PATIENCE, closing).await.is_err() {
+                log::warn!(
+                    "AMQP {}: the broker did not answer the close within {CLOSE_PATIENCE:?}; leaving it",
+                    s.shown
+                );
+            }
+        }
     }
     result
 }
@@ -405,12 +435,13 @@ async fn serve(
     s: &Settings,
     shared: &Shared,
     conn: &Connection,
+    pconn: &Connection,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     out: &Outlets,
 ) -> Result<(), String> {
     let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
     // Subscribed first: a `connection.blocked` is told only to listeners there are.
-    let mut events = Box::pin(conn.events_listener());
+    let mut events = Box::pin(pconn.events_listener());
     let consume = conn
         .create_channel()
         .await
@@ -418,7 +449,7 @@ async fn serve(
     declare(conn, &s.queue, &s.queue_arguments).await?;
     declare(conn, &s.reply_queue, &s.reply_queue_arguments).await?;
     declare(conn, &s.work_queue, &s.work_queue_arguments).await?;
-    let publish = conn
+    let publish = pconn
         .create_channel()
         .await
         .map_err(e("cannot open a channel"))?;
@@ -445,7 +476,7 @@ async fn serve(
     } else {
         None
     };
-    // The farm's fanout exchange, and this daemon's private queue bound to it.
+    // The farm's fanout exchange, and this daemon's own queue bound to it.
     let mut farm = if s.consume {
         let ch = conn
             .create_channel()
@@ -462,20 +493,16 @@ async fn serve(
         )
         .await
         .map_err(|err| format!("cannot declare the exchange {}: {err}", s.farm_exchange))?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(e("cannot declare this daemon's farm queue"))?;
+        let mut expires = FieldTable::default();
+        expires.insert(
+            "x-expires".into(),
+            lapin::types::AMQPValue::LongLongInt(
+                i64::try_from(s.farm_queue_expires_ms).unwrap_or(i64::MAX),
+            ),
+        );
+        declare(conn, &s.farm_queue, &expires).await?;
         ch.queue_bind(
-            q.name().clone(),
+            s.farm_queue.as_str().into(),
             s.farm_exchange.as_str().into(),
             "".into(),
             QueueBindOptions::default(),
@@ -485,7 +512,7 @@ async fn serve(
         .map_err(e("cannot bind this daemon's farm queue"))?;
         Some(
             ch.basic_consume(
-                q.name().clone(),
+                s.farm_queue.as_str().into(),
                 format!("{}-farm", s.consumer_tag).as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -568,6 +595,11 @@ async fn serve(
                 Some(lapin::Event::ConnectionUnblocked) => {
                     log::info!("AMQP {}: the broker takes publishes again", s.shown);
                     set_blocked(shared, None);
+                }
+                // The publishing connection (or its channel: a publish to an exchange deleted
+                // meanwhile closes it) failed: both are made again.
+                Some(lapin::Event::Error(err)) => {
+                    return Err(format!("the publishing connection failed: {err}"));
                 }
                 Some(_) => {}
                 None => return Err("the connection's events ended".into()),
