@@ -957,3 +957,35 @@ fn a_cancel_waits_for_the_holder_that_was_away() {
     );
     d.stop().unwrap();
 }
+
+/// Point 8 of the issue: `redeliver` of an AMQP job with no daemon running publishes its answer
+/// (the command's own publish-only client), rather than printing "deferred".
+#[test]
+fn redeliver_of_an_amqp_job_with_no_daemon_publishes() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    let farm = farm_with(&broker, 1);
+    let d = farm.start();
+    broker.publish(Q, &[bytes(&ruote(1, "# ks\n"))]);
+    let mut answers = Answers::default();
+    assert!(wait_for(Duration::from_secs(60), || {
+        answers.collect(&broker);
+        !answers.of(1).is_empty()
+    }));
+    d.stop().unwrap();
+    let (code, text, err) = common::output(farm.bin().args(["redeliver", "img1"]));
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.contains("published to ruote_workitems"), "{text}");
+    assert!(wait_for(Duration::from_secs(30), || {
+        answers.collect(&broker);
+        answers.of(1).len() == 2
+    }));
+    assert_eq!(answers.of(1)[0], answers.of(1)[1], "the same answer");
+    // retry of an AMQP job says where its new answer goes.
+    let (code, text, err) = common::output(farm.bin().args(["retry", "img1"]));
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(err.contains("came over AMQP"), "{err}");
+}

@@ -111,15 +111,22 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
             Err(e) => err(&e),
         },
         Request::Retry { id } => {
-            let result = ops::resolve(&journal, &id)
-                .map_err(|e| e.to_string())
-                .and_then(|job| {
-                    drop(journal);
-                    host.engine
-                        .retry(job)
-                        .map(|building_now| Response::Retried { job, building_now })
-                        .map_err(|e| e.to_string())
-                });
+            let result =
+                ops::resolve(&journal, &id)
+                    .map_err(|e| e.to_string())
+                    .and_then(|job| {
+                        drop(journal);
+                        host.engine
+                            .retry(job)
+                            .map(|building_now| Response::Retried {
+                                job,
+                                building_now,
+                                over_amqp: host.engine.store.job(job).is_some_and(|j| {
+                                    j.reply_to() == crate::domain::ReplyTo::Broker
+                                }),
+                            })
+                            .map_err(|e| e.to_string())
+                    });
             result.unwrap_or_else(|message| Response::Error { message })
         }
         Request::Cancel { id } => {
