@@ -416,6 +416,22 @@ pub fn release_folder(w: &WorkerConfig, spec: &Spec, worker: &str) -> std::io::R
     Ok(false)
 }
 
+/// Lets go of this worker's claim of the folder of a job that was never built (cancelled while
+/// queued): `.owner` removed, and the folder if it is then empty (its parents stay). Failures
+/// are logged: a folder left behind holds nothing but the claim.
+pub fn release_unbuilt(w: &WorkerConfig, spec: &Spec, worker: &str) {
+    match release_folder(w, spec, worker) {
+        Ok(true) => {
+            let _ = std::fs::remove_dir(job_dir(w, spec));
+        }
+        Ok(false) => {}
+        Err(e) => log::warn!(
+            "cannot let go of the job folder {}: {e}",
+            job_dir(w, spec).display()
+        ),
+    }
+}
+
 /// Makes the job directory, writes the kickstart and starts the job log, before a build starts;
 /// then notes what the directory holds, so that the image found after the build is one this
 /// attempt wrote.
