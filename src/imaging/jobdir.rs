@@ -363,10 +363,9 @@ pub fn claim_folder(
     let linked = nix::unistd::linkat(&dir, tmp.as_str(), &dir, OWNER_FILE, AtFlags::empty());
     let _ = unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
     match linked {
-        Ok(()) => {
-            let _ = nix::unistd::fsync(&dir);
-            Ok(FolderClaim::Ours)
-        }
+        // The link itself is not fsynced: a claim a crash undoes belongs to a job whose claim
+        // was not flushed either (its source sends it again, and it is claimed again).
+        Ok(()) => Ok(FolderClaim::Ours),
         Err(nix::errno::Errno::EEXIST) => {
             let fd = nix::fcntl::openat(
                 &dir,
