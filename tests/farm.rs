@@ -364,6 +364,15 @@ fn a_broker_blocking_publishers_neither_multiplies_answers_nor_holds_slots() {
             && metrics.lines().any(|l| l == "build_image_amqp_connected 1"),
         "{metrics}"
     );
+    // status says the answers wait.
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let (_, _, err) = common::output(farm.bin().arg("status"));
+            err.contains("answer(s) not delivered yet")
+        }),
+        "{}",
+        common::output(farm.bin().arg("status")).2
+    );
     // A spool job dropped now is built and answered during the alarm.
     farm.drop_json("spool.json", &common::workitem("spool1", "# ks\n"));
     let answer = farm.wait_outbox("spool.json", Duration::from_secs(60));
