@@ -15,17 +15,17 @@
 //! returned (no queue to route it to) is a failed publish, never a delivered one; the reply
 //! queue is declared again before the next publish.
 
+pub use super::declare::{declare, persistent, probe, refused};
 use crate::engine::backoff::Backoff;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::{Confirmation, Connection, ConnectionProperties};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -349,26 +349,6 @@ const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
 /// How often a refusal that lasts is logged at ERROR again.
 const REFUSAL_REPEAT: Duration = Duration::from_secs(300);
 
-/// Is this failure one that trying again does not heal (an operator must act): credentials,
-/// permissions, a missing vhost, a queue whose arguments differ? The broker says so with these
-/// AMQP reply names.
-pub fn refused(why: &str) -> bool {
-    [
-        "ACCESS_REFUSED",
-        "ACCESS-REFUSED",
-        "NOT_ALLOWED",
-        "NOT-ALLOWED",
-        "PRECONDITION_FAILED",
-        "PRECONDITION-FAILED",
-        "NOT_FOUND",
-        "NOT-FOUND",
-        "RESOURCE_LOCKED",
-        "RESOURCE-LOCKED",
-    ]
-    .iter()
-    .any(|name| why.contains(name))
-}
-
 /// What a publish refused while the broker blocks publishers says (before the broker's reason).
 pub const BLOCKED: &str = "the broker blocks publishers";
 
@@ -478,48 +458,13 @@ async fn serve(
     };
     // The farm's fanout exchange, and this daemon's own queue bound to it.
     let mut farm = if s.consume {
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(e("cannot open a channel"))?;
-        ch.exchange_declare(
-            s.farm_exchange.as_str().into(),
-            lapin::ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|err| format!("cannot declare the exchange {}: {err}", s.farm_exchange))?;
-        let mut expires = FieldTable::default();
-        expires.insert(
-            "x-expires".into(),
-            lapin::types::AMQPValue::LongLongInt(
-                i64::try_from(s.farm_queue_expires_ms).unwrap_or(i64::MAX),
-            ),
-        );
-        declare(conn, &s.farm_queue, &expires).await?;
-        ch.queue_bind(
-            s.farm_queue.as_str().into(),
-            s.farm_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(e("cannot bind this daemon's farm queue"))?;
-        Some(
-            ch.basic_consume(
-                s.farm_queue.as_str().into(),
-                format!("{}-farm", s.consumer_tag).as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(e("cannot consume this daemon's farm queue"))?,
-        )
+        let farm = super::declare::Farm {
+            farm_exchange: &s.farm_exchange,
+            farm_queue: &s.farm_queue,
+            farm_queue_expires_ms: s.farm_queue_expires_ms,
+            consumer_tag: &s.consumer_tag,
+        };
+        Some(super::declare::farm(conn, &farm).await?)
     } else {
         None
     };
@@ -737,111 +682,5 @@ fn confirmed(c: Confirmation, queue: &str) -> Result<(), String> {
             r.reply_code, r.reply_text
         )),
         Confirmation::Nack(None) => Err("the broker nacked the answer".to_string()),
-    }
-}
-
-/// Makes sure `queue` exists: one an operator declared, with whatever arguments (a dead-letter
-/// exchange, `x-queue-type = quorum`), is used as it is (a passive declare, on a channel of its
-/// own: a missing queue closes it); a missing one is declared durable with `arguments`.
-pub async fn declare(conn: &Connection, queue: &str, arguments: &FieldTable) -> Result<(), String> {
-    let e = |what: &'static str| move |err: lapin::Error| format!("{what} {queue}: {err}");
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(e("cannot open a channel to declare"))?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::durable()
-    };
-    if ch
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .is_ok()
-    {
-        let _ = ch.close(200, "declared".into()).await;
-        return Ok(());
-    }
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(e("cannot open a channel to declare"))?;
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::durable(),
-        arguments.clone(),
-    )
-    .await
-    .map_err(e("cannot declare the queue"))?;
-    let _ = ch.close(200, "declared".into()).await;
-    Ok(())
-}
-
-/// An answer's properties: persistent (delivery_mode 2), JSON.
-pub fn persistent() -> BasicProperties {
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-}
-
-/// Connects and checks the queue exists or can be declared (for `doctor`).
-pub fn probe(
-    uri: &AMQPUri,
-    queue: &str,
-    arguments: &FieldTable,
-    timeout: Duration,
-) -> Result<String, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    runtime.block_on(async {
-        let work = async {
-            let conn = Connection::connect_uri(uri.clone(), ConnectionProperties::default())
-                .await
-                .map_err(|e| format!("cannot connect: {e}"))?;
-            declare(&conn, queue, arguments).await?;
-            let ch = conn
-                .create_channel()
-                .await
-                .map_err(|e| format!("cannot open a channel: {e}"))?;
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::durable()
-            };
-            let q = ch
-                .queue_declare(queue.into(), passive, FieldTable::default())
-                .await
-                .map_err(|e| format!("cannot look at queue {queue}: {e}"))?;
-            let _ = conn.close(200, "doctor".into()).await;
-            Ok(format!(
-                "queue {queue}: {} message(s) waiting, {} consumer(s)",
-                q.message_count(),
-                q.consumer_count()
-            ))
-        };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {timeout:?}")),
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusals_are_told_from_outages() {
-        assert!(refused(
-            "cannot connect: protocol error: AMQP soft error: ACCESS-REFUSED: ACCESS_REFUSED - Login was refused"
-        ));
-        assert!(refused(
-            "cannot declare the queue build_image: PRECONDITION_FAILED - inequivalent arg"
-        ));
-        assert!(refused("NOT_ALLOWED - vhost boss not found"));
-        assert!(!refused(
-            "cannot connect: IO error: Connection refused (os error 111)"
-        ));
-        assert!(!refused("connection lost: connection reset by peer"));
     }
 }

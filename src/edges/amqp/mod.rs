@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod config;
+pub mod declare;
 pub mod intake;
 pub mod notes;
 pub mod reply;
