@@ -339,6 +339,14 @@ fn a_broker_blocking_publishers_neither_multiplies_answers_nor_holds_slots() {
     }
     let _alarm_off = AlarmOff(&broker);
     let alarm = std::time::Instant::now();
+    // The node raises the alarm at its next memory check: wait for it.
+    assert!(
+        wait_for(Duration::from_secs(30), || broker
+            .ctl(&["-q", "eval", "rabbit_alarm:get_alarms()."])
+            .contains("memory")),
+        "no memory alarm: {}",
+        broker.ctl(&["-q", "eval", "rabbit_alarm:get_alarms()."])
+    );
     std::fs::write(&go, b"").unwrap();
 
     // All four are built during the alarm (the slots are not held by answers in wait).
@@ -367,6 +375,15 @@ fn a_broker_blocking_publishers_neither_multiplies_answers_nor_holds_slots() {
         metrics.lines().any(|l| l == "build_image_amqp_blocked 1")
             && metrics.lines().any(|l| l == "build_image_amqp_connected 1"),
         "{metrics}"
+    );
+    // status says the answers wait.
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let (_, _, err) = common::output(farm.bin().arg("status"));
+            err.contains("answer(s) not delivered yet")
+        }),
+        "{}",
+        common::output(farm.bin().arg("status")).2
     );
     // A spool job dropped now is built and answered during the alarm.
     farm.drop_json("spool.json", &common::workitem("spool1", "# ks\n"));
@@ -863,4 +880,133 @@ fn a_workitem_taken_twice_by_two_hosts_is_built_and_answered_once() {
     assert_eq!(broker.depth(&work), 0);
     drop(db);
     da.stop().unwrap();
+}
+
+/// A cancel broadcast while the daemon holding the job is away (its connection closed, the
+/// process stopped) waits in that daemon's own queue on the farm exchange and reaches the build
+/// when the daemon is back.
+#[test]
+fn a_cancel_waits_for_the_holder_that_was_away() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    let farm = farm_with(&broker, 1);
+    let release = farm.root().join("release");
+    let ks = format!("# mic-fixture: wait-for {}\n", release.display());
+    let d = farm.start();
+    let mut w2 = start_worker(&farm, "w2");
+    broker.publish(Q, &[bytes(&ruote(1, &ks)), bytes(&ruote(2, &ks))]);
+    assert!(wait_for(Duration::from_secs(60), || mic_running(&farm, 1)
+        && mic_running(&farm, 2)));
+    // The job w2 holds: the one w1's log does not have.
+    let target = if job_of(&events(&farm), "img1").is_some() {
+        2
+    } else {
+        1
+    };
+    let log = std::fs::read_to_string(
+        farm.base()
+            .join(format!("requests/img{target}/img-img{target}.log")),
+    )
+    .unwrap();
+    let pids = common::fixture_pids(&log);
+    let w2_pid = nix::unistd::Pid::from_raw(w2.0.id() as i32);
+    nix::sys::signal::kill(w2_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // w2's connections (it has two: consuming and publishing).
+    let conns = broker.ctl(&["-q", "list_connections", "pid", "client_properties"]);
+    let links: Vec<String> = conns
+        .lines()
+        .filter(|l| l.contains("build-image-w2-"))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    assert_eq!(links.len(), 2, "w2's connections: {conns}");
+    for link in &links {
+        broker.ctl(&["close_connection", link, "the test takes w2 away"]);
+    }
+    broker.publish(Q, &[bytes(&cancel_of(target))]);
+    let waiting = || {
+        broker
+            .ctl(&["-q", "list_queues", "name", "messages"])
+            .lines()
+            .any(|l| {
+                let mut f = l.split_whitespace();
+                f.next() == Some(&format!("{Q}.farm.w2")) && f.next() == Some("1")
+            })
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), waiting),
+        "the cancel waits in w2's queue: {}",
+        broker.ctl(&["-q", "list_queues", "name", "messages"])
+    );
+    assert!(
+        pids.iter().all(|p| common::alive(*p)),
+        "w2 is away: its build still runs"
+    );
+    nix::sys::signal::kill(w2_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || pids
+            .iter()
+            .all(|p| !common::alive(*p))),
+        "the cancel reaches the build once w2 is back"
+    );
+    let mut answers = Answers::default();
+    assert!(wait_for(Duration::from_secs(60), || {
+        answers.collect(&broker);
+        !answers.of(target).is_empty()
+    }));
+    assert_eq!(
+        answers.of(target)[0]["fields"]["image"]["error"],
+        json!("cancelled")
+    );
+    std::fs::write(&release, b"").unwrap();
+    let other = 3 - target;
+    assert!(wait_for(Duration::from_secs(60), || {
+        answers.collect(&broker);
+        !answers.of(other).is_empty()
+    }));
+    std::thread::sleep(Duration::from_millis(500));
+    answers.collect(&broker);
+    assert_eq!(answers.of(target).len(), 1);
+    assert_eq!(answers.of(other).len(), 1);
+    common::sigterm(&w2.0);
+    assert_eq!(
+        common::wait_exit(&mut w2.0, Duration::from_secs(60)),
+        Some(0)
+    );
+    d.stop().unwrap();
+}
+
+/// Point 8 of the issue: `redeliver` of an AMQP job with no daemon running publishes its answer
+/// (the command's own publish-only client), rather than printing "deferred".
+#[test]
+fn redeliver_of_an_amqp_job_with_no_daemon_publishes() {
+    if !broker::available() {
+        return;
+    }
+    common::init_log();
+    let broker = Broker::start();
+    let farm = farm_with(&broker, 1);
+    let d = farm.start();
+    broker.publish(Q, &[bytes(&ruote(1, "# ks\n"))]);
+    let mut answers = Answers::default();
+    assert!(wait_for(Duration::from_secs(60), || {
+        answers.collect(&broker);
+        !answers.of(1).is_empty()
+    }));
+    d.stop().unwrap();
+    let (code, text, err) = common::output(farm.bin().args(["redeliver", "img1"]));
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.contains("published to ruote_workitems"), "{text}");
+    assert!(wait_for(Duration::from_secs(30), || {
+        answers.collect(&broker);
+        answers.of(1).len() == 2
+    }));
+    assert_eq!(answers.of(1)[0], answers.of(1)[1], "the same answer");
+    // retry of an AMQP job says where its new answer goes.
+    let (code, text, err) = common::output(farm.bin().args(["retry", "img1"]));
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(err.contains("came over AMQP"), "{err}");
 }

@@ -28,7 +28,8 @@ pub fn ensure_log(cfg: &Config) -> anyhow::Result<()> {
 
 /// A host over the log itself, when no daemon runs (None: the log is locked). It builds and
 /// pushes nothing: what an action leaves to do is done by the next daemon start. Answers an
-/// action sends (`redeliver`) go to the outbox; a job answered over AMQP waits for a daemon.
+/// action sends (`redeliver`) go to the outbox; an AMQP job's (`redeliver`) is published by the
+/// command's own client (`cli::archive`).
 pub fn open_offline(cfg: &Config) -> anyhow::Result<Option<Host>> {
     ensure_log(cfg)?;
     let dir = cfg.state_dir();

@@ -11,9 +11,19 @@ fn unexpected(r: &Response) -> anyhow::Error {
 
 pub fn retry(cfg: &Config, id: &str) -> anyhow::Result<i32> {
     let r = expect(call(cfg, Request::Retry { id: id.to_string() }, |_| true)?)?;
-    let Response::Retried { job, building_now } = r else {
+    let Response::Retried {
+        job,
+        building_now,
+        over_amqp,
+    } = r
+    else {
         return Err(unexpected(&r));
     };
+    if over_amqp {
+        eprintln!(
+            "build-image: note: job {job} came over AMQP: its new answer is published to the reply queue again with the same fei; Ruote ignores a second reply for an expression already replied to (docs/amqp.md)"
+        );
+    }
     if building_now {
         println!("job {job} ({}) queued again", escape(id));
     } else {

@@ -158,14 +158,59 @@ pub fn repush(cfg: &Config, since: &str, until: Option<&str>) -> anyhow::Result<
     Ok(if failed == 0 { 0 } else { 1 })
 }
 
+/// `redeliver` with no daemon running and `[amqp] url` set: the answer of an AMQP job is
+/// published by a publish-only client of this command (connected, and the broker's confirm
+/// awaited, for at most `patience`). None when a daemon runs (it answers the request).
+fn redeliver_offline(
+    cfg: &Config,
+    id: &str,
+    patience: std::time::Duration,
+) -> anyhow::Result<Option<crate::operate::archive::Redelivered>> {
+    if cfg.amqp.url.is_none()
+        || crate::operate::control::Client::connect(&cfg.state_dir()).is_some()
+    {
+        return Ok(None);
+    }
+    let Some(host) = super::access::open_offline(cfg)? else {
+        return Ok(None);
+    };
+    let Some(participant) = crate::edges::amqp::Participant::start(&host.engine, false)? else {
+        return Ok(None);
+    };
+    let deadline = std::time::Instant::now() + patience;
+    let result = loop {
+        match crate::operate::archive::redeliver(&host, id) {
+            Err(crate::operate::archive::ArchiveError::Engine(
+                crate::engine::EngineError::Deferred(why),
+            )) => {
+                if std::time::Instant::now() >= deadline {
+                    break Err(anyhow::anyhow!(
+                        "the answer could not be published within {patience:?}: {why}"
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            r => break r.map_err(anyhow::Error::from),
+        }
+    };
+    participant.stop(&host.engine);
+    result.map(Some)
+}
+
 pub fn redeliver(cfg: &Config, id: &str) -> anyhow::Result<i32> {
-    let r = expect(call(
-        cfg,
-        Request::Redeliver { id: id.to_string() },
-        |_| true,
-    )?)?;
-    let Response::Redelivered(r) = r else {
-        return Err(unexpected(&r));
+    let r = match redeliver_offline(cfg, id, std::time::Duration::from_secs(30))? {
+        Some(r) => r,
+        None => {
+            let r = expect(call(
+                cfg,
+                Request::Redeliver { id: id.to_string() },
+                |_| true,
+            )?)?;
+            let Response::Redelivered(r) = r else {
+                return Err(unexpected(&r));
+            };
+            r
+        }
     };
     // where it went: outbox/<name>, or published to the reply queue (docs/amqp.md)
     println!(

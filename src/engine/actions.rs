@@ -61,6 +61,13 @@ impl Engine {
             ),
         ])?;
         drop(decide);
+        // Never built: its claim of the job folder (made at the intake) is let go, and the
+        // folder goes if nothing else is in it.
+        if job.attempts == 0
+            && let Ok(Some(spec)) = self.store.spec(&job)
+        {
+            crate::imaging::jobdir::release_unbuilt(&self.cfg.worker, &spec, &self.worker);
+        }
         self.slot_may_be_free();
         self.advance(id)?;
         Ok(true)

@@ -164,6 +164,11 @@ boot_seconds: None,
         }
     }
 
+    /// The jobs whose step failed and waits to be tried again.
+    pub fn stalled(&self) -> Vec<u64> {
+        lock(&self.stalls.due).keys().copied().collect()
+    }
+
     /// When the next stalled job is due.
     pub fn next_stall(&self) -> Option<Instant> {
         lock(&self.stalls.due).values().map(|st| st.at).min()

@@ -596,10 +596,9 @@ pub fn claim_folder(
     let linked = nix::unistd::linkat(&dir, tmp.as_str(), &dir, OWNER_FILE, AtFlags::empty());
     let _ = unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
     match linked {
-        Ok(()) => {
-            let _ = nix::unistd::fsync(&dir);
-            Ok(FolderClaim::Ours)
-        }
+        // The link itself is not fsynced: a claim a crash undoes belongs to a job whose claim
+        // was not flushed either (its source sends it again, and it is claimed again).
+        Ok(()) => Ok(FolderClaim::Ours),
         Err(nix::errno::Errno::EEXIST) => {
             let fd = nix::fcntl::openat(
                 &dir,
@@ -647,6 +646,22 @@ pub fn release_folder(w: &WorkerConfig, spec: &Spec, worker: &str) -> std::io::R
         return Ok(true);
     }
     Ok(false)
+}
+
+/// Lets go of this worker's claim of the folder of a job that was never built (cancelled while
+/// queued): `.owner` removed, and the folder if it is then empty (its parents stay). Failures
+/// are logged: a folder left behind holds nothing but the claim.
+pub fn release_unbuilt(w: &WorkerConfig, spec: &Spec, worker: &str) {
+    match release_folder(w, spec, worker) {
+        Ok(true) => {
+            let _ = std::fs::remove_dir(job_dir(w, spec));
+        }
+        Ok(false) => {}
+        Err(e) => log::warn!(
+            "cannot let go of the job folder {}: {e}",
+            job_dir(w, spec).display()
+        ),
+    }
 }
 
 /// Makes the job directory, writes the kickstart and starts the job log, before a build starts;

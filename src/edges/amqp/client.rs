@@ -15,17 +15,17 @@
 //! returned (no queue to route it to) is a failed publish, never a delivered one; the reply
 //! queue is declared again before the next publish.
 
+pub use super::declare::{declare, persistent, probe, refused};
 use crate::engine::backoff::Backoff;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::{Confirmation, Connection, ConnectionProperties};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -47,6 +47,11 @@ pub struct Settings {
     pub work_queue_arguments: FieldTable,
     /// The farm's fanout exchange: cancels reach every daemon through it.
     pub farm_exchange: String,
+    /// This daemon's queue bound to the exchange (durable, named after the worker, so that a
+    /// cancel broadcast while the daemon is away waits for it), deleted by the broker after
+    /// this long unused (ms).
+    pub farm_queue: String,
+    pub farm_queue_expires_ms: u64,
     pub prefetch: u16,
     /// Consume the queue (false: publish only, e.g. `run --once`).
     pub consume: bool,
@@ -211,7 +216,7 @@ pub struct Client {
     pub handle: Handle,
     /// Messages of the participant's queue.
     pub deliveries: Receiver<Incoming>,
-    /// Messages of the farm's fanout exchange (this daemon's private queue bound to it).
+    /// Messages of the farm's fanout exchange (this daemon's own queue bound to it).
     pub farm: Receiver<Incoming>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -260,9 +265,6 @@ impl Client {
         }
     }
 }
-
-/// How long a stop waits for the broker to answer the connection's close.
-const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// The heartbeat asked for when the url does not set one (seconds).
 pub const HEARTBEAT_S: u16 = 10;
@@ -341,28 +343,11 @@ async fn run(
     }
 }
 
+/// How long a stop waits for the broker to answer the connection's close.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// How often a refusal that lasts is logged at ERROR again.
 const REFUSAL_REPEAT: Duration = Duration::from_secs(300);
-
-/// Is this failure one that trying again does not heal (an operator must act): credentials,
-/// permissions, a missing vhost, a queue whose arguments differ? The broker says so with these
-/// AMQP reply names.
-pub fn refused(why: &str) -> bool {
-    [
-        "ACCESS_REFUSED",
-        "ACCESS-REFUSED",
-        "NOT_ALLOWED",
-        "NOT-ALLOWED",
-        "PRECONDITION_FAILED",
-        "PRECONDITION-FAILED",
-        "NOT_FOUND",
-        "NOT-FOUND",
-        "RESOURCE_LOCKED",
-        "RESOURCE-LOCKED",
-    ]
-    .iter()
-    .any(|name| why.contains(name))
-}
 
 /// What a publish refused while the broker blocks publishers says (before the broker's reason).
 pub const BLOCKED: &str = "the broker blocks publishers";
@@ -390,23 +375,37 @@ async fn session(
 ) -> Result<(), String> {
     let mut uri = s.uri.clone();
     uri.query.heartbeat.get_or_insert(HEARTBEAT_S);
-    let props = ConnectionProperties::default()
-        .with_connection_name(format!("build-image {}", s.consumer_tag).into());
-    let conn = Connection::connect_uri(uri, props)
+    // Two connections: a broker under an alarm blocks the connections that publish, and lapin
+    // writes nothing at all on a blocked one (no get, no ack). Consuming, getting work and
+    // acking go on their own connection, which never publishes, so they go on through an alarm.
+    let named = |what: &str| {
+        ConnectionProperties::default()
+            .with_connection_name(format!("build-image {}{what}", s.consumer_tag).into())
+    };
+    let conn = Connection::connect_uri(uri.clone(), named(""))
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let result = serve(s, shared, &conn, cmds, out).await;
+    let pconn = match Connection::connect_uri(uri, named(" publish")).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tokio::time::timeout(CLOSE_PATIENCE, conn.close(200, "".into())).await;
+            return Err(format!("cannot connect: {e}"));
+        }
+    };
+    let result = serve(s, shared, &conn, &pconn, cmds, out).await;
     shared.connected.store(false, Ordering::SeqCst);
     set_blocked(shared, None);
     if result.is_ok() {
-        // A broker that blocks publishers may read nothing from this connection, the close
-        // included: a stop never waits on it longer than this.
-        let close = conn.close(200, "build-image stopping".into());
-        if tokio::time::timeout(CLOSE_WAIT, close).await.is_err() {
-            log::warn!(
-                "AMQP {}: the broker did not answer the close within {CLOSE_WAIT:?}; the connection is dropped",
-                s.shown
-            );
+        // A broker that blocks the connection never reads the close (lapin writes nothing
+        // while blocked): a stop does not wait for it longer than this.
+        for c in [&conn, &pconn] {
+            let closing = c.close(200, "build-image stopping".into());
+            if tokio::time::timeout(CLOSE_PATIENCE, closing).await.is_err() {
+                log::warn!(
+                    "AMQP {}: the broker did not answer the close within {CLOSE_PATIENCE:?}; leaving it",
+                    s.shown
+                );
+            }
         }
     }
     result
@@ -416,12 +415,13 @@ async fn serve(
     s: &Settings,
     shared: &Shared,
     conn: &Connection,
+    pconn: &Connection,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     out: &Outlets,
 ) -> Result<(), String> {
     let e = |what: &'static str| move |err: lapin::Error| format!("{what}: {err}");
     // Subscribed first: a `connection.blocked` is told only to listeners there are.
-    let mut events = Box::pin(conn.events_listener());
+    let mut events = Box::pin(pconn.events_listener());
     let consume = conn
         .create_channel()
         .await
@@ -429,7 +429,7 @@ async fn serve(
     declare(conn, &s.queue, &s.queue_arguments).await?;
     declare(conn, &s.reply_queue, &s.reply_queue_arguments).await?;
     declare(conn, &s.work_queue, &s.work_queue_arguments).await?;
-    let publish = conn
+    let publish = pconn
         .create_channel()
         .await
         .map_err(e("cannot open a channel"))?;
@@ -456,54 +456,15 @@ async fn serve(
     } else {
         None
     };
-    // The farm's fanout exchange, and this daemon's private queue bound to it.
+    // The farm's fanout exchange, and this daemon's own queue bound to it.
     let mut farm = if s.consume {
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(e("cannot open a channel"))?;
-        ch.exchange_declare(
-            s.farm_exchange.as_str().into(),
-            lapin::ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|err| format!("cannot declare the exchange {}: {err}", s.farm_exchange))?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(e("cannot declare this daemon's farm queue"))?;
-        ch.queue_bind(
-            q.name().clone(),
-            s.farm_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(e("cannot bind this daemon's farm queue"))?;
-        Some(
-            ch.basic_consume(
-                q.name().clone(),
-                format!("{}-farm", s.consumer_tag).as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(e("cannot consume this daemon's farm queue"))?,
-        )
+        let farm = super::declare::Farm {
+            farm_exchange: &s.farm_exchange,
+            farm_queue: &s.farm_queue,
+            farm_queue_expires_ms: s.farm_queue_expires_ms,
+            consumer_tag: &s.consumer_tag,
+        };
+        Some(super::declare::farm(conn, &farm).await?)
     } else {
         None
     };
@@ -579,6 +540,11 @@ async fn serve(
                 Some(lapin::Event::ConnectionUnblocked) => {
                     log::info!("AMQP {}: the broker takes publishes again", s.shown);
                     set_blocked(shared, None);
+                }
+                // The publishing connection (or its channel: a publish to an exchange deleted
+                // meanwhile closes it) failed: both are made again.
+                Some(lapin::Event::Error(err)) => {
+                    return Err(format!("the publishing connection failed: {err}"));
                 }
                 Some(_) => {}
                 None => return Err("the connection's events ended".into()),
@@ -716,111 +682,5 @@ fn confirmed(c: Confirmation, queue: &str) -> Result<(), String> {
             r.reply_code, r.reply_text
         )),
         Confirmation::Nack(None) => Err("the broker nacked the answer".to_string()),
-    }
-}
-
-/// Makes sure `queue` exists: one an operator declared, with whatever arguments (a dead-letter
-/// exchange, `x-queue-type = quorum`), is used as it is (a passive declare, on a channel of its
-/// own: a missing queue closes it); a missing one is declared durable with `arguments`.
-pub async fn declare(conn: &Connection, queue: &str, arguments: &FieldTable) -> Result<(), String> {
-    let e = |what: &'static str| move |err: lapin::Error| format!("{what} {queue}: {err}");
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(e("cannot open a channel to declare"))?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::durable()
-    };
-    if ch
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .is_ok()
-    {
-        let _ = ch.close(200, "declared".into()).await;
-        return Ok(());
-    }
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(e("cannot open a channel to declare"))?;
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::durable(),
-        arguments.clone(),
-    )
-    .await
-    .map_err(e("cannot declare the queue"))?;
-    let _ = ch.close(200, "declared".into()).await;
-    Ok(())
-}
-
-/// An answer's properties: persistent (delivery_mode 2), JSON.
-pub fn persistent() -> BasicProperties {
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-}
-
-/// Connects and checks the queue exists or can be declared (for `doctor`).
-pub fn probe(
-    uri: &AMQPUri,
-    queue: &str,
-    arguments: &FieldTable,
-    timeout: Duration,
-) -> Result<String, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    runtime.block_on(async {
-        let work = async {
-            let conn = Connection::connect_uri(uri.clone(), ConnectionProperties::default())
-                .await
-                .map_err(|e| format!("cannot connect: {e}"))?;
-            declare(&conn, queue, arguments).await?;
-            let ch = conn
-                .create_channel()
-                .await
-                .map_err(|e| format!("cannot open a channel: {e}"))?;
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::durable()
-            };
-            let q = ch
-                .queue_declare(queue.into(), passive, FieldTable::default())
-                .await
-                .map_err(|e| format!("cannot look at queue {queue}: {e}"))?;
-            let _ = conn.close(200, "doctor".into()).await;
-            Ok(format!(
-                "queue {queue}: {} message(s) waiting, {} consumer(s)",
-                q.message_count(),
-                q.consumer_count()
-            ))
-        };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {timeout:?}")),
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusals_are_told_from_outages() {
-        assert!(refused(
-            "cannot connect: protocol error: AMQP soft error: ACCESS-REFUSED: ACCESS_REFUSED - Login was refused"
-        ));
-        assert!(refused(
-            "cannot declare the queue build_image: PRECONDITION_FAILED - inequivalent arg"
-        ));
-        assert!(refused("NOT_ALLOWED - vhost boss not found"));
-        assert!(!refused(
-            "cannot connect: IO error: Connection refused (os error 111)"
-        ));
-        assert!(!refused("connection lost: connection reset by peer"));
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod config;
+pub mod declare;
 pub mod intake;
 pub mod notes;
 pub mod reply;
@@ -48,6 +49,8 @@ pub fn settings(
         work_queue: cfg.work_queue(),
         work_queue_arguments: config::field_table(&cfg.work_queue_arguments),
         farm_exchange: cfg.farm_exchange(),
+        farm_queue: format!("{}.{worker}", cfg.farm_exchange()),
+        farm_queue_expires_ms: u64::from(cfg.cancel_memory_days.max(1)) * 86_400_000,
         prefetch: cfg.prefetch_for(workers),
         consume,
         consumer_tag: format!("build-image-{worker}-{}", std::process::id()),

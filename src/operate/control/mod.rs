@@ -113,15 +113,22 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
             Err(e) => err(&e),
         },
         Request::Retry { id } => {
-            let result = ops::resolve(&journal, &id)
-                .map_err(|e| e.to_string())
-                .and_then(|job| {
-                    drop(journal);
-                    host.engine
-                        .retry(job)
-                        .map(|building_now| Response::Retried { job, building_now })
-                        .map_err(|e| e.to_string())
-                });
+            let result =
+                ops::resolve(&journal, &id)
+                    .map_err(|e| e.to_string())
+                    .and_then(|job| {
+                        drop(journal);
+                        host.engine
+                            .retry(job)
+                            .map(|building_now| Response::Retried {
+                                job,
+                                building_now,
+                                over_amqp: host.engine.store.job(job).is_some_and(|j| {
+                                    j.reply_to() == crate::domain::ReplyTo::Broker
+                                }),
+                            })
+                            .map_err(|e| e.to_string())
+                    });
             result.unwrap_or_else(|message| Response::Error { message })
         }
         Request::Cancel { id } => {
@@ -229,15 +236,44 @@ pub fn kinds() -> String {
     Tag::ALL.map(|t| t.as_str()).join(", ")
 }
 
-/// The parts of the daemon that are not working, each `NAME: why`.
+/// The parts of the daemon that are not working, each `NAME: why`; and the answers not
+/// delivered yet whose step waits to be tried again (`answers: …`).
 fn degraded(host: &Host) -> Vec<String> {
-    host.engine
+    let mut out: Vec<String> = host
+        .engine
         .conditions
         .now()
         .into_iter()
         .filter(|(_, c)| !c.ok)
         .map(|(name, c)| format!("{name}: {}", c.detail))
-        .collect()
+        .collect();
+    let policy = *host.engine.store.policy();
+    let stalled = host.engine.stalled();
+    let undelivered: Vec<u64> = host.engine.store.with_open(|jobs| {
+        stalled
+            .iter()
+            .filter(|id| {
+                jobs.get(id).is_some_and(|j| {
+                    matches!(
+                        crate::domain::lifecycle::next_step(j, &policy),
+                        crate::domain::lifecycle::Step::Deliver
+                            | crate::domain::lifecycle::Step::DeliverCopy(_)
+                    )
+                })
+            })
+            .copied()
+            .collect()
+    });
+    if !undelivered.is_empty() {
+        let shown: Vec<String> = undelivered.iter().take(10).map(u64::to_string).collect();
+        out.push(format!(
+            "answers: {} answer(s) not delivered yet, tried again with back-off (job {}{})",
+            undelivered.len(),
+            shown.join(", "),
+            if undelivered.len() > 10 { ", …" } else { "" }
+        ));
+    }
+    out
 }
 
 /// Answered jobs of this worker whose final status is still to be pushed (the push utility

@@ -98,6 +98,9 @@ pub enum Response {
     Retried {
         job: u64,
         building_now: bool,
+        /// The job came over AMQP: its new answer is published to the reply queue again.
+        #[serde(default)]
+        over_amqp: bool,
     },
     Cancelled {
         job: u64,
