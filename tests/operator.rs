@@ -315,8 +315,8 @@ fn cancel_a_queued_and_a_running_build() {
             .collect::<Vec<_>>(),
         ["ERROR"]
     );
-    // never built: its folder holds no kickstart and no build log (only the farm-wide claim of
-    // its image_id, `.owner`, made when it was queued)
+    // never built: no kickstart, no build log, no mic run (its folder may exist: the farm-wide
+    // claim of its image_id is made when it is queued)
     for f in ["img-c-queued.ks", "img-c-queued.log"] {
         assert!(
             !farm.base().join("requests/c-queued").join(f).exists(),
