@@ -16,7 +16,7 @@ use super::{Engine, EngineError, Result};
 use crate::artifacts::policy::{self, Image, Rules};
 use crate::artifacts::sums;
 use crate::domain::{EventKind, Job, State};
-use crate::imaging::{jobdir, layout};
+use crate::imaging::{beneath, layout};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -215,7 +215,7 @@ impl Engine {
         let base = &self.cfg.worker.base_dir;
         let mut all = true;
         for f in files {
-            match jobdir::remove_beneath(base, Path::new(f)) {
+            match beneath::remove_beneath(base, Path::new(f)) {
                 Ok(true) => log::info!(
                     "job {job}: expired {}",
                     PathBuf::from(base).join(f).display()

@@ -9,6 +9,7 @@
 //! was already there; a build's result is what mic really did (exit status and an image file on
 //! disk that this attempt wrote, see [`Prepared::new_image`]), never assumed.
 
+pub mod beneath;
 pub mod jobdir;
 pub mod joblog;
 pub mod kvm;
