@@ -55,9 +55,11 @@ fn pages_api_and_metrics() {
         page.body.contains("http://img.test/images/requests/web-a"),
         "files link"
     );
-    // newest first
+    // newest first: the higher job number above (files dropped together may be claimed in any
+    // order, so which of a and b is newer is read from their numbers)
     let pos = |s: &str| page.body.find(&format!("data-job=\"{s}\"")).unwrap();
-    assert!(pos(&b.to_string()) < pos(&a.to_string()));
+    let (newer, older) = if b > a { (b, a) } else { (a, b) };
+    assert!(pos(&newer.to_string()) < pos(&older.to_string()));
 
     let errors = get(&addr, "/?state=error");
     assert_eq!(errors.status, 200);
