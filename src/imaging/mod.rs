@@ -47,6 +47,19 @@ pub enum BuildEnd {
 }
 
 impl BuildEnd {
+    /// A success: the sealed image's URL, sha256 and the bytes of the build's files in `urls`.
+    fn built(w: &WorkerConfig, sealed: jobdir::Sealed, mut urls: Urls) -> BuildEnd {
+        urls.image_url = layout::url_for(w, &sealed.image);
+        urls.artifact_bytes = Some(sealed.files.iter().map(|f| f.bytes).sum());
+        urls.image_sha256 = Some(sealed.image_sha256);
+        BuildEnd::Finished {
+            result: true,
+            error: None,
+            urls,
+            failure: None,
+        }
+    }
+
     fn failed(error: String, urls: Urls, failure: Failure) -> BuildEnd {
         BuildEnd::Finished {
             result: false,

@@ -8,7 +8,7 @@
 
 use super::joblog::{OutputTail, failure};
 use super::tools::{check_mic, check_sudo, mic_missing};
-use super::{BuildEnd, Builder, Checks, Prepared, failure_of, mic, planned_urls, url_for};
+use super::{BuildEnd, Builder, Checks, Prepared, failure_of, mic, planned_urls};
 use crate::config::WorkerConfig;
 use crate::domain::workitem::Spec;
 use crate::domain::{Failure, Mode};
@@ -84,7 +84,7 @@ fn run(
     cancel: &Receiver<()>,
     registry: &Registry,
 ) -> BuildEnd {
-    let mut urls = planned_urls(w, spec);
+    let urls = planned_urls(w, spec);
     // The job directory, the kickstart and the log were made by `super::prepare`.
     let dir = prepared.dir();
     let log = prepared.log();
@@ -164,17 +164,7 @@ fn run(
     }
     match prepared.new_image() {
         Some(image) => match prepared.seal(&image) {
-            Ok(sealed) => {
-                urls.image_url = url_for(w, &image);
-                urls.image_sha256 = Some(sealed.image_sha256);
-                urls.artifact_bytes = Some(sealed.files.iter().map(|f| f.bytes).sum());
-                BuildEnd::Finished {
-                    result: true,
-                    error: None,
-                    urls,
-                    failure: None,
-                }
-            }
+            Ok(sealed) => BuildEnd::built(w, sealed, urls),
             Err(e) => {
                 let _ = log.line(&format!("error: {e}"));
                 BuildEnd::failed(e, urls, Failure::Infrastructure)

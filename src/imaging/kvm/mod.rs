@@ -22,7 +22,7 @@ pub use preflight::{
 };
 
 use super::tools::{check_sudo, ict_name};
-use super::{BuildEnd, Builder, Checks, Prepared, planned_urls, url_for};
+use super::{BuildEnd, Builder, Checks, Prepared, planned_urls};
 use crate::config::WorkerConfig;
 use crate::domain::Mode;
 use crate::domain::workitem::Spec;
@@ -97,23 +97,13 @@ impl Builder for KvmBuilder {
         registry: &Registry,
     ) -> BuildEnd {
         let w = &self.w;
-        let mut urls = planned_urls(w, spec);
+        let urls = planned_urls(w, spec);
         let mut b = Guest::new(w, spec, prepared, cancel, registry);
         let run = b.run();
         b.teardown();
         match run {
             Ok(image) => match prepared.seal(&image) {
-                Ok(sealed) => {
-                    urls.image_url = url_for(w, &image);
-                    urls.image_sha256 = Some(sealed.image_sha256);
-                    urls.artifact_bytes = Some(sealed.files.iter().map(|f| f.bytes).sum());
-                    BuildEnd::Finished {
-                        result: true,
-                        error: None,
-                        urls,
-                        failure: None,
-                    }
-                }
+                Ok(sealed) => BuildEnd::built(w, sealed, urls),
                 Err(e) => {
                     b.note(&format!("error: {e}"));
                     BuildEnd::failed(e, urls, crate::domain::Failure::Infrastructure)
