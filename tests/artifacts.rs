@@ -31,17 +31,12 @@ fn sha256sum(file: &Path) -> String {
 
 /// `sha256sum -c SHA256SUMS` run in `dir`: its exit code and what it printed.
 fn sha256sum_check(dir: &Path) -> (i32, String) {
-    let out = Command::new("sha256sum")
-        .args(["-c", "SHA256SUMS"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (code, out, err) = output(
+        Command::new("sha256sum")
+            .args(["-c", "SHA256SUMS"])
+            .current_dir(dir),
     );
-    (out.status.code().unwrap_or(-1), text)
+    (code, out + &err)
 }
 
 #[test]

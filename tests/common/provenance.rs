@@ -32,17 +32,12 @@ pub fn python() -> PathBuf {
 
 /// `verify_provenance.py ARGS...`: exit code and stdout + stderr.
 pub fn verifier(args: &[&std::ffi::OsStr]) -> (i32, String) {
-    let out = Command::new(python())
-        .arg(fixtures().join("verify_provenance.py"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (code, out, err) = super::output(
+        Command::new(python())
+            .arg(fixtures().join("verify_provenance.py"))
+            .args(args),
     );
-    (out.status.code().unwrap_or(-1), text)
+    (code, out + &err)
 }
 
 /// The in-toto Statement / SLSA Provenance validators on a `provenance.json`.
