@@ -412,3 +412,67 @@ fn job_of(events: &[Value], image_id: &str) -> u64 {
         .and_then(|e| e["job"].as_u64())
         .unwrap_or(0)
 }
+
+/// The steady-state run through the farm work queue: 500 workitems published before two
+/// daemons (2 build slots each) start. Every workitem is answered exactly once, nothing is built
+/// twice, and the work is split evenly (each daemon takes it from the work queue only while a
+/// slot of its own is free, so neither hoards).
+#[test]
+fn five_hundred_workitems_over_two_daemons_once_each_and_split_evenly() {
+    if !broker::available() {
+        return;
+    }
+    const N: usize = 500;
+    let broker = Broker::start();
+    let farm = farm_with(&broker, 2, 0);
+    let ks = "# mic-fixture: sleep 0.05\n";
+    let bodies: Vec<Vec<u8>> = (0..N).map(|n| bytes(&ruote(n, ks))).collect();
+    broker.publish(Q, &bodies);
+    let started = std::time::Instant::now();
+    let mut w1 = start_binary(&config_for(&farm, "w1"));
+    let mut w2 = start_binary(&config_for(&farm, "w2"));
+    let mut answers = Answers::default();
+    answers.wait(&broker, N, Duration::from_secs(600));
+    let took = started.elapsed();
+    // A little longer, to catch a late second answer.
+    std::thread::sleep(Duration::from_millis(500));
+    answers.collect(&broker);
+    for w in [&mut w1, &mut w2] {
+        common::sigterm(&w.0);
+        assert_eq!(
+            common::wait_exit(&mut w.0, Duration::from_secs(60)),
+            Some(0)
+        );
+    }
+    assert_eq!(answers.duplicates(), 0, "every workitem answered once");
+    for n in 0..N {
+        let got = &answers.by_wfid[&format!("wf-{n}")];
+        assert_eq!(got[0]["fields"]["result"], json!(true), "{}", got[0]);
+    }
+    let mut built: HashMap<&str, usize> = HashMap::new();
+    let mut queued_by: HashMap<String, &str> = HashMap::new();
+    for w in ["w1", "w2"] {
+        let j = common::open_journal(&farm.spool().join("state").join(w));
+        for e in j.since(0).filter_map(Result::ok) {
+            if let build_image::domain::EventKind::Queued { image_id, .. } = &e.kind {
+                *built.entry(w).or_default() += 1;
+                if let Some(other) = queued_by.insert(image_id.clone(), w) {
+                    panic!("{image_id} accepted by {other} and by {w}");
+                }
+            }
+        }
+        assert_eq!(
+            j.open_jobs().unwrap(),
+            Vec::<u64>::new(),
+            "{w} has open jobs"
+        );
+    }
+    let (a, b) = (built["w1"], built["w2"]);
+    println!(
+        "{N} workitems over 2 daemons in {:.1} s: w1 {a}, w2 {b}, 0 duplicates",
+        took.as_secs_f64()
+    );
+    assert_eq!(a + b, N, "each workitem accepted by one daemon");
+    assert!(a.min(b) * 100 >= N * 35, "an uneven split: w1 {a}, w2 {b}");
+    assert_eq!(common::mic_runs_total(&farm), N, "one build per workitem");
+}
