@@ -222,6 +222,12 @@ impl Running {
 
         let mut amqp = Participant::start(&engine, consume)?;
         let open_at_start = engine.recover()?;
+        for stray in crate::process::cgroup::sweep_strays() {
+            log::info!(
+                "removed the empty cgroup {} of a daemon that is gone",
+                stray.display()
+            );
+        }
         if let Some(a) = amqp.as_mut().filter(|_| consume) {
             a.start_intake(Arc::clone(&engine))?;
         }

@@ -187,6 +187,34 @@ impl Cgroup {
     }
 }
 
+/// Removes the empty `build-image-PID-*` cgroups under this process's own cgroup v2 whose daemon
+/// (PID) is gone: what a daemon that was SIGKILLed and never started again leaves (a build's
+/// cgroup that still holds processes is freed by the release of that daemon's crashed builds, from
+/// the job's record, and is left alone here, as is every cgroup of a daemon that is alive, another
+/// worker on this host included). Returns the cgroups removed.
+pub fn sweep_strays() -> Vec<PathBuf> {
+    let Some(parent) = v2_mount().and_then(|m| own_dir(&m)) else {
+        return Vec::new();
+    };
+    let Ok(rd) = std::fs::read_dir(&parent) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| stray_daemon(p).is_some_and(|pid| !super::pid_alive(pid)))
+        .filter(|p| Cgroup::at(p.clone()).members().is_empty())
+        // rmdir of a cgroup fails (EBUSY) if a process entered it since: then it is not a stray
+        .filter(|p| std::fs::remove_dir(p).is_ok())
+        .collect()
+}
+
+/// The daemon's pid in a cgroup name [`Cgroup::create`] makes (`build-image-PID-N-label`).
+fn stray_daemon(path: &Path) -> Option<i32> {
+    let name = path.file_name()?.to_str()?;
+    let pid = name.strip_prefix("build-image-")?.split('-').next()?;
+    pid.parse().ok().filter(|pid| *pid > 0)
+}
+
 /// The live processes whose environment holds `ENV_MARKER=value` exactly.
 pub fn marked(value: &str) -> Vec<i32> {
     let needle = format!("{ENV_MARKER}={value}");
@@ -267,6 +295,45 @@ mod tests {
         let killed = kill_marked(&value, Duration::from_secs(10)).unwrap();
         assert!(killed.contains(&pid), "{killed:?}");
         assert!(!super::super::pid_alive(pid));
+    }
+
+    #[test]
+    fn the_daemon_of_a_cgroup_is_read_from_its_name() {
+        assert_eq!(
+            stray_daemon(Path::new("/c/build-image-3762-6-tort-041-1")),
+            Some(3762)
+        );
+        assert_eq!(stray_daemon(Path::new("/c/build-image-x-1")), None);
+        assert_eq!(stray_daemon(Path::new("/c/build-image-0-1")), None);
+        assert_eq!(stray_daemon(Path::new("/c/other-3762-1")), None);
+    }
+
+    #[test]
+    fn empty_cgroups_of_a_dead_daemon_are_swept_and_a_live_ones_kept() {
+        let mine = match Cgroup::create("sweep-test") {
+            Ok(cg) => cg,
+            Err(why) => {
+                assert!(std::env::var_os("CI").is_none(), "{why}");
+                eprintln!("SKIPPED: {why}");
+                return;
+            }
+        };
+        // a pid that is gone: a child that ran and was reaped
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let parent = mine.path().parent().unwrap().to_path_buf();
+        let stray = parent.join(format!("build-image-{dead}-0-sweep-test"));
+        std::fs::create_dir(&stray).unwrap();
+        let swept = sweep_strays();
+        let stray_left = stray.exists();
+        if stray_left {
+            let _ = std::fs::remove_dir(&stray);
+        }
+        assert!(mine.path().exists(), "a live daemon's cgroup is kept");
+        assert_eq!(mine.kill_and_remove(Duration::from_secs(5)), Ok(0));
+        assert!(swept.contains(&stray), "{swept:?}");
+        assert!(!stray_left);
     }
 
     #[test]
