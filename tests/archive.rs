@@ -255,6 +255,13 @@ fn log_with_every_kind(dir: &Path) {
             from_worker: Some("w2".into()),
         },
     );
+    // the events of no job (the host's drain)
+    let farm = Some(build_image::domain::FARM);
+    let drained = EventKind::Drained {
+        reason: "maintenance".into(),
+    };
+    assert_eq!(add(farm, drained), build_image::domain::FARM);
+    add(farm, EventKind::Undrained {});
     add(
         None,
         EventKind::Compacted {
@@ -451,6 +458,8 @@ fn compact_moves_settled_jobs_to_the_archive_and_replay_agrees() {
     // a build running across the compaction: kept, and it records into the rewritten log
     farm.drop_json("cp-f.json", &workitem("cp-f", "# mic-fixture: sleep 3\n"));
     farm.wait_mic_running("cp-f");
+    // an event of no job (the host's drain) is never moved out
+    ok(&farm, &["drain", "--reason", "compaction test"]);
     let before = export(&farm);
 
     let archive = farm.root().join("archive.jsonl");
@@ -516,6 +525,14 @@ fn compact_moves_settled_jobs_to_the_archive_and_replay_agrees() {
     ]));
     assert_eq!(code, 1);
     assert!(err.contains("never replaced"), "{err}");
+    // the drain is kept, and the daemon folded it again from the rewritten log
+    let (code, _, err) = output(farm.bin().arg("status"));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("DRAINED since") && err.contains("compaction test"),
+        "{err}"
+    );
+    ok(&farm, &["undrain"]);
 
     // the daemon goes on with the rewritten log
     farm.drop_json("cp-e.json", &workitem("cp-e", "ks\n"));
