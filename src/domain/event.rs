@@ -221,10 +221,17 @@ pub enum EventKind {
     },
     /// A farm-level event: the host takes work again (`undrain`).
     Undrained {},
+    /// A farm-level event: a cancel heard on the farm's exchange (AMQP), for the workitem whose
+    /// `fei` key (`workitem::fei_key`) is `fei`, remembered until `expires` (seconds since the
+    /// epoch): a workitem of it taken later is answered cancelled, never built.
+    CancelNoted {
+        fei: String,
+        expires: u64,
+    },
 }
 
 /// The job number of the events that belong to no job (farm-level events: `drained`,
-/// `undrained`). Jobs are numbered from 1, so 0 is a key space of its own in the log: the job
+/// `undrained`, `cancel_noted`). Jobs are numbered from 1, so 0 is a key space of its own in the log: the job
 /// fold skips it, `Journal::farm_events` reads it, and `domain::farm::Farm` folds it.
 pub const FARM: u64 = 0;
 
@@ -320,11 +327,12 @@ pub enum Tag {
     Expired,
     Drained,
     Undrained,
+    CancelNoted,
 }
 
 impl Tag {
     /// Every kind, in the order of a job's life.
-    pub const ALL: [Tag; 20] = [
+    pub const ALL: [Tag; 21] = [
         Tag::Claimed,
         Tag::Rejected,
         Tag::Invalid,
@@ -345,6 +353,7 @@ impl Tag {
         Tag::Expired,
         Tag::Drained,
         Tag::Undrained,
+        Tag::CancelNoted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -369,6 +378,7 @@ impl Tag {
             Tag::Expired => "expired",
             Tag::Drained => "drained",
             Tag::Undrained => "undrained",
+            Tag::CancelNoted => "cancel_noted",
         }
     }
 
@@ -379,7 +389,7 @@ impl Tag {
 
     /// Does this kind belong to no job (see [`FARM`])?
     pub fn is_farm(self) -> bool {
-        matches!(self, Tag::Drained | Tag::Undrained)
+        matches!(self, Tag::Drained | Tag::Undrained | Tag::CancelNoted)
     }
 }
 
@@ -422,6 +432,7 @@ impl EventKind {
             EventKind::Expired { .. } => Tag::Expired,
             EventKind::Drained { .. } => Tag::Drained,
             EventKind::Undrained {} => Tag::Undrained,
+            EventKind::CancelNoted { .. } => Tag::CancelNoted,
         }
     }
 
@@ -471,6 +482,7 @@ impl Event {
                 String::new()
             }
             EventKind::Drained { reason } => reason.clone(),
+            EventKind::CancelNoted { fei, expires } => format!("{fei} until {expires}"),
             EventKind::Expired {
                 files,
                 bytes,

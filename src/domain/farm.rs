@@ -1,12 +1,14 @@
 //! The farm-level state of this host: the fold of the events that belong to no job (job
-//! number [`FARM`](super::event::FARM) in the log: `drained`, `undrained`).
+//! number [`FARM`](super::event::FARM) in the log: `drained`, `undrained`, `cancel_noted`).
 //!
 //! Invariant: like a job's state, it changes only by `Farm::apply`, in seq order, so it is the
 //! fold of the farm events of the log (the store folds them at its open and applies each one
-//! it records).
+//! it records). A cancel note expired at an event's time is dropped at that event (so the
+//! fold is pure: it reads no clock), and one expired now is not noted (`cancel_noted`).
 
 use super::event::{Event, EventKind};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// A drain in force: why, since when (the `drained` event's time) and its seq.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +23,8 @@ pub struct Drain {
 pub struct Farm {
     /// Drained (claims nothing more), and why; None: takes work.
     pub drained: Option<Drain>,
+    /// The cancels heard on the farm exchange: `fei` key -> expiry (seconds since the epoch).
+    pub cancels: BTreeMap<String, u64>,
 }
 
 impl Farm {
@@ -35,8 +39,20 @@ impl Farm {
                 })
             }
             EventKind::Undrained {} => self.drained = None,
+            EventKind::CancelNoted { fei, expires } => {
+                if let Some(at) = epoch_secs(&ev.ts) {
+                    self.cancels.retain(|_, e| *e > at);
+                }
+                let e = self.cancels.entry(fei.clone()).or_default();
+                *e = (*e).max(*expires);
+            }
             _ => {}
         }
+    }
+
+    /// Is a cancel of this `fei` key noted and not expired at `now` (seconds since the epoch)?
+    pub fn cancel_noted(&self, fei: &str, now: u64) -> bool {
+        self.cancels.get(fei).is_some_and(|e| *e > now)
     }
 
     /// Folds farm events (in seq order) from empty.
@@ -47,6 +63,14 @@ impl Farm {
         }
         farm
     }
+}
+
+/// An event's time (RFC 3339) in seconds since the epoch.
+fn epoch_secs(ts: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339_weak(ts).ok()?;
+    t.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -82,5 +106,32 @@ mod tests {
         let mut f = Farm::fold(&[ev(1, d("disk"))]);
         f.apply(&ev(4, EventKind::Pinned {}));
         assert_eq!(f.drained.map(|d| d.reason), Some("disk".into()));
+    }
+
+    #[test]
+    fn cancel_notes_expire() {
+        let note = |seq: u64, ts: &str, fei: &str, expires: u64| Event {
+            seq,
+            ts: ts.into(),
+            job: FARM,
+            kind: EventKind::CancelNoted {
+                fei: fei.into(),
+                expires,
+            },
+        };
+        // 2026-01-01T00:00:00Z = 1767225600
+        let t0 = 1_767_225_600;
+        let f = Farm::fold(&[
+            note(1, "2026-01-01T00:00:00Z", "a", t0 + 100),
+            note(2, "2026-01-01T00:00:00Z", "b", t0 + 10),
+            // at t0 + 50: b expired, dropped from the projection
+            note(3, "2026-01-01T00:00:50Z", "c", t0 + 1000),
+        ]);
+        assert_eq!(f.cancels.keys().collect::<Vec<_>>(), ["a", "c"]);
+        assert!(f.cancel_noted("a", t0 + 60));
+        assert!(!f.cancel_noted("a", t0 + 100), "expired now");
+        assert!(!f.cancel_noted("b", t0));
+        assert!(!f.cancel_noted("x", t0));
+        assert!(f.drained.is_none());
     }
 }

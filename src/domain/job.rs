@@ -371,7 +371,7 @@ impl Job {
             }
             // farm-level events belong to no job (`domain::farm`); `fold::apply` never
             // hands them to a job
-            Tag::Drained | Tag::Undrained => {}
+            Tag::Drained | Tag::Undrained | Tag::CancelNoted => {}
             Tag::Pinned => self.pinned = true,
             Tag::Unpinned => self.pinned = false,
             Tag::Expired => {

@@ -243,6 +243,10 @@ mod tests {
                 reason: "maintenance".into(),
             },
             Tag::Undrained => EventKind::Undrained {},
+            Tag::CancelNoted => EventKind::CancelNoted {
+                fei: "{}".into(),
+                expires: 1,
+            },
         }
     }
 
@@ -286,7 +290,7 @@ mod tests {
 
     /// State × event: the state after applying each kind (columns in `Tag::ALL` order:
     /// claimed rejected invalid queued started finished delivered pushed cancelled requeued
-    /// interrupted duplicate compacted leaked leak_freed pinned unpinned expired drained undrained;
+    /// interrupted duplicate compacted leaked leak_freed pinned unpinned expired drained undrained cancel_noted;
     /// the farm-level ones change no job: the fold never hands them to one).
     #[test]
     fn every_state_by_every_event() {
@@ -303,39 +307,57 @@ mod tests {
         let table: [(State, [State; Tag::ALL.len()]); State::ALL.len()] = [
             (
                 C,
-                [C, R, F, Q, B, F, E, C, C, Q, I, C, M, C, C, C, C, C, C, C],
+                [
+                    C, R, F, Q, B, F, E, C, C, Q, I, C, M, C, C, C, C, C, C, C, C,
+                ],
             ),
             (
                 Q,
-                [C, R, F, Q, B, F, E, Q, Q, Q, I, Q, M, Q, Q, Q, Q, Q, Q, Q],
+                [
+                    C, R, F, Q, B, F, E, Q, Q, Q, I, Q, M, Q, Q, Q, Q, Q, Q, Q, Q,
+                ],
             ),
             (
                 B,
-                [C, R, F, Q, B, F, E, B, B, Q, I, B, M, B, B, B, B, B, B, B],
+                [
+                    C, R, F, Q, B, F, E, B, B, Q, I, B, M, B, B, B, B, B, B, B, B,
+                ],
             ),
             (
                 I,
-                [C, R, F, Q, B, F, E, I, I, Q, I, I, M, I, I, I, I, I, I, I],
+                [
+                    C, R, F, Q, B, F, E, I, I, Q, I, I, M, I, I, I, I, I, I, I, I,
+                ],
             ),
             (
                 F,
-                [C, R, F, Q, B, F, D, F, F, Q, I, F, M, F, F, F, F, F, F, F],
+                [
+                    C, R, F, Q, B, F, D, F, F, Q, I, F, M, F, F, F, F, F, F, F, F,
+                ],
             ),
             (
                 D,
-                [C, R, F, Q, B, F, D, D, D, Q, I, D, M, D, D, D, D, D, D, D],
+                [
+                    C, R, F, Q, B, F, D, D, D, Q, I, D, M, D, D, D, D, D, D, D, D,
+                ],
             ),
             (
                 E,
-                [C, R, F, Q, B, F, E, E, E, Q, I, E, M, E, E, E, E, E, E, E],
+                [
+                    C, R, F, Q, B, F, E, E, E, Q, I, E, M, E, E, E, E, E, E, E, E,
+                ],
             ),
             (
                 R,
-                [C, R, F, Q, B, F, E, R, R, Q, I, R, M, R, R, R, R, R, R, R],
+                [
+                    C, R, F, Q, B, F, E, R, R, Q, I, R, M, R, R, R, R, R, R, R, R,
+                ],
             ),
             (
                 M,
-                [C, R, F, Q, B, F, E, M, M, Q, I, M, M, M, M, M, M, M, M, M],
+                [
+                    C, R, F, Q, B, F, E, M, M, Q, I, M, M, M, M, M, M, M, M, M, M,
+                ],
             ),
         ];
         // Every state has its row, in order.

@@ -597,6 +597,11 @@ impl Store {
         lock(&self.farm).clone()
     }
 
+    /// Asks the farm-level state without copying it (it holds every cancel note).
+    pub fn with_farm<T>(&self, f: impl FnOnce(&Farm) -> T) -> T {
+        f(&lock(&self.farm))
+    }
+
     /// The drain in force, if the host is drained (`drained` recorded, no `undrained` since).
     pub fn drained(&self) -> Option<Drain> {
         lock(&self.farm).drained.clone()

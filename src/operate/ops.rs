@@ -416,6 +416,12 @@ pub fn event_detail(e: &Event) -> String {
         EventKind::Unpinned {} => "back under the retention policy".into(),
         EventKind::Drained { reason } => format!("the host claims nothing more: {reason}"),
         EventKind::Undrained {} => "the host takes work again".into(),
+        EventKind::CancelNoted { fei, expires } => format!(
+            "a cancel of fei {fei} heard on the farm exchange, kept until {}",
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(*expires)
+            )
+        ),
         EventKind::Expired {
             files,
             bytes,
