@@ -124,8 +124,10 @@ mod tests {
             assert!(n.noted("kept"));
             assert!(!n.noted("old"), "expired: not moved");
             assert!(!n.noted("a"));
-            n.note("a".into(), expiry(7)).unwrap();
-            n.note("a".into(), expiry(7)).unwrap();
+            let week = expiry(7);
+            n.note("a".into(), week).unwrap();
+            n.note("a".into(), week).unwrap();
+            n.note("a".into(), week - 60).unwrap();
             n.note("gone".into(), 1).unwrap();
             assert!(n.noted("a"));
             assert!(!n.noted("gone"), "expired");
