@@ -331,6 +331,16 @@ fn a_drained_host_claims_nothing_from_a_shared_spool() {
     let (code, out, err) = run(&w1, &["drain", "--reason", "maintenance"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("drained: maintenance"), "{out}");
+    // doctor asks the daemon: a warning (its other checks are the host's business here)
+    let (_, out, _) = run(&w1, &["doctor"]);
+    let line = out
+        .lines()
+        .find(|l| l.contains("drain:"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("WARN") && line.contains("drained since") && line.contains("maintenance"),
+        "{out}"
+    );
     let w2_daemon = start_worker(&farm, "w2");
     drop_range(2..=20, 1);
     answered(1..=20);
