@@ -206,6 +206,18 @@ fn a_drained_host_takes_nothing_more_from_the_work_queue() {
         metrics.lines().any(|l| l == "build_image_drained 1"),
         "{metrics}"
     );
+    // the drain moved the last seq too (an event of no job)
+    let drained_seq = events(&w1)
+        .iter()
+        .find(|e| e["kind"] == json!("drained"))
+        .and_then(|e| e["seq"].as_u64())
+        .unwrap();
+    let last: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("build_image_last_event_seq "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(last >= drained_seq, "{last} < {drained_seq}");
     let warn = status_warnings(&w1);
     assert!(
         warn.contains("WARNING: DRAINED since ") && warn.contains(": kernel update"),

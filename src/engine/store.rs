@@ -81,6 +81,9 @@ pub struct Change {
 /// quick: memory only. (The HTTP server's metrics are one.)
 pub trait Observer: Send + Sync {
     fn recorded(&self, event: &Event, change: &Change);
+    /// An event of no job (`drained`, `cancel_noted`, …: no job changed), told after the job
+    /// events of its append.
+    fn recorded_farm(&self, _event: &Event) {}
     fn reloaded(&self, journal: &Journal);
 }
 
@@ -303,6 +306,9 @@ impl Store {
             let mut farm = lock(&self.farm);
             for ev in evs.iter().filter(|e| e.job == FARM) {
                 farm.apply(ev);
+                if let Some(o) = observer {
+                    o.recorded_farm(ev);
+                }
             }
         }
         for (id, job) in pending {
