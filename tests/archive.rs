@@ -255,6 +255,20 @@ fn log_with_every_kind(dir: &Path) {
             from_worker: Some("w2".into()),
         },
     );
+    // the events of no job (the host's drain)
+    let farm = Some(build_image::domain::FARM);
+    let drained = EventKind::Drained {
+        reason: "maintenance".into(),
+    };
+    assert_eq!(add(farm, drained), build_image::domain::FARM);
+    add(farm, EventKind::Undrained {});
+    add(
+        farm,
+        EventKind::CancelNoted {
+            fei: r#"{"wfid":"wf-1"}"#.into(),
+            expires: 4_000_000_000,
+        },
+    );
     add(
         None,
         EventKind::Compacted {
@@ -451,6 +465,8 @@ fn compact_moves_settled_jobs_to_the_archive_and_replay_agrees() {
     // a build running across the compaction: kept, and it records into the rewritten log
     farm.drop_json("cp-f.json", &workitem("cp-f", "# mic-fixture: sleep 3\n"));
     farm.wait_mic_running("cp-f");
+    // an event of no job (the host's drain) is never moved out
+    ok(&farm, &["drain", "--reason", "compaction test"]);
     let before = export(&farm);
 
     let archive = farm.root().join("archive.jsonl");
@@ -516,6 +532,14 @@ fn compact_moves_settled_jobs_to_the_archive_and_replay_agrees() {
     ]));
     assert_eq!(code, 1);
     assert!(err.contains("never replaced"), "{err}");
+    // the drain is kept, and the daemon folded it again from the rewritten log
+    let (code, _, err) = output(farm.bin().arg("status"));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("DRAINED since") && err.contains("compaction test"),
+        "{err}"
+    );
+    ok(&farm, &["undrain"]);
 
     // the daemon goes on with the rewritten log
     farm.drop_json("cp-e.json", &workitem("cp-e", "ks\n"));
@@ -548,6 +572,50 @@ fn compact_moves_settled_jobs_to_the_archive_and_replay_agrees() {
     std::fs::write(half.join("db"), b"half a log").unwrap();
     assert_eq!(export(&farm), settled_log);
     assert!(!half.exists());
+}
+
+/// Cancel notes (events of no job) expired by now go to the archive, with no job moved; the
+/// live ones and the drain stay in the log.
+#[test]
+fn compact_moves_expired_cancel_notes_and_keeps_the_rest() {
+    init_log();
+    let farm = Farm::new();
+    let dir = farm.cfg.state_dir();
+    build_image::engine::statedir::prepare_state_dir(&dir).unwrap();
+    {
+        let j = open_journal(&dir);
+        let open = |_: &build_image::domain::Job| true;
+        let add = |job, kind| j.append(job, kind, &open).unwrap();
+        let farm_ev = Some(build_image::domain::FARM);
+        let note = |fei: &str, expires| EventKind::CancelNoted {
+            fei: fei.into(),
+            expires,
+        };
+        add(None, EventKind::Cancelled { reason: "r".into() });
+        add(farm_ev, note("old", 1));
+        add(farm_ev, note("live", 4_000_000_000));
+        add(farm_ev, EventKind::Drained { reason: "d".into() });
+    }
+    let before = export(&farm);
+    let archive = farm.root().join("notes.jsonl");
+    ok(
+        &farm,
+        &[
+            "compact",
+            "--before",
+            "0s",
+            "--archive",
+            archive.to_str().unwrap(),
+        ],
+    );
+    let archived = export_lines(&std::fs::read_to_string(&archive).unwrap());
+    assert_eq!(archived, [before[1].clone()], "the expired note only");
+    assert!(archived[0].contains("\"old\""));
+    let after = export(&farm);
+    let kept: Vec<&String> = before.iter().filter(|l| !l.contains("\"old\"")).collect();
+    assert_eq!(after[..3].iter().collect::<Vec<_>>(), kept);
+    assert!(after[3].contains("\"kind\":\"compacted\""), "{after:?}");
+    assert_eq!(after.len(), 4);
 }
 
 #[test]

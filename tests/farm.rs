@@ -668,6 +668,20 @@ fn a_cancel_before_its_workitem_means_it_is_never_built() {
     assert_eq!(answers.of(1).len(), 1, "{:?}", answers.of(1));
     stop_worker(w2);
     d.stop().unwrap();
+    // each daemon noted the cancel in its log, as an event of no job
+    for cfg in [farm.config_file(), config_for(&farm, "w2")] {
+        let (code, text, err) = common::output(common::bin().arg("--config").arg(&cfg).args([
+            "events",
+            "--json",
+            "--kind",
+            "cancel_noted",
+        ]));
+        assert_eq!(code, 0, "{err}");
+        let notes = common::export_events(&text);
+        assert_eq!(notes.len(), 1, "{text}");
+        assert_eq!(notes[0]["job"], json!(0), "{text}");
+        assert!(notes[0]["fei"].as_str().unwrap().contains("wf-1"), "{text}");
+    }
 }
 
 /// Point 2 of the issue: work waits in the broker, not in a busy daemon. Two 1-slot daemons,

@@ -1,4 +1,4 @@
-//! `retry`, `cancel`, `requeue`: operator actions, each recorded as an event.
+//! `retry`, `cancel`, `requeue`, `drain`, `undrain`: operator actions, each recorded as an event.
 
 use super::access::{call, expect};
 use crate::config::Config;
@@ -7,6 +7,34 @@ use crate::operate::control::{Request, Response};
 
 fn unexpected(r: &Response) -> anyhow::Error {
     anyhow::anyhow!("unexpected answer from the daemon: {r:?}")
+}
+
+/// `drain [--reason TEXT]` (`reason` Some) or `undrain` (None).
+pub fn drain(cfg: &Config, reason: Option<&str>) -> anyhow::Result<i32> {
+    let req = match reason {
+        Some(r) => Request::Drain {
+            reason: r.to_string(),
+        },
+        None => Request::Undrain,
+    };
+    let r = expect(call(cfg, req, |_| true)?)?;
+    let Response::Drained { drained, changed } = r else {
+        return Err(unexpected(&r));
+    };
+    match (drained, changed) {
+        (Some(d), true) => println!(
+            "drained: {}; this host claims nothing more, its running builds finish",
+            escape(&d.reason)
+        ),
+        (Some(d), false) => println!(
+            "already drained since {}: {}",
+            escape(&d.since),
+            escape(&d.reason)
+        ),
+        (None, true) => println!("undrained: this host takes work again"),
+        (None, false) => println!("not drained: this host takes work"),
+    }
+    Ok(0)
 }
 
 pub fn retry(cfg: &Config, id: &str) -> anyhow::Result<i32> {

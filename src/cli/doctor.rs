@@ -46,7 +46,7 @@ fn all_checks(cfg: &Config, config_path: Option<&Path>) -> Vec<Check> {
         checks.push(c);
     }
     checks.extend(builder.host);
-    checks.push(check_leaks(cfg));
+    checks.extend(check_daemon(cfg));
     checks
 }
 
@@ -92,18 +92,29 @@ fn check_budget(cfg: &Config) -> Option<Check> {
 /// What builds left on the host and could not free, as the running daemon knows it (its
 /// `leaked` events not yet freed). Without a daemon: nothing to ask (its next start frees
 /// what builds lost to a crash left, and records what it cannot).
-fn check_leaks(cfg: &Config) -> Check {
+/// With a daemon running, also whether it is drained (`build-image drain`): a warning.
+fn check_daemon(cfg: &Config) -> Vec<Check> {
     use crate::operate::control::{Client, Request, Response};
     let what = "leaked resources";
     let Some(client) = Client::connect(&cfg.state_dir()) else {
-        return Check::ok(what, "no daemon running to ask");
+        return vec![Check::ok(what, "no daemon running to ask")];
     };
     let req = Request::Status {
         state: None,
         limit: None,
     };
     match client.call(&req, &mut |_: &crate::domain::Event| true) {
-        Ok(Response::Status { rows, .. }) => {
+        Ok(Response::Status { rows, drained, .. }) => {
+            let drain = match drained {
+                Some(d) => Check::warn(
+                    "drain",
+                    format!(
+                        "drained since {}: {}; it claims nothing until `build-image undrain`",
+                        d.since, d.reason
+                    ),
+                ),
+                None => Check::ok("drain", "not drained: the daemon takes work"),
+            };
             let leaks: Vec<String> = rows
                 .iter()
                 .flat_map(|r| {
@@ -112,17 +123,21 @@ fn check_leaks(cfg: &Config) -> Check {
                         .map(move |l| format!("job {}: {} ({})", r.job, l.what, l.why))
                 })
                 .collect();
-            if leaks.is_empty() {
+            let leaks = if leaks.is_empty() {
                 Check::ok(what, "none")
             } else {
                 Check::fail(
                     what,
                     format!("{}; see docs/operations.md", leaks.join("; ")),
                 )
-            }
+            };
+            vec![leaks, drain]
         }
-        Ok(r) => Check::warn(what, format!("unexpected answer from the daemon: {r:?}")),
-        Err(e) => Check::warn(what, format!("cannot ask the daemon: {e}")),
+        Ok(r) => vec![Check::warn(
+            what,
+            format!("unexpected answer from the daemon: {r:?}"),
+        )],
+        Err(e) => vec![Check::warn(what, format!("cannot ask the daemon: {e}"))],
     }
 }
 

@@ -293,6 +293,26 @@ pub enum Command {
         #[command(flatten)]
         id: JobRef,
     },
+    /// Take this host out of the farm: it claims nothing more; its running builds finish.
+    #[command(
+        after_help = "Examples:\n  build-image drain --reason 'kernel update'\n  build-image undrain\n\n\
+                            While drained the host claims nothing from incoming/ (the files stay there for the other hosts) \
+                            and takes nothing from the AMQP work queue (it still moves the participant queue and applies cancels); \
+                            the builds it holds go on and are answered; it stays up, and drained across restarts. \
+                            Recorded as a `drained` event, through the daemon or in the log when none runs. \
+                            status, /healthz (503) and /metrics (build_image_drained) show it.\n\
+                            Exit codes: 0 drained (or already, for that reason), 1 the log cannot be written, 2 usage."
+    )]
+    Drain {
+        /// Why (shown by status and /healthz).
+        #[arg(long, default_value = "drained by the operator")]
+        reason: String,
+    },
+    /// Take a drained host back into the farm.
+    #[command(after_help = "Examples:\n  build-image undrain\n\n\
+                            Recorded as an `undrained` event, through the daemon or in the log when none runs.\n\
+                            Exit codes: 0 undrained (or was not drained), 1 the log cannot be written, 2 usage.")]
+    Undrain,
     /// Expire the images the retention policy names now ([artifacts] keep_days, keep_last, min_free_mb).
     #[command(
         after_help = "Examples:\n  build-image gc --dry-run\n  build-image gc\n\n\
@@ -503,6 +523,8 @@ pub fn main() -> i32 {
         Command::Pin { id } => id.reference().and_then(|r| retention::pin(&cfg, &r, true)),
         Command::Unpin { id } => id.reference().and_then(|r| retention::pin(&cfg, &r, false)),
         Command::Gc { dry_run } => retention::gc(&cfg, dry_run),
+        Command::Drain { reason } => actions::drain(&cfg, Some(&reason)),
+        Command::Undrain => actions::drain(&cfg, None),
         Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
         Command::Verify { target, key } => artifacts::verify(&cfg, &target, key.as_deref()),

@@ -36,10 +36,18 @@ pub fn status(
         unpushed,
         waiting,
         degraded,
+        drained,
     } = r
     else {
         return Err(unexpected(&r));
     };
+    if let Some(d) = drained {
+        eprintln!(
+            "build-image: WARNING: DRAINED since {}: {}; nothing is claimed until `build-image undrain`",
+            escape(&d.since),
+            escape(&d.reason)
+        );
+    }
     for what in degraded {
         eprintln!("build-image: WARNING: {}", escape(&what));
     }

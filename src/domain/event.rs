@@ -214,7 +214,26 @@ pub enum EventKind {
         jobs: u64,
         events: u64,
     },
+    /// A farm-level event (no job: see [`FARM`]): an operator took this host out of the farm
+    /// (`drain`): it claims nothing more until `undrained`; running builds go on.
+    Drained {
+        reason: String,
+    },
+    /// A farm-level event: the host takes work again (`undrain`).
+    Undrained {},
+    /// A farm-level event: a cancel heard on the farm's exchange (AMQP), for the workitem whose
+    /// `fei` key (`workitem::fei_key`) is `fei`, remembered until `expires` (seconds since the
+    /// epoch): a workitem of it taken later is answered cancelled, never built.
+    CancelNoted {
+        fei: String,
+        expires: u64,
+    },
 }
+
+/// The job number of the events that belong to no job (farm-level events: `drained`,
+/// `undrained`, `cancel_noted`). Jobs are numbered from 1, so 0 is a key space of its own in the log: the job
+/// fold skips it, `Journal::farm_events` reads it, and `domain::farm::Farm` folds it.
+pub const FARM: u64 = 0;
 
 /// A `delivered` event: the answer of the job went out (its [`Receipt`]); with `copy`, the
 /// answer for that byte-identical re-drop of the job (see `Duplicate`).
@@ -306,11 +325,14 @@ pub enum Tag {
     Pinned,
     Unpinned,
     Expired,
+    Drained,
+    Undrained,
+    CancelNoted,
 }
 
 impl Tag {
     /// Every kind, in the order of a job's life.
-    pub const ALL: [Tag; 18] = [
+    pub const ALL: [Tag; 21] = [
         Tag::Claimed,
         Tag::Rejected,
         Tag::Invalid,
@@ -329,6 +351,9 @@ impl Tag {
         Tag::Pinned,
         Tag::Unpinned,
         Tag::Expired,
+        Tag::Drained,
+        Tag::Undrained,
+        Tag::CancelNoted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -351,12 +376,20 @@ impl Tag {
             Tag::Pinned => "pinned",
             Tag::Unpinned => "unpinned",
             Tag::Expired => "expired",
+            Tag::Drained => "drained",
+            Tag::Undrained => "undrained",
+            Tag::CancelNoted => "cancel_noted",
         }
     }
 
     /// The kind named `s`, if there is one.
     pub fn parse(s: &str) -> Option<Tag> {
         Tag::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// Does this kind belong to no job (see [`FARM`])?
+    pub fn is_farm(self) -> bool {
+        matches!(self, Tag::Drained | Tag::Undrained | Tag::CancelNoted)
     }
 }
 
@@ -397,7 +430,15 @@ impl EventKind {
             EventKind::Pinned {} => Tag::Pinned,
             EventKind::Unpinned {} => Tag::Unpinned,
             EventKind::Expired { .. } => Tag::Expired,
+            EventKind::Drained { .. } => Tag::Drained,
+            EventKind::Undrained {} => Tag::Undrained,
+            EventKind::CancelNoted { .. } => Tag::CancelNoted,
         }
+    }
+
+    /// Does this kind belong to no job (a farm-level event, recorded under job [`FARM`])?
+    pub fn is_farm(&self) -> bool {
+        self.tag().is_farm()
     }
 
     pub fn name(&self) -> &'static str {
@@ -437,7 +478,11 @@ impl Event {
             | EventKind::Interrupted { reason, .. } => reason.clone(),
             EventKind::Leaked { what, why } => format!("{what}: {why}"),
             EventKind::LeakFreed { what } => what.clone(),
-            EventKind::Pinned {} | EventKind::Unpinned {} => String::new(),
+            EventKind::Pinned {} | EventKind::Unpinned {} | EventKind::Undrained {} => {
+                String::new()
+            }
+            EventKind::Drained { reason } => reason.clone(),
+            EventKind::CancelNoted { fei, expires } => format!("{fei} until {expires}"),
             EventKind::Expired {
                 files,
                 bytes,

@@ -369,6 +369,9 @@ impl Job {
                 let what = s(&ev.what).unwrap_or_default();
                 self.leaks.retain(|l| l.what != what);
             }
+            // farm-level events belong to no job (`domain::farm`); `fold::apply` never
+            // hands them to a job
+            Tag::Drained | Tag::Undrained | Tag::CancelNoted => {}
             Tag::Pinned => self.pinned = true,
             Tag::Unpinned => self.pinned = false,
             Tag::Expired => {
@@ -484,11 +487,17 @@ pub type Jobs = BTreeMap<u64, Job>;
 
 /// Applies one event (as stored) to the map of jobs.
 pub fn apply(jobs: &mut Jobs, ev: &EventView<'_>) {
+    if ev.job == super::event::FARM {
+        return; // a farm-level event: no job's (see `domain::farm`)
+    }
     jobs.entry(ev.job).or_default().apply(ev);
 }
 
 /// Applies one typed event to the map of jobs.
 pub fn apply_event(jobs: &mut Jobs, ev: &Event) {
+    if ev.job == super::event::FARM {
+        return;
+    }
     jobs.entry(ev.job).or_default().apply_event(ev);
 }
 

@@ -239,6 +239,14 @@ mod tests {
                 jobs: 1,
                 events: 5,
             },
+            Tag::Drained => EventKind::Drained {
+                reason: "maintenance".into(),
+            },
+            Tag::Undrained => EventKind::Undrained {},
+            Tag::CancelNoted => EventKind::CancelNoted {
+                fei: "{}".into(),
+                expires: 1,
+            },
         }
     }
 
@@ -282,7 +290,8 @@ mod tests {
 
     /// State × event: the state after applying each kind (columns in `Tag::ALL` order:
     /// claimed rejected invalid queued started finished delivered pushed cancelled requeued
-    /// interrupted duplicate compacted leaked leak_freed pinned unpinned expired).
+    /// interrupted duplicate compacted leaked leak_freed pinned unpinned expired drained undrained cancel_noted;
+    /// the farm-level ones change no job: the fold never hands them to one).
     #[test]
     fn every_state_by_every_event() {
         use State::*;
@@ -296,15 +305,60 @@ mod tests {
         const R: State = Rejected;
         const M: State = Moved;
         let table: [(State, [State; Tag::ALL.len()]); State::ALL.len()] = [
-            (C, [C, R, F, Q, B, F, E, C, C, Q, I, C, M, C, C, C, C, C]),
-            (Q, [C, R, F, Q, B, F, E, Q, Q, Q, I, Q, M, Q, Q, Q, Q, Q]),
-            (B, [C, R, F, Q, B, F, E, B, B, Q, I, B, M, B, B, B, B, B]),
-            (I, [C, R, F, Q, B, F, E, I, I, Q, I, I, M, I, I, I, I, I]),
-            (F, [C, R, F, Q, B, F, D, F, F, Q, I, F, M, F, F, F, F, F]),
-            (D, [C, R, F, Q, B, F, D, D, D, Q, I, D, M, D, D, D, D, D]),
-            (E, [C, R, F, Q, B, F, E, E, E, Q, I, E, M, E, E, E, E, E]),
-            (R, [C, R, F, Q, B, F, E, R, R, Q, I, R, M, R, R, R, R, R]),
-            (M, [C, R, F, Q, B, F, E, M, M, Q, I, M, M, M, M, M, M, M]),
+            (
+                C,
+                [
+                    C, R, F, Q, B, F, E, C, C, Q, I, C, M, C, C, C, C, C, C, C, C,
+                ],
+            ),
+            (
+                Q,
+                [
+                    C, R, F, Q, B, F, E, Q, Q, Q, I, Q, M, Q, Q, Q, Q, Q, Q, Q, Q,
+                ],
+            ),
+            (
+                B,
+                [
+                    C, R, F, Q, B, F, E, B, B, Q, I, B, M, B, B, B, B, B, B, B, B,
+                ],
+            ),
+            (
+                I,
+                [
+                    C, R, F, Q, B, F, E, I, I, Q, I, I, M, I, I, I, I, I, I, I, I,
+                ],
+            ),
+            (
+                F,
+                [
+                    C, R, F, Q, B, F, D, F, F, Q, I, F, M, F, F, F, F, F, F, F, F,
+                ],
+            ),
+            (
+                D,
+                [
+                    C, R, F, Q, B, F, D, D, D, Q, I, D, M, D, D, D, D, D, D, D, D,
+                ],
+            ),
+            (
+                E,
+                [
+                    C, R, F, Q, B, F, E, E, E, Q, I, E, M, E, E, E, E, E, E, E, E,
+                ],
+            ),
+            (
+                R,
+                [
+                    C, R, F, Q, B, F, E, R, R, Q, I, R, M, R, R, R, R, R, R, R, R,
+                ],
+            ),
+            (
+                M,
+                [
+                    C, R, F, Q, B, F, E, M, M, Q, I, M, M, M, M, M, M, M, M, M, M,
+                ],
+            ),
         ];
         // Every state has its row, in order.
         assert_eq!(table.map(|(s, _)| s), State::ALL);

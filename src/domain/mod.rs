@@ -9,13 +9,14 @@
 
 pub mod event;
 pub mod failure;
+pub mod farm;
 pub mod job;
 pub mod lifecycle;
 pub mod origin;
 pub mod text;
 pub mod workitem;
 
-pub use event::{Cause, Event, EventKind, Input, Mode, Status, Tag};
+pub use event::{Cause, Event, EventKind, FARM, Input, Mode, Status, Tag};
 pub use failure::Failure;
 pub use job::{Job, Jobs, State};
 pub use origin::{Origin, Receipt, ReplyTo};

@@ -4,7 +4,7 @@
 //! builds in slots ([`slots`], [`pool`]) through a builder, sends answers through the
 //! answerer of each job's reply destination ([`answer`]), pushes statuses ([`pusher`]), and
 //! moves stalled or recovered jobs on ([`driver`], [`timer`]). Operator actions on jobs are in
-//! [`actions`].
+//! [`actions`]; taking the host out of the farm and back is [`drain`].
 //!
 //! Invariants: the engine knows no transport — what it needs of the world is in [`ports`];
 //! every step records its event durably before anything acts on it and can be done again
@@ -18,6 +18,7 @@ pub mod actions;
 pub mod answer;
 pub mod attest;
 pub mod backoff;
+mod drain;
 pub mod driver;
 pub mod intake;
 pub mod leaks;

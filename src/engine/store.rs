@@ -11,11 +11,14 @@
 //!   claiming) until `repair` succeeds: it probes the log, reopens it when the store keeps
 //!   reporting the old error, and reloads the open jobs from what is durable.
 //! - The log is refused at start when it is shorter than the high-water mark kept beside it.
+//! - The farm-level state (`farm`, `drained`) is the fold of the events of no job, kept as the
+//!   open jobs are: folded at the open, applied at each append under the same lock.
 
 use super::statedir::{self, detach_files, mark_path, read_mark, restrict_files};
+use crate::domain::farm::{Drain, Farm};
 use crate::domain::lifecycle::{self, Policy};
 use crate::domain::workitem::Spec;
-use crate::domain::{Event, EventKind, Job, Jobs};
+use crate::domain::{Event, EventKind, FARM, Job, Jobs};
 use crate::journal::{self, Journal, JournalError, PROJECTION_VERSION};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -78,6 +81,9 @@ pub struct Change {
 /// quick: memory only. (The HTTP server's metrics are one.)
 pub trait Observer: Send + Sync {
     fn recorded(&self, event: &Event, change: &Change);
+    /// An event of no job (`drained`, `cancel_noted`, …: no job changed), told after the job
+    /// events of its append.
+    fn recorded_farm(&self, _event: &Event) {}
     fn reloaded(&self, journal: &Journal);
 }
 
@@ -90,6 +96,8 @@ pub struct Store {
     journal: RwLock<Option<Arc<Journal>>>,
     /// The open jobs, as folded from the log.
     open: Mutex<Jobs>,
+    /// The farm-level state (drained or not), folded from the events of no job.
+    farm: Mutex<Farm>,
     /// Why the log cannot be written, while it cannot.
     failing: Mutex<Option<String>>,
     /// When events appended without a flush are to be flushed.
@@ -128,6 +136,7 @@ impl Store {
         }
         restrict_files(dir);
         let open = load_open(&journal, &policy)?;
+        let farm = Farm::fold(&journal.farm_events()?);
         Ok(Store {
             observer: std::sync::OnceLock::new(),
             dir: dir.to_path_buf(),
@@ -135,6 +144,7 @@ impl Store {
             policy,
             journal: RwLock::new(Some(Arc::new(journal))),
             open: Mutex::new(open),
+            farm: Mutex::new(farm),
             failing: Mutex::new(None),
             lazy_flush: Mutex::new(None),
             mark: Mutex::new((last, Instant::now())),
@@ -292,6 +302,15 @@ impl Store {
                     self.fail(e)
                 }
             })?;
+        if evs.iter().any(|e| e.job == FARM) {
+            let mut farm = lock(&self.farm);
+            for ev in evs.iter().filter(|e| e.job == FARM) {
+                farm.apply(ev);
+                if let Some(o) = observer {
+                    o.recorded_farm(ev);
+                }
+            }
+        }
         for (id, job) in pending {
             if lifecycle::is_open(&job, &policy) {
                 open.insert(id, job);
@@ -509,6 +528,7 @@ impl Store {
         let journal = self.journal()?;
         let reloaded = load_open(&journal, &self.policy)?;
         *lock(&self.open) = reloaded;
+        *lock(&self.farm) = Farm::fold(&journal.farm_events()?);
         if let Some(o) = self.observer.get() {
             o.reloaded(&journal);
         }
@@ -557,11 +577,13 @@ impl Store {
         let loaded = reopened.map_err(StoreError::from).and_then(|j| {
             // Reloaded before anyone appends again (the slot is still held).
             let open = load_open(&j, &self.policy)?;
-            Ok((j, open))
+            let farm = Farm::fold(&j.farm_events()?);
+            Ok((j, open, farm))
         });
         match loaded {
-            Ok((j, open)) => {
+            Ok((j, open, farm)) => {
                 *lock(&self.open) = open;
+                *lock(&self.farm) = farm;
                 *slot = Some(Arc::new(j));
             }
             Err(e) => {
@@ -576,6 +598,21 @@ impl Store {
 }
 
 impl Store {
+    /// The farm-level state: the fold of the events of no job (`domain::farm`).
+    pub fn farm(&self) -> Farm {
+        lock(&self.farm).clone()
+    }
+
+    /// Asks the farm-level state without copying it (it holds every cancel note).
+    pub fn with_farm<T>(&self, f: impl FnOnce(&Farm) -> T) -> T {
+        f(&lock(&self.farm))
+    }
+
+    /// The drain in force, if the host is drained (`drained` recorded, no `undrained` since).
+    pub fn drained(&self) -> Option<Drain> {
+        lock(&self.farm).drained.clone()
+    }
+
     /// The spec of a valid job (without its kickstart), from its `queued` event.
     pub fn spec(&self, job: &Job) -> Result<Option<Spec>> {
         spec_of(&*self.journal()?, job)

@@ -265,6 +265,12 @@ impl App {
                         data: Data::Gauge(vec![(vec![], Number::Int(g.value))]),
                     }));
                 }
+                let drained = self.host.engine.drained().is_some();
+                families.push(Family {
+                    name: "build_image_drained",
+                    help: "1 while this host is drained (build-image drain): it claims nothing",
+                    data: Data::Gauge(vec![(vec![], Number::Int(i64::from(drained)))]),
+                });
                 families.extend(server);
                 Reply::new(200, format.content_type(), encode(&families, format))
             }
@@ -274,8 +280,12 @@ impl App {
 
     /// `GET /healthz`: 200 "ok" while the log takes writes, else 503 and why; 200 with a
     /// `degraded:` line for each part that is not working (a broker away or refusing: the spool
-    /// is still served).
+    /// is still served); 503 `drained: REASON` while the host is drained (a load balancer or
+    /// monitor then leaves it out; the daemon is up and its builds go on).
     pub fn healthz(&self) -> Reply {
+        if let (None, Some(why)) = (self.host.engine.store.failing(), self.host.engine.drained()) {
+            return Reply::new(503, TEXT, format!("drained: {why}\n"));
+        }
         match self.host.engine.store.failing() {
             None => {
                 let degraded: String = self

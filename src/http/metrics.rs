@@ -571,6 +571,10 @@ impl Observer for Metrics {
         }
     }
 
+    fn recorded_farm(&self, ev: &Event) {
+        self.last_seq.fetch_max(ev.seq, Ordering::SeqCst);
+    }
+
     fn reloaded(&self, journal: &Journal) {
         // Events observed but not in the log (an append that failed, events lost with an
         // unflushed tail) are forgotten: count the jobs again. (Counters keep what they
@@ -678,6 +682,31 @@ mod tests {
         assert_eq!(
             line(&text, "build_image_last_event_seq"),
             Some(last.to_string().as_str())
+        );
+    }
+
+    #[test]
+    fn an_event_of_no_job_moves_only_the_last_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = crate::config::Config::default().policy();
+        let store =
+            crate::engine::store::Store::open(dir.path(), 8 << 20, policy, Duration::ZERO).unwrap();
+        let (m, seeder) = start_counting(&store).unwrap();
+        assert!(crate::wait::wait_for(Duration::from_secs(60), || m.counted()));
+        drop(seeder);
+        store
+            .record(
+                Some(crate::domain::FARM),
+                EventKind::Drained { reason: "r".into() },
+            )
+            .unwrap();
+        let text = m
+            .render(SystemTime::now(), true, Format::OpenMetrics)
+            .unwrap();
+        assert_eq!(line(&text, "build_image_last_event_seq"), Some("1"));
+        assert!(
+            m.job_counts().unwrap().iter().all(|(_, n)| *n == 0),
+            "{text}"
         );
     }
 

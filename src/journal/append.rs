@@ -15,14 +15,14 @@
 
 use super::indexes::{image_key, sha_key};
 use super::{
-    Event, EventKind, Job, Journal, JournalError, Result, SEAL_BYTES, SEAL_EVENTS, Small, Stored,
-    block, decode_view, key_seq, last_entry, lock, now_ts,
+    Event, EventKind, FARM, Job, Journal, JournalError, Result, SEAL_BYTES, SEAL_EVENTS, Small,
+    Stored, block, decode_view, key_seq, last_entry, lock, now_ts,
 };
 use crate::domain::job as fold;
 
 impl Journal {
     /// Appends one event and flushes it. `job = None` opens a new job: it gets the next job
-    /// number (`next_job`).
+    /// number (`next_job`); a farm-level event (`EventKind::is_farm`) is given job `FARM`.
     /// `is_open` says whether a job is still open after it (the store passes the lifecycle's).
     pub fn append(
         &self,
@@ -61,7 +61,8 @@ impl Journal {
 
     /// Appends events without flushing them (see `sync`). An item with job None opens a new
     /// job (the next job number); one with a job names a job already opened (else nothing is
-    /// appended and the append is refused). `project` is called for each event, in order,
+    /// appended and the append is refused); a farm-level event names job `FARM` (and only it
+    /// does). `project` is called for each event of a job (not a farm-level one), in order,
     /// under the append lock, with the event, its stored form and whether it opens its job,
     /// and says whether the job is open after it (its open mark is kept or written, else
     /// removed).
@@ -86,15 +87,24 @@ impl Journal {
         let mut out = Vec::with_capacity(items.len());
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
         let mut next_job = self.next_job();
-        if let Some(job) = items
-            .iter()
-            .filter_map(|(j, _)| *j)
-            .find(|j| *j == 0 || *j >= next_job)
-        {
-            // A caller's mistake, refused before anything is written (not a write error).
-            return Err(JournalError::Refused(format!(
-                "an event for job {job}, which was never opened (the next job is {next_job})"
-            )));
+        // A caller's mistake, refused before anything is written (not a write error): an
+        // event for a job never opened, or a farm-level event given a job (or the reverse).
+        for (job, kind) in &items {
+            match (job, kind.is_farm()) {
+                (Some(FARM), true) => {}
+                (_, true) => {
+                    return Err(JournalError::Refused(format!(
+                        "a {} event belongs to no job: it is recorded under job {FARM}",
+                        kind.name()
+                    )));
+                }
+                (Some(job), false) if *job == FARM || *job >= next_job => {
+                    return Err(JournalError::Refused(format!(
+                        "an event for job {job}, which was never opened (the next job is {next_job})"
+                    )));
+                }
+                _ => {}
+            }
         }
         let mut stored: Vec<Stored> = Vec::with_capacity(items.len());
         let mut indexed: Vec<(&sled::Tree, Vec<u8>)> = Vec::new();
@@ -115,8 +125,11 @@ impl Journal {
                 kind,
             };
             let bytes = serde_json::to_vec(&ev).map_err(JournalError::Encode)?;
-            let view = decode_view(seq, &bytes)?;
-            projected.insert(ev.job, project(&ev, &view, opens));
+            if ev.job != FARM {
+                // a farm-level event has no job to project, mark or index by name
+                let view = decode_view(seq, &bytes)?;
+                projected.insert(ev.job, project(&ev, &view, opens));
+            }
             seqs.entry(ev.job).or_default().push(seq);
             indexed.extend(self.index_entry(ev.job, &ev.kind));
             stored.push(Stored {

@@ -9,7 +9,7 @@
 //! new log is complete): before the mark the old log is untouched, after it the swap is finished
 //! by whoever opens the state dir next (`finish_swap`).
 
-use super::{Event, EventKind, Journal, JournalError, Result, Stored, lock};
+use super::{Event, EventKind, FARM, Journal, JournalError, Result, Stored, lock};
 use std::path::{Path, PathBuf};
 
 /// Events written per import batch at most (and bytes of inputs, below).
@@ -46,7 +46,19 @@ impl Journal {
                     expect.saturating_sub(1)
                 )));
             }
-            if ev.job == 0 || ev.job > ev.seq {
+            if ev.kind.is_farm() != (ev.job == FARM) {
+                return Err(JournalError::Refused(format!(
+                    "event {} ({}) names job {}: farm-level events, and only they, are of job {FARM}",
+                    ev.seq,
+                    ev.kind.name(),
+                    ev.job
+                )));
+            }
+            if ev.job == FARM {
+                expect = ev.seq + 1;
+                continue;
+            }
+            if ev.job > ev.seq {
                 return Err(JournalError::Refused(format!(
                     "event {} names job {}, which would open after it",
                     ev.seq, ev.job
@@ -91,7 +103,9 @@ impl Journal {
         // the events are written, as `append` does
         for (job, new) in &seqs {
             self.add_seqs(*job, new)?;
-            self.mark(*job)?;
+            if *job != FARM {
+                self.mark(*job)?;
+            }
         }
         self.write_blocks(&stored)?;
         *next = expect;
@@ -408,6 +422,44 @@ mod tests {
         j.import_events(&[ev(9, 3, cancel()), ev(10, 7, cancel())])
             .unwrap();
         assert_eq!((j.next_seq(), j.next_job()), (11, 8));
+    }
+
+    #[test]
+    fn farm_events_are_imported_and_copied_as_any_event() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let cancel = || EventKind::Cancelled { reason: "r".into() };
+        let drained = || EventKind::Drained {
+            reason: "disk".into(),
+        };
+        // a farm event with a job, a job's event with FARM: refused, nothing written
+        for bad in [ev(1, 1, drained()), ev(1, FARM, cancel())] {
+            let e = j.import_events(&[bad]);
+            assert!(matches!(e, Err(JournalError::Refused(_))), "{e:?}");
+        }
+        assert_eq!((j.next_seq(), j.next_job()), (1, 1));
+        j.import_events(&[
+            ev(1, FARM, drained()),
+            ev(2, 2, cancel()),
+            ev(3, FARM, EventKind::Undrained {}),
+            ev(4, FARM, drained()),
+        ])
+        .unwrap();
+        j.flush().unwrap();
+        assert_eq!((j.next_seq(), j.next_job()), (5, 3));
+        assert_eq!(j.open_jobs().unwrap(), [2], "FARM is never marked open");
+        let farm = j.farm_events().unwrap();
+        assert_eq!(farm.len(), 3);
+        assert_eq!(farm[2], ev(4, FARM, drained()));
+        // a copy (backup, compaction) keeps them
+        let d2 = tempfile::tempdir().unwrap();
+        let copy = Journal::open(d2.path()).unwrap();
+        assert_eq!(j.copy_into(&copy, 5, |_| true, |_| Ok(())).unwrap(), 4);
+        assert_eq!(copy.farm_events().unwrap(), farm);
+        assert_eq!(
+            copy.fold_all().unwrap().keys().copied().collect::<Vec<_>>(),
+            [2]
+        );
     }
 
     #[test]

@@ -16,6 +16,11 @@
 //! highest job. The events are the truth; every other
 //! tree is derived from them and can be rebuilt by folding them. Once a write has failed, the
 //! handle writes nothing more (`broken`) and the store reopens the log.
+//!
+//! Farm-level events (`drained`, `undrained`: `EventKind::is_farm`) belong to no job: they are
+//! recorded under job number `FARM` (0, never a job's), a key space of their own in `job_seqs`
+//! (read by `farm_events`); they have no open mark and no name index, the job folds skip them,
+//! and they go through `since`, export, import, backup and compaction as any event does.
 
 mod append;
 pub mod archive;
@@ -26,7 +31,7 @@ mod scan;
 
 pub use indexes::folder_key;
 
-use crate::domain::{Event, EventKind, Job, Jobs, Tag};
+use crate::domain::{Event, EventKind, FARM, Job, Jobs, Tag};
 use append::take_input;
 
 use std::path::{Path, PathBuf};
@@ -538,5 +543,63 @@ mod tests {
             j.fold_all().unwrap().keys().copied().collect::<Vec<_>>(),
             [1, 2, 3, 4]
         );
+    }
+
+    #[test]
+    fn farm_events_belong_to_no_job_and_survive_a_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let drained = || EventKind::Drained {
+            reason: "kernel update".into(),
+        };
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            let a = j.append(None, cancelled(), P).unwrap();
+            let d = j.append(Some(FARM), drained(), P).unwrap();
+            assert_eq!((d.seq, d.job), (2, FARM));
+            // no job opened, none marked, the numbering goes on
+            assert_eq!(j.next_job(), 2);
+            // a farm event given a job, or none, and a job's event given FARM: refused
+            for (job, kind) in [
+                (None, drained()),
+                (Some(a.job), EventKind::Undrained {}),
+                (Some(FARM), cancelled()),
+            ] {
+                let e = j.append(job, kind, P).unwrap_err();
+                assert!(matches!(e, JournalError::Refused(_)), "{e}");
+            }
+            let b = j
+                .append_batch(
+                    vec![(None, cancelled()), (Some(FARM), EventKind::Undrained {})],
+                    P,
+                )
+                .unwrap();
+            assert_eq!((b[0].job, b[1].job), (2, FARM));
+            j.append(Some(FARM), drained(), P).unwrap();
+        }
+        let j = reopen_for_test(dir.path());
+        let farm: Vec<(u64, &str)> = j
+            .farm_events()
+            .unwrap()
+            .iter()
+            .map(|e| (e.seq, e.kind.name()))
+            .collect();
+        assert_eq!(farm, [(2, "drained"), (4, "undrained"), (5, "drained")]);
+        // the job folds skip them; `since` shows them in their place
+        let jobs = j.fold_all().unwrap();
+        assert_eq!(jobs.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(j.newest_projections(5).unwrap(), jobs);
+        assert_eq!(j.fold_job(FARM).unwrap(), None);
+        assert_eq!(j.open_jobs().unwrap(), [1, 2], "FARM is never marked open");
+        assert_eq!(j.since(0).count(), 5);
+        assert_eq!((j.next_job(), j.next_seq()), (3, 6));
+        // a log of farm events only
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.append(Some(FARM), drained(), P).unwrap();
+        drop(j);
+        let j = reopen_for_test(dir.path());
+        assert_eq!((j.last_job(), j.farm_events().unwrap().len()), (0, 1));
+        assert!(j.fold_all().unwrap().is_empty());
+        assert_eq!(j.append(None, cancelled(), P).unwrap().job, 1);
     }
 }

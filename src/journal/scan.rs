@@ -14,7 +14,7 @@
 //! can leave), since seqs only go up.
 
 use super::{
-    CACHED_BLOCKS, Cached, Event, Job, Jobs, Journal, JournalError, Result, block, decode,
+    CACHED_BLOCKS, Cached, Event, FARM, Job, Jobs, Journal, JournalError, Result, block, decode,
     decode_view, key_seq, lock,
 };
 use crate::domain::job as fold;
@@ -239,8 +239,12 @@ impl Journal {
         Ok(out)
     }
 
-    /// A job folded from its own events (None: no event of it is stored).
+    /// A job folded from its own events (None: no event of it is stored, or `FARM`, which is
+    /// no job).
     pub fn fold_job(&self, job: u64) -> Result<Option<Job>> {
+        if job == FARM {
+            return Ok(None);
+        }
         let mut out: Option<Job> = None;
         self.each_job_entry(job, |e| {
             if !e.input {
@@ -250,6 +254,11 @@ impl Journal {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// The farm-level events (those of no job: `drained`, `undrained`), in order.
+    pub fn farm_events(&self) -> Result<Vec<Event>> {
+        self.job_events(FARM)
     }
 
     /// The input workitem of a job (stored with its `queued` or `invalid` event).
@@ -294,7 +303,7 @@ impl Journal {
         }
         let mut first_job = None;
         let mut first_seq = u64::MAX;
-        for item in self.job_seqs.iter().rev().take(n) {
+        for item in self.job_seqs.range(1u64.to_be_bytes()..).rev().take(n) {
             let (k, v) = item?;
             let job = key_seq(&k);
             first_job = Some(job);

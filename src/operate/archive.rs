@@ -378,7 +378,8 @@ pub struct CompactReport {
 const SWAP_PATIENCE: Duration = Duration::from_secs(30);
 
 /// `compact --before TIME --archive FILE`: moves the events of the jobs settled before
-/// `before` (their last event older than it, nothing left to do for them) into `archive`
+/// `before` (their last event older than it, nothing left to do for them), and the cancel
+/// notes expired by now (`cancel_noted`, of no job), into `archive`
 /// (JSON Lines, the export form; written and fsynced before the log changes), and rewrites
 /// the log without them, recorded by a `compacted` event. A job whose job folder still exists
 /// under base_dir is kept: its image_id and folder still guard that folder against another
@@ -441,7 +442,16 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
         }
         removed.insert(*id);
     }
-    if removed.is_empty() {
+    // cancel notes (events of no job) expired by now go to the archive with the jobs
+    let now_secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let stale = |ev: &Event| matches!(&ev.kind, EventKind::CancelNoted { expires, .. } if *expires <= now_secs);
+    let any_stale = journal
+        .farm_events()?
+        .iter()
+        .any(|e| e.seq < horizon && stale(e));
+    if removed.is_empty() && !any_stale {
         return Ok(CompactReport {
             jobs: 0,
             events: 0,
@@ -471,7 +481,7 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
             if ev.seq >= horizon {
                 break;
             }
-            if removed.contains(&ev.job) {
+            if removed.contains(&ev.job) || stale(&ev) {
                 let ev = journal.with_input(ev)?;
                 let line = export::event_line(&ev).map_err(JournalError::Encode)?;
                 out.write_all(&line)
@@ -520,7 +530,7 @@ pub fn compact(host: &Host, before: SystemTime, archive: &Path) -> Result<Compac
         let kept = journal.copy_into(
             &new,
             horizon,
-            |e| !removed.contains(&e.job),
+            |e| !removed.contains(&e.job) && !stale(e),
             |_| not_stopping(&stopping),
         )?;
         // The projections too, here, so that the swap below folds only the jobs of the events

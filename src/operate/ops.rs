@@ -318,11 +318,16 @@ pub fn events_page(journal: &Journal, f: &EventFilter, max: usize) -> Result<Vec
 
 /// One event as a line for people.
 pub fn event_line(e: &Event) -> String {
+    // a farm-level event belongs to no job: `farm` where the job would be
+    let job = if e.job == crate::domain::FARM {
+        "farm".to_string()
+    } else {
+        format!("job {}", e.job)
+    };
     format!(
-        "{:>8} {} job {:<6} {:<11} {}",
+        "{:>8} {} {job:<10} {:<11} {}",
         e.seq,
         e.ts,
-        e.job,
         e.kind.name(),
         event_detail(e)
     )
@@ -409,6 +414,14 @@ pub fn event_detail(e: &Event) -> String {
         EventKind::LeakFreed { what } => what.clone(),
         EventKind::Pinned {} => "kept out of every expiry".into(),
         EventKind::Unpinned {} => "back under the retention policy".into(),
+        EventKind::Drained { reason } => format!("the host claims nothing more: {reason}"),
+        EventKind::Undrained {} => "the host takes work again".into(),
+        EventKind::CancelNoted { fei, expires } => format!(
+            "a cancel of fei {fei} heard on the farm exchange, kept until {}",
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(*expires)
+            )
+        ),
         EventKind::Expired {
             files,
             bytes,

@@ -7,7 +7,8 @@
 //!   any input that is not a workitem). Each message is classified once.
 //! - **Take**: while a build slot is free, one workitem at a time is taken from the work queue
 //!   (`basic.get`) and becomes a submission to the engine's intake, exactly as a dropped file
-//!   does (same validation, events, builds, pushes, operator commands).
+//!   does (same validation, events, builds, pushes, operator commands). A drained host
+//!   (`build-image drain`) takes nothing; it still drains and applies cancels.
 //!
 //! Every cancel comes back to every daemon from the fanout exchange: it is noted (with an
 //! expiry, durably) and applied to the job that holds its `fei` here, if any; a workitem taken
@@ -93,7 +94,7 @@ pub fn run(src: &Source<'_>, deliveries: &Receiver<Incoming>, stop: &Receiver<()
     let mut malformed: VecDeque<Incoming> = VecDeque::new();
     loop {
         let now = Instant::now();
-        let wait = if getting.is_none() && engine.free_slots() > 0 {
+        let wait = if getting.is_none() && engine.accepting() && engine.free_slots() > 0 {
             next_get
                 .saturating_duration_since(now)
                 .max(Duration::from_millis(1))
@@ -153,6 +154,7 @@ pub fn run(src: &Source<'_>, deliveries: &Receiver<Incoming>, stop: &Receiver<()
             && Instant::now() >= next_get
             && writable
             && handle.connected()
+            && engine.accepting() // a drained host takes nothing from the work queue
             && engine.free_slots() > 0
         {
             match handle.get(got_tx.clone()) {

@@ -107,7 +107,7 @@ impl Participant {
         let farm = self.client.farm.clone();
         let origin = self.origin.clone();
         let reply = Arc::clone(&self.reply);
-        let notes = Arc::new(notes::Notes::open(notes::path_in(engine.store.dir())));
+        let notes = Arc::new(notes::Notes::open(Arc::clone(&engine.store)));
         let check = Arc::clone(&notes);
         engine.set_cancelled_before(Some(Arc::new(move |origin, workitem| {
             intake::cancelled_before(&check, origin, workitem)

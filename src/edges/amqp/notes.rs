@@ -1,26 +1,27 @@
 //! The cancels this daemon heard of on the farm exchange, remembered with an expiry, so that a
 //! workitem taken from the work queue after its cancel (even after a restart of the daemon) is
-//! answered cancelled and never built. Kept in the state directory (`amqp-cancels.json`: each
-//! cancel's `fei` key and when it expires, in seconds since the epoch).
+//! answered cancelled and never built. Kept in the event log as farm-level events
+//! (`cancel_noted {fei, expires}`: the `fei` key and when the note expires, in seconds since
+//! the epoch), folded by the store (`domain::farm::Farm::cancels`). An earlier version kept
+//! them in the state directory (`amqp-cancels.json`): moved into the log at the first start.
 //!
-//! Invariant: a cancel is written (tmp + fsync + rename) before its message is acked, so a
-//! cancel the broker no longer holds is remembered here; expired ones are dropped at each write
-//! and ignored when read.
+//! Invariant: a cancel is recorded (flushed) before its message is acked, so a cancel the broker
+//! no longer holds is remembered; expired notes are dropped from the fold and never noted.
 
-use crate::durable::{DurableError, write_atomic};
+use crate::domain::{EventKind, FARM};
+use crate::engine::store::{Store, StoreError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 
-/// The file of a state directory the notes are kept in.
+/// The file of a state directory an earlier version kept the notes in.
 pub fn path_in(state_dir: &Path) -> PathBuf {
     state_dir.join("amqp-cancels.json")
 }
 
-/// The cancels heard of: fei key -> expiry (seconds since the epoch).
+/// The cancels heard of, through the store.
 pub struct Notes {
-    path: PathBuf,
-    map: Mutex<BTreeMap<String, u64>>,
+    store: Arc<Store>,
 }
 
 fn now() -> u64 {
@@ -30,52 +31,65 @@ fn now() -> u64 {
 }
 
 impl Notes {
-    /// The notes kept at `path` (none when it is missing; an unreadable file is logged and
-    /// started afresh: what it held is lost, not the daemon).
-    pub fn open(path: PathBuf) -> Notes {
-        let map = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                log::error!(
-                    "{}: not a list of cancels ({e}): starting with none",
-                    path.display()
-                );
-                BTreeMap::new()
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => {
-                log::error!(
-                    "cannot read {} ({e}): starting with no cancels",
-                    path.display()
-                );
-                BTreeMap::new()
+    /// The notes of `store`; those an earlier version kept in `amqp-cancels.json` beside the
+    /// log are recorded first (the ones not expired), and the file removed once they are
+    /// durable (kept, and tried again at the next start, when they cannot be recorded).
+    pub fn open(store: Arc<Store>) -> Notes {
+        let file = path_in(store.dir());
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let old: BTreeMap<String, u64> =
+                    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                        log::error!(
+                            "{}: not a list of cancels ({e}): its notes are dropped",
+                            file.display()
+                        );
+                        BTreeMap::new()
+                    });
+                let now = now();
+                let items: Vec<_> = old
+                    .into_iter()
+                    .filter(|(_, e)| *e > now)
+                    .map(|(fei, expires)| (Some(FARM), EventKind::CancelNoted { fei, expires }))
+                    .collect();
+                let n = items.len();
+                match store.record_batch(items) {
+                    Ok(_) => match std::fs::remove_file(&file) {
+                        Ok(()) => log::info!(
+                            "AMQP: {n} cancel note(s) of {} moved into the event log",
+                            file.display()
+                        ),
+                        Err(e) => log::warn!("cannot remove {}: {e}", file.display()),
+                    },
+                    Err(e) => log::error!(
+                        "AMQP: cannot move the cancel notes of {} into the log ({e}): kept there, tried again at the next start",
+                        file.display()
+                    ),
+                }
             }
-        };
-        Notes {
-            path,
-            map: Mutex::new(map),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::error!("cannot read {} ({e}): its notes are left", file.display()),
         }
+        Notes { store }
     }
 
-    /// Remembers a cancel until `expires`; durable when it returns.
-    pub fn note(&self, key: String, expires: u64) -> Result<(), DurableError> {
-        let mut map = match self.map.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        let now = now();
-        map.retain(|_, e| *e > now);
-        map.insert(key, expires);
-        let bytes = serde_json::to_vec(&*map).unwrap_or_default();
-        write_atomic(&self.path, &bytes, 0o600)
+    /// Remembers a cancel until `expires`; durable when it returns (a note already there, to
+    /// that expiry or later, is not recorded again).
+    pub fn note(&self, key: String, expires: u64) -> Result<(), StoreError> {
+        let known = self
+            .store
+            .with_farm(|f| f.cancels.get(&key).is_some_and(|e| *e >= expires));
+        if known {
+            return Ok(());
+        }
+        self.store
+            .record(Some(FARM), EventKind::CancelNoted { fei: key, expires })?;
+        Ok(())
     }
 
     /// Was this fei cancelled (and the cancel not expired)?
     pub fn noted(&self, key: &str) -> bool {
-        let map = match self.map.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.get(key).is_some_and(|e| *e > now())
+        self.store.with_farm(|f| f.cancel_noted(key, now()))
     }
 }
 
@@ -87,23 +101,52 @@ pub fn expiry(days: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn open_store(dir: &Path) -> Arc<Store> {
+        let policy = crate::config::Config::default().policy();
+        Arc::new(Store::open(dir, 8 << 20, policy, Duration::from_secs(10)).unwrap())
+    }
 
     #[test]
-    fn notes_are_kept_across_opens_and_expire() {
+    fn notes_are_events_kept_across_opens_and_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let p = path_in(dir.path());
-        let n = Notes::open(p.clone());
-        assert!(!n.noted("a"));
-        n.note("a".into(), expiry(7)).unwrap();
-        n.note("old".into(), 1).unwrap();
-        assert!(n.noted("a"));
-        assert!(!n.noted("old"), "expired");
-        let again = Notes::open(p.clone());
-        assert!(again.noted("a"), "kept");
-        again.note("b".into(), expiry(1)).unwrap();
-        let text = std::fs::read_to_string(&p).unwrap();
-        assert!(!text.contains("old"), "expired notes are dropped: {text}");
-        std::fs::write(&p, b"garbage").unwrap();
-        assert!(!Notes::open(p).noted("a"));
+        // a file of an earlier version: moved into the log at the first open
+        std::fs::create_dir_all(dir.path()).unwrap();
+        std::fs::write(
+            path_in(dir.path()),
+            serde_json::to_vec(&serde_json::json!({"old": 1, "kept": expiry(3)})).unwrap(),
+        )
+        .unwrap();
+        {
+            let n = Notes::open(open_store(dir.path()));
+            assert!(!path_in(dir.path()).exists(), "moved");
+            assert!(n.noted("kept"));
+            assert!(!n.noted("old"), "expired: not moved");
+            assert!(!n.noted("a"));
+            let week = expiry(7);
+            n.note("a".into(), week).unwrap();
+            n.note("a".into(), week).unwrap();
+            n.note("a".into(), week - 60).unwrap();
+            n.note("gone".into(), 1).unwrap();
+            assert!(n.noted("a"));
+            assert!(!n.noted("gone"), "expired");
+            let journal = n.store.journal().unwrap();
+            let notes: Vec<String> = journal
+                .farm_events()
+                .unwrap()
+                .into_iter()
+                .filter_map(|e| match e.kind {
+                    EventKind::CancelNoted { fei, .. } => Some(fei),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(notes, ["kept", "a", "gone"], "each once, durable");
+            assert!(journal.durable_seq() >= journal.last_seq());
+            assert!(journal.fold_all().unwrap().is_empty(), "no job");
+        }
+        let n = Notes::open(open_store(dir.path()));
+        assert!(n.noted("a") && n.noted("kept"), "kept across opens");
+        assert!(!n.noted("gone"));
     }
 }

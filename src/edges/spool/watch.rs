@@ -6,7 +6,8 @@
 //! Invariants: nothing is moved into `active/` that cannot be recorded (while the log fails or
 //! the state disk lacks room for a batch, the names stay in `incoming/`); a batch of renames is
 //! made durable with one fsync of `active/` before its claims are recorded; a batch whose
-//! claims could not be recorded is handed over again (never lost, never claimed twice).
+//! claims could not be recorded is handed over again (never lost, never claimed twice); a
+//! drained host (`engine::drain`) claims nothing.
 
 use super::{Ready, Scanner, Spool};
 use crate::config::WatchMode;
@@ -235,6 +236,11 @@ fn take_batch(
     // Nothing is moved into active/ that cannot be recorded: the names stay in incoming/ until
     // the log takes writes again and the state disk has room for them.
     if c.engine.store.failing().is_some() || c.engine.store.ensure_room(need).is_err() {
+        return;
+    }
+    // A drained host claims nothing: the names stay in incoming/ for the other hosts (and for
+    // this one once it is undrained).
+    if c.engine.drained().is_some() {
         return;
     }
     let mut claimed = Vec::new();

@@ -42,6 +42,7 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
                     unpushed: unpushed(host),
                     waiting: host.engine.waiting_for_room(),
                     degraded: degraded(host),
+                    drained: host.engine.store.drained(),
                 };
             }
             return err(&e);
@@ -61,6 +62,7 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
                     unpushed: unpushed(host),
                     waiting: host.engine.waiting_for_room(),
                     degraded: degraded(host),
+                    drained: host.engine.store.drained(),
                 },
                 Err(e) => err(&e),
             }
@@ -163,6 +165,20 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
             drop(journal);
             match host.engine.gc(dry_run) {
                 Ok(expired) => Response::Gc { dry_run, expired },
+                Err(e) => err(&e),
+            }
+        }
+        req @ (Request::Drain { .. } | Request::Undrain) => {
+            drop(journal);
+            let changed = match &req {
+                Request::Drain { reason } => host.engine.drain(reason),
+                _ => host.engine.undrain(),
+            };
+            match changed {
+                Ok(changed) => Response::Drained {
+                    drained: host.engine.store.drained(),
+                    changed,
+                },
                 Err(e) => err(&e),
             }
         }

@@ -71,6 +71,12 @@ pub enum Request {
     Gc {
         dry_run: bool,
     },
+    /// `drain [--reason TEXT]`: the host claims nothing more.
+    Drain {
+        reason: String,
+    },
+    /// `undrain`: the host takes work again.
+    Undrain,
 }
 
 /// The answer to a request.
@@ -90,6 +96,9 @@ pub enum Response {
         /// Parts of the daemon that are not working (`amqp: not connected to …: why`).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         degraded: Vec<String>,
+        /// The host is drained (`drain`): since when and why.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drained: Option<crate::domain::farm::Drain>,
     },
     Show(Box<JobView>),
     /// The end of an event stream (the events came before it).
@@ -125,6 +134,12 @@ pub enum Response {
     Gc {
         dry_run: bool,
         expired: Vec<crate::engine::retention::Planned>,
+    },
+    /// `drain`/`undrain`: the drain in force now (None: takes work), and whether the request
+    /// changed it (false: it already was so).
+    Drained {
+        drained: Option<crate::domain::farm::Drain>,
+        changed: bool,
     },
     /// The request was refused or failed; the command exits 1 with this message.
     Error {
