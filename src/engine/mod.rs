@@ -19,6 +19,7 @@ pub mod answer;
 pub mod attest;
 pub mod backoff;
 pub mod driver;
+mod drain;
 pub mod intake;
 pub mod leaks;
 pub mod pool;
