@@ -11,6 +11,7 @@ pub mod artifacts;
 pub mod build_log;
 pub mod config_import;
 pub mod doctor;
+pub mod hosts;
 pub mod query;
 pub mod retention;
 pub mod submit;
@@ -398,6 +399,18 @@ pub enum Command {
         #[command(flatten)]
         id: JobRef,
     },
+    /// The farm's hosts: each daemon's record (hosts/ in the spool, the farm exchange).
+    #[command(
+        after_help = "Examples:\n  build-image hosts\n  build-image hosts --json\n\n\
+                            A host whose record is older than 3 of its intervals ([worker] host_record_interval) is GONE, \
+                            shown with the jobs it held; a clean stop leaves `stopped`. Works with no daemon running.\n\
+                            Exit codes: 0 listed (also none), 1 the spool's hosts/ cannot be read, 2 usage."
+    )]
+    Hosts {
+        /// A JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites, and what
     /// builds left on the host and could not free (asked of the running daemon).
     #[command(
@@ -504,6 +517,7 @@ pub fn main() -> i32 {
         Command::Unpin { id } => id.reference().and_then(|r| retention::pin(&cfg, &r, false)),
         Command::Gc { dry_run } => retention::gc(&cfg, dry_run),
         Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
+        Command::Hosts { json } => hosts::run(&cfg, json),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
         Command::Verify { target, key } => artifacts::verify(&cfg, &target, key.as_deref()),
         Command::Import { file, partial } => archive::import(&cfg, &file, partial),

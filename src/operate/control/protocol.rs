@@ -71,6 +71,8 @@ pub enum Request {
     Gc {
         dry_run: bool,
     },
+    /// `hosts`: the farm's hosts as the daemon sees them (with the records heard over AMQP).
+    Hosts,
 }
 
 /// The answer to a request.
@@ -125,6 +127,10 @@ pub enum Response {
     Gc {
         dry_run: bool,
         expired: Vec<crate::engine::retention::Planned>,
+    },
+    /// `hosts`: the newest record of each host, as shown now.
+    Hosts {
+        hosts: Vec<crate::hosts::Shown>,
     },
     /// The request was refused or failed; the command exits 1 with this message.
     Error {
