@@ -258,8 +258,12 @@ pub enum Command {
     },
     /// Cancel a queued job (never built) or a running one (its process group is killed).
     #[command(after_help = concat!("Examples:\n  build-image cancel 42-1700000000\n  build-image cancel --job 17\n\n\
-                            The job is answered in the outbox with the error \"cancelled\" and ERROR is pushed.\n", job_ref_help!(), "\n\
-                            Exit codes: 0 cancelled, 1 no such job (or an ambiguous ID) or it is not queued/running, 2 usage."))]
+                            The job is answered in the outbox with the error \"cancelled\" and ERROR is pushed. An image_id \
+                            no job of this host has is sent to the other hosts of a shared spool (control/): the one \
+                            holding it cancels it; after 8 s with no taker the command says nobody holds it, or names the \
+                            host that does (its job folder's .owner, its host record).\n", job_ref_help!(), "\n\
+                            Exit codes: 0 cancelled (here or by the host holding it), 1 no such job on any host (or an \
+                            ambiguous ID) or it is not queued/running, 2 usage."))]
     Cancel {
         #[command(flatten)]
         id: JobRef,
