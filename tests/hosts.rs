@@ -241,3 +241,165 @@ fn cancel_on_the_other_host_reaches_the_holder_through_the_spool() {
     assert_eq!(answers, ["hang-2.json"]);
     assert_eq!(fa.push_count("hang-2"), 2);
 }
+
+/// Three daemons on one spool, w1 serving HTTP: w3 building `hang-3` and SIGKILLed (gone, with
+/// its job), w1 and w2 live (one of them building `busy-4`). Returns w1's address.
+struct Three {
+    farms: Vec<Farm>,
+    guards: Vec<Guard>,
+    addr: String,
+    logs: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Three {
+    fn drop(&mut self) {
+        for l in &self.logs {
+            kill_fixture(l);
+        }
+    }
+}
+
+fn three() -> Three {
+    let (mut f1, f2) = two();
+    f1.cfg.http.listen = Some("127.0.0.1:0".into());
+    let mut cfg3 = f2.cfg.clone();
+    cfg3.spool.worker_id = Some("w3".into());
+    let f3 = Farm {
+        dir: tempfile::tempdir().unwrap(),
+        cfg: cfg3,
+    };
+    let mut w3 = f3.start_binary();
+    f3.drop_json(
+        "hang-3.json",
+        &workitem("hang-3", "# mic-fixture: sleep 600\n"),
+    );
+    let mut logs = vec![f3.wait_mic_running("hang-3")];
+    assert_eq!(holder_of(&f3, "hang-3"), "w3");
+    let g1 = f1.start_binary();
+    let g2 = f2.start_binary();
+    let addr = common::web::http_addr(&f1);
+    w3.0.kill().unwrap();
+    w3.0.wait().unwrap();
+    f1.drop_json(
+        "busy-4.json",
+        &workitem("busy-4", "# mic-fixture: sleep 600\n"),
+    );
+    logs.push(f1.wait_mic_running("busy-4"));
+    holder_of(&f1, "busy-4");
+    assert!(
+        wait_for(T, || host(
+            &common::web::get_json(&addr, "/api/hosts")
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+            "w3"
+        )
+        .is_some_and(|h| h["shown"] == "gone")),
+        "w3 never gone: {}",
+        common::web::get_json(&addr, "/api/hosts")
+    );
+    Three {
+        farms: vec![f1, f2, f3],
+        guards: vec![g1, g2, w3],
+        addr,
+        logs,
+    }
+}
+
+impl Three {
+    fn stop(mut self) {
+        let (code, out, err) = output(self.farms[0].bin().args(["cancel", "busy-4"]));
+        assert_eq!(code, 0, "{out}{err}");
+        for g in self.guards.iter_mut().take(2) {
+            sigterm(&g.0);
+            assert_eq!(wait_exit(&mut g.0, T), Some(0));
+        }
+    }
+}
+
+#[test]
+fn the_status_page_shows_the_farm_with_a_gone_host_and_its_job() {
+    let t = three();
+    let api = common::web::get_json(&t.addr, "/api/hosts");
+    let list = api.as_array().unwrap();
+    assert_eq!(list.len(), 3, "{api}");
+    assert_eq!(host(list, "w1").unwrap()["shown"], "running");
+    assert_eq!(host(list, "w2").unwrap()["shown"], "running");
+    let gone = host(list, "w3").unwrap();
+    assert_eq!(gone["running"][0]["image_id"], "hang-3", "{gone}");
+    // the same list as the command's
+    let cmd: Vec<Value> = hosts(&t.farms[1]);
+    assert_eq!(
+        cmd.iter()
+            .map(|h| (&h["worker"], &h["shown"]))
+            .collect::<Vec<_>>(),
+        list.iter()
+            .map(|h| (&h["worker"], &h["shown"]))
+            .collect::<Vec<_>>()
+    );
+
+    let page = common::web::get(&t.addr, "/");
+    assert_eq!(page.status, 200);
+    let row = |w: &str| {
+        page.body
+            .split("<tr ")
+            .find(|r| r.contains(&format!("data-worker=\"{w}\"")))
+            .unwrap_or_else(|| panic!("no row of {w}: {}", page.body))
+            .to_string()
+    };
+    let r3 = row("w3");
+    assert!(r3.starts_with("class=\"gone\""), "{r3}");
+    assert!(r3.contains("badge s-gone") && r3.contains("held: "), "{r3}");
+    assert!(r3.contains("hang-3"), "{r3}");
+    for w in ["w1", "w2"] {
+        assert!(row(w).contains("badge s-running"), "{}", row(w));
+    }
+    assert!(row("w1").contains("(this host)"));
+
+    // rendered by a browser
+    let bin = std::path::Path::new("/usr/bin/chromium");
+    if bin.exists() || std::env::var_os("CI").is_some() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shot = std::env::var_os("HOSTS_PANEL_PNG")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| tmp.path().join("hosts-panel.png"));
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            tmp.path().join("p").display()
+        ))
+        .arg("--dump-dom")
+        .arg(format!("http://{}/", t.addr));
+        let (code, dom, err) = output(&mut cmd);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            dom.contains("data-worker=\"w3\" data-shown=\"gone\""),
+            "{dom}"
+        );
+        assert!(dom.contains("held: "), "{dom}");
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            tmp.path().join("q").display()
+        ))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg("--window-size=1280,900")
+        .arg(format!("http://{}/", t.addr));
+        let (code, _, err) = output(&mut cmd);
+        assert_eq!(code, 0, "{err}");
+        assert!(shot.metadata().unwrap().len() > 10_000);
+    }
+    t.stop();
+}
