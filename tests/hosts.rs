@@ -403,3 +403,85 @@ fn the_status_page_shows_the_farm_with_a_gone_host_and_its_job() {
     }
     t.stop();
 }
+
+/// An AMQP-only farm (a spool each, one broker): each daemon hears the other's record on the
+/// farm exchange; `hosts` (through the daemon's socket) lists both; `cancel` on the host that
+/// does not hold the job names the holder from its record; a SIGKILLed host becomes gone.
+#[test]
+fn over_amqp_the_records_travel_on_the_farm_exchange() {
+    if !common::broker::available() {
+        return;
+    }
+    let broker = common::broker::Broker::start();
+    let farm = |w: &str| {
+        let mut f = Farm::new();
+        f.cfg.amqp.url = Some(broker.url());
+        f.cfg.worker.workers = 1;
+        f.cfg.worker.host_record_interval = 1;
+        f.cfg.hooks.push = None;
+        f.cfg.spool.worker_id = Some(w.into());
+        f
+    };
+    let (fa, fb) = (farm("w1"), farm("w2"));
+    let ga = fa.start_binary();
+    let gb = fb.start_binary();
+    let both = |f: &Farm| {
+        let l = hosts(f);
+        ["w1", "w2"]
+            .iter()
+            .all(|w| host(&l, w).is_some_and(|h| h["shown"] == "running"))
+    };
+    assert!(
+        wait_for(T, || both(&fa) && both(&fb)),
+        "{:?} / {:?}",
+        hosts(&fa),
+        hosts(&fb)
+    );
+    assert!(
+        !fa.spool().join("hosts/w2.json").exists(),
+        "w2's record came over AMQP, not through a spool"
+    );
+
+    let fei = serde_json::json!({"wfid": "wf-h", "subid": "s", "expid": "0_0_1", "engine_id": "e"});
+    let wi = serde_json::json!({
+        "fei": fei, "participant_name": "build_image",
+        "fields": {"params": {}, "msg": [], "image": {"image_id": "amqp-h", "kickstart": "# mic-fixture: sleep 600\n",
+            "image_type": "loop", "name": "img-amqp-h", "arch": "i586"}}
+    });
+    broker.publish("build_image", &[serde_json::to_vec(&wi).unwrap()]);
+    let holder = holder_of(&fa, "amqp-h");
+    let (holder_farm, other_farm) = if holder == "w1" {
+        (&fa, &fb)
+    } else {
+        (&fb, &fa)
+    };
+    let log = holder_farm.wait_mic_running("amqp-h");
+    let (code, out, err) = output(other_farm.bin().args(["cancel", "amqp-h"]));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "held by worker {holder} (its job 1, by its host record"
+        )),
+        "{err}"
+    );
+    assert!(list(&other_farm.spool().join("control")).is_empty());
+
+    let (mut killed, mut live) = if holder == "w1" { (ga, gb) } else { (gb, ga) };
+    killed.0.kill().unwrap();
+    killed.0.wait().unwrap();
+    kill_fixture(&log);
+    let mut gone = None;
+    assert!(
+        wait_for(T, || {
+            gone = host(&hosts(other_farm), &holder)
+                .filter(|h| h["shown"] == "gone")
+                .cloned();
+            gone.is_some()
+        }),
+        "{:?}",
+        hosts(other_farm)
+    );
+    assert_eq!(gone.unwrap()["running"][0]["image_id"], "amqp-h");
+    sigterm(&live.0);
+    assert_eq!(wait_exit(&mut live.0, T), Some(0));
+}
