@@ -72,7 +72,15 @@ pub const DROP_WAIT: Duration = Duration::from_secs(8);
 fn cancel_elsewhere(cfg: &Config, id: &str, not_here: anyhow::Error) -> anyhow::Result<i32> {
     let spool = Spool::new(&cfg.spool.dir, &cfg.worker_id());
     let holder = holder_hint(cfg, id);
-    if spool.control.is_dir() {
+    // Only a live daemon of another worker sharing this spool can take a drop.
+    let me = cfg.worker_id();
+    let now = std::time::SystemTime::now();
+    let others = spool
+        .host_records()
+        .unwrap_or_default()
+        .into_iter()
+        .any(|r| r.worker != me && r.state != crate::hosts::HostState::Stopped && !r.is_gone(now));
+    if others && spool.control.is_dir() {
         let drop = spool.drop_cancel(id)?;
         let deadline = Instant::now() + DROP_WAIT;
         let answer = loop {
@@ -118,10 +126,13 @@ fn cancel_elsewhere(cfg: &Config, id: &str, not_here: anyhow::Error) -> anyhow::
             "; it is held by {h}: run `build-image cancel {}` there (build-image hosts)",
             escape(id)
         ),
-        None => format!(
+        None if others => format!(
             "; no host of the spool took the cancel within {} s: nobody holds it",
             DROP_WAIT.as_secs()
         ),
+        None => {
+            "; no other live host shares this spool (build-image hosts): nobody holds it".into()
+        }
     };
     Err(anyhow::anyhow!("{not_here}{hint}"))
 }
