@@ -123,9 +123,7 @@ impl Spool {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let path = e.path();
-            if name.starts_with('.') {
-                continue;
-            }
+            // Expired: a drop nobody took, an answer nobody read, a take or write a crash cut.
             if expired(&path) {
                 match std::fs::remove_file(&path) {
                     Ok(()) => log::info!("control/{name}: nobody took it in time, removed"),
@@ -134,7 +132,7 @@ impl Spool {
                 }
                 continue;
             }
-            if !(name.starts_with("cancel-") && name.ends_with(".json")) {
+            if name.starts_with('.') || !(name.starts_with("cancel-") && name.ends_with(".json")) {
                 continue;
             }
             let Ok(Ok(drop)) = read_small(&path).map(|b| serde_json::from_slice::<CancelDrop>(&b))
@@ -233,6 +231,41 @@ fn read_small(path: &Path) -> Result<Vec<u8>, DurableError> {
 mod tests {
     use super::*;
     use crate::hosts::{HostState, Slots};
+
+    #[test]
+    fn the_holder_takes_its_drop_once_and_old_files_expire() {
+        let rig = crate::engine::testkit::Rig::new();
+        let job = rig.drop_and_take("a.json", &rig.workitem("x1"));
+        let sp = Spool::new(&rig.dir.path().join("spool"), "w1");
+        sp.create_dirs().unwrap();
+        let mine = sp.drop_cancel("x1").unwrap();
+        let theirs = sp.drop_cancel("elsewhere-2").unwrap();
+        let old_taken = sp.control.join(".cancel-9.json.w1.taken");
+        let old_drop = sp.control.join("cancel-old.json");
+        for p in [&old_taken, &old_drop] {
+            std::fs::write(p, "{}").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(SystemTime::now() - 2 * DROP_EXPIRY)
+                .unwrap();
+        }
+        assert_eq!(sp.take_drops(&rig.engine), 1);
+        let a = read_answer(&mine).unwrap();
+        assert_eq!((a.worker.as_str(), a.job, a.answered), ("w1", job, true));
+        assert_eq!(a.refused, None);
+        assert!(!mine.exists(), "taken");
+        assert!(theirs.exists(), "not this worker's: left");
+        assert!(!old_taken.exists() && !old_drop.exists(), "expired");
+        let j = rig.engine.store.job(job).unwrap();
+        assert!(j.state.is_answered(), "{:?}", j.state);
+        assert_eq!(j.error.as_deref(), Some("cancelled"));
+        // taken once: a second pass finds nothing of this worker's
+        std::fs::remove_file(answer_path(&mine)).unwrap();
+        assert_eq!(sp.take_drops(&rig.engine), 0);
+        assert!(read_answer(&mine).is_none());
+    }
 
     #[test]
     fn records_are_written_whole_and_read_back() {
