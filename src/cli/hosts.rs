@@ -96,3 +96,65 @@ pub fn table(hosts: &[Shown]) -> String {
     }
     format!("{t}\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hosts::{HostRecord, HostState, RunningJob, Slots};
+    use std::time::Duration;
+
+    #[test]
+    fn the_table_marks_a_gone_host_with_the_jobs_it_held() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let rec = |w: &str, state, at: SystemTime, jobs: &[&str]| HostRecord {
+            worker: w.into(),
+            hostname: format!("{w}.lab"),
+            version: "1.2".into(),
+            pid: 42,
+            state,
+            drained: None,
+            slots: Slots {
+                total: 2,
+                free: 2 - jobs.len(),
+            },
+            running: jobs
+                .iter()
+                .enumerate()
+                .map(|(i, j)| RunningJob {
+                    job: i as u64 + 1,
+                    image_id: j.to_string(),
+                    since: None,
+                })
+                .collect(),
+            queued: 1,
+            heartbeat: humantime::format_rfc3339_millis(at).to_string(),
+            started: humantime::format_rfc3339_seconds(at).to_string(),
+            interval_s: 5,
+            http: None,
+        };
+        let now = t0 + Duration::from_secs(20);
+        let hosts = crate::hosts::shown(
+            [
+                rec("b1", HostState::Running, now, &["img-a"]),
+                rec("b2", HostState::Running, t0, &["img-b", "img-c"]),
+                rec("b3", HostState::Stopped, t0, &[]),
+            ],
+            now,
+        );
+        let text = table(&hosts);
+        let line = |w: &str| text.lines().find(|l| l.contains(w)).unwrap().to_string();
+        assert!(text.lines().next().unwrap().contains("WORKER"), "{text}");
+        assert!(line("b1").contains("running") && line("b1").contains("1/2 busy"));
+        assert!(line("b1").contains("img-a (#1)") && !line("b1").contains("held"));
+        assert!(line("b2").contains("GONE"), "{text}");
+        assert!(
+            line("b2").contains("held: img-b (#1), img-c (#2)"),
+            "{text}"
+        );
+        assert!(line("b2").contains("20 s ago"), "{text}");
+        assert!(
+            line("b3").contains("stopped") && line("b3").contains(" - "),
+            "{text}"
+        );
+    }
+}
