@@ -456,6 +456,8 @@ fn over_amqp_the_records_travel_on_the_farm_exchange() {
         (&fb, &fa)
     };
     let log = holder_farm.wait_mic_running("amqp-h");
+    // the other host has heard the holder's record listing the job (within an interval)
+    assert_eq!(holder_of(other_farm, "amqp-h"), holder);
     let (code, out, err) = output(other_farm.bin().args(["cancel", "amqp-h"]));
     assert_eq!(code, 1, "{out}{err}");
     assert!(
