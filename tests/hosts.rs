@@ -113,9 +113,10 @@ fn two_hosts_are_listed_a_killed_one_is_gone_with_its_job_a_stopped_one_stopped(
     };
     let other_worker = if holder == "w1" { "w2" } else { "w1" };
     let record = fa.spool().join(format!("hosts/{holder}.json"));
-    let beat = std::fs::metadata(&record).unwrap().modified().unwrap();
     killed.0.kill().unwrap();
     killed.0.wait().unwrap();
+    // its last record
+    let beat = std::fs::metadata(&record).unwrap().modified().unwrap();
     let killed_at = Instant::now();
 
     let mut gone = None;
