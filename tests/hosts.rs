@@ -72,6 +72,18 @@ fn kill_fixture(log: &std::path::Path) {
     }
 }
 
+/// Kills the builds of these job logs when dropped (a failing test leaves no build behind: the
+/// daemon that ran it may have been SIGKILLed).
+struct Builds(Vec<std::path::PathBuf>);
+
+impl Drop for Builds {
+    fn drop(&mut self) {
+        for l in &self.0 {
+            kill_fixture(l);
+        }
+    }
+}
+
 #[test]
 fn two_hosts_are_listed_a_killed_one_is_gone_with_its_job_a_stopped_one_stopped() {
     let (fa, fb) = two();
@@ -105,6 +117,7 @@ fn two_hosts_are_listed_a_killed_one_is_gone_with_its_job_a_stopped_one_stopped(
         &workitem("hang-1", "# mic-fixture: sleep 600\n"),
     );
     let log = fa.wait_mic_running("hang-1");
+    let _builds = Builds(vec![log.clone()]);
     let holder = holder_of(&fa, "hang-1");
     let (mut killed, mut other, other_farm) = if holder == "w1" {
         (a, b, &fb)
@@ -180,6 +193,7 @@ fn cancel_on_the_other_host_reaches_the_holder_through_the_spool() {
         &workitem("hang-2", "# mic-fixture: sleep 600\n"),
     );
     let log = fa.wait_mic_running("hang-2");
+    let _builds = Builds(vec![log.clone()]);
     let holder = holder_of(&fa, "hang-2");
     let not_holder = if holder == "w1" { &fb } else { &fa };
     let pids = fixture_pids(&std::fs::read_to_string(&log).unwrap());
@@ -274,7 +288,7 @@ fn three() -> Three {
         "hang-3.json",
         &workitem("hang-3", "# mic-fixture: sleep 600\n"),
     );
-    let mut logs = vec![f3.wait_mic_running("hang-3")];
+    let mut builds = Builds(vec![f3.wait_mic_running("hang-3")]);
     assert_eq!(holder_of(&f3, "hang-3"), "w3");
     let g1 = f1.start_binary();
     let g2 = f2.start_binary();
@@ -285,7 +299,7 @@ fn three() -> Three {
         "busy-4.json",
         &workitem("busy-4", "# mic-fixture: sleep 600\n"),
     );
-    logs.push(f1.wait_mic_running("busy-4"));
+    builds.0.push(f1.wait_mic_running("busy-4"));
     holder_of(&f1, "busy-4");
     assert!(
         wait_for(T, || host(
@@ -303,7 +317,7 @@ fn three() -> Three {
         farms: vec![f1, f2, f3],
         guards: vec![g1, g2, w3],
         addr,
-        logs,
+        logs: std::mem::take(&mut builds.0),
     }
 }
 
@@ -457,6 +471,7 @@ fn over_amqp_the_records_travel_on_the_farm_exchange() {
         (&fb, &fa)
     };
     let log = holder_farm.wait_mic_running("amqp-h");
+    let _builds = Builds(vec![log.clone()]);
     // the other host has heard the holder's record listing the job (within an interval)
     assert_eq!(holder_of(other_farm, "amqp-h"), holder);
     let (code, out, err) = output(other_farm.bin().args(["cancel", "amqp-h"]));
