@@ -149,6 +149,10 @@ pub struct WorkerConfig {
     /// Run mic in a private mount namespace of its own where possible (the daemon is root, mic
     /// runs without sudo): its mounts are never seen by the host and go with its processes.
     pub mount_namespace: bool,
+    /// Seconds between two writes of this daemon's host record (`hosts/<worker>.json` in the
+    /// spool, and the farm exchange with AMQP), 1..=3600; a record older than 3 of them is
+    /// shown as gone.
+    pub host_record_interval: u64,
 }
 
 impl Default for WorkerConfig {
@@ -183,6 +187,7 @@ impl Default for WorkerConfig {
             stall_timeout: 0,
             infra_retries: 1,
             mount_namespace: true,
+            host_record_interval: 5,
         }
     }
 }
@@ -346,7 +351,7 @@ impl Config {
     }
 
     /// The numeric keys with their values and allowed ranges (inclusive), as checked at load.
-    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 21] {
+    fn numeric_keys(&self) -> [(&'static str, u64, u64, u64); 22] {
         let (w, s, h) = (&self.worker, &self.spool, &self.hooks);
         [
             ("[worker] timeout", w.timeout, 1, WEEK_S),
@@ -358,6 +363,12 @@ impl Config {
             ("[worker] job_log_max_mb", w.job_log_max_mb, 1, 65536),
             ("[worker] stall_timeout", w.stall_timeout, 0, WEEK_S),
             ("[worker] infra_retries", w.infra_retries.into(), 0, 100),
+            (
+                "[worker] host_record_interval",
+                w.host_record_interval,
+                1,
+                3600,
+            ),
             ("[spool] poll_interval_ms", s.poll_interval_ms, 10, HOUR_MS),
             ("[spool] min_age_ms", s.min_age_ms, 0, HOUR_MS),
             ("[spool] max_bytes", s.max_bytes, 1, 1 << 30),
@@ -617,7 +628,7 @@ mod tests {
     }
 
     /// Every numeric key: section, key, lowest and highest accepted value.
-    const RANGES: [(&str, &str, u64, u64); 21] = [
+    const RANGES: [(&str, &str, u64, u64); 22] = [
         ("worker", "timeout", 1, 604800),
         ("worker", "grace", 0, 604800),
         ("worker", "workers", 1, 256),
@@ -627,6 +638,7 @@ mod tests {
         ("worker", "job_log_max_mb", 1, 65536),
         ("worker", "stall_timeout", 0, 604800),
         ("worker", "infra_retries", 0, 100),
+        ("worker", "host_record_interval", 1, 3600),
         ("spool", "poll_interval_ms", 10, 3600000),
         ("spool", "min_age_ms", 0, 3600000),
         ("spool", "max_bytes", 1, 1073741824),

@@ -107,6 +107,8 @@ struct Running {
     http: Option<crate::http::Server>,
     /// The BOSS participant (`[amqp] url` set).
     amqp: Option<Participant>,
+    /// This host's record keeper (`hosts/<worker>.json`, the farm exchange).
+    announcer: Arc<crate::operate::hosts::Announcer>,
     /// The first job number of this run: the jobs from it on were opened by it.
     first_job: u64,
     /// Jobs recovery found open.
@@ -239,7 +241,13 @@ impl Running {
             nix::libc::malloc_trim(0);
         }
 
-        let timer = Timer::start(Arc::clone(&engine), duties(&spool))?;
+        let announcer = Arc::new(crate::operate::hosts::Announcer::new(
+            Arc::clone(&engine),
+            spool.clone(),
+            amqp.as_ref()
+                .map(|a| Box::new(a.announcer()) as crate::operate::hosts::Publish),
+        ));
+        let timer = Timer::start(Arc::clone(&engine), duties(&spool, &engine, &announcer))?;
         let host = Arc::new(Host {
             cfg: Arc::clone(&cfg),
             engine,
@@ -263,6 +271,9 @@ impl Running {
             }
             None => None,
         };
+        if let Some(h) = &http {
+            let _ = announcer.http.set(h.addr().to_string());
+        }
         crate::notify::ready(&format!(
             "claiming; {} job(s) open at start",
             open_at_start.len()
@@ -274,6 +285,7 @@ impl Running {
             control,
             http,
             amqp,
+            announcer,
             first_job,
             open_at_start,
         })
@@ -319,6 +331,8 @@ impl Running {
         if let Some(h) = self.http {
             h.stop();
         }
+        // The last record says `stopped` (not gone), on the farm exchange too.
+        self.announcer.last();
         if let Some(a) = self.amqp {
             a.stop(&engine);
         }
@@ -333,11 +347,32 @@ impl Running {
     }
 }
 
-/// What the timer thread does besides the engine's own work: refresh this worker's liveness
+/// How often a daemon looks at the spool's control drops (`control/`: a `cancel ID` from
+/// another host).
+pub const CONTROL_POLL: Duration = Duration::from_secs(1);
+
+/// What the timer thread does besides the engine's own work: write this host's record
+/// (`hosts/<worker>.json`, the farm exchange), take the control drops meant for it, refresh this worker's liveness
 /// mark in the spool, and ping the service manager's watchdog when it asks for one (from the
 /// thread that flushes the log, so a daemon stuck there is restarted).
-fn duties(spool: &Spool) -> Vec<Periodic> {
+fn duties(
+    spool: &Spool,
+    engine: &Arc<Engine>,
+    announcer: &Arc<crate::operate::hosts::Announcer>,
+) -> Vec<Periodic> {
     let mut duties = Vec::new();
+    let a = Arc::clone(announcer);
+    duties.push(Periodic {
+        every: Duration::from_secs(engine.cfg.worker.host_record_interval),
+        run: Box::new(move || a.beat()),
+    });
+    let (sp, e) = (spool.clone(), Arc::clone(engine));
+    duties.push(Periodic {
+        every: CONTROL_POLL,
+        run: Box::new(move || {
+            sp.take_drops(&e);
+        }),
+    });
     let spool = spool.clone();
     duties.push(Periodic {
         every: spool::HEARTBEAT,

@@ -23,6 +23,7 @@ pub mod durable;
 pub mod edges;
 pub mod engine;
 pub mod health;
+pub mod hosts;
 pub mod http;
 pub mod imaging;
 pub mod journal;

@@ -110,12 +110,14 @@ fn script(path: &Path, body: &str, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-const SPOOL_DIRS: [&str; 6] = [
+const SPOOL_DIRS: [&str; 8] = [
     "incoming",
     "tmp",
     "active/w1",
     "outbox",
     "rejected",
+    "hosts",
+    "control",
     "state/w1",
 ];
 
@@ -207,7 +209,7 @@ fn good_setup_exits_0_with_every_check_ok() {
     assert_eq!(
         r.line("spool folders").detail,
         format!(
-            "incoming/ tmp/ active/w1/ outbox/ rejected/ under {}",
+            "incoming/ tmp/ active/w1/ outbox/ rejected/ hosts/ control/ under {}",
             s.spool().display()
         )
     );

@@ -906,7 +906,10 @@ fn a_cancel_waits_for_the_holder_that_was_away() {
     }
     common::init_log();
     let broker = Broker::start();
-    let farm = farm_with(&broker, 1);
+    let mut farm = farm_with(&broker, 1);
+    // Host records (also on the farm exchange) written once at the start only: w2's queue then
+    // holds the cancel alone while w2 is away.
+    farm.cfg.worker.host_record_interval = 3600;
     let release = farm.root().join("release");
     let ks = format!("# mic-fixture: wait-for {}\n", release.display());
     let d = farm.start();

@@ -11,6 +11,7 @@ pub mod artifacts;
 pub mod build_log;
 pub mod config_import;
 pub mod doctor;
+pub mod hosts;
 pub mod query;
 pub mod retention;
 pub mod submit;
@@ -257,8 +258,12 @@ pub enum Command {
     },
     /// Cancel a queued job (never built) or a running one (its process group is killed).
     #[command(after_help = concat!("Examples:\n  build-image cancel 42-1700000000\n  build-image cancel --job 17\n\n\
-                            The job is answered in the outbox with the error \"cancelled\" and ERROR is pushed.\n", job_ref_help!(), "\n\
-                            Exit codes: 0 cancelled, 1 no such job (or an ambiguous ID) or it is not queued/running, 2 usage."))]
+                            The job is answered in the outbox with the error \"cancelled\" and ERROR is pushed. An image_id \
+                            no job of this host has is sent to the other hosts of a shared spool (control/): the one \
+                            holding it cancels it; after 8 s with no taker the command says nobody holds it, or names the \
+                            host that does (its job folder's .owner, its host record).\n", job_ref_help!(), "\n\
+                            Exit codes: 0 cancelled (here or by the host holding it), 1 no such job on any host (or an \
+                            ambiguous ID) or it is not queued/running, 2 usage."))]
     Cancel {
         #[command(flatten)]
         id: JobRef,
@@ -418,6 +423,18 @@ pub enum Command {
         #[command(flatten)]
         id: JobRef,
     },
+    /// The farm's hosts: each daemon's record (hosts/ in the spool, the farm exchange).
+    #[command(
+        after_help = "Examples:\n  build-image hosts\n  build-image hosts --json\n\n\
+                            A host whose record is older than 3 of its intervals ([worker] host_record_interval) is GONE, \
+                            shown with the jobs it held; a clean stop leaves `stopped`. Works with no daemon running.\n\
+                            Exit codes: 0 listed (also none), 1 the spool's hosts/ cannot be read, 2 usage."
+    )]
+    Hosts {
+        /// A JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the configuration and the host: mic, sudo, folders, KVM prerequisites, and what
     /// builds left on the host and could not free (asked of the running daemon).
     #[command(
@@ -526,6 +543,7 @@ pub fn main() -> i32 {
         Command::Drain { reason } => actions::drain(&cfg, Some(&reason)),
         Command::Undrain => actions::drain(&cfg, None),
         Command::Config(ConfigCommand::Import { file }) => Ok(config_import::run(&file)),
+        Command::Hosts { json } => hosts::run(&cfg, json),
         Command::Doctor => Ok(doctor::run(&cfg, cli.global.config.as_deref())),
         Command::Verify { target, key } => artifacts::verify(&cfg, &target, key.as_deref()),
         Command::Import { file, partial } => archive::import(&cfg, &file, partial),

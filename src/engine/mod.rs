@@ -87,6 +87,8 @@ pub struct Engine {
     pub registry: Registry,
     /// What the running edges say about their own health (a broker connection).
     pub conditions: crate::conditions::Conditions,
+    /// The farm's host records heard on the farm exchange (AMQP), the latest of each worker.
+    pub hosts: crate::hosts::Board,
     inputs: Arc<dyn Inputs>,
     builder: Arc<dyn Builder>,
     answerers: answer::Answerers,
@@ -113,6 +115,7 @@ impl Engine {
             store: p.store,
             registry: p.registry,
             conditions: crate::conditions::Conditions::default(),
+            hosts: crate::hosts::Board::default(),
             inputs: p.inputs,
             builder: p.builder,
             answerers: answer::Answerers::default(),

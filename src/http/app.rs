@@ -113,6 +113,11 @@ impl App {
         }
     }
 
+    /// `GET /api/hosts`: `hosts --json` (the farm's hosts as this daemon sees them).
+    pub fn api_hosts(&self) -> Reply {
+        Reply::json(&crate::operate::hosts::farm(&self.host))
+    }
+
     /// `GET /api/jobs/ID`: `show ID --json`.
     pub fn api_job(&self, id: &str) -> Reply {
         let journal = match self.host.engine.store.journal() {
@@ -177,6 +182,7 @@ impl App {
             older,
             paged: before.is_some(),
             failing: self.host.engine.store.failing(),
+            hosts: crate::operate::hosts::farm(&self.host),
         };
         Reply::new(200, HTML, pages::index(&page).into_string())
     }

@@ -33,6 +33,8 @@ pub struct Index {
     pub paged: bool,
     /// Why the log cannot be written now, if so.
     pub failing: Option<String>,
+    /// The farm's hosts (their records), for the hosts panel.
+    pub hosts: Vec<crate::hosts::Shown>,
 }
 
 /// What a job's page shows.
@@ -138,6 +140,15 @@ pre.json{background:#f7f8fa;border:1px solid var(--line);padding:10px 12px;borde
 .live{font-size:11.5px;padding:2px 9px;border-radius:999px;background:#eceff4;color:#4a5263;text-transform:none;letter-spacing:0;font-weight:600}
 .live.on{background:#d8f3e0;color:#166a2e}
 details summary{cursor:pointer;color:var(--accent);margin-top:12px}
+.s-running{background:#d8f3e0;color:#166a2e}
+.s-draining,.s-stopping{background:#ffe6d1;color:#8f4300}
+.s-stopped{background:#eceff4;color:#4a5263}
+.s-gone{background:#a01f19;color:#fff}
+tr.gone td{background:#fff4f3}
+.hosts td{vertical-align:middle}
+.hosts .me{font-family:system-ui,sans-serif;font-size:12px}
+.hosts{margin-bottom:20px}
+.hosts h2{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:var(--muted);margin:0 0 8px}
 footer{color:var(--muted);font-size:12px;padding:0 28px 24px;max-width:1480px;margin:0 auto}
 "#;
 
@@ -292,6 +303,7 @@ pub fn index(p: &Index) -> Markup {
             @if let Some(why) = &p.failing {
                 div.banner { strong { "The event log cannot be written: " } (why) ". Nothing is claimed until that is over." }
             }
+            (hosts_panel(&p.hosts, &p.worker))
             nav.filters aria-label="filter by state" {
                 a class={ "chip" @if p.filter.is_none() { " on" } } href=(query(None, None, p.limit)) {
                     "all" @if let Some(t) = total { span.n { (t) } }
@@ -347,6 +359,66 @@ pub fn index(p: &Index) -> Markup {
             }
         },
     )
+}
+
+/// The farm's hosts: each host's state (a gone one marked, with the jobs it held), slots,
+/// queue, running jobs and heartbeat. Job numbers are each host's own: only this host's link.
+fn hosts_panel(hosts: &[crate::hosts::Shown], me: &str) -> Markup {
+    html! {
+        @if !hosts.is_empty() {
+            section.hosts #hosts {
+                h2 { "Hosts of the farm" }
+                div.scroll { table {
+                    thead { tr {
+                        th { "Worker" } th { "State" } th { "Host" } th.num { "Slots busy" }
+                        th.num { "Queued" } th { "Jobs" } th { "Heartbeat" } th { "Version" }
+                    } }
+                    tbody {
+                        @for h in hosts {
+                            @let r = &h.record;
+                            @let gone = h.shown == "gone";
+                            tr class=[gone.then_some("gone")] data-worker=(r.worker) data-shown=(h.shown) {
+                                td.mono {
+                                    @if let Some(addr) = r.http.as_ref().filter(|_| r.worker != me) {
+                                        a href={ "http://" (addr) "/" } { (r.worker) }
+                                    } @else { (r.worker) }
+                                    @if r.worker == me { " " span.muted.me { "(this host)" } }
+                                }
+                                td {
+                                    span class={ "badge s-" (h.shown) } { (h.shown) }
+                                    @if let Some(why) = &r.drained { " " span.muted { (why) } }
+                                }
+                                td { (r.hostname) " " span.muted { "pid " (r.pid) } }
+                                td.num { (r.slots.total - r.slots.free.min(r.slots.total)) " / " (r.slots.total) }
+                                td.num { (r.queued) }
+                                td.mono {
+                                    @if r.running.is_empty() { span.muted { "–" } }
+                                    @if gone && !r.running.is_empty() { span.err { "held: " } }
+                                    @for (i, j) in r.running.iter().enumerate() {
+                                        @if i > 0 { ", " }
+                                        @if r.worker == me {
+                                            a href={ "/jobs/" (j.job) } { (j.image_id) }
+                                        } @else {
+                                            span class=[gone.then_some("err")] { (j.image_id) }
+                                        }
+                                        " " span.muted { "#" (j.job) }
+                                    }
+                                }
+                                td.nowrap.muted title=(r.heartbeat) {
+                                    @match h.age_s {
+                                        Some(s) if s < 60 => { (s) " s ago" },
+                                        Some(s) => { (human_duration(s as f64)) " ago" },
+                                        None => { "?" },
+                                    }
+                                }
+                                td.muted { (r.version) }
+                            }
+                        }
+                    }
+                } }
+            }
+        }
+    }
 }
 
 fn event_class(e: &Event) -> String {
@@ -614,6 +686,70 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_panel_marks_a_gone_host_with_its_jobs() {
+        use crate::hosts::{HostRecord, HostState, RunningJob, Slots};
+        let t0 = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let rec = |w: &str, job: &str| HostRecord {
+            worker: w.into(),
+            hostname: "<b>h</b>".into(),
+            version: "1".into(),
+            pid: 9,
+            state: HostState::Running,
+            drained: None,
+            slots: Slots { total: 1, free: 0 },
+            running: vec![RunningJob {
+                job: 4,
+                image_id: job.into(),
+                since: None,
+            }],
+            queued: 2,
+            heartbeat: humantime::format_rfc3339_millis(t0).to_string(),
+            started: humantime::format_rfc3339_seconds(t0).to_string(),
+            interval_s: 1,
+            http: Some("127.0.0.1:1".into()),
+        };
+        let mut live = rec("w1", "live-1");
+        live.heartbeat =
+            humantime::format_rfc3339_millis(t0 + std::time::Duration::from_secs(9)).to_string();
+        let hosts = crate::hosts::shown(
+            [live, rec("w2", "<script>x</script>")],
+            t0 + std::time::Duration::from_secs(10),
+        );
+        let page = index(&Index {
+            worker: "w1".into(),
+            rows: vec![],
+            counts: None,
+            filter: None,
+            limit: 100,
+            older: None,
+            paged: false,
+            failing: None,
+            hosts,
+        })
+        .into_string();
+        assert!(
+            page.contains("data-worker=\"w2\" data-shown=\"gone\""),
+            "{page}"
+        );
+        assert!(page.contains("<tr class=\"gone\""), "{page}");
+        assert!(page.contains("held: "), "{page}");
+        assert!(page.contains("&lt;script&gt;x&lt;/script&gt;"), "{page}");
+        assert!(!page.contains("<script>x") && !page.contains("<b>h</b>"));
+        assert!(
+            page.contains("data-worker=\"w1\" data-shown=\"running\""),
+            "{page}"
+        );
+        assert!(
+            page.contains("href=\"/jobs/4\""),
+            "this host's job is linked"
+        );
+        assert!(
+            page.contains("href=\"http://127.0.0.1:1/\""),
+            "the other host's page"
+        );
+    }
+
+    #[test]
     fn input_text_is_escaped() {
         let page = index(&Index {
             worker: "<b>w</b>".into(),
@@ -624,6 +760,7 @@ mod tests {
             older: Some(3),
             paged: false,
             failing: Some("<i>disk</i>".into()),
+            hosts: vec![],
         })
         .into_string();
         assert!(!page.contains("<script>alert"), "{page}");
@@ -655,6 +792,7 @@ mod tests {
             older: None,
             paged: false,
             failing: None,
+            hosts: vec![],
         })
         .into_string();
         assert!(page.contains(INTERRUPTED), "{page}");

@@ -308,6 +308,7 @@ async fn respond(app: Arc<App>, req: hyper::Request<Incoming>, budgets: &Budgets
         Route::Job(id) => blocking(app, move |a| a.job_page(&id)).await,
         Route::ApiJobs => blocking(app, move |a| a.api_jobs(&params)).await,
         Route::ApiJob(id) => blocking(app, move |a| a.api_job(&id)).await,
+        Route::ApiHosts => blocking(app, move |a| a.api_hosts()).await,
         Route::Metrics => {
             let accept = req
                 .headers()

@@ -10,6 +10,7 @@
 pub mod archive;
 pub mod control;
 pub mod export;
+pub mod hosts;
 pub mod joblog;
 pub mod ops;
 

@@ -64,6 +64,8 @@ pub struct Incoming {
     pub redelivered: bool,
     /// The connection it came on (see the module's invariant).
     pub generation: u64,
+    /// Its AMQP `type` property (a host record on the farm exchange: `crate::hosts::MESSAGE_TYPE`).
+    pub kind: Option<String>,
     acker: lapin::Acker,
 }
 
@@ -77,6 +79,9 @@ pub enum Target {
     Work,
     /// The farm's fanout exchange (a cancel: every daemon gets it).
     Farm,
+    /// The farm's fanout exchange, a host record (`type` = `crate::hosts::MESSAGE_TYPE`, not
+    /// persistent, expiring after this many ms in the queue of a daemon that is away).
+    Host(u64),
 }
 
 /// What a `basic.get` of the work queue brought: a message, or none waiting.
@@ -497,6 +502,7 @@ async fn serve(
             } => match d {
                 Some(Ok(d)) => {
                     let m = Incoming {
+                        kind: d.properties.kind().as_ref().map(|k| k.to_string()),
                         body: d.data,
                         redelivered: d.redelivered,
                         generation,
@@ -517,6 +523,7 @@ async fn serve(
             } => match d {
                 Some(Ok(d)) => {
                     let m = Incoming {
+                        kind: d.properties.kind().as_ref().map(|k| k.to_string()),
                         body: d.data,
                         redelivered: d.redelivered,
                         generation,
@@ -603,7 +610,14 @@ async fn serve(
                     let ch = publish.clone();
                     let (exchange, key) = match to {
                         Target::Work => (String::new(), s.work_queue.clone()),
-                        Target::Farm => (s.farm_exchange.clone(), String::new()),
+                        Target::Farm | Target::Host(_) => (s.farm_exchange.clone(), String::new()),
+                    };
+                    let props = match to {
+                        Target::Host(ms) => persistent()
+                            .with_delivery_mode(1)
+                            .with_type(crate::hosts::MESSAGE_TYPE.into())
+                            .with_expiration(ms.to_string().as_str().into()),
+                        _ => persistent(),
                     };
                     let again = Arc::clone(&redeclare_work);
                     tokio::spawn(async move {
@@ -614,7 +628,7 @@ async fn serve(
                                     key.as_str().into(),
                                     BasicPublishOptions { mandatory: to == Target::Work, immediate: false },
                                     &body,
-                                    persistent(),
+                                    props,
                                 )
                                 .await
                                 .map_err(|e| format!("cannot publish: {e}"))?
@@ -638,6 +652,7 @@ async fn serve(
                             .await
                             .map(|m| {
                                 m.map(|m| Incoming {
+                                    kind: m.delivery.properties.kind().as_ref().map(|k| k.to_string()),
                                     body: m.delivery.data,
                                     redelivered: m.delivery.redelivered,
                                     generation,

@@ -10,7 +10,8 @@
 //!   does (same validation, events, builds, pushes, operator commands). A drained host
 //!   (`build-image drain`) takes nothing; it still drains and applies cancels.
 //!
-//! Every cancel comes back to every daemon from the fanout exchange: it is noted (with an
+//! The fanout exchange also carries every daemon's host record (`type` = `build-image.host`),
+//! kept in memory (`Engine::hosts`). Every cancel comes back to every daemon from the fanout exchange: it is noted (with an
 //! expiry, durably) and applied to the job that holds its `fei` here, if any; a workitem taken
 //! later whose `fei` is noted is answered cancelled, never built.
 //!
@@ -209,10 +210,21 @@ fn drain(src: &Source<'_>, mut m: Incoming, malformed: &mut VecDeque<Incoming>) 
     }
 }
 
-/// A message of the farm's fanout exchange: a cancel, noted and applied to the job that holds
-/// its `fei` here.
+/// A message of the farm's fanout exchange: a host record (its `type` says so), kept; or a
+/// cancel, noted and applied to the job that holds its `fei` here.
 fn farm_message(src: &Source<'_>, m: Incoming) {
     if !fresh(src.handle, &m) {
+        return;
+    }
+    if m.kind.as_deref() == Some(crate::hosts::MESSAGE_TYPE) {
+        // A host record (not a cancel): kept in memory for `hosts` and the status page.
+        match serde_json::from_slice::<crate::hosts::HostRecord>(&m.body) {
+            Ok(r) => src.engine.hosts.receive(r),
+            Err(e) => {
+                log::warn!("AMQP: a host record on the farm exchange is unreadable ({e}): dropped")
+            }
+        }
+        src.handle.ack(m);
         return;
     }
     let fei = match classify(&m.body) {

@@ -98,6 +98,21 @@ impl Participant {
         }))
     }
 
+    /// Publishes host records on the farm's fanout exchange (`type` = `crate::hosts::MESSAGE_TYPE`,
+    /// expiring after `ttl_ms` in the queue of a daemon that is away); nothing while not connected.
+    pub fn announcer(&self) -> impl Fn(Vec<u8>, u64) + Send + Sync + 'static {
+        let h = self.client.handle.clone();
+        move |body, ttl_ms| {
+            if let Err(why) = h.forward(client::Target::Host(ttl_ms), body, |r| {
+                if let Err(why) = r {
+                    log::debug!("AMQP: the host record was not published: {why}");
+                }
+            }) {
+                log::debug!("AMQP: the host record was not published: {why}");
+            }
+        }
+    }
+
     /// Starts turning messages into jobs: drains the participant's queue, takes work from the
     /// farm's work queue while a build slot is free, and applies the farm's cancels.
     pub fn start_intake(&mut self, engine: Arc<Engine>) -> std::io::Result<()> {

@@ -24,6 +24,8 @@ pub fn checks(cfg: &Config) -> Vec<Check> {
         (&active_label, &spool.active),
         ("outbox/", &spool.outbox),
         ("rejected/", &spool.rejected),
+        ("hosts/", &spool.hosts),
+        ("control/", &spool.control),
     ];
     let mut checks = vec![check_spool_folders(&spool.root, &folders)];
     let present: Vec<(&str, &Path)> = folders

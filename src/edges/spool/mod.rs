@@ -3,7 +3,8 @@
 //! workitems ([`watch`]: the claim loop) and one answerer ([`outbox`]); it is also where the
 //! engine keeps every held input ([`inputs`]: the engine's `Inputs`, bodies that arrived whole
 //! from other sources included), the liveness mark of this worker ([`liveness`]), and the
-//! operator's `requeue --worker` of a dead worker's files ([`requeue`]).
+//! operator's `requeue --worker` of a dead worker's files ([`requeue`]), the farm's host records
+//! in `hosts/` and the control drops in `control/` ([`hosts`]).
 //!
 //! Invariant: a file is claimed by one `rename(2)` from `incoming/` into `active/<worker>/`, so
 //! of several daemons sharing a spool exactly one gets it; a file is read only after it is
@@ -12,6 +13,7 @@
 //! safe name. Nothing in `rejected/` or `outbox/` is ever replaced.
 
 pub mod checks;
+pub mod hosts;
 pub mod inputs;
 pub mod liveness;
 pub mod outbox;
@@ -79,6 +81,11 @@ pub struct Spool {
     pub active: PathBuf,
     pub outbox: PathBuf,
     pub rejected: PathBuf,
+    /// The farm's host records, `hosts/<worker>.json` (one per daemon sharing the spool).
+    pub hosts: PathBuf,
+    /// Control drops (`control/cancel-*.json`): a `cancel ID` that reaches the holder of a job
+    /// through the shared spool.
+    pub control: PathBuf,
     pub worker: String,
 }
 
@@ -107,6 +114,8 @@ impl Spool {
             active: root.join("active").join(worker),
             outbox: root.join("outbox"),
             rejected: root.join("rejected"),
+            hosts: root.join("hosts"),
+            control: root.join("control"),
             worker: worker.to_string(),
         }
     }
@@ -119,6 +128,8 @@ impl Spool {
             &self.active,
             &self.outbox,
             &self.rejected,
+            &self.hosts,
+            &self.control,
             &self.incoming,
         ] {
             std::fs::create_dir_all(d).map_err(|source| SpoolError::Create {
@@ -288,6 +299,8 @@ impl Spool {
         for (dir, which) in [
             (&self.outbox, Dir::Outbox),
             (&self.tmp, Dir::Tmp),
+            (&self.hosts, Dir::Tmp),
+            (&self.control, Dir::Tmp),
             (&self.active, Dir::Active),
         ] {
             let Ok(rd) = std::fs::read_dir(dir) else {

@@ -27,6 +27,12 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
     let err = |e: &dyn std::fmt::Display| Response::Error {
         message: e.to_string(),
     };
+    if req == Request::Hosts {
+        // Needs no log: the spool's records and the daemon's memory.
+        return Response::Hosts {
+            hosts: crate::operate::hosts::farm(host),
+        };
+    }
     let journal = match host.engine.store.journal() {
         Ok(j) => j,
         Err(e) => {
@@ -237,6 +243,9 @@ pub fn handle(host: &Host, req: Request, mut on_event: impl FnMut(&Event) -> boo
                 Err(e) => err(&e),
             }
         }
+        Request::Hosts => Response::Hosts {
+            hosts: crate::operate::hosts::farm(host),
+        },
         Request::Redeliver { id } => {
             drop(journal);
             match crate::operate::archive::redeliver(host, &id) {

@@ -77,6 +77,8 @@ pub enum Request {
     },
     /// `undrain`: the host takes work again.
     Undrain,
+    /// `hosts`: the farm's hosts as the daemon sees them (with the records heard over AMQP).
+    Hosts,
 }
 
 /// The answer to a request.
@@ -140,6 +142,10 @@ pub enum Response {
     Drained {
         drained: Option<crate::domain::farm::Drain>,
         changed: bool,
+    },
+    /// `hosts`: the newest record of each host, as shown now.
+    Hosts {
+        hosts: Vec<crate::hosts::Shown>,
     },
     /// The request was refused or failed; the command exits 1 with this message.
     Error {
