@@ -333,13 +333,32 @@ impl Three {
 }
 
 #[test]
-fn the_status_page_shows_the_farm_with_a_gone_host_and_its_job() {
+fn the_status_page_shows_the_farm_with_a_draining_host_and_a_gone_one_with_its_job() {
     let t = three();
+    // w2 is drained by an operator: its record says so within an interval
+    let (code, out, err) = output(
+        t.farms[1]
+            .bin()
+            .args(["drain", "--reason", "kernel update"]),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        wait_for(T, || host(
+            &common::web::get_json(&t.addr, "/api/hosts")
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+            "w2"
+        )
+        .is_some_and(|h| h["shown"] == "draining")),
+        "w2 never shown draining: {}",
+        common::web::get_json(&t.addr, "/api/hosts")
+    );
     let api = common::web::get_json(&t.addr, "/api/hosts");
     let list = api.as_array().unwrap();
     assert_eq!(list.len(), 3, "{api}");
     assert_eq!(host(list, "w1").unwrap()["shown"], "running");
-    assert_eq!(host(list, "w2").unwrap()["shown"], "running");
+    assert_eq!(host(list, "w2").unwrap()["shown"], "draining");
     let gone = host(list, "w3").unwrap();
     assert_eq!(gone["running"][0]["image_id"], "hang-3", "{gone}");
     // the same list as the command's
@@ -366,9 +385,8 @@ fn the_status_page_shows_the_farm_with_a_gone_host_and_its_job() {
     assert!(r3.starts_with("class=\"gone\""), "{r3}");
     assert!(r3.contains("badge s-gone") && r3.contains("held: "), "{r3}");
     assert!(r3.contains("hang-3"), "{r3}");
-    for w in ["w1", "w2"] {
-        assert!(row(w).contains("badge s-running"), "{}", row(w));
-    }
+    assert!(row("w1").contains("badge s-running"), "{}", row("w1"));
+    assert!(row("w2").contains("badge s-draining"), "{}", row("w2"));
     assert!(row("w1").contains("(this host)"));
 
     // rendered by a browser
@@ -398,6 +416,10 @@ fn the_status_page_shows_the_farm_with_a_gone_host_and_its_job() {
             "{dom}"
         );
         assert!(dom.contains("held: "), "{dom}");
+        assert!(
+            dom.contains("data-worker=\"w2\" data-shown=\"draining\""),
+            "{dom}"
+        );
         let mut cmd = std::process::Command::new(bin);
         cmd.args([
             "--headless",
