@@ -290,8 +290,15 @@ fn three() -> Three {
     );
     let mut builds = Builds(vec![f3.wait_mic_running("hang-3")]);
     assert_eq!(holder_of(&f3, "hang-3"), "w3");
+    let mut cfg4 = f2.cfg.clone();
+    cfg4.spool.worker_id = Some("w4".into());
+    let f4 = Farm {
+        dir: tempfile::tempdir().unwrap(),
+        cfg: cfg4,
+    };
     let g1 = f1.start_binary();
     let g2 = f2.start_binary();
+    let g4 = f4.start_binary();
     let addr = common::web::http_addr(&f1);
     w3.0.kill().unwrap();
     w3.0.wait().unwrap();
@@ -314,8 +321,8 @@ fn three() -> Three {
         common::web::get_json(&addr, "/api/hosts")
     );
     Three {
-        farms: vec![f1, f2, f3],
-        guards: vec![g1, g2, w3],
+        farms: vec![f1, f2, f3, f4],
+        guards: vec![g1, g2, g4, w3],
         addr,
         logs: std::mem::take(&mut builds.0),
     }
@@ -325,7 +332,7 @@ impl Three {
     fn stop(mut self) {
         let (code, out, err) = output(self.farms[0].bin().args(["cancel", "busy-4"]));
         assert_eq!(code, 0, "{out}{err}");
-        for g in self.guards.iter_mut().take(2) {
+        for g in self.guards.iter_mut().take(3) {
             sigterm(&g.0);
             assert_eq!(wait_exit(&mut g.0, T), Some(0));
         }
@@ -335,9 +342,9 @@ impl Three {
 #[test]
 fn the_status_page_shows_the_farm_with_a_draining_host_and_a_gone_one_with_its_job() {
     let t = three();
-    // w2 is drained by an operator: its record says so within an interval
+    // w4 is drained by an operator: its record says so within an interval
     let (code, out, err) = output(
-        t.farms[1]
+        t.farms[3]
             .bin()
             .args(["drain", "--reason", "kernel update"]),
     );
@@ -348,17 +355,18 @@ fn the_status_page_shows_the_farm_with_a_draining_host_and_a_gone_one_with_its_j
                 .as_array()
                 .cloned()
                 .unwrap_or_default(),
-            "w2"
+            "w4"
         )
         .is_some_and(|h| h["shown"] == "draining")),
-        "w2 never shown draining: {}",
+        "w4 never shown draining: {}",
         common::web::get_json(&t.addr, "/api/hosts")
     );
     let api = common::web::get_json(&t.addr, "/api/hosts");
     let list = api.as_array().unwrap();
-    assert_eq!(list.len(), 3, "{api}");
+    assert_eq!(list.len(), 4, "{api}");
     assert_eq!(host(list, "w1").unwrap()["shown"], "running");
-    assert_eq!(host(list, "w2").unwrap()["shown"], "draining");
+    assert_eq!(host(list, "w2").unwrap()["shown"], "running");
+    assert_eq!(host(list, "w4").unwrap()["shown"], "draining");
     let gone = host(list, "w3").unwrap();
     assert_eq!(gone["running"][0]["image_id"], "hang-3", "{gone}");
     // the same list as the command's
@@ -386,7 +394,9 @@ fn the_status_page_shows_the_farm_with_a_draining_host_and_a_gone_one_with_its_j
     assert!(r3.contains("badge s-gone") && r3.contains("held: "), "{r3}");
     assert!(r3.contains("hang-3"), "{r3}");
     assert!(row("w1").contains("badge s-running"), "{}", row("w1"));
-    assert!(row("w2").contains("badge s-draining"), "{}", row("w2"));
+    assert!(row("w2").contains("badge s-running"), "{}", row("w2"));
+    assert!(row("w4").contains("badge s-draining"), "{}", row("w4"));
+    assert!(row("w4").contains("kernel update"), "{}", row("w4"));
     assert!(row("w1").contains("(this host)"));
 
     // rendered by a browser
@@ -417,7 +427,7 @@ fn the_status_page_shows_the_farm_with_a_draining_host_and_a_gone_one_with_its_j
         );
         assert!(dom.contains("held: "), "{dom}");
         assert!(
-            dom.contains("data-worker=\"w2\" data-shown=\"draining\""),
+            dom.contains("data-worker=\"w4\" data-shown=\"draining\""),
             "{dom}"
         );
         let mut cmd = std::process::Command::new(bin);
