@@ -5,34 +5,15 @@
 
 mod common;
 
-use common::broker::{self, Broker};
-use common::{Farm, Guard, wait_for};
+use common::broker::{self, Broker, ruote};
+use common::workers::start_worker;
+use common::{Farm, wait_for};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 const Q: &str = "build_image";
 const R: &str = "ruote_workitems";
-
-/// A Ruote workitem as the engine publishes it.
-fn ruote(n: usize, ks: &str) -> Value {
-    json!({
-        "fei": {"wfid": format!("wf-{n}"), "subid": "s", "expid": "0_0_1", "engine_id": "engine"},
-        "participant_name": "build_image",
-        "fields": {
-            "params": {},
-            "image": {
-                "image_id": format!("img{n}"),
-                "kickstart": ks,
-                "image_type": "loop",
-                "name": format!("img-img{n}"),
-                "arch": "i586"
-            },
-            "msg": []
-        }
-    })
-}
 
 fn bytes(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap()
@@ -77,26 +58,6 @@ impl Answers {
     }
 }
 
-fn config_for(farm: &Farm, worker: &str) -> PathBuf {
-    let mut cfg = farm.cfg.clone();
-    cfg.spool.worker_id = Some(worker.to_string());
-    let p = farm.root().join(format!("{worker}.toml"));
-    std::fs::write(&p, toml::to_string(&cfg).unwrap()).unwrap();
-    p
-}
-
-fn start_binary(config: &PathBuf) -> Guard {
-    Guard(
-        common::bin()
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the daemon"),
-    )
-}
-
 #[test]
 fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
     if !broker::available() {
@@ -108,15 +69,14 @@ fn hundred_workitems_two_daemons_a_kill_and_a_broker_restart() {
     let bodies: Vec<Vec<u8>> = (0..100).map(|n| bytes(&ruote(n, ks))).collect();
     broker.publish(Q, &bodies);
     let a = farm.start();
-    let b_cfg = config_for(&farm, "w2");
-    let mut b = start_binary(&b_cfg);
+    let mut b = start_worker(&farm, "w2");
     let mut answers = Answers::default();
     answers.wait(&broker, 15, Duration::from_secs(120));
     // SIGKILL the second daemon mid-run, and start it again.
     let killed_at = build_image::journal::now_ts();
     b.0.kill().unwrap();
     b.0.wait().unwrap();
-    let b2 = start_binary(&b_cfg);
+    let b2 = start_worker(&farm, "w2");
     answers.wait(&broker, 45, Duration::from_secs(120));
     // The broker goes away and comes back.
     let broker_stopped_at = build_image::journal::now_ts();
@@ -429,8 +389,8 @@ fn five_hundred_workitems_over_two_daemons_once_each_and_split_evenly() {
     let bodies: Vec<Vec<u8>> = (0..N).map(|n| bytes(&ruote(n, ks))).collect();
     broker.publish(Q, &bodies);
     let started = std::time::Instant::now();
-    let mut w1 = start_binary(&config_for(&farm, "w1"));
-    let mut w2 = start_binary(&config_for(&farm, "w2"));
+    let mut w1 = start_worker(&farm, "w1");
+    let mut w2 = start_worker(&farm, "w2");
     let mut answers = Answers::default();
     answers.wait(&broker, N, Duration::from_secs(600));
     let took = started.elapsed();

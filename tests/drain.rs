@@ -6,9 +6,10 @@
 mod common;
 
 use common::broker::{self, Broker};
+use common::workers::{config_for, start_worker, stop_worker};
 use common::{Farm, output, wait_for, web};
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 const Q: &str = "build_image";
@@ -16,54 +17,7 @@ const R: &str = "ruote_workitems";
 
 /// A Ruote workitem whose build takes `secs` seconds (the mic fixture sleeps).
 fn ruote(n: usize, secs: u32) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "fei": {"wfid": format!("wf-{n}"), "subid": "s", "expid": "0_0_1", "engine_id": "engine"},
-        "participant_name": "build_image",
-        "fields": {
-            "params": {},
-            "image": {
-                "image_id": format!("img{n}"),
-                "kickstart": format!("# mic-fixture: sleep {secs}\n"),
-                "image_type": "loop",
-                "name": format!("img-img{n}"),
-                "arch": "i586"
-            },
-            "msg": []
-        }
-    }))
-    .unwrap()
-}
-
-/// The config file of another daemon of `farm` (the same spool, broker and base_dir).
-fn config_for(farm: &Farm, worker: &str) -> PathBuf {
-    let mut cfg = farm.cfg.clone();
-    cfg.spool.worker_id = Some(worker.to_string());
-    let p = farm.root().join(format!("{worker}.toml"));
-    std::fs::write(&p, toml::to_string(&cfg).unwrap()).unwrap();
-    p
-}
-
-/// Starts the binary as another daemon of the farm, its stderr in `<worker>.stderr`.
-fn start_worker(farm: &Farm, worker: &str) -> common::Guard {
-    let cfg = config_for(farm, worker);
-    let err = std::fs::File::create(farm.root().join(format!("{worker}.stderr"))).unwrap();
-    common::Guard(
-        common::bin()
-            .arg("--config")
-            .arg(cfg)
-            .arg("run")
-            .stderr(err)
-            .spawn()
-            .expect("start the daemon"),
-    )
-}
-
-fn stop_worker(mut g: common::Guard) {
-    common::sigterm(&g.0);
-    assert_eq!(
-        common::wait_exit(&mut g.0, Duration::from_secs(120)),
-        Some(0)
-    );
+    serde_json::to_vec(&broker::ruote(n, &format!("# mic-fixture: sleep {secs}\n"))).unwrap()
 }
 
 /// The binary run with the config file `cfg`: (exit code, stdout, stderr).

@@ -3,33 +3,15 @@
 
 mod common;
 
-use common::broker::{self, Broker};
+use common::broker::{self, Broker, ruote};
 use common::web;
+use common::workers::{config_for, start_worker, stop_worker};
 use common::{Farm, wait_for};
 use serde_json::{Value, json};
 use std::time::Duration;
 
 const Q: &str = "build_image";
 const R: &str = "ruote_workitems";
-
-/// A Ruote workitem as the engine publishes it.
-fn ruote(n: usize, ks: &str) -> Value {
-    json!({
-        "fei": {"wfid": format!("wf-{n}"), "subid": "s", "expid": "0_0_1", "engine_id": "engine"},
-        "participant_name": "build_image",
-        "fields": {
-            "params": {},
-            "image": {
-                "image_id": format!("img{n}"),
-                "kickstart": ks,
-                "image_type": "loop",
-                "name": format!("img-img{n}"),
-                "arch": "i586"
-            },
-            "msg": []
-        }
-    })
-}
 
 fn bytes(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap()
@@ -442,39 +424,6 @@ fn a_broker_blocking_publishers_neither_multiplies_answers_nor_holds_slots() {
         "{metrics}"
     );
     d.stop().unwrap();
-}
-
-/// The config of another daemon of `farm` (the same spool, broker and base_dir), as `worker`.
-fn config_for(farm: &Farm, worker: &str) -> std::path::PathBuf {
-    let mut cfg = farm.cfg.clone();
-    cfg.spool.worker_id = Some(worker.to_string());
-    let p = farm.root().join(format!("{worker}.toml"));
-    std::fs::write(&p, toml::to_string(&cfg).unwrap()).unwrap();
-    p
-}
-
-/// Starts the binary as another daemon of the farm, its stderr in `<worker>.stderr`.
-fn start_worker(farm: &Farm, worker: &str) -> common::Guard {
-    let cfg = config_for(farm, worker);
-    let err = std::fs::File::create(farm.root().join(format!("{worker}.stderr"))).unwrap();
-    common::Guard(
-        common::bin()
-            .arg("--config")
-            .arg(cfg)
-            .arg("run")
-            .stderr(err)
-            .spawn()
-            .expect("start the daemon"),
-    )
-}
-
-/// Stops a daemon started by [`start_worker`] (SIGTERM, exit 0).
-fn stop_worker(mut g: common::Guard) {
-    common::sigterm(&g.0);
-    assert_eq!(
-        common::wait_exit(&mut g.0, Duration::from_secs(120)),
-        Some(0)
-    );
 }
 
 /// The answers taken so far, by wfid.

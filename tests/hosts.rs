@@ -38,6 +38,22 @@ fn host<'a>(list: &'a [Value], worker: &str) -> Option<&'a Value> {
     list.iter().find(|h| h["worker"] == worker)
 }
 
+/// `worker`'s record, once `hosts` (run with `farm`'s config) shows it gone.
+fn wait_gone(farm: &Farm, worker: &str) -> Value {
+    let mut gone = None;
+    assert!(
+        wait_for(T, || {
+            gone = host(&hosts(farm), worker)
+                .filter(|h| h["shown"] == "gone")
+                .cloned();
+            gone.is_some()
+        }),
+        "{worker} never shown gone: {:?}",
+        hosts(farm)
+    );
+    gone.unwrap()
+}
+
 /// The worker whose record lists `image_id` among its running jobs.
 fn holder_of(farm: &Farm, image_id: &str) -> String {
     let mut holder = None;
@@ -132,18 +148,7 @@ fn two_hosts_are_listed_a_killed_one_is_gone_with_its_job_a_stopped_one_stopped(
     let beat = std::fs::metadata(&record).unwrap().modified().unwrap();
     let killed_at = Instant::now();
 
-    let mut gone = None;
-    assert!(
-        wait_for(T, || {
-            gone = host(&hosts(other_farm), &holder)
-                .filter(|h| h["shown"] == "gone")
-                .cloned();
-            gone.is_some()
-        }),
-        "{holder} never shown gone: {:?}",
-        hosts(other_farm)
-    );
-    let gone = gone.unwrap();
+    let gone = wait_gone(other_farm, &holder);
     // gone only once its record is older than 3 intervals (1 s each)
     let age = std::time::SystemTime::now()
         .duration_since(beat)
@@ -520,18 +525,10 @@ fn over_amqp_the_records_travel_on_the_farm_exchange() {
     killed.0.kill().unwrap();
     killed.0.wait().unwrap();
     kill_fixture(&log);
-    let mut gone = None;
-    assert!(
-        wait_for(T, || {
-            gone = host(&hosts(other_farm), &holder)
-                .filter(|h| h["shown"] == "gone")
-                .cloned();
-            gone.is_some()
-        }),
-        "{:?}",
-        hosts(other_farm)
+    assert_eq!(
+        wait_gone(other_farm, &holder)["running"][0]["image_id"],
+        "amqp-h"
     );
-    assert_eq!(gone.unwrap()["running"][0]["image_id"], "amqp-h");
     sigterm(&live.0);
     assert_eq!(wait_exit(&mut live.0, T), Some(0));
 }

@@ -351,3 +351,22 @@ impl Drop for Broker {
         self.stop_node();
     }
 }
+
+/// A Ruote workitem as the engine publishes it: wfid `wf-N`, image_id `imgN`, kickstart `ks`.
+pub fn ruote(n: usize, ks: &str) -> serde_json::Value {
+    serde_json::json!({
+        "fei": {"wfid": format!("wf-{n}"), "subid": "s", "expid": "0_0_1", "engine_id": "engine"},
+        "participant_name": "build_image",
+        "fields": {
+            "params": {},
+            "image": {
+                "image_id": format!("img{n}"),
+                "kickstart": ks,
+                "image_type": "loop",
+                "name": format!("img-img{n}"),
+                "arch": "i586"
+            },
+            "msg": []
+        }
+    })
+}

@@ -6,6 +6,7 @@ pub mod broker;
 pub mod host;
 pub mod provenance;
 pub mod web;
+pub mod workers;
 
 use build_image::config::Config;
 use build_image::domain::Event;
