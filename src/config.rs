@@ -124,6 +124,9 @@ pub struct WorkerConfig {
     pub mic_cachedir: PathBuf,
     /// Seconds to wait for the guest's ssh, 1..=3600.
     pub vm_wait: u64,
+    /// KVM: guests kept booted ahead, each on a fresh overlay, for builds to take (issue 24,
+    /// docs/plan-issue-24.md), 0..=64 and at most `workers`; 0: every build boots its own.
+    pub vm_warm: u64,
     /// Run mic through `sudo -n`.
     pub sudo: bool,
     /// Build slots, 1..=256 (each runs a thread and a mic or a qemu).
@@ -178,6 +181,7 @@ impl Default for WorkerConfig {
             use_9p_cache: false,
             mic_cachedir: PathBuf::from("/var/tmp/mic/cache"),
             vm_wait: 20,
+            vm_warm: 0,
             sudo: true,
             workers: 1,
             max_attempts: 2,
@@ -360,6 +364,7 @@ impl Config {
             ("[worker] max_attempts", w.max_attempts.into(), 1, 100),
             ("[worker] vm_smp", w.vm_smp.into(), 1, 256),
             ("[worker] vm_wait", w.vm_wait, 1, 3600),
+            ("[worker] vm_warm", w.vm_warm, 0, 64),
             ("[worker] job_log_max_mb", w.job_log_max_mb, 1, 65536),
             ("[worker] stall_timeout", w.stall_timeout, 0, WEEK_S),
             ("[worker] infra_retries", w.infra_retries.into(), 0, 100),
@@ -405,6 +410,13 @@ impl Config {
             }
         }
         self.http.check()?;
+        if self.worker.vm_warm > self.worker.workers as u64 {
+            return Err(ConfigError::Value(format!(
+                "[worker] vm_warm = {} is more than workers = {}: no more guests than build slots \
+                 are ever taken at once, the others would only hold memory",
+                self.worker.vm_warm, self.worker.workers
+            )));
+        }
         if !is_qemu_size(&self.worker.vm_memory) {
             return Err(ConfigError::Value(format!(
                 "[worker] vm_memory = {:?} is not a size qemu's -m takes: digits with an optional \
@@ -635,6 +647,7 @@ mod tests {
         ("worker", "max_attempts", 1, 100),
         ("worker", "vm_smp", 1, 256),
         ("worker", "vm_wait", 1, 3600),
+        ("worker", "vm_warm", 0, 64),
         ("worker", "job_log_max_mb", 1, 65536),
         ("worker", "stall_timeout", 0, 604800),
         ("worker", "infra_retries", 0, 100),
@@ -654,10 +667,27 @@ mod tests {
     ];
 
     fn with(section: &str, key: &str, value: &str) -> Result<Config, ConfigError> {
+        // vm_warm is also bounded by workers: as many slots as there may be, for its own range
+        let slots = if key == "vm_warm" {
+            "workers = 256\n"
+        } else {
+            ""
+        };
         Config::parse(
-            &format!("[{section}]\n{key} = {value}\n"),
+            &format!("[{section}]\n{slots}{key} = {value}\n"),
             Path::new("r.toml"),
         )
+    }
+
+    #[test]
+    fn vm_warm_is_at_most_the_build_slots() {
+        let c = Config::parse("[worker]\nworkers = 2\nvm_warm = 2\n", Path::new("a")).unwrap();
+        assert_eq!(c.worker.vm_warm, 2);
+        assert_eq!(Config::default().worker.vm_warm, 0, "0: today's behaviour");
+        let e = Config::parse("[worker]\nworkers = 2\nvm_warm = 3\n", Path::new("a"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vm_warm = 3 is more than workers = 2"), "{e}");
     }
 
     #[test]
