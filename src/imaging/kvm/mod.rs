@@ -2,7 +2,8 @@
 //! (REFERENCE.md "KVM mode", steps 1-8). `commands` builds the command lines, `preflight` checks
 //! the host before anything is made, `sequence` runs the guest's steps (each command through
 //! `process::run` with the per-command timeout, each command and its output in the job log),
-//! `orphans` frees what a killed daemon left. This module is the [`KvmBuilder`]: it runs one
+//! `orphans` frees what a killed daemon left, `warm` keeps the book of guests booted ahead
+//! (`vm_warm`, issue 24: its pure parts so far). This module is the [`KvmBuilder`]: it runs one
 //! build and says how it ended, and tells `doctor` what KVM mode needs of the host.
 //!
 //! Invariant: whatever happens (failure, timeout, cancel), a build that started a guest or made
@@ -15,6 +16,7 @@ pub mod commands;
 mod orphans;
 mod preflight;
 mod sequence;
+pub mod warm;
 
 pub use orphans::recover_orphans;
 pub use preflight::{

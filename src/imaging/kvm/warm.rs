@@ -1,0 +1,312 @@
+//! Warm guests (issue 24, docs/plan-issue-24.md): guests booted ahead, each on a fresh overlay,
+//! that a build takes instead of booting its own. This file holds the pure parts: the pool's
+//! book (which guests are booting, ready or taken, and how many more to boot within the budget)
+//! and the health check a warm guest passes before a build may take it (its command and the
+//! verdict on its answer). The guests' lifecycle (qemu, ssh, teardown) is `sequence`'s.
+//!
+//! Invariants: a guest serves one build: once taken it never becomes ready again (there is no
+//! way back into the book but as a new guest); at most `workers + vm_warm` guests are alive at
+//! once (booting, ready, and those the builds run in, warm or booted by the build itself); a
+//! guest whose health check fails is dropped from the book (and destroyed), never taken.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// One warm guest's place in the book.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmState {
+    /// qemu started, ssh not answering yet.
+    Booting,
+    /// ssh answered and the health check passed: a build may take it.
+    Ready,
+    /// A build runs in it; it is destroyed after that build, never handed out again.
+    Taken,
+}
+
+/// How many guests are in each state, and how many builds run in a guest they booted
+/// themselves (no warm one was ready).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub booting: usize,
+    pub ready: usize,
+    pub taken: usize,
+    pub cold: usize,
+}
+
+impl Counts {
+    /// Guests alive: each holds `vm_memory` and a qemu.
+    pub fn alive(&self) -> usize {
+        self.booting + self.ready + self.taken + self.cold
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    state: WarmState,
+    /// When it entered its state (the oldest ready guest is taken first).
+    since: Instant,
+}
+
+/// The pool's book: the warm guests by id (ids are never reused) and the cold builds.
+#[derive(Debug)]
+pub struct Book {
+    /// `vm_warm`: guests kept booting or ready.
+    warm: usize,
+    /// `workers`: builds at once.
+    slots: usize,
+    guests: BTreeMap<u64, Entry>,
+    next: u64,
+    cold: usize,
+}
+
+impl Book {
+    pub fn new(warm: usize, slots: usize) -> Book {
+        Book {
+            warm,
+            slots,
+            guests: BTreeMap::new(),
+            next: 1,
+            cold: 0,
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts {
+            cold: self.cold,
+            ..Counts::default()
+        };
+        for e in self.guests.values() {
+            match e.state {
+                WarmState::Booting => c.booting += 1,
+                WarmState::Ready => c.ready += 1,
+                WarmState::Taken => c.taken += 1,
+            }
+        }
+        c
+    }
+
+    /// How many more warm guests to start now: enough to have `vm_warm` booting or ready,
+    /// without passing `workers + vm_warm` guests alive.
+    pub fn boots_wanted(&self) -> usize {
+        let c = self.counts();
+        let short = self.warm.saturating_sub(c.booting + c.ready);
+        let room = (self.slots + self.warm).saturating_sub(c.alive());
+        short.min(room)
+    }
+
+    /// A new guest is being started: its id.
+    pub fn booting(&mut self, now: Instant) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.guests.insert(
+            id,
+            Entry {
+                state: WarmState::Booting,
+                since: now,
+            },
+        );
+        id
+    }
+
+    /// The guest answered and passed its health check; false when it is not a booting guest
+    /// of this book (a ready or taken one never goes back to ready).
+    pub fn ready(&mut self, id: u64, now: Instant) -> bool {
+        match self.guests.get_mut(&id) {
+            Some(e) if e.state == WarmState::Booting => {
+                *e = Entry {
+                    state: WarmState::Ready,
+                    since: now,
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A build takes the guest ready longest; None when none is ready (the build then boots
+    /// its own, as with `vm_warm = 0`: see [`Book::cold_started`]).
+    pub fn take(&mut self, now: Instant) -> Option<u64> {
+        let id = self
+            .guests
+            .iter()
+            .filter(|(_, e)| e.state == WarmState::Ready)
+            .min_by_key(|(id, e)| (e.since, **id))
+            .map(|(id, _)| *id)?;
+        self.guests.insert(
+            id,
+            Entry {
+                state: WarmState::Taken,
+                since: now,
+            },
+        );
+        Some(id)
+    }
+
+    /// The guest is gone from the book: destroyed after its build, dead, or failed its
+    /// health check. Its state when it went, if it was in the book.
+    pub fn gone(&mut self, id: u64) -> Option<WarmState> {
+        self.guests.remove(&id).map(|e| e.state)
+    }
+
+    /// A build boots a guest of its own (none was ready).
+    pub fn cold_started(&mut self) {
+        self.cold += 1;
+    }
+
+    /// That build's guest is torn down.
+    pub fn cold_ended(&mut self) {
+        self.cold = self.cold.saturating_sub(1);
+    }
+}
+
+/// Free space a warm guest must have under [`super::commands::GUEST_JOB_ROOT`]'s file system
+/// before a build may take it.
+pub const MIN_FREE_KIB: u64 = 64 * 1024;
+
+/// How far the guest's clock may be from the host's, in seconds.
+pub const MAX_CLOCK_SKEW_S: i64 = 5;
+
+/// The health check run in a warm guest over ssh (ssh answering is its first part): the
+/// guest's clock, then the free space of the file system the build's directory is on.
+pub fn health_remote() -> String {
+    "date +%s && df -Pk /var/tmp | tail -n 1".to_string()
+}
+
+/// The verdict on [`health_remote`]'s output, given the host's clock (seconds since the
+/// epoch) when the answer came: Err says why the guest must be replaced.
+pub fn health_verdict(output: &str, host_now: i64) -> Result<(), String> {
+    let mut lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
+    let clock = lines
+        .next()
+        .and_then(|l| l.parse::<i64>().ok())
+        .ok_or_else(|| format!("the guest's clock could not be read: {output:?}"))?;
+    let skew = clock - host_now;
+    if skew.abs() > MAX_CLOCK_SKEW_S {
+        return Err(format!(
+            "the guest's clock is {skew} s off the host's (at most {MAX_CLOCK_SKEW_S} s)"
+        ));
+    }
+    // df -Pk: filesystem, 1024-blocks, used, available, capacity, mounted on
+    let free = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|f| f.parse::<u64>().ok())
+        .ok_or_else(|| format!("the guest's free space could not be read: {output:?}"))?;
+    if free < MIN_FREE_KIB {
+        return Err(format!(
+            "the guest has {free} KiB free under /var/tmp (at least {MIN_FREE_KIB} KiB)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_book_keeps_vm_warm_guests_within_the_budget() {
+        let t = Instant::now();
+        let mut b = Book::new(2, 2);
+        assert_eq!(b.boots_wanted(), 2);
+        let g1 = b.booting(t);
+        assert_eq!(b.boots_wanted(), 1, "one booting counts as warm");
+        let g2 = b.booting(t);
+        assert_eq!(b.boots_wanted(), 0);
+        assert!(b.ready(g1, t) && b.ready(g2, t + Duration::from_secs(1)));
+        // two builds take both: two more may boot (2 slots + 2 warm = 4 guests)
+        assert_eq!(b.take(t), Some(g1), "the one ready longest first");
+        assert_eq!(b.take(t), Some(g2));
+        assert_eq!(b.take(t), None, "none ready: the build boots its own");
+        assert_eq!(b.boots_wanted(), 2);
+        b.booting(t);
+        b.booting(t);
+        assert_eq!(b.counts().alive(), 4);
+        assert_eq!(b.boots_wanted(), 0);
+        // a build that found no warm guest boots its own: the budget holds
+        b.gone(g1);
+        b.cold_started();
+        assert_eq!(b.counts().alive(), 4);
+        assert_eq!(b.boots_wanted(), 0);
+        b.cold_ended();
+        assert_eq!(b.boots_wanted(), 0, "two booting already: vm_warm reached");
+        assert_eq!(b.gone(g2), Some(WarmState::Taken));
+        assert_eq!(b.gone(g2), None);
+    }
+
+    #[test]
+    fn a_taken_guest_is_never_ready_again() {
+        let t = Instant::now();
+        let mut b = Book::new(1, 1);
+        let g = b.booting(t);
+        assert!(b.ready(g, t));
+        assert_eq!(b.take(t), Some(g));
+        assert!(!b.ready(g, t), "taken: never back in the pool");
+        assert!(!b.ready(99, t), "not in the book");
+        assert_eq!(b.take(t), None);
+        let h = b.booting(t);
+        assert_ne!(h, g, "ids are never reused");
+        assert_eq!(
+            b.counts(),
+            Counts {
+                booting: 1,
+                taken: 1,
+                ..Counts::default()
+            }
+        );
+    }
+
+    #[test]
+    fn vm_warm_zero_boots_nothing_ahead() {
+        let mut b = Book::new(0, 4);
+        assert_eq!(b.boots_wanted(), 0);
+        b.cold_started();
+        assert_eq!(b.boots_wanted(), 0);
+        assert_eq!(b.take(Instant::now()), None);
+    }
+
+    #[test]
+    fn a_guest_that_fails_its_check_is_dropped_and_replaced() {
+        let t = Instant::now();
+        let mut b = Book::new(1, 1);
+        let g = b.booting(t);
+        assert_eq!(b.gone(g), Some(WarmState::Booting));
+        assert_eq!(b.boots_wanted(), 1);
+        assert_eq!(b.take(t), None);
+    }
+
+    const DF: &str = "/dev/vda 999320 221340 709168 24% /";
+
+    #[test]
+    fn health_verdicts() {
+        let now = 1_800_000_000;
+        assert_eq!(health_verdict(&format!("{now}\n{DF}\n"), now), Ok(()));
+        assert_eq!(health_verdict(&format!("{}\n{DF}\n", now - 5), now), Ok(()));
+        let late = health_verdict(&format!("{}\n{DF}\n", now - 60), now).unwrap_err();
+        assert!(late.contains("-60 s off"), "{late}");
+        let full = health_verdict(&format!("{now}\n/dev/vda 999320 999000 320 100% /\n"), now)
+            .unwrap_err();
+        assert!(full.contains("320 KiB free"), "{full}");
+        for bad in [
+            "",
+            "Tue Dec 2\n",
+            &format!("{now}\n"),
+            &format!("{now}\nx y z\n"),
+        ] {
+            assert!(health_verdict(bad, now).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_health_command_reads_the_clock_and_the_job_roots_free_space() {
+        let cmd = health_remote();
+        assert!(cmd.starts_with("date +%s"), "{cmd}");
+        let root = super::super::commands::GUEST_JOB_ROOT;
+        assert!(
+            root.starts_with("/var/tmp/"),
+            "df of the job root's parent: {root}"
+        );
+        assert!(cmd.contains("df -Pk /var/tmp"), "{cmd}");
+    }
+}
