@@ -9,7 +9,10 @@
 //! once (booting, ready, and those the builds run in, warm or booted by the build itself); a
 //! guest whose health check fails is dropped from the book (and destroyed), never taken.
 
+use super::commands::Ssh;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::Path;
 use std::time::Instant;
 
 /// One warm guest's place in the book.
@@ -200,6 +203,61 @@ pub fn health_verdict(output: &str, host_now: i64) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest control socket path ssh takes (a unix socket's `sun_path`, 108 bytes on Linux,
+/// less the room ssh's own temporary name beside it needs: ssh binds `<path>.<16 random>`).
+pub const MAX_CONTROL_PATH: usize = 108 - 18;
+
+/// `ControlPath=<path>` for ssh's `-o`, or None when ssh cannot take `path` as it is (too long
+/// for a unix socket, or not UTF-8, or holding a `"`): the guest is then reached without a held
+/// connection, as with `vm_warm = 0`. `%` is doubled (ssh expands `%` tokens in it) and a path
+/// with white space is quoted (ssh splits an option's value there).
+pub fn control_option(path: &Path) -> Option<OsString> {
+    let text = path.to_str()?;
+    if text.len() > MAX_CONTROL_PATH || text.contains('"') || text.contains('\n') {
+        return None;
+    }
+    let text = text.replace('%', "%%");
+    let value = if text.contains(char::is_whitespace) {
+        format!("\"{text}\"")
+    } else {
+        text
+    };
+    Some(format!("ControlPath={value}").into())
+}
+
+/// `argv` (an ssh or scp line of [`Ssh`]) through the held connection of `control`
+/// ([`control_option`]): with `ControlMaster=no`, a master that is gone means a connection of
+/// its own, not a failure.
+pub fn through_master(argv: &[OsString], control: &OsString) -> Vec<OsString> {
+    let mut a = Vec::with_capacity(argv.len() + 4);
+    a.extend(argv.first().cloned());
+    for o in [&OsString::from("ControlMaster=no"), control] {
+        a.push("-o".into());
+        a.push(o.clone());
+    }
+    a.extend(argv.iter().skip(1).cloned());
+    a
+}
+
+/// The held connection to a warm guest: `ssh -N` as the master of `control`, run (and killed
+/// with the guest) by the pool as a child of its own; it ends when the guest goes.
+pub fn master(ssh: &Ssh<'_>, control: &OsString) -> Vec<OsString> {
+    let mut line = ssh.ssh("");
+    // no remote command: -N instead of the empty one ssh() put last
+    line.pop();
+    let mut a: Vec<OsString> = vec!["ssh".into(), "-N".into()];
+    for o in [
+        &OsString::from("ControlMaster=yes"),
+        &OsString::from("ControlPersist=no"),
+        control,
+    ] {
+        a.push("-o".into());
+        a.push(o.clone());
+    }
+    a.extend(line.into_iter().skip(1));
+    a
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +332,73 @@ mod tests {
         assert_eq!(b.gone(g), Some(WarmState::Booting));
         assert_eq!(b.boots_wanted(), 1);
         assert_eq!(b.take(t), None);
+    }
+
+    fn s(v: &[OsString]) -> Vec<String> {
+        v.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn control_paths_ssh_takes() {
+        let c = |p: &str| control_option(Path::new(p)).map(|o| o.to_string_lossy().into_owned());
+        assert_eq!(
+            c("/var/tmp/build-image-vm-warm-0123456789ab.ctl").as_deref(),
+            Some("ControlPath=/var/tmp/build-image-vm-warm-0123456789ab.ctl")
+        );
+        assert_eq!(
+            c("/srv/img tmp/100%/x.ctl").as_deref(),
+            Some("ControlPath=\"/srv/img tmp/100%%/x.ctl\"")
+        );
+        assert_eq!(c("/a\"b/x.ctl"), None);
+        let long = format!("/{}/x.ctl", "d".repeat(MAX_CONTROL_PATH));
+        assert_eq!(c(&long), None, "too long for a unix socket");
+    }
+
+    #[test]
+    fn lines_through_the_held_connection() {
+        let key = std::path::PathBuf::from("/k/id");
+        let ssh = Ssh {
+            key: &key,
+            port: 50022,
+            connect_timeout: 10,
+        };
+        let ctl = control_option(Path::new("/t/g.ctl")).unwrap();
+        let plain = ssh.ssh("true");
+        let through = through_master(&plain, &ctl);
+        assert_eq!(
+            s(&through[..5]),
+            [
+                "ssh",
+                "-o",
+                "ControlMaster=no",
+                "-o",
+                "ControlPath=/t/g.ctl"
+            ]
+        );
+        assert_eq!(s(&through[5..]), s(&plain[1..]), "the rest unchanged");
+        let scp = ssh.scp_to(Path::new("/etc/resolv.conf"), "/etc/resolv.conf");
+        assert_eq!(s(&through_master(&scp, &ctl)[..1]), ["scp"]);
+
+        let m = s(&master(&ssh, &ctl));
+        assert_eq!(
+            m[..8],
+            [
+                "ssh",
+                "-N",
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                "ControlPersist=no",
+                "-o",
+                "ControlPath=/t/g.ctl"
+            ]
+        );
+        assert_eq!(
+            m[m.len() - 3..],
+            ["-p", "50022", "root@127.0.0.1"],
+            "no remote command"
+        );
+        assert!(m.contains(&"BatchMode=yes".to_string()) && m.contains(&"/k/id".to_string()));
     }
 
     const DF: &str = "/dev/vda 999320 221340 709168 24% /";
