@@ -19,8 +19,12 @@ use std::time::Duration;
 /// File names in `img_tmp` that belong to this program start with this.
 const STEM_PREFIX: &str = "build-image-vm-";
 /// The kinds of file a build keeps in `img_tmp`, by extension.
-/// (`out` is no longer made; it is still cleaned up after older versions.)
-pub(super) const STEM_EXTS: [&str; 6] = ["qcow2", "pid", "console", "out", "lv", "lock"];
+/// (`out` is no longer made; it is still cleaned up after older versions; `ctl` is a warm
+/// guest's ssh control socket, docs/plan-issue-24.md.)
+pub(super) const STEM_EXTS: [&str; 7] = ["qcow2", "pid", "console", "out", "lv", "ctl", "lock"];
+/// The directories a guest keeps in `img_tmp`, by extension: `9p`, a warm guest's own 9p output
+/// share (docs/plan-issue-24.md). Removed with what is in them, symlinks not followed.
+pub(super) const STEM_DIRS: [&str; 1] = ["9p"];
 
 /// A new stem in img_tmp (created when missing) for a build of `dir_id`,
 /// `build-image-vm-<dir_id>-<random>`, and its `.lock`, held: locked under a hidden name, then
@@ -79,7 +83,7 @@ pub fn recover_orphans(w: &WorkerConfig, registry: &Registry) -> Vec<String> {
                 return None;
             }
             let (stem, ext) = name.rsplit_once('.')?;
-            STEM_EXTS.contains(&ext).then(|| stem.to_string())
+            (STEM_EXTS.contains(&ext) || STEM_DIRS.contains(&ext)).then(|| stem.to_string())
         })
         .collect();
     stems.sort();
@@ -144,6 +148,14 @@ pub fn recover_orphans(w: &WorkerConfig, registry: &Registry) -> Vec<String> {
         }
         if with_ext(&stem, "qcow2").exists() {
             log::warn!("recovery: removing the orphaned overlay {name}.qcow2");
+        }
+        for ext in STEM_DIRS {
+            let dir = with_ext(&stem, ext);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => log::warn!("recovery: removed the orphaned share {}", dir.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("recovery: cannot remove {}: {e}", dir.display()),
+            }
         }
         for ext in STEM_EXTS {
             let _ = std::fs::remove_file(with_ext(&stem, ext));
@@ -231,5 +243,39 @@ mod tests {
             vec!["build-image-vm-a-1".to_string()]
         );
         assert_eq!(recover_orphans(&w, &Registry::none()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn recovery_removes_a_warm_guests_socket_and_share_but_nothing_a_symlink_leads_to() {
+        let d = tempfile::tempdir().unwrap();
+        let tmp = d.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let w = WorkerConfig {
+            img_tmp: tmp.clone(),
+            sudo: false,
+            ..WorkerConfig::default()
+        };
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"k").unwrap();
+        let stem = tmp.join("build-image-vm-warm-00000000abcd");
+        std::fs::write(with_ext(&stem, "lock"), b"").unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(with_ext(&stem, "ctl")).unwrap();
+        let share = with_ext(&stem, "9p");
+        std::fs::create_dir_all(share.join("7-1/sub")).unwrap();
+        std::fs::write(share.join("7-1/sub/img.raw"), b"i").unwrap();
+        std::os::unix::fs::symlink(&outside, share.join("7-1/out")).unwrap();
+        // a share alone (its lock already gone) is found too
+        let lone = tmp.join("build-image-vm-warm-00000000beef.9p");
+        std::fs::create_dir(&lone).unwrap();
+        assert_eq!(
+            recover_orphans(&w, &Registry::none()),
+            vec![
+                "build-image-vm-warm-00000000abcd".to_string(),
+                "build-image-vm-warm-00000000beef".to_string()
+            ]
+        );
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+        assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"k");
     }
 }
