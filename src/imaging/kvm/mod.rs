@@ -181,10 +181,28 @@ fn host_checks(w: &WorkerConfig) -> Vec<Check> {
             "scp not found on PATH (results are copied back with it)",
         ),
     });
-    if let Some(c) = warm_check(w) {
-        checks.push(c);
+    checks.extend(warm_check(w));
+    if w.vm_warm > 0 {
+        checks.push(guest_memory_check(
+            w,
+            &std::fs::read_to_string("/proc/meminfo"),
+        ));
     }
     checks
+}
+
+/// With warm guests: do `workers + vm_warm` guests of `vm_memory` fit in the host's memory?
+fn guest_memory_check(w: &WorkerConfig, meminfo: &std::io::Result<String>) -> Check {
+    let total = match meminfo {
+        Ok(text) => warm::mem_total_kib(text),
+        Err(_) => None,
+    };
+    let Some(total) = total else {
+        return Check::warn("guest memory", "cannot read MemTotal in /proc/meminfo");
+    };
+    let guests = w.workers as u64 + w.vm_warm;
+    let (status, line) = warm::memory_verdict(guests, &w.vm_memory, total);
+    Check::new(status, "guest memory", line)
 }
 
 /// `vm_warm` set: warm guests are not kept yet (docs/plan-issue-24.md), said rather than
@@ -261,5 +279,11 @@ mod tests {
         let c = warm_check(&w).unwrap();
         assert_eq!(c.status, Status::Warn);
         assert!(c.detail.contains("vm_warm = 1"), "{}", c.detail);
+        w.workers = 2;
+        let c = guest_memory_check(&w, &Ok("MemTotal: 2097152 kB\n".into()));
+        assert_eq!(c.status, Status::Fail, "3 x 1 GiB in 2 GiB: {}", c.detail);
+        assert!(c.detail.starts_with("3 guest(s)"), "{}", c.detail);
+        let c = guest_memory_check(&w, &Err(std::io::ErrorKind::NotFound.into()));
+        assert_eq!(c.status, Status::Warn);
     }
 }

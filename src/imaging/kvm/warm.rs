@@ -258,6 +258,68 @@ pub fn master(ssh: &Ssh<'_>, control: &OsString) -> Vec<OsString> {
     a
 }
 
+/// Memory the host keeps for itself and the daemon beside the guests, MiB.
+pub const HOST_RESERVE_MIB: u64 = 512;
+
+/// `vm_memory` (qemu's `-m`: digits with an optional K, M, G or T suffix; none means MiB) in
+/// MiB, rounded up; None when it is not such a size.
+pub fn qemu_size_mib(s: &str) -> Option<u64> {
+    let (digits, unit) = match s.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
+        _ => (s, 'M'),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    match unit {
+        'K' => Some(n.div_ceil(1024)),
+        'M' => Some(n),
+        'G' => n.checked_mul(1024),
+        'T' => n.checked_mul(1024 * 1024),
+        _ => None,
+    }
+}
+
+/// `MemTotal` of /proc/meminfo, in KiB.
+pub fn mem_total_kib(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `guests` guests of `vm_memory` each fit in a host of `mem_total_kib`, leaving
+/// [`HOST_RESERVE_MIB`]: Fail when they do not, Warn above 80 % of the host's memory, else Ok;
+/// with the line `doctor` shows (the guests are `workers + vm_warm`).
+pub fn memory_verdict(
+    guests: u64,
+    vm_memory: &str,
+    mem_total_kib: u64,
+) -> (crate::health::Status, String) {
+    use crate::health::Status;
+    let Some(each) = qemu_size_mib(vm_memory) else {
+        return (
+            Status::Fail,
+            format!("vm_memory = {vm_memory:?} is not a size qemu's -m takes"),
+        );
+    };
+    let need = each.saturating_mul(guests);
+    let total = mem_total_kib / 1024;
+    let line = format!(
+        "{guests} guest(s) (workers + vm_warm) x {each} MiB (vm_memory) = {need} MiB of the \
+         host's {total} MiB"
+    );
+    if need.saturating_add(HOST_RESERVE_MIB) > total {
+        (
+            Status::Fail,
+            format!("{line}: more than it has, less {HOST_RESERVE_MIB} MiB for itself"),
+        )
+    } else if need.saturating_mul(5) > total.saturating_mul(4) {
+        (Status::Warn, format!("{line}: above 80 %"))
+    } else {
+        (Status::Ok, line)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,6 +461,40 @@ mod tests {
             "no remote command"
         );
         assert!(m.contains(&"BatchMode=yes".to_string()) && m.contains(&"/k/id".to_string()));
+    }
+
+    #[test]
+    fn the_memory_budget_counts_every_guest() {
+        use crate::health::Status;
+        for (text, mib) in [
+            ("1G", Some(1024)),
+            ("512", Some(512)),
+            ("512M", Some(512)),
+            ("1536k", Some(2)),
+            ("2T", Some(2 * 1024 * 1024)),
+            ("", None),
+            ("G", None),
+            ("1.5G", None),
+            ("1X", None),
+            ("99999999999999999999G", None),
+        ] {
+            assert_eq!(qemu_size_mib(text), mib, "{text:?}");
+        }
+        let meminfo = "MemTotal:       24683520 kB\nMemFree:  1 kB\n";
+        let total = mem_total_kib(meminfo).unwrap();
+        assert_eq!(total, 24683520);
+        assert_eq!(mem_total_kib("MemFree: 1 kB\n"), None);
+        // 24105 MiB: 2 x 1 GiB fits; 20 x 1 GiB is above 80 %; 24 x 1 GiB does not fit
+        let (st, line) = memory_verdict(2, "1G", total);
+        assert_eq!(st, Status::Ok, "{line}");
+        assert!(
+            line.contains("2 guest(s)") && line.contains("2048 MiB"),
+            "{line}"
+        );
+        assert_eq!(memory_verdict(20, "1G", total).0, Status::Warn);
+        let (st, line) = memory_verdict(24, "1G", total);
+        assert_eq!(st, Status::Fail, "{line}");
+        assert_eq!(memory_verdict(1, "lots", total).0, Status::Fail);
     }
 
     const DF: &str = "/dev/vda 999320 221340 709168 24% /";
