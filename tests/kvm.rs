@@ -675,3 +675,166 @@ fn kvm_daemon_killed_during_a_build_leaves_no_guest_after_restart() {
     );
     daemon.stop().unwrap();
 }
+
+/// Kills a qemu this test started (by pid) when the test ends, whatever happened.
+struct QemuGuard(i32);
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+        wait_for(Duration::from_secs(10), || !running(self.0));
+    }
+}
+
+/// Issue 24 (docs/plan-issue-24.md): a guest booted ahead is reached through an ssh connection
+/// held open while it waited (`warm::master`), and a take's commands run through it
+/// (`warm::through_master`) without a connection of their own: a key that would not be
+/// accepted works through it, and no longer once the master is gone. The warm health check
+/// passes on a fresh guest.
+#[test]
+#[ignore = "boots a real guest under TCG (minutes); .ci/run runs it"]
+fn kvm_warm_guest_answers_through_its_held_connection() {
+    use build_image::imaging::kvm::commands::{self, Accel, Ssh, Vm};
+    use build_image::imaging::kvm::warm;
+    let g = guest();
+    let d = tempfile::tempdir().unwrap();
+    let stem = d.path().join("build-image-vm-warm-test");
+    let with = |ext: &str| PathBuf::from(format!("{}.{ext}", stem.display()));
+    let overlay = with("qcow2");
+    let create = commands::qemu_img_create(&g.dir.join("base.qcow2"), "qcow2", &overlay);
+    let out = Command::new(&create[0])
+        .args(&create[1..])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (kernel, initrd, pidfile, console) = (
+        g.dir.join("vmlinuz"),
+        g.dir.join("initrd.img"),
+        with("pid"),
+        with("console"),
+    );
+    let qemu = commands::qemu_system(&Vm {
+        accel: Accel::Tcg,
+        memory: "1G",
+        smp: 2,
+        kernel: &kernel,
+        initrd: Some(&initrd),
+        append: "root=/dev/vda rw console=ttyS0 panic=1",
+        mac: &commands::mac(0x1234),
+        port,
+        disk: &overlay,
+        disk_format: "qcow2",
+        pidfile: &pidfile,
+        console: &console,
+        share_9p: None,
+    });
+    let status = Command::new("nice")
+        .args(["-n", "10"])
+        .args(&qemu)
+        .status()
+        .unwrap();
+    assert!(status.success(), "qemu: {status}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _guard = QemuGuard(pid);
+
+    let key = g.dir.join("id_ed25519");
+    let ssh = Ssh {
+        key: &key,
+        port,
+        connect_timeout: 10,
+    };
+    let answers = |argv: &[std::ffi::OsString]| {
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let booted = wait_for(Duration::from_secs(600), || {
+        running(pid) && answers(&ssh.ssh("true")).status.success()
+    });
+    assert!(
+        booted,
+        "the guest's ssh never answered; console:\n{}",
+        std::fs::read_to_string(&console).unwrap_or_default()
+    );
+
+    let ctl = warm::control_option(&with("ctl")).expect("a control path ssh takes");
+    let master_argv = warm::master(&ssh, &ctl);
+    let mut master = Command::new(&master_argv[0])
+        .args(&master_argv[1..])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let check = |ctl: &std::ffi::OsString| {
+        Command::new("ssh")
+            .arg("-o")
+            .arg(ctl)
+            .args(["-O", "check", "root@127.0.0.1"])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(
+        wait_for(Duration::from_secs(120), || check(&ctl)),
+        "the master connection never came up"
+    );
+
+    // a key the guest does not accept: only the held connection lets this through
+    let stranger = d.path().join("stranger");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&stranger)
+        .status()
+        .unwrap();
+    assert!(keygen.success());
+    let other = Ssh {
+        key: &stranger,
+        ..ssh
+    };
+    let started = Instant::now();
+    let first = answers(&warm::through_master(
+        &other.ssh("cat /proc/sys/kernel/random/boot_id"),
+        &ctl,
+    ));
+    let took = started.elapsed();
+    assert!(first.status.success(), "{first:?}");
+    assert_eq!(String::from_utf8_lossy(&first.stdout).trim().len(), 36);
+    eprintln!("first command through the held connection: {took:.2?}");
+
+    let health = answers(&warm::through_master(
+        &other.ssh(&warm::health_remote()),
+        &ctl,
+    ));
+    assert!(health.status.success(), "{health:?}");
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert_eq!(
+        warm::health_verdict(&String::from_utf8_lossy(&health.stdout), host_now),
+        Ok(())
+    );
+
+    // the master gone: the same line makes a connection of its own, which the guest refuses
+    master.kill().unwrap();
+    master.wait().unwrap();
+    assert!(!check(&ctl));
+    let refused = answers(&warm::through_master(&other.ssh("true"), &ctl));
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        answers(&warm::through_master(&ssh.ssh("true"), &ctl))
+            .status
+            .success()
+    );
+}
