@@ -16,6 +16,7 @@ pub mod commands;
 mod orphans;
 mod preflight;
 mod sequence;
+pub mod share;
 pub mod warm;
 
 pub use orphans::recover_orphans;
