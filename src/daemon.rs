@@ -322,6 +322,8 @@ impl Running {
             log::warn!("{why}: killing running builds");
             engine.cancel_running();
         });
+        // The builds are over: what the builder keeps between them goes (warm guests).
+        engine.stop_builder();
         if closed == Closed::SecondSignal {
             engine.cut_pushes();
         } else {

@@ -105,6 +105,17 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The builder's warm pool figures (KVM with `vm_warm > 0`).
+    pub fn warm_figures(&self) -> Option<crate::imaging::kvm::warm::Figures> {
+        self.builder.warm()
+    }
+
+    /// At a stop, once the builds are over: the builder lets go of what it keeps between
+    /// builds (warm guests).
+    pub fn stop_builder(&self) {
+        self.builder.stop();
+    }
+
     pub fn new(p: Parts) -> std::io::Result<Engine> {
         let offline = !p.pushes;
         let push = p.push.filter(|_| p.cfg.hooks.push.is_some());

@@ -277,6 +277,9 @@ impl App {
                     help: "1 while this host is drained (build-image drain): it claims nothing",
                     data: Data::Gauge(vec![(vec![], Number::Int(i64::from(drained)))]),
                 });
+                if let Some(f) = self.host.engine.warm_figures() {
+                    families.extend(warm_families(&f));
+                }
                 families.extend(server);
                 Reply::new(200, format.content_type(), encode(&families, format))
             }
@@ -395,3 +398,35 @@ fn answer_fields(workitem: Option<&serde_json::Value>, job: &Job) -> Vec<(String
 
 /// What the answer's fields say in place of the job's error, shown once with its facts.
 const CAUSE_ABOVE: &str = "[the cause, shown with the job's facts]";
+
+/// The warm pool's families: `build_image_warm_guests{state}` and
+/// `build_image_warm_takes_total{result}`.
+fn warm_families(f: &crate::imaging::kvm::warm::Figures) -> Vec<Family> {
+    let int = |n: usize| Number::Int(i64::try_from(n).unwrap_or(i64::MAX));
+    let c = &f.counts;
+    vec![
+        Family {
+            name: "build_image_warm_guests",
+            help: "Warm KVM guests (vm_warm) by state: booting, ready (waiting for a build), taken (a build runs in it); cold: guests builds booted themselves because none was ready",
+            data: Data::Gauge(
+                [
+                    ("booting", c.booting),
+                    ("ready", c.ready),
+                    ("taken", c.taken),
+                    ("cold", c.cold),
+                ]
+                .into_iter()
+                .map(|(s, n)| (vec![("state", s.to_string())], int(n)))
+                .collect(),
+            ),
+        },
+        Family {
+            name: "build_image_warm_takes",
+            help: "KVM builds since the start by how they got their guest: warm (a ready warm guest) or cold (none was ready: booted their own)",
+            data: Data::Counter(vec![
+                (vec![("result", "warm".to_string())], f.warm_takes),
+                (vec![("result", "cold".to_string())], f.cold_takes),
+            ]),
+        },
+    ]
+}

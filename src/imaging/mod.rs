@@ -146,6 +146,15 @@ pub trait Builder: Send + Sync {
     /// config switched from KVM). Default: nothing.
     fn recover(&self, _registry: &Registry) {}
 
+    /// At a daemon stop, after the builds ended: ends what the builder keeps between builds
+    /// (KVM: the warm guests not taken). Default: nothing.
+    fn stop(&self) {}
+
+    /// The warm pool's figures (KVM with `vm_warm > 0`, once started). Default: None.
+    fn warm(&self) -> Option<kvm::warm::Figures> {
+        None
+    }
+
     /// Why this builder cannot run on this host now, if it cannot (native: mic or sudo missing).
     /// Default: None.
     fn unavailable(&self) -> Option<String> {

@@ -13,7 +13,9 @@
 //! whole life, so a stem whose lock is free belongs to no running build.
 
 pub mod commands;
+mod machine;
 mod orphans;
+mod pool;
 mod preflight;
 mod sequence;
 pub mod share;
@@ -32,13 +34,17 @@ use crate::domain::workitem::Spec;
 use crate::health::{Check, find_on_path, probe};
 use crate::process::Registry;
 use crossbeam_channel::Receiver;
-use sequence::{Guest, Stop};
+use machine::Stop;
+use sequence::Guest;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Builds in a throw-away KVM guest.
 pub struct KvmBuilder {
-    w: WorkerConfig,
+    w: Arc<WorkerConfig>,
+    /// The warm guests (`vm_warm > 0`), from the first `recover` to `stop`.
+    pool: Mutex<Option<Arc<pool::Pool>>>,
     /// The base image's sha256, by the (dev, ino, mtime) it was taken at: hashed once per
     /// daemon start, again only when the file changed.
     base_sha256: std::sync::Mutex<Option<(FileKey, String)>>,
@@ -48,9 +54,14 @@ pub struct KvmBuilder {
 type FileKey = (u64, u64, i64, i64);
 
 impl KvmBuilder {
+    fn pool(&self) -> Option<Arc<pool::Pool>> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn new(w: WorkerConfig) -> KvmBuilder {
         KvmBuilder {
-            w,
+            w: Arc::new(w),
+            pool: Mutex::new(None),
             base_sha256: std::sync::Mutex::new(None),
         }
     }
@@ -101,7 +112,8 @@ impl Builder for KvmBuilder {
     ) -> BuildEnd {
         let w = &self.w;
         let urls = planned_urls(w, spec);
-        let mut b = Guest::new(w, spec, prepared, cancel, registry);
+        let pool = self.pool();
+        let mut b = Guest::new(w, spec, prepared, cancel, registry, pool.as_deref());
         let run = b.run();
         b.teardown();
         match run {
@@ -135,8 +147,35 @@ impl Builder for KvmBuilder {
 
     /// Kills the guests and removes the overlays and LVM snapshots of builds a killed daemon
     /// left ([`recover_orphans`]).
+    /// With `vm_warm > 0` the warm pool starts then (after the orphans are gone).
     fn recover(&self, registry: &Registry) {
         recover_orphans(&self.w, registry);
+        if self.w.vm_warm > 0 && self.pool().is_none() {
+            match pool::Pool::start(Arc::clone(&self.w), registry.clone()) {
+                Ok(p) => {
+                    log::info!(
+                        "warm pool: keeping {} guest(s) booted ahead (vm_warm)",
+                        self.w.vm_warm
+                    );
+                    *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p));
+                }
+                Err(e) => {
+                    log::warn!("warm pool: cannot start ({e}): every build boots its own guest")
+                }
+            }
+        }
+    }
+
+    /// Kills the warm guests not taken (and removes their files).
+    fn stop(&self) {
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(p) = pool {
+            p.stop();
+        }
+    }
+
+    fn warm(&self) -> Option<warm::Figures> {
+        self.pool().map(|p| p.figures())
     }
 
     /// mic runs in the guest, sudo (with `sudo = true`) for the LVM commands; then the
@@ -206,16 +245,20 @@ fn guest_memory_check(w: &WorkerConfig, meminfo: &std::io::Result<String>) -> Ch
     Check::new(status, "guest memory", line)
 }
 
-/// `vm_warm` set: warm guests are not kept yet (docs/plan-issue-24.md), said rather than
-/// silently ignored.
+/// With `vm_warm` set: the warm guests in img_tmp (doctor is another process: the files are the
+/// truth): a warm guest's stem is `build-image-vm-warm-*`, locked while a daemon keeps it; one
+/// with its held connection's socket (`.ctl`) is ready or running a build, one without is
+/// booting.
 fn warm_check(w: &WorkerConfig) -> Option<Check> {
     (w.vm_warm > 0).then(|| {
-        Check::warn(
+        let (up, booting) = orphans::warm_stems(&w.img_tmp);
+        Check::ok(
             "vm_warm",
             format!(
-                "vm_warm = {}: warm guests are not kept yet (docs/plan-issue-24.md); every build \
-                 boots its own guest",
-                w.vm_warm
+                "vm_warm = {}: {up} warm guest(s) up (ready or running a build), {booting} \
+                 booting in {} (none while no daemon runs)",
+                w.vm_warm,
+                w.img_tmp.display()
             ),
         )
     })
@@ -273,13 +316,32 @@ mod tests {
     }
 
     #[test]
-    fn vm_warm_set_is_a_warning_until_warm_guests_exist() {
-        let mut w = WorkerConfig::default();
+    fn vm_warm_shows_the_pool_and_its_memory() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = WorkerConfig {
+            img_tmp: d.path().to_path_buf(),
+            ..WorkerConfig::default()
+        };
         assert_eq!(warm_check(&w), None, "vm_warm = 0 adds no line");
         w.vm_warm = 1;
         let c = warm_check(&w).unwrap();
-        assert_eq!(c.status, Status::Warn);
-        assert!(c.detail.contains("vm_warm = 1"), "{}", c.detail);
+        assert_eq!(c.status, Status::Ok);
+        assert!(
+            c.detail.contains("vm_warm = 1: 0 warm guest(s) up"),
+            "{}",
+            c.detail
+        );
+        // one booting (locked, no socket), one up (locked, socket), one a dead daemon left
+        let (_s1, _l1) = orphans::new_stem(d.path(), "warm", 1).unwrap();
+        let (s2, _l2) = orphans::new_stem(d.path(), "warm", 2).unwrap();
+        std::fs::write(orphans::with_ext(&s2, "ctl"), b"").unwrap();
+        let (s3, l3) = orphans::new_stem(d.path(), "warm", 3).unwrap();
+        drop(l3);
+        std::fs::write(orphans::with_ext(&s3, "ctl"), b"").unwrap();
+        let (_s4, _l4) = orphans::new_stem(d.path(), "job-7", 4).unwrap();
+        let c = warm_check(&w).unwrap();
+        assert!(c.detail.contains("1 warm guest(s) up"), "{}", c.detail);
+        assert!(c.detail.contains("1 booting"), "{}", c.detail);
         w.workers = 2;
         let c = guest_memory_check(&w, &Ok("MemTotal: 2097152 kB\n".into()));
         assert_eq!(c.status, Status::Fail, "3 x 1 GiB in 2 GiB: {}", c.detail);

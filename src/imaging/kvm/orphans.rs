@@ -21,7 +21,10 @@ const STEM_PREFIX: &str = "build-image-vm-";
 /// The kinds of file a build keeps in `img_tmp`, by extension.
 /// (`out` is no longer made; it is still cleaned up after older versions; `ctl` is a warm
 /// guest's ssh control socket, docs/plan-issue-24.md.)
-pub(super) const STEM_EXTS: [&str; 7] = ["qcow2", "pid", "console", "out", "lv", "ctl", "lock"];
+/// `boot` is a warm guest's own log until a build takes it.
+pub(super) const STEM_EXTS: [&str; 8] = [
+    "qcow2", "pid", "console", "out", "lv", "ctl", "boot", "lock",
+];
 /// The directories a guest keeps in `img_tmp`, by extension: `9p`, a warm guest's own 9p output
 /// share (docs/plan-issue-24.md). Removed with what is in them, symlinks not followed.
 pub(super) const STEM_DIRS: [&str; 1] = ["9p"];
@@ -163,6 +166,35 @@ pub fn recover_orphans(w: &WorkerConfig, registry: &Registry) -> Vec<String> {
         cleaned.push(name);
     }
     cleaned
+}
+
+/// The warm guests a running daemon keeps in `img_tmp`: (up, booting) — stems
+/// `build-image-vm-warm-*` whose lock is held, with and without their held connection's socket.
+pub(super) fn warm_stems(img_tmp: &Path) -> (usize, usize) {
+    let tmp = absolute(img_tmp);
+    let (mut up, mut booting) = (0, 0);
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(stem) = name
+            .to_str()
+            .filter(|n| n.starts_with(&format!("{STEM_PREFIX}warm-")))
+            .and_then(|n| n.strip_suffix(".lock"))
+        else {
+            continue;
+        };
+        let held = File::open(e.path())
+            .map(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err())
+            .unwrap_or(false);
+        if !held {
+            continue;
+        }
+        if with_ext(&tmp.join(stem), "ctl").exists() {
+            up += 1;
+        } else {
+            booting += 1;
+        }
+    }
+    (up, booting)
 }
 
 pub(super) fn with_ext(stem: &Path, ext: &str) -> PathBuf {

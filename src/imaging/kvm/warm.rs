@@ -258,6 +258,60 @@ pub fn master(ssh: &Ssh<'_>, control: &OsString) -> Vec<OsString> {
     a
 }
 
+/// The line that separates the take's preparation from `mic --version`'s answer.
+pub const VERSION_MARK: &str = "--- mic --version";
+
+/// The one ssh session a build runs in the warm guest it took, before mic: the health check
+/// ([`health_remote`]: its first two output lines), the guest job directory, with the 9p cache
+/// both shares mounted (`mic_cache` on `cachedir`, `mic_output` on the job directory), the
+/// kickstart written from stdin to `ks` (its name goes through the quoting shell, never an scp
+/// path), then [`VERSION_MARK`] and `mic --version` (whose failure is no failure of the
+/// session). Any other step failing fails the session.
+pub fn take_remote(guest_dir: &str, ks: &str, cachedir: Option<&str>, mic_version: &str) -> String {
+    use super::commands::{TAG_CACHE, TAG_OUTPUT, mkdir_p, mount_9p, write_stdin_to};
+    let mut steps = vec![health_remote(), mkdir_p(&[guest_dir])];
+    if let Some(cache) = cachedir {
+        steps.push(mount_9p(TAG_CACHE, cache));
+        steps.push(mount_9p(TAG_OUTPUT, guest_dir));
+    }
+    steps.push(write_stdin_to(ks));
+    steps.push(format!("echo {}", shell_words::quote(VERSION_MARK)));
+    format!(
+        "{} && {{ {mic_version} 2>&1 || true; }}",
+        steps
+            .iter()
+            .map(|s| format!("{{ {s}; }}"))
+            .collect::<Vec<_>>()
+            .join(" && ")
+    )
+}
+
+/// The take session's answer split: the health check's part (for [`health_verdict`]) and
+/// the first line `mic --version` printed, if any.
+pub fn take_answer(output: &str) -> (String, Option<String>) {
+    match output.split_once(&format!("{VERSION_MARK}\n")) {
+        Some((health, version)) => (
+            health.to_string(),
+            version
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .map(str::to_string),
+        ),
+        None => (output.to_string(), None),
+    }
+}
+
+/// What `/metrics` and `doctor` say of the pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Figures {
+    pub counts: Counts,
+    /// Builds that took a ready warm guest.
+    pub warm_takes: u64,
+    /// Builds that found none ready and booted their own.
+    pub cold_takes: u64,
+}
+
 /// Memory the host keeps for itself and the daemon beside the guests, MiB.
 pub const HOST_RESERVE_MIB: u64 = 512;
 
@@ -529,5 +583,50 @@ mod tests {
             "df of the job root's parent: {root}"
         );
         assert!(cmd.contains("df -Pk /var/tmp"), "{cmd}");
+    }
+
+    #[test]
+    fn the_take_is_one_session_health_first_version_last() {
+        let r = take_remote(
+            "/var/tmp/build-image/7",
+            "/var/tmp/build-image/7/a b.ks",
+            None,
+            "mic --version",
+        );
+        assert!(r.starts_with("{ date +%s && df -Pk /var/tmp | tail -n 1; } && { mkdir -p -- /var/tmp/build-image/7; }"), "{r}");
+        assert!(
+            r.contains("{ cat > '/var/tmp/build-image/7/a b.ks'; }"),
+            "{r}"
+        );
+        assert!(
+            r.ends_with("&& { echo '--- mic --version'; } && { mic --version 2>&1 || true; }"),
+            "{r}"
+        );
+        assert!(!r.contains("mount"), "no 9p: {r}");
+        let r = take_remote("/g", "/g/k.ks", Some("/var/cache/mic"), "mic --version");
+        let cache = r.find("mic_cache /var/cache/mic").unwrap();
+        let out = r.find("mic_output /g").unwrap();
+        let ks = r.find("cat > /g/k.ks").unwrap();
+        assert!(
+            cache < out && out < ks,
+            "mounts, then the kickstart into the share: {r}"
+        );
+        // the shell parses it: every brace group closed
+        let st = std::process::Command::new("sh")
+            .args(["-n", "-c", &r])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{r}");
+    }
+
+    #[test]
+    fn the_take_answer_splits_at_the_mark() {
+        let (h, v) = take_answer(
+            "1700000000\n/dev/vda 100 1 99999 1% /\n--- mic --version\n\nmic 0.28.20\n",
+        );
+        assert_eq!(health_verdict(&h, 1_700_000_001), Ok(()));
+        assert_eq!(v.as_deref(), Some("mic 0.28.20"));
+        let (h, v) = take_answer("1700000000\n");
+        assert_eq!((h.as_str(), v), ("1700000000\n", None));
     }
 }
