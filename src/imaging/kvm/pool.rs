@@ -46,6 +46,24 @@ pub(super) struct Taken {
 struct Ready {
     machine: Machine,
     at: SystemTime,
+    /// The base image, kernel and initrd it booted from, as they were then.
+    inputs: Inputs,
+}
+
+/// A file's identity and time (dev, ino, mtime s, mtime ns), None when it cannot be read.
+type Inputs = Vec<Option<(u64, u64, i64, i64)>>;
+
+/// The files a guest boots from (`vm_base_img`, `vm_kernel`, `vm_initrd`), by identity and time:
+/// a warm guest whose files changed since it booted is not the guest a build would boot now.
+fn inputs(w: &WorkerConfig) -> Inputs {
+    use std::os::unix::fs::MetadataExt;
+    [&w.vm_base_img, &w.vm_kernel, &w.vm_initrd]
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(p.as_deref()?).ok()?;
+            Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec()))
+        })
+        .collect()
 }
 
 struct State {
@@ -126,13 +144,20 @@ impl Pool {
                 st.book.gone(id);
                 continue;
             };
-            if !ready.machine.alive() {
+            let why = if !ready.machine.alive() {
+                Some("died while it waited")
+            } else if ready.inputs != inputs(&self.inner.w) {
+                Some("booted from a base image, kernel or initrd that has changed since")
+            } else {
+                None
+            };
+            if let Some(why) = why {
                 st.book.gone(id);
                 drop(st);
                 self.inner.wake.notify_all();
                 let mut m = ready.machine;
                 log::warn!(
-                    "warm guest {} died while it waited: destroyed, another boots",
+                    "warm guest {} {why}: destroyed, another boots",
                     m.stem.display()
                 );
                 m.discard();
@@ -268,6 +293,7 @@ fn supervise(inner: &Arc<Inner>) {
 
 /// Boots guest `id` of the book; it turns ready, or is destroyed and counted as a failure.
 fn boot_one(inner: &Arc<Inner>, id: u64) {
+    let before = inputs(&inner.w);
     let booted = boot(inner);
     let mut st = inner.state();
     match booted {
@@ -284,6 +310,7 @@ fn boot_one(inner: &Arc<Inner>, id: u64) {
                 Ready {
                     machine,
                     at: SystemTime::now(),
+                    inputs: before,
                 },
             );
         }
@@ -403,6 +430,26 @@ pub(super) fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replaced_base_image_changes_the_inputs() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base.qcow2");
+        std::fs::write(&base, b"one").unwrap();
+        let w = WorkerConfig {
+            vm_base_img: Some(base.clone()),
+            vm_kernel: Some(d.path().join("missing")),
+            ..WorkerConfig::default()
+        };
+        let before = inputs(&w);
+        assert_eq!(before.len(), 3);
+        assert!(before[0].is_some() && before[1].is_none() && before[2].is_none());
+        assert_eq!(inputs(&w), before, "nothing changed");
+        // replaced by rename, as an operator updates an image
+        std::fs::write(d.path().join("new"), b"two").unwrap();
+        std::fs::rename(d.path().join("new"), &base).unwrap();
+        assert_ne!(inputs(&w), before);
+    }
 
     #[test]
     fn failed_boots_back_off_up_to_five_minutes() {
