@@ -12,6 +12,8 @@
 //!
 //! Not run by `cargo bench`'s default set: `cargo bench --bench warm_start` (it takes minutes).
 
+mod common;
+
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -148,15 +150,8 @@ min_age_ms = 50
 }
 
 fn p50_max(xs: &[f64]) -> (f64, f64) {
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    let p50 = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (p50, v[n - 1])
+    let s = common::stats(xs);
+    (s.median, s.max)
 }
 
 fn main() {
