@@ -151,6 +151,10 @@ impl Builder for KvmBuilder {
     fn recover(&self, registry: &Registry) {
         recover_orphans(&self.w, registry);
         if self.w.vm_warm > 0 && self.pool().is_none() {
+            let memory = guest_memory_check(&self.w, &std::fs::read_to_string("/proc/meminfo"));
+            if memory.status != crate::health::Status::Ok {
+                log::warn!("warm pool: guest memory: {}", memory.detail);
+            }
             match pool::Pool::start(Arc::clone(&self.w), registry.clone()) {
                 Ok(p) => {
                     log::info!(
