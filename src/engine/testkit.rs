@@ -59,6 +59,10 @@ impl Inputs for DirInputs {
         Ok(names)
     }
 
+    fn name_for(&self, _origin: &Origin) -> String {
+        format!(".kept-{}.json", self.n.fetch_add(1, Ordering::Relaxed))
+    }
+
     fn release(&self, name: &str) -> PortResult<()> {
         match std::fs::remove_file(self.dir.join(name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -91,6 +91,10 @@ impl Inputs for Spool {
         Ok(names)
     }
 
+    fn name_for(&self, origin: &Origin) -> String {
+        kept_name(origin)
+    }
+
     fn release(&self, name: &str) -> PortResult<()> {
         let path = self.active_path(name);
         match std::fs::remove_file(&path) {
