@@ -461,6 +461,10 @@ impl Engine {
                             {
                                 // The same message taken by two hosts (the farm queue's moving
                                 // window): the holder's answer is this one's too (same fei).
+                                // Its body, kept in the log only so far, goes to rejected/.
+                                if !self.inputs.holds(&file) {
+                                    self.inputs.keep_named(&file, &input.0)?;
+                                }
                                 events.push(EventKind::Rejected {
                                     file: file.clone(),
                                     reason: format!(

@@ -95,6 +95,17 @@ impl Inputs for Spool {
         kept_name(origin)
     }
 
+    fn keep_named(&self, name: &str, body: &[u8]) -> PortResult<()> {
+        let path = self.active_path(name);
+        let done = crate::durable::write_new(&path, body, 0o644)
+            .and_then(|_| crate::durable::sync_dir(&self.active));
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&path);
+            return Err(port(e.into()));
+        }
+        Ok(())
+    }
+
     fn release(&self, name: &str) -> PortResult<()> {
         let path = self.active_path(name);
         match std::fs::remove_file(&path) {
