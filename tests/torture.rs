@@ -1,5 +1,7 @@
-//! The torture test: the real daemon binary SIGKILLed at random moments while ≥ 150 workitems
-//! flow through it; at the end every input has exactly one answer, nothing is left behind,
+//! The torture test: the real daemon binary SIGKILLed at random moments, and (every other kill,
+//! seeded) inside a shared flush of its log (the test hook `BUILD_IMAGE_FLUSH_STALL_MS`: the
+//! K-th flush of a start, before sled's flush or after it with its waiters not yet told), while
+//! ≥ 150 workitems flow through it; at the end every input has exactly one answer, nothing is left behind,
 //! every job pushed DONE, and `replay` finds no disagreement.
 //!
 //! Ignored by plain `cargo test` (it takes a minute); `.ci/run` runs it. Seeded: set
@@ -28,9 +30,14 @@ impl Rng {
     }
 }
 
-fn start(farm: &Farm, log: &std::fs::File) -> Child {
-    farm.bin()
-        .arg("run")
+/// Starts the daemon; with `stall` (ms), every shared flush of its log stalls inside (the
+/// test hook `BUILD_IMAGE_FLUSH_STALL_MS`) and says so on its log.
+fn start(farm: &Farm, log: &std::fs::File, stall: Option<u64>) -> Child {
+    let mut cmd = farm.bin();
+    if let Some(ms) = stall {
+        cmd.env("BUILD_IMAGE_FLUSH_STALL_MS", ms.to_string());
+    }
+    cmd.arg("run")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::from(log.try_clone().unwrap()))
@@ -84,19 +91,57 @@ fn torture_sigkill_at_random_moments_loses_nothing_and_does_nothing_twice() {
 
     drop_some(&farm, &mut rng, &mut names, 40);
     let mut kills = 0;
+    let log_path = farm.root().join("daemon.log");
     while kills < 8 || names.len() < N {
-        let mut child = Guard(start(&farm, &daemon_log));
+        // Every other kill (seeded) is timed inside a shared flush of the log: the K-th flush
+        // of this start, before sled's flush or after it (its waiters not yet told).
+        let in_flush = (rng.below(2) == 0).then(|| {
+            (
+                20 + rng.below(60),
+                1 + rng.below(25),
+                if rng.below(2) == 0 {
+                    "under way"
+                } else {
+                    "written"
+                },
+            )
+        });
+        let from = std::fs::metadata(&log_path).map_or(0, |m| m.len()) as usize;
+        let mut child = Guard(start(&farm, &daemon_log, in_flush.map(|f| f.0)));
         let k = rng.below(30) as usize;
         drop_some(&farm, &mut rng, &mut names, k);
-        // a random moment: somewhere in claiming, building, delivering or pushing
-        std::thread::sleep(Duration::from_millis(150 + rng.below(1200)));
+        match in_flush {
+            Some((ms, flush, phase)) => {
+                let want = format!("flush {flush} {phase}");
+                let hit = wait_for(Duration::from_secs(20), || {
+                    std::fs::read(&log_path).is_ok_and(|b| {
+                        String::from_utf8_lossy(&b[from.min(b.len())..]).contains(&want)
+                    })
+                });
+                println!(
+                    "kill {}: inside flush {flush} ({phase}, stall {ms} ms){}",
+                    kills + 1,
+                    if hit {
+                        ""
+                    } else {
+                        ": not reached in 20 s, killed then"
+                    }
+                );
+            }
+            None => {
+                // a random moment: somewhere in claiming, building, delivering or pushing
+                let ms = 150 + rng.below(1200);
+                std::thread::sleep(Duration::from_millis(ms));
+                println!("kill {}: at {ms} ms", kills + 1);
+            }
+        }
         child.0.kill().unwrap(); // SIGKILL
         child.0.wait().unwrap();
         kills += 1;
     }
     println!("{kills} SIGKILLs, {} workitems", names.len());
 
-    let mut child = Guard(start(&farm, &daemon_log));
+    let mut child = Guard(start(&farm, &daemon_log, None));
     let all_answered = wait_for(Duration::from_secs(300), || {
         names.iter().all(|n| farm.outbox().join(n).exists())
     });

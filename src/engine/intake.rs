@@ -115,8 +115,16 @@ impl Engine {
                 }
                 Body::Claimed(name) => self.read_held(&name),
                 Body::Bytes(bytes) => {
-                    let names = self.inputs.keep(&s.origin, &[&bytes])?;
-                    let name = names.into_iter().next().unwrap_or_default();
+                    // Kept in the log only: the input of its `queued` or `invalid` event,
+                    // made durable with its claim by the flush below, before the source acks
+                    // it (issue 21: no file, no fsyncs of its own). A body that is rejected
+                    // is kept as a file too: it goes to rejected/ with its reason.
+                    let name = if rejected_whole(&bytes) {
+                        let names = self.inputs.keep(&s.origin, &[&bytes])?;
+                        names.into_iter().next().unwrap_or_default()
+                    } else {
+                        self.inputs.name_for(&s.origin)
+                    };
                     InputRead {
                         sha256: crate::digest::sha256_hex(&bytes),
                         name,
@@ -266,6 +274,19 @@ impl Engine {
     /// that decides.
     pub(crate) fn read_input(&self, job: &Job) -> Result<()> {
         let file = job.file.as_deref().unwrap_or_default();
+        if job.origin.arrives_whole() && !self.inputs.holds(file) {
+            // A body kept in the log only, whose decision (appended after its claim, flushed
+            // with it) a crash lost while another thread's flush had covered the claim: the
+            // source never had it acknowledged and sends it again.
+            self.store.record(
+                Some(job.id),
+                EventKind::Rejected {
+                    file: file.to_string(),
+                    reason: NEVER_ACKED.to_string(),
+                },
+            )?;
+            return Ok(());
+        }
         let read = self.read_held(file);
         match self.decide(job.id, &job.origin, read, &mut Batch::default())? {
             Decision::Events(kinds) => {
@@ -440,6 +461,10 @@ impl Engine {
                             {
                                 // The same message taken by two hosts (the farm queue's moving
                                 // window): the holder's answer is this one's too (same fei).
+                                // Its body, kept in the log only so far, goes to rejected/.
+                                if !self.inputs.holds(&file) {
+                                    self.inputs.keep_named(&file, &input.0)?;
+                                }
                                 events.push(EventKind::Rejected {
                                     file: file.clone(),
                                     reason: format!(
@@ -502,6 +527,18 @@ impl Engine {
             }),
         }
         Ok(Decision::Events(events))
+    }
+}
+
+/// Why a claim of a body kept in the log only is rejected when its decision was lost.
+pub(crate) const NEVER_ACKED: &str = "its message was never acknowledged (a crash lost the decision recorded with its claim): the source delivers it again";
+
+/// Is this body, handed over whole, one that `decide` rejects (not a JSON object, or not a
+/// workitem at all)? Such a body is kept as a file, for rejected/.
+fn rejected_whole(bytes: &[u8]) -> bool {
+    match workitem::parse_object(bytes) {
+        Err(_) => true,
+        Ok(v) => matches!(workitem::normalise(&v), Err(WorkitemError::NotAWorkitem(_))),
     }
 }
 
@@ -606,5 +643,62 @@ mod tests {
         assert_eq!(job.origin, origin);
         // whole: rejected at once, not read again
         assert_eq!(job.state, State::Rejected, "{job:?}");
+    }
+
+    #[test]
+    fn a_workitem_handed_over_whole_lives_in_the_log_only() {
+        let rig = Rig::new();
+        let origin = crate::domain::Origin::Broker {
+            source: Some("q".into()),
+        };
+        let w = rig.workitem("b-1");
+        let body = serde_json::to_vec(&w).unwrap();
+        rig.engine
+            .submit(vec![crate::domain::origin::Submission {
+                origin,
+                body: crate::domain::origin::Body::Bytes(body),
+            }])
+            .unwrap();
+        let journal = rig.engine.store.journal().unwrap();
+        let job = journal.projections().unwrap().into_values().next().unwrap();
+        assert!(
+            matches!(job.state, State::Queued | State::Building | State::Done),
+            "{job:?}"
+        );
+        // no file of its own: its input is the log's, durable with the claim
+        let files: Vec<_> = std::fs::read_dir(rig.held_dir()).unwrap().collect();
+        assert!(files.is_empty(), "{files:?}");
+        assert!(journal.durable_seq() >= job.input_seq.unwrap());
+        assert_eq!(journal.input(job.id).unwrap(), Some(w));
+    }
+
+    #[test]
+    fn a_whole_bodys_claim_whose_decision_was_lost_is_rejected_as_never_acked() {
+        let rig = Rig::new();
+        let origin = crate::domain::Origin::Broker {
+            source: Some("q".into()),
+        };
+        // the claim alone reached the log (another thread's flush), its decision did not
+        let evs = rig
+            .engine
+            .store
+            .record_batch(vec![(
+                None,
+                crate::domain::EventKind::Claimed {
+                    file: ".broker-1-0.json".into(),
+                    worker: "w1".into(),
+                    bytes: 2,
+                    sha256: crate::digest::sha256_hex(b"{}"),
+                    source: origin.source().map(str::to_string),
+                },
+            )])
+            .unwrap();
+        let id = evs[0].job;
+        let job = rig.engine.store.job(id).unwrap();
+        assert_eq!(job.state, State::Claimed, "{job:?}");
+        rig.engine.advance(id).unwrap();
+        let job = rig.engine.store.job(id).unwrap();
+        assert_eq!(job.state, State::Rejected, "{job:?}");
+        assert_eq!(job.reason.as_deref(), Some(super::NEVER_ACKED));
     }
 }

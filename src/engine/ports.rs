@@ -72,6 +72,12 @@ pub trait Inputs: Send + Sync {
     /// Keeps bodies handed over whole, each under a new name (named for their origin); durable
     /// (written, fsynced, the folder fsynced) when it returns.
     fn keep(&self, origin: &Origin, bodies: &[&[u8]]) -> PortResult<Vec<String>>;
+    /// A new name for a body that is kept in the log only (the input of its `queued` or
+    /// `invalid` event), as [`Inputs::keep`] would name it: nothing is written.
+    fn name_for(&self, origin: &Origin) -> String;
+    /// Keeps a body under the name [`Inputs::name_for`] gave it (a body kept in the log only
+    /// that is set aside after all); durable when it returns.
+    fn keep_named(&self, name: &str, body: &[u8]) -> PortResult<()>;
     /// Removes an answered input (repeating it is harmless; not fsynced: recovery removes it
     /// again if a crash undoes it).
     fn release(&self, name: &str) -> PortResult<()>;

@@ -59,6 +59,15 @@ impl Inputs for DirInputs {
         Ok(names)
     }
 
+    fn name_for(&self, _origin: &Origin) -> String {
+        format!(".kept-{}.json", self.n.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn keep_named(&self, name: &str, body: &[u8]) -> PortResult<()> {
+        std::fs::write(self.dir.join(name), body)
+            .map_err(|e| PortError::from_io(format!("cannot keep {name}: {e}"), &e))
+    }
+
     fn release(&self, name: &str) -> PortResult<()> {
         match std::fs::remove_file(self.dir.join(name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

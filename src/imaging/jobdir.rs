@@ -206,7 +206,7 @@ impl Prepared {
             .find(|f| f.path == image_rel)
             .map(|f| f.sha256.clone())
             .ok_or_else(|| format!("the image {} is gone", image.display()))?;
-        write_in(&self.dir, sums::SUMS_FILE, &sums::render(&files)).map_err(|e| {
+        write_in(&self.dir, sums::SUMS_FILE, &sums::render(&files), true).map_err(|e| {
             format!(
                 "cannot write {}: {e}",
                 self.path.join(sums::SUMS_FILE).display()
@@ -288,7 +288,7 @@ impl Prepared {
     /// Writes `name` in the job directory (tmp + fsync + rename); its path.
     pub fn write_file(&self, name: &str, data: &[u8]) -> Result<PathBuf, String> {
         let path = self.path.join(name);
-        write_in(&self.dir, name, data)
+        write_in(&self.dir, name, data, true)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         Ok(path)
     }
@@ -450,8 +450,9 @@ fn open_job_dir(w: &WorkerConfig, spec: &Spec) -> Result<OwnedFd, PrepareError> 
 }
 
 /// Writes `name` in `dir` (tmp + fsync + rename, relative to the directory, no symlink
-/// followed), mode 0644.
-fn write_in(dir: &OwnedFd, name: &str, data: &[u8]) -> std::io::Result<()> {
+/// followed), mode 0644. Without `sync`, tmp + rename only: for files written again before
+/// they are used after a crash (a reader still sees the old or the new file, never half).
+fn write_in(dir: &OwnedFd, name: &str, data: &[u8], sync: bool) -> std::io::Result<()> {
     // pid and a count: two writes of one process (two threads) never share a temp file
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -471,7 +472,7 @@ fn write_in(dir: &OwnedFd, name: &str, data: &[u8]) -> std::io::Result<()> {
     let written = file
         .write_all(data)
         .and_then(|()| fchmod(&file, mode).map_err(io))
-        .and_then(|()| file.sync_all())
+        .and_then(|()| if sync { file.sync_all() } else { Ok(()) })
         .and_then(|()| renameat(dir, tmp.as_str(), dir, name).map_err(io));
     if written.is_err() {
         let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
@@ -620,7 +621,9 @@ pub fn prepare(w: &WorkerConfig, spec: &Spec, attempt: u32) -> Result<Prepared, 
     let ks_name = format!("{}.ks", spec.name);
     let log_name = format!("{}.log", spec.name);
     let ks = path.join(&ks_name);
-    write_in(&dir, &ks_name, spec.kickstart.as_bytes()).map_err(|source| PrepareError {
+    // Not fsynced: written again from the log's input before every build attempt, so a crash
+    // costs a rewrite (issue 21).
+    write_in(&dir, &ks_name, spec.kickstart.as_bytes(), false).map_err(|source| PrepareError {
         what: "cannot write the kickstart",
         path: ks.clone(),
         source,

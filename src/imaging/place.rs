@@ -171,7 +171,9 @@ impl Place {
             cgroup: cgroup.map(|c| c.path().to_path_buf()),
         };
         let json = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
-        crate::durable::write_atomic(&job_dir.join(RECORD), &json, 0o644)
+        // Not fsynced: what it names (a cgroup, a marker in live processes) dies with the
+        // machine; a daemon killed alone leaves it in the page cache for the next start.
+        crate::durable::write_atomic_unsynced(&job_dir.join(RECORD), &json, 0o644)
             .map_err(std::io::Error::other)?;
         Ok(Place {
             job_dir: job_dir.to_path_buf(),
@@ -232,12 +234,13 @@ impl Place {
         let conf = tmp.join("mic.conf");
         let text = with_tmpdir(&text, &mic_tmp.to_string_lossy());
         // private: a site config may hold proxy credentials, and base_dir is served by the web
-        crate::durable::write_atomic(&conf, text.as_bytes(), 0o600)
+        // not fsynced: written again before every build attempt
+        crate::durable::write_atomic_unsynced(&conf, text.as_bytes(), 0o600)
             .map_err(std::io::Error::other)?;
         if let Some(dir) = site.parent()
             && let Ok(b) = std::fs::read(dir.join("bootstrap.conf"))
         {
-            crate::durable::write_atomic(&tmp.join("bootstrap.conf"), &b, 0o600)
+            crate::durable::write_atomic_unsynced(&tmp.join("bootstrap.conf"), &b, 0o600)
                 .map_err(std::io::Error::other)?;
         }
         Ok(Some(format!("--config={}", conf.display())))

@@ -267,7 +267,16 @@ impl Journal {
         c.flushing = true;
         drop(c);
         let target = self.next_seq();
+        let stall = flush_stall();
+        if let Some((n, ms)) = stall {
+            log::warn!("flush {n} under way (test hook BUILD_IMAGE_FLUSH_STALL_MS={ms})");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         let flushed = self.db.flush().map_err(JournalError::from);
+        if let Some((n, ms)) = stall {
+            log::warn!("flush {n} written, its waiters not yet told (test hook)");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         if let Err(e) = &flushed {
             self.set_broken(e);
         }
@@ -348,6 +357,24 @@ impl Journal {
         *lock(&self.small) = small;
         Ok(())
     }
+}
+
+/// A test hook for kills timed inside a shared flush (tests/torture.rs): with
+/// `BUILD_IMAGE_FLUSH_STALL_MS=N` every group-commit flush is counted and announced on the log
+/// (`flush K under way`, `flush K written, …`) and stalls N ms before sled's flush and N ms
+/// after it, while its waiters wait. The flush's number and N; None without the variable.
+fn flush_stall() -> Option<(u64, u64)> {
+    static STALL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static FLUSHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let ms = (*STALL.get_or_init(|| {
+        std::env::var("BUILD_IMAGE_FLUSH_STALL_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }))?;
+    Some((
+        FLUSHES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
+        ms,
+    ))
 }
 
 /// The input a `queued` or `invalid` event carries, moved out of it (it can be megabytes; it is

@@ -91,6 +91,21 @@ impl Inputs for Spool {
         Ok(names)
     }
 
+    fn name_for(&self, origin: &Origin) -> String {
+        kept_name(origin)
+    }
+
+    fn keep_named(&self, name: &str, body: &[u8]) -> PortResult<()> {
+        let path = self.active_path(name);
+        let done = crate::durable::write_new(&path, body, 0o644)
+            .and_then(|_| crate::durable::sync_dir(&self.active));
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&path);
+            return Err(port(e.into()));
+        }
+        Ok(())
+    }
+
     fn release(&self, name: &str) -> PortResult<()> {
         let path = self.active_path(name);
         match std::fs::remove_file(&path) {
