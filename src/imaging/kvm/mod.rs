@@ -152,8 +152,20 @@ impl Builder for KvmBuilder {
         recover_orphans(&self.w, registry);
         if self.w.vm_warm > 0 && self.pool().is_none() {
             let memory = guest_memory_check(&self.w, &std::fs::read_to_string("/proc/meminfo"));
-            if memory.status != crate::health::Status::Ok {
-                log::warn!("warm pool: guest memory: {}", memory.detail);
+            match memory.status {
+                crate::health::Status::Ok => {}
+                crate::health::Status::Fail => {
+                    // the pool's guests are optional: never the reason a host runs out of memory
+                    log::error!(
+                        "warm pool not started: guest memory: {}; every build boots its own \
+                         guest (lower vm_warm or vm_memory)",
+                        memory.detail
+                    );
+                    return;
+                }
+                crate::health::Status::Warn => {
+                    log::warn!("warm pool: guest memory: {}", memory.detail)
+                }
             }
             match pool::Pool::start(Arc::clone(&self.w), registry.clone()) {
                 Ok(p) => {
@@ -352,5 +364,22 @@ mod tests {
         assert!(c.detail.starts_with("3 guest(s)"), "{}", c.detail);
         let c = guest_memory_check(&w, &Err(std::io::ErrorKind::NotFound.into()));
         assert_eq!(c.status, Status::Warn);
+    }
+
+    #[test]
+    fn a_pool_that_cannot_fit_in_memory_is_not_started() {
+        let d = tempfile::tempdir().unwrap();
+        let w = WorkerConfig {
+            use_kvm: true,
+            vm_warm: 1,
+            vm_memory: "64T".into(),
+            img_tmp: d.path().to_path_buf(),
+            ..WorkerConfig::default()
+        };
+        let b = KvmBuilder::new(w);
+        b.recover(&Registry::none());
+        assert_eq!(b.warm(), None, "no pool: every build boots its own guest");
+        assert!(crate::imaging::kvm::orphans::warm_stems(d.path()) == (0, 0));
+        b.stop();
     }
 }
