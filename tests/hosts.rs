@@ -405,27 +405,17 @@ fn the_status_page_shows_the_farm_with_a_draining_host_and_a_gone_one_with_its_j
     assert!(row("w1").contains("(this host)"));
 
     // rendered by a browser
-    let bin = std::path::Path::new("/usr/bin/chromium");
-    if bin.exists() || std::env::var_os("CI").is_some() {
+    if let Some(bin) = common::web::chromium() {
         let tmp = tempfile::tempdir().unwrap();
         let shot = std::env::var_os("HOSTS_PANEL_PNG")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| tmp.path().join("hosts-panel.png"));
-        let mut cmd = std::process::Command::new(bin);
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            tmp.path().join("p").display()
-        ))
-        .arg("--dump-dom")
-        .arg(format!("http://{}/", t.addr));
-        let (code, dom, err) = output(&mut cmd);
-        assert_eq!(code, 0, "{err}");
+        let page = format!("http://{}/", t.addr);
+        let dom = common::web::run_chromium(
+            &bin,
+            &tmp.path().join("p"),
+            &["--dump-dom".into(), page.clone()],
+        );
         assert!(
             dom.contains("data-worker=\"w3\" data-shown=\"gone\""),
             "{dom}"
@@ -435,22 +425,15 @@ fn the_status_page_shows_the_farm_with_a_draining_host_and_a_gone_one_with_its_j
             dom.contains("data-worker=\"w4\" data-shown=\"draining\""),
             "{dom}"
         );
-        let mut cmd = std::process::Command::new(bin);
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            tmp.path().join("q").display()
-        ))
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg("--window-size=1280,900")
-        .arg(format!("http://{}/", t.addr));
-        let (code, _, err) = output(&mut cmd);
-        assert_eq!(code, 0, "{err}");
+        common::web::run_chromium(
+            &bin,
+            &tmp.path().join("q"),
+            &[
+                format!("--screenshot={}", shot.display()),
+                "--window-size=1280,900".into(),
+                page,
+            ],
+        );
         assert!(shot.metadata().unwrap().len() > 10_000);
     }
     t.stop();

@@ -10,7 +10,7 @@ use common::*;
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(60);
@@ -410,43 +410,6 @@ fn the_log_of_a_running_build_is_streamed() {
     assert!(!r.body.contains("data: mic-fixture"), "{}", r.body);
     assert!(r.body.contains("event: end"));
     d.stop().unwrap();
-}
-
-/// Headless chromium, or None (outside CI) when it is not installed.
-fn chromium() -> Option<PathBuf> {
-    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "chromium is not installed (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: chromium is not installed");
-    }
-    found
-}
-
-/// Runs headless chromium with `args` (a fresh profile each time).
-fn run_chromium(bin: &Path, profile: &Path, args: &[String]) -> String {
-    let mut cmd = std::process::Command::new(bin);
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-    ])
-    .arg(format!("--user-data-dir={}", profile.display()))
-    .args(args);
-    let (code, out, err) = output(&mut cmd);
-    assert_eq!(code, 0, "chromium {args:?}: {err}");
-    out
 }
 
 /// Jobs in every interesting state for the browser: done, error, escaped name, building.

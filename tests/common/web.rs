@@ -276,3 +276,40 @@ pub fn host_tool(name: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// Headless chromium, or None (outside CI) when it is not installed.
+pub fn chromium() -> Option<PathBuf> {
+    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "chromium is not installed (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: chromium is not installed");
+    }
+    found
+}
+
+/// Runs headless chromium with `args` (a fresh profile each time).
+pub fn run_chromium(bin: &std::path::Path, profile: &std::path::Path, args: &[String]) -> String {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .args(args);
+    let (code, out, err) = output(&mut cmd);
+    assert_eq!(code, 0, "chromium {args:?}: {err}");
+    out
+}
