@@ -50,8 +50,14 @@ pub struct KvmBuilder {
     base_sha256: std::sync::Mutex<Option<(FileKey, String)>>,
 }
 
-/// A file's identity and time.
+/// A file's identity and time: (dev, ino, mtime s, mtime ns).
 type FileKey = (u64, u64, i64, i64);
+
+/// The [`FileKey`] of `m`: a file replaced (renamed over) or written since has another one.
+fn file_key(m: &std::fs::Metadata) -> FileKey {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino(), m.mtime(), m.mtime_nsec())
+}
 
 impl KvmBuilder {
     fn pool(&self) -> Option<Arc<pool::Pool>> {
@@ -69,11 +75,10 @@ impl KvmBuilder {
     /// The base image and its sha256 (cached by dev, ino and mtime); None when it cannot be
     /// read (said in the log).
     fn base_image(&self) -> Option<(PathBuf, String)> {
-        use std::os::unix::fs::MetadataExt;
         let base = absolute(self.w.vm_base_img.as_deref()?);
         let mut cache = self.base_sha256.lock().unwrap_or_else(|p| p.into_inner());
         let hashed = std::fs::metadata(&base).and_then(|m| {
-            let key = (m.dev(), m.ino(), m.mtime(), m.mtime_nsec());
+            let key = file_key(&m);
             if let Some((k, sha)) = cache.as_ref()
                 && *k == key
             {

@@ -50,19 +50,15 @@ struct Ready {
     inputs: Inputs,
 }
 
-/// A file's identity and time (dev, ino, mtime s, mtime ns), None when it cannot be read.
-type Inputs = Vec<Option<(u64, u64, i64, i64)>>;
+/// The boot files' [`super::FileKey`]s, None for one that cannot be read.
+type Inputs = Vec<Option<super::FileKey>>;
 
 /// The files a guest boots from (`vm_base_img`, `vm_kernel`, `vm_initrd`), by identity and time:
 /// a warm guest whose files changed since it booted is not the guest a build would boot now.
 fn inputs(w: &WorkerConfig) -> Inputs {
-    use std::os::unix::fs::MetadataExt;
     [&w.vm_base_img, &w.vm_kernel, &w.vm_initrd]
         .into_iter()
-        .map(|p| {
-            let m = std::fs::metadata(p.as_deref()?).ok()?;
-            Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec()))
-        })
+        .map(|p| Some(super::file_key(&std::fs::metadata(p.as_deref()?).ok()?)))
         .collect()
 }
 
