@@ -657,6 +657,22 @@ mod tests {
     use super::job as job_markup;
     use super::*;
 
+    /// The status page of `worker` with `rows` and `hosts`: no counts, filter or paging.
+    fn plain_index(worker: &str, rows: Vec<Row>, hosts: Vec<crate::hosts::Shown>) -> String {
+        index(&Index {
+            worker: worker.into(),
+            rows,
+            counts: None,
+            filter: None,
+            limit: 100,
+            older: None,
+            paged: false,
+            failing: None,
+            hosts,
+        })
+        .into_string()
+    }
+
     fn row(name: &str) -> Row {
         Row {
             status: StatusRow {
@@ -715,18 +731,7 @@ mod tests {
             [live, rec("w2", "<script>x</script>")],
             t0 + std::time::Duration::from_secs(10),
         );
-        let page = index(&Index {
-            worker: "w1".into(),
-            rows: vec![],
-            counts: None,
-            filter: None,
-            limit: 100,
-            older: None,
-            paged: false,
-            failing: None,
-            hosts,
-        })
-        .into_string();
+        let page = plain_index("w1", vec![], hosts);
         assert!(
             page.contains("data-worker=\"w2\" data-shown=\"gone\""),
             "{page}"
@@ -783,18 +788,7 @@ mod tests {
         r.status.state = State::Interrupted;
         r.status.result = None;
         r.status.error = None;
-        let page = index(&Index {
-            worker: "w".into(),
-            rows: vec![r],
-            counts: None,
-            filter: None,
-            limit: 100,
-            older: None,
-            paged: false,
-            failing: None,
-            hosts: vec![],
-        })
-        .into_string();
+        let page = plain_index("w", vec![r], vec![]);
         assert!(page.contains(INTERRUPTED), "{page}");
         let job = Job {
             id: 7,
