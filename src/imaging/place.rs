@@ -292,20 +292,34 @@ pub fn release(job_dir: &Path, sudo: bool) -> Release {
                 why: "recorded, but not a cgroup this daemon makes: left alone".into(),
             });
         }
+        // Every process of the build is in its cgroup (mic entered it before it ran, and
+        // what it starts is born there): once the cgroup is killed, emptied and removed,
+        // nothing of the build is left, and the marker's `/proc` scan (every process's
+        // environment read, a few milliseconds of CPU per build) is not needed. It runs
+        // where the build had no cgroup, or its cgroup could not be emptied.
+        let mut emptied = false;
         if let Some(path) = rec.cgroup.as_ref().filter(|p| Cgroup::is_ours(p)) {
             match Cgroup::at(path.clone()).kill_and_remove(KILL_WAIT) {
-                Ok(0) => {}
-                Ok(n) => r.freed.push(format!(
-                    "killed {n} process(es) of cgroup {}",
-                    path.display()
-                )),
+                Ok(n) => {
+                    emptied = true;
+                    if n > 0 {
+                        r.freed.push(format!(
+                            "killed {n} process(es) of cgroup {}",
+                            path.display()
+                        ));
+                    }
+                }
                 Err(why) => r.leaked.push(Leak {
                     what: format!("cgroup {}", path.display()),
                     why,
                 }),
             }
         }
-        match cgroup::kill_marked(&rec.marker, KILL_WAIT) {
+        match if emptied {
+            Ok(Vec::new())
+        } else {
+            cgroup::kill_marked(&rec.marker, KILL_WAIT)
+        } {
             Ok(pids) if pids.is_empty() => {}
             Ok(pids) => r.freed.push(format!(
                 "killed process(es) {pids:?} marked {ENV_MARKER}={}",
@@ -322,7 +336,10 @@ pub fn release(job_dir: &Path, sudo: bool) -> Release {
     let root = std::fs::canonicalize(job_dir)
         .unwrap_or_else(|_| job_dir.to_path_buf())
         .join(TMP_DIR);
-    for m in mounts_under(&root) {
+    let mounted = mounts_under(&root);
+    // nothing mounted, and nothing of the build left alive to mount anything since
+    let none_mounted = mounted.is_empty() && r.leaked.is_empty();
+    for m in mounted {
         match unmount(&m, priv_) {
             Ok(false) => r.freed.push(format!("unmounted {}", m.display())),
             Ok(true) => r.leaked.push(Leak {
@@ -369,7 +386,8 @@ pub fn release(job_dir: &Path, sudo: bool) -> Release {
     }
     let tmp = job_dir.join(TMP_DIR);
     if tmp.exists() {
-        if mounts_under(&root).is_empty() {
+        // (the mount table is read again only when there was something to unmount)
+        if none_mounted || mounts_under(&root).is_empty() {
             match std::fs::remove_dir_all(&tmp) {
                 Ok(()) => r
                     .freed

@@ -28,7 +28,13 @@ pub struct Cgroup {
 
 /// Where cgroup v2 is mounted, from `/proc/self/mountinfo` (a hybrid host has it beside the v1
 /// hierarchies, e.g. at /sys/fs/cgroup/unified); None when there is none.
+/// Found once per process: a host does not move its cgroup v2 mount while a daemon runs.
 pub fn v2_mount() -> Option<PathBuf> {
+    static MOUNT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    MOUNT.get_or_init(find_v2_mount).clone()
+}
+
+fn find_v2_mount() -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     text.lines().find_map(|l| {
         let (left, right) = l.split_once(" - ")?;
