@@ -315,20 +315,18 @@ pub fn release(job_dir: &Path, sudo: bool) -> Release {
                 }),
             }
         }
-        match if emptied {
-            Ok(Vec::new())
-        } else {
-            cgroup::kill_marked(&rec.marker, KILL_WAIT)
-        } {
-            Ok(pids) if pids.is_empty() => {}
-            Ok(pids) => r.freed.push(format!(
-                "killed process(es) {pids:?} marked {ENV_MARKER}={}",
-                rec.marker
-            )),
-            Err(why) => r.leaked.push(Leak {
-                what: format!("processes marked {ENV_MARKER}={}", rec.marker),
-                why,
-            }),
+        if !emptied {
+            match cgroup::kill_marked(&rec.marker, KILL_WAIT) {
+                Ok(pids) if pids.is_empty() => {}
+                Ok(pids) => r.freed.push(format!(
+                    "killed process(es) {pids:?} marked {ENV_MARKER}={}",
+                    rec.marker
+                )),
+                Err(why) => r.leaked.push(Leak {
+                    what: format!("processes marked {ENV_MARKER}={}", rec.marker),
+                    why,
+                }),
+            }
         }
     }
     // Only the build's temp dir, where mic works (its config's tmpdir): a job folder may hold
